@@ -1,0 +1,1 @@
+"""Attribute schemas, real-format ReID data loaders and the synthetic pedestrian renderer."""
