@@ -1,0 +1,7 @@
+"""``python -m attrimeter`` runs the command line."""
+
+import sys
+
+from attrimeter.cli import main
+
+sys.exit(main())

@@ -1,0 +1,167 @@
+"""The ``attrimeter`` command line: one sub-command per job, heavy imports only inside the job that needs them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from attrimeter import __version__
+
+__all__ = ["build_parser", "main"]
+
+
+def _size(text: str) -> tuple[int, int]:
+    h, sep, w = text.lower().partition("x")
+    if not sep or not h.isdigit() or not w.isdigit() or int(h) < 16 or int(w) < 8:
+        raise argparse.ArgumentTypeError(f"size must look like 128x64 (height x width, at least 16x8), got {text!r}")
+    return int(h), int(w)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from attrimeter.data.synth import SynthConfig, generate
+
+    overrides = {k: v for k, v in (("ids", args.ids), ("cams", args.cams), ("size", args.size),
+                                   ("images_per_id", args.images_per_id)) if v is not None}
+    summary = generate(args.out, SynthConfig(seed=args.seed, **overrides), progress=not args.quiet)
+    print(f"wrote {summary.train_images} train, {summary.query_images} query, {summary.gallery_images} gallery "
+          f"images and {summary.counterfactual_pairs} counterfactual pairs to {summary.out} "
+          f"({summary.images_per_second:.0f} images/s)")
+    return 0
+
+
+def _train_config(args: argparse.Namespace):  # noqa: ANN202 - returns TargetTrainConfig, imported lazily
+    from attrimeter.config import resolve
+    from attrimeter.engine.target import PROFILES, TargetTrainConfig
+
+    assignments = list(args.set or [])
+    if args.arch:
+        assignments.append(f"arch={args.arch}")
+    return resolve(TargetTrainConfig(), PROFILES, args.profile, args.config, assignments)
+
+
+def _cmd_train_target(args: argparse.Namespace) -> int:
+    from attrimeter.engine.target import train_target
+
+    log = train_target(args.data, args.out, _train_config(args), progress=not args.quiet)
+    print(f"trained {log['iterations']} iterations ({log['epochs']:.1f} epochs) in {log['train_seconds']:.0f} s; "
+          f"checkpoint {Path(args.out) / 'target.pt'}")
+    if "metrics" in log:
+        m = log["metrics"]
+        print(f"mAP {m['mAP']:.4f}  rank-1 {m['rank1']:.4f}  rank-5 {m['rank5']:.4f}  rank-10 {m['rank10']:.4f}")
+    return 0
+
+
+def _cmd_evaluate_target(args: argparse.Namespace) -> int:
+    from attrimeter.engine.target import evaluate_target
+
+    metrics = evaluate_target(args.checkpoint, args.data, progress=not args.quiet).as_dict()
+    text = json.dumps({"target": metrics}, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from attrimeter.models.registry import list_models
+
+    print("\n".join(list_models(args.pattern)))
+    return 0
+
+
+def _cmd_schemas(args: argparse.Namespace) -> int:
+    from attrimeter.data.schema import get_schema, list_schemas
+
+    for name in [args.name] if args.name else list_schemas():
+        schema = get_schema(name)
+        print(f"{schema.name}: {len(schema)} attributes")
+        for group, names in schema.groups.items():
+            print(f"  {group}:")
+            for attr in names:
+                a = schema[attr]
+                print(f"    {a.name:<12} 1 = {a.meanings[0]}; 2 = {a.meanings[1]}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from attrimeter.demo import run_demo
+
+    report = run_demo(args.out, progress=not args.quiet)
+    print(f"demo finished: report {report}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every sub-command (exposed for documentation and tests)."""
+    parser = argparse.ArgumentParser(prog="attrimeter", description="Explainable person re-identification.")
+    parser.add_argument("--version", action="version", version=f"attrimeter {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        p.set_defaults(func=fn)
+        return p
+
+    p = add("synth", _cmd_synth, "Render a synthetic pedestrian data set in the Market-1501 layout.")
+    p.add_argument("--out", required=True, type=Path, help="output folder (new, or a previous synth output)")
+    p.add_argument("--ids", type=_positive, help="identities (half train, half test)")
+    p.add_argument("--cams", type=_positive, help="cameras")
+    p.add_argument("--size", type=_size, help="image size HxW, e.g. 128x64")
+    p.add_argument("--images-per-id", type=_positive, help="average images per identity")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, byte-identical data)")
+
+    def add_train_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--arch", help="registered model name (see `attrimeter models`)")
+        p.add_argument("--profile", choices=["quick", "full"], default="quick", help="preset (default quick)")
+        p.add_argument("--config", type=Path, help="YAML file of config overrides")
+        p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lr=1e-3")
+
+    p = add("train-target", _cmd_train_target, "Train a target ReID model (ID + triplet loss).")
+    p.add_argument("--data", required=True, type=Path, help="Market-1501 / DukeMTMC-reID style folder")
+    p.add_argument("--out", required=True, type=Path, help="run folder for target.pt, config.yaml, train_log.json")
+    add_train_options(p)
+
+    p = add("evaluate-target", _cmd_evaluate_target, "mAP / CMC of a target checkpoint (Market protocol).")
+    p.add_argument("--data", required=True, type=Path, help="data folder with query/ and bounding_box_test/")
+    p.add_argument("--checkpoint", required=True, type=Path, help="target.pt")
+    p.add_argument("--out", type=Path, help="write the metrics JSON here too")
+
+    p = add("models", _cmd_models, "List the registered target architectures.")
+    p.add_argument("pattern", nargs="?", default="*", help="glob pattern")
+
+    p = add("schemas", _cmd_schemas, "Show the attribute schemas and what each value means.")
+    p.add_argument("name", nargs="?", help="market1501 or dukemtmc (default: both)")
+
+    p = add("demo", _cmd_demo, "The main job on the CPU: synthetic data, target training, evaluation, report.")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``attrimeter`` console script.
+
+    Args:
+        argv: Arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        Process exit status: 0 on success, 2 on a user error (reported on stderr without a traceback).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+        # User-facing errors (bad data folder, unknown name, bad config, corrupt image) carry a clear message; a
+        # traceback would only hide it. Programming errors still raise.
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        parser.exit(2, f"attrimeter {args.command}: error: {message}\n")
