@@ -1,0 +1,69 @@
+"""Throughput of the synthetic pedestrian renderer on one CPU core.
+
+Measures two figures, each over several repeats (other processes share the machine, so the best and the median are
+printed): ``render`` (``render_person`` alone, arrays in memory) and ``generate`` (the whole data set writer:
+rendering, JPEG encoding, writing files, the .mat and the CSV), in images per second.
+
+    python benchmarks/bench_synth.py                    # 128x64, pinned to one core
+    python benchmarks/bench_synth.py --size 256x128 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+from attrimeter.data.synth import (
+    SynthConfig,
+    generate,
+    parse_size,
+    render_person,
+    sample_camera,
+    sample_person,
+    sample_view,
+)
+
+
+def bench_render(size: tuple[int, int], n: int, seed: int) -> float:
+    rng = np.random.default_rng(seed)
+    cameras = [sample_camera(rng) for _ in range(6)]
+    jobs = [(sample_person(rng), sample_view(rng, cameras[i % 6])) for i in range(n)]
+    t0 = time.perf_counter()
+    for person, view in jobs:
+        render_person(person, view, size)
+    return n / (time.perf_counter() - t0)
+
+
+def bench_generate(config: SynthConfig) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        return generate(tmp, config, progress=False).images_per_second
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=parse_size, default=(128, 64), help="image size HxW (default 128x64)")
+    parser.add_argument("--ids", type=int, default=100, help="identities of the generated data set (default 100)")
+    parser.add_argument("--renders", type=int, default=500, help="images per render repeat (default 500)")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of each measurement (default 3)")
+    parser.add_argument("--all-cores", action="store_true", help="do not pin the process to one core")
+    args = parser.parse_args()
+
+    if not args.all_cores and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    config = SynthConfig(ids=args.ids, size=args.size)
+    print(f"synthetic renderer, {args.size[0]}x{args.size[1]}, {cores} core(s), {args.repeats} repeats")
+    render = [bench_render(args.size, args.renders, seed) for seed in range(args.repeats)]
+    print(f"render_person : best {max(render):7.1f} images/s, median {statistics.median(render):7.1f}")
+    gen = [bench_generate(config) for _ in range(args.repeats)]
+    print(f"generate      : best {max(gen):7.1f} images/s, median {statistics.median(gen):7.1f} "
+          f"(ids={config.ids}, images_per_id={config.images_per_id}, JPEG q{config.quality}, files written)")
+
+
+if __name__ == "__main__":
+    main()
