@@ -21,8 +21,8 @@ PROFILES = {"quick": {"epochs": 2, "budget": 1.5}}
 def test_layers_apply_in_order(tmp_path):
     f = tmp_path / "o.yaml"
     f.write_text("lr: 0.01\nsize: [256, 128]\nepochs: 5\n")
-    cfg = resolve(Cfg(), PROFILES, "quick", f, ["epochs=7", "flag=true"])
-    assert cfg == Cfg(lr=0.01, epochs=7, size=(256, 128), budget=1.5, flag=True)
+    cfg = resolve(Cfg(), PROFILES, "quick", f, ["epochs=7", "flag=true", "lr=1e-3"])
+    assert cfg == Cfg(lr=1e-3, epochs=7, size=(256, 128), budget=1.5, flag=True)
     save_config(cfg, tmp_path / "resolved.yaml")
     assert resolve(Cfg(), yaml_file=tmp_path / "resolved.yaml") == cfg  # the saved config round-trips
 
