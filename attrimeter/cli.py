@@ -31,6 +31,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("ids", args.ids), ("cams", args.cams), ("size", args.size),
                                    ("images_per_id", args.images_per_id)) if v is not None}
     summary = generate(args.out, SynthConfig(seed=args.seed, **overrides), progress=not args.quiet)
+    if summary.reused:
+        print(f"{summary.out} already holds this data set (same settings); nothing rewritten")
+        return 0
     print(f"wrote {summary.train_images} train, {summary.query_images} query, {summary.gallery_images} gallery "
           f"images and {summary.counterfactual_pairs} counterfactual pairs to {summary.out} "
           f"({summary.images_per_second:.0f} images/s)")

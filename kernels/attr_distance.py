@@ -660,7 +660,8 @@ def attr_distance(
         keys = torch.empty(q_rows, triton.cdiv(n, block_n) * topk_w, dtype=torch.int64, device=device)
         outputs = (qsq,) * 5  # unused by the top-k modes
         out_strides = (0,) * 6
-    gsq_t = g_sqnorm if g_sqnorm is not None else qsq
+    # The kernel indexes the norms as [n * stride + r]: a transposed view would be read wrongly.
+    gsq_t = g_sqnorm.contiguous() if g_sqnorm is not None else qsq
     args = (
         qc, g, qsq, gsq_t, w if w is not None else qsq, *outputs, keys,
         q_rows, n, c, m, n_qblocks, n.bit_length(),

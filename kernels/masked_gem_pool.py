@@ -45,7 +45,6 @@ grad, ``dL/dF = (gSᵀ · P) · p · F^(p-1) · [F ≥ eps]``. No [B, M, C, HW] 
 from __future__ import annotations
 
 import math
-import os
 from numbers import Real
 
 import torch
@@ -67,8 +66,13 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FP32_TINY = torch.finfo(torch.float32).tiny
 
 
+# Triton picks compiled vs interpreted kernels when they are decorated, i.e. at import of this module; the device
+# check must agree with that choice, not with the environment variable as it is later.
+_INTERPRET: bool = bool(triton.knobs.runtime.interpret)
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch.nn.functional as nnf
 from tqdm.auto import tqdm
 
 from attrimeter import __version__
-from attrimeter.config import save_config, to_dict
+from attrimeter.config import ConfigError, save_config, to_dict
 from attrimeter.data.augment import augment_batch, to_float
 from attrimeter.data.formats import ReIDDataset, Sample, load_dataset
 from attrimeter.data.images import read_images
@@ -74,6 +74,30 @@ class TargetTrainConfig:
     seed: int = 0
     threads: int = 0
     eval_batch_size: int = 128
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"epochs must be >= 1, got {self.epochs}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            problems.append(f"max_minutes must be > 0 or null (no limit), got {self.max_minutes}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            problems.append(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.image_size[0] < 32 or self.image_size[1] < 16:
+            problems.append(f"image_size must be at least (32, 16), got {self.image_size}")
+        if self.lr <= 0 or self.eval_batch_size < 1:
+            problems.append("lr and eval_batch_size must be positive")
+        if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
+            problems.append(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def torch_device(self) -> torch.device:
+        """The device to train on (``auto``: the first CUDA GPU if there is one, else the CPU)."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
 
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -212,11 +236,12 @@ def embed_images(
         float32 embeddings [N, C].
     """
     model.eval()
+    device = next(model.parameters()).device
     out = []
     for s in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
         chunk = samples[s:s + batch_size]
         x = to_float(torch.from_numpy(read_images([c.path for c in chunk], image_size, progress=False)))
-        out.append(model(x).float().numpy())
+        out.append(model(x.to(device)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.num_features), np.float32)
 
 
@@ -254,14 +279,15 @@ def train_target(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
-    data = load_dataset(data_root)
+    device = config.torch_device()
+    data = load_dataset(data_root, attributes=False)  # a target needs identities only (no .mat, e.g. plain Market)
     pids = data.train_pids
     label_of = {pid: i for i, pid in enumerate(pids)}
     labels = torch.tensor([label_of[s.pid] for s in data.train])
     images = torch.from_numpy(read_images([s.path for s in data.train], config.image_size, progress,
                                           desc="decode train"))
     model = create_model(config.arch, num_classes=len(pids), pretrained=config.pretrained, width=config.width,
-                         last_stride=config.last_stride, gem_p=config.gem_p)
+                         last_stride=config.last_stride, gem_p=config.gem_p).to(device)
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
@@ -271,7 +297,7 @@ def train_target(
     sampler = PKSampler(labels.numpy(), config.p_ids, config.k_instances, seed=config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     total_iters = config.epochs * len(sampler)
-    budget = config.max_minutes * 60.0 if config.max_minutes else math.inf
+    budget = config.max_minutes * 60.0 if config.max_minutes is not None else math.inf
     log: dict[str, Any] = {"train_images": len(data.train), "train_ids": len(pids), "losses": []}
     start = time.perf_counter()
     it = 0
@@ -287,7 +313,7 @@ def train_target(
             for group in optim.param_groups:
                 group["lr"] = config.lr * factor
             x = augment_batch(to_float(images[idx]), gen, flip=config.flip, pad=config.pad, erase=config.erase)
-            y = labels[idx]
+            x, y = x.to(device, non_blocking=True), labels[idx].to(device)
             feat, logits = model.forward_train(x)
             ce = nnf.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
             tri = batch_hard_triplet(feat, y, config.triplet_margin)
@@ -338,5 +364,5 @@ def evaluate_target(
     """
     ck = load_target(checkpoint)
     # Any data set will do (cross-domain evaluation is a standard ReID experiment); attributes are not needed.
-    data = load_dataset(data_root)
+    data = load_dataset(data_root, attributes=False)
     return _rank(ck.model, data, ck.image_size, batch_size, progress)

@@ -1,9 +1,11 @@
 import json
+import shutil
 
 import pytest
 import torch
 
 from attrimeter.cli import main
+from attrimeter.config import ConfigError, apply_overrides
 from attrimeter.engine.target import (
     TargetTrainConfig,
     batch_hard_triplet,
@@ -49,6 +51,21 @@ def test_train_checkpoint_evaluate_roundtrip(tiny_data, tmp_path):
     assert ck.model.config["arch"] == "resnet18"
     metrics = evaluate_target(tmp_path / "run" / "target.pt", tiny_data, progress=False)
     assert metrics.mAP == pytest.approx(log["metrics"]["mAP"], abs=1e-6)  # the checkpoint is the trained model
+    # A plain Market-1501 download has no market_attribute.mat: a target does not need one.
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_data, plain, ignore=shutil.ignore_patterns("*.mat", "counterfactual", "synth.json"))
+    assert evaluate_target(tmp_path / "run" / "target.pt", plain, progress=False).mAP == pytest.approx(metrics.mAP)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"epochs": 0}, "epochs must be >= 1"), ({"max_minutes": 0}, "max_minutes must be > 0"),
+     ({"warmup_fraction": 1.0}, "warmup_fraction"), ({"image_size": (16, 8)}, "image_size"),
+     ({"device": "tpu"}, "device must be")],
+)
+def test_config_ranges_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(TargetTrainConfig(), overrides)
 
 
 def test_cli_train_and_evaluate(tiny_data, tmp_path, capsys):
