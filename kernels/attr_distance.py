@@ -336,16 +336,19 @@ def _check_triton_inputs(q: torch.Tensor, g: torch.Tensor, op: str) -> None:
         )
 
 
-def _weights_tensor(weights: Weights, m: int, dtype: torch.dtype, device: torch.device, op: str) -> torch.Tensor:
-    """Weights as a [M] tensor; checks shape here and values (finite, >= 0, not all 0) via :func:`_weight_checks`."""
-    w = torch.as_tensor(weights, dtype=dtype, device=device)
+def _weights(
+    weights: Weights | None, m: int, dtype: torch.dtype, device: torch.device, op: str
+) -> tuple[torch.Tensor | None, list[tuple[torch.Tensor, str]]]:
+    """Optional weights as a contiguous [M] tensor (shape checked here) and the device-side checks of their values.
+
+    The checks (finite, >= 0, not all 0) are raised by :func:`_raise_failed` with the caller's others: one transfer.
+    """
+    if weights is None:
+        return None, []
+    w = torch.as_tensor(weights, dtype=dtype, device=device).contiguous()
     if w.shape != (m,):
         raise ValueError(f"{op}: weights must have shape [M] = [{m}], got {tuple(w.shape)}")
-    return w
-
-
-def _weight_checks(w: torch.Tensor, op: str) -> list[tuple[torch.Tensor, str]]:
-    return [
+    return w, [
         (torch.isfinite(w).all(), f"{op}: weights contain NaN or inf"),
         ((w >= 0).all(), f"{op}: weights must be >= 0 (an attribute-weighted distance), got a negative weight"),
         ((w > 0).any(), f"{op}: weights are all zero; give at least one attribute a positive weight"),
@@ -413,8 +416,15 @@ def _decompose(dist: torch.Tensor, w: torch.Tensor | None, indices: torch.Tensor
     return AttrDistances(d=d, d_k=d_k, shares=shares, d_hat=d_hat, scores=scores, indices=indices)
 
 
-def _reference_dtype(q: torch.Tensor, g: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(torch.promote_types(q.dtype, g.dtype), torch.float32)
+def _reference_setup(
+    q: torch.Tensor, g: torch.Tensor, weights: Weights | None, op: str
+) -> tuple[int, torch.dtype, torch.Tensor | None]:
+    """Validate a reference call; return (N, compute dtype ``promote(q, g, float32)``, weights or None)."""
+    _, n, m, _ = _check_pair(q, g, op)
+    dtype = torch.promote_types(torch.promote_types(q.dtype, g.dtype), torch.float32)
+    w, checks = _weights(weights, m, dtype, q.device, op)
+    _raise_failed(checks)
+    return n, dtype, w
 
 
 def attr_distance_reference(q: torch.Tensor, g: torch.Tensor, weights: Weights | None = None) -> AttrDistances:
@@ -435,12 +445,7 @@ def attr_distance_reference(q: torch.Tensor, g: torch.Tensor, weights: Weights |
         TypeError: If an input is not a floating-point tensor.
         ValueError: On inconsistent shapes or devices, or invalid weights.
     """
-    _, _, m, _ = _check_pair(q, g, "attr_distance_reference")
-    dtype = _reference_dtype(q, g)
-    w = None
-    if weights is not None:
-        w = _weights_tensor(weights, m, dtype, q.device, "attr_distance_reference")
-        _raise_failed(_weight_checks(w, "attr_distance_reference"))
+    _, dtype, w = _reference_setup(q, g, weights, "attr_distance_reference")
     qf, gf = q.to(dtype), g.to(dtype)
     # Norms on the stored layout (contiguous reductions), the cross terms as one GEMM per row of the M+1 axis.
     norms = qf.square().sum(-1).T[:, :, None] + gf.square().sum(-1).T[:, None, :]  # [M+1, Q, N]
@@ -465,13 +470,8 @@ def attr_distance_naive(q: torch.Tensor, g: torch.Tensor, weights: Weights | Non
         TypeError: If an input is not a floating-point tensor.
         ValueError: On inconsistent shapes or devices, or invalid weights.
     """
-    _, _, m, _ = _check_pair(q, g, "attr_distance_naive")
-    dtype = _reference_dtype(q, g)
-    w = None
-    if weights is not None:
-        w = _weights_tensor(weights, m, dtype, q.device, "attr_distance_naive")
-        _raise_failed(_weight_checks(w, "attr_distance_naive"))
-    dist = torch.stack([torch.cdist(q[:, r].to(dtype), g[:, r].to(dtype)) for r in range(m + 1)], dim=-1)
+    _, dtype, w = _reference_setup(q, g, weights, "attr_distance_naive")
+    dist = torch.stack([torch.cdist(q[:, r].to(dtype), g[:, r].to(dtype)) for r in range(q.shape[1])], dim=-1)
     return _decompose(dist, w)
 
 
@@ -513,14 +513,9 @@ def explain_topk_reference(
         ValueError: On inconsistent shapes or devices, an id outside [0, N), or invalid weights.
     """
     op = "explain_topk_reference"
-    _, n, m, _ = _check_pair(q, g, op)
+    n, dtype, w = _reference_setup(q, g, weights, op)
     _check_ids(ids, q.shape[0], q.device, op)
     _raise_bad_ids(ids, n, op)
-    dtype = _reference_dtype(q, g)
-    w = None
-    if weights is not None:
-        w = _weights_tensor(weights, m, dtype, q.device, op)
-        _raise_failed(_weight_checks(w, op))
     diff = q.to(dtype)[:, None] - g[ids.long()].to(dtype)  # [Q, k, M+1, C]
     return _decompose(_safe_sqrt(diff.square().sum(-1)), w, indices=ids)
 
@@ -608,11 +603,8 @@ def attr_distance(
     device = g.device
     qc = q if q.dtype == g.dtype else q.to(g.dtype)  # what the scan's GEMM sees
     overflow = "" if qc.dtype == torch.float32 or q.dtype == qc.dtype else f" (or values beyond {qc.dtype}'s range)"
-    checks: list[tuple[torch.Tensor, str]] = [(torch.isfinite(qc).all(), f"{op}: q contains NaN or inf{overflow}")]
-    w = None
-    if weights is not None:
-        w = _weights_tensor(weights, m, torch.float32, device, op).contiguous()
-        checks += _weight_checks(w, op)
+    w, checks = _weights(weights, m, torch.float32, device, op)
+    checks.insert(0, (torch.isfinite(qc).all(), f"{op}: q contains NaN or inf{overflow}"))
     if g_sqnorm is not None:
         if not isinstance(g_sqnorm, torch.Tensor) or g_sqnorm.shape != (n, m + 1) or g_sqnorm.dtype != torch.float32:
             got = f"{g_sqnorm.dtype} {list(g_sqnorm.shape)}" if isinstance(g_sqnorm, torch.Tensor) else type(g_sqnorm)
@@ -732,11 +724,7 @@ def explain_topk(
     _check_ids(ids, q_rows, g.device, op)
     device = g.device
     k = ids.shape[1]
-    checks: list[tuple[torch.Tensor, str]] = []
-    w = None
-    if weights is not None:
-        w = _weights_tensor(weights, m, torch.float32, device, op).contiguous()
-        checks += _weight_checks(w, op)
+    w, checks = _weights(weights, m, torch.float32, device, op)
     if out is None:
         f32 = {"dtype": torch.float32, "device": device}
         res = AttrDistances(

@@ -71,10 +71,6 @@ _FP32_TINY = torch.finfo(torch.float32).tiny
 _INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 
 
-def _interpreting() -> bool:
-    return _INTERPRET
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Input validation (shared by the references and the kernel launcher)
 # --------------------------------------------------------------------------------------------------------------------
@@ -263,6 +259,22 @@ def _pow(x, p, P_INT: tl.constexpr):
 
 
 @triton.jit
+def _attention_tile(z_base, rows, offs_hw, hw_mask, M, stride_zm, stride_zhw, p, P_INT: tl.constexpr):
+    # The logits z [M_PAD, BLOCK_HW] and P = qexp(z)^p with row 0 ≡ 1 (the global embedding). Padding rows and
+    # columns past HW are zeroed: they must not add eps^p terms to the sums.
+    z_rows = (rows >= 1) & (rows <= M)
+    z = tl.load(
+        z_base + (rows[:, None] - 1) * stride_zm + offs_hw[None, :] * stride_zhw,
+        mask=z_rows[:, None] & hw_mask[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    a = _pow(_qexp(z), p, P_INT)
+    a = tl.where((rows == 0)[:, None], 1.0, a)
+    a = tl.where((rows <= M)[:, None] & hw_mask[None, :], a, 0.0)
+    return z, a
+
+
+@triton.jit
 def _dpow(x, p, P_INT: tl.constexpr):
     # d(x^p)/dx = p·x^(p-1).
     if P_INT == 1:
@@ -292,36 +304,19 @@ def _root(x, inv_p, P_INT: tl.constexpr):
     return y
 
 
-def _fwd_configs() -> list[triton.Config]:
-    if _interpreting():
+def _configs(table: tuple[tuple[int, int, int, int], ...]) -> list[triton.Config]:
+    """Autotuning space from ``(BLOCK_C, BLOCK_HW, num_warps, num_stages)`` rows."""
+    if _INTERPRET:
         # The interpreter runs blocks as numpy arrays: one config, no autotuning, few large blocks.
         return [triton.Config({"BLOCK_C": 64, "BLOCK_HW": 64}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_C": bc, "BLOCK_HW": bhw}, num_warps=nw, num_stages=ns)
-        for bc, bhw, nw, ns in (
-            (64, 64, 4, 3),
-            (128, 32, 4, 3),
-            (128, 64, 4, 3),
-            (128, 64, 8, 3),
-            (128, 128, 8, 2),
-            (256, 32, 8, 3),
-            (256, 64, 8, 2),
-        )
-    ]
+    return [triton.Config({"BLOCK_C": bc, "BLOCK_HW": bhw}, num_warps=nw, num_stages=ns) for bc, bhw, nw, ns in table]
 
 
-def _bwd_configs() -> list[triton.Config]:
-    if _interpreting():
-        return [triton.Config({"BLOCK_C": 64, "BLOCK_HW": 64}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_C": bc, "BLOCK_HW": bhw}, num_warps=nw, num_stages=ns)
-        for bc, bhw, nw, ns in (
-            (32, 32, 4, 3),
-            (32, 64, 8, 2),
-            (64, 32, 8, 3),
-            (64, 64, 8, 2),
-        )
-    ]
+_FWD_CONFIGS = _configs(
+    ((64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (256, 32, 8, 3),
+     (256, 64, 8, 2))
+)
+_BWD_CONFIGS = _configs(((32, 32, 4, 3), (32, 64, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2)))
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
@@ -333,7 +328,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> 
 
 
 @triton.autotune(
-    configs=_fwd_configs(),
+    configs=_FWD_CONFIGS,
     key=["C", "HW", "M", "P_INT", "HAS_AFFINE", "SAVE_MEAN"],
     prune_configs_by={"early_config_prune": _prune},
 )
@@ -394,15 +389,7 @@ def _masked_gem_pool_fwd_kernel(
             other=0.0,
         ).to(tl.float32)
         g = _pow(tl.where(x < eps, eps, x), p, P_INT)  # [BLOCK_HW, BLOCK_C]
-        z = tl.load(
-            z_base + (rows[:, None] - 1) * stride_zm + offs_hw[None, :] * stride_zhw,
-            mask=z_rows[:, None] & hw_mask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        a = _pow(_qexp(z), p, P_INT)  # [M_PAD, BLOCK_HW]
-        a = tl.where((rows == 0)[:, None], 1.0, a)
-        # Zero the padding rows and the columns past HW: they must not add eps^p terms to the sums.
-        a = tl.where(valid_rows[:, None] & hw_mask[None, :], a, 0.0)
+        _, a = _attention_tile(z_base, rows, offs_hw, hw_mask, M, stride_zm, stride_zhw, p, P_INT)
         acc = tl.dot(a, g, acc, input_precision=DOT_PRECISION)
 
     mean = acc / HW
@@ -423,7 +410,7 @@ def _masked_gem_pool_fwd_kernel(
 
 
 @triton.autotune(
-    configs=_bwd_configs(),
+    configs=_BWD_CONFIGS,
     key=["C", "HW", "M", "P_INT", "NEED_GF"],
     prune_configs_by={"early_config_prune": _prune},
 )
@@ -462,14 +449,7 @@ def _masked_gem_pool_bwd_kernel(
     z_rows = (rows >= 1) & (rows <= M)
     valid_rows = rows <= M
 
-    z = tl.load(
-        z_ptr + b * stride_zb + (rows[:, None] - 1) * stride_zm + offs_hw[None, :] * stride_zhw,
-        mask=z_rows[:, None] & hw_mask[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    a = _pow(_qexp(z), p, P_INT)
-    a = tl.where((rows == 0)[:, None], 1.0, a)
-    a = tl.where(valid_rows[:, None] & hw_mask[None, :], a, 0.0)  # [M_PAD, BLOCK_HW] = P
+    z, a = _attention_tile(z_ptr + b * stride_zb, rows, offs_hw, hw_mask, M, stride_zm, stride_zhw, p, P_INT)
 
     f_base = f_ptr + b * stride_fb
     gs_base = gs_ptr + b * (M + 1) * C
@@ -507,7 +487,7 @@ def _masked_gem_pool_bwd_kernel(
 def _check_kernel_device(*tensors: Tensor) -> None:
     device = tensors[0].device
     if device.type == "cpu":
-        if not _interpreting():
+        if not _INTERPRET:
             raise RuntimeError(
                 "masked_gem_pool (Triton) got CPU tensors: move them to a GPU, set TRITON_INTERPRET=1 before "
                 "importing the kernel module (slow, for tests), or use masked_gem_pool_reference"

@@ -354,55 +354,9 @@ def test_cpu_tensors_are_refused_without_the_interpreter(rng, monkeypatch):
         ad.explain_topk(q, g, torch.zeros(2, 1, dtype=torch.int64))
 
 
-_AOT_SCRIPT = r"""
-import json, triton
-from triton.backends.compiler import GPUTarget
-from attrimeter.kernels import attr_distance as ad
-
-def compile_(kernel, dtypes, consts, warps, stages=3):
-    # What the JIT sees for C = 2048 galleries: pointers and strides divisible by 16, unit C strides specialised.
-    sig, hints = {}, {}
-    for i, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
-        if param.is_constexpr or name in consts:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = "*" + dtypes.get(name, "fp32")
-            hints[(i,)] = [["tt.divisibility", 16]]
-        else:
-            sig[name] = "i32"
-            if name == "C" or (name.startswith("stride") and name not in ("stride_qsq", "stride_gsq")):
-                hints[(i,)] = [["tt.divisibility", 16]]
-    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=hints)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-    return compiled.asm["ttgir"].count("async_copy_global_to_local")
-
-unit = dict(stride_qc=1, stride_gc=1, stride_dkn=1, stride_shn=1)
-base = dict(BLOCK_Q=64, BLOCK_K=64, HAS_GSQ=False, DOT_F32=False, PRECISION="ieee", **unit)
-out = {}
-for mode, w, bn, topk in ((0, True, 64, (0, 1)), (1, False, 128, (10, 16)), (2, True, 128, (1, 1))):
-    consts = dict(base, MODE=mode, HAS_W=w, BLOCK_N=bn, TOPK_W=topk[0], TOPK_P=topk[1])
-    out[f"scan{mode}"] = compile_(ad._scan_kernel, {"q_ptr": "fp16", "g_ptr": "fp16", "key_ptr": "i64"}, consts, 8)
-consts = dict(base, MODE=0, HAS_W=False, BLOCK_N=64, TOPK_W=0, TOPK_P=1, PRECISION="tf32x3")
-out["scan_fp32"] = compile_(ad._scan_kernel, {"q_ptr": "fp32", "g_ptr": "fp32", "key_ptr": "i64"}, consts, 8)
-explain = dict(BLOCK_R=32, BLOCK_C=128, HAS_W=True, stride_qc=1, stride_gc=1)
-out["explain"] = compile_(ad._explain_kernel, {"g_ptr": "bf16", "ids_ptr": "i64"}, explain, 4)
-print(json.dumps(out))
-"""
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU every test above runs the compiled kernels")
-def test_kernels_compile_for_sm90_without_a_gpu():
+def test_kernels_compile_for_sm90_without_a_gpu(aot_sm90):
     """The interpreter never lowers the kernels: compile them for an H100 (ahead of time, bundled ptxas)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    async_copies = json.loads(proc.stdout.strip().splitlines()[-1])
+    async_copies = aot_sm90("attr_distance")
     # The gallery loop is software-pipelined (cp.async into shared memory), which the memory roofline needs.
     for name in ("scan0", "scan1", "scan2", "scan_fp32"):
         assert async_copies[name] > 0, (name, async_copies)

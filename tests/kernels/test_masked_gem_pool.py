@@ -314,3 +314,11 @@ def test_cpu_tensors_refused_without_interpreter(monkeypatch):
     monkeypatch.setattr(mgp, "_INTERPRET", False)  # as if imported without TRITON_INTERPRET=1
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         mgp.masked_gem_pool(torch.rand(1, 3, 2, 2), torch.rand(1, 2, 2, 2), 3.0)
+
+
+def test_kernels_compile_for_sm90_without_a_gpu(aot_sm90):
+    """The interpreter never lowers the kernels: compile forward and backward for an H100 (bundled ptxas)."""
+    tensor_core_ops = aot_sm90("masked_gem_pool")
+    # The (M+1)×HW×C products run on the tensor cores in both directions, for integer and generic p.
+    for name in ("fwd_p3", "fwd_p0", "bwd_p3", "bwd_p0"):
+        assert tensor_core_ops[name] > 0, (name, tensor_core_ops)
