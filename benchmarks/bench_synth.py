@@ -2,21 +2,27 @@
 
 Measures two figures, each over several repeats (other processes share the machine, so the best and the median are
 printed): ``render`` (``render_person`` alone, arrays in memory) and ``generate`` (the whole data set writer:
-rendering, JPEG encoding, writing files, the .mat and the CSV), in images per second.
+rendering, JPEG encoding, writing files, the .mat and the CSV), in images per second. Writes
+``synth_cpu.csv`` and ``synth_cpu.md`` (stamped with CPU, versions and date) under ``--out``.
 
     python benchmarks/bench_synth.py                    # 128x64, pinned to one core
-    python benchmarks/bench_synth.py --size 256x128 --repeats 5
+    python benchmarks/bench_synth.py --size 256x128 --repeats 5 --out /tmp/bench
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import datetime
 import os
+import platform
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
+import PIL
 
 from attrimeter.data.synth import (
     SynthConfig,
@@ -51,6 +57,8 @@ def main() -> None:
     parser.add_argument("--renders", type=int, default=500, help="images per render repeat (default 500)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of each measurement (default 3)")
     parser.add_argument("--all-cores", action="store_true", help="do not pin the process to one core")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results"),
+                        help="folder for synth_cpu.{csv,md} (default benchmarks/results)")
     args = parser.parse_args()
 
     if not args.all_cores and hasattr(os, "sched_setaffinity"):
@@ -63,6 +71,36 @@ def main() -> None:
     gen = [bench_generate(config) for _ in range(args.repeats)]
     print(f"generate      : best {max(gen):7.1f} images/s, median {statistics.median(gen):7.1f} "
           f"(ids={config.ids}, images_per_id={config.images_per_id}, JPEG q{config.quality}, files written)")
+
+    stamp = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": cores,
+        "size": f"{args.size[0]}x{args.size[1]}",
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    rows = [{"measure": name, "median_img_s": round(statistics.median(v), 1), "best_img_s": round(max(v), 1),
+             "repeats": len(v), **stamp} for name, v in (("render_person", render), ("generate", gen))]
+    args.out.mkdir(parents=True, exist_ok=True)
+    with (args.out / "synth_cpu.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [
+        "# Synthetic renderer throughput",
+        "",
+        f"{stamp['cpu']}, {cores} core(s), {stamp['size']}; Python {stamp['python']}, numpy {stamp['numpy']}, "
+        f"Pillow {stamp['pillow']}; {stamp['date']}. `generate` writes the whole data set (JPEG files, .mat, CSV; "
+        f"ids={config.ids}). Command: `python benchmarks/bench_synth.py`.",
+        "",
+        "| measure | median images/s | best images/s | repeats |",
+        "|---|---|---|---|",
+        *(f"| {r['measure']} | {r['median_img_s']} | {r['best_img_s']} | {r['repeats']} |" for r in rows),
+    ]
+    (args.out / "synth_cpu.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out / 'synth_cpu.csv'} and {args.out / 'synth_cpu.md'}")
 
 
 if __name__ == "__main__":

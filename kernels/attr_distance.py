@@ -26,10 +26,10 @@ the chosen ids are then explained by :func:`explain_topk`, which uses direct dif
 rounding, no cancellation).
 
 Accuracy against a float64 reference on the same gallery values (``‖out − ref‖ / ‖ref‖``), as the tests check:
-scan with an fp32 gallery < 1e-5, fp16 < 5e-4, bf16 < 4e-3 (the rounding of the queries dominates; typical values are
-10x smaller); explain paths < 1e-5 for every gallery dtype. Near-duplicate pairs (distance ≈ 0) carry an absolute
-error of about ``sqrt(ε · (‖a‖² + ‖b‖²))`` in the scan (ε the relative error of the dot: fp32 accumulation, 3xTF32
-for fp32 galleries), never NaN.
+scan with an fp32 gallery < 1e-5, fp16 < 5e-4, bf16 < 4e-3 (the rounding of the queries dominates); explain paths
+< 1e-5 for every gallery dtype. Near-duplicate pairs (distance ≈ 0) carry an absolute error of about
+``sqrt(ε · (‖a‖² + ‖b‖²))`` in the scan (ε the relative error of the dot: fp32 accumulation, 3xTF32 for fp32
+galleries), never NaN.
 
 Performance: make C a multiple of 8 (16-bit galleries) or 4 (fp32) so that rows are 16-byte aligned; the gallery
 loads are then vectorised and software-pipelined into shared memory. The GPU launchers autotune the tile shape per

@@ -5,7 +5,11 @@ The interpreter never lowers the kernels, so the CPU tests run this in a subproc
 """
 
 import json
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -76,6 +80,35 @@ def masked_gem_pool_report() -> dict[str, int]:
     return out
 
 
+def masked_gem_pool_spills() -> dict[str, list[int]]:
+    """Register spill stores (bytes, from ptxas -v) of every autotuning config, fp32 outputs, IEEE vs 3xTF32 products.
+
+    The evidence behind ``masked_gem_pool._dot_precision``; needs the ptxas Triton bundles for its PTX version.
+    """
+    from attrimeter.kernels import masked_gem_pool as mgp
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas-blackwell"
+    out = {}
+    for name, kernel, configs, extra in (
+        ("fwd", mgp._masked_gem_pool_fwd_kernel, mgp._FWD_CONFIGS, dict(HAS_AFFINE=True, SAVE_MEAN=True)),
+        ("bwd", mgp._masked_gem_pool_bwd_kernel, mgp._BWD_CONFIGS, dict(NEED_GF=True)),
+    ):
+        for precision in ("ieee", "tf32x3"):
+            spills = []
+            for cfg in configs:
+                consts = dict(extra, P_INT=3, M_PAD=32, DOT_PRECISION=precision, **cfg.kwargs)
+                ptx = compile_sm90(kernel.fn, {}, consts, cfg.num_warps, cfg.num_stages)["ptx"]
+                with tempfile.NamedTemporaryFile("w", suffix=".ptx") as fh:
+                    fh.write(ptx)
+                    fh.flush()
+                    log = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", fh.name, "-o", "/dev/null"],
+                                         capture_output=True, text=True, check=True).stderr
+                spills.append(int(re.search(r"(\d+) bytes spill stores", log).group(1)))
+            out[f"{name}_{precision}"] = spills
+    return out
+
+
 if __name__ == "__main__":
-    reports = {"attr_distance": attr_distance_report, "masked_gem_pool": masked_gem_pool_report}
+    reports = {"attr_distance": attr_distance_report, "masked_gem_pool": masked_gem_pool_report,
+               "masked_gem_pool_spills": masked_gem_pool_spills}
     print(json.dumps(reports[sys.argv[1]]()))
