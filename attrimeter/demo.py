@@ -94,8 +94,8 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, queries: int 
     from attrimeter.config import resolve
     from attrimeter.data.formats import load_dataset
     from attrimeter.data.synth import SynthConfig, generate
-    from attrimeter.engine.evaluation import euclidean_distances, evaluate_rank
-    from attrimeter.engine.target import PROFILES, TargetTrainConfig, embed_images, load_target, train_target
+    from attrimeter.engine.evaluation import euclidean_distances
+    from attrimeter.engine.target import PROFILES, TargetTrainConfig, embed_and_rank, load_target, train_target
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,13 +111,7 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, queries: int 
     log = train_target(data_dir, out / "target", config, progress=progress, evaluate=False)
     data = load_dataset(data_dir)
     ck = load_target(out / "target" / "target.pt")
-    qf_all = embed_images(ck.model, data.query, ck.image_size, progress=progress, desc="embed query")
-    gf = embed_images(ck.model, data.gallery, ck.image_size, progress=progress, desc="embed gallery")
-    rank = evaluate_rank(
-        qf_all, gf,
-        np.array([s.pid for s in data.query]), np.array([s.pid for s in data.gallery]),
-        np.array([s.camid for s in data.query]), np.array([s.camid for s in data.gallery]),
-    )
+    rank, qf_all, gf = embed_and_rank(ck.model, data, ck.image_size, progress=progress)
     timings["target training + evaluation"] = time.perf_counter() - t0
     metrics = {"target": rank.as_dict()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

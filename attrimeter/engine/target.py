@@ -36,6 +36,7 @@ __all__ = [
     "TargetCheckpoint",
     "TargetTrainConfig",
     "batch_hard_triplet",
+    "embed_and_rank",
     "embed_images",
     "evaluate_target",
     "load_target",
@@ -246,15 +247,29 @@ def embed_images(
     return np.concatenate(out) if out else np.zeros((0, model.num_features), np.float32)
 
 
-def _rank(model: ReIDModel, data: ReIDDataset, image_size: tuple[int, int], batch_size: int,
-          progress: bool) -> RankMetrics:
+def embed_and_rank(
+    model: ReIDModel, data: ReIDDataset, image_size: tuple[int, int], batch_size: int = 128, progress: bool = True
+) -> tuple[RankMetrics, np.ndarray, np.ndarray]:
+    """Embed a data set's query and gallery images and evaluate them under the Market-1501 protocol.
+
+    Args:
+        model: The ReID model.
+        data: The data set (its ``query`` and ``gallery`` splits are used).
+        image_size: ``(height, width)`` the model takes.
+        batch_size: Images per forward pass.
+        progress: Show progress bars.
+
+    Returns:
+        ``(metrics, query embeddings [Q, C], gallery embeddings [N, C])``, the embeddings for reuse (e.g. pictures).
+    """
     qf = embed_images(model, data.query, image_size, batch_size, progress, desc="embed query")
     gf = embed_images(model, data.gallery, image_size, batch_size, progress, desc="embed gallery")
-    return evaluate_rank(
+    metrics = evaluate_rank(
         qf, gf,
         np.array([s.pid for s in data.query]), np.array([s.pid for s in data.gallery]),
         np.array([s.camid for s in data.query]), np.array([s.camid for s in data.gallery]),
     )
+    return metrics, qf, gf
 
 
 def train_target(
@@ -344,7 +359,7 @@ def train_target(
     save_target(model, out / "target.pt", meta)
     save_config(config, out / "config.yaml")
     if evaluate:
-        log["metrics"] = _rank(model, data, config.image_size, config.eval_batch_size, progress).as_dict()
+        log["metrics"] = embed_and_rank(model, data, config.image_size, config.eval_batch_size, progress)[0].as_dict()
     (out / "train_log.json").write_text(json.dumps(log, indent=2))
     return log
 
@@ -366,4 +381,4 @@ def evaluate_target(
     ck = load_target(checkpoint)
     # Any data set will do (cross-domain evaluation is a standard ReID experiment); attributes are not needed.
     data = load_dataset(data_root, attributes=False)
-    return _rank(ck.model, data, ck.image_size, batch_size, progress)
+    return embed_and_rank(ck.model, data, ck.image_size, batch_size, progress)[0]
