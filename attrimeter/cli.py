@@ -74,6 +74,50 @@ def _cmd_evaluate_target(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from attrimeter.config import resolve
+    from attrimeter.engine.interpreter import PROFILES, InterpreterTrainConfig, train_interpreter
+
+    config = resolve(InterpreterTrainConfig(), PROFILES, args.profile, args.config, list(args.set or []))
+    log = train_interpreter(args.data, args.target, args.out, config, progress=not args.quiet, resume=args.resume)
+    print(f"trained {log['iterations']} iterations ({log['epochs']:.1f} epochs) in {log['train_seconds']:.0f} s; "
+          f"checkpoint {Path(args.out) / 'interpreter.pt'}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from attrimeter.engine.interpreter import evaluate_checkpoint, metrics_markdown
+
+    metrics = evaluate_checkpoint(args.checkpoint, args.data, progress=not args.quiet)
+    table = metrics_markdown({"value": metrics})
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(metrics, indent=2))
+        args.out.with_suffix(".md").write_text(table)
+    print(table, end="")
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from attrimeter.explain import Interpreter
+
+    explanation = Interpreter(args.checkpoint).explain(args.query, args.gallery)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        explanation.figure(args.out)
+    if args.json:
+        print(json.dumps(explanation.to_dict(), indent=2))
+        return 0
+    print(f"d = {explanation.d:.4f}, d_hat = {explanation.d_hat:.4f}; largest contributions:")
+    for title, contribution, share in explanation.top(5):
+        print(f"  {title:<28} {contribution:8.4f}  ({100 * share:.1f}%)")
+    for title, a, b in explanation.differing()[:8]:
+        print(f"  differs: {title}: {a} -> {b}")
+    if args.out:
+        print(f"figure {args.out}")
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from attrimeter.models.registry import list_models
 
@@ -138,6 +182,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, help="data folder with query/ and bounding_box_test/")
     p.add_argument("--checkpoint", required=True, type=Path, help="target.pt")
     p.add_argument("--out", type=Path, help="write the metrics JSON here too")
+
+    p = add("train", _cmd_train, "Train an interpreter (AttriMeter) on a frozen target.")
+    p.add_argument("--data", required=True, type=Path, help="data folder with attribute annotations")
+    p.add_argument("--target", required=True, type=Path, help="the target's target.pt")
+    p.add_argument("--out", required=True, type=Path, help="run folder for interpreter.pt, config.yaml, train_log.json")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/interpreter_last.pt")
+    p.add_argument("--profile", choices=["quick", "full"], default="quick", help="preset (default quick)")
+    p.add_argument("--config", type=Path, help="YAML file of config overrides")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. prior_weight=0")
+
+    p = add("evaluate", _cmd_evaluate, "Retrieval and explanation metrics of an interpreter (DESIGN §8).")
+    p.add_argument("--data", required=True, type=Path, help="data folder with query/, bounding_box_test/, attributes")
+    p.add_argument("--checkpoint", required=True, type=Path, help="interpreter.pt")
+    p.add_argument("--out", type=Path, help="write metrics JSON here (and a markdown table beside it, .md)")
+
+    p = add("explain", _cmd_explain, "Explain the distance between two person crops.")
+    p.add_argument("query", type=Path, help="first image")
+    p.add_argument("gallery", type=Path, help="second image")
+    p.add_argument("--checkpoint", required=True, type=Path, help="interpreter.pt")
+    p.add_argument("--out", type=Path, help="PNG figure to write")
+    p.add_argument("--json", action="store_true", help="print the explanation as JSON")
 
     p = add("models", _cmd_models, "List the registered target architectures.")
     p.add_argument("pattern", nargs="?", default="*", help="glob pattern")

@@ -1,4 +1,4 @@
-"""The main job, ``attrimeter demo``: synthetic data → target training → evaluation → HTML report, on the CPU."""
+"""The main job, ``attrimeter demo``: synthetic data → target → interpreter (+ ablations) → evaluation → HTML report."""
 
 from __future__ import annotations
 
@@ -6,10 +6,14 @@ import html
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-__all__ = ["DEMO_SYNTH", "ranking_figure", "run_demo"]
+if TYPE_CHECKING:
+    from attrimeter.data.formats import ReIDDataset, Sample
+
+__all__ = ["ABLATIONS", "DEMO_SYNTH", "ranking_figure", "run_demo"]
 
 # 360 train identities over 6 cameras: the foundation issue's acceptance set-up, sized for the 2-core CPU budget.
 DEMO_SYNTH = {"ids": 720, "cams": 6}
@@ -57,45 +61,114 @@ def ranking_figure(
     return out
 
 
-def _report_html(metrics: dict, train_log: dict, timings: dict[str, float], figure: str) -> str:
-    t = metrics["target"]
-    rows = "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" for k, v in t.items() if isinstance(v, float)
-    )
+ABLATIONS: dict[str, dict[str, float]] = {
+    "AttriMeter": {},
+    "without attribute prior": {"prior_weight": 0.0},
+    "without metric distillation": {"distill_weight": 0.0},
+}
+_CHANGES = (("interpreter", "mAP", "interpreter mAP"), ("interpreter", "adre", "ADRE"),
+            ("interpreter", "x_map_e", "X-mAP_e"), ("interpreter", "cf_top1", "counterfactual top-1"))
+
+
+def _ablation_text(runs: dict[str, dict]) -> str:
+    """One sentence per ablation: how the headline metrics move against the full model."""
+    full = runs["AttriMeter"]["interpreter"]
+    items = []
+    for name, metrics in list(runs.items())[1:]:
+        parts = []
+        for _, key, title in _CHANGES:
+            if key in full and key in metrics["interpreter"]:
+                a, b = full[key], metrics["interpreter"][key]
+                parts.append(f"{title} {a:.2f}% → {b:.2f}%" if key == "adre" else f"{title} {a:.3f} → {b:.3f}")
+        items.append(f"<li><b>{html.escape(name)}</b>: {html.escape('; '.join(parts))}</li>")
+    return "<ul>" + "".join(items) + "</ul>"
+
+
+def _table_html(markdown: str) -> str:
+    rows = [line.strip("|").split("|") for line in markdown.strip().splitlines()]
+    head = "".join(f"<th>{html.escape(c.strip())}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>" for r in rows[2:])
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _report_html(runs: dict[str, dict], train_log: dict, interp_log: dict, timings: dict[str, float],
+                 figure: str, explained: list[tuple[str, str]]) -> str:
+    from attrimeter.engine.interpreter import metrics_markdown
+
+    full = runs["AttriMeter"]
+    t = full["target"]
     steps = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f} s</td></tr>" for k, v in timings.items())
+    pictures = "".join(f'<figure><img src="{html.escape(src)}" alt="{html.escape(cap)}" width="880">'
+                       f"<figcaption>{html.escape(cap)}</figcaption></figure>" for src, cap in explained)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>AttriMeter demo</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:60em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:.3em .8em;text-align:left}}</style></head><body>
+<style>body{{font-family:sans-serif;margin:2em;max-width:64em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:.3em .8em;text-align:left}}figure{{margin:1em 0}}
+figcaption{{color:#444}}</style></head><body>
 <h1>AttriMeter demo</h1>
-<p>Synthetic pedestrians ({train_log['train_ids']} train identities, {train_log['train_images']} train images),
-target ReID model trained on the CPU for {train_log['iterations']} iterations ({train_log['epochs']:.1f} epochs),
-evaluated under the Market-1501 protocol ({t['num_queries']} queries).</p>
-<h2>Target retrieval</h2><table><tr><th>metric</th><th>value</th></tr>{rows}</table>
-<h2>Ranked lists</h2><p>Each row: a query, then its top-ranked gallery images (green: same identity, red: another
-identity; same-camera matches are excluded by the protocol).</p><img src="{html.escape(figure)}" alt="ranked lists">
+<p>Synthetic pedestrians ({train_log['train_ids']} train identities, {train_log['train_images']} train images).
+The target ReID model was trained on the CPU for {train_log['iterations']} iterations ({train_log['epochs']:.1f}
+epochs); the interpreter, grafted on the frozen target, for {interp_log['iterations']} iterations
+({interp_log['epochs']:.1f} epochs). Retrieval under the Market-1501 protocol; the target ranks by its distance d,
+the interpreter by its decomposed distance d̂. X-mAP on random cross-identity query–gallery pairs; counterfactual
+metrics on pairs that differ in exactly one attribute (same person, camera and pose).</p>
+<h2>Metrics</h2>{_table_html(metrics_markdown({"AttriMeter": full}))}
+<h2>Ablation</h2><p>The same training budget without one of the losses.</p>
+{_table_html(metrics_markdown(runs))}{_ablation_text(runs)}
+<h2>Explained matches and non-matches</h2><p>Each figure: the query and a gallery image, the attention maps of the
+attributes that contribute most to their distance, every attribute's contribution c<sub>k</sub> = p<sub>k</sub>·d
+(they sum to the target distance d), and the predicted attributes on which the two differ.</p>{pictures}
+<h2>Target ranked lists</h2><p>Each row: a query, then its top-ranked gallery images (green: same identity, red:
+another identity; same-camera matches are excluded by the protocol). {t['rank1']:.3f} rank-1,
+{t['mAP']:.3f} mAP.</p><img src="{html.escape(figure)}" alt="ranked lists">
 <h2>Timings</h2><table>{steps}</table></body></html>
 """
 
 
-def run_demo(out: str | Path = "runs/demo", progress: bool = True, queries: int = 8, top_k: int = 8) -> Path:
-    """Run the whole CPU pipeline and write ``report.html``, ``metrics.json`` and ``ranking.png`` in ``out``.
+def _explained_pairs(data: ReIDDataset, qf: np.ndarray, gf: np.ndarray, count: int) -> list[tuple[Sample, Sample, str]]:
+    """For ``count`` queries: the best-ranked true match and the best-ranked other identity (a hard non-match)."""
+    from attrimeter.engine.evaluation import euclidean_distances
 
-    The synthetic data set is reused when ``out/data`` already holds one made with the same settings.
+    rng = np.random.default_rng(1)
+    picks = sorted(rng.choice(len(data.query), size=min(count, len(data.query)), replace=False))
+    dist = euclidean_distances(qf[picks], gf)
+    pairs = []
+    for row, i in zip(dist, picks, strict=True):
+        q = data.query[i]
+        order = np.argsort(row, kind="stable")
+        match = next((j for j in order if data.gallery[j].pid == q.pid and data.gallery[j].camid != q.camid), None)
+        other = next(j for j in order if data.gallery[j].pid not in (q.pid, 0))
+        if match is not None:
+            pairs.append((q, data.gallery[match], "match"))
+        pairs.append((q, data.gallery[other], "non-match"))
+    return pairs
+
+
+def run_demo(out: str | Path = "runs/demo", progress: bool = True, queries: int = 8, top_k: int = 8,
+             explained: int = 4) -> Path:
+    """Run the whole CPU pipeline and write ``report.html``, ``metrics.json``, ``metrics.md`` and pictures in ``out``.
+
+    Synthetic data → target (quick) → interpreter (quick) and its two ablations on the same cached frozen features →
+    evaluation → report. The synthetic data set is reused when ``out/data`` already holds one made with the same
+    settings.
 
     Args:
         out: Run folder.
         progress: Show progress bars.
         queries: Queries shown in the ranking figure.
         top_k: Gallery images per query in the figure.
+        explained: Queries whose best match and hardest non-match are explained in pictures.
 
     Returns:
         Path of the HTML report.
     """
-    from attrimeter.config import resolve
+    from attrimeter.config import apply_overrides, resolve
     from attrimeter.data.formats import load_dataset
     from attrimeter.data.synth import SynthConfig, generate
+    from attrimeter.engine import interpreter as interp
     from attrimeter.engine.evaluation import euclidean_distances
     from attrimeter.engine.target import PROFILES, TargetTrainConfig, embed_and_rank, load_target, train_target
+    from attrimeter.explain import Interpreter
+    from attrimeter.models.interpreter import AttriMeter
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,18 +183,40 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, queries: int 
     # Evaluated here rather than inside train_target: the ranking picture reuses the same embeddings.
     log = train_target(data_dir, out / "target", config, progress=progress, evaluate=False)
     data = load_dataset(data_dir)
-    ck = load_target(out / "target" / "target.pt")
-    rank, qf_all, gf = embed_and_rank(ck.model, data, ck.image_size, progress=progress)
+    target_path = out / "target" / "target.pt"
+    ck = load_target(target_path)
+    _, qf_all, gf = embed_and_rank(ck.model, data, ck.image_size, progress=progress)
     timings["target training + evaluation"] = time.perf_counter() - t0
-    metrics = {"target": rank.as_dict()}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
-    # A picture of what the numbers mean: a few queries and their ranked galleries.
+    # The frozen part (shared stages, target embeddings) is computed once for the model and both ablations.
+    t0 = time.perf_counter()
+    icfg = resolve(interp.InterpreterTrainConfig(), interp.PROFILES, "quick")
+    grafted = AttriMeter(ck.model, len(data.schema), shared=icfg.shared, classifier=icfg.classifier)
+    train_cache = interp.cache_features(grafted, data.train, ck.image_size, flip=icfg.flip > 0, progress=progress,
+                                        desc="cache train")
+    eval_cache = interp.evaluation_cache(grafted, data, ck.image_size, progress=progress)
+    timings["interpreter: frozen features (once)"] = time.perf_counter() - t0
+    runs: dict[str, dict] = {}
+    logs: dict[str, dict] = {}
+    for i, (name, overrides) in enumerate(ABLATIONS.items()):
+        t0 = time.perf_counter()
+        run_dir = out / ("interpreter" if i == 0 else f"ablation_{i}")
+        logs[name] = interp.train_interpreter(data_dir, target_path, run_dir,
+                                              apply_overrides(icfg, overrides, source=name),
+                                              progress=progress, cache=train_cache)
+        trained = interp.load_interpreter(run_dir / "interpreter.pt")
+        runs[name] = interp.evaluate_interpreter(trained.model, data, ck.image_size, cache=eval_cache,
+                                                 progress=progress)
+        timings[f"interpreter: {name} (training + evaluation)"] = time.perf_counter() - t0
+    (out / "metrics.json").write_text(json.dumps(runs["AttriMeter"], indent=2))
+    (out / "ablation.json").write_text(json.dumps(runs, indent=2))
+    (out / "metrics.md").write_text(interp.metrics_markdown(runs))
+
+    t0 = time.perf_counter()
     rng = np.random.default_rng(0)
     picks = sorted(rng.choice(len(data.query), size=min(queries, len(data.query)), replace=False))
     qs = [data.query[i] for i in picks]
-    qf = qf_all[picks]
-    dist = euclidean_distances(qf, gf)
+    dist = euclidean_distances(qf_all[picks], gf)
     ranked, correct = [], []
     for q, row in zip(qs, dist, strict=True):
         order = [j for j in np.argsort(row, kind="stable")
@@ -129,6 +224,18 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, queries: int 
         ranked.append([data.gallery[j].path for j in order])
         correct.append([data.gallery[j].pid == q.pid for j in order])
     ranking_figure([q.path for q in qs], ranked, correct, out / "ranking.png")
+
+    explainer = Interpreter(out / "interpreter" / "interpreter.pt")
+    (out / "explained").mkdir(exist_ok=True)
+    pictures = []
+    for n, (q, g, kind) in enumerate(_explained_pairs(data, qf_all, gf, explained)):
+        e = explainer.explain(q.path, g.path)
+        name = f"explained/{n:02d}_{kind}.png"
+        e.figure(out / name)
+        top = ", ".join(f"{t} {100 * s:.0f}%" for t, _, s in e.top(3))
+        pictures.append((name, f"{kind}: query {q.path.name} vs gallery {g.path.name}; d = {e.d:.2f}, "
+                               f"d̂ = {e.d_hat:.2f}; largest shares: {top}"))
+    timings["pictures"] = time.perf_counter() - t0
     report = out / "report.html"
-    report.write_text(_report_html(metrics, log, timings, "ranking.png"))
+    report.write_text(_report_html(runs, log, logs["AttriMeter"], timings, "ranking.png", pictures))
     return report

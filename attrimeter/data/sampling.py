@@ -33,6 +33,14 @@ class PKSampler:
         self._by_id = [np.flatnonzero(inverse == i) for i in range(len(ids))]
         self._rng = np.random.default_rng(seed)
 
+    def get_state(self) -> dict:
+        """The generator's state (to resume a run where it stopped)."""
+        return self._rng.bit_generator.state
+
+    def set_state(self, state: dict) -> None:
+        """Restore a state from :meth:`get_state`."""
+        self._rng.bit_generator.state = state
+
     def __len__(self) -> int:
         """Batches per epoch."""
         return len(self._by_id) // self.p

@@ -40,7 +40,9 @@ __all__ = [
     "embed_images",
     "evaluate_target",
     "load_target",
+    "lr_factor",
     "save_target",
+    "target_payload",
     "train_target",
 ]
 
@@ -102,11 +104,11 @@ class TargetTrainConfig:
 
 
 PROFILES: dict[str, dict[str, Any]] = {
-    # Fits the 5-minute CPU budget of the demo on 2 cores (README has the measured figures). Training from scratch
-    # (no downloads, so no ImageNet start) wants a higher lr and milder pad/erasing than the fine-tuning recipe: with
-    # the recipe's 3.5e-4 / 10 / 0.5 the same budget reached rank-1 0.55 on the demo data, against 0.92
-    # (benchmarks/results/target_quick_cpu.md).
-    "quick": {"arch": "resnet18", "width": 0.5, "epochs": 60, "max_minutes": 4.5, "lr": 1e-3, "pad": 4,
+    # 3 minutes: leaves the demo's three interpreters their share of its 10-minute budget on 2 CPU cores (README has
+    # the measured figures). Training from scratch (no downloads, so no ImageNet start) wants a higher lr and milder
+    # pad/erasing than the fine-tuning recipe: in 4.5 minutes the recipe's 3.5e-4 / 10 / 0.5 reached rank-1 0.55 on
+    # the demo data, these settings 0.92 (benchmarks/results/target_quick_cpu.md).
+    "quick": {"arch": "resnet18", "width": 0.5, "epochs": 60, "max_minutes": 3.0, "lr": 1e-3, "pad": 4,
               "erase": 0.3},
     "full": {"arch": "resnet50", "width": 1.0, "image_size": (256, 128), "epochs": 120, "max_minutes": None},
 }
@@ -147,23 +149,34 @@ def batch_hard_triplet(feats: torch.Tensor, labels: torch.Tensor, margin: float)
     return nnf.softplus(d_ap - d_an).mean()
 
 
-def _lr_factor(progress: float, warmup: float, min_factor: float) -> float:
+def lr_factor(progress: float, warmup: float, min_factor: float) -> float:
+    """The learning-rate multiplier at a point of training: linear warmup from 0.01, then cosine decay.
+
+    Args:
+        progress: Fraction of the run done, in [0, 1] (iterations or wall-clock, whichever is further along).
+        warmup: Fraction of the run spent warming up.
+        min_factor: The multiplier at the end of the run.
+
+    Returns:
+        The multiplier.
+    """
     if progress < warmup:
         return 0.01 + 0.99 * progress / warmup
     t = min(1.0, (progress - warmup) / max(1e-8, 1.0 - warmup))
     return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def save_target(model: ReIDModel, path: str | Path, meta: dict[str, Any]) -> None:
-    """Write a self-describing target checkpoint (architecture, schema, image size, normalisation, weights).
+def target_payload(model: ReIDModel, meta: dict[str, Any]) -> dict[str, Any]:
+    """What a target checkpoint holds (architecture, schema, image size, normalisation, weights).
 
     Args:
-        model: The trained model.
-        path: Output ``.pt`` file (written atomically).
+        model: The model.
         meta: Extra description (must hold ``image_size`` and ``schema``).
+
+    Returns:
+        The payload :func:`save_target` writes (interpreter checkpoints embed it).
     """
-    path = Path(path)
-    payload = {
+    return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "attrimeter": __version__,
@@ -175,6 +188,18 @@ def save_target(model: ReIDModel, path: str | Path, meta: dict[str, Any]) -> Non
         **meta,
         "state_dict": model.state_dict(),
     }
+
+
+def save_target(model: ReIDModel, path: str | Path, meta: dict[str, Any]) -> None:
+    """Write a self-describing target checkpoint (see :func:`target_payload`).
+
+    Args:
+        model: The trained model.
+        path: Output ``.pt`` file (written atomically).
+        meta: Extra description (must hold ``image_size`` and ``schema``).
+    """
+    path = Path(path)
+    payload = target_payload(model, meta)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -325,7 +350,7 @@ def train_target(
             progress_frac = max(it / total_iters, (time.perf_counter() - start) / budget)
             if progress_frac >= 1.0:
                 break
-            factor = _lr_factor(progress_frac, config.warmup_fraction, config.min_lr_factor)
+            factor = lr_factor(progress_frac, config.warmup_fraction, config.min_lr_factor)
             for group in optim.param_groups:
                 group["lr"] = config.lr * factor
             x = augment_batch(to_float(images[idx]), gen, flip=config.flip, pad=config.pad, erase=config.erase)

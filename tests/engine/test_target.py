@@ -30,14 +30,6 @@ def test_batch_hard_triplet_matches_loops():
     assert soft > 0
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    from attrimeter.data.synth import SynthConfig, generate
-
-    out = tmp_path_factory.mktemp("synth")
-    generate(out, SynthConfig(ids=16, cams=3, size=(64, 32), seed=3, images_per_id=6), progress=False)
-    return out
-
 
 def test_train_checkpoint_evaluate_roundtrip(tiny_data, tmp_path):
     cfg = TargetTrainConfig(arch="resnet18", width=0.25, image_size=(64, 32), p_ids=4, k_instances=2, epochs=2,

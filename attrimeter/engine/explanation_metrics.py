@@ -1,0 +1,192 @@
+"""Explanation metrics of the interpreter (DESIGN §8): X-mAP_e, X-mAP_c, ADRE, counterfactual faithfulness.
+
+All take per-pair arrays with one row per pair of images and one column per attribute: ``shares`` [P, M] (the
+share p_k of each attribute in the pair's distance), ``differ`` / ``changed`` [P, M] (which attributes truly differ).
+Rankings sort shares descending with ties broken by column order (a stable sort), so results are reproducible.
+
+numpy only, so the torch-free runtime can reuse it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+__all__ = [
+    "adre",
+    "attribute_accuracy",
+    "average_precision",
+    "counterfactual_scores",
+    "x_map_c",
+    "x_map_e",
+]
+
+# Elements of one chunk of rows in average_precision; bounds the sort's temporaries whatever P is (1e6 pairs x 26).
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _pair(a: ArrayLike, b: ArrayLike, name_a: str, name_b: str) -> tuple[np.ndarray, np.ndarray]:
+    """Two array-likes as numpy arrays of the same 2-D shape."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"{name_a} and {name_b} must be 2-D arrays of the same shape [P, M], "
+                         f"got {name_a} {a.shape} and {name_b} {b.shape}")
+    return a, b
+
+
+def _binary(x: np.ndarray, name: str) -> np.ndarray:
+    """A 0/1 (or bool) array as bool; anything else is refused (1/2-coded attributes would silently mean all-true)."""
+    if x.dtype == bool:
+        return x
+    if not np.isin(x, (0, 1)).all():
+        raise ValueError(f"{name} must hold only 0 and 1 (or bool)")
+    return x == 1
+
+
+def _rank_descending(scores: np.ndarray) -> np.ndarray:
+    """Column indices of each row by decreasing score, ties in column order (float64: negating unsigned wraps)."""
+    return np.argsort(-scores.astype(np.float64, copy=False), axis=1, kind="stable")
+
+
+def average_precision(scores: ArrayLike, relevant: ArrayLike) -> np.ndarray:
+    """Average precision of each row's relevant items when the row is ranked by score, highest first.
+
+    AP = mean over the relevant items of (relevant items ranked at or above it) / (its 1-based rank). Ties are
+    broken by column order.
+
+    Args:
+        scores: Scores [P, M].
+        relevant: Relevance [P, M], bool or 0/1.
+
+    Returns:
+        float64 AP [P]; NaN for a row without relevant item.
+
+    Raises:
+        ValueError: If the shapes differ or are not 2-D, or ``relevant`` holds values other than 0/1.
+    """
+    scores, relevant = _pair(scores, relevant, "scores", "relevant")
+    relevant = _binary(relevant, "relevant")
+    p, m = scores.shape
+    if m == 0:
+        return np.full(p, np.nan)
+    ranks = np.arange(1, m + 1, dtype=np.float64)
+    ap = np.empty(p, dtype=np.float64)
+    rows = max(1, _CHUNK_ELEMENTS // m)
+    for start in range(0, p, rows):
+        sl = slice(start, start + rows)
+        hits = np.take_along_axis(relevant[sl], _rank_descending(scores[sl]), axis=1)
+        found = np.cumsum(hits, axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ap[sl] = np.where(hits, found / ranks, 0.0).sum(axis=1) / found[:, -1]
+    return ap
+
+
+def _mean_ap(scores: np.ndarray, relevant: np.ndarray) -> float:
+    has = relevant.any(axis=1)
+    if not has.any():
+        return float("nan")
+    return float(average_precision(scores[has], relevant[has]).mean())
+
+
+def x_map_e(shares: ArrayLike, differ: ArrayLike) -> float:
+    """X-mAP_e: mean AP of the truly differing attributes when attributes are ranked by share, largest first.
+
+    Args:
+        shares: Shares [P, M].
+        differ: [P, M], 1 where the two persons differ on the attribute.
+
+    Returns:
+        Mean AP over the pairs with at least one differing attribute, in [0, 1]; NaN if there is none.
+
+    Raises:
+        ValueError: If the shapes differ or are not 2-D, or ``differ`` holds values other than 0/1.
+    """
+    shares, differ = _pair(shares, differ, "shares", "differ")
+    return _mean_ap(shares, _binary(differ, "differ"))
+
+
+def x_map_c(shares: ArrayLike, differ: ArrayLike) -> float:
+    """X-mAP_c: mean AP of the common attributes when attributes are ranked by share, smallest first.
+
+    Args:
+        shares: Shares [P, M].
+        differ: [P, M], 1 where the two persons differ on the attribute.
+
+    Returns:
+        Mean AP over the pairs with at least one common attribute, in [0, 1]; NaN if there is none.
+
+    Raises:
+        ValueError: If the shapes differ or are not 2-D, or ``differ`` holds values other than 0/1.
+    """
+    shares, differ = _pair(shares, differ, "shares", "differ")
+    return _mean_ap(-shares.astype(np.float64, copy=False), ~_binary(differ, "differ"))
+
+
+def adre(d: ArrayLike, d_hat: ArrayLike) -> float:
+    """Average distance reconstruction error, mean |d - d_hat| / d in percent over the pairs with d > 0.
+
+    Args:
+        d: Target distances (any shape).
+        d_hat: Decomposed distances, same shape.
+
+    Returns:
+        ADRE in percent.
+
+    Raises:
+        ValueError: If the shapes differ or no pair has d > 0.
+    """
+    d = np.asarray(d, dtype=np.float64)
+    d_hat = np.asarray(d_hat, dtype=np.float64)
+    if d.shape != d_hat.shape:
+        raise ValueError(f"d and d_hat must have the same shape, got d {d.shape} and d_hat {d_hat.shape}")
+    keep = d > 0
+    if not keep.any():
+        raise ValueError("adre needs at least one pair with d > 0")
+    return float(np.mean(np.abs(d[keep] - d_hat[keep]) / d[keep]) * 100.0)
+
+
+def counterfactual_scores(shares: ArrayLike, changed: ArrayLike) -> tuple[float, float]:
+    """Counterfactual faithfulness: does the largest share fall on the attribute that was changed?
+
+    Args:
+        shares: Shares [P, M] of counterfactual pairs.
+        changed: [P, M], bool or 0/1, the attributes that truly differ within each pair (at least one per row).
+
+    Returns:
+        ``(top1, mrr)``: the fraction of pairs whose largest share (ties: first column) is a changed attribute, and
+        the mean over pairs of 1 / (1-based rank of the best-ranked changed attribute).
+
+    Raises:
+        ValueError: If the shapes differ or are not 2-D, there is no pair, ``changed`` holds values other than 0/1,
+            or a row has no changed attribute.
+    """
+    shares, changed = _pair(shares, changed, "shares", "changed")
+    changed = _binary(changed, "changed")
+    if shares.shape[0] == 0:
+        raise ValueError("counterfactual_scores needs at least one pair")
+    empty = np.flatnonzero(~changed.any(axis=1))
+    if empty.size:
+        raise ValueError(f"changed has no changed attribute in row {int(empty[0])} ({empty.size} such rows)")
+    hits = np.take_along_axis(changed, _rank_descending(shares), axis=1)
+    first = np.argmax(hits, axis=1)  # 0-based position of the first changed attribute in the ranking
+    return float(np.mean(first == 0)), float(np.mean(1.0 / (first + 1)))
+
+
+def attribute_accuracy(logits: ArrayLike, labels: ArrayLike) -> tuple[float, np.ndarray]:
+    """Accuracy of attribute predictions (logit > 0 predicts 1).
+
+    Args:
+        logits: Attribute logits [N, M].
+        labels: Labels [N, M], bool or 0/1.
+
+    Returns:
+        ``(mean accuracy over all entries, float64 per-attribute accuracy [M])``.
+
+    Raises:
+        ValueError: If the shapes differ, are not 2-D or are empty, or ``labels`` holds values other than 0/1.
+    """
+    logits, labels = _pair(logits, labels, "logits", "labels")
+    if logits.size == 0:
+        raise ValueError(f"attribute_accuracy needs at least one entry, got shape {logits.shape}")
+    correct = (logits > 0) == _binary(labels, "labels")
+    return float(correct.mean()), correct.mean(axis=0, dtype=np.float64)

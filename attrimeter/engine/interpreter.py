@@ -1,0 +1,760 @@
+"""Training, checkpointing and evaluation of the interpreter (DESIGN §3, §8).
+
+Training: the target is frozen (BN in eval); PK batches carry identity attributes; the loss is metric distillation
+|d − d̂| + attribute prior on the shares + weighted BCE of the attribute probes (weights 1 / 10 / 100 by default);
+Adam with warmup and cosine decay on whichever of (iterations, wall-clock budget) is further along. The frozen shared
+stages' outputs and the target's feature maps never change, so they can be cached once (with horizontal flips) and
+training then runs only the interpreter branch: the CPU profile trains several times faster that way.
+
+Evaluation: target retrieval with d and interpreter retrieval with d̂ (Market protocol), X-mAP_e / X-mAP_c on
+cross-identity query–gallery pairs, ADRE, attribute accuracy, and counterfactual faithfulness on the synthetic
+``counterfactual/`` pairs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from attrimeter import __version__
+from attrimeter.config import ConfigError, save_config, to_dict
+from attrimeter.data.augment import to_float
+from attrimeter.data.formats import DISTRACTOR_PID, ReIDDataset, Sample, load_dataset
+from attrimeter.data.images import read_images
+from attrimeter.data.sampling import PKSampler
+from attrimeter.engine.evaluation import RankMetrics, evaluate_rank
+from attrimeter.engine.explanation_metrics import (
+    adre,
+    attribute_accuracy,
+    counterfactual_scores,
+    x_map_c,
+    x_map_e,
+)
+from attrimeter.engine.losses import attribute_prior, metric_distillation, positive_ratio, weighted_bce
+from attrimeter.engine.target import TargetCheckpoint, load_target, lr_factor, target_payload
+from attrimeter.models.interpreter import AttriMeter
+from attrimeter.models.reid import build_model
+
+__all__ = [
+    "PROFILES",
+    "EvaluationCache",
+    "FeatureCache",
+    "InterpreterCheckpoint",
+    "InterpreterTrainConfig",
+    "cache_features",
+    "evaluate_checkpoint",
+    "evaluate_interpreter",
+    "evaluation_cache",
+    "interpreter_embeddings",
+    "load_interpreter",
+    "metrics_markdown",
+    "pair_distances",
+    "read_counterfactual_pairs",
+    "save_interpreter",
+    "train_interpreter",
+]
+
+CHECKPOINT_FORMAT = "attrimeter-interpreter"
+CHECKPOINT_VERSION = 1
+_RESUME_FILE = "interpreter_last.pt"
+
+
+@dataclass(frozen=True)
+class InterpreterTrainConfig:
+    """Configuration of an interpreter training run (see ``PROFILES`` for the named presets)."""
+
+    shared: str = "layer2"
+    classifier: str = "map"
+    p_ids: int = 16
+    k_instances: int = 4
+    epochs: int = 60
+    max_minutes: float | None = None
+    lr: float = 3.5e-4
+    head_lr_factor: float = 10.0
+    min_lr_factor: float = 0.01
+    weight_decay: float = 5e-4
+    warmup_fraction: float = 0.05
+    distill_weight: float = 1.0
+    distill_ramp: float = 0.0
+    prior_weight: float = 10.0
+    cls_weight: float = 100.0
+    flip: float = 0.5
+    cache: bool = True
+    checkpoint_minutes: float = 2.0
+    seed: int = 0
+    threads: int = 0
+    eval_batch_size: int = 128
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"epochs must be >= 1, got {self.epochs}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            problems.append(f"max_minutes must be > 0 or null (no limit), got {self.max_minutes}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            problems.append(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if min(self.distill_weight, self.prior_weight, self.cls_weight) < 0:
+            problems.append("loss weights must be >= 0")
+        if self.lr <= 0 or self.head_lr_factor <= 0 or self.eval_batch_size < 1 or self.checkpoint_minutes <= 0:
+            problems.append("lr, head_lr_factor, eval_batch_size and checkpoint_minutes must be positive")
+        if not 0.0 <= self.distill_ramp < 1.0:
+            problems.append(f"distill_ramp must be in [0, 1), got {self.distill_ramp}")
+        if not 0.0 <= self.flip <= 1.0:
+            problems.append(f"flip must be a probability, got {self.flip}")
+        if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
+            problems.append(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def torch_device(self) -> torch.device:
+        """The device to train on (``auto``: the first CUDA GPU if there is one, else the CPU)."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+# Tuned on the demo's data and target (benchmarks/results/interpreter_quick_cpu.md): the losses act on distances of
+# BN-neck embeddings (d ~ 10-40), where DESIGN's weights 1 / 10 / 100 let the classifier saturate the maps (their
+# errors then jump d_k and hurt retrieval with d_hat) and an unramped distillation weight above ~5 can pin every map
+# at A = 1 (uniform shares).
+_LOSSES: dict[str, Any] = {"distill_weight": 5.0, "distill_ramp": 0.2, "prior_weight": 10.0, "cls_weight": 10.0,
+                           "head_lr_factor": 30.0}
+PROFILES: dict[str, dict[str, Any]] = {
+    # The demo's budget on 2 CPU cores (three interpreters per demo: the model and two ablations).
+    "quick": {**_LOSSES, "shared": "layer3", "epochs": 100, "max_minutes": 1.33},
+    # Real data at 256x128: shared features of a whole training set would not fit in memory, so no cache.
+    "full": {**_LOSSES, "shared": "layer2", "epochs": 60, "cache": False},
+}
+
+
+@dataclass
+class FeatureCache:
+    """Frozen-stage outputs of a list of images: what every interpreter grafted at the same split shares.
+
+    Attributes:
+        shared: Output of the shared stages ``[N, C', h', w']``.
+        features: The target's feature maps F ``[N, C, h, w]``.
+    """
+
+    shared: torch.Tensor
+    features: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.shared.shape[0])
+
+
+@dataclass
+class InterpreterCheckpoint:
+    """A loaded interpreter: the grafted model (eval mode, target included) and its self-description."""
+
+    model: AttriMeter
+    meta: dict[str, Any]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """Input ``(height, width)``."""
+        h, w = self.meta["image_size"]
+        return int(h), int(w)
+
+    @property
+    def attribute_names(self) -> list[str]:
+        """The attribute of each map, in order."""
+        return list(self.meta["attributes"])
+
+
+def save_interpreter(model: AttriMeter, target: TargetCheckpoint, path: str | Path, meta: dict[str, Any]) -> None:
+    """Write a self-contained interpreter checkpoint: the target's checkpoint payload plus the interpreter.
+
+    Args:
+        model: The trained interpreter.
+        target: The target it is grafted on.
+        path: Output ``.pt`` (written atomically).
+        meta: Extra description (must hold ``image_size``, ``schema`` and ``attributes``).
+    """
+    path = Path(path)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "attrimeter": __version__,
+        "interpreter_config": model.config(),
+        **meta,
+        "target": target_payload(target.model, target.meta),
+        "state_dict": model.state_dict(),
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_interpreter(path: str | Path, map_location: str | torch.device = "cpu") -> InterpreterCheckpoint:
+    """Load an interpreter checkpoint written by :func:`save_interpreter` (target included).
+
+    Args:
+        path: The ``.pt`` file.
+        map_location: Device to load onto.
+
+    Returns:
+        The grafted model in eval mode with its metadata.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If it is not an interpreter checkpoint of a known version or its weights do not fit.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"interpreter checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several unrelated types for a corrupt file
+        raise ValueError(f"cannot read interpreter checkpoint {path}: {e}") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        hint = " (this is a target checkpoint; train an interpreter on it first)" if isinstance(payload, dict) and \
+            payload.get("format") == "attrimeter-target" else ""
+        raise ValueError(f"{path} is not an AttriMeter interpreter checkpoint{hint}")
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: unsupported interpreter checkpoint version {payload.get('version')!r}")
+    tp = payload["target"]
+    target = build_model(tp["model_config"])
+    try:
+        target.load_state_dict(tp["state_dict"])
+        model = AttriMeter(target, **payload["interpreter_config"])
+        model.load_state_dict(payload["state_dict"])
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: weights do not match the stored architecture: {e}") from None
+    model.eval()
+    meta = {k: v for k, v in payload.items() if k not in ("state_dict", "target")}
+    meta["target_meta"] = {k: v for k, v in tp.items() if k != "state_dict"}
+    return InterpreterCheckpoint(model=model, meta=meta)
+
+
+@torch.no_grad()
+def cache_features(
+    model: AttriMeter,
+    samples: list[Sample] | list[Path],
+    image_size: tuple[int, int],
+    batch_size: int = 128,
+    flip: bool = False,
+    progress: bool = True,
+    desc: str = "cache",
+) -> FeatureCache:
+    """Run the frozen part (shared stages and target) once over image files.
+
+    Args:
+        model: The interpreter (its target and shared stages are used).
+        samples: Images (samples or paths).
+        image_size: ``(height, width)``.
+        batch_size: Images per forward pass.
+        flip: Also cache the horizontally flipped images, as rows ``N..2N-1``.
+        progress: Show a progress bar.
+        desc: Progress bar label.
+
+    Returns:
+        The cache, on the model's device.
+    """
+    device = model.scale.device
+    paths = [s.path if isinstance(s, Sample) else Path(s) for s in samples]
+    shared, features = [], []
+    for flipped in (False, True) if flip else (False,):
+        for s in tqdm(range(0, len(paths), batch_size), desc=desc + (" (flipped)" if flipped else ""),
+                      unit="batch", disable=not progress, leave=False):
+            x = to_float(torch.from_numpy(read_images(paths[s:s + batch_size], image_size, progress=False)))
+            if flipped:
+                x = x.flip(-1)
+            sh = model.shared_features(x.to(device))
+            shared.append(sh)
+            features.append(model.target_features(sh))
+    return FeatureCache(shared=torch.cat(shared), features=torch.cat(features))
+
+
+def pair_distances(emb: torch.Tensor) -> torch.Tensor:
+    """All pairwise distances of a batch, per row of the ``M+1`` axis (differentiable).
+
+    Args:
+        emb: ``[B, M+1, C]`` (row 0 global, rows 1..M per attribute).
+
+    Returns:
+        ``[M+1, B, B]``; squared distances are clamped at 1e-12 before the root (finite gradients at duplicates).
+    """
+    x = emb.transpose(0, 1)  # [M+1, B, C]
+    sq = x.square().sum(-1)
+    d2 = sq[:, :, None] + sq[:, None, :] - 2.0 * torch.bmm(x, x.transpose(1, 2))
+    return d2.clamp_min(1e-12).sqrt()
+
+
+def _batch_loss(
+    model: AttriMeter,
+    shared: torch.Tensor,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    ratio: torch.Tensor,
+    config: InterpreterTrainConfig,
+    distill_weight: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The weighted loss of a batch and its parts (detached tensors: read them only when logging, to avoid syncs)."""
+    out = model.from_shared(shared, features)
+    dist = pair_distances(out.stacked())
+    i, j = torch.triu_indices(len(labels), len(labels), offset=1, device=labels.device)
+    d, d_k = dist[0, i, j], dist[1:, i, j].T  # [P], [P, M]
+    total = d_k.sum(-1)
+    shares = d_k / total.clamp_min(1e-12)[:, None]
+    d_hat = total / d_k.shape[1]
+    differ = (labels[i] != labels[j]).float()
+    parts = {
+        "distill": metric_distillation(d, d_hat),
+        "prior": attribute_prior(shares, differ),
+        "bce": weighted_bce(out.attr_logits, labels.float(), ratio),
+    }
+    loss = (distill_weight * parts["distill"] + config.prior_weight * parts["prior"]
+            + config.cls_weight * parts["bce"])
+    stats = {k: v.detach() for k, v in parts.items()}
+    stats["adre"] = ((d - d_hat).abs() / d.clamp_min(1e-12)).mean().detach() * 100
+    return loss, stats
+
+
+def _optimizer(model: AttriMeter, config: InterpreterTrainConfig) -> torch.optim.Adam:
+    # The copied stages start from trained weights; the head and probes start from scratch and get a larger lr.
+    groups = []
+    branch = {id(p) for p in model.late.parameters()}
+    for params, lr in ((list(model.late.parameters()), config.lr),
+                       ([p for p in model.parameters() if id(p) not in branch], config.lr * config.head_lr_factor)):
+        decay = [p for p in params if p.requires_grad and p.ndim > 1]
+        no_decay = [p for p in params if p.requires_grad and p.ndim <= 1]
+        groups += [{"params": decay, "weight_decay": config.weight_decay, "base_lr": lr},
+                   {"params": no_decay, "weight_decay": 0.0, "base_lr": lr}]
+    return torch.optim.Adam([g for g in groups if g["params"]], lr=config.lr)
+
+
+def train_interpreter(
+    data_root: str | Path,
+    target_checkpoint: str | Path,
+    out_dir: str | Path,
+    config: InterpreterTrainConfig = InterpreterTrainConfig(),
+    progress: bool = True,
+    resume: bool = False,
+    cache: FeatureCache | None = None,
+) -> dict[str, Any]:
+    """Train an interpreter on a frozen target; write ``interpreter.pt``, ``config.yaml`` and ``train_log.json``.
+
+    A resumable state (``interpreter_last.pt``: weights, optimiser, schedule position, random states) is written
+    every ``checkpoint_minutes`` and at the end; ``resume=True`` continues from it.
+
+    Args:
+        data_root: A Market-1501 / DukeMTMC-reID style folder with attribute annotations.
+        target_checkpoint: The target's ``target.pt``.
+        out_dir: Run folder (created).
+        config: The resolved configuration.
+        progress: Show progress bars.
+        resume: Continue from ``out_dir/interpreter_last.pt``.
+        cache: Precomputed :func:`cache_features` of the training images with flips (rows ``N..2N-1`` flipped), to
+            share between runs on the same target and split; computed here when ``config.cache`` and ``None``.
+
+    Returns:
+        The training log.
+
+    Raises:
+        FileNotFoundError: If the data, the target or (with ``resume``) the resume state is missing.
+        ValueError: If the data set has no attributes for a training identity.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    device = config.torch_device()
+    data = load_dataset(data_root)
+    target = load_target(target_checkpoint)
+    image_size = target.image_size
+    if data.schema.name != target.meta.get("schema", data.schema.name):
+        raise ValueError(f"{data_root} uses schema {data.schema.name!r} but the target was trained on "
+                         f"{target.meta['schema']!r}")
+    missing = sorted({s.pid for s in data.train} - set(data.attributes))
+    if missing:
+        raise ValueError(f"{data.attribute_file}: no attributes for {len(missing)} training identities, e.g. "
+                         f"{missing[:5]}")
+    labels = torch.from_numpy(np.stack([data.attributes[s.pid] for s in data.train]).astype(np.int64))
+    ratio = positive_ratio(np.stack([data.attributes[p] for p in data.train_pids])).to(device)
+    model = AttriMeter(target.model, len(data.schema), shared=config.shared, classifier=config.classifier).to(device)
+    optim = _optimizer(model, config)
+    sampler = PKSampler(np.array([s.pid for s in data.train]), config.p_ids, config.k_instances, seed=config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    total_iters = config.epochs * len(sampler)
+    budget = config.max_minutes * 60.0 if config.max_minutes is not None else math.inf
+    log: dict[str, Any] = {"train_images": len(data.train), "train_ids": len(data.train_pids), "losses": []}
+    it, elapsed = 0, 0.0
+    resume_path = out / _RESUME_FILE
+    if resume:
+        if not resume_path.is_file():
+            raise FileNotFoundError(f"nothing to resume: {resume_path} does not exist")
+        try:
+            state = torch.load(resume_path, map_location=device, weights_only=True)
+        except Exception as e:  # torch raises several unrelated types for a corrupt file
+            raise ValueError(f"cannot read the resume state {resume_path}: {e}") from None
+        model.load_state_dict(state["model"])
+        optim.load_state_dict(state["optim"])
+        sampler.set_state(state["sampler"])
+        gen.set_state(state["generator"])
+        it, elapsed, log = state["iteration"], state["elapsed"], state["log"]
+
+    n = len(data.train)
+    if config.cache and cache is None:
+        cache = cache_features(model, data.train, image_size, config.eval_batch_size, flip=config.flip > 0,
+                               progress=progress, desc="cache train")
+    if cache is not None and len(cache) != n * (2 if config.flip > 0 else 1):
+        raise ValueError(f"the feature cache holds {len(cache)} rows, expected {n} training images"
+                         + (" and their flips" if config.flip > 0 else ""))
+    images = None
+    if not config.cache:
+        images = torch.from_numpy(read_images([s.path for s in data.train], image_size, progress,
+                                              desc="decode train"))
+
+    def save_state() -> None:
+        tmp = resume_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "sampler": sampler.get_state(),
+                    "generator": gen.get_state(), "iteration": it, "elapsed": elapsed, "log": log}, tmp)
+        os.replace(tmp, resume_path)
+
+    start = time.perf_counter() - elapsed
+    last_save = time.perf_counter()
+    frac = max(it / total_iters, elapsed / budget)
+    bar = tqdm(total=1000, initial=int(frac * 1000), desc="train interpreter", unit="‰", disable=not progress)
+    model.train()
+    while frac < 1.0:
+        for idx in sampler:
+            elapsed = time.perf_counter() - start
+            frac = max(it / total_iters, elapsed / budget)
+            if frac >= 1.0:
+                break
+            factor = lr_factor(frac, config.warmup_fraction, config.min_lr_factor)
+            for group in optim.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            flips = torch.rand(len(idx), generator=gen) < config.flip
+            if cache is not None:
+                rows = torch.from_numpy(idx) + flips.long() * (len(cache) // 2 if config.flip > 0 else 0)
+                rows = rows.to(cache.shared.device)
+                shared, feats = cache.shared[rows], cache.features[rows]
+            else:
+                x = to_float(images[idx])
+                x[flips] = x[flips].flip(-1)
+                shared = model.shared_features(x.to(device))
+                feats = model.target_features(shared)
+            # At the start d_hat = d exactly, a kink of |d - d_hat|: a full-weight pull there can pin every map at
+            # A = 1 (uniform shares); ramping it in lets the prior and the classifier shape the maps first.
+            ramp = min(1.0, frac / config.distill_ramp) if config.distill_ramp > 0 else 1.0
+            loss, stats = _batch_loss(model, shared.to(device), feats.to(device), labels[idx].to(device), ratio,
+                                      config, config.distill_weight * ramp)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"interpreter training diverged at iteration {it} (loss {loss.item()})")
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            it += 1
+            if it % 10 == 0:
+                values = {k: float(v) for k, v in stats.items()}
+                log["losses"].append({"iter": it, **values})
+                bar.set_postfix(adre=f"{values['adre']:.1f}%", prior=f"{values['prior']:.3f}",
+                                bce=f"{values['bce']:.3f}", it=it)
+            bar.update(int(frac * 1000) - bar.n)
+            if time.perf_counter() - last_save > config.checkpoint_minutes * 60:
+                save_state()
+                last_save = time.perf_counter()
+    bar.close()
+    elapsed = time.perf_counter() - start
+    log.update(iterations=it, epochs=it / len(sampler), train_seconds=elapsed,
+               images_per_second=it * config.p_ids * config.k_instances / max(elapsed, 1e-9), cached=cache is not None)
+    save_state()
+    model.eval()
+    meta = {
+        "schema": data.schema.name,
+        "attributes": list(data.schema.names),
+        "image_size": list(image_size),
+        "positive_ratio": ratio.cpu().tolist(),
+        "target_checkpoint": str(Path(target_checkpoint).resolve()),
+        "data_root": str(Path(data_root).resolve()),
+        "train_config": to_dict(config),
+        "train_images": n,
+    }
+    save_interpreter(model, target, out / "interpreter.pt", meta)
+    save_config(config, out / "config.yaml")
+    (out / "train_log.json").write_text(json.dumps(log, indent=2))
+    return log
+
+
+@torch.no_grad()
+def interpreter_embeddings(
+    model: AttriMeter, cache: FeatureCache, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings of cached images through the interpreter branch.
+
+    Args:
+        model: The interpreter (eval mode is set).
+        cache: :func:`cache_features` of the images.
+        batch_size: Images per pass.
+
+    Returns:
+        ``(stacked [N, M+1, C] float32 with row 0 the target embedding, attribute logits [N, M] float32)``.
+    """
+    model.eval()
+    stacked, logits = [], []
+    for s in range(0, len(cache), batch_size):
+        out = model.from_shared(cache.shared[s:s + batch_size], cache.features[s:s + batch_size])
+        stacked.append(out.stacked().float().cpu())
+        logits.append(out.attr_logits.float().cpu())
+    return torch.cat(stacked).numpy(), torch.cat(logits).numpy()
+
+
+def _d_hat_rows(q: np.ndarray, g: np.ndarray) -> np.ndarray:
+    from attrimeter.kernels.attr_distance import attr_distance_reference
+
+    return attr_distance_reference(torch.from_numpy(q), torch.from_numpy(g)).d_hat.numpy()
+
+
+def _explain_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(d [P], d_hat [P], shares [P, M]) of row-aligned pairs, by direct differences."""
+    from attrimeter.kernels.attr_distance import explain_topk_reference
+
+    ids = torch.arange(len(b))[:, None]
+    res = explain_topk_reference(torch.from_numpy(a), torch.from_numpy(b), ids)
+    return res.d[:, 0].numpy(), res.d_hat[:, 0].numpy(), res.shares[:, 0].numpy()
+
+
+def read_counterfactual_pairs(data_root: str | Path, schema_names: list[str]) -> tuple[list[Path], list[Path],
+                                                                                     np.ndarray, list[str]]:
+    """The synthetic ``counterfactual/pairs.csv``.
+
+    Args:
+        data_root: Data folder written by ``attrimeter synth``.
+        schema_names: The attribute order of the interpreter.
+
+    Returns:
+        ``(images a, images b, changed [P, M] bool (every label that differs), the attribute each pair changes)``.
+
+    Raises:
+        FileNotFoundError: If the folder has no ``counterfactual/pairs.csv``.
+        ValueError: If a row names an unknown attribute or changes nothing.
+    """
+    root = Path(data_root)
+    path = root / "counterfactual" / "pairs.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"no counterfactual pairs: {path} does not exist (made by `attrimeter synth`)")
+    index = {n: i for i, n in enumerate(schema_names)}
+    a, b, changed, named = [], [], [], []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            names = [n for n in row["attributes"].split(";") if n]
+            unknown = [n for n in names if n not in index]
+            if unknown or not names:
+                raise ValueError(f"{path}: pair {row['pair']} changes {names or 'nothing'} (unknown: {unknown})")
+            mask = np.zeros(len(schema_names), dtype=bool)
+            mask[[index[n] for n in names]] = True
+            a.append(root / row["image_a"])
+            b.append(root / row["image_b"])
+            changed.append(mask)
+            named.append(row["attribute"])
+    return a, b, np.stack(changed), named
+
+
+def _pair_sample(q_pids: np.ndarray, g_pids: np.ndarray, per_query: int, seed: int) -> np.ndarray:
+    """Up to ``per_query`` random gallery ids of another (non-distractor) identity per query, ``[Q, k]``."""
+    rng = np.random.default_rng(seed)
+    valid = (g_pids[None, :] > DISTRACTOR_PID) & (g_pids[None, :] != q_pids[:, None])
+    k = int(min(per_query, valid.sum(1).min()))
+    if k < 1:
+        raise ValueError("no cross-identity query/gallery pair with attributes to evaluate explanations on")
+    keys = np.where(valid, rng.random(valid.shape), np.inf)
+    return np.argsort(keys, axis=1)[:, :k]
+
+
+@dataclass
+class EvaluationCache:
+    """Frozen-stage features of the evaluation images, shared by every interpreter on the same target and split.
+
+    Attributes:
+        query: Query images.
+        gallery: Gallery images.
+        counterfactual: ``(images a, images b, changed [P, M] bool)`` of the synthetic counterfactual pairs, or
+            ``None`` for a data set without them.
+    """
+
+    query: FeatureCache
+    gallery: FeatureCache
+    counterfactual: tuple[FeatureCache, FeatureCache, np.ndarray] | None
+
+
+def evaluation_cache(
+    model: AttriMeter, data: ReIDDataset, image_size: tuple[int, int], batch_size: int = 128, progress: bool = True
+) -> EvaluationCache:
+    """Cache the frozen part over a data set's query, gallery and (when present) counterfactual images.
+
+    Args:
+        model: Any interpreter grafted at the split the cache is for.
+        data: The data set.
+        image_size: ``(height, width)``.
+        batch_size: Images per forward pass.
+        progress: Show progress bars.
+
+    Returns:
+        The cache.
+    """
+    query = cache_features(model, data.query, image_size, batch_size, progress=progress, desc="cache query")
+    gallery = cache_features(model, data.gallery, image_size, batch_size, progress=progress, desc="cache gallery")
+    counterfactual = None
+    if (data.root / "counterfactual" / "pairs.csv").is_file():
+        a, b, changed, _ = read_counterfactual_pairs(data.root, list(data.schema.names))
+        counterfactual = (cache_features(model, a, image_size, batch_size, progress=progress, desc="cache cf a"),
+                          cache_features(model, b, image_size, batch_size, progress=progress, desc="cache cf b"),
+                          changed)
+    return EvaluationCache(query, gallery, counterfactual)
+
+
+def _rank_dict(metrics: RankMetrics) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.as_dict().items() if k in ("mAP", "rank1", "rank5", "rank10")}
+
+
+def evaluate_interpreter(
+    model: AttriMeter,
+    data: ReIDDataset,
+    image_size: tuple[int, int],
+    cache: EvaluationCache | None = None,
+    pairs_per_query: int = 64,
+    batch_size: int = 128,
+    progress: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every metric of DESIGN §8 for one interpreter.
+
+    X-mAP and ADRE are measured on ``pairs_per_query`` random cross-identity gallery items per query (distractors
+    have no attributes and are left out), which bounds the cost on large galleries; attribute accuracy on every
+    query and gallery image of an annotated identity; counterfactual top-1 counts a pair as explained when the
+    attribute with the largest share is one whose label the change flipped (a colour change flips two), and MRR
+    takes the best-ranked of them.
+
+    Args:
+        model: The interpreter.
+        data: The data set (query, gallery, attributes; counterfactual pairs when it is synthetic).
+        image_size: ``(height, width)``.
+        cache: :func:`evaluation_cache` to reuse across interpreters on the same target and split; computed when
+            ``None``.
+        pairs_per_query: Cross-identity gallery items drawn per query for X-mAP and ADRE.
+        batch_size: Images per forward pass.
+        progress: Show progress bars.
+        seed: Seed of the pair sample.
+
+    Returns:
+        ``{"target": {mAP, rank1, rank5, rank10}, "interpreter": {mAP, rank1, rank5, rank10 (retrieval with d̂),
+        x_map_e, x_map_c, adre, attr_acc, cf_top1, cf_mrr}}``: fractions in [0, 1], ``adre`` in percent; the
+        counterfactual metrics only when the data set has ``counterfactual/pairs.csv``.
+
+    Raises:
+        ValueError: If a query or gallery identity lacks attributes, or no cross-identity pair exists.
+    """
+    if cache is None:
+        cache = evaluation_cache(model, data, image_size, batch_size, progress)
+    q, q_logits = interpreter_embeddings(model, cache.query)
+    g, g_logits = interpreter_embeddings(model, cache.gallery)
+    q_pids, g_pids = np.array([s.pid for s in data.query]), np.array([s.pid for s in data.gallery])
+    q_cams, g_cams = np.array([s.camid for s in data.query]), np.array([s.camid for s in data.gallery])
+    target = evaluate_rank(q[:, 0], g[:, 0], q_pids, g_pids, q_cams, g_cams)
+    interp = evaluate_rank(q, g, q_pids, g_pids, q_cams, g_cams, distance=_d_hat_rows, chunk_size=64)
+
+    ids = _pair_sample(q_pids, g_pids, pairs_per_query, seed)
+    q_attrs = np.stack([data.attributes_of(p) for p in q_pids])
+    g_attrs = {p: data.attributes_of(p) for p in set(g_pids[ids.reshape(-1)].tolist())}
+    d, d_hat, shares, differ = [], [], [], []
+    for s in range(0, len(q), 64):
+        chunk = ids[s:s + 64]
+        k = chunk.shape[1]
+        dd, dh, sh = _explain_pairs(np.repeat(q[s:s + 64], k, axis=0), g[chunk.reshape(-1)])
+        d.append(dd)
+        d_hat.append(dh)
+        shares.append(sh)
+        other = np.stack([g_attrs[p] for p in g_pids[chunk.reshape(-1)]])
+        differ.append(np.repeat(q_attrs[s:s + 64], k, axis=0) != other)
+    shares_all, differ_all = np.concatenate(shares), np.concatenate(differ)
+
+    keep_g = np.array([p in data.attributes for p in g_pids])
+    logits = np.concatenate([q_logits, g_logits[keep_g]])
+    labels = np.concatenate([q_attrs, np.stack([data.attributes[p] for p in g_pids[keep_g]])])
+    acc, _ = attribute_accuracy(logits, labels)
+    result: dict[str, Any] = {
+        "target": _rank_dict(target),
+        "interpreter": {
+            **_rank_dict(interp),
+            "x_map_e": x_map_e(shares_all, differ_all),
+            "x_map_c": x_map_c(shares_all, differ_all),
+            "adre": adre(np.concatenate(d), np.concatenate(d_hat)),
+            "attr_acc": acc,
+        },
+    }
+    if cache.counterfactual is not None:
+        cf_a, cf_b, changed = cache.counterfactual
+        _, _, cf_shares = _explain_pairs(interpreter_embeddings(model, cf_a)[0], interpreter_embeddings(model, cf_b)[0])
+        top1, mrr = counterfactual_scores(cf_shares, changed)
+        result["interpreter"].update(cf_top1=top1, cf_mrr=mrr)
+    return result
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path, data_root: str | Path, batch_size: int = 128, progress: bool = True
+) -> dict[str, Any]:
+    """:func:`evaluate_interpreter` of an ``interpreter.pt`` on a data folder.
+
+    Args:
+        checkpoint: The interpreter checkpoint.
+        data_root: A data folder with attributes (synthetic folders add the counterfactual metrics).
+        batch_size: Images per forward pass.
+        progress: Show progress bars.
+
+    Returns:
+        The metrics (see :func:`evaluate_interpreter`).
+
+    Raises:
+        ValueError: If the data set's schema is not the one the interpreter was trained on.
+    """
+    ck = load_interpreter(checkpoint)
+    data = load_dataset(data_root)
+    if data.schema.name != ck.meta["schema"] or list(data.schema.names) != ck.attribute_names:
+        raise ValueError(f"{data_root} uses schema {data.schema.name!r}, the interpreter explains "
+                         f"{ck.meta['schema']!r}")
+    return evaluate_interpreter(ck.model, data, ck.image_size, batch_size=batch_size, progress=progress)
+
+
+_TABLE_ROWS = (
+    ("target", "mAP", "target mAP (d)"), ("target", "rank1", "target rank-1 (d)"),
+    ("interpreter", "mAP", "interpreter mAP (d̂)"), ("interpreter", "rank1", "interpreter rank-1 (d̂)"),
+    ("interpreter", "adre", "ADRE (%)"), ("interpreter", "x_map_e", "X-mAP_e"), ("interpreter", "x_map_c", "X-mAP_c"),
+    ("interpreter", "cf_top1", "counterfactual top-1"), ("interpreter", "cf_mrr", "counterfactual MRR"),
+    ("interpreter", "attr_acc", "attribute accuracy"),
+)
+
+
+def metrics_markdown(runs: dict[str, dict[str, Any]]) -> str:
+    """A markdown table of one or more evaluations side by side (e.g. the full model and its ablations).
+
+    Args:
+        runs: Column title -> :func:`evaluate_interpreter` result.
+
+    Returns:
+        The table (one row per metric present in the first run).
+    """
+    names = list(runs)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    first = runs[names[0]]
+    for group, key, title in _TABLE_ROWS:
+        if key not in first.get(group, {}):
+            continue
+        cells = []
+        for name in names:
+            v = runs[name].get(group, {}).get(key)
+            cells.append("–" if v is None else f"{v:.2f}" if key == "adre" else f"{v:.4f}")
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,172 @@
+"""Training losses of the interpreter (DESIGN §3): metric distillation, attribute prior, weighted attribute BCE.
+
+Each loss takes torch tensors and returns a differentiable 0-d tensor. Only shapes and dtypes are validated: checks
+on the values (NaN, ranges) would synchronise the GPU at every step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as nnf
+
+__all__ = [
+    "DIFFER_WEIGHT",
+    "SIMILAR_WEIGHT",
+    "attribute_prior",
+    "attribute_prior_terms",
+    "metric_distillation",
+    "positive_ratio",
+    "weighted_bce",
+]
+
+# Weights of the per-attribute terms L_d and L_s relative to the sum terms L_dsum and L_ssum (authors' values).
+DIFFER_WEIGHT = 10.0
+SIMILAR_WEIGHT = 10.0
+
+# Offsets inside lambda = 0.5 ln(a / b) (authors' values); they keep a and b positive when N_e = 0 or N_e = M.
+_A_OFFSET = 0.004
+_B_OFFSET = 0.001
+
+
+def _check_float(x: torch.Tensor, name: str) -> None:
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def metric_distillation(d: torch.Tensor, d_hat: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference between the target distance and the decomposed distance.
+
+    Args:
+        d: Target distances, e.g. [P] over the pairs i != j of a batch (detached here: the target is frozen).
+        d_hat: Decomposed distances of the same pairs, same shape as ``d``.
+
+    Returns:
+        Scalar loss mean |d - d_hat|.
+
+    Raises:
+        ValueError: If the shapes differ, there is no pair, or ``d_hat`` is not floating-point.
+    """
+    if d.shape != d_hat.shape:
+        raise ValueError(f"d and d_hat must have the same shape, got d {tuple(d.shape)} and d_hat {tuple(d_hat.shape)}")
+    if d_hat.numel() == 0:
+        raise ValueError("metric_distillation needs at least one pair, got empty d and d_hat")
+    _check_float(d_hat, "d_hat")
+    return (d.detach() - d_hat).abs().mean()
+
+
+def attribute_prior_terms(shares: torch.Tensor, differ: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The four attribute-prior terms of each pair (DESIGN §3).
+
+    With N_e = sum_k e_k and r = sqrt(N_e / M): the differing attributes should take at least a share r of the
+    distance (``dsum``) and each at least lambda_d r / N_e (``d``); the common attributes at most 1 - r together
+    (``ssum``) and each at most lambda_s (1 - r) / (M - N_e) (``s``).
+
+    Args:
+        shares: Distance shares p [P, M] (rows sum to 1, entries >= 0).
+        differ: Identity-attribute differences e [P, M], 1 where the two persons differ on attribute k (bool or
+            0/1 of any numeric dtype).
+
+    Returns:
+        Per-pair tensors [P] under the keys ``"dsum"``, ``"d"``, ``"ssum"`` and ``"s"``. ``d`` is 0 for a pair
+        without differing attribute and ``s`` is 0 for a pair without common attribute.
+
+    Raises:
+        ValueError: If ``shares`` is not a floating-point [P, M] tensor or ``differ`` does not have its shape.
+    """
+    if shares.ndim != 2 or shares.shape[1] == 0:
+        raise ValueError(f"shares must have shape [P, M] with M >= 1, got {tuple(shares.shape)}")
+    if differ.shape != shares.shape:
+        raise ValueError(f"differ must have the shape of shares {tuple(shares.shape)}, got {tuple(differ.shape)}")
+    _check_float(shares, "shares")
+    m = shares.shape[1]
+    e = differ.to(shares.dtype)
+    c = 1.0 - e
+    n_e = e.sum(1)
+    r = torch.sqrt(n_e / m)
+    dsum = nnf.relu(r - (e * shares).sum(1))
+    ssum = nnf.relu((c * shares).sum(1) - (1.0 - r))
+    a = (m - n_e) * r + _A_OFFSET
+    b = n_e * (1.0 - r) + _B_OFFSET
+    lam = 0.5 * torch.log(a / b)
+    # A pair with N_e = 0 (or N_e = M) has no entry where the mask e (or 1 - e) is set, so its term is 0 whatever
+    # the denominator; a safe one of 1 keeps the value and the gradient finite.
+    n_c = m - n_e
+    per_differ = torch.exp(-lam) * r / torch.where(n_e > 0, n_e, torch.ones_like(n_e))
+    per_common = torch.exp(lam) * (1.0 - r) / torch.where(n_c > 0, n_c, torch.ones_like(n_c))
+    d = (e * nnf.relu(per_differ[:, None] - shares)).sum(1)
+    s = (c * nnf.relu(shares - per_common[:, None])).sum(1)
+    return {"dsum": dsum, "d": d, "ssum": ssum, "s": s}
+
+
+def attribute_prior(shares: torch.Tensor, differ: torch.Tensor) -> torch.Tensor:
+    """Attribute-prior loss: mean over pairs of L_dsum + 10 L_d + L_ssum + 10 L_s (DESIGN §3).
+
+    Args:
+        shares: Distance shares p [P, M] (rows sum to 1, entries >= 0).
+        differ: Identity-attribute differences e [P, M] (1 = the two persons differ on attribute k).
+
+    Returns:
+        Scalar loss.
+
+    Raises:
+        ValueError: On the shape and dtype errors of :func:`attribute_prior_terms`, or if there is no pair.
+    """
+    if shares.ndim == 2 and shares.shape[0] == 0:
+        raise ValueError("attribute_prior needs at least one pair, got shares of shape (0, M)")
+    t = attribute_prior_terms(shares, differ)
+    return (t["dsum"] + DIFFER_WEIGHT * t["d"] + t["ssum"] + SIMILAR_WEIGHT * t["s"]).mean()
+
+
+def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, positive_ratio: torch.Tensor) -> torch.Tensor:
+    """Attribute classification loss: sigmoid BCE weighted against the class imbalance of each attribute.
+
+    Positives of attribute k are weighted exp(1 - ratio_k), negatives exp(ratio_k), so the rarer value of an
+    attribute weighs more.
+
+    Args:
+        logits: Attribute logits [B, M].
+        labels: Attribute labels [B, M] in {0, 1} (bool or any numeric dtype).
+        positive_ratio: Positive rate ratio_k of each attribute over the training identities [M], in [0, 1]
+            (see :func:`positive_ratio`).
+
+    Returns:
+        Scalar loss, the mean over B and M of the weighted BCE.
+
+    Raises:
+        ValueError: If the shapes do not agree, are empty, or ``logits`` is not floating-point.
+    """
+    if logits.ndim != 2 or logits.numel() == 0:
+        raise ValueError(f"logits must have shape [B, M] with B, M >= 1, got {tuple(logits.shape)}")
+    if labels.shape != logits.shape:
+        raise ValueError(f"labels must have the shape of logits {tuple(logits.shape)}, got {tuple(labels.shape)}")
+    if positive_ratio.shape != logits.shape[1:]:
+        raise ValueError(f"positive_ratio must have shape [M] = {tuple(logits.shape[1:])}, "
+                         f"got {tuple(positive_ratio.shape)}")
+    _check_float(logits, "logits")
+    y = labels.to(logits.dtype)
+    ratio = positive_ratio.to(device=logits.device, dtype=logits.dtype)
+    weight = y * torch.exp(1.0 - ratio) + (1.0 - y) * torch.exp(ratio)
+    return (weight * nnf.binary_cross_entropy_with_logits(logits, y, reduction="none")).mean()
+
+
+def positive_ratio(labels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Positive rate of each attribute, the ``ratio`` of :func:`weighted_bce`.
+
+    Args:
+        labels: Attribute labels [N_ids, M] in {0, 1}, one row per training identity.
+
+    Returns:
+        float32 tensor [M] (on the device of ``labels`` if it is a tensor).
+
+    Raises:
+        ValueError: If ``labels`` is not 2-D, is empty, or holds a value other than 0 and 1 (e.g. Market's raw
+            1/2 coding).
+    """
+    t = torch.as_tensor(labels)
+    if t.ndim != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"labels must have shape [N_ids, M] with N_ids, M >= 1, got {tuple(t.shape)}")
+    t = t.to(torch.float32)
+    if not ((t == 0) | (t == 1)).all():
+        raise ValueError("labels must hold only 0 and 1 (convert 1/2-coded attributes first)")
+    return t.mean(0)

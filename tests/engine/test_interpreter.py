@@ -1,0 +1,146 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from attrimeter.cli import main
+from attrimeter.config import ConfigError
+from attrimeter.data.formats import load_dataset
+from attrimeter.engine.interpreter import (
+    InterpreterTrainConfig,
+    evaluate_checkpoint,
+    load_interpreter,
+    metrics_markdown,
+    pair_distances,
+    read_counterfactual_pairs,
+    train_interpreter,
+)
+
+METRIC_KEYS = {"mAP", "rank1", "rank5", "rank10", "x_map_e", "x_map_c", "adre", "cf_top1", "cf_mrr", "attr_acc"}
+
+
+def test_pair_distances_match_cdist():
+    emb = torch.randn(6, 4, 10, dtype=torch.float64)
+    dist = pair_distances(emb)
+    ref = torch.stack([torch.cdist(emb[:, r], emb[:, r]) for r in range(4)])
+    off = ~torch.eye(6, dtype=torch.bool)
+    assert torch.allclose(dist[:, off], ref[:, off], rtol=1e-9)
+    assert torch.all(dist[:, ~off] <= 1e-6)  # the diagonal: clamped, never NaN
+
+
+def test_pair_distances_have_finite_gradients_at_duplicates():
+    emb = torch.randn(1, 3, 5).repeat(2, 1, 1).requires_grad_()
+    pair_distances(emb).sum().backward()
+    assert torch.isfinite(emb.grad).all()
+
+
+def test_evaluation_metrics_shape_and_ranges(tiny_data, tiny_interpreter):
+    metrics = evaluate_checkpoint(tiny_interpreter, tiny_data, progress=False)
+    assert set(metrics) == {"target", "interpreter"}
+    assert set(metrics["target"]) == {"mAP", "rank1", "rank5", "rank10"}
+    assert set(metrics["interpreter"]) == METRIC_KEYS
+    for key, value in metrics["interpreter"].items():
+        assert np.isfinite(value)
+        assert 0.0 <= value <= (np.inf if key == "adre" else 1.0), key
+    table = metrics_markdown({"run": metrics})
+    assert "ADRE (%)" in table and f"{metrics['interpreter']['x_map_e']:.4f}" in table
+
+
+def test_checkpoint_is_self_contained_and_reproduces_the_target(tiny_data, tiny_target, tiny_interpreter):
+    from attrimeter.engine.target import load_target
+
+    ck = load_interpreter(tiny_interpreter)
+    target = load_target(tiny_target).model
+    x = torch.rand(2, 3, 64, 32)
+    with torch.no_grad():
+        out = ck.model(x)
+        assert torch.allclose(out.target, target(x), atol=1e-5)
+    assert ck.attribute_names == list(load_dataset(tiny_data).schema.names)
+    assert ck.image_size == (64, 32)
+
+
+def test_resume_continues_where_it_stopped(tiny_data, tiny_target, tiny_settings, tmp_path):
+    first = train_interpreter(tiny_data, tiny_target, tmp_path, InterpreterTrainConfig(**tiny_settings),
+                              progress=False)
+    assert (tmp_path / "interpreter_last.pt").is_file()
+    config = InterpreterTrainConfig(**{**tiny_settings, "epochs": 2})
+    second = train_interpreter(tiny_data, tiny_target, tmp_path, config, progress=False, resume=True)
+    assert second["iterations"] == 2 * first["iterations"]
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train_interpreter(tiny_data, tiny_target, tmp_path / "new", config, progress=False, resume=True)
+
+
+def test_training_without_cache_and_with_other_classifier(tiny_data, tiny_target, tiny_settings, tmp_path):
+    config = InterpreterTrainConfig(**{**tiny_settings, "cache": False, "classifier": "probe", "shared": "layer3"})
+    log = train_interpreter(tiny_data, tiny_target, tmp_path, config, progress=False)
+    assert log["iterations"] > 0 and not log["cached"]
+    ck = load_interpreter(tmp_path / "interpreter.pt")
+    assert ck.model.classifier == "probe" and ck.model.late_stages == ("layer4",)
+    assert all(np.isfinite(v) for e in log["losses"] for v in e.values())
+
+
+def test_training_refuses_data_without_attributes(tiny_data, tiny_target, tiny_settings, tmp_path):
+    import shutil
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_data, plain, ignore=shutil.ignore_patterns("*.mat"))
+    with pytest.raises(Exception, match="market_attribute.mat"):
+        train_interpreter(plain, tiny_target, tmp_path / "run", InterpreterTrainConfig(**tiny_settings),
+                          progress=False)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"prior_weight": -1.0}, "loss weights"), ({"flip": 2.0}, "flip"), ({"epochs": 0}, "epochs"),
+])
+def test_config_ranges_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        InterpreterTrainConfig(**overrides)
+
+
+def test_load_interpreter_names_wrong_files(tiny_target, tmp_path):
+    with pytest.raises(ValueError, match="target checkpoint"):
+        load_interpreter(tiny_target)
+    with pytest.raises(FileNotFoundError):
+        load_interpreter(tmp_path / "missing.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_interpreter(bad)
+
+
+def test_counterfactual_pairs_are_read(tiny_data, tmp_path):
+    names = list(load_dataset(tiny_data).schema.names)
+    a, b, changed, named = read_counterfactual_pairs(tiny_data, names)
+    assert len(a) == len(b) == len(changed) == len(named) == 2 * len(names)
+    assert all(changed[i, names.index(n)] for i, n in enumerate(named))
+    assert all(p.is_file() for p in a + b)
+    with pytest.raises(FileNotFoundError, match="pairs.csv"):
+        read_counterfactual_pairs(tmp_path, names)
+
+
+def test_cli_train_evaluate_explain(tiny_data, tiny_target, tiny_settings, tmp_path, capsys):
+    run = tmp_path / "run"
+    sets = [f"{k}={v}" for k, v in tiny_settings.items()]
+    assert main(["train", "--data", str(tiny_data), "--target", str(tiny_target), "--out", str(run), "-q",
+                 "--set", *sets]) == 0
+    assert main(["evaluate", "--data", str(tiny_data), "--checkpoint", str(run / "interpreter.pt"), "-q",
+                 "--out", str(run / "metrics.json")]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["interpreter"]) == METRIC_KEYS and (run / "metrics.md").is_file()
+    capsys.readouterr()
+    query = next((tiny_data / "query").glob("*.jpg"))
+    gallery = next((tiny_data / "bounding_box_test").glob("0*.jpg"))
+    assert main(["explain", str(query), str(gallery), "--checkpoint", str(run / "interpreter.pt"),
+                 "--out", str(run / "fig.png"), "--json"]) == 0
+    explanation = json.loads(capsys.readouterr().out)
+    contributions = sum(a["contribution"] for a in explanation["attributes"])
+    assert contributions == pytest.approx(explanation["d"], rel=1e-5)
+    assert (run / "fig.png").stat().st_size > 0
+
+
+def test_cli_explain_reports_a_missing_image(tiny_interpreter, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["explain", str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg"), "--checkpoint", str(tiny_interpreter)])
+    assert exit_info.value.code == 2
+    assert "image not found" in capsys.readouterr().err
