@@ -88,7 +88,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from attrimeter.engine.interpreter import evaluate_checkpoint, metrics_markdown
 
-    metrics = evaluate_checkpoint(args.checkpoint, args.data, progress=not args.quiet)
+    if args.out and args.out.suffix == ".md":
+        raise ValueError(f"--out {args.out}: give the JSON file a .json name (the markdown table goes beside it)")
+    metrics = evaluate_checkpoint(args.checkpoint, args.data, progress=not args.quiet, device=args.device)
     table = metrics_markdown({"value": metrics})
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -99,9 +101,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    from attrimeter.engine.runs import resolve_device
     from attrimeter.explain import Interpreter
 
-    explanation = Interpreter(args.checkpoint).explain(args.query, args.gallery)
+    explanation = Interpreter(args.checkpoint, resolve_device(args.device)).explain(args.query, args.gallery)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         explanation.figure(args.out)
@@ -167,8 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-id", type=_positive, help="average images per identity")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, byte-identical data)")
 
-    def add_train_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--arch", help="registered model name (see `attrimeter models`)")
+    def add_config_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--profile", choices=["quick", "full"], default="quick", help="preset (default quick)")
         p.add_argument("--config", type=Path, help="YAML file of config overrides")
         p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lr=1e-3")
@@ -176,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train-target", _cmd_train_target, "Train a target ReID model (ID + triplet loss).")
     p.add_argument("--data", required=True, type=Path, help="Market-1501 / DukeMTMC-reID style folder")
     p.add_argument("--out", required=True, type=Path, help="run folder for target.pt, config.yaml, train_log.json")
-    add_train_options(p)
+    p.add_argument("--arch", help="registered model name (see `attrimeter models`)")
+    add_config_options(p)
 
     p = add("evaluate-target", _cmd_evaluate_target, "mAP / CMC of a target checkpoint (Market protocol).")
     p.add_argument("--data", required=True, type=Path, help="data folder with query/ and bounding_box_test/")
@@ -188,14 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, type=Path, help="the target's target.pt")
     p.add_argument("--out", required=True, type=Path, help="run folder for interpreter.pt, config.yaml, train_log.json")
     p.add_argument("--resume", action="store_true", help="continue from OUT/interpreter_last.pt")
-    p.add_argument("--profile", choices=["quick", "full"], default="quick", help="preset (default quick)")
-    p.add_argument("--config", type=Path, help="YAML file of config overrides")
-    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. prior_weight=0")
+    add_config_options(p)
 
     p = add("evaluate", _cmd_evaluate, "Retrieval and explanation metrics of an interpreter (DESIGN §8).")
     p.add_argument("--data", required=True, type=Path, help="data folder with query/, bounding_box_test/, attributes")
     p.add_argument("--checkpoint", required=True, type=Path, help="interpreter.pt")
     p.add_argument("--out", type=Path, help="write metrics JSON here (and a markdown table beside it, .md)")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU if there is one), cpu or cuda[:N]")
 
     p = add("explain", _cmd_explain, "Explain the distance between two person crops.")
     p.add_argument("query", type=Path, help="first image")
@@ -203,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, type=Path, help="interpreter.pt")
     p.add_argument("--out", type=Path, help="PNG figure to write")
     p.add_argument("--json", action="store_true", help="print the explanation as JSON")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU if there is one), cpu or cuda[:N]")
 
     p = add("models", _cmd_models, "List the registered target architectures.")
     p.add_argument("pattern", nargs="?", default="*", help="glob pattern")

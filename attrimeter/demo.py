@@ -126,6 +126,7 @@ another identity; same-camera matches are excluded by the protocol). {t['rank1']
 
 def _explained_pairs(data: ReIDDataset, qf: np.ndarray, gf: np.ndarray, count: int) -> list[tuple[Sample, Sample, str]]:
     """For ``count`` queries: the best-ranked true match and the best-ranked other identity (a hard non-match)."""
+    from attrimeter.data.formats import DISTRACTOR_PID
     from attrimeter.engine.evaluation import euclidean_distances
 
     rng = np.random.default_rng(1)
@@ -136,7 +137,7 @@ def _explained_pairs(data: ReIDDataset, qf: np.ndarray, gf: np.ndarray, count: i
         q = data.query[i]
         order = np.argsort(row, kind="stable")
         match = next((j for j in order if data.gallery[j].pid == q.pid and data.gallery[j].camid != q.camid), None)
-        other = next(j for j in order if data.gallery[j].pid not in (q.pid, 0))
+        other = next(j for j in order if data.gallery[j].pid not in (q.pid, DISTRACTOR_PID))
         if match is not None:
             pairs.append((q, data.gallery[match], "match"))
         pairs.append((q, data.gallery[other], "non-match"))

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from attrimeter.data.augment import to_float
 from attrimeter.data.images import read_image
 from attrimeter.data.schema import get_schema
 
@@ -226,7 +227,7 @@ class Interpreter:
 
     @torch.no_grad()
     def _run(self, images: np.ndarray) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0).to(self.device)
+        x = to_float(torch.from_numpy(images)).to(self.device)
         out = self.model(x)
         return (out.stacked().float().cpu(), torch.sigmoid(out.attr_logits).float().cpu().numpy(),
                 out.aam().float().cpu().numpy())

@@ -47,12 +47,12 @@ def main() -> None:
         name, _, assignments = spec.partition(":")
         overrides = parse_assignments([a for a in assignments.split(",") if a])
         runs.append((name, overrides, apply_overrides(base, overrides, source=name)))
-    splits = {cfg.shared for _, _, cfg in runs}
     caches = {}
-    for shared in splits:
+    for shared, flip in sorted({(cfg.shared, cfg.flip > 0) for _, _, cfg in runs}):
         grafted = AttriMeter(target.model, len(data.schema), shared=shared)
-        caches[shared] = (interp.cache_features(grafted, data.train, target.image_size, flip=True, desc="cache train"),
-                          interp.evaluation_cache(grafted, data, target.image_size))
+        caches[shared, flip] = (
+            interp.cache_features(grafted, data.train, target.image_size, flip=flip, desc="cache train"),
+            interp.evaluation_cache(grafted, data, target.image_size))
     stamp = {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
              "torch": torch.__version__, "attrimeter": __version__,
              "date": datetime.date.today().isoformat()}
@@ -60,7 +60,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides, cfg in runs:
             t0 = time.perf_counter()
-            train_cache, eval_cache = caches[cfg.shared]
+            train_cache, eval_cache = caches[cfg.shared, cfg.flip > 0]
             log = interp.train_interpreter(args.data, args.target, Path(tmp) / name, cfg, cache=train_cache)
             trained = interp.load_interpreter(Path(tmp) / name / "interpreter.pt")
             metrics = interp.evaluate_interpreter(trained.model, data, target.image_size, cache=eval_cache)

@@ -31,6 +31,8 @@ def _pair(a: ArrayLike, b: ArrayLike, name_a: str, name_b: str) -> tuple[np.ndar
     if a.ndim != 2 or a.shape != b.shape:
         raise ValueError(f"{name_a} and {name_b} must be 2-D arrays of the same shape [P, M], "
                          f"got {name_a} {a.shape} and {name_b} {b.shape}")
+    if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+        raise ValueError(f"{name_a} contains NaN or infinite values")
     return a, b
 
 
@@ -133,12 +135,14 @@ def adre(d: ArrayLike, d_hat: ArrayLike) -> float:
         ADRE in percent.
 
     Raises:
-        ValueError: If the shapes differ or no pair has d > 0.
+        ValueError: If the shapes differ, a value is negative or not finite, or no pair has d > 0.
     """
     d = np.asarray(d, dtype=np.float64)
     d_hat = np.asarray(d_hat, dtype=np.float64)
     if d.shape != d_hat.shape:
         raise ValueError(f"d and d_hat must have the same shape, got d {d.shape} and d_hat {d_hat.shape}")
+    if not (np.isfinite(d).all() and np.isfinite(d_hat).all()) or (d < 0).any() or (d_hat < 0).any():
+        raise ValueError("d and d_hat must be finite distances >= 0")
     keep = d > 0
     if not keep.any():
         raise ValueError("adre needs at least one pair with d > 0")

@@ -1,10 +1,11 @@
 """Training, checkpointing and evaluation of the interpreter (DESIGN §3, §8).
 
 Training: the target is frozen (BN in eval); PK batches carry identity attributes; the loss is metric distillation
-|d − d̂| + attribute prior on the shares + weighted BCE of the attribute probes (weights 1 / 10 / 100 by default);
-Adam with warmup and cosine decay on whichever of (iterations, wall-clock budget) is further along. The frozen shared
-stages' outputs and the target's feature maps never change, so they can be cached once (with horizontal flips) and
-training then runs only the interpreter branch: the CPU profile trains several times faster that way.
+|d − d̂| + attribute prior on the shares + weighted BCE of the attribute classifier (DESIGN's weights 1 / 10 / 100 by
+default, the profiles' tuned ones in ``_LOSSES``); Adam with warmup and cosine decay on whichever of (iterations,
+wall-clock budget) is further along. The frozen shared stages' outputs and the target's feature maps never change, so
+they can be cached once (with horizontal flips) and training then runs only the interpreter branch: the CPU profile
+trains several times faster that way.
 
 Evaluation: target retrieval with d and interpreter retrieval with d̂ (Market protocol), X-mAP_e / X-mAP_c on
 cross-identity query–gallery pairs, ADRE, attribute accuracy, and counterfactual faithfulness on the synthetic
@@ -27,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from attrimeter import __version__
-from attrimeter.config import ConfigError, save_config, to_dict
+from attrimeter.config import save_config, to_dict
 from attrimeter.data.augment import to_float
 from attrimeter.data.formats import DISTRACTOR_PID, ReIDDataset, Sample, load_dataset
 from attrimeter.data.images import read_images
@@ -41,9 +42,9 @@ from attrimeter.engine.explanation_metrics import (
     x_map_e,
 )
 from attrimeter.engine.losses import attribute_prior, metric_distillation, positive_ratio, weighted_bce
-from attrimeter.engine.target import TargetCheckpoint, load_target, lr_factor, target_payload
+from attrimeter.engine.runs import RunConfig, lr_factor, read_checkpoint, resolve_device, write_checkpoint
+from attrimeter.engine.target import TargetCheckpoint, load_target, target_from_payload, target_payload
 from attrimeter.models.interpreter import AttriMeter
-from attrimeter.models.reid import build_model
 
 __all__ = [
     "PROFILES",
@@ -70,64 +71,40 @@ _RESUME_FILE = "interpreter_last.pt"
 
 
 @dataclass(frozen=True)
-class InterpreterTrainConfig:
-    """Configuration of an interpreter training run (see ``PROFILES`` for the named presets)."""
+class InterpreterTrainConfig(RunConfig):
+    """Configuration of an interpreter training run (see ``PROFILES`` for the named presets).
+
+    Loss weights default to DESIGN §3's (1 / 10 / 100); the profiles use the tuned values of ``_LOSSES``.
+    ``distill_ramp`` is the fraction of the run over which the distillation weight grows linearly from 0;
+    ``head_lr_factor`` multiplies the learning rate of the parts that start from scratch (head, classifier).
+    """
 
     shared: str = "layer2"
-    classifier: str = "map"
-    p_ids: int = 16
-    k_instances: int = 4
+    classifier: str = "probe"
     epochs: int = 60
-    max_minutes: float | None = None
-    lr: float = 3.5e-4
     head_lr_factor: float = 10.0
-    min_lr_factor: float = 0.01
-    weight_decay: float = 5e-4
-    warmup_fraction: float = 0.05
     distill_weight: float = 1.0
     distill_ramp: float = 0.0
     prior_weight: float = 10.0
     cls_weight: float = 100.0
-    flip: float = 0.5
     cache: bool = True
     checkpoint_minutes: float = 2.0
-    seed: int = 0
-    threads: int = 0
-    eval_batch_size: int = 128
-    device: str = "auto"
 
-    def __post_init__(self) -> None:
-        problems = []
-        if self.epochs < 1:
-            problems.append(f"epochs must be >= 1, got {self.epochs}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            problems.append(f"max_minutes must be > 0 or null (no limit), got {self.max_minutes}")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            problems.append(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+    def _problems(self) -> list[str]:
+        problems = super()._problems()
         if min(self.distill_weight, self.prior_weight, self.cls_weight) < 0:
             problems.append("loss weights must be >= 0")
-        if self.lr <= 0 or self.head_lr_factor <= 0 or self.eval_batch_size < 1 or self.checkpoint_minutes <= 0:
-            problems.append("lr, head_lr_factor, eval_batch_size and checkpoint_minutes must be positive")
         if not 0.0 <= self.distill_ramp < 1.0:
             problems.append(f"distill_ramp must be in [0, 1), got {self.distill_ramp}")
-        if not 0.0 <= self.flip <= 1.0:
-            problems.append(f"flip must be a probability, got {self.flip}")
-        if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
-            problems.append(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-        if problems:
-            raise ConfigError("; ".join(problems))
-
-    def torch_device(self) -> torch.device:
-        """The device to train on (``auto``: the first CUDA GPU if there is one, else the CPU)."""
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        if self.head_lr_factor <= 0 or self.checkpoint_minutes <= 0:
+            problems.append("head_lr_factor and checkpoint_minutes must be positive")
+        return problems
 
 
 # Tuned on the demo's data and target (benchmarks/results/interpreter_quick_cpu.md): the losses act on distances of
-# BN-neck embeddings (d ~ 10-40), where DESIGN's weights 1 / 10 / 100 let the classifier saturate the maps (their
-# errors then jump d_k and hurt retrieval with d_hat) and an unramped distillation weight above ~5 can pin every map
-# at A = 1 (uniform shares).
+# BN-neck embeddings (d ~ 10-40), where DESIGN's weights 1 / 10 / 100 leave the decomposition unfaithful (ADRE 10.8%,
+# mAP with d_hat 0.11 under the target's), and an unramped distillation weight of 7-10 pins every map at A = 1
+# (uniform shares, X-mAP_e at chance).
 _LOSSES: dict[str, Any] = {"distill_weight": 5.0, "distill_ramp": 0.2, "prior_weight": 10.0, "cls_weight": 10.0,
                            "head_lr_factor": 30.0}
 PROFILES: dict[str, dict[str, Any]] = {
@@ -182,7 +159,6 @@ def save_interpreter(model: AttriMeter, target: TargetCheckpoint, path: str | Pa
         path: Output ``.pt`` (written atomically).
         meta: Extra description (must hold ``image_size``, ``schema`` and ``attributes``).
     """
-    path = Path(path)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -192,9 +168,7 @@ def save_interpreter(model: AttriMeter, target: TargetCheckpoint, path: str | Pa
         "target": target_payload(target.model, target.meta),
         "state_dict": model.state_dict(),
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    write_checkpoint(payload, path)
 
 
 def load_interpreter(path: str | Path, map_location: str | torch.device = "cpu") -> InterpreterCheckpoint:
@@ -211,30 +185,24 @@ def load_interpreter(path: str | Path, map_location: str | torch.device = "cpu")
         FileNotFoundError: If the file does not exist.
         ValueError: If it is not an interpreter checkpoint of a known version or its weights do not fit.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"interpreter checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several unrelated types for a corrupt file
-        raise ValueError(f"cannot read interpreter checkpoint {path}: {e}") from None
+    payload = read_checkpoint(path, "interpreter checkpoint", map_location)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         hint = " (this is a target checkpoint; train an interpreter on it first)" if isinstance(payload, dict) and \
             payload.get("format") == "attrimeter-target" else ""
         raise ValueError(f"{path} is not an AttriMeter interpreter checkpoint{hint}")
     if payload.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path}: unsupported interpreter checkpoint version {payload.get('version')!r}")
-    tp = payload["target"]
-    target = build_model(tp["model_config"])
     try:
-        target.load_state_dict(tp["state_dict"])
-        model = AttriMeter(target, **payload["interpreter_config"])
+        target = target_from_payload(payload["target"], f"{path} (its target)")
+        model = AttriMeter(target.model, **payload["interpreter_config"])
         model.load_state_dict(payload["state_dict"])
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: weights do not match the stored architecture: {e}") from None
+        if len(payload["attributes"]) != model.num_attributes or len(payload["image_size"]) != 2:
+            raise ValueError(f"{len(payload['attributes'])} attribute names for {model.num_attributes} maps")
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: incomplete or inconsistent interpreter checkpoint: {e}") from None
     model.eval()
     meta = {k: v for k, v in payload.items() if k not in ("state_dict", "target")}
-    meta["target_meta"] = {k: v for k, v in tp.items() if k != "state_dict"}
+    meta["target_meta"] = target.meta
     return InterpreterCheckpoint(model=model, meta=meta)
 
 
@@ -392,15 +360,20 @@ def train_interpreter(
     log: dict[str, Any] = {"train_images": len(data.train), "train_ids": len(data.train_pids), "losses": []}
     it, elapsed = 0, 0.0
     resume_path = out / _RESUME_FILE
+    # What a resumed run must share with the saved one (the model's layout, and what the branch was copied from).
+    fixed = {"shared": config.shared, "classifier": config.classifier,
+             "target": str(Path(target_checkpoint).resolve()), "data": str(Path(data_root).resolve())}
     if resume:
-        if not resume_path.is_file():
-            raise FileNotFoundError(f"nothing to resume: {resume_path} does not exist")
-        try:
-            state = torch.load(resume_path, map_location=device, weights_only=True)
-        except Exception as e:  # torch raises several unrelated types for a corrupt file
-            raise ValueError(f"cannot read the resume state {resume_path}: {e}") from None
+        state = read_checkpoint(resume_path, "resume state (nothing to resume)", "cpu")
+        changed = {k: (state["fixed"].get(k), v) for k, v in fixed.items() if state["fixed"].get(k) != v}
+        if changed:
+            raise ValueError(f"{resume_path} was saved by another run; cannot resume with changed "
+                             + ", ".join(f"{k} ({a} -> {b})" for k, (a, b) in changed.items()))
+        base_lrs = [group["base_lr"] for group in optim.param_groups]
         model.load_state_dict(state["model"])
         optim.load_state_dict(state["optim"])
+        for group, lr in zip(optim.param_groups, base_lrs, strict=True):
+            group["base_lr"] = lr  # a resumed run may change lr / head_lr_factor
         sampler.set_state(state["sampler"])
         gen.set_state(state["generator"])
         it, elapsed, log = state["iteration"], state["elapsed"], state["log"]
@@ -413,15 +386,14 @@ def train_interpreter(
         raise ValueError(f"the feature cache holds {len(cache)} rows, expected {n} training images"
                          + (" and their flips" if config.flip > 0 else ""))
     images = None
-    if not config.cache:
+    if cache is None:
         images = torch.from_numpy(read_images([s.path for s in data.train], image_size, progress,
                                               desc="decode train"))
 
     def save_state() -> None:
-        tmp = resume_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "sampler": sampler.get_state(),
-                    "generator": gen.get_state(), "iteration": it, "elapsed": elapsed, "log": log}, tmp)
-        os.replace(tmp, resume_path)
+        write_checkpoint({"model": model.state_dict(), "optim": optim.state_dict(), "sampler": sampler.get_state(),
+                          "generator": gen.get_state(), "iteration": it, "elapsed": elapsed, "log": log,
+                          "fixed": fixed}, resume_path)
 
     start = time.perf_counter() - elapsed
     last_save = time.perf_counter()
@@ -491,22 +463,45 @@ def train_interpreter(
 
 @torch.no_grad()
 def interpreter_embeddings(
-    model: AttriMeter, cache: FeatureCache, batch_size: int = 256
+    model: AttriMeter,
+    images: FeatureCache | list[Sample] | list[Path],
+    image_size: tuple[int, int] | None = None,
+    batch_size: int = 128,
+    progress: bool = False,
+    desc: str = "embed",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings of cached images through the interpreter branch.
+    """Embeddings of images through the interpreter.
 
     Args:
         model: The interpreter (eval mode is set).
-        cache: :func:`cache_features` of the images.
+        images: A :func:`cache_features` of the images (only the branch runs), or image files (decoded and run
+            batch by batch: nothing but the embeddings is kept, for data sets too large to cache).
+        image_size: ``(height, width)`` for image files.
         batch_size: Images per pass.
+        progress: Show a progress bar (image files).
+        desc: Progress bar label.
 
     Returns:
         ``(stacked [N, M+1, C] float32 with row 0 the target embedding, attribute logits [N, M] float32)``.
+
+    Raises:
+        ValueError: If image files come without ``image_size``.
     """
     model.eval()
     stacked, logits = [], []
-    for s in range(0, len(cache), batch_size):
-        out = model.from_shared(cache.shared[s:s + batch_size], cache.features[s:s + batch_size])
+    if isinstance(images, FeatureCache):
+        batches = ((images.shared[s:s + batch_size], images.features[s:s + batch_size])
+                   for s in range(0, len(images), batch_size))
+        outputs = (model.from_shared(shared, feats) for shared, feats in batches)
+    else:
+        if image_size is None:
+            raise ValueError("interpreter_embeddings: image files need image_size")
+        paths = [i.path if isinstance(i, Sample) else Path(i) for i in images]
+        device = model.scale.device
+        outputs = (model(to_float(torch.from_numpy(read_images(paths[s:s + batch_size], image_size, False))).to(device))
+                   for s in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch", disable=not progress,
+                                 leave=False))
+    for out in outputs:
         stacked.append(out.stacked().float().cpu())
         logits.append(out.attr_logits.float().cpu())
     return torch.cat(stacked).numpy(), torch.cat(logits).numpy()
@@ -549,29 +544,36 @@ def read_counterfactual_pairs(data_root: str | Path, schema_names: list[str]) ->
     index = {n: i for i, n in enumerate(schema_names)}
     a, b, changed, named = [], [], [], []
     with open(path, newline="") as f:
-        for row in csv.DictReader(f):
+        reader = csv.DictReader(f)
+        needed = {"pair", "attribute", "attributes", "image_a", "image_b"}
+        if not needed <= set(reader.fieldnames or ()):
+            raise ValueError(f"{path}: missing columns {sorted(needed - set(reader.fieldnames or ()))}")
+        for row in reader:
             names = [n for n in row["attributes"].split(";") if n]
             unknown = [n for n in names if n not in index]
-            if unknown or not names:
-                raise ValueError(f"{path}: pair {row['pair']} changes {names or 'nothing'} (unknown: {unknown})")
+            if unknown or not names or row["attribute"] not in names:
+                raise ValueError(f"{path}: pair {row['pair']} changes {names or 'nothing'} "
+                                 f"(named {row['attribute']!r}; unknown: {unknown})")
             mask = np.zeros(len(schema_names), dtype=bool)
             mask[[index[n] for n in names]] = True
             a.append(root / row["image_a"])
             b.append(root / row["image_b"])
             changed.append(mask)
             named.append(row["attribute"])
+    if not a:
+        raise ValueError(f"{path}: no counterfactual pairs listed")
     return a, b, np.stack(changed), named
 
 
 def _pair_sample(q_pids: np.ndarray, g_pids: np.ndarray, per_query: int, seed: int) -> np.ndarray:
     """Up to ``per_query`` random gallery ids of another (non-distractor) identity per query, ``[Q, k]``."""
     rng = np.random.default_rng(seed)
-    valid = (g_pids[None, :] > DISTRACTOR_PID) & (g_pids[None, :] != q_pids[:, None])
-    k = int(min(per_query, valid.sum(1).min()))
+    annotated = g_pids > DISTRACTOR_PID
+    counts = [int((annotated & (g_pids != p)).sum()) for p in q_pids]
+    k = min(per_query, min(counts))
     if k < 1:
         raise ValueError("no cross-identity query/gallery pair with attributes to evaluate explanations on")
-    keys = np.where(valid, rng.random(valid.shape), np.inf)
-    return np.argsort(keys, axis=1)[:, :k]
+    return np.stack([rng.choice(np.flatnonzero(annotated & (g_pids != p)), k, replace=False) for p in q_pids])
 
 
 @dataclass
@@ -632,8 +634,9 @@ def evaluate_interpreter(
 ) -> dict[str, Any]:
     """Every metric of DESIGN §8 for one interpreter.
 
-    X-mAP and ADRE are measured on ``pairs_per_query`` random cross-identity gallery items per query (distractors
-    have no attributes and are left out), which bounds the cost on large galleries; attribute accuracy on every
+    X-mAP is measured on ``pairs_per_query`` random cross-identity gallery items per query (distractors have no
+    attributes and are left out), which bounds the cost on large galleries; ADRE on the same pairs plus every
+    same-identity query–gallery pair; attribute accuracy on every
     query and gallery image of an annotated identity; counterfactual top-1 counts a pair as explained when the
     attribute with the largest share is one whose label the change flipped (a colour change flips two), and MRR
     takes the best-ranked of them.
@@ -642,8 +645,8 @@ def evaluate_interpreter(
         model: The interpreter.
         data: The data set (query, gallery, attributes; counterfactual pairs when it is synthetic).
         image_size: ``(height, width)``.
-        cache: :func:`evaluation_cache` to reuse across interpreters on the same target and split; computed when
-            ``None``.
+        cache: :func:`evaluation_cache` to reuse across interpreters on the same target and split; when ``None``
+            the images are embedded batch by batch and only their embeddings are kept (real data sets).
         pairs_per_query: Cross-identity gallery items drawn per query for X-mAP and ADRE.
         batch_size: Images per forward pass.
         progress: Show progress bars.
@@ -657,18 +660,26 @@ def evaluate_interpreter(
     Raises:
         ValueError: If a query or gallery identity lacks attributes, or no cross-identity pair exists.
     """
-    if cache is None:
-        cache = evaluation_cache(model, data, image_size, batch_size, progress)
-    q, q_logits = interpreter_embeddings(model, cache.query)
-    g, g_logits = interpreter_embeddings(model, cache.gallery)
     q_pids, g_pids = np.array([s.pid for s in data.query]), np.array([s.pid for s in data.gallery])
     q_cams, g_cams = np.array([s.camid for s in data.query]), np.array([s.camid for s in data.gallery])
+    annotated = g_pids > DISTRACTOR_PID
+    missing = sorted({int(p) for p in (*q_pids, *g_pids[annotated])} - set(data.attributes))
+    if missing:  # checked before minutes of embedding, not after
+        raise ValueError(f"{data.attribute_file or data.root}: no attributes for {len(missing)} query/gallery "
+                         f"identities, e.g. {missing[:5]}")
+    if cache is None:
+        q, q_logits = interpreter_embeddings(model, data.query, image_size, batch_size, progress, "embed query")
+        g, g_logits = interpreter_embeddings(model, data.gallery, image_size, batch_size, progress, "embed gallery")
+    else:
+        q, q_logits = interpreter_embeddings(model, cache.query, batch_size=batch_size)
+        g, g_logits = interpreter_embeddings(model, cache.gallery, batch_size=batch_size)
     target = evaluate_rank(q[:, 0], g[:, 0], q_pids, g_pids, q_cams, g_cams)
     interp = evaluate_rank(q, g, q_pids, g_pids, q_cams, g_cams, distance=_d_hat_rows, chunk_size=64)
 
+    # Explanations on random cross-identity pairs; ADRE also on every same-identity pair (small d, where a
+    # relative error shows first).
     ids = _pair_sample(q_pids, g_pids, pairs_per_query, seed)
-    q_attrs = np.stack([data.attributes_of(p) for p in q_pids])
-    g_attrs = {p: data.attributes_of(p) for p in set(g_pids[ids.reshape(-1)].tolist())}
+    q_attrs = np.stack([data.attributes[p] for p in q_pids])
     d, d_hat, shares, differ = [], [], [], []
     for s in range(0, len(q), 64):
         chunk = ids[s:s + 64]
@@ -677,13 +688,17 @@ def evaluate_interpreter(
         d.append(dd)
         d_hat.append(dh)
         shares.append(sh)
-        other = np.stack([g_attrs[p] for p in g_pids[chunk.reshape(-1)]])
+        other = np.stack([data.attributes[p] for p in g_pids[chunk.reshape(-1)]])
         differ.append(np.repeat(q_attrs[s:s + 64], k, axis=0) != other)
+    qi, gi = np.nonzero(q_pids[:, None] == g_pids[None, :])
+    if len(qi):
+        dd, dh, _ = _explain_pairs(q[qi], g[gi])
+        d.append(dd)
+        d_hat.append(dh)
     shares_all, differ_all = np.concatenate(shares), np.concatenate(differ)
 
-    keep_g = np.array([p in data.attributes for p in g_pids])
-    logits = np.concatenate([q_logits, g_logits[keep_g]])
-    labels = np.concatenate([q_attrs, np.stack([data.attributes[p] for p in g_pids[keep_g]])])
+    logits = np.concatenate([q_logits, g_logits[annotated]])
+    labels = np.concatenate([q_attrs, np.stack([data.attributes[p] for p in g_pids[annotated]])])
     acc, _ = attribute_accuracy(logits, labels)
     result: dict[str, Any] = {
         "target": _rank_dict(target),
@@ -695,16 +710,22 @@ def evaluate_interpreter(
             "attr_acc": acc,
         },
     }
-    if cache.counterfactual is not None:
+    if cache is not None and cache.counterfactual is not None:
         cf_a, cf_b, changed = cache.counterfactual
-        _, _, cf_shares = _explain_pairs(interpreter_embeddings(model, cf_a)[0], interpreter_embeddings(model, cf_b)[0])
-        top1, mrr = counterfactual_scores(cf_shares, changed)
-        result["interpreter"].update(cf_top1=top1, cf_mrr=mrr)
+        a_emb, b_emb = interpreter_embeddings(model, cf_a)[0], interpreter_embeddings(model, cf_b)[0]
+    elif cache is None and (data.root / "counterfactual" / "pairs.csv").is_file():
+        a, b, changed, _ = read_counterfactual_pairs(data.root, list(data.schema.names))
+        a_emb = interpreter_embeddings(model, a, image_size, batch_size, progress, "embed cf a")[0]
+        b_emb = interpreter_embeddings(model, b, image_size, batch_size, progress, "embed cf b")[0]
+    else:
+        return result
+    top1, mrr = counterfactual_scores(_explain_pairs(a_emb, b_emb)[2], changed)
+    result["interpreter"].update(cf_top1=top1, cf_mrr=mrr)
     return result
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path, data_root: str | Path, batch_size: int = 128, progress: bool = True
+    checkpoint: str | Path, data_root: str | Path, batch_size: int = 128, progress: bool = True, device: str = "auto"
 ) -> dict[str, Any]:
     """:func:`evaluate_interpreter` of an ``interpreter.pt`` on a data folder.
 
@@ -713,6 +734,7 @@ def evaluate_checkpoint(
         data_root: A data folder with attributes (synthetic folders add the counterfactual metrics).
         batch_size: Images per forward pass.
         progress: Show progress bars.
+        device: ``auto`` (the first CUDA GPU if there is one), ``cpu`` or ``cuda[:N]``.
 
     Returns:
         The metrics (see :func:`evaluate_interpreter`).
@@ -720,7 +742,7 @@ def evaluate_checkpoint(
     Raises:
         ValueError: If the data set's schema is not the one the interpreter was trained on.
     """
-    ck = load_interpreter(checkpoint)
+    ck = load_interpreter(checkpoint, resolve_device(device))
     data = load_dataset(data_root)
     if data.schema.name != ck.meta["schema"] or list(data.schema.names) != ck.attribute_names:
         raise ValueError(f"{data_root} uses schema {data.schema.name!r}, the interpreter explains "

@@ -22,12 +22,13 @@ import torch.nn.functional as nnf
 from tqdm.auto import tqdm
 
 from attrimeter import __version__
-from attrimeter.config import ConfigError, save_config, to_dict
+from attrimeter.config import save_config, to_dict
 from attrimeter.data.augment import augment_batch, to_float
 from attrimeter.data.formats import ReIDDataset, Sample, load_dataset
 from attrimeter.data.images import read_images
 from attrimeter.data.sampling import PKSampler
 from attrimeter.engine.evaluation import RankMetrics, evaluate_rank
+from attrimeter.engine.runs import RunConfig, lr_factor, read_checkpoint, write_checkpoint
 from attrimeter.models.registry import create_model
 from attrimeter.models.reid import ReIDModel, build_model
 
@@ -40,8 +41,8 @@ __all__ = [
     "embed_images",
     "evaluate_target",
     "load_target",
-    "lr_factor",
     "save_target",
+    "target_from_payload",
     "target_payload",
     "train_target",
 ]
@@ -51,7 +52,7 @@ CHECKPOINT_VERSION = 1
 
 
 @dataclass(frozen=True)
-class TargetTrainConfig:
+class TargetTrainConfig(RunConfig):
     """Configuration of a target training run (see ``PROFILES`` for the named presets)."""
 
     arch: str = "resnet18"
@@ -60,47 +61,17 @@ class TargetTrainConfig:
     gem_p: float = 3.0
     pretrained: str | None = None
     image_size: tuple[int, int] = (128, 64)
-    p_ids: int = 16
-    k_instances: int = 4
-    epochs: int = 120
-    max_minutes: float | None = None
-    lr: float = 3.5e-4
-    min_lr_factor: float = 0.01
-    weight_decay: float = 5e-4
-    warmup_fraction: float = 0.05
     label_smoothing: float = 0.1
     triplet_margin: float = 0.3
     triplet_weight: float = 1.0
-    flip: float = 0.5
     pad: int = 10
     erase: float = 0.5
-    seed: int = 0
-    threads: int = 0
-    eval_batch_size: int = 128
-    device: str = "auto"
 
-    def __post_init__(self) -> None:
-        problems = []
-        if self.epochs < 1:
-            problems.append(f"epochs must be >= 1, got {self.epochs}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            problems.append(f"max_minutes must be > 0 or null (no limit), got {self.max_minutes}")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            problems.append(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+    def _problems(self) -> list[str]:
+        problems = super()._problems()
         if self.image_size[0] < 32 or self.image_size[1] < 16:
             problems.append(f"image_size must be at least (32, 16), got {self.image_size}")
-        if self.lr <= 0 or self.eval_batch_size < 1:
-            problems.append("lr and eval_batch_size must be positive")
-        if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
-            problems.append(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-        if problems:
-            raise ConfigError("; ".join(problems))
-
-    def torch_device(self) -> torch.device:
-        """The device to train on (``auto``: the first CUDA GPU if there is one, else the CPU)."""
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return problems
 
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -149,23 +120,6 @@ def batch_hard_triplet(feats: torch.Tensor, labels: torch.Tensor, margin: float)
     return nnf.softplus(d_ap - d_an).mean()
 
 
-def lr_factor(progress: float, warmup: float, min_factor: float) -> float:
-    """The learning-rate multiplier at a point of training: linear warmup from 0.01, then cosine decay.
-
-    Args:
-        progress: Fraction of the run done, in [0, 1] (iterations or wall-clock, whichever is further along).
-        warmup: Fraction of the run spent warming up.
-        min_factor: The multiplier at the end of the run.
-
-    Returns:
-        The multiplier.
-    """
-    if progress < warmup:
-        return 0.01 + 0.99 * progress / warmup
-    t = min(1.0, (progress - warmup) / max(1e-8, 1.0 - warmup))
-    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
 def target_payload(model: ReIDModel, meta: dict[str, Any]) -> dict[str, Any]:
     """What a target checkpoint holds (architecture, schema, image size, normalisation, weights).
 
@@ -198,11 +152,7 @@ def save_target(model: ReIDModel, path: str | Path, meta: dict[str, Any]) -> Non
         path: Output ``.pt`` file (written atomically).
         meta: Extra description (must hold ``image_size`` and ``schema``).
     """
-    path = Path(path)
-    payload = target_payload(model, meta)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    write_checkpoint(target_payload(model, meta), path)
 
 
 def load_target(path: str | Path, map_location: str | torch.device = "cpu") -> TargetCheckpoint:
@@ -219,22 +169,31 @@ def load_target(path: str | Path, map_location: str | torch.device = "cpu") -> T
         FileNotFoundError: If the file does not exist.
         ValueError: If it is not a target checkpoint of a known version, or its weights do not fit its architecture.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"target checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several unrelated types for a corrupt file
-        raise ValueError(f"cannot read target checkpoint {path}: {e}") from None
+    return target_from_payload(read_checkpoint(path, "target checkpoint", map_location), str(path))
+
+
+def target_from_payload(payload: object, source: str) -> TargetCheckpoint:
+    """Rebuild a target from a :func:`target_payload` (a file's content, or the copy inside an interpreter's).
+
+    Args:
+        payload: The stored payload.
+        source: Where it came from, for messages.
+
+    Returns:
+        The model in eval mode with its metadata.
+
+    Raises:
+        ValueError: If it is not a target payload of a known version, or its weights do not fit its architecture.
+    """
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an AttriMeter target checkpoint (format {CHECKPOINT_FORMAT!r})")
+        raise ValueError(f"{source} is not an AttriMeter target checkpoint (format {CHECKPOINT_FORMAT!r})")
     if payload.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: unsupported target checkpoint version {payload.get('version')!r}")
-    model = build_model(payload["model_config"])
+        raise ValueError(f"{source}: unsupported target checkpoint version {payload.get('version')!r}")
     try:
+        model = build_model(payload["model_config"])
         model.load_state_dict(payload["state_dict"])
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match architecture {payload['model_config']}: {e}") from None
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{source}: weights do not match architecture {payload.get('model_config')}: {e}") from None
     model.eval()
     meta = {k: v for k, v in payload.items() if k != "state_dict"}
     return TargetCheckpoint(model=model, meta=meta)

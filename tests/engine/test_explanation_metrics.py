@@ -162,3 +162,14 @@ def test_attribute_accuracy_by_hand():
 def test_errors_name_the_arguments(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_non_finite_or_negative_values_are_refused():
+    with pytest.raises(ValueError, match="NaN"):
+        x_map_e([[np.nan, 0.1, 0.9]], [[1, 0, 0]])
+    with pytest.raises(ValueError, match="NaN"):
+        counterfactual_scores([[np.nan, 0.1, 0.9]], [[True, False, False]])
+    with pytest.raises(ValueError, match="finite distances"):
+        adre([1.0, np.nan], [1.0, 5.0])
+    with pytest.raises(ValueError, match="finite distances"):
+        adre([1.0, -3.0], [1.0, 5.0])

@@ -36,7 +36,7 @@ def test_pair_distances_have_finite_gradients_at_duplicates():
 
 
 def test_evaluation_metrics_shape_and_ranges(tiny_data, tiny_interpreter):
-    metrics = evaluate_checkpoint(tiny_interpreter, tiny_data, progress=False)
+    metrics = evaluate_checkpoint(tiny_interpreter, tiny_data, progress=False, device="cpu")
     assert set(metrics) == {"target", "interpreter"}
     assert set(metrics["target"]) == {"mAP", "rank1", "rank5", "rank10"}
     assert set(metrics["interpreter"]) == METRIC_KEYS
@@ -67,16 +67,19 @@ def test_resume_continues_where_it_stopped(tiny_data, tiny_target, tiny_settings
     config = InterpreterTrainConfig(**{**tiny_settings, "epochs": 2})
     second = train_interpreter(tiny_data, tiny_target, tmp_path, config, progress=False, resume=True)
     assert second["iterations"] == 2 * first["iterations"]
+    with pytest.raises(ValueError, match="changed shared"):
+        train_interpreter(tiny_data, tiny_target, tmp_path, InterpreterTrainConfig(**{**tiny_settings,
+                          "shared": "layer3"}), progress=False, resume=True)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train_interpreter(tiny_data, tiny_target, tmp_path / "new", config, progress=False, resume=True)
 
 
 def test_training_without_cache_and_with_other_classifier(tiny_data, tiny_target, tiny_settings, tmp_path):
-    config = InterpreterTrainConfig(**{**tiny_settings, "cache": False, "classifier": "probe", "shared": "layer3"})
+    config = InterpreterTrainConfig(**{**tiny_settings, "cache": False, "classifier": "map", "shared": "layer3"})
     log = train_interpreter(tiny_data, tiny_target, tmp_path, config, progress=False)
     assert log["iterations"] > 0 and not log["cached"]
     ck = load_interpreter(tmp_path / "interpreter.pt")
-    assert ck.model.classifier == "probe" and ck.model.late_stages == ("layer4",)
+    assert ck.model.classifier == "map" and ck.model.late_stages == ("layer4",)
     assert all(np.isfinite(v) for e in log["losses"] for v in e.values())
 
 
@@ -144,3 +147,26 @@ def test_cli_explain_reports_a_missing_image(tiny_interpreter, tmp_path, capsys)
         main(["explain", str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg"), "--checkpoint", str(tiny_interpreter)])
     assert exit_info.value.code == 2
     assert "image not found" in capsys.readouterr().err
+
+
+def test_cached_and_streamed_evaluation_agree(tiny_data, tiny_interpreter):
+    from attrimeter.engine.interpreter import evaluate_interpreter, evaluation_cache
+
+    ck = load_interpreter(tiny_interpreter)
+    data = load_dataset(tiny_data)
+    streamed = evaluate_interpreter(ck.model, data, ck.image_size, progress=False)
+    cached = evaluate_interpreter(ck.model, data, ck.image_size, evaluation_cache(ck.model, data, ck.image_size,
+                                                                                  progress=False), progress=False)
+    for group in ("target", "interpreter"):
+        for key, value in streamed[group].items():
+            assert cached[group][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (group, key)
+
+
+def test_evaluation_refuses_identities_without_attributes(tiny_data, tiny_interpreter):
+    ck = load_interpreter(tiny_interpreter)
+    data = load_dataset(tiny_data)
+    data.attributes.pop(data.query[0].pid)
+    from attrimeter.engine.interpreter import evaluate_interpreter
+
+    with pytest.raises(ValueError, match=f"e.g. \\[{data.query[0].pid}"):
+        evaluate_interpreter(ck.model, data, ck.image_size, progress=False)
