@@ -200,7 +200,7 @@ def load_interpreter(path: str | Path, map_location: str | torch.device = "cpu")
             raise ValueError(f"{len(payload['attributes'])} attribute names for {model.num_attributes} maps")
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: incomplete or inconsistent interpreter checkpoint: {e}") from None
-    model.eval()
+    model.to(map_location).eval()  # load_state_dict copies into the freshly built (CPU) model
     meta = {k: v for k, v in payload.items() if k not in ("state_dict", "target")}
     meta["target_meta"] = target.meta
     return InterpreterCheckpoint(model=model, meta=meta)

@@ -169,7 +169,9 @@ def load_target(path: str | Path, map_location: str | torch.device = "cpu") -> T
         FileNotFoundError: If the file does not exist.
         ValueError: If it is not a target checkpoint of a known version, or its weights do not fit its architecture.
     """
-    return target_from_payload(read_checkpoint(path, "target checkpoint", map_location), str(path))
+    ck = target_from_payload(read_checkpoint(path, "target checkpoint", map_location), str(path))
+    ck.model.to(map_location)  # load_state_dict copies into the freshly built (CPU) model
+    return ck
 
 
 def target_from_payload(payload: object, source: str) -> TargetCheckpoint:

@@ -170,3 +170,15 @@ def test_evaluation_refuses_identities_without_attributes(tiny_data, tiny_interp
 
     with pytest.raises(ValueError, match=f"e.g. \\[{data.query[0].pid}"):
         evaluate_interpreter(ck.model, data, ck.image_size, progress=False)
+
+
+def test_interpreter_on_a_non_resnet_target(tiny_data, tiny_settings, tmp_path):
+    from attrimeter.engine.target import TargetTrainConfig, train_target
+
+    target_cfg = TargetTrainConfig(arch="mobilenetv2", width=0.25, image_size=(64, 32), p_ids=4, k_instances=2,
+                                   epochs=1, threads=1)
+    train_target(tiny_data, tmp_path / "target", target_cfg, progress=False, evaluate=False)
+    train_interpreter(tiny_data, tmp_path / "target" / "target.pt", tmp_path / "run",
+                      InterpreterTrainConfig(**{**tiny_settings, "shared": "layer3"}), progress=False)
+    metrics = evaluate_checkpoint(tmp_path / "run" / "interpreter.pt", tiny_data, progress=False, device="cpu")
+    assert metrics["interpreter"]["adre"] >= 0 and 0 <= metrics["interpreter"]["x_map_e"] <= 1
