@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -42,8 +41,9 @@ from attrimeter.engine.explanation_metrics import (
     x_map_e,
 )
 from attrimeter.engine.losses import attribute_prior, metric_distillation, positive_ratio, weighted_bce
-from attrimeter.engine.runs import RunConfig, lr_factor, read_checkpoint, resolve_device, write_checkpoint
+from attrimeter.engine.runs import RunConfig, Schedule, read_checkpoint, resolve_device, write_checkpoint
 from attrimeter.engine.target import TargetCheckpoint, load_target, target_from_payload, target_payload
+from attrimeter.kernels.attr_distance import attr_distance_reference, explain_topk_reference
 from attrimeter.models.interpreter import AttriMeter
 
 __all__ = [
@@ -59,7 +59,6 @@ __all__ = [
     "interpreter_embeddings",
     "load_interpreter",
     "metrics_markdown",
-    "pair_distances",
     "read_counterfactual_pairs",
     "save_interpreter",
     "train_interpreter",
@@ -103,7 +102,7 @@ class InterpreterTrainConfig(RunConfig):
 
 # Tuned on the demo's data and target (benchmarks/results/interpreter_quick_cpu.md): the losses act on distances of
 # BN-neck embeddings (d ~ 10-40), where DESIGN's weights 1 / 10 / 100 leave the decomposition unfaithful (ADRE 10.8%,
-# mAP with d_hat 0.11 under the target's), and an unramped distillation weight of 7-10 pins every map at A = 1
+# mAP with d_hat 0.11 under the target's), and an unramped distillation weight of 10 pins every map at A = 1
 # (uniform shares, X-mAP_e at chance).
 _LOSSES: dict[str, Any] = {"distill_weight": 5.0, "distill_ramp": 0.2, "prior_weight": 10.0, "cls_weight": 10.0,
                            "head_lr_factor": 30.0}
@@ -245,21 +244,6 @@ def cache_features(
     return FeatureCache(shared=torch.cat(shared), features=torch.cat(features))
 
 
-def pair_distances(emb: torch.Tensor) -> torch.Tensor:
-    """All pairwise distances of a batch, per row of the ``M+1`` axis (differentiable).
-
-    Args:
-        emb: ``[B, M+1, C]`` (row 0 global, rows 1..M per attribute).
-
-    Returns:
-        ``[M+1, B, B]``; squared distances are clamped at 1e-12 before the root (finite gradients at duplicates).
-    """
-    x = emb.transpose(0, 1)  # [M+1, B, C]
-    sq = x.square().sum(-1)
-    d2 = sq[:, :, None] + sq[:, None, :] - 2.0 * torch.bmm(x, x.transpose(1, 2))
-    return d2.clamp_min(1e-12).sqrt()
-
-
 def _batch_loss(
     model: AttriMeter,
     shared: torch.Tensor,
@@ -271,12 +255,11 @@ def _batch_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The weighted loss of a batch and its parts (detached tensors: read them only when logging, to avoid syncs)."""
     out = model.from_shared(shared, features)
-    dist = pair_distances(out.stacked())
+    emb = out.stacked()
+    # Every pair of the batch in one batched GEMM, with the kernels' own decomposition (shares, d_hat); i < j only.
+    pairs = attr_distance_reference(emb, emb)
     i, j = torch.triu_indices(len(labels), len(labels), offset=1, device=labels.device)
-    d, d_k = dist[0, i, j], dist[1:, i, j].T  # [P], [P, M]
-    total = d_k.sum(-1)
-    shares = d_k / total.clamp_min(1e-12)[:, None]
-    d_hat = total / d_k.shape[1]
+    d, shares, d_hat = pairs.d[i, j], pairs.shares[i, j], pairs.d_hat[i, j]
     differ = (labels[i] != labels[j]).float()
     parts = {
         "distill": metric_distillation(d, d_hat),
@@ -355,10 +338,8 @@ def train_interpreter(
     optim = _optimizer(model, config)
     sampler = PKSampler(np.array([s.pid for s in data.train]), config.p_ids, config.k_instances, seed=config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    total_iters = config.epochs * len(sampler)
-    budget = config.max_minutes * 60.0 if config.max_minutes is not None else math.inf
     log: dict[str, Any] = {"train_images": len(data.train), "train_ids": len(data.train_pids), "losses": []}
-    it, elapsed = 0, 0.0
+    schedule = Schedule(config, len(sampler))
     resume_path = out / _RESUME_FILE
     # What a resumed run must share with the saved one (the model's layout, and what the branch was copied from).
     fixed = {"shared": config.shared, "classifier": config.classifier,
@@ -376,7 +357,8 @@ def train_interpreter(
             group["base_lr"] = lr  # a resumed run may change lr / head_lr_factor
         sampler.set_state(state["sampler"])
         gen.set_state(state["generator"])
-        it, elapsed, log = state["iteration"], state["elapsed"], state["log"]
+        schedule = Schedule(config, len(sampler), state["iteration"], state["elapsed"])
+        log = state["log"]
 
     n = len(data.train)
     if config.cache and cache is None:
@@ -392,57 +374,49 @@ def train_interpreter(
 
     def save_state() -> None:
         write_checkpoint({"model": model.state_dict(), "optim": optim.state_dict(), "sampler": sampler.get_state(),
-                          "generator": gen.get_state(), "iteration": it, "elapsed": elapsed, "log": log,
-                          "fixed": fixed}, resume_path)
+                          "generator": gen.get_state(), "iteration": schedule.iteration, "elapsed": schedule.elapsed,
+                          "log": log, "fixed": fixed}, resume_path)
 
-    start = time.perf_counter() - elapsed
     last_save = time.perf_counter()
-    frac = max(it / total_iters, elapsed / budget)
-    bar = tqdm(total=1000, initial=int(frac * 1000), desc="train interpreter", unit="‰", disable=not progress)
+    bar = tqdm(total=1000, initial=int(schedule.progress * 1000), desc="train interpreter", unit="‰",
+               disable=not progress)
     model.train()
-    while frac < 1.0:
-        for idx in sampler:
-            elapsed = time.perf_counter() - start
-            frac = max(it / total_iters, elapsed / budget)
-            if frac >= 1.0:
-                break
-            factor = lr_factor(frac, config.warmup_fraction, config.min_lr_factor)
-            for group in optim.param_groups:
-                group["lr"] = group["base_lr"] * factor
-            flips = torch.rand(len(idx), generator=gen) < config.flip
-            if cache is not None:
-                rows = torch.from_numpy(idx) + flips.long() * (len(cache) // 2 if config.flip > 0 else 0)
-                rows = rows.to(cache.shared.device)
-                shared, feats = cache.shared[rows], cache.features[rows]
-            else:
-                x = to_float(images[idx])
-                x[flips] = x[flips].flip(-1)
-                shared = model.shared_features(x.to(device))
-                feats = model.target_features(shared)
-            # At the start d_hat = d exactly, a kink of |d - d_hat|: a full-weight pull there can pin every map at
-            # A = 1 (uniform shares); ramping it in lets the prior and the classifier shape the maps first.
-            ramp = min(1.0, frac / config.distill_ramp) if config.distill_ramp > 0 else 1.0
-            loss, stats = _batch_loss(model, shared.to(device), feats.to(device), labels[idx].to(device), ratio,
-                                      config, config.distill_weight * ramp)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"interpreter training diverged at iteration {it} (loss {loss.item()})")
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
-            it += 1
-            if it % 10 == 0:
-                values = {k: float(v) for k, v in stats.items()}
-                log["losses"].append({"iter": it, **values})
-                bar.set_postfix(adre=f"{values['adre']:.1f}%", prior=f"{values['prior']:.3f}",
-                                bce=f"{values['bce']:.3f}", it=it)
-            bar.update(int(frac * 1000) - bar.n)
-            if time.perf_counter() - last_save > config.checkpoint_minutes * 60:
-                save_state()
-                last_save = time.perf_counter()
+    for idx in schedule.batches(sampler, optim):
+        flips = torch.rand(len(idx), generator=gen) < config.flip
+        if cache is not None:
+            rows = torch.from_numpy(idx) + flips.long() * (len(cache) // 2 if config.flip > 0 else 0)
+            rows = rows.to(cache.shared.device)
+            shared, feats = cache.shared[rows], cache.features[rows]
+        else:
+            x = to_float(images[idx])
+            x[flips] = x[flips].flip(-1)
+            shared = model.shared_features(x.to(device))
+            feats = model.target_features(shared)
+        # At the start d_hat = d exactly, a kink of |d - d_hat|: a full-weight pull there can pin every map at
+        # A = 1 (uniform shares); ramping it in lets the prior and the classifier shape the maps first.
+        ramp = min(1.0, schedule.progress / config.distill_ramp) if config.distill_ramp > 0 else 1.0
+        loss, stats = _batch_loss(model, shared.to(device), feats.to(device), labels[idx].to(device), ratio,
+                                  config, config.distill_weight * ramp)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"interpreter training diverged at iteration {schedule.iteration} "
+                                     f"(loss {loss.item()})")
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        schedule.iteration += 1
+        if schedule.iteration % 10 == 0:
+            values = {k: float(v) for k, v in stats.items()}
+            log["losses"].append({"iter": schedule.iteration, **values})
+            bar.set_postfix(adre=f"{values['adre']:.1f}%", prior=f"{values['prior']:.3f}",
+                            bce=f"{values['bce']:.3f}", it=schedule.iteration)
+        bar.update(int(schedule.progress * 1000) - bar.n)
+        if time.perf_counter() - last_save > config.checkpoint_minutes * 60:
+            save_state()
+            last_save = time.perf_counter()
     bar.close()
-    elapsed = time.perf_counter() - start
-    log.update(iterations=it, epochs=it / len(sampler), train_seconds=elapsed,
-               images_per_second=it * config.p_ids * config.k_instances / max(elapsed, 1e-9), cached=cache is not None)
+    log.update(iterations=schedule.iteration, epochs=schedule.iteration / len(sampler),
+               train_seconds=schedule.elapsed, cached=cache is not None,
+               images_per_second=schedule.iteration * config.p_ids * config.k_instances / max(schedule.elapsed, 1e-9))
     save_state()
     model.eval()
     meta = {
@@ -508,15 +482,11 @@ def interpreter_embeddings(
 
 
 def _d_hat_rows(q: np.ndarray, g: np.ndarray) -> np.ndarray:
-    from attrimeter.kernels.attr_distance import attr_distance_reference
-
     return attr_distance_reference(torch.from_numpy(q), torch.from_numpy(g)).d_hat.numpy()
 
 
 def _explain_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(d [P], d_hat [P], shares [P, M]) of row-aligned pairs, by direct differences."""
-    from attrimeter.kernels.attr_distance import explain_topk_reference
-
     ids = torch.arange(len(b))[:, None]
     res = explain_topk_reference(torch.from_numpy(a), torch.from_numpy(b), ids)
     return res.d[:, 0].numpy(), res.d_hat[:, 0].numpy(), res.shares[:, 0].numpy()
@@ -609,13 +579,21 @@ def evaluation_cache(
     """
     query = cache_features(model, data.query, image_size, batch_size, progress=progress, desc="cache query")
     gallery = cache_features(model, data.gallery, image_size, batch_size, progress=progress, desc="cache gallery")
-    counterfactual = None
-    if (data.root / "counterfactual" / "pairs.csv").is_file():
-        a, b, changed, _ = read_counterfactual_pairs(data.root, list(data.schema.names))
+    counterfactual = _counterfactual_images(data)
+    if counterfactual is not None:
+        a, b, changed = counterfactual
         counterfactual = (cache_features(model, a, image_size, batch_size, progress=progress, desc="cache cf a"),
                           cache_features(model, b, image_size, batch_size, progress=progress, desc="cache cf b"),
                           changed)
     return EvaluationCache(query, gallery, counterfactual)
+
+
+def _counterfactual_images(data: ReIDDataset) -> tuple[list[Path], list[Path], np.ndarray] | None:
+    """``(images a, images b, changed)`` of a synthetic data set's counterfactual pairs; None for other data."""
+    if not (data.root / "counterfactual" / "pairs.csv").is_file():
+        return None
+    a, b, changed, _ = read_counterfactual_pairs(data.root, list(data.schema.names))
+    return a, b, changed
 
 
 def _rank_dict(metrics: RankMetrics) -> dict[str, float]:
@@ -636,8 +614,8 @@ def evaluate_interpreter(
 
     X-mAP is measured on ``pairs_per_query`` random cross-identity gallery items per query (distractors have no
     attributes and are left out), which bounds the cost on large galleries; ADRE on the same pairs plus every
-    same-identity query–gallery pair; attribute accuracy on every
-    query and gallery image of an annotated identity; counterfactual top-1 counts a pair as explained when the
+    same-identity query–gallery pair; attribute accuracy on every query and gallery image of an annotated identity;
+    counterfactual top-1 counts a pair as explained when the
     attribute with the largest share is one whose label the change flipped (a colour change flips two), and MRR
     takes the best-ranked of them.
 
@@ -667,12 +645,17 @@ def evaluate_interpreter(
     if missing:  # checked before minutes of embedding, not after
         raise ValueError(f"{data.attribute_file or data.root}: no attributes for {len(missing)} query/gallery "
                          f"identities, e.g. {missing[:5]}")
+    # Cached frozen features, or (no cache) the image files themselves, embedded batch by batch.
     if cache is None:
-        q, q_logits = interpreter_embeddings(model, data.query, image_size, batch_size, progress, "embed query")
-        g, g_logits = interpreter_embeddings(model, data.gallery, image_size, batch_size, progress, "embed gallery")
+        query, gallery, counterfactual = data.query, data.gallery, _counterfactual_images(data)
     else:
-        q, q_logits = interpreter_embeddings(model, cache.query, batch_size=batch_size)
-        g, g_logits = interpreter_embeddings(model, cache.gallery, batch_size=batch_size)
+        query, gallery, counterfactual = cache.query, cache.gallery, cache.counterfactual
+
+    def embed(images: FeatureCache | list[Sample] | list[Path], desc: str) -> tuple[np.ndarray, np.ndarray]:
+        return interpreter_embeddings(model, images, image_size, batch_size, progress, desc)
+
+    q, q_logits = embed(query, "embed query")
+    g, g_logits = embed(gallery, "embed gallery")
     target = evaluate_rank(q[:, 0], g[:, 0], q_pids, g_pids, q_cams, g_cams)
     interp = evaluate_rank(q, g, q_pids, g_pids, q_cams, g_cams, distance=_d_hat_rows, chunk_size=64)
 
@@ -710,17 +693,11 @@ def evaluate_interpreter(
             "attr_acc": acc,
         },
     }
-    if cache is not None and cache.counterfactual is not None:
-        cf_a, cf_b, changed = cache.counterfactual
-        a_emb, b_emb = interpreter_embeddings(model, cf_a)[0], interpreter_embeddings(model, cf_b)[0]
-    elif cache is None and (data.root / "counterfactual" / "pairs.csv").is_file():
-        a, b, changed, _ = read_counterfactual_pairs(data.root, list(data.schema.names))
-        a_emb = interpreter_embeddings(model, a, image_size, batch_size, progress, "embed cf a")[0]
-        b_emb = interpreter_embeddings(model, b, image_size, batch_size, progress, "embed cf b")[0]
-    else:
-        return result
-    top1, mrr = counterfactual_scores(_explain_pairs(a_emb, b_emb)[2], changed)
-    result["interpreter"].update(cf_top1=top1, cf_mrr=mrr)
+    if counterfactual is not None:
+        a, b, changed = counterfactual
+        cf_shares = _explain_pairs(embed(a, "embed cf a")[0], embed(b, "embed cf b")[0])[2]
+        top1, mrr = counterfactual_scores(cf_shares, changed)
+        result["interpreter"].update(cf_top1=top1, cf_mrr=mrr)
     return result
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ import torch
 
 from attrimeter.config import ConfigError
 
-__all__ = ["RunConfig", "lr_factor", "read_checkpoint", "resolve_device", "write_checkpoint"]
+__all__ = ["RunConfig", "Schedule", "lr_factor", "read_checkpoint", "resolve_device", "write_checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,55 @@ def lr_factor(progress: float, warmup: float, min_factor: float) -> float:
         return 0.01 + 0.99 * progress / warmup
     t = min(1.0, (progress - warmup) / max(1e-8, 1.0 - warmup))
     return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+class Schedule:
+    """The batches of a run until its iteration or wall-clock budget is spent, each with its learning rate set.
+
+    Progress is whichever of (iterations / (epochs · batches per epoch), elapsed / max_minutes) is further along, so a
+    time-bounded run still ends annealed. Every optimiser group gets ``group["base_lr"] * lr_factor(progress)``.
+
+    Args:
+        config: The run's config (epochs, max_minutes, warmup_fraction, min_lr_factor).
+        batches_per_epoch: Batches the sampler yields per pass.
+        iteration: Iterations already done (a resumed run).
+        elapsed: Seconds already spent (a resumed run).
+
+    Attributes:
+        iteration: Iterations done so far; the caller counts each one (``schedule.iteration += 1`` after its step).
+        elapsed: Training seconds so far.
+        progress: Fraction of the run done, in [0, 1].
+    """
+
+    def __init__(self, config: RunConfig, batches_per_epoch: int, iteration: int = 0, elapsed: float = 0.0) -> None:
+        self._config = config
+        self._total = config.epochs * batches_per_epoch
+        self._budget = config.max_minutes * 60.0 if config.max_minutes is not None else math.inf
+        self.iteration = iteration
+        self.elapsed = elapsed
+        self.progress = max(iteration / self._total, elapsed / self._budget)
+
+    def batches(self, sampler: Iterable[Any], optim: torch.optim.Optimizer) -> Iterator[Any]:
+        """Yield the sampler's batches, pass after pass, until the run is done.
+
+        Args:
+            sampler: Re-iterable batch source (one pass = one epoch).
+            optim: Its groups hold ``base_lr``.
+
+        Yields:
+            One batch per iteration.
+        """
+        start = time.perf_counter() - self.elapsed
+        while True:
+            for batch in sampler:
+                self.elapsed = time.perf_counter() - start
+                self.progress = max(self.iteration / self._total, self.elapsed / self._budget)
+                if self.progress >= 1.0:
+                    return
+                factor = lr_factor(self.progress, self._config.warmup_fraction, self._config.min_lr_factor)
+                for group in optim.param_groups:
+                    group["lr"] = group["base_lr"] * factor
+                yield batch
 
 
 def write_checkpoint(payload: dict[str, Any], path: str | Path) -> None:

@@ -9,9 +9,7 @@ runs on whichever of (iterations, time) is further along, so a run ends annealed
 from __future__ import annotations
 
 import json
-import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ from attrimeter.data.formats import ReIDDataset, Sample, load_dataset
 from attrimeter.data.images import read_images
 from attrimeter.data.sampling import PKSampler
 from attrimeter.engine.evaluation import RankMetrics, evaluate_rank
-from attrimeter.engine.runs import RunConfig, lr_factor, read_checkpoint, write_checkpoint
+from attrimeter.engine.runs import RunConfig, Schedule, read_checkpoint, write_checkpoint
 from attrimeter.models.registry import create_model
 from attrimeter.models.reid import ReIDModel, build_model
 
@@ -294,46 +292,38 @@ def train_target(
     for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.ndim <= 1 else decay).append(param)  # no decay on BN, biases and GeM's p
-    optim = torch.optim.Adam([{"params": decay, "weight_decay": config.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    optim = torch.optim.Adam([{"params": decay, "weight_decay": config.weight_decay, "base_lr": config.lr},
+                              {"params": no_decay, "weight_decay": 0.0, "base_lr": config.lr}], lr=config.lr)
     sampler = PKSampler(labels.numpy(), config.p_ids, config.k_instances, seed=config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    total_iters = config.epochs * len(sampler)
-    budget = config.max_minutes * 60.0 if config.max_minutes is not None else math.inf
     log: dict[str, Any] = {"train_images": len(data.train), "train_ids": len(pids), "losses": []}
-    start = time.perf_counter()
-    it = 0
-    progress_frac = 0.0
+    schedule = Schedule(config, len(sampler))
     bar = tqdm(total=1000, desc=f"train {config.arch}", unit="‰", disable=not progress)
     model.train()
-    while progress_frac < 1.0:
-        for idx in sampler:
-            progress_frac = max(it / total_iters, (time.perf_counter() - start) / budget)
-            if progress_frac >= 1.0:
-                break
-            factor = lr_factor(progress_frac, config.warmup_fraction, config.min_lr_factor)
-            for group in optim.param_groups:
-                group["lr"] = config.lr * factor
-            x = augment_batch(to_float(images[idx]), gen, flip=config.flip, pad=config.pad, erase=config.erase)
-            x, y = x.to(device, non_blocking=True), labels[idx].to(device)
-            feat, logits = model.forward_train(x)
-            ce = nnf.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
-            tri = batch_hard_triplet(feat, y, config.triplet_margin)
-            loss = ce + config.triplet_weight * tri
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training diverged at iteration {it} (loss {loss.item()}); lower the lr")
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
-            it += 1
-            if it % 10 == 0:
-                acc = (logits.argmax(1) == y).float().mean().item()
-                log["losses"].append({"iter": it, "ce": ce.item(), "triplet": tri.item(), "acc": acc})
-                bar.set_postfix(ce=f"{ce.item():.2f}", tri=f"{tri.item():.2f}", acc=f"{acc:.2f}", it=it)
-            bar.update(int(progress_frac * 1000) - bar.n)
+    for idx in schedule.batches(sampler, optim):
+        x = augment_batch(to_float(images[idx]), gen, flip=config.flip, pad=config.pad, erase=config.erase)
+        x, y = x.to(device, non_blocking=True), labels[idx].to(device)
+        feat, logits = model.forward_train(x)
+        ce = nnf.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+        tri = batch_hard_triplet(feat, y, config.triplet_margin)
+        loss = ce + config.triplet_weight * tri
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training diverged at iteration {schedule.iteration} (loss {loss.item()}); "
+                                     "lower the lr")
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        schedule.iteration += 1
+        it = schedule.iteration
+        if it % 10 == 0:
+            acc = (logits.argmax(1) == y).float().mean().item()
+            log["losses"].append({"iter": it, "ce": ce.item(), "triplet": tri.item(), "acc": acc})
+            bar.set_postfix(ce=f"{ce.item():.2f}", tri=f"{tri.item():.2f}", acc=f"{acc:.2f}", it=it)
+        bar.update(int(schedule.progress * 1000) - bar.n)
     bar.close()
-    log.update(iterations=it, epochs=it / len(sampler), train_seconds=time.perf_counter() - start,
-               images_per_second=it * config.p_ids * config.k_instances / (time.perf_counter() - start))
+    log.update(iterations=schedule.iteration, epochs=schedule.iteration / len(sampler),
+               train_seconds=schedule.elapsed,
+               images_per_second=schedule.iteration * config.p_ids * config.k_instances / max(schedule.elapsed, 1e-9))
     model.eval()
     meta = {
         "schema": data.schema.name,

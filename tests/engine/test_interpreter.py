@@ -12,7 +12,6 @@ from attrimeter.engine.interpreter import (
     evaluate_checkpoint,
     load_interpreter,
     metrics_markdown,
-    pair_distances,
     read_counterfactual_pairs,
     train_interpreter,
 )
@@ -20,19 +19,30 @@ from attrimeter.engine.interpreter import (
 METRIC_KEYS = {"mAP", "rank1", "rank5", "rank10", "x_map_e", "x_map_c", "adre", "cf_top1", "cf_mrr", "attr_acc"}
 
 
-def test_pair_distances_match_cdist():
-    emb = torch.randn(6, 4, 10, dtype=torch.float64)
-    dist = pair_distances(emb)
-    ref = torch.stack([torch.cdist(emb[:, r], emb[:, r]) for r in range(4)])
-    off = ~torch.eye(6, dtype=torch.bool)
-    assert torch.allclose(dist[:, off], ref[:, off], rtol=1e-9)
-    assert torch.all(dist[:, ~off] <= 1e-6)  # the diagonal: clamped, never NaN
+def test_batch_loss_pairs_match_cdist_and_stay_finite_at_duplicates():
+    from attrimeter.engine.interpreter import _batch_loss
+    from attrimeter.models import create_model
+    from attrimeter.models.interpreter import AttriMeter
 
-
-def test_pair_distances_have_finite_gradients_at_duplicates():
-    emb = torch.randn(1, 3, 5).repeat(2, 1, 1).requires_grad_()
-    pair_distances(emb).sum().backward()
-    assert torch.isfinite(emb.grad).all()
+    model = AttriMeter(create_model("resnet18", num_classes=3, width=0.25).eval(), 4, shared="layer3")
+    torch.nn.init.normal_(model.head[2].weight, std=0.3)
+    x = torch.rand(5, 3, 64, 32)
+    x[4] = x[0]  # the same image twice in a batch (PK sampling with replacement does this)
+    shared = model.shared_features(x)
+    features = model.target_features(shared)
+    labels = torch.randint(0, 2, (5, 4))
+    model.train()
+    loss, parts = _batch_loss(model, shared, features, labels, torch.full((4,), 0.5), InterpreterTrainConfig(), 1.0)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    emb = model.from_shared(shared, features).stacked().detach().double()
+    dist = torch.stack([torch.cdist(emb[:, r], emb[:, r]) for r in range(5)])
+    i, j = torch.triu_indices(5, 5, offset=1)
+    expected = (dist[0, i, j] - dist[1:, i, j].mean(0)).abs().mean()
+    # The GEMM form is exact to ~sqrt(eps * |a|^2) per distance (cancellation at the duplicate pair), as the kernel
+    # contract says.
+    bound = 4 * (torch.finfo(torch.float32).eps * emb.square().sum(-1).max()).sqrt()
+    assert float(parts["distill"]) == pytest.approx(float(expected), rel=1e-5, abs=float(bound))
 
 
 def test_evaluation_metrics_shape_and_ranges(tiny_data, tiny_interpreter):
