@@ -4,18 +4,21 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS := train,kernels,dev
+EXTRAS := train,kernels,export,dev
 OUT ?= runs/demo
 
 .PHONY: demo test lint venv clean
 
 venv: $(STAMP)
 
+# tensorrt-stubs: TensorRT's published API, for the static check of export/tensorrt_engine.py. --no-deps: the stubs
+# require the tensorrt wheel itself, which downloads from NVIDIA's index (not reachable here).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install -q --no-deps tensorrt-stubs==10.13.0.35.1
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -121,6 +122,35 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from attrimeter.export.aot import AotError
+    from attrimeter.export.build import export
+    from attrimeter.export.onnx_export import ExportError
+
+    targets = [] if args.targets.strip().lower() == "none" else [t for t in args.targets.split(",") if t]
+    try:
+        manifest = export(args.checkpoint, args.out, format=args.format, flavor=args.flavor, fp16=args.fp16,
+                          opset=args.opset, targets=targets, data=args.data, max_batch=args.max_batch,
+                          opt_batch=args.opt_batch, timing_cache=args.timing_cache, progress=not args.quiet)
+    except (ExportError, AotError) as e:
+        print(f"attrimeter export: error: {e}", file=sys.stderr)
+        return 1
+    worst = max(max(r["relative_error"].values()) for r in manifest["verification"]["parity"])
+    batches = ", ".join(str(r["batch"]) for r in manifest["verification"]["parity"])
+    print(f"{args.out}: {manifest['flavor']} {manifest['dtype']} ONNX (opset {manifest['opset']}), checked against "
+          f"eager PyTorch at batch {batches}: worst relative error {worst:.1e}")
+    retrieval = manifest["verification"]["retrieval"]
+    if retrieval:
+        e, x = retrieval["eager_fp32"], retrieval["export"]
+        print(f"retrieval mAP of d: eager fp32 {e['d_mAP']:.4f}, export {x['d_mAP']:.4f}; "
+              f"of d_hat: {e['d_hat_mAP']:.4f}, {x['d_hat_mAP']:.4f}")
+    if "kernels" in manifest:
+        print(f"AOT kernels for {', '.join(manifest['kernels']['targets'])} in {args.out / 'kernels'}")
+    if "tensorrt" in manifest:
+        print(f"TensorRT engine {args.out / manifest['tensorrt']['engine']}")
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from attrimeter.models.registry import list_models
 
@@ -206,6 +236,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="PNG figure to write")
     p.add_argument("--json", action="store_true", help="print the explanation as JSON")
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU if there is one), cpu or cuda[:N]")
+
+    p = add("export", _cmd_export, "Export an interpreter to ONNX (+ AOT kernels, + a TensorRT engine), verified.")
+    p.add_argument("--checkpoint", required=True, type=Path, help="interpreter.pt")
+    p.add_argument("--out", required=True, type=Path, help="export folder (an older export there is replaced)")
+    p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx", help="default onnx")
+    p.add_argument("--flavor", choices=["portable", "plugin"],
+                   help="portable (standard ops) or plugin (one attrimeter::MaskedGemPool node); default portable "
+                        "for onnx, plugin for tensorrt")
+    p.add_argument("--fp16", action="store_true", help="FP16 graph (judged on retrieval: needs --data)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17, default 18)")
+    p.add_argument("--targets", default="sm_80,sm_87,sm_89,sm_90",
+                   help="GPU targets of the AOT kernels, comma-separated, or none (default sm_80,sm_87,sm_89,sm_90)")
+    p.add_argument("--data", type=Path, help="data folder: also compare retrieval metrics with eager PyTorch")
+    p.add_argument("--max-batch", type=_positive, default=256, help="TensorRT profile's largest batch (default 256)")
+    p.add_argument("--opt-batch", type=_positive, default=32, help="TensorRT profile's tuned batch (default 32)")
+    p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache to reuse and update")
 
     p = add("models", _cmd_models, "List the registered target architectures.")
     p.add_argument("pattern", nargs="?", default="*", help="glob pattern")

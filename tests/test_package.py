@@ -9,7 +9,9 @@ from attrimeter.cli import build_parser, main
 def test_import_does_not_pull_torch():
     code = ("import sys, attrimeter, attrimeter.cli, attrimeter.config, attrimeter.data.schema, "
             "attrimeter.engine.evaluation, attrimeter.engine.explanation_metrics, attrimeter.viz, "
-            "attrimeter.kernels, attrimeter.runtime, attrimeter.export; print('torch' in sys.modules)")
+            "attrimeter.kernels, attrimeter.runtime, attrimeter.export, attrimeter.export.manifest, "
+            "attrimeter.export.aot, attrimeter.export.tensorrt_engine; "
+            "print('torch' in sys.modules or 'triton' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -17,8 +19,8 @@ def test_import_does_not_pull_torch():
 def test_every_subcommand_has_help(capsys):
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse keeps them only here
-    assert {"synth", "train-target", "evaluate-target", "train", "evaluate", "explain", "models", "schemas",
-            "demo"} <= set(commands)
+    assert {"synth", "train-target", "evaluate-target", "train", "evaluate", "explain", "export", "models",
+            "schemas", "demo"} <= set(commands)
     for name in commands:
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])

@@ -244,11 +244,23 @@ class AttriMeter(nn.Module):
         z = self.head(self.late(shared))
         # Row 0 (A = 1) of the masked pooling is the target's own embedding: GeM + folded BN-neck on F.
         f, f_k = masked_gem_pool_reference(features, z, self.p, self.eps, self.scale, self.shift)
+        return AttriMeterOutput(target=f, attributes=f_k, logits=z, attr_logits=self.classify(f_k, z))
+
+    def classify(self, attributes: Tensor, logits: Tensor) -> Tensor:
+        """The attribute classifier's logits (the exporter calls it after its own pooling).
+
+        Args:
+            attributes: f_k ``[B, M, C]``.
+            logits: Attention logits Z ``[B, M, h, w]``.
+
+        Returns:
+            ``[B, M]`` logits (> 0 predicts label 1).
+        """
         if self.probe_weight is not None:
-            attr_logits = (f_k * self.probe_weight).sum(-1) + self.probe_bias
-        else:  # smooth maximum of the map's logits: "the attribute is somewhere", in the map's own units
-            attr_logits = torch.logsumexp(z.flatten(2), -1) - math.log(z.shape[2] * z.shape[3]) + self.probe_bias
-        return AttriMeterOutput(target=f, attributes=f_k, logits=z, attr_logits=attr_logits)
+            return (attributes * self.probe_weight.to(attributes.dtype)).sum(-1) + self.probe_bias.to(attributes.dtype)
+        # "map": smooth maximum of the map's logits ("the attribute is somewhere"), in the map's own units.
+        return (torch.logsumexp(logits.flatten(2), -1) - math.log(logits.shape[2] * logits.shape[3])
+                + self.probe_bias.to(logits.dtype))
 
     def forward(self, images: Tensor) -> AttriMeterOutput:
         """Explain-ready outputs for a batch of images.

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from attrimeter.kernels import attr_distance as ad
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

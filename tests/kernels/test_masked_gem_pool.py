@@ -13,6 +13,7 @@ on their own, as the contract prescribes.
 import numpy as np
 import pytest
 import torch
+
 from attrimeter.kernels import masked_gem_pool as mgp
 
 # The interpreter evaluates log2(0) = -inf with numpy (A = 0 where exp underflows; exp2(-inf) = 0 as on a GPU).

@@ -1,8 +1,8 @@
 import pytest
 import torch
-from attrimeter.kernels.masked_gem_pool import masked_gem_pool_naive
 from torch import nn
 
+from attrimeter.kernels.masked_gem_pool import masked_gem_pool_naive
 from attrimeter.models import create_model
 from attrimeter.models.interpreter import AttriMeter, target_stages
 

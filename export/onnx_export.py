@@ -1,0 +1,518 @@
+"""ONNX export of a trained interpreter, in two flavours, verified against eager PyTorch (DESIGN §5).
+
+The graph: ``images`` [B, 3, H, W] float32 RGB in [0, 1] (normalisation inside) → ``embedding`` [B, C],
+``attr_embeddings`` [B, M, C], ``aam`` [B, M, h, w], ``attr_logits`` [B, M], all float32, B dynamic.
+
+* ``portable``: standard ONNX ops only; the masked pooling is the factorised form of
+  :func:`~attrimeter.kernels.masked_gem_pool.masked_gem_pool_reference` (Pow, MatMul, ReduceMean, …). Runs in ONNX
+  Runtime and in TensorRT.
+* ``plugin``: the masked pooling is ONE node ``attrimeter::MaskedGemPool`` (inputs F, Z, scale, shift; outputs f,
+  f_k; attributes p, eps, p_int, num_attributes, channels, and plugin_namespace / aot for TensorRT's parser) for
+  TensorRT's plugin (``tensorrt_engine``). Its schema is registered with ``onnx.defs`` so ``onnx.checker``
+  validates the node too.
+
+FP16 (``fp16=True``) exports an FP16 graph (TensorRT 11 has no FP16 builder flag; strongly typed networks take the
+graph's types): the input stays float32 and is cast once; powers and sums of the pooling run in float32 inside the
+graph and the plugin (F³ overflows fp16 for F > 40); outputs are cast back to float32.
+
+Every export is checked before it is published: the portable graph in ONNX Runtime, the plugin graph in ONNX's
+reference evaluator with a numpy ``MaskedGemPool``, at batch sizes 1 and > 1 on one session (so the batch really is
+dynamic), against the eager fp32 model. fp32 exports must agree to ``‖out − ref‖/‖ref‖ ≤ 1e-4``; fp16 exports are
+judged on retrieval (``data=...``: mAP and rank-1 of d and d̂ on the data's query/gallery, eager fp32 vs export).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import platform
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from attrimeter.export.manifest import MANIFEST_NAME, sha256_file, write_manifest
+from attrimeter.kernels.masked_gem_pool import _int_p, masked_gem_pool_reference, qexp
+
+__all__ = [
+    "FLAVORS",
+    "INPUT_NAME",
+    "OUTPUT_NAMES",
+    "ExportError",
+    "ExportGraph",
+    "export_onnx",
+    "masked_gem_pool_numpy",
+    "onnx_session",
+    "register_onnx_schema",
+]
+
+FLAVORS = ("portable", "plugin")
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("embedding", "attr_embeddings", "aam", "attr_logits")
+PLUGIN_DOMAIN = "attrimeter"
+PLUGIN_OP = "MaskedGemPool"
+MIN_OPSET = 17
+MAX_BATCH = 4096
+FP32_TOLERANCE = 1e-4
+# fp16 graphs: the retrieval mAP of d (and d̂) may move by at most this much against eager fp32.
+FP16_MAP_TOLERANCE = 0.01
+
+
+class ExportError(RuntimeError):
+    """The export cannot be made or does not reproduce the eager model; the message says which and by how much."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The plugin op: a torch custom op (so torch.export keeps it as one node) and its ONNX schema
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("attrimeter::masked_gem_pool", mutates_args=())
+def _masked_gem_pool_op(
+    F: Tensor, Z: Tensor, scale: Tensor, shift: Tensor, p: float, eps: float
+) -> tuple[Tensor, Tensor]:
+    f, f_k = masked_gem_pool_reference(F, Z, p, eps, scale, shift)
+    return f.contiguous(), f_k.contiguous()
+
+
+@_masked_gem_pool_op.register_fake
+def _(F: Tensor, Z: Tensor, scale: Tensor, shift: Tensor, p: float, eps: float) -> tuple[Tensor, Tensor]:
+    B, C = F.shape[:2]
+    return F.new_empty((B, C)), F.new_empty((B, Z.shape[1], C))
+
+
+def register_onnx_schema() -> None:
+    """Register ``attrimeter::MaskedGemPool`` (version 1) with ``onnx.defs``; idempotent.
+
+    The schema lets ``onnx.checker`` and onnxscript build and check the plugin node like a standard op.
+    """
+    import onnx
+    from onnx.defs import OpSchema
+
+    if onnx.defs.has(PLUGIN_OP, PLUGIN_DOMAIN):
+        return
+    t = "T"
+    attr = OpSchema.Attribute
+    schema = OpSchema(
+        PLUGIN_OP, PLUGIN_DOMAIN, 1,
+        doc="Fused masked GeM pooling: f = BN(GeM(F)), f_k = BN(GeM(F * qexp(Z_k))) (AttriMeter DESIGN §3).",
+        inputs=[OpSchema.FormalParameter(name, t, doc) for name, doc in (
+            ("F", "feature map [B, C, h, w]"), ("Z", "attention logits [B, M, h, w]"),
+            ("scale", "BN-neck scale [C]"), ("shift", "BN-neck shift [C]"))],
+        outputs=[OpSchema.FormalParameter("f", t, "embedding [B, C]"),
+                 OpSchema.FormalParameter("f_k", t, "attribute embeddings [B, M, C]")],
+        type_constraints=[(t, ["tensor(float)", "tensor(float16)"], "fp32 or fp16; accumulation is fp32")],
+        attributes=[
+            attr("p", OpSchema.AttrType.FLOAT, "GeM exponent"),
+            attr("eps", OpSchema.AttrType.FLOAT, "GeM clamp floor"),
+            attr("p_int", OpSchema.AttrType.INT, "p as an integer 1..4 (multiplications), 0 for the generic path"),
+            attr("num_attributes", OpSchema.AttrType.INT, "M"),
+            attr("channels", OpSchema.AttrType.INT, "C"),
+            # Read by TensorRT's ONNX parser, which finds plugins by op_type + this namespace (not the domain) and
+            # takes the AOT implementation only when asked.
+            attr("plugin_namespace", OpSchema.AttrType.STRING, "TensorRT plugin namespace: attrimeter"),
+            attr("aot", OpSchema.AttrType.INT, "1: use the plugin's ahead-of-time (Triton PTX) implementation"),
+        ],
+    )  # fmt: skip
+    onnx.defs.register_schema(schema)
+
+
+def _translate_masked_gem_pool(F: Any, Z: Any, scale: Any, shift: Any, p: float, eps: float) -> Any:
+    """The onnxscript translation of the custom op: one ``attrimeter::MaskedGemPool`` node."""
+    import onnxscript
+
+    register_onnx_schema()
+    op = onnxscript.values.Opset(PLUGIN_DOMAIN, 1)
+    # F and Z shapes are static but for B, so M and C are known here.
+    return op.MaskedGemPool(F, Z, scale, shift, p=float(p), eps=float(eps), p_int=_int_p(float(p)),
+                            num_attributes=int(Z.shape[1]), channels=int(F.shape[1]),
+                            plugin_namespace=PLUGIN_DOMAIN, aot=1, _outputs=2)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The exported module
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class ExportGraph(nn.Module):
+    """The grafted model as the export sees it: images in, the four fixed outputs out.
+
+    Args:
+        model: A trained :class:`~attrimeter.models.interpreter.AttriMeter` (deep-copied, so the caller's model keeps
+            its dtype).
+        flavor: ``"portable"`` or ``"plugin"``.
+        fp16: Build the FP16 graph.
+    """
+
+    def __init__(self, model: nn.Module, flavor: str = "portable", fp16: bool = False) -> None:
+        super().__init__()
+        if flavor not in FLAVORS:
+            raise ValueError(f"flavor must be one of {FLAVORS}, got {flavor!r}")
+        self.flavor = flavor
+        self.dtype = torch.float16 if fp16 else torch.float32
+        self.model = copy.deepcopy(model).to(self.dtype).eval()
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Run the export graph.
+
+        Args:
+            images: Float32 RGB in [0, 1], ``[B, 3, H, W]``.
+
+        Returns:
+            ``(embedding [B, C], attr_embeddings [B, M, C], aam [B, M, h, w], attr_logits [B, M])``, float32.
+        """
+        m = self.model
+        shared = m.shared_features(images.to(self.dtype))
+        features = m.target_features(shared)
+        z = m.head(m.late(shared))
+        if self.flavor == "plugin":
+            f, f_k = torch.ops.attrimeter.masked_gem_pool(features, z, m.scale, m.shift, m.p, m.eps)
+        else:
+            f, f_k = masked_gem_pool_reference(features, z, m.p, m.eps, m.scale, m.shift)
+        attr_logits = m.classify(f_k, z)
+        return f.float(), f_k.float(), qexp(z).float(), attr_logits.float()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Running an export on the CPU: ONNX Runtime (portable) and ONNX's reference evaluator (plugin)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def masked_gem_pool_numpy(
+    F: np.ndarray, Z: np.ndarray, scale: np.ndarray, shift: np.ndarray, p: float, eps: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Numpy twin of the ``MaskedGemPool`` node (factorised form, float32 accumulation, outputs in F's dtype).
+
+    Args:
+        F: Feature map [B, C, h, w].
+        Z: Attention logits [B, M, h, w].
+        scale: BN scale [C].
+        shift: BN shift [C].
+        p: GeM exponent.
+        eps: GeM clamp floor.
+
+    Returns:
+        ``(f [B, C], f_k [B, M, C])``.
+    """
+    B, C = F.shape[:2]
+    M = Z.shape[1]
+    g = np.maximum(F.astype(np.float32), np.float32(eps)).reshape(B, C, -1) ** np.float32(p)
+    z = Z.astype(np.float32).reshape(B, M, -1)
+    a = np.where(z < 0, np.exp(np.minimum(z, 0)), np.sqrt(1 + np.maximum(z, 0))) ** np.float32(p)
+    rows = np.concatenate([np.ones_like(a[:, :1]), a], axis=1)  # row 0: A ≡ 1, the global embedding
+    mean = rows @ g.transpose(0, 2, 1) / g.shape[-1]
+    out = np.maximum(mean, np.float32(eps) ** np.float32(p)) ** np.float32(1.0 / p)
+    out = out * scale.astype(np.float32) + shift.astype(np.float32)
+    out = out.astype(F.dtype)
+    return out[:, 0], out[:, 1:]
+
+
+def onnx_session(model_path: str | Path, flavor: str) -> Any:
+    """A CPU session with ``run(output_names, feeds)`` for an exported graph.
+
+    ONNX Runtime for portable graphs; ONNX's reference evaluator (with :func:`masked_gem_pool_numpy`) for plugin
+    graphs, which ONNX Runtime cannot run.
+
+    Args:
+        model_path: The ``.onnx`` file.
+        flavor: Its flavour.
+
+    Returns:
+        An object with ``run(None, {"images": array})`` returning the outputs in order.
+    """
+    if flavor == "portable":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    from onnx.reference import ReferenceEvaluator
+    from onnx.reference.op_run import OpRun
+
+    class MaskedGemPool(OpRun):
+        op_domain = PLUGIN_DOMAIN
+
+        def _run(self, F, Z, scale, shift, p=None, eps=None, **_attributes):  # noqa: D102
+            return masked_gem_pool_numpy(F, Z, scale, shift, float(p), float(eps))
+
+    register_onnx_schema()
+    return ReferenceEvaluator(str(model_path), new_ops=[MaskedGemPool])
+
+
+def _relative_errors(outputs: Sequence[np.ndarray], reference: Sequence[Tensor]) -> dict[str, float]:
+    errors = {}
+    for name, out, ref in zip(OUTPUT_NAMES, outputs, reference, strict=True):
+        ref_np = ref.detach().double().numpy()
+        if out.shape != ref_np.shape:
+            raise ExportError(f"output {name!r} has shape {list(out.shape)}, the eager model {list(ref_np.shape)}")
+        if not np.isfinite(out).all():
+            raise ExportError(f"output {name!r} of the export holds NaN/inf where the eager model is finite")
+        errors[name] = float(np.linalg.norm(out - ref_np) / max(np.linalg.norm(ref_np), 1e-30))
+    return errors
+
+
+def _check_parity(session: Any, model: nn.Module, image_size: tuple[int, int], batches: Sequence[int],
+                  tolerance: float | None, seed: int = 0) -> list[dict[str, Any]]:
+    """Run the export and the eager fp32 model on the same random images at each batch size, on one session."""
+    rng = torch.Generator().manual_seed(seed)
+    eager = ExportGraph(model)
+    results = []
+    for b in batches:
+        x = torch.rand(b, 3, *image_size, generator=rng)
+        with torch.no_grad():
+            ref = eager(x)
+        errors = _relative_errors(session.run(None, {INPUT_NAME: x.numpy()}), ref)
+        results.append({"batch": b, "relative_error": errors})
+        worst = max(errors, key=errors.__getitem__)
+        if tolerance is not None and errors[worst] > tolerance:
+            raise ExportError(f"the export differs from eager PyTorch at batch {b}: ‖out − ref‖/‖ref‖ of {worst!r} "
+                              f"is {errors[worst]:.2e} > {tolerance:.0e}")
+    return results
+
+
+def _embed(run: Any, images: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[N, M+1, C]`` stacked embeddings of uint8 images [N, H, W, 3] through ``run(float images) -> outputs``."""
+    rows = []
+    for start in range(0, len(images), batch):
+        x = images[start:start + batch].astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+        f, f_k = run(x)[:2]
+        rows.append(np.concatenate([f[:, None], f_k], axis=1))
+    return np.concatenate(rows).astype(np.float32)
+
+
+def _retrieval(stacked_q: np.ndarray, stacked_g: np.ndarray, data: Any) -> dict[str, float]:
+    from attrimeter.engine.evaluation import evaluate_rank
+
+    q_pids, q_cams = np.array([s.pid for s in data.query]), np.array([s.camid for s in data.query])
+    g_pids, g_cams = np.array([s.pid for s in data.gallery]), np.array([s.camid for s in data.gallery])
+    out = {}
+    # d: the target distance (row 0); d̂: the mean per-attribute distance (rows 1..M).
+    for key, dist in (("d", lambda q, g: np.linalg.norm(q[:, None, 0] - g[None, :, 0], axis=-1)),
+                      ("d_hat", lambda q, g: np.linalg.norm(q[:, None, 1:] - g[None, :, 1:], axis=-1).mean(-1))):
+        m = evaluate_rank(stacked_q, stacked_g, q_pids, g_pids, q_cams, g_cams, distance=dist, chunk_size=16)
+        out[f"{key}_mAP"], out[f"{key}_rank1"] = float(m.mAP), m.rank(1)
+    return out
+
+
+def _check_retrieval(session: Any, model: nn.Module, data_root: str | Path, image_size: tuple[int, int],
+                     fp16: bool, progress: bool) -> dict[str, Any]:
+    """Retrieval metrics of eager fp32 and of the export on the data's query/gallery; fp16 must keep them."""
+    from attrimeter.data.formats import load_dataset
+    from attrimeter.data.images import read_images
+
+    data = load_dataset(data_root)
+    eager = ExportGraph(model)
+
+    def run_eager(x: np.ndarray) -> list[np.ndarray]:
+        with torch.no_grad():
+            return [t.numpy() for t in eager(torch.from_numpy(x))]
+
+    def run_export(x: np.ndarray) -> list[np.ndarray]:
+        return session.run(None, {INPUT_NAME: x})
+
+    split_images = [read_images([s.path for s in split], image_size, progress=progress, desc=f"decode {name}")
+                    for name, split in (("query", data.query), ("gallery", data.gallery))]
+    eager_m = _retrieval(*(_embed(run_eager, im, 64) for im in split_images), data)
+    export_m = _retrieval(*(_embed(run_export, im, 64) for im in split_images), data)
+    result = {"data": str(Path(data_root).resolve()), "eager_fp32": eager_m, "export": export_m}
+    if fp16:
+        for key in ("d_mAP", "d_hat_mAP"):
+            if abs(export_m[key] - eager_m[key]) > FP16_MAP_TOLERANCE:
+                raise ExportError(f"the fp16 export changes retrieval: {key} {export_m[key]:.4f} vs eager fp32 "
+                                  f"{eager_m[key]:.4f} (tolerance {FP16_MAP_TOLERANCE})")
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The export
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+
+    from attrimeter import __version__
+
+    out = {"attrimeter": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+           "python": platform.python_version()}
+    try:
+        import onnxruntime
+
+        out["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def _attribute_schema(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    from attrimeter.data.schema import get_schema
+
+    schema = get_schema(meta["schema"])
+    return [{"name": a.name, "title": a.title, "meanings": list(a.meanings), "group": a.group}
+            for a in (schema[name] for name in meta["attributes"])]
+
+
+@contextlib.contextmanager
+def _quiet_loggers(prefix: str) -> Iterator[None]:
+    """Raise the level of every ``logging`` logger under ``prefix`` to ERROR for the duration."""
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict) if name.startswith(prefix)]
+    loggers.append(logging.getLogger(prefix))
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Move a finished export into place; an older export there is replaced, anything else is refused."""
+    if out_dir.exists():
+        if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file()):
+            raise ExportError(f"{out_dir} exists and is not an export folder: refusing to overwrite it")
+        shutil.rmtree(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging.rename(out_dir)
+
+
+def export_onnx(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    flavor: str = "portable",
+    fp16: bool = False,
+    opset: int = 18,
+    verify_batches: Sequence[int] = (1, 7),
+    data: str | Path | None = None,
+    progress: bool = True,
+    extra: Any = None,
+) -> dict[str, Any]:
+    """Export an interpreter checkpoint to ONNX, verify it, and publish the folder with its manifest.
+
+    The folder is built beside ``out_dir`` and renamed into place only once verified, so a failed export never
+    leaves a half-written or unverified model where a runtime would load it.
+
+    Args:
+        checkpoint: ``interpreter.pt`` (self-contained: the target is inside).
+        out_dir: The export folder to create (an older export there is replaced).
+        flavor: ``"portable"`` (standard ops) or ``"plugin"`` (one ``attrimeter::MaskedGemPool`` node).
+        fp16: Export an FP16 graph (float32 input and outputs).
+        opset: ONNX opset, ≥ 17.
+        verify_batches: Batch sizes checked against eager PyTorch, all on one session.
+        data: A data set root: also compare retrieval metrics of the export with eager fp32 (required to judge an
+            fp16 export; recorded in the manifest).
+        progress: Show progress.
+        extra: Optional callable ``(staging_dir, manifest) -> None`` that adds files and manifest entries (the AOT
+            kernels, a TensorRT engine) before the manifest is written and the folder published.
+
+    Returns:
+        The manifest written.
+
+    Raises:
+        FileNotFoundError: If the checkpoint does not exist.
+        ValueError: On a bad flavour or opset.
+        ExportError: If export, checker or verification fail (the message says which check and by how much).
+    """
+    import onnx
+
+    from attrimeter.engine.interpreter import load_interpreter
+
+    if flavor not in FLAVORS:
+        raise ValueError(f"flavor must be one of {FLAVORS}, got {flavor!r}")
+    if not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ValueError(f"opset must be an int >= {MIN_OPSET}, got {opset!r}")
+    if not verify_batches or any(b < 1 or b > MAX_BATCH for b in verify_batches):
+        raise ValueError(f"verify_batches must be batch sizes in 1..{MAX_BATCH}, got {list(verify_batches)}")
+    checkpoint = Path(checkpoint)
+    out_dir = Path(out_dir)
+    ck = load_interpreter(checkpoint)
+    model = ck.model
+    height, width = ck.image_size
+    graph = ExportGraph(model, flavor, fp16)
+    register_onnx_schema()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the published folder should read like any other
+    try:
+        onnx_path = staging / "model.onnx"
+        example = torch.rand(2, 3, height, width)
+        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+        table = {torch.ops.attrimeter.masked_gem_pool.default: _translate_masked_gem_pool}
+        try:
+            # The exporter narrates its steps on stdout and warns about optional packages (torchvision ops): noise
+            # next to our own report; its errors still raise.
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _quiet_loggers("torch.onnx"):
+                warnings.simplefilter("ignore")
+                torch.onnx.export(graph, (example,), str(onnx_path), input_names=[INPUT_NAME],
+                                  output_names=list(OUTPUT_NAMES), dynamic_shapes=({0: batch},),
+                                  opset_version=opset, external_data=False, custom_translation_table=table,
+                                  verbose=False)
+        except Exception as e:  # the exporter raises many types; say which stage failed
+            raise ExportError(f"torch.onnx.export failed for {checkpoint} ({flavor}, opset {opset}): {e}") from e
+        proto = onnx.load(str(onnx_path))
+        try:
+            onnx.checker.check_model(proto, full_check=True)
+        except onnx.checker.ValidationError as e:
+            raise ExportError(f"onnx.checker rejects the {flavor} export: {e}") from None
+        session = onnx_session(onnx_path, flavor)
+        parity = _check_parity(session, model, (height, width), verify_batches, None if fp16 else FP32_TOLERANCE)
+        retrieval = _check_retrieval(session, model, data, (height, width), fp16, progress) if data else None
+        with torch.no_grad():
+            h, w = graph.model.target_features(graph.model.shared_features(example[:1].to(graph.dtype))).shape[2:]
+        num_attributes, channels = model.num_attributes, model.num_features
+        manifest: dict[str, Any] = {
+            "flavor": flavor,
+            "dtype": "float16" if fp16 else "float32",
+            "opset": opset,
+            "model": "model.onnx",
+            "inputs": {INPUT_NAME: {"shape": ["batch", 3, height, width], "dtype": "float32", "layout": "NCHW",
+                                    "range": [0.0, 1.0], "channels": "RGB"}},
+            "outputs": {
+                "embedding": {"shape": ["batch", channels], "dtype": "float32"},
+                "attr_embeddings": {"shape": ["batch", num_attributes, channels], "dtype": "float32"},
+                "aam": {"shape": ["batch", num_attributes, int(h), int(w)], "dtype": "float32"},
+                "attr_logits": {"shape": ["batch", num_attributes], "dtype": "float32"},
+            },
+            "max_batch": MAX_BATCH,
+            "image_size": [height, width],
+            "feature_map": [channels, int(h), int(w)],
+            "normalization": {"inside_graph": True, **_normalization(model)},
+            "pooling": {"p": model.p, "eps": model.eps, "p_int": _int_p(model.p)},
+            "schema": ck.meta["schema"],
+            "attributes": _attribute_schema(ck.meta),
+            "classifier": model.classifier,
+            "plugin": ({"op": f"{PLUGIN_DOMAIN}::{PLUGIN_OP}", "inputs": ["F", "Z", "scale", "shift"],
+                        "outputs": ["f", "f_k"]} if flavor == "plugin" else None),
+            "source": {"checkpoint": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint)},
+            "versions": _versions(),
+            "verification": {"runner": "onnxruntime" if flavor == "portable" else "onnx.reference",
+                             "tolerance": None if fp16 else FP32_TOLERANCE, "parity": parity,
+                             "retrieval": retrieval},
+        }
+        if extra is not None:
+            extra(staging, manifest)
+        write_manifest(staging, manifest)
+        _publish(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return json.loads((out_dir / MANIFEST_NAME).read_text())
+
+
+def _normalization(model: nn.Module) -> dict[str, list[float]]:
+    target = model.target
+    mean, std = getattr(target, "pixel_mean", None), getattr(target, "pixel_std", None)
+    if mean is None or std is None:
+        return {}
+    return {"mean": [float(v) for v in mean.flatten()], "std": [float(v) for v in std.flatten()]}

@@ -1,0 +1,666 @@
+"""TensorRT engine build for the AttriMeter ONNX export, with the masked GeM pooling as an AOT Python plugin.
+
+Written against the real TensorRT Python API (10.x and 11.x); ``tensorrt`` is imported inside the functions only, so
+this module imports (and its pure-Python parts run) on a machine without TensorRT. Facts this code relies on, with
+where they are documented:
+
+* Builder / network: ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` makes the graph's dtypes decide the precision
+  (10.x); in 11.0 it is deprecated and ignored because every network is strongly typed, and ``EXPLICIT_BATCH`` is gone.
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/Builder.html
+  https://docs.nvidia.com/deeplearning/tensorrt/11.0.0/_static/python-api/infer/Core/Builder.html
+* ``BuilderFlag.FP16`` (and every other weak-typing flag) is removed in 11.x: FP16 comes from an FP16 graph.
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/tensorrt-10x-to-11x-python-api-reference.html
+* The ONNX parser imports a node it has no importer for as a plugin: ``op_type`` must equal the plugin *name*, the
+  namespace comes from a string attribute ``plugin_namespace``, and an AOT implementation is requested with the
+  attribute ``aot`` = true. No parser flag is needed (``OnnxParserFlag`` has only NATIVE_INSTANCENORM and a DLA flag).
+  https://github.com/NVIDIA/TensorRT/tree/main/samples/python/quickly_deployable_plugins (README, "ONNX model with a
+  plugin" / "ONNX model with an AOT plugin")
+* ``tensorrt.plugin.aot_impl`` returns (kernel name, PTX, ``KernelLaunchParams``, ``SymIntExprs``); "Presently, only
+  PTX is supported"; the extra (scalar, SymInt32-only) arguments sit *after the tensor inputs and before the tensor
+  outputs*; its signature must be exactly (inputs..., attrs in register order..., outputs, tactic) with a return
+  annotation. ``KernelLaunchParams`` has grid_x/y/z, block_x/y/z, shared_mem (int or symbolic).
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/tensorrt.plugin/trt_plugin_aot_impl/index.html
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/%5Fstatic/python-api/infer/tensorrt.plugin/trt_plugin_aot_impl/KernelLaunchParams.html
+  https://github.com/NVIDIA/TensorRT/blob/main/python/packaging/bindings_wheel/tensorrt/plugin/_validate.py
+* Triton >= 3.3 appends ``global_scratch`` and (>= 3.5) ``profile_scratch`` pointer parameters to every kernel.
+  TensorRT only passes inputs, extra args and outputs; per Torch-TensorRT's Triton AOT path it pads the missing
+  trailing slots with null, but that is not in TensorRT's own documentation, so this module removes the two unused
+  trailing ``.param`` declarations from the PTX entry (after checking the body never reads them): the launch ABI is
+  then exactly what TensorRT passes, whichever TensorRT version builds it.
+  https://github.com/pytorch/TensorRT/blob/main/py/torch_tensorrt/kernels/_triton.py
+* Timing cache: ``IBuilderConfig.create_timing_cache(bytes)`` / ``set_timing_cache(cache, ignore_mismatch)`` /
+  ``get_timing_cache().serialize()``; progress: ``IBuilderConfig.progress_monitor`` takes an ``IProgressMonitor``.
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/BuilderConfig.html
+
+No ``from __future__ import annotations`` here on purpose: ``tensorrt.plugin`` inspects the annotations of the
+register/aot_impl functions as live objects (``issubclass(annotation, TensorDesc)``), and strings would break it.
+"""
+
+import ctypes
+import json
+import logging
+import math
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_LOG = logging.getLogger(__name__)
+
+PLUGIN_NAMESPACE = "attrimeter"
+PLUGIN_NAME = "MaskedGemPool"
+PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
+KERNEL_JSON_NAME = "masked_gem_pool.json"
+INPUT_NAME = "images"
+
+_INSTALL_HINT = (
+    "pip install 'attrimeter[trt]' on a machine with an NVIDIA GPU and driver; the TensorRT wheels come from "
+    "NVIDIA's package index"
+)
+# Pointer element types of the kernel JSON -> TensorRT dtype names (attributes of the ``tensorrt`` module).
+_TRITON_DTYPES = {"fp32": "float32", "fp16": "float16"}
+_N_INPUTS, _N_OUTPUTS = 4, 2  # F, Z, scale, shift -> f, f_k
+_DEFAULT_SMEM = 48 * 1024  # larger dynamic shared memory needs an opt-in attribute on the CUDA function
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """What the MaskedGemPool plugin was exported for.
+
+    Attributes:
+        kernel_json: Per-kernel launch metadata written by the AOT step, for the GPU's target (see
+            :func:`kernel_json_for_device`). PTX/cubin paths inside it are relative to its folder.
+        num_attributes: M, the number of attribute masks.
+        channels: C, the feature channels.
+        height: h of the feature map.
+        width: w of the feature map.
+    """
+
+    kernel_json: Path
+    num_attributes: int
+    channels: int
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class PluginKernel:
+    """The AOT kernel as TensorRT gets it: validated metadata plus the PTX with Triton's hidden parameters removed.
+
+    Attributes:
+        symbol: PTX entry name.
+        target: GPU target the JSON was written for, e.g. ``"sm_90"``.
+        cc: Its compute capability as an int (90).
+        ptx: PTX text handed to TensorRT.
+        ptx_target: The PTX ``.target`` (``sm_90a`` is arch-specific, ``sm_80`` is forward compatible).
+        ptx_version: The PTX ISA version (``.version``); the driver must support it.
+        dtype: Element type of every tensor parameter (``"fp32"`` or ``"fp16"``).
+        num_warps: Warps per block (block x = 32 * num_warps).
+        shared_bytes: Dynamic shared memory per block.
+        grid_x: Grid x as factors: run-time size names (only ``"B"``) and integers.
+        grid_y: Grid y as an integer.
+        grid_z: Grid z as an integer.
+        constants: Compile-time constants baked into the kernel.
+        json_path: Where the metadata came from.
+    """
+
+    symbol: str
+    target: str
+    cc: int
+    ptx: str
+    ptx_target: str
+    ptx_version: str
+    dtype: str
+    num_warps: int
+    shared_bytes: int
+    grid_x: tuple[str | int, ...]
+    grid_y: int
+    grid_z: int
+    constants: dict[str, Any]
+    json_path: Path
+
+
+# --------------------------------------------------------------------------------------------------- availability
+
+
+@dataclass(frozen=True)
+class _CudaDevice:
+    name: str
+    cc: int
+    max_shared_optin: int
+    driver_version: int
+
+
+def _cuda_device(index: int = 0) -> _CudaDevice | None:
+    """The CUDA device TensorRT builds on, read from the driver with ctypes (no torch/cuda-python needed)."""
+    names = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")
+    lib = None
+    for name in names:
+        try:
+            lib = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    if lib is None or lib.cuInit(0) != 0:
+        return None
+    count = ctypes.c_int(0)
+    if lib.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value <= index:
+        return None
+    device = ctypes.c_int(0)
+    if lib.cuDeviceGet(ctypes.byref(device), index) != 0:
+        return None
+    raw_name = ctypes.create_string_buffer(256)
+    lib.cuDeviceGetName(raw_name, 256, device)
+
+    def attribute(code: int) -> int:
+        value = ctypes.c_int(0)
+        lib.cuDeviceGetAttribute(ctypes.byref(value), code, device)
+        return value.value
+
+    # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR/MINOR = 75/76, MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97 (cuda.h).
+    driver = ctypes.c_int(0)
+    lib.cuDriverGetVersion(ctypes.byref(driver))
+    return _CudaDevice(raw_name.value.decode(errors="replace"), 10 * attribute(75) + attribute(76), attribute(97),
+                       driver.value)
+
+
+def tensorrt_available() -> str | None:
+    """Whether an engine can be built here.
+
+    Returns:
+        None when ``import tensorrt`` gives the real TensorRT and a CUDA GPU is visible; else one sentence naming
+        what is missing.
+    """
+    try:
+        import tensorrt as trt
+    except ModuleNotFoundError:
+        return f"TensorRT is not installed ({_INSTALL_HINT})."
+    except (ImportError, OSError) as exc:  # e.g. the Python bindings without their libnvinfer
+        return f"TensorRT is installed but cannot be loaded: {exc}."
+    # The tensorrt-stubs package installs a bare `tensorrt/` folder of .pyi files, which imports as an empty namespace
+    # package: `import tensorrt` then "works" without TensorRT.
+    if not hasattr(trt, "Builder"):
+        return (f"TensorRT is not installed: `import tensorrt` found only type stubs (tensorrt-stubs) at "
+                f"{list(getattr(trt, '__path__', []))} ({_INSTALL_HINT}).")
+    if _cuda_device() is None:
+        return f"TensorRT {trt.__version__} is installed but no CUDA GPU is visible; TensorRT builds engines on a GPU."
+    return None
+
+
+# --------------------------------------------------------------------------------------------------- kernel metadata
+
+
+def _sm(cc: int) -> str:
+    return f"sm_{cc}"
+
+
+def _ptx_header(ptx: str) -> tuple[str, str]:
+    target = re.search(r"^\s*\.target\s+(\w+)", ptx, re.MULTILINE)
+    version = re.search(r"^\s*\.version\s+([\d.]+)", ptx, re.MULTILINE)
+    if target is None or version is None:
+        raise ValueError("not PTX: no .target/.version directive")
+    return target.group(1), version.group(1)
+
+
+def _ptx_portable_to(ptx_target: str, cc: int) -> bool:
+    """Whether the driver may JIT PTX of ``ptx_target`` for a ``cc`` GPU.
+
+    PTX for a plain ``sm_XY`` target is forward compatible (any GPU with cc >= XY); an arch-specific ``sm_XYa`` target
+    (what Triton emits for cc >= 90) runs only on exactly that cc.
+    """
+    match = re.fullmatch(r"sm_(\d+)([a-z]?)", ptx_target)
+    if match is None:
+        return False
+    ptx_cc, suffix = int(match.group(1)), match.group(2)
+    return ptx_cc == cc if suffix else ptx_cc <= cc
+
+
+def _strip_hidden_params(ptx: str, symbol: str, n_params: int, n_visible: int) -> str:
+    """Remove the trailing ``n_params - n_visible`` parameters (Triton's scratch pointers) from the PTX entry.
+
+    TensorRT launches the AOT kernel with (inputs, extra args, outputs) only. The scratch parameters are never read
+    when their size is 0; this is checked on the PTX text, so the rewrite cannot change what the kernel computes.
+    """
+    entry = re.search(rf"\.entry\s+{re.escape(symbol)}\s*\((?P<params>[^)]*)\)", ptx)
+    if entry is None:
+        raise ValueError(f"PTX has no entry {symbol!r}")
+    declared = [p.strip() for p in entry.group("params").split(",") if p.strip()]
+    if len(declared) != n_params:
+        raise ValueError(f"PTX entry {symbol!r} declares {len(declared)} parameters, the kernel JSON lists {n_params}")
+    body = ptx[:entry.start()] + ptx[entry.end():]
+    for decl in declared[n_visible:]:
+        name = decl.split()[-1]
+        if re.search(rf"\b{re.escape(name)}\b", body):
+            raise ValueError(f"PTX entry {symbol!r} reads its hidden parameter {name}; TensorRT passes no such "
+                             "argument (recompile so that it needs no Triton scratch memory)")
+    params = ",\n\t".join(declared[:n_visible])
+    return ptx[:entry.start("params")] + "\n\t" + params + "\n" + ptx[entry.end("params"):]
+
+
+def load_plugin_kernel(kernel_json: Path) -> PluginKernel:
+    """Read and check the per-kernel JSON and its PTX.
+
+    Args:
+        kernel_json: ``EXPORT/kernels/sm_XX/masked_gem_pool.json``.
+
+    Returns:
+        The kernel as TensorRT's AOT plugin takes it.
+
+    Raises:
+        ValueError: The metadata does not describe a kernel TensorRT can launch (scalar parameters, non-zero Triton
+            scratch memory, mixed dtypes, PTX that disagrees with the JSON).
+    """
+    kernel_json = Path(kernel_json)
+    meta = json.loads(kernel_json.read_text())
+    where = str(kernel_json)
+    symbol = meta["symbol"]
+    params = meta["params"]
+    tensors = [p for p in params if str(p["type"]).startswith("*")]
+    hidden = params[len(tensors):]
+    if params[:len(tensors)] != tensors or len(tensors) != _N_INPUTS + _N_OUTPUTS:
+        raise ValueError(f"{where}: expected {_N_INPUTS} input and {_N_OUTPUTS} output pointers first, then only "
+                         f"Triton's scratch pointers; got {[p['name'] + ':' + p['type'] for p in params]} (TensorRT "
+                         "passes inputs, SymInt32 extra args, outputs; this kernel must take no scalars)")
+    for p in hidden:
+        if p["type"] != "scratch" or int(p.get("size", 0)) != 0:
+            raise ValueError(f"{where}: parameter {p['name']} ({p['type']}, size {p.get('size')}) needs memory that "
+                             "TensorRT's AOT launch cannot provide; only zero-sized Triton scratch is supported")
+    dtypes = {p["type"][1:] for p in tensors}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in _TRITON_DTYPES:
+        raise ValueError(f"{where}: tensor parameters must all be one of {sorted(_TRITON_DTYPES)}, got {dtypes}")
+    num_warps = int(meta["num_warps"])
+    if int(meta.get("threads", 32 * num_warps)) != 32 * num_warps:
+        raise ValueError(f"{where}: threads {meta['threads']} != 32 * num_warps ({num_warps})")
+    constants = dict(meta.get("constants", {}))
+    grid = meta["grid"]
+    grid_x: list[str | int] = []
+    for factor in grid["x"]:
+        if isinstance(factor, int):
+            grid_x.append(factor)
+        elif factor == "B":
+            grid_x.append("B")
+        elif isinstance(constants.get(factor), int):
+            grid_x.append(int(constants[factor]))
+        else:
+            raise ValueError(f"{where}: grid factor {factor!r} is neither an int, 'B' nor an int constant")
+    if grid_x.count("B") > 1:
+        raise ValueError(f"{where}: grid x names the batch more than once: {grid['x']}")
+    grid_y, grid_z = (math.prod(int(v) for v in grid.get(axis, [1])) for axis in ("y", "z"))
+
+    ptx_path = kernel_json.parent / meta["ptx"]
+    ptx = ptx_path.read_text()
+    ptx_target, ptx_version = _ptx_header(ptx)
+    ptx = _strip_hidden_params(ptx, symbol, len(params), len(tensors))
+    target = str(meta["target"])
+    cc = int(meta.get("cc", target.removeprefix("sm_").rstrip("af")))
+    return PluginKernel(symbol=symbol, target=target, cc=cc, ptx=ptx, ptx_target=ptx_target,
+                        ptx_version=ptx_version, dtype=next(iter(dtypes)), num_warps=num_warps,
+                        shared_bytes=int(meta["shared_bytes"]), grid_x=tuple(grid_x), grid_y=grid_y, grid_z=grid_z,
+                        constants=constants, json_path=kernel_json)
+
+
+def _check_spec(kernel: PluginKernel, spec: PluginSpec) -> None:
+    expected = {"C": spec.channels, "M": spec.num_attributes, "HW": spec.height * spec.width}
+    wrong = {k: (kernel.constants[k], v) for k, v in expected.items() if k in kernel.constants
+             and int(kernel.constants[k]) != v}
+    if wrong:
+        raise ValueError(f"{kernel.json_path} was compiled for other shapes than the plugin spec "
+                         f"(constant: (kernel, spec)): {wrong}; re-run the AOT step for this model")
+
+
+def kernel_json_for_device(export_dir: Path, cc: int, *, max_shared_bytes: int | None = None) -> Path:
+    """The kernel JSON to use on a GPU of compute capability ``cc``.
+
+    ``EXPORT/kernels/sm_{cc}/masked_gem_pool.json`` when it exists. Otherwise the highest lower target of the same
+    major version, but only where PTX JIT makes that legal: its PTX ``.target`` must be a plain ``sm_XY`` (forward
+    compatible) and not an arch-specific ``sm_XYa`` (Triton emits those for cc >= 90, so Hopper/Blackwell kernels
+    never fall back), and its shared memory must fit ``max_shared_bytes`` when given (e.g. an sm_80 kernel tuned for
+    A100's 163 KB does not fit an sm_86/sm_89 GPU's 99 KB).
+
+    Args:
+        export_dir: The export folder (holds ``kernels/sm_XX/``).
+        cc: Compute capability as an int, e.g. 90 for sm_90.
+        max_shared_bytes: The GPU's opt-in shared memory per block, if known.
+
+    Returns:
+        Path of the kernel JSON.
+
+    Raises:
+        ValueError: No usable kernel; names the available targets and how to add one.
+    """
+    kernels = Path(export_dir) / "kernels"
+    exact = kernels / _sm(cc) / KERNEL_JSON_NAME
+    if exact.is_file():
+        return exact
+    available = sorted((int(m.group(1)) for d in kernels.glob("sm_*")
+                        if (m := re.fullmatch(r"sm_(\d+)", d.name)) and (d / KERNEL_JSON_NAME).is_file()),
+                       reverse=True)
+    rejected: list[str] = []
+    for candidate in available:
+        if candidate > cc or candidate // 10 != cc // 10:
+            continue
+        path = kernels / _sm(candidate) / KERNEL_JSON_NAME
+        meta = json.loads(path.read_text())
+        ptx_target, _ = _ptx_header((path.parent / meta["ptx"]).read_text())
+        if not _ptx_portable_to(ptx_target, cc):
+            rejected.append(f"{_sm(candidate)} (PTX .target {ptx_target} is arch-specific)")
+        elif max_shared_bytes is not None and int(meta["shared_bytes"]) > max_shared_bytes:
+            rejected.append(f"{_sm(candidate)} (needs {meta['shared_bytes']} B shared memory, GPU has "
+                            f"{max_shared_bytes} B)")
+        else:
+            _LOG.warning("no kernel for %s; using the %s PTX through driver JIT", _sm(cc), _sm(candidate))
+            return path
+    names = ", ".join(_sm(c) for c in sorted(available)) or "none"
+    why = f"; not usable: {', '.join(rejected)}" if rejected else ""
+    raise ValueError(f"no masked_gem_pool kernel for {_sm(cc)} in {kernels} (available: {names}{why}); add one with "
+                     f"`attrimeter export ... --targets {_sm(cc)}` on any machine (the AOT step needs no GPU)")
+
+
+# --------------------------------------------------------------------------------------------------- plugin
+
+
+class _PluginState:
+    """The kernel the registered plugin launches.
+
+    TensorRT's registry refuses a second definition of a plugin id, so the decorated functions read the kernel from
+    here and re-registering with another spec swaps it.
+    """
+
+    lock = threading.Lock()
+    registered = False
+    kernel: PluginKernel | None = None
+    spec: PluginSpec | None = None
+
+
+def register_masked_gem_pool_plugin(spec: PluginSpec) -> None:
+    """Register ``attrimeter::MaskedGemPool`` with TensorRT's Python plugin API (idempotent).
+
+    The ONNX node must have ``op_type`` "MaskedGemPool" and the string attribute ``plugin_namespace`` =
+    "attrimeter" (TensorRT matches op_type + plugin_namespace, not the ONNX domain), plus the int attribute ``aot`` =
+    1 so the parser takes the AOT implementation. Its other attributes must be exactly channels, eps,
+    num_attributes, p, p_int (any order): TensorRT rejects attributes the register function does not declare.
+
+    Args:
+        spec: Which kernel to launch and the shapes it was compiled for.
+
+    Raises:
+        ValueError: The kernel metadata is unusable or disagrees with ``spec``.
+        RuntimeError: This TensorRT has no AOT Python plugins.
+    """
+    kernel = load_plugin_kernel(spec.kernel_json)
+    _check_spec(kernel, spec)
+    if kernel.shared_bytes > _DEFAULT_SMEM:
+        _LOG.warning("%s uses %d B of shared memory (> 48 KB, which needs the CUDA function's opt-in attribute); "
+                     "check the engine's results on the GPU", kernel.json_path, kernel.shared_bytes)
+    with _PluginState.lock:
+        _PluginState.kernel, _PluginState.spec = kernel, spec
+        if _PluginState.registered:
+            return
+        _define_plugin()
+        _PluginState.registered = True
+
+
+def _define_plugin() -> None:
+    import tensorrt as trt
+    import tensorrt.plugin as trtp
+
+    if not hasattr(trtp, "aot_impl"):
+        raise RuntimeError(f"TensorRT {trt.__version__} has no tensorrt.plugin.aot_impl (AOT Python plugins); "
+                           "use a newer TensorRT 10.x or 11.x")
+
+    # The register function gets the attributes by keyword; aot_impl declares all of them too, because some releases
+    # pass every attribute to it positionally in the ONNX node's order. So the values are checked here, not there.
+    @trtp.register(PLUGIN_ID)
+    def _masked_gem_pool_desc(
+        f: trtp.TensorDesc, z: trtp.TensorDesc, scale: trtp.TensorDesc, shift: trtp.TensorDesc,
+        channels: int, eps: float, num_attributes: int, p: float, p_int: int,
+    ) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
+        kernel = _PluginState.kernel
+        assert kernel is not None  # set before the plugin is defined
+        _check_attributes(kernel, channels=channels, eps=eps, num_attributes=num_attributes, p=p, p_int=p_int)
+        batch, c, m = f.shape_expr[0], f.shape_expr[1], z.shape_expr[1]
+        return (trtp.from_shape_expr((batch, c), dtype=f.dtype),
+                trtp.from_shape_expr((batch, m, c), dtype=f.dtype))
+
+    @trtp.aot_impl(PLUGIN_ID)
+    def _masked_gem_pool_aot(
+        f: trtp.TensorDesc, z: trtp.TensorDesc, scale: trtp.TensorDesc, shift: trtp.TensorDesc,
+        channels: int, eps: float, num_attributes: int, p: float, p_int: int,
+        outputs: tuple[trtp.TensorDesc, trtp.TensorDesc], tactic: int,
+    ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
+        kernel = _PluginState.kernel
+        assert kernel is not None  # set before the plugin is defined
+        graph_dtype = {trt.float32: "fp32", trt.float16: "fp16"}.get(f.dtype, str(f.dtype))
+        if graph_dtype != kernel.dtype:
+            raise ValueError(f"{PLUGIN_ID}: the graph is {graph_dtype} but {kernel.json_path} was compiled for "
+                             f"{kernel.dtype}; compile the kernel for the graph's dtype")
+        # ShapeExpr * int is defined, int * ShapeExpr is not: keep the symbolic factor on the left.
+        per_item = math.prod(factor for factor in kernel.grid_x if isinstance(factor, int))
+        launch = trtp.KernelLaunchParams()
+        launch.grid_x = f.shape_expr[0] * per_item if "B" in kernel.grid_x else per_item
+        launch.grid_y = kernel.grid_y
+        launch.grid_z = kernel.grid_z
+        launch.block_x = 32 * kernel.num_warps
+        launch.shared_mem = kernel.shared_bytes
+        # No scalar arguments: C, HW, M, p, eps and the strides are compile-time constants of the kernel.
+        return kernel.symbol.encode(), kernel.ptx.encode(), launch, trtp.SymIntExprs(0)
+
+
+def _check_attributes(kernel: PluginKernel, **attributes: float) -> None:
+    """The ONNX node's attributes must match the constants baked into the kernel (the plugin cannot pass them)."""
+    baked = {"channels": kernel.constants.get("C"), "num_attributes": kernel.constants.get("M"),
+             "p": kernel.constants.get("p"), "eps": kernel.constants.get("eps"),
+             "p_int": kernel.constants.get("P_INT")}
+    wrong = {k: (attributes[k], v) for k, v in baked.items()
+             if v is not None and not math.isclose(float(attributes[k]), float(v), rel_tol=1e-6, abs_tol=0.0)}
+    if wrong:
+        raise ValueError(f"{PLUGIN_ID}: ONNX attributes differ from the constants of {kernel.json_path} "
+                         f"(attribute: (onnx, kernel)): {wrong}")
+
+
+# --------------------------------------------------------------------------------------------------- engine build
+
+
+def _make_logger() -> Any:
+    import tensorrt as trt
+
+    class _Logger(trt.ILogger):
+        """Forwards TensorRT messages to :mod:`logging` and keeps the errors for the exception message."""
+
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
+                self.errors.append(msg)
+                _LOG.error("TensorRT: %s", msg)
+            elif severity == trt.ILogger.Severity.WARNING:
+                _LOG.warning("TensorRT: %s", msg)
+            else:
+                _LOG.debug("TensorRT: %s", msg)
+
+    return _Logger()
+
+
+def _make_progress_monitor() -> Any:
+    import tensorrt as trt
+    from tqdm import tqdm
+
+    class _Progress(trt.IProgressMonitor):
+        """One tqdm bar per top-level build phase (TensorRT calls this from several threads)."""
+
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self._lock = threading.Lock()
+            self._bars: dict[str, Any] = {}
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            if parent_phase is None:
+                with self._lock:
+                    self._bars[phase_name] = tqdm(total=num_steps, desc=f"TensorRT: {phase_name}", leave=False)
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            with self._lock:
+                bar = self._bars.get(phase_name)
+                if bar is not None:
+                    bar.update(step + 1 - bar.n)
+            return True  # False would cancel the build
+
+        def phase_finish(self, phase_name: str) -> None:
+            with self._lock:
+                bar = self._bars.pop(phase_name, None)
+                if bar is not None:
+                    bar.close()
+
+    return _Progress()
+
+
+def _parse_errors(parser: Any, onnx_path: Path) -> ValueError:
+    lines = []
+    for i in range(parser.num_errors):
+        parser_error = parser.get_error(i)
+        lines.append(f"node {parser_error.node()} {parser_error.node_name()!r} ({parser_error.node_operator()}): "
+                     f"{parser_error.desc()} [{parser_error.code()}]")
+    hint = ""
+    if any(PLUGIN_NAME in line for line in lines):
+        hint = (f"\n(the {PLUGIN_NAME} node needs plugin_namespace={PLUGIN_NAMESPACE!r} and aot=1, and the plugin "
+                "must be registered before parsing: pass plugin=PluginSpec(...))")
+    return ValueError(f"TensorRT cannot parse {onnx_path}:\n  " + "\n  ".join(lines or ["(no parser error reported)"])
+                      + hint)
+
+
+def _write_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    tmp.replace(path)
+
+
+def build_engine(onnx_path: Path, engine_path: Path, *, max_batch: int, opt_batch: int, image_size: tuple[int, int],
+                 plugin: PluginSpec | None, timing_cache: Path | None, workspace_gib: float = 4.0,
+                 progress: bool = True) -> dict[str, Any]:
+    """Build a strongly typed TensorRT engine from the exported ONNX.
+
+    The graph's dtypes decide the precision (an FP16 engine comes from the FP16 graph; ``BuilderFlag.FP16`` is never
+    set, it is gone in TensorRT 11). One optimisation profile covers input ``images`` from (1, 3, H, W) over
+    (opt_batch, 3, H, W) to (max_batch, 3, H, W).
+
+    Args:
+        onnx_path: The ONNX graph (portable or plugin flavour).
+        engine_path: Where the serialized engine goes.
+        max_batch: Largest batch of the profile.
+        opt_batch: Batch TensorRT tunes for.
+        image_size: (H, W) of ``images``.
+        plugin: The MaskedGemPool plugin, registered before parsing; None for the portable graph.
+        timing_cache: Loaded when it exists and saved after the build; None for no cache.
+        workspace_gib: Workspace memory pool limit.
+        progress: Show the build phases.
+
+    Returns:
+        Build facts for the manifest: ``tensorrt_version``, ``device_name``, ``compute_capability`` (int, 90 for
+        sm_90), ``cuda_driver_version``, ``build_seconds``, ``profile`` (input name and min/opt/max shapes),
+        ``engine_bytes``, ``plugin_kernel_target`` (e.g. "sm_90", None without plugin), ``plugin`` (details or None),
+        ``timing_cache`` (path or None), ``workspace_gib``.
+
+    Raises:
+        RuntimeError: TensorRT or a GPU is missing, or the build failed.
+        ValueError: Bad arguments, unparsable ONNX (each parser error with its node), or a plugin kernel that does
+            not fit this GPU.
+    """
+    missing = tensorrt_available()
+    if missing is not None:
+        raise RuntimeError(missing)
+    if not 1 <= opt_batch <= max_batch:
+        raise ValueError(f"need 1 <= opt_batch ({opt_batch}) <= max_batch ({max_batch})")
+    import tensorrt as trt
+
+    device = _cuda_device()
+    assert device is not None  # tensorrt_available() checked it
+    plugin_info: dict[str, Any] | None = None
+    if plugin is not None:
+        register_masked_gem_pool_plugin(plugin)
+        kernel = _PluginState.kernel
+        assert kernel is not None
+        if not _ptx_portable_to(kernel.ptx_target, device.cc):
+            raise ValueError(f"{kernel.json_path} holds PTX for {kernel.ptx_target}, which cannot run on this "
+                             f"{device.name} ({_sm(device.cc)}); use kernel_json_for_device(export_dir, "
+                             f"{device.cc})")
+        if device.max_shared_optin and kernel.shared_bytes > device.max_shared_optin:
+            raise ValueError(f"{kernel.json_path} needs {kernel.shared_bytes} B shared memory per block; "
+                             f"{device.name} allows {device.max_shared_optin} B")
+        plugin_info = {"id": PLUGIN_ID, "target": kernel.target, "symbol": kernel.symbol, "dtype": kernel.dtype,
+                       "ptx_target": kernel.ptx_target, "ptx_version": kernel.ptx_version,
+                       "kernel_json": str(kernel.json_path)}
+
+    logger = _make_logger()
+    builder = trt.Builder(logger)
+    flags = 0
+    if int(trt.__version__.split(".")[0]) < 11:
+        # 10.x: opt in to strong typing. 11.x: always strongly typed, the flag is deprecated and ignored.
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    if plugin is not None:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        raise _parse_errors(parser, Path(onnx_path))
+
+    inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
+    if INPUT_NAME not in inputs:
+        raise ValueError(f"{onnx_path} has no input {INPUT_NAME!r} (inputs: {sorted(inputs)})")
+    tensor = inputs[INPUT_NAME]
+    if len(tensor.shape) != 4:
+        raise ValueError(f"input {INPUT_NAME!r} has shape {tuple(tensor.shape)}, expected [B, 3, H, W]")
+    h, w = image_size
+    shapes = {"min": (1, 3, h, w), "opt": (opt_batch, 3, h, w), "max": (max_batch, 3, h, w)}
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    profile = builder.create_optimization_profile()
+    profile.set_shape(INPUT_NAME, shapes["min"], shapes["opt"], shapes["max"])
+    config.add_optimization_profile(profile)
+
+    if timing_cache is not None:
+        cached = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
+        timing = config.create_timing_cache(cached)
+        if not config.set_timing_cache(timing, False):
+            # A cache from another GPU/TensorRT is rejected: start a fresh one rather than fail the build.
+            _LOG.warning("timing cache %s does not match this GPU/TensorRT; starting a new one", timing_cache)
+            timing = config.create_timing_cache(b"")
+            config.set_timing_cache(timing, False)
+    monitor = None
+    if progress:
+        if hasattr(trt, "IProgressMonitor"):
+            monitor = _make_progress_monitor()  # kept referenced until the build is done
+            config.progress_monitor = monitor
+        else:
+            _LOG.info("building %s (TensorRT %s)", engine_path, trt.__version__)
+
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    build_seconds = time.perf_counter() - start
+    if serialized is None:
+        raise RuntimeError(f"TensorRT {trt.__version__} failed to build {onnx_path}:\n  "
+                           + "\n  ".join(logger.errors or ["(no error logged)"]))
+    _write_atomic(Path(engine_path), serialized)
+    if timing_cache is not None:
+        _write_atomic(Path(timing_cache), config.get_timing_cache().serialize())
+
+    return {
+        "tensorrt_version": trt.__version__,
+        "device_name": device.name,
+        "compute_capability": device.cc,
+        "cuda_driver_version": device.driver_version,
+        "build_seconds": round(build_seconds, 3),
+        "profile": {"input": INPUT_NAME, **{k: list(v) for k, v in shapes.items()}},
+        "engine_bytes": int(serialized.nbytes),
+        "plugin_kernel_target": None if plugin_info is None else plugin_info["target"],
+        "plugin": plugin_info,
+        "timing_cache": None if timing_cache is None else str(timing_cache),
+        "workspace_gib": workspace_gib,
+    }

@@ -1,0 +1,522 @@
+"""TensorRT engine build (export/tensorrt_engine.py).
+
+TensorRT cannot be installed on the CPU machines, so every TensorRT name the module uses is checked here against the
+``tensorrt-stubs`` type stubs (text-scanned: their tensorrt.pyi has a syntax error that stops ``ast`` and mypy). The
+builds themselves run where TensorRT and a CUDA GPU are.
+"""
+
+import ast
+import importlib.metadata
+import json
+import re
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from attrimeter.export import tensorrt_engine as te
+
+MODULE = Path(te.__file__)
+
+# Variables of export/tensorrt_engine.py whose TensorRT class is known: every attribute read on them is checked.
+TYPED_NAMES = {
+    "builder": "Builder",
+    "network": "INetworkDefinition",
+    "parser": "OnnxParser",
+    "parser_error": "ParserError",
+    "config": "IBuilderConfig",
+    "profile": "IOptimizationProfile",
+    "timing": "ITimingCache",
+    "serialized": "IHostMemory",
+    "tensor": "ITensor",
+}
+# Members reached another way (a call result, a subclass override): (class, member).
+EXPLICIT_MEMBERS = [
+    ("IBuilderConfig", "get_timing_cache"),
+    ("ITimingCache", "serialize"),
+    ("IBuilderConfig", "progress_monitor"),
+    ("ILogger", "log"),
+    ("IProgressMonitor", "phase_start"),
+    ("IProgressMonitor", "step_complete"),
+    ("IProgressMonitor", "phase_finish"),
+]
+# Names the stubs (10.13) do not cover, each with the page that documents it. tensorrt-stubs has no tensorrt.plugin.
+_QDP = "https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/tensorrt.plugin"
+NOT_IN_STUBS = {
+    "tensorrt.plugin.register": f"{_QDP}/trt_plugin_register.html",
+    "tensorrt.plugin.aot_impl": f"{_QDP}/trt_plugin_aot_impl/index.html",
+    "tensorrt.plugin.KernelLaunchParams": f"{_QDP}/trt_plugin_aot_impl/KernelLaunchParams.html",
+    # SymIntExprs(n) and SymInt32 as the extra-args container: the aot_impl page's example.
+    "tensorrt.plugin.SymIntExprs": f"{_QDP}/trt_plugin_aot_impl/index.html",
+    "tensorrt.plugin.TensorDesc": f"{_QDP}/Tensor/TensorDesc.html",
+    # from_shape_expr((dims...), dtype): NVIDIA's QDP sample README (non_zero plugin) and tensorrt/plugin/_top_level.py.
+    "tensorrt.plugin.from_shape_expr": f"{_QDP}/Functions/index.html",
+}
+# Removed in TensorRT 11 (strong typing only; explicit batch always):
+# https://docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/tensorrt-10x-to-11x-python-api-reference.html
+REMOVED_IN_11 = {"FP16", "BF16", "INT8", "FP8", "EXPLICIT_BATCH", "OBEY_PRECISION_CONSTRAINTS",
+                 "PREFER_PRECISION_CONSTRAINTS", "platform_has_fast_fp16", "platform_has_fast_int8"}
+PLUGIN_ATTRIBUTES = ["channels", "eps", "num_attributes", "p", "p_int"]
+
+
+# --------------------------------------------------------------------------------------------------- stub index
+
+_CLASS = re.compile(r"^(\s*)class\s+(\w+)\s*(?:\((.*)\))?\s*:")
+_DEF = re.compile(r"^(\s*)(?:async\s+)?def\s+(\w+)\s*\(")
+_ATTR = re.compile(r"^(\s*)(\w+)\s*[:=]")
+_FROM = re.compile(r"^from\s+[\w.]+\s+import\s+(\w+)(?:\s+as\s+(\w+))?\s*$")
+_IMPORT = re.compile(r"^import\s+([\w.]+)(?:\s+as\s+(\w+))?\s*$")
+
+
+@dataclass
+class Stubs:
+    version: str
+    module: set[str] = field(default_factory=set)
+    classes: dict[str, set[str]] = field(default_factory=dict)
+    bases: dict[str, list[str]] = field(default_factory=dict)
+    plugin_module: set[str] | None = None
+
+    def members(self, cls: str) -> set[str]:
+        out = set(self.classes.get(cls, set()))
+        for base in self.bases.get(cls, []):
+            if base in self.classes and base != cls:
+                out |= self.members(base)
+        return out
+
+
+def _scan(text: str, stubs: Stubs, module: set[str]) -> None:
+    """Classes and members of a .pyi by indentation (tensorrt.pyi does not parse as Python)."""
+    stack: list[tuple[int, str]] = []  # (indent, qualified class name or "<def>")
+    in_doc = False
+    for line in text.splitlines():
+        quotes = line.count('"""') + line.count("'''")
+        if in_doc:
+            in_doc = quotes % 2 == 0
+            continue
+        if quotes:
+            in_doc = quotes % 2 == 1
+            continue
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("#", "@")):
+            continue
+        indent = len(line) - len(line.lstrip())
+        while stack and indent <= stack[-1][0]:
+            stack.pop()
+        owner = stack[-1][1] if stack else None
+        if owner == "<def>":
+            continue
+        names = module if owner is None else stubs.classes.setdefault(owner, set())
+        if m := _CLASS.match(line):
+            qual = m.group(2) if owner is None else f"{owner}.{m.group(2)}"
+            names.add(m.group(2))
+            stubs.classes.setdefault(qual, set())
+            stubs.bases[qual] = [b.strip().split(".")[-1] for b in (m.group(3) or "").split(",") if b.strip()]
+            stack.append((indent, qual))
+        elif m := _DEF.match(line):
+            names.add(m.group(2))
+            stack.append((indent, "<def>"))
+        elif owner is None and (m := _FROM.match(stripped) or _IMPORT.match(stripped)):
+            names.add(m.group(2) or m.group(1).split(".")[-1])
+        elif m := _ATTR.match(line):
+            names.add(m.group(2))
+            if m.group(2) == "__all__":
+                names.update(re.findall(r"'(\w+)'", line))
+
+
+@pytest.fixture(scope="module")
+def stubs() -> Stubs:
+    try:
+        dist = importlib.metadata.distribution("tensorrt-stubs")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("tensorrt-stubs is not installed (pip install --no-deps tensorrt-stubs): the TensorRT names of "
+                    "export/tensorrt_engine.py are checked against it")
+    files = {str(f): Path(str(dist.locate_file(f))) for f in dist.files or [] if str(f).endswith(".pyi")}
+    assert "tensorrt/__init__.pyi" in files, f"unexpected tensorrt-stubs layout: {sorted(files)}"
+    result = Stubs(version=dist.version)
+    _scan(files["tensorrt/__init__.pyi"].read_text(), result, result.module)
+    throwaway: set[str] = set()
+    for name, path in files.items():
+        if name.startswith("tensorrt_bindings/"):
+            _scan(path.read_text(), result, throwaway)
+        elif name.startswith("tensorrt/plugin"):
+            result.plugin_module = result.plugin_module or set()
+            _scan(path.read_text(), result, result.plugin_module)
+    assert {"Builder", "OnnxParser", "IBuilderConfig"} <= result.module, "stub scan found no TensorRT classes"
+    return result
+
+
+def _unknown(stubs: Stubs, root: str, chain: list[str]) -> str | None:
+    """The first name of ``root.chain`` the stubs do not have, or None (values past a non-class are not followed)."""
+    full = ".".join([root, *chain])
+    if root == "tensorrt.plugin":
+        if stubs.plugin_module is not None:
+            return None if chain[0] in stubs.plugin_module else full
+        return None if f"tensorrt.plugin.{chain[0]}" in NOT_IN_STUBS else full
+    head, *rest = chain
+    if head not in stubs.module:
+        return None if f"tensorrt.{head}" in NOT_IN_STUBS else f"tensorrt.{head}"
+    cls, path = (head if head in stubs.classes else None), f"tensorrt.{head}"
+    for part in rest:
+        if cls is None:
+            return None
+        path = f"{path}.{part}"
+        if part not in stubs.members(cls):
+            return None if path in NOT_IN_STUBS else path
+        cls = f"{cls}.{part}" if f"{cls}.{part}" in stubs.classes else None
+    return None
+
+
+def _chains(tree: ast.AST) -> list[tuple[str, list[str], int]]:
+    """Attribute chains rooted at a name bound by ``import tensorrt [as x]`` / ``import tensorrt.plugin as y``."""
+    aliases: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "tensorrt":
+            raise AssertionError(f"line {node.lineno}: use `import tensorrt as trt` so that the names are checked")
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name in ("tensorrt", "tensorrt.plugin"):
+                    aliases[alias.asname or alias.name.split(".")[0]] = alias.name
+    inner = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and id(node) not in inner:
+            parts, cur = [], node
+            while isinstance(cur, ast.Attribute):
+                parts.append(cur.attr)
+                cur = cur.value
+            if isinstance(cur, ast.Name) and cur.id in aliases:
+                out.append((aliases[cur.id], parts[::-1], node.lineno))
+    return out
+
+
+def _problems(stubs: Stubs, source: str) -> list[str]:
+    tree = ast.parse(source)
+    problems = [f"line {line}: {bad}" for root, chain, line in _chains(tree)
+                if (bad := _unknown(stubs, root, chain))]
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in TYPED_NAMES
+                and node.attr not in stubs.members(TYPED_NAMES[node.value.id])):
+            var = node.value.id
+            problems.append(f"line {node.lineno}: {TYPED_NAMES[var]}.{node.attr} ({var}.{node.attr})")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------- static checks
+
+
+def test_every_tensorrt_name_exists_in_the_stubs(stubs):
+    source = MODULE.read_text()
+    chains = {".".join([root, *chain]) for root, chain, _ in _chains(ast.parse(source))}
+    # The collector must see the API the module is built on, or the check below proves nothing.
+    assert {"tensorrt.Builder", "tensorrt.OnnxParser", "tensorrt.NetworkDefinitionCreationFlag.STRONGLY_TYPED",
+            "tensorrt.MemoryPoolType.WORKSPACE", "tensorrt.plugin.aot_impl"} <= chains, sorted(chains)
+    assert _problems(stubs, source) == [], f"names missing from tensorrt-stubs {stubs.version}"
+    for cls, member in EXPLICIT_MEMBERS:
+        assert member in stubs.members(cls), f"{cls}.{member} not in tensorrt-stubs {stubs.version}"
+        assert re.search(rf"\b{member}\b", source), f"{member} no longer used: drop it from EXPLICIT_MEMBERS"
+    used = {node.id for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Name)}
+    assert set(TYPED_NAMES) <= used, f"TYPED_NAMES not used by the module: {set(TYPED_NAMES) - used}"
+
+
+def test_a_misspelt_name_is_caught(stubs):
+    source = textwrap.dedent("""
+        import tensorrt as trt
+        import tensorrt.plugin as trtp
+        builder = trt.Bulder(None)
+        flag = trt.NetworkDefinitionCreationFlag.STRONGLY_TYPD
+        config = builder.create_builder_config()
+        config.set_timing_cach(None, False)
+        trtp.aot_iml("x::y")
+    """)
+    assert sorted(p.split(": ", 1)[1] for p in _problems(stubs, source)) == [
+        "IBuilderConfig.set_timing_cach (config.set_timing_cach)", "tensorrt.Bulder",
+        "tensorrt.NetworkDefinitionCreationFlag.STRONGLY_TYPD", "tensorrt.plugin.aot_iml"]
+
+
+def test_stubs_version_and_plugin_coverage(stubs):
+    # The allow-list above is only consulted for tensorrt.plugin while the stubs do not cover it (10.13 does not).
+    assert re.match(r"1[01]\.", stubs.version), stubs.version
+    if stubs.plugin_module is not None:
+        assert not any(name.startswith("tensorrt.plugin.") for name in NOT_IN_STUBS), \
+            "tensorrt-stubs now covers tensorrt.plugin: drop those NOT_IN_STUBS entries"
+
+
+def test_no_api_removed_in_tensorrt_11():
+    chains = [chain for _, chain, _ in _chains(ast.parse(MODULE.read_text()))]
+    assert not [c for c in chains if REMOVED_IN_11 & set(c)]
+
+
+def test_plugin_functions_follow_the_qdp_schema():
+    tree = ast.parse(MODULE.read_text())
+    assert not any(isinstance(n, ast.ImportFrom) and n.module == "__future__" for n in tree.body), \
+        "tensorrt.plugin needs live annotations (issubclass(annotation, TensorDesc)), not strings"
+    found = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef):
+            for deco in node.decorator_list:
+                if isinstance(deco, ast.Call) and isinstance(deco.func, ast.Attribute):
+                    found[deco.func.attr] = node
+    register, aot = found["register"], found["aot_impl"]
+    tensors = ["f", "z", "scale", "shift"]
+    assert [a.arg for a in register.args.args] == tensors + PLUGIN_ATTRIBUTES
+    # aot_impl: (inputs, attributes in register order, outputs, tactic) with a return annotation.
+    assert [a.arg for a in aot.args.args] == tensors + PLUGIN_ATTRIBUTES + ["outputs", "tactic"]
+    assert register.returns is not None and aot.returns is not None
+    assert all(a.annotation is not None for a in register.args.args)
+
+
+# --------------------------------------------------------------------------------------------------- kernel metadata
+
+_ENTRY_PARAMS = 8
+
+
+def _ptx(symbol: str = "_masked_gem_pool_fwd_kernel", target: str = "sm_90a", read_hidden: bool = False) -> str:
+    params = ",\n".join(f"\t.param .u64 .ptr .global .align 1 {symbol}_param_{i}" for i in range(_ENTRY_PARAMS))
+    loads = "\n".join(f"\tld.param.b64 \t%rd{i}, [{symbol}_param_{i}];" for i in range(7 if read_hidden else 6))
+    return (f"//\n.version 8.7\n.target {target}\n.address_size 64\n\n.visible .entry {symbol}(\n{params}\n)\n"
+            f".reqntid 128\n{{\n\t.reg .b64 \t%rd<9>;\n{loads}\n\tret;\n}}\n")
+
+
+def _write_kernel(root: Path, cc: int, *, target: str | None = None, shared: int = 122880, read_hidden: bool = False,
+                  params: list[dict] | None = None, constants: dict | None = None) -> Path:
+    folder = root / "kernels" / f"sm_{cc}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "masked_gem_pool.ptx").write_text(_ptx(target=target or f"sm_{cc}a", read_hidden=read_hidden))
+    names = ["f_ptr", "z_ptr", "scale_ptr", "shift_ptr", "out_g_ptr", "out_k_ptr"]
+    meta = {"kernel": "masked_gem_pool", "symbol": "_masked_gem_pool_fwd_kernel", "target": f"sm_{cc}", "cc": cc,
+            "cubin": "masked_gem_pool.cubin", "ptx": "masked_gem_pool.ptx", "num_warps": 4, "num_stages": 3,
+            "threads": 128, "shared_bytes": shared,
+            "params": params or [{"name": n, "type": "*fp32"} for n in names] + [
+                {"name": "global_scratch", "type": "scratch", "size": 0, "align": 1},
+                {"name": "profile_scratch", "type": "scratch", "size": 0, "align": 1}],
+            "grid": {"x": ["B", 4], "y": [1], "z": [1]},
+            "constants": constants or {"C": 512, "HW": 128, "M": 26, "p": 3.0, "eps": 1e-06, "BLOCK_C": 128},
+            "triton_version": "3.9.0", "ptx_version": "8.7"}
+    path = folder / "masked_gem_pool.json"
+    path.write_text(json.dumps(meta))
+    return path
+
+
+def test_kernel_drops_triton_hidden_parameters(tmp_path):
+    kernel = te.load_plugin_kernel(_write_kernel(tmp_path, 90))
+    entry = re.search(r"\.entry\s+_masked_gem_pool_fwd_kernel\s*\(([^)]*)\)", kernel.ptx)
+    assert entry is not None
+    declared = [p.split()[-1] for p in entry.group(1).split(",")]
+    assert declared == [f"_masked_gem_pool_fwd_kernel_param_{i}" for i in range(6)]  # what TensorRT passes
+    assert (kernel.ptx_target, kernel.ptx_version, kernel.dtype) == ("sm_90a", "8.7", "fp32")
+    assert (kernel.grid_x, kernel.grid_y, kernel.grid_z, kernel.num_warps) == (("B", 4), 1, 1, 4)
+    assert "ld.param.b64 \t%rd5, [_masked_gem_pool_fwd_kernel_param_5];" in kernel.ptx
+
+
+def test_kernel_that_reads_its_scratch_pointer_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="reads its hidden parameter"):
+        te.load_plugin_kernel(_write_kernel(tmp_path, 90, read_hidden=True))
+
+
+@pytest.mark.parametrize("bad", [
+    {"name": "n", "type": "i32"},
+    {"name": "global_scratch", "type": "scratch", "size": 256, "align": 1},
+])
+def test_kernel_params_trt_cannot_pass_are_refused(tmp_path, bad):
+    params = [{"name": n, "type": "*fp32"} for n in ("f", "z", "s", "t", "g", "k")] + [bad]
+    with pytest.raises(ValueError):
+        te.load_plugin_kernel(_write_kernel(tmp_path, 90, params=params))
+
+
+def test_spec_that_disagrees_with_the_kernel_is_refused_before_tensorrt(tmp_path):
+    spec = te.PluginSpec(kernel_json=_write_kernel(tmp_path, 90), num_attributes=26, channels=256, height=16, width=8)
+    with pytest.raises(ValueError, match="'C': \\(512, 256\\)"):
+        te.register_masked_gem_pool_plugin(spec)
+
+
+def test_kernel_json_for_device(tmp_path):
+    exact = _write_kernel(tmp_path, 90)
+    assert te.kernel_json_for_device(tmp_path, 90) == exact
+    # sm_80 PTX (plain .target) is forward compatible: an sm_86 GPU may JIT it, if the shared memory fits.
+    ampere = _write_kernel(tmp_path, 80, target="sm_80", shared=65536)
+    assert te.kernel_json_for_device(tmp_path, 86) == ampere
+    with pytest.raises(ValueError, match="shared memory"):
+        te.kernel_json_for_device(tmp_path, 86, max_shared_bytes=49152)
+    # Triton's sm_100a PTX is arch-specific: never for sm_103.
+    _write_kernel(tmp_path, 100)
+    with pytest.raises(ValueError, match=r"arch-specific.*--targets sm_103"):
+        te.kernel_json_for_device(tmp_path, 103)
+    with pytest.raises(ValueError, match=r"available: sm_80, sm_90, sm_100.*--targets sm_75"):
+        te.kernel_json_for_device(tmp_path, 75)
+
+
+# --------------------------------------------------------------------------------------------------- availability
+
+
+def test_tensorrt_available_names_what_is_missing():
+    message = te.tensorrt_available()
+    if message is None:
+        pytest.skip("TensorRT and a CUDA GPU are present here")
+    assert "TensorRT" in message and message.endswith(".")
+    try:
+        import tensorrt
+    except ModuleNotFoundError:
+        assert "not installed" in message
+    except (ImportError, OSError):
+        assert "cannot be loaded" in message
+    else:
+        if not hasattr(tensorrt, "Builder"):  # only tensorrt-stubs' bare .pyi folder
+            assert "type stubs" in message
+
+
+# --------------------------------------------------------------------------------------------------- GPU machine
+
+
+@pytest.fixture
+def trt():
+    module = pytest.importorskip("tensorrt", reason="TensorRT is not installed (GPU machine: pip install "
+                                 "'attrimeter[trt]')")
+    missing = te.tensorrt_available()  # also catches tensorrt-stubs' importable-but-empty `tensorrt`
+    if missing is not None:
+        pytest.skip(missing)
+    return module
+
+
+def _conv_relu_onnx(path: Path, size: tuple[int, int]) -> Path:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["images", "w"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["out"])],
+        "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["B", 3, *size])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", 4, *size])],
+        [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_build_engine_portable(trt, tmp_path):
+    onnx_path = _conv_relu_onnx(tmp_path / "tiny.onnx", (16, 8))
+    cache = tmp_path / "timing.cache"
+    info = te.build_engine(onnx_path, tmp_path / "tiny.engine", max_batch=4, opt_batch=2, image_size=(16, 8),
+                           plugin=None, timing_cache=cache, workspace_gib=0.25, progress=False)
+    assert (tmp_path / "tiny.engine").stat().st_size == info["engine_bytes"] > 0
+    assert cache.stat().st_size > 0
+    assert info["tensorrt_version"] == trt.__version__ and info["device_name"]
+    assert info["compute_capability"] >= 70 and info["build_seconds"] > 0
+    assert info["profile"] == {"input": "images", "min": [1, 3, 16, 8], "opt": [2, 3, 16, 8], "max": [4, 3, 16, 8]}
+    assert info["plugin_kernel_target"] is None
+    again = te.build_engine(onnx_path, tmp_path / "again.engine", max_batch=4, opt_batch=2, image_size=(16, 8),
+                            plugin=None, timing_cache=cache, progress=True)  # reuses the cache, shows progress
+    assert again["engine_bytes"] > 0
+
+
+def test_build_engine_reports_parser_errors(trt, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("NoSuchOp", ["images"], ["out"], name="mystery", domain="nowhere")], "bad",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["B", 3, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("nowhere", 1)]), path)
+    with pytest.raises(ValueError, match="mystery"):
+        te.build_engine(path, tmp_path / "bad.engine", max_batch=2, opt_batch=1, image_size=(8, 8), plugin=None,
+                        timing_cache=None, progress=False)
+
+
+def _toy_plugin(tmp_path: Path, c: int, m: int, h: int, w: int) -> te.PluginSpec:
+    """A Triton kernel with the MaskedGemPool ABI (4 inputs, 2 outputs, no scalars), compiled for this GPU.
+
+    It computes f[b, c] = sum_hw F * scale + shift and f_k[b, m, c] = sum_hw Z[b, m] * F[b, c]: enough to see that
+    TensorRT passes the pointers in the documented order and launches the grid/block from the JSON.
+    """
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    @triton.jit
+    def toy(f_ptr, z_ptr, scale_ptr, shift_ptr, out_g_ptr, out_k_ptr,
+            C: tl.constexpr, HW: tl.constexpr, M: tl.constexpr):
+        b = tl.program_id(0)
+        cs, hws, ms = tl.arange(0, C), tl.arange(0, HW), tl.arange(0, M)
+        f = tl.load(f_ptr + b * C * HW + cs[:, None] * HW + hws[None, :])
+        z = tl.load(z_ptr + b * M * HW + ms[:, None] * HW + hws[None, :])
+        g = tl.sum(f, axis=1) * tl.load(scale_ptr + cs) + tl.load(shift_ptr + cs)
+        tl.store(out_g_ptr + b * C + cs, g)
+        k = tl.sum(z[:, None, :] * f[None, :, :], axis=2)
+        tl.store(out_k_ptr + b * M * C + ms[:, None] * C + cs[None, :], k)
+
+    names = ["f_ptr", "z_ptr", "scale_ptr", "shift_ptr", "out_g_ptr", "out_k_ptr"]
+    constants = {"C": c, "HW": h * w, "M": m}
+    signature = {n: "*fp32" for n in names} | {k: "constexpr" for k in constants}
+    target = triton.runtime.driver.active.get_current_target()
+    compiled = triton.compile(triton.compiler.ASTSource(fn=toy, signature=signature, constexprs=constants),
+                              target=target)
+    ptx = compiled.asm["ptx"]
+    entry = re.search(rf"\.entry\s+{compiled.metadata.name}\s*\(([^)]*)\)", ptx)
+    assert entry is not None
+    hidden = len([p for p in entry.group(1).split(",") if p.strip()]) - len(names)
+    folder = tmp_path / "kernels" / f"sm_{target.arch}"
+    folder.mkdir(parents=True)
+    (folder / "toy.ptx").write_text(ptx)
+    meta = {"kernel": "masked_gem_pool", "symbol": compiled.metadata.name, "target": f"sm_{target.arch}",
+            "cc": target.arch, "ptx": "toy.ptx", "num_warps": compiled.metadata.num_warps,
+            "shared_bytes": compiled.metadata.shared,
+            "params": [{"name": n, "type": "*fp32"} for n in names]
+            + [{"name": f"scratch{i}", "type": "scratch", "size": 0, "align": 1} for i in range(hidden)],
+            "grid": {"x": ["B", 1], "y": [1], "z": [1]}, "constants": constants}
+    (folder / "masked_gem_pool.json").write_text(json.dumps(meta))
+    return te.PluginSpec(kernel_json=te.kernel_json_for_device(tmp_path, target.arch), num_attributes=m, channels=c,
+                         height=h, width=w)
+
+
+def test_plugin_engine_runs_the_aot_kernel(trt, tmp_path):
+    torch = pytest.importorskip("torch")
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    c, m, h, w = 8, 4, 4, 4
+    spec = _toy_plugin(tmp_path, c, m, h, w)
+    te.register_masked_gem_pool_plugin(spec)
+    te.register_masked_gem_pool_plugin(spec)  # idempotent
+    rng = np.random.default_rng(1)
+    arrays = {"wf": rng.normal(size=(c, 3, 1, 1)), "wz": rng.normal(size=(m, 3, 1, 1)),
+              "scale": rng.normal(size=c), "shift": rng.normal(size=c)}
+    arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
+    node = helper.make_node("MaskedGemPool", ["F", "Z", "scale", "shift"], ["f", "f_k"], name="pool",
+                            domain="attrimeter", channels=c, eps=1e-6, num_attributes=m, p=3.0, p_int=3,
+                            plugin_namespace="attrimeter", aot=1)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["images", "wf"], ["F"]), helper.make_node("Conv", ["images", "wz"], ["Z"]), node],
+        "toy", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["B", 3, h, w])],
+        [helper.make_tensor_value_info("f", TensorProto.FLOAT, ["B", c]),
+         helper.make_tensor_value_info("f_k", TensorProto.FLOAT, ["B", m, c])],
+        [numpy_helper.from_array(v, k) for k, v in arrays.items()])
+    onnx_path = tmp_path / "toy.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("attrimeter", 1)]), onnx_path)
+    info = te.build_engine(onnx_path, tmp_path / "toy.engine", max_batch=4, opt_batch=2, image_size=(h, w),
+                           plugin=spec, timing_cache=None, progress=False)
+    assert info["plugin_kernel_target"] == json.loads(spec.kernel_json.read_text())["target"]
+
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine((tmp_path / "toy.engine").read_bytes())
+    context = engine.create_execution_context()
+    images = torch.randn(3, 3, h, w, device="cuda")
+    outs = {"f": torch.empty(3, c, device="cuda"), "f_k": torch.empty(3, m, c, device="cuda")}
+    context.set_input_shape("images", tuple(images.shape))
+    context.set_tensor_address("images", images.data_ptr())
+    for name, out in outs.items():
+        context.set_tensor_address(name, out.data_ptr())
+    stream = torch.cuda.current_stream()
+    assert context.execute_async_v3(stream.cuda_stream)
+    stream.synchronize()
+
+    t = {k: torch.from_numpy(v).cuda() for k, v in arrays.items()}
+    feat = torch.nn.functional.conv2d(images, t["wf"]).flatten(2)
+    attn = torch.nn.functional.conv2d(images, t["wz"]).flatten(2)
+    torch.testing.assert_close(outs["f"], feat.sum(2) * t["scale"] + t["shift"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outs["f_k"], torch.einsum("bmx,bcx->bmc", attn, feat), rtol=1e-4, atol=1e-4)
