@@ -24,8 +24,12 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from attrimeter.export.manifest import sha256_file
 
@@ -206,10 +210,11 @@ def _child(request_path: str) -> None:
             (folder / meta["cubin"]).write_bytes(cubin)
             (folder / meta["ptx"]).write_text(ptx)
             (folder / f"{spec['kernel']}.json").write_text(json.dumps(meta, indent=1) + "\n")
+            print(f"{target} {spec['kernel']}", flush=True)  # progress for the parent
 
 
 def compile_kernels(out_dir: str | Path, specs: list[dict[str, Any]], targets: tuple[str, ...] = DEFAULT_TARGETS,
-                    timeout: float = 1800.0) -> dict[str, Any]:
+                    timeout: float = 1800.0, progress: bool = False) -> dict[str, Any]:
     """Cross-compile ``specs`` for ``targets`` into ``out_dir/<target>/`` and write ``out_dir/index.json``.
 
     Args:
@@ -217,6 +222,7 @@ def compile_kernels(out_dir: str | Path, specs: list[dict[str, Any]], targets: t
         specs: From :func:`kernel_specs`.
         targets: GPU targets, names of :data:`TARGETS`.
         timeout: Seconds before the compile is abandoned.
+        progress: Show a progress bar (one step per kernel and target).
 
     Returns:
         The index: Triton version, targets, and per target the kernels with their JSON path and sha256s.
@@ -234,14 +240,26 @@ def compile_kernels(out_dir: str | Path, specs: list[dict[str, Any]], targets: t
     request.write_text(json.dumps({"out": str(out), "targets": list(targets), "specs": specs}))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    try:
-        proc = subprocess.run([sys.executable, "-m", "attrimeter.export.aot", str(request)], env=env,
-                              capture_output=True, text=True, timeout=timeout)
-    finally:
-        request.unlink(missing_ok=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
-        raise AotError("AOT compilation of the Triton kernels failed:\n" + "\n".join(tail))
+    bar = tqdm(total=len(targets) * len(specs), desc="AOT kernels", unit="kernel", disable=not progress)
+    with tempfile.TemporaryFile("w+") as errors:
+        proc = subprocess.Popen([sys.executable, "-m", "attrimeter.export.aot", str(request)], env=env,
+                                stdout=subprocess.PIPE, stderr=errors, text=True)
+        watchdog = threading.Timer(timeout, proc.kill)
+        watchdog.start()
+        try:
+            for line in proc.stdout or ():
+                bar.set_postfix_str(line.strip())
+                bar.update()
+            returncode = proc.wait()
+        finally:
+            watchdog.cancel()
+            bar.close()
+            request.unlink(missing_ok=True)
+        errors.seek(0)
+        if returncode != 0:
+            why = "timed out" if returncode == -9 else "failed"
+            tail = errors.read().strip().splitlines()[-15:]
+            raise AotError(f"AOT compilation of the Triton kernels {why}:\n" + "\n".join(tail))
     index: dict[str, Any] = {"targets": {}}
     for target in targets:
         entries = {}

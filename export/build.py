@@ -98,7 +98,7 @@ def export(
             cap = 48 * 1024 if format == "tensorrt" and flavor == "plugin" else None
             specs = kernel_specs(channels, h * w, len(manifest["attributes"]), pooling["p"], pooling["eps"],
                                  manifest["dtype"], pool_max_shared=cap)
-            index = compile_kernels(staging / "kernels", specs, wanted)
+            index = compile_kernels(staging / "kernels", specs, wanted, progress=progress)
             manifest["kernels"] = {"index": "kernels/index.json", "launch_table": "kernels/launch.txt",
                                    "targets": list(wanted), "triton_version": index["triton_version"]}
         if format == "tensorrt":

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from attrimeter.export.manifest import MANIFEST_NAME, sha256_file, write_manifest
 from attrimeter.kernels.masked_gem_pool import _int_p, masked_gem_pool_reference, qexp
@@ -444,7 +445,19 @@ def export_onnx(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the published folder should read like any other
+    stages = ["torch.onnx.export", "onnx.checker", "parity", *(["retrieval"] if data else []),
+              *(["kernels / engine"] if extra else []), "publish"]
+    bar = tqdm(total=len(stages), unit="step", disable=not progress, bar_format="{desc} ({n}/{total})")
+    started: list[str] = []
+
+    def stage(name: str) -> None:
+        if started:
+            bar.update()
+        started.append(name)
+        bar.set_description_str(f"export: {name}")
+
     try:
+        stage("torch.onnx.export")
         onnx_path = staging / "model.onnx"
         example = torch.rand(2, 3, height, width)
         batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
@@ -460,14 +473,19 @@ def export_onnx(
                                   verbose=False)
         except Exception as e:  # the exporter raises many types; say which stage failed
             raise ExportError(f"torch.onnx.export failed for {checkpoint} ({flavor}, opset {opset}): {e}") from e
+        stage("onnx.checker")
         proto = onnx.load(str(onnx_path))
         try:
             onnx.checker.check_model(proto, full_check=True)
         except onnx.checker.ValidationError as e:
             raise ExportError(f"onnx.checker rejects the {flavor} export: {e}") from None
+        stage("parity")
         session = onnx_session(onnx_path, flavor)
         parity = _check_parity(session, model, (height, width), verify_batches, None if fp16 else FP32_TOLERANCE)
-        retrieval = _check_retrieval(session, model, data, (height, width), fp16, progress) if data else None
+        retrieval = None
+        if data:
+            stage("retrieval")
+            retrieval = _check_retrieval(session, model, data, (height, width), fp16, progress)
         with torch.no_grad():
             h, w = graph.model.target_features(graph.model.shared_features(example[:1].to(graph.dtype))).shape[2:]
         num_attributes, channels = model.num_attributes, model.num_features
@@ -501,10 +519,14 @@ def export_onnx(
                              "retrieval": retrieval},
         }
         if extra is not None:
+            stage("kernels / engine")
             extra(staging, manifest)
+        stage("publish")
         write_manifest(staging, manifest)
         _publish(staging, out_dir)
+        bar.update()
     finally:
+        bar.close()
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return json.loads((out_dir / MANIFEST_NAME).read_text())
