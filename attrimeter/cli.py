@@ -127,11 +127,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from attrimeter.export.build import export
     from attrimeter.export.onnx_export import ExportError
 
-    targets = [] if args.targets.strip().lower() == "none" else [t for t in args.targets.split(",") if t]
+    targets = None
+    if args.targets is not None:
+        targets = [] if args.targets.strip().lower() == "none" else [t for t in args.targets.split(",") if t]
     try:
-        manifest = export(args.checkpoint, args.out, format=args.format, flavor=args.flavor, fp16=args.fp16,
-                          opset=args.opset, targets=targets, data=args.data, max_batch=args.max_batch,
-                          opt_batch=args.opt_batch, timing_cache=args.timing_cache, progress=not args.quiet)
+        manifest = export(args.checkpoint, args.out, output_format=args.format, flavor=args.flavor, fp16=args.fp16,
+                          opset=args.opset, targets=targets, ptx_version=args.ptx_version, data=args.data,
+                          max_batch=args.max_batch, opt_batch=args.opt_batch, timing_cache=args.timing_cache,
+                          progress=not args.quiet)
     except (ExportError, AotError) as e:
         print(f"attrimeter export: error: {e}", file=sys.stderr)
         return 1
@@ -144,10 +147,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
         e, x = retrieval["eager_fp32"], retrieval["export"]
         print(f"retrieval mAP of d: eager fp32 {e['d_mAP']:.4f}, export {x['d_mAP']:.4f}; "
               f"of d_hat: {e['d_hat_mAP']:.4f}, {x['d_hat_mAP']:.4f}")
-    if "kernels" in manifest:
-        print(f"AOT kernels for {', '.join(manifest['kernels']['targets'])} in {args.out / 'kernels'}")
-    if "tensorrt" in manifest:
-        print(f"TensorRT engine {args.out / manifest['tensorrt']['engine']}")
+    kernels = manifest.get("kernels") or {}
+    if kernels.get("targets"):
+        print(f"AOT kernels for {', '.join(kernels['targets'])} in {args.out / 'kernels'}")
+    elif kernels.get("note"):
+        print(kernels["note"])
+    if manifest.get("tensorrt"):
+        trt = manifest["tensorrt"]
+        worst = max(max(r["relative_error"].values()) for r in trt["verification"]["parity"])
+        print(f"TensorRT engine {args.out / trt['engine']} ({trt['device_name']}), worst relative error against "
+              f"eager PyTorch {worst:.1e}")
     return 0
 
 
@@ -245,9 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="portable (standard ops) or plugin (one attrimeter::MaskedGemPool node); default portable "
                         "for onnx, plugin for tensorrt")
     p.add_argument("--fp16", action="store_true", help="FP16 graph (judged on retrieval: needs --data)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17, default 18)")
-    p.add_argument("--targets", default="sm_80,sm_87,sm_89,sm_90",
-                   help="GPU targets of the AOT kernels, comma-separated, or none (default sm_80,sm_87,sm_89,sm_90)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18, default 18)")
+    p.add_argument("--targets", help="GPU targets of the AOT kernels, comma-separated, or none (default "
+                                     "sm_80,sm_86,sm_87,sm_89,sm_90 where Triton is installed)")
+    p.add_argument("--ptx-version", help="PTX ISA of the AOT kernels, e.g. 8.4 for a CUDA 12.4 driver (default: "
+                                         "Triton's newest)")
     p.add_argument("--data", type=Path, help="data folder: also compare retrieval metrics with eager PyTorch")
     p.add_argument("--max-batch", type=_positive, default=256, help="TensorRT profile's largest batch (default 256)")
     p.add_argument("--opt-batch", type=_positive, default=32, help="TensorRT profile's tuned batch (default 32)")

@@ -31,7 +31,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from attrimeter.export.manifest import sha256_file
+from attrimeter.export.contract import POOL_KERNEL, TRITON_DTYPES
+from attrimeter.kernels import integer_exponent
 
 __all__ = [
     "DEFAULT_TARGETS", "KERNELS", "TARGETS", "AotError", "compile_kernels", "cubin_arch", "kernel_specs",
@@ -41,12 +42,13 @@ __all__ = [
 
 # Maximum dynamic shared memory per block (opt-in), bytes, from the CUDA programming guide's per-architecture table.
 TARGETS: dict[str, int] = {"sm_80": 166912, "sm_86": 101376, "sm_87": 166912, "sm_89": 101376, "sm_90": 232448}
-DEFAULT_TARGETS = ("sm_80", "sm_87", "sm_89", "sm_90")
+# sm_80 (A100), sm_86 (A10, A40, RTX 30xx), sm_87 (Jetson Orin), sm_89 (L4, L40, RTX 40xx), sm_90 (H100).
+DEFAULT_TARGETS = ("sm_80", "sm_86", "sm_87", "sm_89", "sm_90")
 KERNELS = ("masked_gem_pool", "explain", "explain_weighted")
 INDEX_NAME = "index.json"
 LAUNCH_TABLE = "launch.txt"
 _EM_CUDA = 190
-_TRITON_DTYPES = {"float32": "fp32", "float16": "fp16"}
+_HIDDEN = ("global_scratch", "profile_scratch")
 
 
 class AotError(RuntimeError):
@@ -62,7 +64,7 @@ def _next_pow2(n: int) -> int:
 
 
 def kernel_specs(channels: int, hw: int, num_attributes: int, p: float, eps: float, dtype: str,
-                 pool_max_shared: int | None = None) -> list[dict[str, Any]]:
+                 pool_max_shared: int | None = None, ptx_version: str | None = None) -> list[dict[str, Any]]:
     """What to compile for one export: kernel, constants, pointer dtypes, run-time sizes, grid and tile candidates.
 
     Args:
@@ -74,17 +76,25 @@ def kernel_specs(channels: int, hw: int, num_attributes: int, p: float, eps: flo
         dtype: The export's float dtype, ``"float32"`` or ``"float16"`` (the pooling's inputs and outputs).
         pool_max_shared: Cap on the pooling kernel's shared memory below the target's own limit, e.g. 48 KiB for
             launchers that cannot opt a kernel into more (TensorRT's AOT plugins: no documented opt-in).
+        ptx_version: PTX ISA to emit, e.g. ``"8.4"`` (default: Triton's newest, e.g. 9.4 for sm_90 with Triton 3.9);
+            drivers JIT-compile PTX only up to the ISA of their CUDA version (TensorRT's plugins take PTX).
 
     Returns:
         JSON-serialisable specs, one per kernel of :data:`KERNELS`.
     """
-    if dtype not in _TRITON_DTYPES:
-        raise ValueError(f"dtype must be one of {list(_TRITON_DTYPES)}, got {dtype!r}")
+    if dtype not in TRITON_DTYPES:
+        raise ValueError(f"dtype must be one of {list(TRITON_DTYPES)}, got {dtype!r}")
+    ptx = None
+    if ptx_version is not None:
+        major, _, minor = ptx_version.partition(".")
+        if not (major.isdigit() and minor.isdigit() and len(minor) == 1):
+            raise ValueError(f"ptx_version must look like 8.4, got {ptx_version!r}")
+        ptx = 10 * int(major) + int(minor)
     C, M = channels, num_attributes
-    t = _TRITON_DTYPES[dtype]
-    p_int = int(p) if p in (1.0, 2.0, 3.0, 4.0) else 0
+    t = TRITON_DTYPES[dtype]
+    p_int = integer_exponent(p)
     pool = {
-        "kernel": "masked_gem_pool", "module": "attrimeter.kernels.masked_gem_pool",
+        "kernel": POOL_KERNEL, "module": "attrimeter.kernels.masked_gem_pool", "dtype": dtype,
         "function": "_masked_gem_pool_fwd_kernel",
         "pointers": {"f_ptr": t, "z_ptr": t, "scale_ptr": t, "shift_ptr": t, "out_g_ptr": t, "out_k_ptr": t},
         "roles": {"f_ptr": "input", "z_ptr": "input", "scale_ptr": "input", "shift_ptr": "input",
@@ -104,6 +114,7 @@ def kernel_specs(channels: int, hw: int, num_attributes: int, p: float, eps: flo
                       or [(32, 32, 4, 2)],
         "block_names": ["BLOCK_C", "BLOCK_HW"],
         "max_shared": pool_max_shared,
+        "ptx_version": ptx,
         "grid": {"x": ["B", "cdiv(C, BLOCK_C)"]},
     }  # fmt: skip
     specs = [pool]
@@ -129,6 +140,7 @@ def kernel_specs(channels: int, hw: int, num_attributes: int, p: float, eps: flo
             "candidates": [(min(128, max(16, _next_pow2(C))), 0, 4 if block_r <= 32 else 8, 1)],
             "block_names": ["BLOCK_C"],
             "max_shared": None,
+            "ptx_version": ptx,
             "grid": {"x": ["Q", "K"]},
         })
     return specs
@@ -163,26 +175,33 @@ def _compile_one(spec: dict[str, Any], target: str) -> tuple[dict[str, Any], byt
             else:
                 raise AotError(f"{spec['kernel']}: parameter {name!r} has no value in the spec")
         src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                                  options={"num_warps": cand[2], "num_stages": cand[3]})
+        options = {"num_warps": cand[2], "num_stages": cand[3]}
+        if spec["ptx_version"]:
+            options["ptx_version"] = spec["ptx_version"]
+        compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
         md = compiled.metadata
         tried.append(f"{blocks} warps={cand[2]} stages={cand[3]}: {md.shared} B")
         if md.shared > limit:
             continue
-        if md.global_scratch_size or md.profile_scratch_size:
-            raise AotError(f"{spec['kernel']} ({target}) needs Triton scratch memory, which the launchers do not "
-                           "allocate")
+        ptx = compiled.asm["ptx"]
         params = [{"name": name, "type": signature[name], "role": spec["roles"].get(name, "scalar")}
                   for name in fn.arg_names if signature[name] != "constexpr"]
-        params += [{"name": "global_scratch", "type": "scratch", "size": md.global_scratch_size,
-                    "align": md.global_scratch_align},
-                   {"name": "profile_scratch", "type": "scratch", "size": md.profile_scratch_size,
-                    "align": md.profile_scratch_align}]
+        # Triton appends hidden pointer parameters to every kernel (global_scratch from 3.3, profile_scratch from
+        # 3.5): take their number from the PTX entry itself rather than from the Triton version.
+        hidden = _entry_param_count(ptx, md.name) - len(params)
+        if not 0 <= hidden <= len(_HIDDEN):
+            raise AotError(f"{spec['kernel']} ({target}): the PTX entry has {hidden} parameters beyond the kernel's "
+                           f"own {len(params)}; this Triton version's calling convention is not supported")
+        for name in _HIDDEN[:hidden]:
+            size = getattr(md, f"{name}_size", 0)
+            if size:
+                raise AotError(f"{spec['kernel']} ({target}) needs Triton {name} memory ({size} B per program), "
+                               "which the launchers do not allocate")
+            params.append({"name": name, "type": "scratch", "size": 0, "align": getattr(md, f"{name}_align", 1)})
         # The grid: run-time size names times the tile count, e.g. x = B * cdiv(C, BLOCK_C).
         grid = []
         for term in spec["grid"]["x"]:
             grid.append(_cdiv(spec["constants"]["C"], blocks["BLOCK_C"]) if term == "cdiv(C, BLOCK_C)" else term)
-        ptx = compiled.asm["ptx"]
         meta = {
             "kernel": spec["kernel"], "symbol": md.name, "target": target, "cc": cc,
             "cubin": f"{spec['kernel']}.cubin", "ptx": f"{spec['kernel']}.ptx",
@@ -215,7 +234,9 @@ def _child(request_path: str) -> None:
 
 def compile_kernels(out_dir: str | Path, specs: list[dict[str, Any]], targets: tuple[str, ...] = DEFAULT_TARGETS,
                     timeout: float = 1800.0, progress: bool = False) -> dict[str, Any]:
-    """Cross-compile ``specs`` for ``targets`` into ``out_dir/<target>/`` and write ``out_dir/index.json``.
+    """Cross-compile ``specs`` for ``targets`` into ``out_dir/<target>/``, with ``index.json`` and ``launch.txt``.
+
+    ``launch.txt`` (the C launcher's table) is written when the pooling kernel is among the specs.
 
     Args:
         out_dir: The kernels folder (``EXPORT/kernels``).
@@ -225,7 +246,7 @@ def compile_kernels(out_dir: str | Path, specs: list[dict[str, Any]], targets: t
         progress: Show a progress bar (one step per kernel and target).
 
     Returns:
-        The index: Triton version, targets, and per target the kernels with their JSON path and sha256s.
+        The index: Triton version and, per target, each kernel's JSON path, symbol, shared memory and threads.
 
     Raises:
         ValueError: On an unknown target.
@@ -270,24 +291,42 @@ def compile_kernels(out_dir: str | Path, specs: list[dict[str, Any]], targets: t
                                        "shared_bytes": meta["shared_bytes"], "threads": meta["threads"]}
         index["targets"][target] = entries
     (out / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
-    (out / LAUNCH_TABLE).write_text(launch_table(out, targets, [s["kernel"] for s in specs]))
+    if any(spec["kernel"] == POOL_KERNEL for spec in specs):  # the table's export line comes from the pooling
+        (out / LAUNCH_TABLE).write_text(launch_table(out, targets, specs))
     return index
 
 
-def launch_table(kernels_dir: Path, targets: tuple[str, ...], kernels: list[str]) -> str:
-    """The C launcher's table, generated from the kernels' JSON metadata: one whitespace-separated line per kernel.
+def launch_table(kernels_dir: Path, targets: tuple[str, ...], specs: list[dict[str, Any]]) -> str:
+    """The C launcher's table (``launch.txt``), generated from the compiled kernels' JSON metadata.
 
-    Columns: target, kernel, entry symbol, cubin path (relative to the kernels folder), threads per block, dynamic
-    shared memory bytes, the constant factor of grid x (the rest are run-time sizes), and the comma-separated
-    parameter names in launch order (the C library checks them against the order it was written for).
+    The first data line says what the export was built for, which the C library checks its callers against::
+
+        export dtype=float32 C=256 HW=32 M=26 p=2.9 eps=1e-06
+
+    then one whitespace-separated line per (target, kernel): target, kernel, entry symbol, cubin path (relative to
+    the kernels folder), threads per block, dynamic shared memory bytes, the constant factor of grid x (the rest are
+    run-time sizes), and the comma-separated parameter names in launch order (the C library checks them against the
+    order it was written for). ``#`` lines are comments.
+
+    Args:
+        kernels_dir: The kernels folder holding ``<target>/<kernel>.json``.
+        targets: The compiled targets.
+        specs: The specs compiled (from :func:`kernel_specs`; the pooling spec gives the export line).
+
+    Returns:
+        The table's text.
     """
-    lines = ["# target kernel symbol cubin threads shared_bytes grid_x_const params (generated by attrimeter export)"]
+    pool = next(spec for spec in specs if spec["kernel"] == POOL_KERNEL)
+    c = pool["constants"]
+    lines = ["# generated by attrimeter export from the kernels' JSON metadata",
+             f"export dtype={pool['dtype']} C={c['C']} HW={c['HW']} M={c['M']} p={c['p']!r} eps={c['eps']!r}",
+             "# target kernel symbol cubin threads shared_bytes grid_x_const params"]
     for target in targets:
-        for kernel in kernels:
-            meta = load_kernel(kernels_dir / target / f"{kernel}.json")
+        for spec in specs:
+            meta = load_kernel(kernels_dir / target / f"{spec['kernel']}.json")
             const = math.prod(int(t) for t in meta["grid"]["x"] if isinstance(t, int))
             params = ",".join(p["name"] for p in meta["params"])
-            lines.append(f"{target} {kernel} {meta['symbol']} {target}/{meta['cubin']} {meta['threads']} "
+            lines.append(f"{target} {spec['kernel']} {meta['symbol']} {target}/{meta['cubin']} {meta['threads']} "
                          f"{meta['shared_bytes']} {const} {params}")
     return "\n".join(lines) + "\n"
 
@@ -343,11 +382,22 @@ def load_kernel(json_path: str | Path) -> dict[str, Any]:
         raise AotError(f"{cubin} is compiled for sm_{arch}, its metadata says {meta['target']}")
     if not ptx.is_file() or f".entry {meta['symbol']}(" not in ptx.read_text():
         raise AotError(f"{ptx} is missing or has no entry {meta['symbol']}")
-    if meta["params"][-2:] != [p for p in meta["params"] if p["type"] == "scratch"]:
+    scratch = [p for p in meta["params"] if p["type"] == "scratch"]
+    if scratch and meta["params"][-len(scratch):] != scratch:
         raise AotError(f"{path}: the scratch parameters must come last")
+    declared = _entry_param_count(ptx.read_text(), meta["symbol"])
+    if declared != len(meta["params"]):
+        raise AotError(f"{path} lists {len(meta['params'])} parameters, the PTX entry declares {declared}")
     meta["cubin_path"], meta["ptx_path"] = str(cubin), str(ptx)
-    meta["sha256"] = sha256_file(cubin)
     return meta
+
+
+def _entry_param_count(ptx: str, symbol: str) -> int:
+    """Number of ``.param`` declarations of a PTX entry (a missing entry raises :class:`AotError`)."""
+    head, sep, rest = ptx.partition(f".entry {symbol}(")
+    if not sep:
+        raise AotError(f"the PTX has no entry {symbol}")
+    return rest.split(")", 1)[0].count(".param")
 
 
 if __name__ == "__main__":

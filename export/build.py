@@ -1,8 +1,6 @@
 """``attrimeter export``: one verified export folder with its manifest (DESIGN §5).
 
-ONNX (portable or plugin flavour), the AOT kernels and, on request, a TensorRT engine.
-
-Layout of an export folder::
+ONNX (portable or plugin flavour), the AOT kernels and, on request, a TensorRT engine. Layout::
 
     model.onnx              the graph (DESIGN §5 names, dynamic batch)
     kernels/index.json      AOT kernels: per GPU target, the kernels and their launch metadata
@@ -11,32 +9,47 @@ Layout of an export folder::
     model.engine            TensorRT engine (--format tensorrt), with timing.cache
     manifest.json           names, shapes, attribute schema, normalisation, p/eps, versions, sha256 of every file
 
-Everything is built in a staging folder and renamed into place after verification (``onnx_export.export_onnx``).
+Everything is built in a staging folder and renamed into place after verification (``onnx_export.export_onnx``); a
+TensorRT engine is run and checked against eager PyTorch (and on retrieval, given data) before it is published.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from attrimeter.export.aot import DEFAULT_TARGETS, TARGETS, compile_kernels, kernel_specs
-from attrimeter.export.onnx_export import MAX_BATCH, ExportError, export_onnx
+from attrimeter.export.contract import ENGINE_FILE, KERNELS_DIR, MODEL_FILE, TIMING_CACHE_FILE
+from attrimeter.export.onnx_export import (
+    FP16_TOLERANCE,
+    MAX_BATCH,
+    ExportError,
+    check_parity,
+    check_retrieval,
+    export_onnx,
+)
 
-__all__ = ["FORMATS", "export"]
+__all__ = ["ENGINE_FP32_TOLERANCE", "FORMATS", "export"]
 
 FORMATS = ("onnx", "tensorrt")
+# TensorRT runs fp32 convolutions in TF32 by default (10-bit mantissa): engines are held to a looser bound than the
+# ONNX graph and, given data, to the retrieval check.
+ENGINE_FP32_TOLERANCE = 1e-2
+_PLUGIN_SHARED_CAP = 48 * 1024
 
 
 def export(
     checkpoint: str | Path,
     out_dir: str | Path,
     *,
-    format: str = "onnx",
+    output_format: str = "onnx",
     flavor: str | None = None,
     fp16: bool = False,
     opset: int = 18,
-    targets: Sequence[str] = DEFAULT_TARGETS,
+    targets: Sequence[str] | None = None,
+    ptx_version: str | None = None,
     data: str | Path | None = None,
     max_batch: int = 256,
     opt_batch: int = 32,
@@ -48,12 +61,14 @@ def export(
     Args:
         checkpoint: ``interpreter.pt``.
         out_dir: The export folder (an older export there is replaced once the new one is verified).
-        format: ``"onnx"``, or ``"tensorrt"`` (ONNX, then an engine; needs TensorRT and an NVIDIA GPU).
+        output_format: ``"onnx"``, or ``"tensorrt"`` (ONNX, then an engine; needs TensorRT and an NVIDIA GPU).
         flavor: ``"portable"`` or ``"plugin"``; default portable for ONNX, plugin for TensorRT.
         fp16: Export an FP16 graph (and FP16 kernels and engine).
-        opset: ONNX opset (≥ 17).
-        targets: GPU targets of the AOT kernels (names of ``aot.TARGETS``); empty for none. A TensorRT build adds
-            the local GPU's target.
+        opset: ONNX opset (≥ 18).
+        targets: GPU targets of the AOT kernels (names of ``aot.TARGETS``); empty for none. Default: all of
+            ``aot.DEFAULT_TARGETS`` where Triton is installed (none, with a note in the manifest, where it is not). A
+            TensorRT build adds the local GPU's target.
+        ptx_version: PTX ISA of the AOT kernels (e.g. ``"8.4"`` for a CUDA 12.4 driver); default Triton's newest.
         data: A data set root for the retrieval check (required for ``fp16``: FP16 is judged on retrieval).
         max_batch: Largest batch of the TensorRT optimisation profile.
         opt_batch: The batch size TensorRT tunes for.
@@ -66,10 +81,17 @@ def export(
     Raises:
         ValueError: On bad arguments (unknown format/flavour/target, fp16 without data, batch bounds).
         ExportError: If TensorRT or a GPU is needed but missing (said before any work), or a check fails.
+        AotError: If the AOT compilation fails.
     """
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    flavor = flavor or ("plugin" if format == "tensorrt" else "portable")
+    if output_format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {output_format!r}")
+    flavor = flavor or ("plugin" if output_format == "tensorrt" else "portable")
+    no_triton = importlib.util.find_spec("triton") is None
+    kernels_note = None
+    if targets is None:
+        targets = () if no_triton else DEFAULT_TARGETS
+        kernels_note = "Triton is not installed: no AOT kernels (pip install triton, then re-export)" if no_triton \
+            else None
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
         raise ValueError(f"unknown GPU targets {unknown}; known: {', '.join(TARGETS)}")
@@ -78,58 +100,82 @@ def export(
     if not 1 <= opt_batch <= max_batch <= MAX_BATCH:
         raise ValueError(f"need 1 <= opt_batch <= max_batch <= {MAX_BATCH}, got {opt_batch} and {max_batch}")
     device_target = None
-    if format == "tensorrt":
-        from attrimeter.export.tensorrt_engine import tensorrt_available
+    if output_format == "tensorrt":
+        from attrimeter.export.tensorrt_engine import cuda_device, tensorrt_available
 
         missing = tensorrt_available()
         if missing:
             raise ExportError(f"cannot build a TensorRT engine here: {missing}")
-        device_target = _local_target()
+        device = cuda_device()
+        assert device is not None  # tensorrt_available() checked it
+        device_target = f"sm_{device.cc}"
         if flavor == "plugin" and device_target not in TARGETS:
             raise ExportError(f"this GPU is {device_target}, for which no AOT kernel target is defined; "
                               f"known: {', '.join(TARGETS)} (use --flavor portable)")
-    wanted = tuple(dict.fromkeys([*targets, *([device_target] if device_target and flavor == "plugin" else [])]))
+    plugin_engine = output_format == "tensorrt" and flavor == "plugin"
+    wanted = tuple(dict.fromkeys([*targets, *([device_target] if plugin_engine else [])]))
 
     def add_kernels_and_engine(staging: Path, manifest: dict[str, Any]) -> None:
         channels, h, w = manifest["feature_map"]
         pooling = manifest["pooling"]
+        manifest["kernels"] = {"note": kernels_note} if kernels_note else None
         if wanted:
-            # TensorRT documents no way to opt an AOT plugin kernel into more than 48 KiB of shared memory.
-            cap = 48 * 1024 if format == "tensorrt" and flavor == "plugin" else None
             specs = kernel_specs(channels, h * w, len(manifest["attributes"]), pooling["p"], pooling["eps"],
-                                 manifest["dtype"], pool_max_shared=cap)
-            index = compile_kernels(staging / "kernels", specs, wanted, progress=progress)
-            manifest["kernels"] = {"index": "kernels/index.json", "launch_table": "kernels/launch.txt",
-                                   "targets": list(wanted), "triton_version": index["triton_version"]}
-        if format == "tensorrt":
-            manifest["tensorrt"] = _build_engine(staging, manifest, flavor, max_batch, opt_batch, timing_cache,
-                                                 progress)
+                                 manifest["dtype"], pool_max_shared=_PLUGIN_SHARED_CAP if plugin_engine else None,
+                                 ptx_version=ptx_version)
+            index = compile_kernels(staging / KERNELS_DIR, specs, wanted, progress=progress)
+            manifest["kernels"] = {"index": f"{KERNELS_DIR}/index.json", "launch_table": f"{KERNELS_DIR}/launch.txt",
+                                   "targets": list(wanted), "triton_version": index["triton_version"],
+                                   "pool_max_shared": _PLUGIN_SHARED_CAP if plugin_engine else None}
+        if output_format == "tensorrt":
+            manifest["tensorrt"] = _build_engine(checkpoint, staging, manifest, flavor, max_batch, opt_batch,
+                                                 timing_cache, data, fp16, progress)
 
     return export_onnx(checkpoint, out_dir, flavor=flavor, fp16=fp16, opset=opset, data=data, progress=progress,
                        extra=add_kernels_and_engine)
 
 
-def _local_target() -> str:
-    """``sm_XY`` of the current CUDA device (the engine is built for it)."""
-    import torch
+def _build_engine(checkpoint: str | Path, staging: Path, manifest: dict[str, Any], flavor: str, max_batch: int,
+                  opt_batch: int, timing_cache: str | Path | None, data: str | Path | None, fp16: bool,
+                  progress: bool) -> dict[str, Any]:
+    """Build ``model.engine`` from the staged ONNX, then run it against eager PyTorch (and on retrieval)."""
+    from attrimeter.engine.interpreter import load_interpreter
+    from attrimeter.export.tensorrt_engine import (
+        EngineRunner,
+        PluginSpec,
+        build_engine,
+        cuda_device,
+        kernel_json_for_device,
+    )
 
-    major, minor = torch.cuda.get_device_capability()
-    return f"sm_{major}{minor}"
-
-
-def _build_engine(staging: Path, manifest: dict[str, Any], flavor: str, max_batch: int, opt_batch: int,
-                  timing_cache: str | Path | None, progress: bool) -> dict[str, Any]:
-    """Build ``model.engine`` from the staged ONNX (the plugin backed by the local GPU's AOT kernel)."""
-    from attrimeter.export.tensorrt_engine import PluginSpec, build_engine
-
-    plugin = None
+    device = cuda_device()
+    assert device is not None  # checked before the export began
     channels, h, w = manifest["feature_map"]
+    plugin = None
     if flavor == "plugin":
-        kernel_json = staging / "kernels" / _local_target() / "masked_gem_pool.json"
+        try:
+            kernel_json = kernel_json_for_device(staging, device.cc, max_shared_bytes=device.max_shared_optin)
+        except ValueError as e:
+            raise ExportError(str(e)) from None
         plugin = PluginSpec(kernel_json=kernel_json, num_attributes=len(manifest["attributes"]), channels=channels,
                             height=h, width=w)
-    cache = Path(timing_cache) if timing_cache is not None else staging / "timing.cache"
-    info = build_engine(staging / "model.onnx", staging / "model.engine", max_batch=max_batch, opt_batch=opt_batch,
-                        image_size=tuple(manifest["image_size"]), plugin=plugin, timing_cache=cache,
-                        progress=progress)
-    return {"engine": "model.engine", "timing_cache": str(cache), **info}
+    cache = Path(timing_cache) if timing_cache is not None else staging / TIMING_CACHE_FILE
+    try:
+        info = build_engine(staging / MODEL_FILE, staging / ENGINE_FILE, max_batch=max_batch, opt_batch=opt_batch,
+                            image_size=tuple(manifest["image_size"]), plugin=plugin, timing_cache=cache,
+                            progress=progress)
+        runner = EngineRunner(staging / ENGINE_FILE)
+    except (RuntimeError, ValueError) as e:
+        raise ExportError(f"TensorRT engine build failed: {e}") from e
+    model = load_interpreter(checkpoint).model
+    size = tuple(manifest["image_size"])
+    tolerance = FP16_TOLERANCE if fp16 else ENGINE_FP32_TOLERANCE
+    verification = {"tolerance": tolerance, "parity": check_parity(runner, model, size, (1, 7), tolerance)}
+    if data is not None:
+        verification["retrieval"] = check_retrieval(runner, model, data, size, True, progress)
+    # Paths in the manifest are relative to the export folder (the staging folder disappears on publishing).
+    if info.get("plugin"):
+        info["plugin"]["kernel_json"] = Path(info["plugin"]["kernel_json"]).relative_to(staging).as_posix()
+    info["timing_cache"] = TIMING_CACHE_FILE if timing_cache is None else str(Path(timing_cache).resolve())
+    return {"engine": ENGINE_FILE, **info, "verification": verification}
+

@@ -120,6 +120,9 @@ def load_manifest(export_dir: str | Path, verify: bool = True) -> dict[str, Any]
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise ManifestError(f"{path} lists no files")
+    for rel in files:
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ManifestError(f"{path} lists {rel!r}, which lies outside the export folder")
     if verify:
         for rel, expected in files.items():
             file = root / rel

@@ -48,22 +48,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from attrimeter.export.aot import AotError, load_kernel
+from attrimeter.export.contract import INPUT_NAME, PLUGIN_ID, PLUGIN_NAME, PLUGIN_NAMESPACE, POOL_KERNEL, TRITON_DTYPES
+
 _LOG = logging.getLogger(__name__)
 
-PLUGIN_NAMESPACE = "attrimeter"
-PLUGIN_NAME = "MaskedGemPool"
-PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
-KERNEL_JSON_NAME = "masked_gem_pool.json"
-INPUT_NAME = "images"
+KERNEL_JSON_NAME = f"{POOL_KERNEL}.json"
 
 _INSTALL_HINT = (
     "pip install 'attrimeter[trt]' on a machine with an NVIDIA GPU and driver; the TensorRT wheels come from "
     "NVIDIA's package index"
 )
-# Pointer element types of the kernel JSON -> TensorRT dtype names (attributes of the ``tensorrt`` module).
-_TRITON_DTYPES = {"fp32": "float32", "fp16": "float16"}
 _N_INPUTS, _N_OUTPUTS = 4, 2  # F, Z, scale, shift -> f, f_k
 _DEFAULT_SMEM = 48 * 1024  # larger dynamic shared memory needs an opt-in attribute on the CUDA function
+# Oldest CUDA driver (cuDriverGetVersion) that JIT-compiles each PTX ISA, from the PTX ISA release notes; an ISA not
+# listed is read as CUDA 12.x for 8.x and 13.x for 9.x.
+_PTX_ISA_DRIVER = {"8.5": 12050, "8.6": 12070, "8.7": 12080, "8.8": 12090}
 
 
 @dataclass(frozen=True)
@@ -127,15 +129,25 @@ class PluginKernel:
 
 
 @dataclass(frozen=True)
-class _CudaDevice:
+class CudaDevice:
+    """A CUDA device as the driver describes it (see :func:`cuda_device`)."""
+
     name: str
     cc: int
     max_shared_optin: int
     driver_version: int
 
 
-def _cuda_device(index: int = 0) -> _CudaDevice | None:
-    """The CUDA device TensorRT builds on, read from the driver with ctypes (no torch/cuda-python needed)."""
+def cuda_device(index: int = 0) -> CudaDevice | None:
+    """The CUDA device TensorRT builds on, read from the driver with ctypes (no torch/cuda-python needed).
+
+    Args:
+        index: Device ordinal.
+
+    Returns:
+        Its name, compute capability (90 for sm_90), opt-in shared memory per block and the driver's CUDA version
+        (e.g. 12040), or None without a driver or such a device.
+    """
     names = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")
     lib = None
     for name in names:
@@ -163,7 +175,7 @@ def _cuda_device(index: int = 0) -> _CudaDevice | None:
     # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR/MINOR = 75/76, MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97 (cuda.h).
     driver = ctypes.c_int(0)
     lib.cuDriverGetVersion(ctypes.byref(driver))
-    return _CudaDevice(raw_name.value.decode(errors="replace"), 10 * attribute(75) + attribute(76), attribute(97),
+    return CudaDevice(raw_name.value.decode(errors="replace"), 10 * attribute(75) + attribute(76), attribute(97),
                        driver.value)
 
 
@@ -185,7 +197,7 @@ def tensorrt_available() -> str | None:
     if not hasattr(trt, "Builder"):
         return (f"TensorRT is not installed: `import tensorrt` found only type stubs (tensorrt-stubs) at "
                 f"{list(getattr(trt, '__path__', []))} ({_INSTALL_HINT}).")
-    if _cuda_device() is None:
+    if cuda_device() is None:
         return f"TensorRT {trt.__version__} is installed but no CUDA GPU is visible; TensorRT builds engines on a GPU."
     return None
 
@@ -254,7 +266,10 @@ def load_plugin_kernel(kernel_json: Path) -> PluginKernel:
             scratch memory, mixed dtypes, PTX that disagrees with the JSON).
     """
     kernel_json = Path(kernel_json)
-    meta = json.loads(kernel_json.read_text())
+    try:
+        meta = load_kernel(kernel_json)  # files present, cubin arch, PTX entry and its parameter count
+    except AotError as e:
+        raise ValueError(str(e)) from None
     where = str(kernel_json)
     symbol = meta["symbol"]
     params = meta["params"]
@@ -269,8 +284,9 @@ def load_plugin_kernel(kernel_json: Path) -> PluginKernel:
             raise ValueError(f"{where}: parameter {p['name']} ({p['type']}, size {p.get('size')}) needs memory that "
                              "TensorRT's AOT launch cannot provide; only zero-sized Triton scratch is supported")
     dtypes = {p["type"][1:] for p in tensors}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in _TRITON_DTYPES:
-        raise ValueError(f"{where}: tensor parameters must all be one of {sorted(_TRITON_DTYPES)}, got {dtypes}")
+    if len(dtypes) != 1 or next(iter(dtypes)) not in TRITON_DTYPES.values():
+        raise ValueError(f"{where}: tensor parameters must all be one of {sorted(TRITON_DTYPES.values())}, got "
+                         f"{dtypes}")
     num_warps = int(meta["num_warps"])
     if int(meta.get("threads", 32 * num_warps)) != 32 * num_warps:
         raise ValueError(f"{where}: threads {meta['threads']} != 32 * num_warps ({num_warps})")
@@ -359,6 +375,22 @@ def kernel_json_for_device(export_dir: Path, cc: int, *, max_shared_bytes: int |
                      f"`attrimeter export ... --targets {_sm(cc)}` on any machine (the AOT step needs no GPU)")
 
 
+def _ptx_driver(isa: str) -> int:
+    """Oldest driver (cuDriverGetVersion units) that JIT-compiles PTX ISA ``isa`` ("8.8" -> 12090)."""
+    if isa in _PTX_ISA_DRIVER:
+        return _PTX_ISA_DRIVER[isa]
+    major, minor = (int(v) for v in isa.split(".")[:2])
+    return (major + 4) * 1000 + 10 * minor  # ISA 8.x shipped with CUDA 12.x, 9.x with 13.x
+
+
+def _driver_ptx(driver: int) -> str:
+    """The newest PTX ISA a driver JIT-compiles, as ``--ptx-version`` takes it (e.g. 12040 -> "8.4")."""
+    isas = [f"8.{n}" for n in range(9)] + [f"9.{n}" for n in range(10)]  # 8.8 was the last 8.x ISA
+    best = max((isa for isa in isas if _ptx_driver(isa) <= driver),
+               key=lambda isa: tuple(int(v) for v in isa.split(".")), default="7.8")
+    return best
+
+
 # --------------------------------------------------------------------------------------------------- plugin
 
 
@@ -372,7 +404,6 @@ class _PluginState:
     lock = threading.Lock()
     registered = False
     kernel: PluginKernel | None = None
-    spec: PluginSpec | None = None
 
 
 def register_masked_gem_pool_plugin(spec: PluginSpec) -> None:
@@ -393,10 +424,13 @@ def register_masked_gem_pool_plugin(spec: PluginSpec) -> None:
     kernel = load_plugin_kernel(spec.kernel_json)
     _check_spec(kernel, spec)
     if kernel.shared_bytes > _DEFAULT_SMEM:
-        _LOG.warning("%s uses %d B of shared memory (> 48 KB, which needs the CUDA function's opt-in attribute); "
-                     "check the engine's results on the GPU", kernel.json_path, kernel.shared_bytes)
+        # Above 48 KiB a CUDA function needs an opt-in attribute, and TensorRT documents no way to set it for an AOT
+        # plugin kernel: the launch would fail on the GPU.
+        raise ValueError(f"{kernel.json_path} uses {kernel.shared_bytes} B of shared memory per block, more than the "
+                         f"{_DEFAULT_SMEM} B a TensorRT AOT plugin kernel may use; export with --format tensorrt "
+                         "(it caps the pooling tile at 48 KiB)")
     with _PluginState.lock:
-        _PluginState.kernel, _PluginState.spec = kernel, spec
+        _PluginState.kernel = kernel
         if _PluginState.registered:
             return
         _define_plugin()
@@ -579,7 +613,7 @@ def build_engine(onnx_path: Path, engine_path: Path, *, max_batch: int, opt_batc
         raise ValueError(f"need 1 <= opt_batch ({opt_batch}) <= max_batch ({max_batch})")
     import tensorrt as trt
 
-    device = _cuda_device()
+    device = cuda_device()
     assert device is not None  # tensorrt_available() checked it
     plugin_info: dict[str, Any] | None = None
     if plugin is not None:
@@ -590,6 +624,13 @@ def build_engine(onnx_path: Path, engine_path: Path, *, max_batch: int, opt_batc
             raise ValueError(f"{kernel.json_path} holds PTX for {kernel.ptx_target}, which cannot run on this "
                              f"{device.name} ({_sm(device.cc)}); use kernel_json_for_device(export_dir, "
                              f"{device.cc})")
+        needed = _ptx_driver(kernel.ptx_version)
+        if device.driver_version and device.driver_version < needed:
+            raise ValueError(
+                f"{kernel.json_path} is PTX ISA {kernel.ptx_version}, which needs a CUDA {needed // 1000}."
+                f"{needed % 1000 // 10} driver; this one is CUDA {device.driver_version // 1000}."
+                f"{device.driver_version % 1000 // 10}: update the driver, or re-export with --ptx-version "
+                f"{_driver_ptx(device.driver_version)}")
         if device.max_shared_optin and kernel.shared_bytes > device.max_shared_optin:
             raise ValueError(f"{kernel.json_path} needs {kernel.shared_bytes} B shared memory per block; "
                              f"{device.name} allows {device.max_shared_optin} B")
@@ -664,3 +705,67 @@ def build_engine(onnx_path: Path, engine_path: Path, *, max_batch: int, opt_batc
         "timing_cache": None if timing_cache is None else str(timing_cache),
         "workspace_gib": workspace_gib,
     }
+
+
+# --------------------------------------------------------------------------------------------------- engine run
+
+
+class EngineRunner:
+    """Runs a built engine on batches of images, for the export's checks (device buffers are torch CUDA tensors).
+
+    The runtime's TensorRT backend (torch-free, cuda-python buffers) is the deployment path; this runner exists so
+    that ``attrimeter export --format tensorrt`` can check the engine it just built, where torch is present anyway.
+    ``run`` has ONNX Runtime's signature, so the same parity and retrieval checks take either.
+
+    Args:
+        engine_path: The serialized engine.
+
+    Raises:
+        RuntimeError: If TensorRT or a GPU is missing, or the engine cannot be deserialized.
+    """
+
+    def __init__(self, engine_path: Path) -> None:
+        missing = tensorrt_available()
+        if missing is not None:
+            raise RuntimeError(missing)
+        import tensorrt as trt
+
+        self._logger = _make_logger()
+        self._runtime = trt.Runtime(self._logger)
+        engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if engine is None:
+            raise RuntimeError(f"TensorRT cannot deserialize {engine_path}:\n  "
+                               + "\n  ".join(self._logger.errors or ["(no error logged)"]))
+        self._engine = engine
+        self._context = engine.create_execution_context()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+
+    def run(self, output_names: list[str] | None, feeds: dict[str, Any]) -> list[Any]:
+        """Run one batch.
+
+        Args:
+            output_names: Outputs to return, in order (None: all, in the engine's order).
+            feeds: ``{"images": float32 array [B, 3, H, W]}``.
+
+        Returns:
+            The outputs as numpy arrays.
+        """
+        import tensorrt as trt
+        import torch
+
+        images = torch.from_numpy(feeds[INPUT_NAME]).cuda().contiguous()
+        context = self._context
+        if not context.set_input_shape(INPUT_NAME, tuple(images.shape)):
+            raise ValueError(f"batch shape {tuple(images.shape)} is outside the engine's optimisation profile")
+        context.set_tensor_address(INPUT_NAME, images.data_ptr())
+        buffers = {}
+        for name in self.outputs:
+            dtype = torch.from_numpy(np.empty(0, dtype=trt.nptype(self._engine.get_tensor_dtype(name)))).dtype
+            buffers[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device=images.device)
+            context.set_tensor_address(name, buffers[name].data_ptr())
+        stream = torch.cuda.current_stream()
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed:\n  " + "\n  ".join(self._logger.errors[-5:]))
+        stream.synchronize()
+        return [buffers[name].cpu().numpy() for name in (output_names or self.outputs)]

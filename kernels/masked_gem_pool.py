@@ -53,6 +53,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from attrimeter.kernels import integer_exponent
+
 __all__ = [
     "MaskedGemPoolFunction",
     "masked_gem_pool",
@@ -120,11 +122,6 @@ def _check_inputs(
             f"eps**p = {eps**p:.3g} underflows float32 (eps={eps}, p={p}): use a larger eps or a smaller p"
         )
     return p, eps
-
-
-def _int_p(p: float) -> int:
-    """The integer exponent the kernels specialise to multiplications, or 0 for the generic exp2/log2 path."""
-    return int(p) if p in (1.0, 2.0, 3.0, 4.0) else 0
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -566,7 +563,7 @@ def _launch_forward(
     if has_affine:
         scale = torch.ones(C, device=F.device) if scale is None else scale.contiguous()
         shift = torch.zeros(C, device=F.device) if shift is None else shift.contiguous()
-    p_int = _int_p(p)
+    p_int = integer_exponent(p)
 
     def grid(meta: dict) -> tuple[int]:
         return (B * triton.cdiv(C, meta["BLOCK_C"]),)
@@ -675,7 +672,7 @@ def _launch_backward(
         szhw,
         p,
         eps,
-        P_INT=_int_p(p),
+        P_INT=integer_exponent(p),
         M_PAD=_m_pad(M),
         NEED_GF=need_gf,
         DOT_PRECISION=_dot_precision(torch.promote_types(F.dtype, Z.dtype), backward=True),

@@ -10,7 +10,8 @@
  *
  * The launch contract (parameter order, grid = run-time size x constant, threads, dynamic shared memory) comes
  * from EXPORT/kernels/launch.txt, generated from Triton's compile metadata by attrimeter.export.aot; the parameter
- * lists this code marshals are compared with it before anything is loaded.
+ * lists this code marshals are compared with it before anything is loaded. Its export line (dtype, C, HW, M, p, eps:
+ * what the cubins bake in) is required and handed to callers through am_get_info().
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -20,6 +21,8 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <limits.h>
+#include <locale.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -174,11 +177,13 @@ static const char *const kernel_params[K_COUNT] = {
 };
 
 #define AM_TARGET_LEN 16
+_Static_assert(sizeof(((am_info *)0)->target) == AM_TARGET_LEN, "am_info.target holds a target name");
 #define AM_SYMBOL_LEN 256
 #define AM_RELPATH_LEN 512
 #define AM_MAX_LINE 8192
 #define AM_MAX_SHARED (1u << 20)
 #define AM_MAX_GRID_CONST (1u << 20)
+#define AM_MAX_DIM (1u << 24) /* bound on C, HW and M in the export line */
 
 typedef struct {
     char target[AM_TARGET_LEN];
@@ -192,7 +197,9 @@ typedef struct {
 typedef struct {
     entry *entries;
     size_t count, cap;
-    char *path; /* .../kernels/launch.txt, for messages */
+    char *path;    /* .../kernels/launch.txt, for messages */
+    int info_line; /* the export line's number, 0 until it is read */
+    am_info info;  /* from the export line (target still empty) */
 } table;
 
 struct am_kernels {
@@ -200,6 +207,7 @@ struct am_kernels {
     int ordinal;
     CUcontext ctx;
     char target[AM_TARGET_LEN];
+    am_info info;
     struct {
         CUmodule module;
         CUfunction function;
@@ -278,6 +286,72 @@ static int param_mismatch(const table *t, const entry *e, const char *got) {
                 e->line, kernel_names[e->kernel], e->target, got, want);
 }
 
+#define AM_EXPORT_LINE "export dtype=<float32|float16> C=<int> HW=<int> M=<int> p=<float> eps=<float>"
+
+/* strtod in the "C" locale whatever the process's locale is (a host program may have called setlocale, which would
+ * make strtod stop at the '.' of "2.9"); the whole string must be a finite number. */
+static int parse_double(const char *s, double *out) {
+    if (*s == '\0' || *s == ' ') return 0;
+    locale_t c = newlocale(LC_NUMERIC_MASK, "C", (locale_t)0), previous = (locale_t)0;
+    if (c != (locale_t)0) previous = uselocale(c);
+    errno = 0;
+    char *end = NULL;
+    double v = strtod(s, &end);
+    int ok = errno == 0 && end != s && *end == '\0' && isfinite(v);
+    if (c != (locale_t)0) {
+        uselocale(previous);
+        freelocale(c);
+    }
+    if (ok) *out = v;
+    return ok;
+}
+
+/* The export line, `export dtype=... C=... HW=... M=... p=... eps=...`, keys in this order. */
+static int parse_export(table *t, char *const *cols, int n, int lineno) {
+    static const char *const keys[6] = {"dtype", "C", "HW", "M", "p", "eps"};
+    if (t->info_line != 0)
+        return fail(AM_ERR_FORMAT, "%s:%d: a second export line (the first is line %d)", t->path, lineno,
+                    t->info_line);
+    if (n != 7)
+        return fail(AM_ERR_FORMAT, "%s:%d: the export line has %d fields, expected 7: `%s`", t->path, lineno, n,
+                    AM_EXPORT_LINE);
+    const char *value[6];
+    for (int i = 0; i < 6; ++i) {
+        size_t len = strlen(keys[i]);
+        if (strncmp(cols[i + 1], keys[i], len) != 0 || cols[i + 1][len] != '=')
+            return fail(AM_ERR_FORMAT, "%s:%d: export line field %d is '%.60s', expected %s=...: `%s`", t->path,
+                        lineno, i + 2, cols[i + 1], keys[i], AM_EXPORT_LINE);
+        value[i] = cols[i + 1] + len + 1;
+    }
+    am_info info;
+    memset(&info, 0, sizeof info);
+    if (strcmp(value[0], "float32") == 0)
+        info.dtype_bytes = 4;
+    else if (strcmp(value[0], "float16") == 0)
+        info.dtype_bytes = 2;
+    else
+        return fail(AM_ERR_FORMAT,
+                    "%s:%d: export dtype '%.40s' is not one this library launches (float32, float16); rebuild "
+                    "libattrimeter_kernels from the same attrimeter version as the export",
+                    t->path, lineno, value[0]);
+    int *dims[3] = {&info.C, &info.HW, &info.M};
+    for (int i = 0; i < 3; ++i) {
+        unsigned v = 0;
+        if (!parse_uint(value[i + 1], 1, AM_MAX_DIM, &v))
+            return fail(AM_ERR_FORMAT, "%s:%d: export %s '%.40s' is not an integer in [1, %u]", t->path, lineno,
+                        keys[i + 1], value[i + 1], AM_MAX_DIM);
+        *dims[i] = (int)v;
+    }
+    if (!parse_double(value[4], &info.p) || !(info.p > 0.0))
+        return fail(AM_ERR_FORMAT, "%s:%d: export p '%.40s' is not a finite number > 0", t->path, lineno, value[4]);
+    if (!parse_double(value[5], &info.eps) || !(info.eps >= 0.0))
+        return fail(AM_ERR_FORMAT, "%s:%d: export eps '%.40s' is not a finite number >= 0", t->path, lineno,
+                    value[5]);
+    t->info = info;
+    t->info_line = lineno;
+    return AM_OK;
+}
+
 static int parse_line(table *t, char *line, int lineno) {
     char *save = NULL, *cols[9];
     int n = 0;
@@ -286,6 +360,13 @@ static int parse_line(table *t, char *line, int lineno) {
         ++n;
     }
     if (n == 0) return AM_OK;
+    if (strcmp(cols[0], "export") == 0) return parse_export(t, cols, n, lineno); /* reads cols only if n == 7 */
+    if (t->info_line == 0)
+        return fail(AM_ERR_FORMAT,
+                    "%s:%d: the first line (after comments) must be the export line `%s`, which says the dtype and "
+                    "shapes the kernels were compiled for; this launch.txt lacks it (written by an older attrimeter?): "
+                    "re-export",
+                    t->path, lineno, AM_EXPORT_LINE);
     if (n != 8)
         return fail(AM_ERR_FORMAT,
                     "%s:%d: expected 8 columns (target kernel symbol cubin threads shared_bytes grid_x_const "
@@ -403,6 +484,11 @@ static int load_table(const char *kernels_dir, table *t) {
     free(line);
     fclose(f);
     if (rc != AM_OK) return rc;
+    if (t->info_line == 0)
+        return fail(AM_ERR_FORMAT,
+                    "%s lacks the export line `%s`, which says the dtype and shapes the kernels were compiled for "
+                    "(written by an older attrimeter?): re-export",
+                    t->path, AM_EXPORT_LINE);
     if (t->count == 0) return fail(AM_ERR_FORMAT, "%s lists none of this library's kernels", t->path);
     for (size_t i = 0; i < t->count; ++i) {
         for (int kernel = 0; kernel < K_COUNT; ++kernel) {
@@ -515,6 +601,77 @@ static int load_kernel(am_kernels *k, const char *kernels_dir, const entry *e, i
     return AM_OK;
 }
 
+/* sm_XY -> 10 * X + Y (sm_86 -> 86, sm_100 -> 100); -1 for a target with a suffix (sm_90a: arch-specific). */
+static int target_number(const char *target) {
+    int v = 0;
+    const char *c = target + 3; /* valid_target checked the "sm_" and the 2 or 3 digits */
+    for (; *c >= '0' && *c <= '9'; ++c) v = 10 * v + (*c - '0');
+    return *c == '\0' ? v : -1;
+}
+
+/* Fill chosen[] with the entries of `target`; 0 if the export lacks it (load_table checked that targets are whole). */
+static int select_target(const table *t, const char *target, const entry *chosen[K_COUNT]) {
+    for (int i = 0; i < K_COUNT; ++i) chosen[i] = NULL;
+    for (size_t i = 0; i < t->count; ++i)
+        if (strcmp(t->entries[i].target, target) == 0) chosen[t->entries[i].kernel] = &t->entries[i];
+    return chosen[K_POOL] != NULL;
+}
+
+/* The device's own sm_XY if the export has it. Otherwise, for major < 9, the highest sm_XZ of the same major with
+ * Z < Y whose every kernel's dynamic shared memory fits the device's opt-in limit: a cubin runs on devices of its
+ * major and a later minor (sm_80 on sm_86/sm_89). Not for major >= 9: Triton compiles those for the arch-specific
+ * sm_90a / sm_100a, which run on that one compute capability only. */
+static int choose_target(const table *t, int device, int major, int minor, int optin, char target[AM_TARGET_LEN],
+                         const entry *chosen[K_COUNT]) {
+    snprintf(target, AM_TARGET_LEN, "sm_%d%d", major, minor);
+    if (select_target(t, target, chosen)) return AM_OK;
+    const entry *best = NULL, *too_big = NULL, *specific = NULL;
+    int best_cc = -1, big_cc = -1;
+    for (size_t i = 0; i < t->count; ++i) {
+        const entry *e = &t->entries[i];
+        int cc = target_number(e->target);
+        if (e->kernel != K_POOL || cc < 0 || cc / 10 != major || cc % 10 >= minor) continue; /* one per target */
+        if (major >= 9) {
+            specific = e;
+            continue;
+        }
+        const entry *largest = e;
+        for (size_t j = 0; j < t->count; ++j)
+            if (strcmp(t->entries[j].target, e->target) == 0 && t->entries[j].shared > largest->shared)
+                largest = &t->entries[j];
+        if (largest->shared > (unsigned)optin) {
+            if (cc > big_cc) {
+                too_big = largest;
+                big_cc = cc;
+            }
+        } else if (cc > best_cc) {
+            best = e;
+            best_cc = cc;
+        }
+    }
+    if (best != NULL) {
+        strcpy(target, best->target);
+        select_target(t, target, chosen);
+        return AM_OK;
+    }
+    char have[512], note[320] = "";
+    list_targets(t, have, sizeof have);
+    if (too_big != NULL)
+        snprintf(note, sizeof note,
+                 " (%s would run on it, but its %s kernel needs %u bytes of shared memory per block and the device "
+                 "allows %d)",
+                 too_big->target, kernel_names[too_big->kernel], too_big->shared, optin);
+    else if (specific != NULL)
+        snprintf(note, sizeof note,
+                 " (%s cubins are compiled for the arch-specific %sa, which runs on compute capability %d.%d only)",
+                 specific->target, specific->target, target_number(specific->target) / 10,
+                 target_number(specific->target) % 10);
+    return fail(AM_ERR_NO_TARGET,
+                "%s: no kernels for this GPU: device %d has compute capability %d.%d (sm_%d%d) but the export was "
+                "compiled for %s%s; re-export with the target added, e.g. `attrimeter export ... --targets sm_%d%d`",
+                t->path, device, major, minor, major, minor, have, note, major, minor);
+}
+
 int am_open(const char *export_dir, int device, am_kernels **out) {
     if (out == NULL) return fail(AM_ERR_ARG, "am_open: out is NULL");
     *out = NULL;
@@ -552,21 +709,10 @@ int am_open(const char *export_dir, int device, am_kernels **out) {
         goto done;
     }
 
-    /* 3. The device's own target. */
+    /* 3. The target: the device's own, else a compatible one (see choose_target). */
     char target[AM_TARGET_LEN];
-    snprintf(target, sizeof target, "sm_%d%d", major, minor);
     const entry *chosen[K_COUNT] = {NULL, NULL, NULL};
-    for (size_t i = 0; i < t.count; ++i)
-        if (strcmp(t.entries[i].target, target) == 0) chosen[t.entries[i].kernel] = &t.entries[i];
-    if (chosen[K_POOL] == NULL) {
-        char have[512];
-        list_targets(&t, have, sizeof have);
-        rc = fail(AM_ERR_NO_TARGET,
-                  "%s: no kernels for this GPU: device %d has compute capability %d.%d (%s) but the export was "
-                  "compiled for %s; re-export with the target added, e.g. `attrimeter export ... --targets %s`",
-                  t.path, device, major, minor, target, have, target);
-        goto done;
-    }
+    if ((rc = choose_target(&t, device, major, minor, optin, target, chosen)) != AM_OK) goto done;
 
     /* 4. The primary context and the modules. */
     am_kernels *k = calloc(1, sizeof *k);
@@ -577,6 +723,8 @@ int am_open(const char *export_dir, int device, am_kernels **out) {
     k->device = dev;
     k->ordinal = device;
     strcpy(k->target, target);
+    k->info = t.info;
+    strcpy(k->info.target, target);
     if ((r = drv.cuDevicePrimaryCtxRetain(&k->ctx, dev)) != CUDA_SUCCESS) {
         rc = cuda_fail("am_open", "cuDevicePrimaryCtxRetain", r);
         free(k);
@@ -617,6 +765,12 @@ void am_close(am_kernels *k) {
 }
 
 const char *am_target(const am_kernels *k) { return k ? k->target : NULL; }
+
+int am_get_info(const am_kernels *k, am_info *out) {
+    if (k == NULL || out == NULL) return fail(AM_ERR_ARG, "am_get_info: %s is NULL", k == NULL ? "the handle" : "out");
+    *out = k->info;
+    return AM_OK;
+}
 
 /* ------------------------------------------------------------------------------------------------------------------
  * Launches.

@@ -53,7 +53,8 @@ def test_launch_contracts(kernels):
     assert explain["grid"]["x"] == ["Q", "K"]
     weighted = aot.load_kernel(out / "sm_90" / "explain_weighted.json")
     assert [p["name"] for p in weighted["params"]][3] == "w_ptr"
-    table = [line.split() for line in (out / "launch.txt").read_text().splitlines() if not line.startswith("#")]
+    table = [line.split() for line in (out / "launch.txt").read_text().splitlines()
+             if not line.startswith(("#", "export "))]
     assert len(table) == len(aot.DEFAULT_TARGETS) * len(aot.KERNELS)
     row = next(r for r in table if r[:2] == ["sm_90", "masked_gem_pool"])
     assert row[2:7] == [pool["symbol"], "sm_90/masked_gem_pool.cubin", str(pool["threads"]),
@@ -103,6 +104,32 @@ def test_broken_artefacts_are_refused(kernels, tmp_path):
         aot.load_kernel(folder / "sm_80" / "explain.json")
     with pytest.raises(aot.AotError, match="unreadable"):
         aot.load_kernel(folder / "sm_80" / "nothing.json")
+
+
+def test_launch_table_says_what_the_export_was_built_for(kernels):
+    out, _ = kernels
+    line = next(line for line in (out / "launch.txt").read_text().splitlines() if not line.startswith("#"))
+    assert line == (f"export dtype=float32 C={SHAPE['channels']} HW={SHAPE['hw']} M={SHAPE['num_attributes']} "
+                    f"p={SHAPE['p']!r} eps={SHAPE['eps']!r}")
+
+
+def test_ptx_version_can_be_pinned_for_older_drivers(tmp_path):
+    specs = aot.kernel_specs(**SHAPE, dtype="float32", ptx_version="8.4")[1:2]
+    aot.compile_kernels(tmp_path, specs, ("sm_90",))
+    assert "\n.version 8.4\n" in (tmp_path / "sm_90" / "explain.ptx").read_text()
+    with pytest.raises(ValueError, match="ptx_version"):
+        aot.kernel_specs(**SHAPE, dtype="float32", ptx_version="84")
+
+
+def test_metadata_that_disagrees_with_the_ptx_is_refused(kernels, tmp_path):
+    out, _ = kernels
+    folder = tmp_path / "k"
+    shutil.copytree(out / "sm_90", folder)
+    meta = json.loads((folder / "explain.json").read_text())
+    meta["params"] = meta["params"][:-1]  # e.g. a Triton whose kernels take one hidden pointer fewer
+    (folder / "explain.json").write_text(json.dumps(meta))
+    with pytest.raises(aot.AotError, match="lists 13 parameters, the PTX entry declares 14"):
+        aot.load_kernel(folder / "explain.json")
 
 
 def test_bad_requests():

@@ -7,7 +7,11 @@ What runs where:
   prototypes, so it exports the driver's versioned symbol names): grid, block, shared memory, stream, every
   parameter value in order, context push/pop balance, module/allocation leaks, target selection; and the test
   program end to end with the mock replaying the expected outputs (case format, output routing, comparisons).
-- With a GPU (torch.cuda.is_available()): the real kernels against the references, ‖out − ref‖/‖ref‖ ≤ 1e-4.
+  Also: launch.txt's export line (dtype, C, HW, M, p, eps) and am_get_info for float32 and float16 exports, the test
+  program's case/export mismatch check and its float16 path (conversions, tolerance) on the mock, and the target
+  fallback (sm_80 cubins on an sm_86 device; none for sm_90) against mock devices of chosen compute capability.
+- With a GPU (torch.cuda.is_available()): the real kernels against the references, for (p, dtype) in (3, float32),
+  (2.9, float32), (2.9, float16): ‖out − ref‖/‖ref‖ ≤ 1e-4, 2e-3 for the float16 pooling outputs.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +32,10 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = {"B": 3, "C": 64, "HW": 32, "M": 5, "Q": 3, "K": 4, "N": 7}
 H, W = 4, 8  # HW = 32
-P, EPS = 3.0, 1e-6
+EPS = 1e-6
+# The exports checked against the references: (p, dtype). Integer p takes the kernel's multiplication path.
+VARIANTS = {"p3-fp32": (3.0, "float32"), "p2.9-fp32": (2.9, "float32"), "p2.9-fp16": (2.9, "float16")}
+DEFAULT = "p3-fp32"
 # The header's return codes.
 AM_OK, AM_ERR_NO_DRIVER, AM_ERR_NO_DEVICE, AM_ERR_NO_TARGET = 0, 1, 2, 3
 AM_ERR_IO, AM_ERR_FORMAT, AM_ERR_CUDA, AM_ERR_ARG = 4, 5, 6, 7
@@ -68,35 +76,65 @@ def target() -> str:
     return name
 
 
+def _export_line(p: float, dtype: str) -> str:
+    return f"export dtype={dtype} C={SHAPE['C']} HW={SHAPE['HW']} M={SHAPE['M']} p={float(p)!r} eps={EPS!r}"
+
+
+def _check_export_line(kernels: Path, line: str) -> None:
+    """launch.txt's first data line says what the cubins were built for (written by aot.launch_table)."""
+    lines = (kernels / "launch.txt").read_text().splitlines()
+    first = next(x for x in lines if x.strip() and not x.lstrip().startswith("#"))
+    assert first == line
+
+
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory, target) -> Path:
+def exports(tmp_path_factory, target) -> dict[str, Path]:
+    """One export per variant, for the device's target (sm_90 without a GPU), compiled side by side."""
     from attrimeter.export.aot import compile_kernels, kernel_specs
 
-    out = tmp_path_factory.mktemp("export")
-    compile_kernels(out / "kernels", kernel_specs(SHAPE["C"], SHAPE["HW"], SHAPE["M"], P, EPS, "float32"), (target,))
-    return out
+    folders = {name: tmp_path_factory.mktemp(f"export-{name}") for name in VARIANTS}
+
+    def build(name: str) -> Path:
+        p, dtype = VARIANTS[name]
+        specs = kernel_specs(SHAPE["C"], SHAPE["HW"], SHAPE["M"], p, EPS, dtype)
+        compile_kernels(folders[name] / "kernels", specs, (target,))
+        _check_export_line(folders[name] / "kernels", _export_line(p, dtype))
+        return folders[name]
+
+    with ThreadPoolExecutor(len(VARIANTS)) as pool:
+        return dict(zip(VARIANTS, pool.map(build, VARIANTS), strict=True))
 
 
 @pytest.fixture(scope="module")
-def case_dir(tmp_path_factory) -> Path:
-    """Fresh random inputs (zeros in F, a whole zero channel, A ≈ 0) and float64 references of the fp32 values."""
+def export_dir(exports) -> Path:
+    return exports[DEFAULT]
+
+
+def _write_case(out: Path, p: float, dtype: str, seed: int) -> None:
+    """Random inputs (zeros in F, a whole zero channel, A ≈ 0) and float64 references of their values.
+
+    The pooling inputs are rounded to `dtype` (the program uploads them in the export's dtype) but stored as fp32,
+    like every reference; the explain inputs are the kernel's fixed fp32 queries and fp16 gallery.
+    """
     from attrimeter.kernels.attr_distance import explain_topk_reference
     from attrimeter.kernels.masked_gem_pool import masked_gem_pool_reference
 
-    out = tmp_path_factory.mktemp("case")
+    gen = torch.Generator().manual_seed(seed)
     B, C, M, Q, K, N = (SHAPE[k] for k in "BCMQKN")
-    F = torch.rand(B, C, H, W) * 2.0
+    F = torch.rand(B, C, H, W, generator=gen) * 2.0
     F[F < 0.3] = 0.0
     F[:, 1] = 0.0  # a channel entirely below eps
-    Z = torch.randn(B, M, H, W) * 2.0
+    Z = torch.randn(B, M, H, W, generator=gen) * 2.0
     Z[:, 0, :, :3] = -40.0  # attention ~ 0
-    scale, shift = torch.rand(C) + 0.5, torch.randn(C) * 0.1
-    f, f_k = masked_gem_pool_reference(F.double(), Z.double(), P, EPS, scale.double(), shift.double())
-    q = torch.randn(Q, M + 1, C)
-    g = torch.randn(N, M + 1, C).half()
-    ids = torch.randint(0, N, (Q, K), dtype=torch.int64)
+    scale, shift = torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen) * 0.1
+    store = getattr(torch, dtype)
+    F, Z, scale, shift = (t.to(store).float() for t in (F, Z, scale, shift))
+    f, f_k = masked_gem_pool_reference(F.double(), Z.double(), p, EPS, scale.double(), shift.double())
+    q = torch.randn(Q, M + 1, C, generator=gen)
+    g = torch.randn(N, M + 1, C, generator=gen).half()
+    ids = torch.randint(0, N, (Q, K), dtype=torch.int64, generator=gen)
     ids[0, 1] = ids[0, 0]  # repeats are allowed
-    w = torch.rand(M) + 0.1
+    w = torch.rand(M, generator=gen) + 0.1
     ref = explain_topk_reference(q.double(), g.double(), ids)
     ref_w = explain_topk_reference(q.double(), g.double(), ids, weights=w.double())
     files = {"F": F, "Z": Z, "scale": scale, "shift": shift, "f": f, "f_k": f_k, "q": q, "d": ref.d, "d_k": ref.d_k,
@@ -105,9 +143,23 @@ def case_dir(tmp_path_factory) -> Path:
         t.detach().numpy().astype("<f4").tofile(out / f"{name}.bin")
     g.numpy().astype("<f2").tofile(out / "g.bin")
     ids.numpy().astype("<i8").tofile(out / "ids.bin")
-    (out / "case.txt").write_text("# attrimeter C test case\ndtype float32\n" + "".join(f"{k} {v}\n" for k, v in
-                                                                                         SHAPE.items()))
+    (out / "case.txt").write_text(f"# attrimeter C test case\ndtype {dtype}\n" +
+                                  "".join(f"{k} {v}\n" for k, v in SHAPE.items()) + f"p {p!r}\neps {EPS!r}\n")
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory) -> dict[str, Path]:
+    """One test case per variant (fresh inputs each)."""
+    out = {}
+    for seed, (name, (p, dtype)) in enumerate(VARIANTS.items()):
+        out[name] = tmp_path_factory.mktemp(f"case-{name}")
+        _write_case(out[name], p, dtype, seed)
     return out
+
+
+@pytest.fixture(scope="module")
+def case_dir(cases) -> Path:
+    return cases[DEFAULT]
 
 
 @pytest.fixture(scope="module")
@@ -169,9 +221,10 @@ CUresult cuDeviceGetCount(int *n) { *n = 1; return CUDA_SUCCESS; }
 CUresult cuDeviceGet(CUdevice *d, int ordinal) { if (ordinal != 0) return CUDA_ERROR_INVALID_DEVICE; *d = 0; return 0; }
 CUresult cuDeviceGetAttribute(int *v, CUdevice_attribute a, CUdevice d) {
     int cc = getenv("AM_MOCK_CC") ? atoi(getenv("AM_MOCK_CC")) : 90; (void)d;
+    int optin = getenv("AM_MOCK_OPTIN") ? atoi(getenv("AM_MOCK_OPTIN")) : 232448;
     *v = a == CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR ? cc / 10
        : a == CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR ? cc % 10
-       : a == CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN ? 232448 : 0;
+       : a == CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN ? optin : 0;
     return CUDA_SUCCESS;
 }
 CUresult cuDevicePrimaryCtxRetain(CUcontext *c, CUdevice d) { (void)d; ++retained; *c = &primary; return 0; }
@@ -288,13 +341,22 @@ lib.am_upload.argtypes = [P, U, P, C.c_size_t]
 lib.am_download.argtypes = [P, P, U, C.c_size_t]
 lib.am_memset32.argtypes = [P, U, C.c_uint32, C.c_size_t]
 lib.am_synchronize.argtypes = [P, P]
+class Info(C.Structure):
+    _fields_ = [("dtype_bytes", I), ("C", I), ("HW", I), ("M", I), ("p", C.c_double), ("eps", C.c_double),
+                ("target", C.c_char * 16)]
+lib.am_get_info.argtypes = [P, C.POINTER(Info)]
+def info(h):
+    i = Info()
+    if rec("info", lib.am_get_info(h, C.byref(i))) == 0:
+        res["info"] = [i.dtype_bytes, i.C, i.HW, i.M, i.p, i.eps, i.target.decode()]
 res = {}
 def rec(name, rc):
     res[name] = [rc, lib.am_last_error().decode() if rc else ""]
     return rc
 if scenario == "open":
     h = P()
-    rec("open", lib.am_open(export, int(sys.argv[4]) if len(sys.argv) > 4 else 0, C.byref(h)))
+    if rec("open", lib.am_open(export, int(sys.argv[4]) if len(sys.argv) > 4 else 0, C.byref(h))) == 0:
+        info(h)
     res["target"] = (lib.am_target(h) or b"").decode()
     lib.am_close(h)
 elif scenario == "args":
@@ -313,11 +375,14 @@ elif scenario == "args":
     rec("memset32", lib.am_memset32(None, 256, 0, 1))
     rec("synchronize", lib.am_synchronize(None, None))
     res["target_null"] = lib.am_target(None)
+    rec("info_null", lib.am_get_info(None, C.byref(Info())))
     lib.am_close(None)
 elif scenario == "launch":
     h = P()
     assert rec("open", lib.am_open(export, 0, C.byref(h))) == 0, res
     res["target"] = lib.am_target(h).decode()
+    info(h)
+    rec("info_null_out", lib.am_get_info(h, None))
     def alloc(n):
         p = U()
         assert rec("alloc", lib.am_alloc(h, n, C.byref(p))) == 0, res
@@ -408,8 +473,9 @@ def test_build_outputs(clib, tmp_path):
         assert "libcuda" not in dyn and "libcudart" not in dyn, dyn  # the driver is dlopen'ed at run time
         syms = _run(["readelf", "--dyn-syms", "-W", clib["lib"]]).stdout
         exported = set(re.findall(r"GLOBAL\s+DEFAULT\s+\d+\s+(am_\w+)", syms))
-        assert exported == {"am_open", "am_close", "am_last_error", "am_target", "am_masked_gem_pool", "am_explain",
-                            "am_alloc", "am_free", "am_upload", "am_download", "am_memset32", "am_synchronize"}
+        assert exported == {"am_open", "am_close", "am_last_error", "am_target", "am_get_info", "am_masked_gem_pool",
+                            "am_explain", "am_alloc", "am_free", "am_upload", "am_download", "am_memset32",
+                            "am_synchronize"}
     installed = _run(["cmake", "--install", clib["build"], "--prefix", tmp_path / "prefix"])
     assert installed.returncode == 0, installed.stdout + installed.stderr
     assert (tmp_path / "prefix/include/attrimeter_kernels.h").is_file()
@@ -421,12 +487,16 @@ def test_build_outputs(clib, tmp_path):
         assert proc.returncode == 0, proc.stderr
 
 
-def test_program_against_reference(clib, export_dir, case_dir):
-    proc = _run([clib["prog"], export_dir, case_dir])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_program_against_reference(clib, exports, cases, variant):
+    proc = _run([clib["prog"], exports[variant], cases[variant]])
     out = proc.stdout + proc.stderr
     if GPU:
         assert proc.returncode == 0, out
         assert "PASSED" in out and "FAIL " not in out, out
+        assert f"export dtype {VARIANTS[variant][1]} C 64 HW 32 M 5" in out, out
+        tol = "2e-03" if VARIANTS[variant][1] == "float16" else "1e-04"
+        assert re.search(rf"ok   masked_gem_pool f_k: rel err \S+ \(tol {tol}\)", out), out
     else:
         assert proc.returncode == 77, out
         assert out.startswith("SKIP: AM_ERR_NO_DRIVER") and "libcuda.so.1" in out, out
@@ -455,7 +525,7 @@ def test_open_without_driver(client, export_dir):
 def test_null_handle_and_bad_arguments(client, export_dir):
     res = client(export_dir, "args")
     for name in ("open_null_out", "open_null_dir", "open_negative_device", "pool", "explain", "alloc", "free",
-                 "upload", "download", "memset32", "synchronize"):
+                 "upload", "download", "memset32", "synchronize", "info_null"):
         rc, msg = res[name]
         assert rc == AM_ERR_ARG and msg, (name, res[name])
     assert "NULL" in res["pool"][1] and "negative" in res["open_negative_device"][1]
@@ -496,10 +566,34 @@ MALFORMED = {
     "bad_target": (AM_ERR_FORMAT, "not of the form sm_XX", lambda s: re.sub(r"^sm_\d+", "gfx90a", s, flags=re.M)),
     "escaping_path": (AM_ERR_FORMAT, "must be relative", lambda s: re.sub(r" (sm_\d+/masked)", r" ../\1", s, count=1)),
     "absolute_path": (AM_ERR_FORMAT, "must be relative", lambda s: re.sub(r" (sm_\d+/masked)", r" /\1", s, count=1)),
-    "duplicate_line": (AM_ERR_FORMAT, "listed twice", lambda s: s + s.splitlines()[1] + "\n"),
+    "duplicate_line": (AM_ERR_FORMAT, "listed twice",
+                       lambda s: s + next(x for x in s.splitlines() if x.startswith("sm_")) + "\n"),
     "missing_kernel": (AM_ERR_FORMAT, "lacks the kernel explain_weighted",
                        lambda s: "\n".join(x for x in s.splitlines() if " explain_weighted " not in x) + "\n"),
-    "no_kernels": (AM_ERR_FORMAT, "lists none of this library's kernels", lambda s: "# empty\n\n"),
+    "no_kernels": (AM_ERR_FORMAT, "lists none of this library's kernels",
+                   lambda s: "# empty\n\n" + _export_line(*VARIANTS[DEFAULT]) + "\n"),
+    "comments_only": (AM_ERR_FORMAT, "lacks the export line `export dtype=<float32|float16> C=<int> HW=<int>",
+                      lambda s: "# empty\n\n"),
+    "no_export_line": (AM_ERR_FORMAT, "must be the export line `export dtype=<float32|float16> C=<int> HW=<int> "
+                       "M=<int> p=<float> eps=<float>`", lambda s: re.sub(r"^export .*\n", "", s, flags=re.M)),
+    "export_line_last": (AM_ERR_FORMAT, "must be the export line",
+                         lambda s: re.sub(r"^(export .*\n)((?:.*\n)*)", r"\2\1", s, flags=re.M)),
+    "export_twice": (AM_ERR_FORMAT, "a second export line (the first is line ",
+                     lambda s: s + _export_line(*VARIANTS[DEFAULT]) + "\n"),
+    "export_dtype": (AM_ERR_FORMAT, "export dtype 'bfloat16' is not one this library launches (float32, float16)",
+                     lambda s: s.replace("dtype=float32", "dtype=bfloat16", 1)),
+    "export_key_order": (AM_ERR_FORMAT, "export line field 3 is 'HW=32', expected C=",
+                         lambda s: s.replace("C=64 HW=32", "HW=32 C=64", 1)),
+    "export_fields": (AM_ERR_FORMAT, "the export line has 6 fields, expected 7",
+                      lambda s: s.replace(" eps=1e-06", "", 1)),
+    "export_bad_int": (AM_ERR_FORMAT, "export M '0' is not an integer in [1, ",
+                       lambda s: s.replace(" M=5 ", " M=0 ", 1)),
+    "export_bad_p": (AM_ERR_FORMAT, "export p '3.0x' is not a finite number > 0",
+                     lambda s: s.replace(" p=3.0 ", " p=3.0x ", 1)),
+    "export_nan_p": (AM_ERR_FORMAT, "export p 'nan' is not a finite number",
+                     lambda s: s.replace(" p=3.0 ", " p=nan ", 1)),
+    "export_bad_eps": (AM_ERR_FORMAT, "export eps '-1e-06' is not a finite number >= 0",
+                       lambda s: s.replace(" eps=1e-06", " eps=-1e-06", 1)),
     "missing_cubin": (AM_ERR_IO, "cannot open the cubin of", "rm"),
     "not_a_cubin": (AM_ERR_FORMAT, "is not a cubin", "garbage"),
 }
@@ -536,15 +630,30 @@ def test_unknown_kernels_and_comments_are_ignored(client, export_dir, tmp_path, 
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_mock_launch_marshalling(client, mock_driver, export_dir, tmp_path, target):
-    export = _copy_export(export_dir, tmp_path / "export")
+def _info(variant: str, target: str) -> list:
+    p, dtype = VARIANTS[variant]
+    return [4 if dtype == "float32" else 2, SHAPE["C"], SHAPE["HW"], SHAPE["M"], p, EPS, target]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_mock_info(client, mock_driver, exports, tmp_path, target, variant):
+    """am_get_info reports launch.txt's export line (p parsed exactly) and the target in use."""
+    env = _mock_env(mock_driver, exports[variant], target, tmp_path / "mock.log", AM_MOCK_CC=target[3:])
+    res = client(exports[variant], "open", env=env)
+    assert res["open"] == [AM_OK, ""] and res["info"] == _info(variant, target), res
+
+
+@pytest.mark.parametrize("variant", ["p3-fp32", "p2.9-fp16"])
+def test_mock_launch_marshalling(client, mock_driver, exports, tmp_path, target, variant):
+    export = _copy_export(exports[variant], tmp_path / "export")
     # A larger grid constant and > 48 KiB of shared memory exercise the grid product and the opt-in attribute.
     _edit_table(export, lambda s: re.sub(rf"^({target} masked_gem_pool \S+ \S+ \d+) \d+ \d+ ", r"\1 65536 4 ", s,
                                          flags=re.M))
     log = tmp_path / "mock.log"
     res = client(export, "launch", env=_mock_env(mock_driver, export, target, log, AM_MOCK_CC=target[3:]))
     lines = log.read_text().splitlines()
-    assert res["target"] == target
+    assert res["target"] == target and res["info"] == _info(variant, target), res
+    assert res["info_null_out"][0] == AM_ERR_ARG and "out is NULL" in res["info_null_out"][1], res
     assert res["pool"] == res["explain"] == res["explain_weighted"] == [0, ""], res
     assert [ln for ln in lines if ln.startswith("load ")] == ["load masked_gem_pool", "load explain",
                                                               "load explain_weighted"]
@@ -576,25 +685,72 @@ def test_mock_launch_marshalling(client, mock_driver, export_dir, tmp_path, targ
     assert lines[-1] == "final retained=0 pushed=0 modules=0 allocs=0"  # balanced push/pop, nothing leaked
 
 
-def test_mock_program_replay(clib, mock_driver, export_dir, case_dir, tmp_path, target):
+def _replay_dir(case: Path, out: Path, dtype: str, f_k_factor: float = 1.0) -> Path:
+    """What the kernels would write for `case`: its references, the pooling outputs in the export's dtype."""
+    shutil.copytree(case, out)
+    for name in ("f", "f_k"):
+        ref = np.fromfile(case / f"{name}.bin", dtype="<f4") * (f_k_factor if name == "f_k" else 1.0)
+        ref.astype("<f2" if dtype == "float16" else "<f4").tofile(out / f"{name}.bin")
+    return out
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_mock_program_replay(clib, mock_driver, exports, cases, tmp_path, target, variant):
     """The test program end to end on the mock driver replaying the expected outputs; then a perturbed reference."""
-    env = {**os.environ, **_mock_env(mock_driver, export_dir, target, tmp_path / "mock.log"), "AM_MOCK_CC": target[3:]}
-    proc = _run([clib["prog"], export_dir, case_dir], env={**env, "AM_MOCK_REPLAY": str(case_dir)})
+    export, case, dtype = exports[variant], cases[variant], VARIANTS[variant][1]
+    env = {**os.environ, **_mock_env(mock_driver, export, target, tmp_path / "mock.log"), "AM_MOCK_CC": target[3:]}
+    replay = _replay_dir(case, tmp_path / "replay", dtype)
+    proc = _run([clib["prog"], export, case], env={**env, "AM_MOCK_REPLAY": str(replay)})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "PASSED: 0 check(s) failed" in out, out
+    assert f"target {target}, export dtype {dtype} C 64 HW 32 M 5 p " in out, out
     assert "ok   bad id counted once, its d is NaN" in out and "ok   explain_weighted scores" in out, out
-    perturbed = shutil.copytree(case_dir, tmp_path / "perturbed")
-    f_k = np.fromfile(perturbed / "f_k.bin", dtype="<f4")
-    (f_k * np.float32(1.001)).tofile(perturbed / "f_k.bin")  # replayed, but compared with the original
-    proc = _run([clib["prog"], export_dir, case_dir], env={**env, "AM_MOCK_REPLAY": str(perturbed)})
+    assert "ok   float16 <-> float32 conversions" in out and "ok   pooling inputs are exact in the export dtype" in out
+    tol = "2e-03" if dtype == "float16" else "1e-04"
+    err = float(re.search(rf"ok   masked_gem_pool f_k: rel err (\S+) \(tol {tol}\)", out).group(1))
+    assert (0 < err < 5e-4) if dtype == "float16" else err < 1e-7, out  # float16 rounding of the outputs, or none
+    # A perturbed f_k is replayed but compared with the original: beyond the dtype's tolerance.
+    factor = 1.01 if dtype == "float16" else 1.001
+    perturbed = _replay_dir(case, tmp_path / "perturbed", dtype, f_k_factor=factor)
+    proc = _run([clib["prog"], export, case], env={**env, "AM_MOCK_REPLAY": str(perturbed)})
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 1 and "FAIL masked_gem_pool f_k: rel err 0.001" in out, out
-    assert "ok   masked_gem_pool f:" in out and "FAILED: 1 check(s) failed" in out, out
+    assert proc.returncode == 1 and "FAILED: 1 check(s) failed" in out, out
+    err = float(re.search(r"FAIL masked_gem_pool f_k: rel err (\S+)", out).group(1))
+    assert err == pytest.approx(factor - 1.0, rel=0.1), out
+    assert "ok   masked_gem_pool f:" in out, out
+
+
+def test_mock_program_pooling_inputs_not_in_dtype(clib, mock_driver, exports, cases, tmp_path, target):
+    """A float16 case whose inputs float16 cannot hold exactly is flagged (its references would not be the kernel's)."""
+    variant = "p2.9-fp16"
+    case = shutil.copytree(cases[variant], tmp_path / "case")
+    np.full(SHAPE["C"], 1.0 + 2.0**-12, dtype="<f4").tofile(case / "scale.bin")  # between two float16 values
+    env = {**os.environ, **_mock_env(mock_driver, exports[variant], target, tmp_path / "mock.log"),
+           "AM_MOCK_CC": target[3:], "AM_MOCK_REPLAY": str(_replay_dir(case, tmp_path / "replay", "float16"))}
+    proc = _run([clib["prog"], exports[variant], case], env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and f"FAIL pooling inputs are exact in the export dtype: {SHAPE['C']} value(s)" in out
+
+
+def test_program_case_mismatch(clib, mock_driver, exports, cases, tmp_path, target):
+    """The test program refuses a case of another dtype or shape than the export's (exit 2), naming each difference."""
+    env = {**os.environ, **_mock_env(mock_driver, export_dir := exports[DEFAULT], target, tmp_path / "mock.log"),
+           "AM_MOCK_CC": target[3:]}
+    proc = _run([clib["prog"], export_dir, cases["p2.9-fp16"]], env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "does not match the export (am_get_info): dtype float16 (export float32); p 2.9 " \
+           "(export 3);" in proc.stderr, proc.stderr
+    other = shutil.copytree(cases[DEFAULT], tmp_path / "case")
+    text = (other / "case.txt").read_text()
+    (other / "case.txt").write_text(text.replace("\nC 64\n", "\nC 32\n").replace("\nM 5\n", "\nM 6\n"))
+    proc = _run([clib["prog"], export_dir, other], env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "(am_get_info): C 32 (export 64); M 6 (export 5);" in proc.stderr, proc.stderr
 
 
 def test_mock_no_target(client, mock_driver, export_dir, tmp_path, target):
     log = tmp_path / "mock.log"
-    other = "86" if target != "sm_86" else "80"
+    other = "90" if target.startswith("sm_8") else "86"  # another major: no fallback
     res = client(export_dir, "open", env=_mock_env(mock_driver, export_dir, target, log, AM_MOCK_CC=other))
     rc, msg = res["open"]
     assert rc == AM_ERR_NO_TARGET, msg
@@ -611,3 +767,67 @@ def test_mock_no_device(clib, client, mock_driver, export_dir, case_dir, tmp_pat
     proc = _run([clib["prog"], export_dir, case_dir], env={**os.environ, **env, "AM_MOCK_INIT": "100"})
     assert proc.returncode == 77, proc.stdout + proc.stderr
     assert proc.stdout.startswith("SKIP: AM_ERR_NO_DEVICE") and "CUDA_ERROR_NO_DEVICE" in proc.stdout
+
+
+def _retarget(src: Path, dst: Path, src_target: str, targets: dict[str, int]) -> Path:
+    """A copy of export `src` whose kernels are listed as `targets` (name -> the pooling's shared_bytes) instead of
+    `src_target`. The cubins are copies: neither the library nor the mock reads the architecture from the ELF."""
+    shutil.copytree(src, dst)
+    table = dst / "kernels" / "launch.txt"
+    lines = table.read_text().splitlines()
+    head = [x for x in lines if not x.startswith(f"{src_target} ")]
+    body = [x for x in lines if x.startswith(f"{src_target} ")]
+    for name, shared in targets.items():
+        if name != src_target:
+            shutil.copytree(dst / "kernels" / src_target, dst / "kernels" / name)
+        for line in body:
+            cols = line.replace(f"{src_target}/", f"{name}/").split()
+            cols[0] = name
+            if cols[1] == "masked_gem_pool":
+                cols[5] = str(shared)
+            head.append(" ".join(cols))
+    if src_target not in targets:
+        shutil.rmtree(dst / "kernels" / src_target)
+    table.write_text("\n".join(head) + "\n")
+    return dst
+
+
+# device compute capability, its opt-in shared memory (None: the mock's 232448), the export's targets with their
+# pooling kernel's shared memory, and the target am_open must choose (or the NO_TARGET message's distinctive part).
+FALLBACK = {
+    "sm86_runs_sm80": ("86", None, {"sm_80": 65536, "sm_87": 70000}, "sm_80"),
+    "sm89_runs_highest_lower": ("89", None, {"sm_80": 65536, "sm_87": 70000}, "sm_87"),
+    "sm89_skips_too_big": ("89", 68000, {"sm_80": 65536, "sm_87": 70000}, "sm_80"),
+    "exact_first": ("87", None, {"sm_80": 65536, "sm_87": 70000}, "sm_87"),
+    "exact_sm80": ("80", None, {"sm_80": 65536, "sm_87": 70000}, "sm_80"),
+    "sm86_sm80_too_big": ("86", 60000, {"sm_80": 65536},
+                          "(sm_80 would run on it, but its masked_gem_pool kernel needs 65536 bytes of shared memory "
+                          "per block and the device allows 60000)"),
+    "sm86_only_sm90": ("86", None, {"sm_90": 65536}, "compiled for sm_90;"),
+    "sm86_only_sm87": ("86", None, {"sm_87": 65536}, "compiled for sm_87;"),  # a later minor does not run
+    "sm75_sm80": ("75", None, {"sm_80": 65536}, "compiled for sm_80;"),
+    "sm91_sm90_arch_specific": ("91", None, {"sm_90": 65536},
+                                "(sm_90 cubins are compiled for the arch-specific sm_90a, which runs on compute "
+                                "capability 9.0 only)"),
+}
+
+
+@pytest.mark.parametrize("case", list(FALLBACK))
+def test_mock_target_fallback(client, mock_driver, export_dir, tmp_path, target, case):
+    cc, optin, targets, want = FALLBACK[case]
+    export = _retarget(export_dir, tmp_path / "export", target, targets)
+    log = tmp_path / "mock.log"
+    env = _mock_env(mock_driver, export_dir, target, log, AM_MOCK_CC=cc,
+                    **({"AM_MOCK_OPTIN": str(optin)} if optin else {}))
+    res = client(export, "open", env=env)
+    lines = log.read_text().splitlines()
+    rc, msg = res["open"]
+    if want.startswith("sm_"):
+        assert rc == AM_OK and res["target"] == want and res["info"][-1] == want, res
+        # the chosen target's cubins were loaded: its pooling kernel opted into its own shared memory size
+        assert f"set_attribute masked_gem_pool 8 {targets[want]}" in lines, lines
+    else:
+        assert rc == AM_ERR_NO_TARGET and want in msg, msg
+        assert f"compute capability {cc[0]}.{cc[1]} (sm_{cc})" in msg and f"--targets sm_{cc}" in msg, msg
+        assert not [ln for ln in lines if ln.startswith("load ")], lines
+    assert lines[-1] == "final retained=0 pushed=0 modules=0 allocs=0"

@@ -9,6 +9,7 @@ import ast
 import importlib.metadata
 import json
 import re
+import struct
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,18 @@ EXPLICIT_MEMBERS = [
     ("IProgressMonitor", "phase_start"),
     ("IProgressMonitor", "step_complete"),
     ("IProgressMonitor", "phase_finish"),
+    # EngineRunner (the export's check of the built engine).
+    ("Runtime", "deserialize_cuda_engine"),
+    ("ICudaEngine", "create_execution_context"),
+    ("ICudaEngine", "num_io_tensors"),
+    ("ICudaEngine", "get_tensor_name"),
+    ("ICudaEngine", "get_tensor_mode"),
+    ("ICudaEngine", "get_tensor_dtype"),
+    ("IExecutionContext", "set_input_shape"),
+    ("IExecutionContext", "set_tensor_address"),
+    ("IExecutionContext", "get_tensor_shape"),
+    ("IExecutionContext", "execute_async_v3"),
+    ("TensorIOMode", "OUTPUT"),
 ]
 # Names the stubs (10.13) do not cover, each with the page that documents it. tensorrt-stubs has no tensorrt.plugin.
 _QDP = "https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/tensorrt.plugin"
@@ -278,10 +291,19 @@ def _ptx(symbol: str = "_masked_gem_pool_fwd_kernel", target: str = "sm_90a", re
             f".reqntid 128\n{{\n\t.reg .b64 \t%rd<9>;\n{loads}\n\tret;\n}}\n")
 
 
+def _cubin_header(cc: int) -> bytes:
+    """The 64-byte ELF header of a cubin for sm_{cc} (all that aot.load_kernel reads of a cubin)."""
+    abi = 8 if cc >= 90 else 7  # the CUDA ELF ABI version moves the SM from e_flags' low byte to the next one
+    flags = cc << 8 if abi >= 8 else cc
+    ident = b"\x7fELF" + bytes([2, 1, 1, 0x33, abi]) + bytes(7)
+    return ident + struct.pack("<HHIQQQIHHHHHH", 2, 190, 1, 0, 0, 0, flags, 64, 0, 0, 0, 0, 0)
+
+
 def _write_kernel(root: Path, cc: int, *, target: str | None = None, shared: int = 122880, read_hidden: bool = False,
                   params: list[dict] | None = None, constants: dict | None = None) -> Path:
     folder = root / "kernels" / f"sm_{cc}"
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "masked_gem_pool.cubin").write_bytes(_cubin_header(cc))
     (folder / "masked_gem_pool.ptx").write_text(_ptx(target=target or f"sm_{cc}a", read_hidden=read_hidden))
     names = ["f_ptr", "z_ptr", "scale_ptr", "shift_ptr", "out_g_ptr", "out_k_ptr"]
     meta = {"kernel": "masked_gem_pool", "symbol": "_masked_gem_pool_fwd_kernel", "target": f"sm_{cc}", "cc": cc,

@@ -1,0 +1,37 @@
+"""The export's fixed names and small rules, in one torch-free place (DESIGN §5).
+
+Everything that reads or writes an export folder (the exporter, the AOT compiler, the TensorRT build, the C launcher's
+table, the runtime) takes its names from here.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ENGINE_FILE",
+    "INPUT_NAME",
+    "KERNELS_DIR",
+    "MODEL_FILE",
+    "OUTPUT_NAMES",
+    "PLUGIN_ID",
+    "PLUGIN_NAME",
+    "PLUGIN_NAMESPACE",
+    "POOL_KERNEL",
+    "TIMING_CACHE_FILE",
+    "TRITON_DTYPES",
+]
+
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("embedding", "attr_embeddings", "aam", "attr_logits")
+MODEL_FILE = "model.onnx"
+ENGINE_FILE = "model.engine"
+TIMING_CACHE_FILE = "timing.cache"
+KERNELS_DIR = "kernels"
+# The plugin node: ONNX domain = TensorRT plugin namespace, op_type = plugin name.
+PLUGIN_NAMESPACE = "attrimeter"
+PLUGIN_NAME = "MaskedGemPool"
+PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
+# The AOT kernel behind the plugin (EXPORT/kernels/sm_XX/<POOL_KERNEL>.json).
+POOL_KERNEL = "masked_gem_pool"
+# Export float dtypes -> Triton pointer element types.
+TRITON_DTYPES = {"float32": "fp32", "float16": "fp16"}
+
