@@ -242,6 +242,18 @@ def test_cli_export_and_tensorrt_message(tiny_interpreter, tmp_path, capsys):
         assert not (tmp_path / "trt").exists()
 
 
+def test_no_triton_means_no_kernels_by_default(tiny_interpreter, tmp_path, monkeypatch):
+    import importlib.util
+
+    from attrimeter.export import build
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(build.importlib.util, "find_spec", lambda name: None if name == "triton" else real(name))
+    manifest = build.export(tiny_interpreter, tmp_path / "x", progress=False)
+    assert "Triton is not installed" in manifest["kernels"]["note"]
+    assert not (tmp_path / "x" / "kernels").exists()
+
+
 def test_map_classifier_exports(tiny_target, tmp_path):
     from attrimeter.engine.interpreter import save_interpreter
     from attrimeter.engine.target import load_target

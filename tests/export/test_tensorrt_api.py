@@ -542,3 +542,23 @@ def test_plugin_engine_runs_the_aot_kernel(trt, tmp_path):
     attn = torch.nn.functional.conv2d(images, t["wz"]).flatten(2)
     torch.testing.assert_close(outs["f"], feat.sum(2) * t["scale"] + t["shift"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(outs["f_k"], torch.einsum("bmx,bcx->bmc", attn, feat), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("flavor", ["portable", "plugin"])
+def test_export_tensorrt_end_to_end(trt, tiny_interpreter, tmp_path, flavor):
+    from attrimeter.export.build import ENGINE_FP32_TOLERANCE, export
+    from attrimeter.export.manifest import load_manifest
+
+    out = tmp_path / flavor
+    manifest = export(tiny_interpreter, out, output_format="tensorrt", flavor=flavor, targets=(), max_batch=16,
+                      opt_batch=4, progress=False)
+    assert load_manifest(out)["files"]["model.engine"]
+    engine = manifest["tensorrt"]
+    assert engine["engine"] == "model.engine" and engine["timing_cache"] == "timing.cache"
+    assert (out / "timing.cache").is_file()
+    parity = engine["verification"]["parity"]
+    assert [r["batch"] for r in parity] == [1, 7]
+    assert max(max(r["relative_error"].values()) for r in parity) <= ENGINE_FP32_TOLERANCE
+    if flavor == "plugin":
+        assert engine["plugin"]["kernel_json"].startswith("kernels/sm_")
+        assert manifest["kernels"]["pool_max_shared"] == 48 * 1024
