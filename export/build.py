@@ -16,12 +16,13 @@ TensorRT engine is run and checked against eager PyTorch (and on retrieval, give
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from attrimeter.export.aot import DEFAULT_TARGETS, TARGETS, compile_kernels, kernel_specs
-from attrimeter.export.contract import ENGINE_FILE, KERNELS_DIR, MODEL_FILE, TIMING_CACHE_FILE
+from attrimeter.export.aot import DEFAULT_TARGETS, INDEX_NAME, LAUNCH_TABLE, TARGETS, compile_kernels, kernel_specs
+from attrimeter.export.contract import ENGINE_FILE, KERNELS_DIR, MODEL_FILE, PLUGIN_SHARED_LIMIT, TIMING_CACHE_FILE
 from attrimeter.export.onnx_export import (
     FP16_TOLERANCE,
     MAX_BATCH,
@@ -37,7 +38,9 @@ FORMATS = ("onnx", "tensorrt")
 # TensorRT runs fp32 convolutions in TF32 by default (10-bit mantissa): engines are held to a looser bound than the
 # ONNX graph and, given data, to the retrieval check.
 ENGINE_FP32_TOLERANCE = 1e-2
-_PLUGIN_SHARED_CAP = 48 * 1024
+# Highest PTX ISA given to TensorRT by default: every target here (<= sm_90) needs no more, and Triton's bundled
+# ptxas assembles it; lower when the driver is older (see tensorrt_engine.driver_ptx).
+_TRT_PTX_CAP = "9.0"
 
 
 def export(
@@ -109,9 +112,14 @@ def export(
         device = cuda_device()
         assert device is not None  # tensorrt_available() checked it
         device_target = f"sm_{device.cc}"
-        if flavor == "plugin" and device_target not in TARGETS:
-            raise ExportError(f"this GPU is {device_target}, for which no AOT kernel target is defined; "
-                              f"known: {', '.join(TARGETS)} (use --flavor portable)")
+        if flavor == "plugin":
+            if device_target not in TARGETS:
+                raise ExportError(f"this GPU is {device_target}, for which no AOT kernel target is defined; "
+                                  f"known: {', '.join(TARGETS)} (use --flavor portable)")
+            if no_triton:
+                raise ExportError("the plugin engine needs Triton for its AOT kernel: pip install triton, or use "
+                                  "--flavor portable")
+            ptx_version = _plugin_ptx_version(ptx_version, device.driver_version)
     plugin_engine = output_format == "tensorrt" and flavor == "plugin"
     wanted = tuple(dict.fromkeys([*targets, *([device_target] if plugin_engine else [])]))
 
@@ -121,18 +129,45 @@ def export(
         manifest["kernels"] = {"note": kernels_note} if kernels_note else None
         if wanted:
             specs = kernel_specs(channels, h * w, len(manifest["attributes"]), pooling["p"], pooling["eps"],
-                                 manifest["dtype"], pool_max_shared=_PLUGIN_SHARED_CAP if plugin_engine else None,
+                                 manifest["dtype"], pool_max_shared=PLUGIN_SHARED_LIMIT if plugin_engine else None,
                                  ptx_version=ptx_version)
             index = compile_kernels(staging / KERNELS_DIR, specs, wanted, progress=progress)
-            manifest["kernels"] = {"index": f"{KERNELS_DIR}/index.json", "launch_table": f"{KERNELS_DIR}/launch.txt",
-                                   "targets": list(wanted), "triton_version": index["triton_version"],
-                                   "pool_max_shared": _PLUGIN_SHARED_CAP if plugin_engine else None}
+            manifest["kernels"] = {"index": f"{KERNELS_DIR}/{INDEX_NAME}",
+                                   "launch_table": f"{KERNELS_DIR}/{LAUNCH_TABLE}", "targets": list(wanted),
+                                   "triton_version": index["triton_version"], "ptx_version": ptx_version,
+                                   "pool_max_shared": PLUGIN_SHARED_LIMIT if plugin_engine else None}
         if output_format == "tensorrt":
             manifest["tensorrt"] = _build_engine(checkpoint, staging, manifest, flavor, max_batch, opt_batch,
                                                  timing_cache, data, fp16, progress)
 
-    return export_onnx(checkpoint, out_dir, flavor=flavor, fp16=fp16, opset=opset, data=data, progress=progress,
-                       extra=add_kernels_and_engine)
+    manifest = export_onnx(checkpoint, out_dir, flavor=flavor, fp16=fp16, opset=opset, data=data, progress=progress,
+                           extra=add_kernels_and_engine)
+    if timing_cache is not None and output_format == "tensorrt":
+        # The engine was built against a copy in the staging folder (the given cache may lie in the export being
+        # replaced); hand the updated cache back now that the new export is in place.
+        published = Path(out_dir) / TIMING_CACHE_FILE
+        if Path(timing_cache).resolve() != published.resolve():
+            shutil.copyfile(published, timing_cache)
+    return manifest
+
+
+def _plugin_ptx_version(requested: str | None, driver: int) -> str:
+    """The PTX ISA for a plugin engine's kernels: what this driver JIT-compiles (checked before any work)."""
+    from attrimeter.export.tensorrt_engine import driver_ptx
+
+    newest = driver_ptx(driver)
+    if newest is None:
+        raise ExportError(f"this CUDA driver ({driver // 1000}.{driver % 1000 // 10}) is older than CUDA 12.0, "
+                          "which the AOT kernels need: update the driver or use --flavor portable")
+
+    def key(isa: str) -> tuple[int, ...]:
+        return tuple(int(v) for v in isa.split("."))
+
+    if requested is None:
+        return min(newest, _TRT_PTX_CAP, key=key)
+    if key(requested) > key(newest):
+        raise ExportError(f"--ptx-version {requested} is newer than this driver JIT-compiles ({newest})")
+    return requested
 
 
 def _build_engine(checkpoint: str | Path, staging: Path, manifest: dict[str, Any], flavor: str, max_batch: int,
@@ -159,7 +194,9 @@ def _build_engine(checkpoint: str | Path, staging: Path, manifest: dict[str, Any
             raise ExportError(str(e)) from None
         plugin = PluginSpec(kernel_json=kernel_json, num_attributes=len(manifest["attributes"]), channels=channels,
                             height=h, width=w)
-    cache = Path(timing_cache) if timing_cache is not None else staging / TIMING_CACHE_FILE
+    cache = staging / TIMING_CACHE_FILE
+    if timing_cache is not None and Path(timing_cache).is_file():
+        shutil.copyfile(timing_cache, cache)
     try:
         info = build_engine(staging / MODEL_FILE, staging / ENGINE_FILE, max_batch=max_batch, opt_batch=opt_batch,
                             image_size=tuple(manifest["image_size"]), plugin=plugin, timing_cache=cache,
@@ -170,12 +207,19 @@ def _build_engine(checkpoint: str | Path, staging: Path, manifest: dict[str, Any
     model = load_interpreter(checkpoint).model
     size = tuple(manifest["image_size"])
     tolerance = FP16_TOLERANCE if fp16 else ENGINE_FP32_TOLERANCE
-    verification = {"tolerance": tolerance, "parity": check_parity(runner, model, size, (1, 7), tolerance)}
-    if data is not None:
-        verification["retrieval"] = check_retrieval(runner, model, data, size, True, progress)
+    batches = sorted({1, min(7, max_batch)})  # within the engine's optimisation profile
+    try:
+        verification = {"tolerance": tolerance, "parity": check_parity(runner, model, size, batches, tolerance)}
+        if data is not None:
+            # Eager fp32's metrics were measured by the ONNX stage: only the engine's are new.
+            eager = manifest["verification"]["retrieval"]["eager_fp32"]
+            verification["retrieval"] = check_retrieval(runner, model, data, size, True, progress,
+                                                        batch=min(64, max_batch), eager_metrics=eager)
+    except (RuntimeError, ValueError) as e:
+        raise ExportError(f"the TensorRT engine cannot be checked: {e}") from e
     # Paths in the manifest are relative to the export folder (the staging folder disappears on publishing).
     if info.get("plugin"):
         info["plugin"]["kernel_json"] = Path(info["plugin"]["kernel_json"]).relative_to(staging).as_posix()
-    info["timing_cache"] = TIMING_CACHE_FILE if timing_cache is None else str(Path(timing_cache).resolve())
-    return {"engine": ENGINE_FILE, **info, "verification": verification}
+    info["timing_cache"] = TIMING_CACHE_FILE
+    return {"engine": ENGINE_FILE, "max_batch": max_batch, **info, "verification": verification}
 

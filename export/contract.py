@@ -15,6 +15,7 @@ __all__ = [
     "PLUGIN_ID",
     "PLUGIN_NAME",
     "PLUGIN_NAMESPACE",
+    "PLUGIN_SHARED_LIMIT",
     "POOL_KERNEL",
     "TIMING_CACHE_FILE",
     "TRITON_DTYPES",
@@ -32,6 +33,9 @@ PLUGIN_NAME = "MaskedGemPool"
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 # The AOT kernel behind the plugin (EXPORT/kernels/sm_XX/<POOL_KERNEL>.json).
 POOL_KERNEL = "masked_gem_pool"
+# Shared memory a TensorRT AOT plugin kernel may use: above 48 KiB a CUDA function needs an opt-in attribute, and
+# TensorRT documents no way to set it for AOT plugins.
+PLUGIN_SHARED_LIMIT = 48 * 1024
 # Export float dtypes -> Triton pointer element types.
 TRITON_DTYPES = {"float32": "fp32", "float16": "fp16"}
 

@@ -323,7 +323,8 @@ def _retrieval(stacked_q: np.ndarray, stacked_g: np.ndarray, data: Any) -> dict[
 
 
 def check_retrieval(session: Any, model: nn.Module, data_root: str | Path, image_size: tuple[int, int],
-                    enforce: bool, progress: bool) -> dict[str, Any]:
+                    enforce: bool, progress: bool, batch: int = 64,
+                    eager_metrics: dict[str, float] | None = None) -> dict[str, Any]:
     """Retrieval metrics (mAP, rank-1 of d and d̂) of eager fp32 and of an export on a data set's query/gallery.
 
     Args:
@@ -333,6 +334,8 @@ def check_retrieval(session: Any, model: nn.Module, data_root: str | Path, image
         image_size: ``(H, W)``.
         enforce: Raise when a mAP moves by more than ``FP16_MAP_TOLERANCE`` (reduced-precision exports).
         progress: Show decoding progress.
+        batch: Images per run of the export (≤ a TensorRT engine's largest batch).
+        eager_metrics: Eager fp32's metrics when already measured (not recomputed).
 
     Returns:
         ``{"data", "eager_fp32": {...}, "export": {...}}``.
@@ -355,8 +358,8 @@ def check_retrieval(session: Any, model: nn.Module, data_root: str | Path, image
 
     split_images = [read_images([s.path for s in split], image_size, progress=progress, desc=f"decode {name}")
                     for name, split in (("query", data.query), ("gallery", data.gallery))]
-    eager_m = _retrieval(*(_embed(run_eager, im, 64) for im in split_images), data)
-    export_m = _retrieval(*(_embed(run_export, im, 64) for im in split_images), data)
+    eager_m = eager_metrics or _retrieval(*(_embed(run_eager, im, 64) for im in split_images), data)
+    export_m = _retrieval(*(_embed(run_export, im, batch) for im in split_images), data)
     result = {"data": str(Path(data_root).resolve()), "eager_fp32": eager_m, "export": export_m}
     if enforce:
         for key in ("d_mAP", "d_hat_mAP"):
@@ -466,7 +469,7 @@ def export_onnx(
         out_dir: The export folder to create (an older export there is replaced).
         flavor: ``"portable"`` (standard ops) or ``"plugin"`` (one ``attrimeter::MaskedGemPool`` node).
         fp16: Export an FP16 graph (float32 input and outputs).
-        opset: ONNX opset, ≥ 17.
+        opset: ONNX opset, ≥ 18.
         verify_batches: Batch sizes checked against eager PyTorch, all on one session.
         data: A data set root: also compare retrieval metrics of the export with eager fp32 (required to judge an
             fp16 export; recorded in the manifest).

@@ -51,7 +51,17 @@ from typing import Any
 import numpy as np
 
 from attrimeter.export.aot import AotError, load_kernel
-from attrimeter.export.contract import INPUT_NAME, PLUGIN_ID, PLUGIN_NAME, PLUGIN_NAMESPACE, POOL_KERNEL, TRITON_DTYPES
+from attrimeter.export.contract import (
+    INPUT_NAME,
+    KERNELS_DIR,
+    OUTPUT_NAMES,
+    PLUGIN_ID,
+    PLUGIN_NAME,
+    PLUGIN_NAMESPACE,
+    PLUGIN_SHARED_LIMIT,
+    POOL_KERNEL,
+    TRITON_DTYPES,
+)
 
 _LOG = logging.getLogger(__name__)
 
@@ -62,7 +72,6 @@ _INSTALL_HINT = (
     "NVIDIA's package index"
 )
 _N_INPUTS, _N_OUTPUTS = 4, 2  # F, Z, scale, shift -> f, f_k
-_DEFAULT_SMEM = 48 * 1024  # larger dynamic shared memory needs an opt-in attribute on the CUDA function
 # Oldest CUDA driver (cuDriverGetVersion) that JIT-compiles each PTX ISA, from the PTX ISA release notes; an ISA not
 # listed is read as CUDA 12.x for 8.x and 13.x for 9.x.
 _PTX_ISA_DRIVER = {"8.5": 12050, "8.6": 12070, "8.7": 12080, "8.8": 12090}
@@ -275,6 +284,10 @@ def load_plugin_kernel(kernel_json: Path) -> PluginKernel:
     params = meta["params"]
     tensors = [p for p in params if str(p["type"]).startswith("*")]
     hidden = params[len(tensors):]
+    roles = [p.get("role") for p in tensors]
+    if any(roles) and roles != ["input"] * _N_INPUTS + ["output"] * _N_OUTPUTS:
+        raise ValueError(f"{where}: TensorRT passes {_N_INPUTS} inputs then {_N_OUTPUTS} outputs; the kernel's pointer "
+                         f"roles are {roles}")
     if params[:len(tensors)] != tensors or len(tensors) != _N_INPUTS + _N_OUTPUTS:
         raise ValueError(f"{where}: expected {_N_INPUTS} input and {_N_OUTPUTS} output pointers first, then only "
                          f"Triton's scratch pointers; got {[p['name'] + ':' + p['type'] for p in params]} (TensorRT "
@@ -347,7 +360,7 @@ def kernel_json_for_device(export_dir: Path, cc: int, *, max_shared_bytes: int |
     Raises:
         ValueError: No usable kernel; names the available targets and how to add one.
     """
-    kernels = Path(export_dir) / "kernels"
+    kernels = Path(export_dir) / KERNELS_DIR
     exact = kernels / _sm(cc) / KERNEL_JSON_NAME
     if exact.is_file():
         return exact
@@ -375,20 +388,33 @@ def kernel_json_for_device(export_dir: Path, cc: int, *, max_shared_bytes: int |
                      f"`attrimeter export ... --targets {_sm(cc)}` on any machine (the AOT step needs no GPU)")
 
 
-def _ptx_driver(isa: str) -> int:
-    """Oldest driver (cuDriverGetVersion units) that JIT-compiles PTX ISA ``isa`` ("8.8" -> 12090)."""
+def ptx_driver(isa: str) -> int:
+    """The oldest CUDA driver (``cuDriverGetVersion`` units) that JIT-compiles PTX ISA ``isa``.
+
+    Args:
+        isa: PTX ISA version as the ``.version`` directive writes it, e.g. ``"8.8"``.
+
+    Returns:
+        E.g. 12090 for "8.8" (CUDA 12.9), 13040 for "9.4".
+    """
     if isa in _PTX_ISA_DRIVER:
         return _PTX_ISA_DRIVER[isa]
     major, minor = (int(v) for v in isa.split(".")[:2])
     return (major + 4) * 1000 + 10 * minor  # ISA 8.x shipped with CUDA 12.x, 9.x with 13.x
 
 
-def _driver_ptx(driver: int) -> str:
-    """The newest PTX ISA a driver JIT-compiles, as ``--ptx-version`` takes it (e.g. 12040 -> "8.4")."""
+def driver_ptx(driver: int) -> str | None:
+    """The newest PTX ISA a driver JIT-compiles, as ``--ptx-version`` takes it.
+
+    Args:
+        driver: ``cuDriverGetVersion``, e.g. 12040.
+
+    Returns:
+        E.g. "8.4" for 12040; None for drivers older than CUDA 12.0 (ISA 8.0), which these kernels do not support.
+    """
     isas = [f"8.{n}" for n in range(9)] + [f"9.{n}" for n in range(10)]  # 8.8 was the last 8.x ISA
-    best = max((isa for isa in isas if _ptx_driver(isa) <= driver),
-               key=lambda isa: tuple(int(v) for v in isa.split(".")), default="7.8")
-    return best
+    usable = [isa for isa in isas if ptx_driver(isa) <= driver]
+    return max(usable, key=lambda isa: tuple(int(v) for v in isa.split("."))) if usable else None
 
 
 # --------------------------------------------------------------------------------------------------- plugin
@@ -423,11 +449,11 @@ def register_masked_gem_pool_plugin(spec: PluginSpec) -> None:
     """
     kernel = load_plugin_kernel(spec.kernel_json)
     _check_spec(kernel, spec)
-    if kernel.shared_bytes > _DEFAULT_SMEM:
+    if kernel.shared_bytes > PLUGIN_SHARED_LIMIT:
         # Above 48 KiB a CUDA function needs an opt-in attribute, and TensorRT documents no way to set it for an AOT
         # plugin kernel: the launch would fail on the GPU.
         raise ValueError(f"{kernel.json_path} uses {kernel.shared_bytes} B of shared memory per block, more than the "
-                         f"{_DEFAULT_SMEM} B a TensorRT AOT plugin kernel may use; export with --format tensorrt "
+                         f"{PLUGIN_SHARED_LIMIT} B a TensorRT AOT plugin kernel may use; export with --format tensorrt "
                          "(it caps the pooling tile at 48 KiB)")
     with _PluginState.lock:
         _PluginState.kernel = kernel
@@ -624,13 +650,13 @@ def build_engine(onnx_path: Path, engine_path: Path, *, max_batch: int, opt_batc
             raise ValueError(f"{kernel.json_path} holds PTX for {kernel.ptx_target}, which cannot run on this "
                              f"{device.name} ({_sm(device.cc)}); use kernel_json_for_device(export_dir, "
                              f"{device.cc})")
-        needed = _ptx_driver(kernel.ptx_version)
+        needed = ptx_driver(kernel.ptx_version)
         if device.driver_version and device.driver_version < needed:
             raise ValueError(
                 f"{kernel.json_path} is PTX ISA {kernel.ptx_version}, which needs a CUDA {needed // 1000}."
                 f"{needed % 1000 // 10} driver; this one is CUDA {device.driver_version // 1000}."
                 f"{device.driver_version % 1000 // 10}: update the driver, or re-export with --ptx-version "
-                f"{_driver_ptx(device.driver_version)}")
+                f"{driver_ptx(device.driver_version) or '(none: CUDA 12 or newer is needed)'}")
         if device.max_shared_optin and kernel.shared_bytes > device.max_shared_optin:
             raise ValueError(f"{kernel.json_path} needs {kernel.shared_bytes} B shared memory per block; "
                              f"{device.name} allows {device.max_shared_optin} B")
@@ -768,4 +794,6 @@ class EngineRunner:
         if not context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed:\n  " + "\n  ".join(self._logger.errors[-5:]))
         stream.synchronize()
-        return [buffers[name].cpu().numpy() for name in (output_names or self.outputs)]
+        # By name, not by the engine's I/O order: callers compare with the graph's outputs in OUTPUT_NAMES order.
+        names = output_names or [n for n in OUTPUT_NAMES if n in buffers] or self.outputs
+        return [buffers[name].cpu().numpy() for name in names]

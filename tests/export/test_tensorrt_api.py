@@ -483,10 +483,12 @@ def _toy_plugin(tmp_path: Path, c: int, m: int, h: int, w: int) -> te.PluginSpec
     folder = tmp_path / "kernels" / f"sm_{target.arch}"
     folder.mkdir(parents=True)
     (folder / "toy.ptx").write_text(ptx)
+    (folder / "toy.cubin").write_bytes(compiled.asm["cubin"])
     meta = {"kernel": "masked_gem_pool", "symbol": compiled.metadata.name, "target": f"sm_{target.arch}",
-            "cc": target.arch, "ptx": "toy.ptx", "num_warps": compiled.metadata.num_warps,
-            "shared_bytes": compiled.metadata.shared,
-            "params": [{"name": n, "type": "*fp32"} for n in names]
+            "cc": target.arch, "ptx": "toy.ptx", "cubin": "toy.cubin", "num_warps": compiled.metadata.num_warps,
+            "threads": 32 * compiled.metadata.num_warps, "shared_bytes": compiled.metadata.shared,
+            "params": [{"name": n, "type": "*fp32", "role": "input" if i < 4 else "output"}
+                       for i, n in enumerate(names)]
             + [{"name": f"scratch{i}", "type": "scratch", "size": 0, "align": 1} for i in range(hidden)],
             "grid": {"x": ["B", 1], "y": [1], "z": [1]}, "constants": constants}
     (folder / "masked_gem_pool.json").write_text(json.dumps(meta))
@@ -562,3 +564,35 @@ def test_export_tensorrt_end_to_end(trt, tiny_interpreter, tmp_path, flavor):
     if flavor == "plugin":
         assert engine["plugin"]["kernel_json"].startswith("kernels/sm_")
         assert manifest["kernels"]["pool_max_shared"] == 48 * 1024
+
+
+def test_ptx_isa_and_driver_versions():
+    # PTX ISA -> oldest CUDA driver that JIT-compiles it, and back (the check before a plugin engine is built).
+    assert [te.ptx_driver(isa) for isa in ("8.0", "8.4", "8.5", "8.6", "8.8", "9.0", "9.4")] == \
+        [12000, 12040, 12050, 12070, 12090, 13000, 13040]
+    assert [te.driver_ptx(d) for d in (12000, 12040, 12060, 12080, 12090, 13000, 13020)] == \
+        ["8.0", "8.4", "8.5", "8.7", "8.8", "9.0", "9.2"]
+    assert te.driver_ptx(11080) is None
+
+
+def test_plugin_ptx_version_follows_the_driver():
+    from attrimeter.export.build import _plugin_ptx_version
+    from attrimeter.export.onnx_export import ExportError
+
+    assert _plugin_ptx_version(None, 12040) == "8.4"
+    assert _plugin_ptx_version(None, 13040) == "9.0"  # capped: enough for every target, assembled by Triton's ptxas
+    assert _plugin_ptx_version("8.2", 12040) == "8.2"
+    with pytest.raises(ExportError, match="newer than this driver"):
+        _plugin_ptx_version("8.8", 12040)
+    with pytest.raises(ExportError, match="older than CUDA 12.0"):
+        _plugin_ptx_version(None, 11080)
+
+
+def test_plugin_kernel_roles_must_be_inputs_then_outputs(tmp_path):
+    names = ["f_ptr", "z_ptr", "scale_ptr", "shift_ptr", "out_g_ptr", "out_k_ptr"]
+    roles = ["input", "input", "input", "output", "input", "output"]
+    params = [{"name": n, "type": "*fp32", "role": r} for n, r in zip(names, roles, strict=True)] + [
+        {"name": "global_scratch", "type": "scratch", "size": 0, "align": 1},
+        {"name": "profile_scratch", "type": "scratch", "size": 0, "align": 1}]
+    with pytest.raises(ValueError, match="4 inputs then 2 outputs"):
+        te.load_plugin_kernel(_write_kernel(tmp_path, 90, params=params))
