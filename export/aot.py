@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -38,6 +39,8 @@ __all__ = [
     "DEFAULT_TARGETS", "KERNELS", "TARGETS", "AotError", "compile_kernels", "cubin_arch", "kernel_specs",
     "launch_table",
     "load_kernel",
+    "ptx_entry",
+    "ptx_header",
 ]
 
 # Maximum dynamic shared memory per block (opt-in), bytes, from the CUDA programming guide's per-architecture table.
@@ -188,7 +191,7 @@ def _compile_one(spec: dict[str, Any], target: str) -> tuple[dict[str, Any], byt
                   for name in fn.arg_names if signature[name] != "constexpr"]
         # Triton appends hidden pointer parameters to every kernel (global_scratch from 3.3, profile_scratch from
         # 3.5): take their number from the PTX entry itself rather than from the Triton version.
-        hidden = _entry_param_count(ptx, md.name) - len(params)
+        hidden = len(ptx_entry(ptx, md.name)[2]) - len(params)
         if not 0 <= hidden <= len(_HIDDEN):
             raise AotError(f"{spec['kernel']} ({target}): the PTX entry has {hidden} parameters beyond the kernel's "
                            f"own {len(params)}; this Triton version's calling convention is not supported")
@@ -210,7 +213,7 @@ def _compile_one(spec: dict[str, Any], target: str) -> tuple[dict[str, Any], byt
             "grid": {"x": grid, "y": [1], "z": [1]},
             "constants": {k: v for k, v in consts.items() if v is not None},
             "triton_version": triton.__version__,
-            "ptx_version": ptx.split(".version", 1)[1].split()[0] if ".version" in ptx else None,
+            "ptx_version": ptx_header(ptx)[1],
         }
         return meta, compiled.asm["cubin"], ptx
     raise AotError(f"{spec['kernel']}: no tile fits {limit} bytes of shared memory on {target} "
@@ -380,24 +383,61 @@ def load_kernel(json_path: str | Path) -> dict[str, Any]:
     arch = cubin_arch(cubin.read_bytes())
     if arch != meta.get("cc"):
         raise AotError(f"{cubin} is compiled for sm_{arch}, its metadata says {meta['target']}")
-    if not ptx.is_file() or f".entry {meta['symbol']}(" not in ptx.read_text():
-        raise AotError(f"{ptx} is missing or has no entry {meta['symbol']}")
+    if not ptx.is_file():
+        raise AotError(f"{ptx} is missing")
+    text = ptx.read_text()
+    try:
+        declared = len(ptx_entry(text, meta["symbol"])[2])
+        meta["ptx_target"], meta["ptx_version"] = ptx_header(text)
+    except AotError as e:
+        raise AotError(f"{ptx}: {e}") from None
     scratch = [p for p in meta["params"] if p["type"] == "scratch"]
     if scratch and meta["params"][-len(scratch):] != scratch:
         raise AotError(f"{path}: the scratch parameters must come last")
-    declared = _entry_param_count(ptx.read_text(), meta["symbol"])
     if declared != len(meta["params"]):
         raise AotError(f"{path} lists {len(meta['params'])} parameters, the PTX entry declares {declared}")
-    meta["cubin_path"], meta["ptx_path"] = str(cubin), str(ptx)
+    meta["cubin_path"], meta["ptx_path"], meta["ptx_text"] = str(cubin), str(ptx), text
     return meta
 
 
-def _entry_param_count(ptx: str, symbol: str) -> int:
-    """Number of ``.param`` declarations of a PTX entry (a missing entry raises :class:`AotError`)."""
-    head, sep, rest = ptx.partition(f".entry {symbol}(")
-    if not sep:
+def ptx_header(ptx: str) -> tuple[str, str]:
+    """The ``.target`` and ``.version`` directives of a PTX module.
+
+    Args:
+        ptx: PTX text.
+
+    Returns:
+        E.g. ``("sm_90a", "9.4")``.
+
+    Raises:
+        AotError: If either directive is missing.
+    """
+    target = re.search(r"^\s*\.target\s+(\w+)", ptx, re.MULTILINE)
+    version = re.search(r"^\s*\.version\s+([\d.]+)", ptx, re.MULTILINE)
+    if target is None or version is None:
+        raise AotError("not PTX: no .target/.version directive")
+    return target.group(1), version.group(1)
+
+
+def ptx_entry(ptx: str, symbol: str) -> tuple[int, int, list[str]]:
+    """Where a PTX entry's parameter list lies and what it declares.
+
+    Args:
+        ptx: PTX text.
+        symbol: The entry's name.
+
+    Returns:
+        ``(start, end, declarations)``: the span of the text between the entry's parentheses and its ``.param``
+        declarations in order.
+
+    Raises:
+        AotError: If the PTX has no such entry.
+    """
+    entry = re.search(rf"\.entry\s+{re.escape(symbol)}\s*\((?P<params>[^)]*)\)", ptx)
+    if entry is None:
         raise AotError(f"the PTX has no entry {symbol}")
-    return rest.split(")", 1)[0].count(".param")
+    declarations = [p.strip() for p in entry.group("params").split(",") if p.strip()]
+    return entry.start("params"), entry.end("params"), declarations
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from attrimeter.export.onnx_export import (
     FP16_TOLERANCE,
     MAX_BATCH,
     ExportError,
+    ExportGraph,
     check_parity,
     check_retrieval,
     export_onnx,
@@ -38,9 +39,6 @@ FORMATS = ("onnx", "tensorrt")
 # TensorRT runs fp32 convolutions in TF32 by default (10-bit mantissa): engines are held to a looser bound than the
 # ONNX graph and, given data, to the retrieval check.
 ENGINE_FP32_TOLERANCE = 1e-2
-# Highest PTX ISA given to TensorRT by default: every target here (<= sm_90) needs no more, and Triton's bundled
-# ptxas assembles it; lower when the driver is older (see tensorrt_engine.driver_ptx).
-_TRT_PTX_CAP = "9.0"
 
 
 def export(
@@ -90,11 +88,10 @@ def export(
         raise ValueError(f"format must be one of {FORMATS}, got {output_format!r}")
     flavor = flavor or ("plugin" if output_format == "tensorrt" else "portable")
     no_triton = importlib.util.find_spec("triton") is None
-    kernels_note = None
     if targets is None:
         targets = () if no_triton else DEFAULT_TARGETS
-        kernels_note = "Triton is not installed: no AOT kernels (pip install triton, then re-export)" if no_triton \
-            else None
+    kernels_note = "Triton is not installed: no AOT kernels (pip install triton, then re-export)" if no_triton \
+        and not targets else None
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
         raise ValueError(f"unknown GPU targets {unknown}; known: {', '.join(TARGETS)}")
@@ -104,7 +101,7 @@ def export(
         raise ValueError(f"need 1 <= opt_batch <= max_batch <= {MAX_BATCH}, got {opt_batch} and {max_batch}")
     device_target = None
     if output_format == "tensorrt":
-        from attrimeter.export.tensorrt_engine import cuda_device, tensorrt_available
+        from attrimeter.export.tensorrt_engine import cuda_device, plugin_ptx_version, tensorrt_available
 
         missing = tensorrt_available()
         if missing:
@@ -119,11 +116,14 @@ def export(
             if no_triton:
                 raise ExportError("the plugin engine needs Triton for its AOT kernel: pip install triton, or use "
                                   "--flavor portable")
-            ptx_version = _plugin_ptx_version(ptx_version, device.driver_version)
+            try:
+                ptx_version = plugin_ptx_version(ptx_version, device.driver_version)
+            except ValueError as e:
+                raise ExportError(str(e)) from None
     plugin_engine = output_format == "tensorrt" and flavor == "plugin"
     wanted = tuple(dict.fromkeys([*targets, *([device_target] if plugin_engine else [])]))
 
-    def add_kernels_and_engine(staging: Path, manifest: dict[str, Any]) -> None:
+    def add_kernels_and_engine(staging: Path, manifest: dict[str, Any], eager: ExportGraph) -> None:
         channels, h, w = manifest["feature_map"]
         pooling = manifest["pooling"]
         manifest["kernels"] = {"note": kernels_note} if kernels_note else None
@@ -137,7 +137,7 @@ def export(
                                    "triton_version": index["triton_version"], "ptx_version": ptx_version,
                                    "pool_max_shared": PLUGIN_SHARED_LIMIT if plugin_engine else None}
         if output_format == "tensorrt":
-            manifest["tensorrt"] = _build_engine(checkpoint, staging, manifest, flavor, max_batch, opt_batch,
+            manifest["tensorrt"] = _build_engine(eager, staging, manifest, flavor, max_batch, opt_batch,
                                                  timing_cache, data, fp16, progress)
 
     manifest = export_onnx(checkpoint, out_dir, flavor=flavor, fp16=fp16, opset=opset, data=data, progress=progress,
@@ -151,30 +151,10 @@ def export(
     return manifest
 
 
-def _plugin_ptx_version(requested: str | None, driver: int) -> str:
-    """The PTX ISA for a plugin engine's kernels: what this driver JIT-compiles (checked before any work)."""
-    from attrimeter.export.tensorrt_engine import driver_ptx
-
-    newest = driver_ptx(driver)
-    if newest is None:
-        raise ExportError(f"this CUDA driver ({driver // 1000}.{driver % 1000 // 10}) is older than CUDA 12.0, "
-                          "which the AOT kernels need: update the driver or use --flavor portable")
-
-    def key(isa: str) -> tuple[int, ...]:
-        return tuple(int(v) for v in isa.split("."))
-
-    if requested is None:
-        return min(newest, _TRT_PTX_CAP, key=key)
-    if key(requested) > key(newest):
-        raise ExportError(f"--ptx-version {requested} is newer than this driver JIT-compiles ({newest})")
-    return requested
-
-
-def _build_engine(checkpoint: str | Path, staging: Path, manifest: dict[str, Any], flavor: str, max_batch: int,
+def _build_engine(eager: ExportGraph, staging: Path, manifest: dict[str, Any], flavor: str, max_batch: int,
                   opt_batch: int, timing_cache: str | Path | None, data: str | Path | None, fp16: bool,
                   progress: bool) -> dict[str, Any]:
     """Build ``model.engine`` from the staged ONNX, then run it against eager PyTorch (and on retrieval)."""
-    from attrimeter.engine.interpreter import load_interpreter
     from attrimeter.export.tensorrt_engine import (
         EngineRunner,
         PluginSpec,
@@ -204,16 +184,15 @@ def _build_engine(checkpoint: str | Path, staging: Path, manifest: dict[str, Any
         runner = EngineRunner(staging / ENGINE_FILE)
     except (RuntimeError, ValueError) as e:
         raise ExportError(f"TensorRT engine build failed: {e}") from e
-    model = load_interpreter(checkpoint).model
     size = tuple(manifest["image_size"])
     tolerance = FP16_TOLERANCE if fp16 else ENGINE_FP32_TOLERANCE
     batches = sorted({1, min(7, max_batch)})  # within the engine's optimisation profile
     try:
-        verification = {"tolerance": tolerance, "parity": check_parity(runner, model, size, batches, tolerance)}
+        verification = {"tolerance": tolerance, "parity": check_parity(runner, eager, size, batches, tolerance)}
         if data is not None:
             # Eager fp32's metrics were measured by the ONNX stage: only the engine's are new.
             eager = manifest["verification"]["retrieval"]["eager_fp32"]
-            verification["retrieval"] = check_retrieval(runner, model, data, size, True, progress,
+            verification["retrieval"] = check_retrieval(runner, eager, data, size, True, progress,
                                                         batch=min(64, max_batch), eager_metrics=eager)
     except (RuntimeError, ValueError) as e:
         raise ExportError(f"the TensorRT engine cannot be checked: {e}") from e

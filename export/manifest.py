@@ -69,7 +69,7 @@ def file_hashes(export_dir: str | Path) -> dict[str, str]:
     return out
 
 
-def write_manifest(export_dir: str | Path, manifest: dict[str, Any]) -> Path:
+def write_manifest(export_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Hash every file of the folder into ``manifest["files"]`` and write ``manifest.json`` atomically.
 
     Args:
@@ -77,7 +77,7 @@ def write_manifest(export_dir: str | Path, manifest: dict[str, Any]) -> Path:
         manifest: The description (JSON-serialisable); ``format``, ``version`` and ``files`` are set here.
 
     Returns:
-        The manifest's path.
+        The manifest as written.
     """
     root = Path(export_dir)
     body = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, **manifest, "files": file_hashes(root)}
@@ -85,7 +85,7 @@ def write_manifest(export_dir: str | Path, manifest: dict[str, Any]) -> Path:
     tmp = root / f".tmp-{MANIFEST_NAME}"
     tmp.write_text(json.dumps(body, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
-    return path
+    return body
 
 
 def load_manifest(export_dir: str | Path, verify: bool = True) -> dict[str, Any]:

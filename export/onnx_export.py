@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import logging
 import platform
 import shutil
@@ -263,14 +262,14 @@ def _relative_errors(outputs: Sequence[np.ndarray], reference: Sequence[Tensor])
     return errors
 
 
-def check_parity(session: Any, model: nn.Module, image_size: tuple[int, int], batches: Sequence[int],
+def check_parity(session: Any, eager: ExportGraph, image_size: tuple[int, int], batches: Sequence[int],
                   tolerance: float, seed: int = 0) -> list[dict[str, Any]]:
     """Run an export and the eager fp32 model on the same random images at each batch size, on one session.
 
     Args:
         session: Anything with ONNX Runtime's ``run(None, {"images": array}) -> outputs`` (an ONNX Runtime session,
             the reference evaluator, a TensorRT engine runner).
-        model: The interpreter the export came from.
+        eager: The fp32 eager graph of the interpreter the export came from (``ExportGraph(model)``).
         image_size: ``(H, W)``.
         batches: Batch sizes, run in order on the same session.
         tolerance: Largest ``‖out − ref‖/‖ref‖`` of any output.
@@ -283,7 +282,6 @@ def check_parity(session: Any, model: nn.Module, image_size: tuple[int, int], ba
         ExportError: If an output differs by more than ``tolerance``, has another shape, or is not finite.
     """
     rng = torch.Generator().manual_seed(seed)
-    eager = ExportGraph(model)
     results = []
     for b in batches:
         x = torch.rand(b, 3, *image_size, generator=rng)
@@ -322,14 +320,14 @@ def _retrieval(stacked_q: np.ndarray, stacked_g: np.ndarray, data: Any) -> dict[
     return out
 
 
-def check_retrieval(session: Any, model: nn.Module, data_root: str | Path, image_size: tuple[int, int],
+def check_retrieval(session: Any, eager: ExportGraph, data_root: str | Path, image_size: tuple[int, int],
                     enforce: bool, progress: bool, batch: int = 64,
                     eager_metrics: dict[str, float] | None = None) -> dict[str, Any]:
     """Retrieval metrics (mAP, rank-1 of d and d̂) of eager fp32 and of an export on a data set's query/gallery.
 
     Args:
         session: As for :func:`check_parity`.
-        model: The interpreter the export came from.
+        eager: As for :func:`check_parity`.
         data_root: A data set folder (Market-1501 layout).
         image_size: ``(H, W)``.
         enforce: Raise when a mAP moves by more than ``FP16_MAP_TOLERANCE`` (reduced-precision exports).
@@ -347,7 +345,6 @@ def check_retrieval(session: Any, model: nn.Module, data_root: str | Path, image
     from attrimeter.data.images import read_images
 
     data = load_dataset(data_root)
-    eager = ExportGraph(model)
 
     def run_eager(x: np.ndarray) -> list[np.ndarray]:
         with torch.no_grad():
@@ -457,7 +454,7 @@ def export_onnx(
     verify_batches: Sequence[int] = (1, 7),
     data: str | Path | None = None,
     progress: bool = True,
-    extra: Callable[[Path, dict[str, Any]], None] | None = None,
+    extra: Callable[[Path, dict[str, Any], ExportGraph], None] | None = None,
 ) -> dict[str, Any]:
     """Export an interpreter checkpoint to ONNX, verify it, and publish the folder with its manifest.
 
@@ -474,8 +471,9 @@ def export_onnx(
         data: A data set root: also compare retrieval metrics of the export with eager fp32 (required to judge an
             fp16 export; recorded in the manifest).
         progress: Show progress.
-        extra: Optional callable ``(staging_dir, manifest) -> None`` that adds files and manifest entries (the AOT
-            kernels, a TensorRT engine) before the manifest is written and the folder published.
+        extra: Optional callable ``(staging_dir, manifest, eager) -> None`` that adds files and manifest entries (the
+            AOT kernels, a TensorRT engine) before the manifest is written and the folder published; ``eager`` is the
+            fp32 eager graph the checks compare with.
 
     Returns:
         The manifest written.
@@ -501,6 +499,8 @@ def export_onnx(
     model = ck.model
     height, width = ck.image_size
     graph = ExportGraph(model, flavor, fp16)
+    # The reference every check compares with: eager fp32 with the portable pooling (the graph itself when it is one).
+    eager = graph if flavor == "portable" and not fp16 else ExportGraph(model)
     register_onnx_schema()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
@@ -533,7 +533,7 @@ def export_onnx(
         stage("parity")
         session = onnx_session(onnx_path, flavor)
         tolerance = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
-        parity = check_parity(session, model, (height, width), verify_batches, tolerance)
+        parity = check_parity(session, eager, (height, width), verify_batches, tolerance)
         retrieval = None
         if data:
             stage("retrieval")
@@ -542,14 +542,13 @@ def export_onnx(
                 # twin, which differs only by the pooling node whose numpy twin the parity check just covered.
                 twin = staging / ".portable-twin.onnx"
                 _torch_export(ExportGraph(model, "portable", fp16), twin, example, opset)
-                retrieval = check_retrieval(onnx_session(twin, "portable"), model, data, (height, width), fp16,
-                                             progress)
+                retrieval = check_retrieval(onnx_session(twin, "portable"), eager, data, (height, width), fp16,
+                                            progress)
                 retrieval["graph"] = "portable twin"
                 twin.unlink()
             else:
-                retrieval = check_retrieval(session, model, data, (height, width), fp16, progress)
-        with torch.no_grad():
-            h, w = graph.model.target_features(graph.model.shared_features(example[:1].to(graph.dtype))).shape[2:]
+                retrieval = check_retrieval(session, eager, data, (height, width), fp16, progress)
+        h, w = (d.dim_value for d in proto.graph.output[OUTPUT_NAMES.index("aam")].type.tensor_type.shape.dim[2:])
         num_attributes, channels = model.num_attributes, model.num_features
         manifest: dict[str, Any] = {
             "flavor": flavor,
@@ -561,12 +560,12 @@ def export_onnx(
             "outputs": {
                 "embedding": {"shape": ["batch", channels], "dtype": "float32"},
                 "attr_embeddings": {"shape": ["batch", num_attributes, channels], "dtype": "float32"},
-                "aam": {"shape": ["batch", num_attributes, int(h), int(w)], "dtype": "float32"},
+                "aam": {"shape": ["batch", num_attributes, h, w], "dtype": "float32"},
                 "attr_logits": {"shape": ["batch", num_attributes], "dtype": "float32"},
             },
             "max_batch": MAX_BATCH,
             "image_size": [height, width],
-            "feature_map": [channels, int(h), int(w)],
+            "feature_map": [channels, h, w],
             "normalization": {"inside_graph": True, **_normalization(model)},
             "pooling": {"p": model.p, "eps": model.eps, "p_int": integer_exponent(model.p)},
             "schema": ck.meta["schema"],
@@ -582,16 +581,16 @@ def export_onnx(
         }
         if extra is not None:
             stage("kernels / engine")
-            extra(staging, manifest)
+            extra(staging, manifest, eager)
         stage("publish")
-        write_manifest(staging, manifest)
+        written = write_manifest(staging, manifest)
         _publish(staging, out_dir)
         bar.update()
     finally:
         bar.close()
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    return json.loads((out_dir / MANIFEST_NAME).read_text())
+    return written
 
 
 def _normalization(model: nn.Module) -> dict[str, list[float]]:

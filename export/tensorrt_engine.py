@@ -37,7 +37,6 @@ register/aot_impl functions as live objects (``issubclass(annotation, TensorDesc
 """
 
 import ctypes
-import json
 import logging
 import math
 import re
@@ -50,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from attrimeter.export.aot import AotError, load_kernel
+from attrimeter.export.aot import AotError, load_kernel, ptx_entry
 from attrimeter.export.contract import (
     INPUT_NAME,
     KERNELS_DIR,
@@ -72,9 +71,14 @@ _INSTALL_HINT = (
     "NVIDIA's package index"
 )
 _N_INPUTS, _N_OUTPUTS = 4, 2  # F, Z, scale, shift -> f, f_k
-# Oldest CUDA driver (cuDriverGetVersion) that JIT-compiles each PTX ISA, from the PTX ISA release notes; an ISA not
-# listed is read as CUDA 12.x for 8.x and 13.x for 9.x.
-_PTX_ISA_DRIVER = {"8.5": 12050, "8.6": 12070, "8.7": 12080, "8.8": 12090}
+# Oldest CUDA driver (cuDriverGetVersion) that JIT-compiles each PTX ISA where the rule "8.x -> CUDA 12.x, 9.x ->
+# 13.x" does not hold: the PTX ISA release history
+# (https://docs.nvidia.com/cuda/parallel-thread-execution/#release-notes-ptx-release-history; the same table as
+# cuda-python's get_minimal_required_cuda_ver_from_ptx_ver).
+_PTX_ISA_DRIVER = {"8.6": 12070, "8.7": 12080, "8.8": 12090}
+# Highest PTX ISA given to TensorRT by default: every target here (<= sm_90) needs no more, and Triton 3.9's bundled
+# ptxas assembles it.
+PLUGIN_PTX_CAP = "9.0"
 
 
 @dataclass(frozen=True)
@@ -218,14 +222,6 @@ def _sm(cc: int) -> str:
     return f"sm_{cc}"
 
 
-def _ptx_header(ptx: str) -> tuple[str, str]:
-    target = re.search(r"^\s*\.target\s+(\w+)", ptx, re.MULTILINE)
-    version = re.search(r"^\s*\.version\s+([\d.]+)", ptx, re.MULTILINE)
-    if target is None or version is None:
-        raise ValueError("not PTX: no .target/.version directive")
-    return target.group(1), version.group(1)
-
-
 def _ptx_portable_to(ptx_target: str, cc: int) -> bool:
     """Whether the driver may JIT PTX of ``ptx_target`` for a ``cc`` GPU.
 
@@ -239,26 +235,20 @@ def _ptx_portable_to(ptx_target: str, cc: int) -> bool:
     return ptx_cc == cc if suffix else ptx_cc <= cc
 
 
-def _strip_hidden_params(ptx: str, symbol: str, n_params: int, n_visible: int) -> str:
-    """Remove the trailing ``n_params - n_visible`` parameters (Triton's scratch pointers) from the PTX entry.
+def _strip_hidden_params(ptx: str, symbol: str, n_visible: int) -> str:
+    """Remove the parameters after the first ``n_visible`` (Triton's scratch pointers) from the PTX entry.
 
     TensorRT launches the AOT kernel with (inputs, extra args, outputs) only. The scratch parameters are never read
     when their size is 0; this is checked on the PTX text, so the rewrite cannot change what the kernel computes.
     """
-    entry = re.search(rf"\.entry\s+{re.escape(symbol)}\s*\((?P<params>[^)]*)\)", ptx)
-    if entry is None:
-        raise ValueError(f"PTX has no entry {symbol!r}")
-    declared = [p.strip() for p in entry.group("params").split(",") if p.strip()]
-    if len(declared) != n_params:
-        raise ValueError(f"PTX entry {symbol!r} declares {len(declared)} parameters, the kernel JSON lists {n_params}")
-    body = ptx[:entry.start()] + ptx[entry.end():]
+    start, end, declared = ptx_entry(ptx, symbol)
+    body = ptx[:start] + ptx[end:]
     for decl in declared[n_visible:]:
         name = decl.split()[-1]
         if re.search(rf"\b{re.escape(name)}\b", body):
             raise ValueError(f"PTX entry {symbol!r} reads its hidden parameter {name}; TensorRT passes no such "
                              "argument (recompile so that it needs no Triton scratch memory)")
-    params = ",\n\t".join(declared[:n_visible])
-    return ptx[:entry.start("params")] + "\n\t" + params + "\n" + ptx[entry.end("params"):]
+    return ptx[:start] + "\n\t" + ",\n\t".join(declared[:n_visible]) + "\n" + ptx[end:]
 
 
 def load_plugin_kernel(kernel_json: Path) -> PluginKernel:
@@ -301,7 +291,7 @@ def load_plugin_kernel(kernel_json: Path) -> PluginKernel:
         raise ValueError(f"{where}: tensor parameters must all be one of {sorted(TRITON_DTYPES.values())}, got "
                          f"{dtypes}")
     num_warps = int(meta["num_warps"])
-    if int(meta.get("threads", 32 * num_warps)) != 32 * num_warps:
+    if int(meta["threads"]) != 32 * num_warps:
         raise ValueError(f"{where}: threads {meta['threads']} != 32 * num_warps ({num_warps})")
     constants = dict(meta.get("constants", {}))
     grid = meta["grid"]
@@ -319,14 +309,10 @@ def load_plugin_kernel(kernel_json: Path) -> PluginKernel:
         raise ValueError(f"{where}: grid x names the batch more than once: {grid['x']}")
     grid_y, grid_z = (math.prod(int(v) for v in grid.get(axis, [1])) for axis in ("y", "z"))
 
-    ptx_path = kernel_json.parent / meta["ptx"]
-    ptx = ptx_path.read_text()
-    ptx_target, ptx_version = _ptx_header(ptx)
-    ptx = _strip_hidden_params(ptx, symbol, len(params), len(tensors))
-    target = str(meta["target"])
-    cc = int(meta.get("cc", target.removeprefix("sm_").rstrip("af")))
-    return PluginKernel(symbol=symbol, target=target, cc=cc, ptx=ptx, ptx_target=ptx_target,
-                        ptx_version=ptx_version, dtype=next(iter(dtypes)), num_warps=num_warps,
+    ptx = _strip_hidden_params(meta["ptx_text"], symbol, len(tensors))
+    return PluginKernel(symbol=symbol, target=str(meta["target"]), cc=int(meta["cc"]), ptx=ptx,
+                        ptx_target=meta["ptx_target"], ptx_version=meta["ptx_version"], dtype=next(iter(dtypes)),
+                        num_warps=num_warps,
                         shared_bytes=int(meta["shared_bytes"]), grid_x=tuple(grid_x), grid_y=grid_y, grid_z=grid_z,
                         constants=constants, json_path=kernel_json)
 
@@ -372,8 +358,12 @@ def kernel_json_for_device(export_dir: Path, cc: int, *, max_shared_bytes: int |
         if candidate > cc or candidate // 10 != cc // 10:
             continue
         path = kernels / _sm(candidate) / KERNEL_JSON_NAME
-        meta = json.loads(path.read_text())
-        ptx_target, _ = _ptx_header((path.parent / meta["ptx"]).read_text())
+        try:
+            meta = load_kernel(path)
+        except AotError as e:
+            rejected.append(f"{_sm(candidate)} ({e})")
+            continue
+        ptx_target = meta["ptx_target"]
         if not _ptx_portable_to(ptx_target, cc):
             rejected.append(f"{_sm(candidate)} (PTX .target {ptx_target} is arch-specific)")
         elif max_shared_bytes is not None and int(meta["shared_bytes"]) > max_shared_bytes:
@@ -403,6 +393,35 @@ def ptx_driver(isa: str) -> int:
     return (major + 4) * 1000 + 10 * minor  # ISA 8.x shipped with CUDA 12.x, 9.x with 13.x
 
 
+def _isa_key(isa: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in isa.split("."))
+
+
+def plugin_ptx_version(requested: str | None, driver: int) -> str:
+    """The PTX ISA for a plugin engine's kernels on this driver.
+
+    Args:
+        requested: The ISA asked for (``--ptx-version``), or None for the default: the newest this driver
+            JIT-compiles, capped at :data:`PLUGIN_PTX_CAP`.
+        driver: ``cuDriverGetVersion`` of the GPU the engine is built on.
+
+    Returns:
+        The ISA, e.g. ``"8.4"``.
+
+    Raises:
+        ValueError: If the driver predates CUDA 12.0, or ``requested`` is newer than the driver JIT-compiles.
+    """
+    newest = driver_ptx(driver)
+    if newest is None:
+        raise ValueError(f"this CUDA driver ({driver // 1000}.{driver % 1000 // 10}) is older than CUDA 12.0, "
+                         "which the AOT kernels need: update the driver or use --flavor portable")
+    if requested is None:
+        return min(newest, PLUGIN_PTX_CAP, key=_isa_key)
+    if _isa_key(requested) > _isa_key(newest):
+        raise ValueError(f"--ptx-version {requested} is newer than this driver JIT-compiles ({newest})")
+    return requested
+
+
 def driver_ptx(driver: int) -> str | None:
     """The newest PTX ISA a driver JIT-compiles, as ``--ptx-version`` takes it.
 
@@ -414,7 +433,7 @@ def driver_ptx(driver: int) -> str | None:
     """
     isas = [f"8.{n}" for n in range(9)] + [f"9.{n}" for n in range(10)]  # 8.8 was the last 8.x ISA
     usable = [isa for isa in isas if ptx_driver(isa) <= driver]
-    return max(usable, key=lambda isa: tuple(int(v) for v in isa.split("."))) if usable else None
+    return max(usable, key=_isa_key) if usable else None
 
 
 # --------------------------------------------------------------------------------------------------- plugin

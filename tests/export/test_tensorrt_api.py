@@ -576,16 +576,13 @@ def test_ptx_isa_and_driver_versions():
 
 
 def test_plugin_ptx_version_follows_the_driver():
-    from attrimeter.export.build import _plugin_ptx_version
-    from attrimeter.export.onnx_export import ExportError
-
-    assert _plugin_ptx_version(None, 12040) == "8.4"
-    assert _plugin_ptx_version(None, 13040) == "9.0"  # capped: enough for every target, assembled by Triton's ptxas
-    assert _plugin_ptx_version("8.2", 12040) == "8.2"
-    with pytest.raises(ExportError, match="newer than this driver"):
-        _plugin_ptx_version("8.8", 12040)
-    with pytest.raises(ExportError, match="older than CUDA 12.0"):
-        _plugin_ptx_version(None, 11080)
+    assert te.plugin_ptx_version(None, 12040) == "8.4"
+    assert te.plugin_ptx_version(None, 13040) == "9.0"  # capped: enough for every target, assembled by Triton's ptxas
+    assert te.plugin_ptx_version("8.2", 12040) == "8.2"
+    with pytest.raises(ValueError, match="newer than this driver"):
+        te.plugin_ptx_version("8.8", 12040)
+    with pytest.raises(ValueError, match="older than CUDA 12.0"):
+        te.plugin_ptx_version(None, 11080)
 
 
 def test_plugin_kernel_roles_must_be_inputs_then_outputs(tmp_path):
