@@ -160,6 +160,74 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runtime(args: argparse.Namespace, **kwargs: object):  # noqa: ANN202 - returns Runtime, imported lazily
+    from attrimeter.runtime.runtime import Runtime
+
+    return Runtime(args.export, backend=args.backend, device=args.device, threads=args.threads,
+                   max_batch=args.max_batch, verify=not args.no_verify, **kwargs)
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    with _runtime(args, gallery=args.out, create_gallery=True) as rt:
+        added = rt.index_folder(args.images, segment=args.segment, progress=not args.quiet)
+        print(f"{args.out}: added {added} images ({rt.backend.name} on {rt.backend.device}); the gallery holds "
+              f"{len(rt.gallery)} entries")
+    return 0
+
+
+def _search_weights(groups: dict[str, list[str]], ignore: str | None,
+                    weights: Sequence[str] | None) -> dict[str, float] | None:
+    """``--ignore`` (attribute or group names → weight 0) and ``--weight name=w`` → a weight mapping."""
+    if not ignore and not weights:
+        return None
+    out: dict[str, float] = {}
+    for item in (ignore or "").split(","):
+        item = item.strip()
+        if item:
+            out.update(dict.fromkeys(groups.get(item, [item]), 0.0))  # a group name stands for its attributes
+    for item in weights or []:
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--weight must look like name=number, got {item!r}") from None
+    return out
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    with _runtime(args, gallery=args.gallery) as rt:
+        groups: dict[str, list[str]] = {}
+        for a in rt.manifest["attributes"]:
+            groups.setdefault(a.get("group") or a["name"], []).append(a["name"])
+        weights = _search_weights(groups, args.ignore, args.weight)
+        results = rt.search([str(q) for q in args.queries], k=args.k, weights=weights)
+    if args.json:
+        print(json.dumps([{"query": str(q), **r.to_dict()} for q, r in zip(args.queries, results, strict=True)],
+                         indent=2))
+        return 0
+    for query, result in zip(args.queries, results, strict=True):
+        print(f"{query}:")
+        for m in result.matches:
+            top = ", ".join(f"{rt.titles[rt.attributes.index(n)]} {100 * s:.0f}%" for n, _, s in m.top(3))
+            print(f"  {m.rank:>3}. {m.key}  d = {m.d:.4f}" + (f"  score = {m.score:.4f}" if weights else "")
+                  + f"  largest shares: {top}")
+            for _, title, q, g in m.differing[:3]:
+                print(f"       differs: {title}: {q} -> {g}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from attrimeter.runtime.server import serve
+
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rt = _runtime(args, gallery=args.gallery, writable=args.writable, max_wait_ms=args.max_wait_ms)
+    serve(rt, args.host, args.port, max_body_bytes=args.max_body_mb * 1024 * 1024, max_images=args.max_images)
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from attrimeter.models.registry import list_models
 
@@ -187,6 +255,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     report = run_demo(args.out, progress=not args.quiet)
     print(f"demo finished: report {report}")
     return 0
+
+
+def _runtime_errors() -> type[Exception]:
+    from attrimeter.runtime.backends import BackendError
+
+    return BackendError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,6 +338,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-batch", type=_positive, default=32, help="TensorRT profile's tuned batch (default 32)")
     p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache to reuse and update")
 
+    def add_runtime_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--export", required=True, type=Path, help="export folder (attrimeter export)")
+        p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt", "torch"], default="auto",
+                       help="inference backend (default auto: TensorRT where the export has an engine that runs "
+                            "here, else ONNX Runtime)")
+        p.add_argument("--device", help="backend device, e.g. cpu or cuda:0 (default: the backend's choice)")
+        p.add_argument("--threads", type=_positive, help="CPU threads of the backend")
+        p.add_argument("--max-batch", type=_positive, default=32, help="images per engine call (default 32)")
+        p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of export and gallery files")
+
+    p = add("index", _cmd_index, "Embed an image folder into a gallery store (created or appended; resumable).")
+    add_runtime_options(p)
+    p.add_argument("--images", required=True, type=Path, help="image folder (searched recursively)")
+    p.add_argument("--out", required=True, type=Path, help="gallery folder")
+    p.add_argument("--segment", type=_positive, default=4096, help="images per crash-safe segment (default 4096)")
+
+    p = add("search", _cmd_search, "Search a gallery with query images and explain the hits.")
+    add_runtime_options(p)
+    p.add_argument("queries", nargs="+", type=Path, help="query images")
+    p.add_argument("--gallery", required=True, type=Path, help="gallery folder (attrimeter index)")
+    p.add_argument("--k", type=_positive, default=10, help="hits per query (default 10)")
+    p.add_argument("--ignore", help="attributes or attribute groups to ignore in the ranking, comma-separated "
+                                    "(e.g. 'upper-body colour,lower-body colour')")
+    p.add_argument("--weight", action="append", metavar="NAME=W", help="weight of one attribute in the ranking")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    p = add("serve", _cmd_serve, "Serve embed / search / explain / add over HTTP (JSON) with Prometheus metrics.")
+    add_runtime_options(p)
+    p.add_argument("--gallery", type=Path, help="gallery folder")
+    p.add_argument("--writable", action="store_true", help="allow POST /gallery/add (takes the gallery's writer lock)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, help="dynamic batching wait (default 2 ms)")
+    p.add_argument("--max-body-mb", type=_positive, default=16, help="largest request body in MiB (default 16)")
+    p.add_argument("--max-images", type=_positive, default=64, help="most images per request (default 64)")
+
     p = add("models", _cmd_models, "List the registered target architectures.")
     p.add_argument("pattern", nargs="?", default="*", help="glob pattern")
 
@@ -288,8 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, LookupError, FileNotFoundError, FileExistsError, _runtime_errors()) as e:
         # User-facing errors (bad data folder, unknown name, bad config, corrupt image) carry a clear message; a
         # traceback would only hide it. Programming errors still raise.
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        message = e.args[0] if isinstance(e, LookupError) and e.args else str(e)
         parser.exit(2, f"attrimeter {args.command}: error: {message}\n")

@@ -6,7 +6,7 @@ import html
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -92,7 +92,7 @@ def _table_html(markdown: str) -> str:
 
 
 def _report_html(runs: dict[str, dict], train_log: dict, interp_log: dict, timings: dict[str, float],
-                 figure: str, explained: list[tuple[str, str]]) -> str:
+                 figure: str, explained: list[tuple[str, str]], runtime_html: str) -> str:
     from attrimeter.engine.interpreter import metrics_markdown
 
     full = runs["AttriMeter"]
@@ -120,6 +120,7 @@ attributes that contribute most to their distance, every attribute's contributio
 <h2>Target ranked lists</h2><p>Each row: a query, then its top-ranked gallery images (green: same identity, red:
 another identity; same-camera matches are excluded by the protocol). {t['rank1']:.3f} rank-1,
 {t['mAP']:.3f} mAP.</p><img src="{html.escape(figure)}" alt="ranked lists">
+<h2>Explained search with the deployed model</h2>{runtime_html}
 <h2>Timings</h2><table>{steps}</table></body></html>
 """
 
@@ -144,13 +145,95 @@ def _explained_pairs(data: ReIDDataset, qf: np.ndarray, gf: np.ndarray, count: i
     return pairs
 
 
+def _runtime_search(out: Path, data: ReIDDataset, explainer: Any, qf: np.ndarray, gf: np.ndarray, count: int,
+                    k: int, progress: bool) -> tuple[str, dict[str, Any], dict[str, float]]:
+    """Export → index → explained search with the torch-free runtime, compared with the PyTorch explanations.
+
+    ``qf``/``gf`` are eager PyTorch target embeddings of ``data.query``/``data.gallery``: the runtime's FAISS order
+    is checked against their ranking. Returns the report's HTML section, the agreement figures for
+    ``metrics.json`` and the step timings.
+    """
+    import shutil
+
+    from attrimeter.engine.evaluation import euclidean_distances
+    from attrimeter.export.build import export
+    from attrimeter.runtime.runtime import Runtime
+    from attrimeter.viz import explain_figure
+
+    timings = {}
+    t0 = time.perf_counter()
+    export(out / "interpreter" / "interpreter.pt", out / "export", targets=(), progress=progress)
+    timings["export (portable ONNX, checked against PyTorch)"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    shutil.rmtree(out / "gallery", ignore_errors=True)  # derived from this run's model: rebuilt every time
+    rng = np.random.default_rng(2)
+    picks = sorted(rng.choice(len(data.query), size=min(count, len(data.query)), replace=False))
+    queries = [data.query[i] for i in picks]
+    with Runtime(out / "export", out / "gallery", backend="onnxruntime", create_gallery=True) as rt:
+        rt.index_folder(data.root / "bounding_box_test", progress=progress)
+        timings[f"runtime: index {len(rt.gallery)} gallery images"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        results = rt.search([q.path for q in queries], k=k)
+        timings[f"runtime: search + explain {len(queries)} queries"] = time.perf_counter() - t0
+        best_aam = [rt.gallery.aam([r.matches[0].id])[0].astype(np.float32) for r in results]
+        titles, attributes = rt.titles, rt.attributes
+    t0 = time.perf_counter()
+    worst = {"d": 0.0, "d_hat": 0.0, "shares": 0.0}
+    same_order, sections = 0, []
+    (out / "runtime").mkdir(exist_ok=True)
+    torch_dist = euclidean_distances(qf[picks], gf)
+    torch_rank = np.argsort(torch_dist, axis=1, kind="stable")[:, :k]
+    valid = 0
+    for n, (q, result) in enumerate(zip(queries, results, strict=True)):
+        torch_side = explainer.explain(q.path, [m.path for m in result.matches])
+        rows = []
+        for m, e in zip(result.matches, torch_side, strict=True):
+            worst["d"] = max(worst["d"], abs(m.d - e.d) / max(e.d, 1e-12))
+            worst["d_hat"] = max(worst["d_hat"], abs(m.d_hat - e.d_hat) / max(e.d_hat, 1e-12))
+            worst["shares"] = max(worst["shares"], float(np.abs(m.shares - e.shares).max()))
+            top_rt = ", ".join(f"{titles[attributes.index(a)]} {100 * s:.0f}%" for a, _, s in m.top(3))
+            top_pt = ", ".join(f"{t} {100 * s:.0f}%" for t, _, s in e.top(3))
+            rows.append(f"<tr><td>{m.rank}</td><td>{html.escape(m.key)}</td><td>{m.d:.4f} / {e.d:.4f}</td>"
+                        f"<td>{m.d_hat:.4f} / {e.d_hat:.4f}</td><td>{html.escape(top_rt)}<br>"
+                        f"<i>{html.escape(top_pt)}</i></td></tr>")
+        same_order += [data.gallery[j].path.name for j in torch_rank[n]] == [Path(m.path).name for m in result.matches]
+        # A valid top-k under PyTorch's distances (near-ties may swap places at float rounding).
+        kth = float(torch_dist[n, torch_rank[n, -1]])
+        valid += all(e.d <= kth * (1 + 1e-4) for e in torch_side) and len(torch_side) == min(k, len(data.gallery))
+        best, e = result.matches[0], torch_side[0]
+        name = f"runtime/{n:02d}"
+        e.figure(out / f"{name}_pytorch.png")
+        explain_figure(e.query_image, e.gallery_image, result.query_aam, best_aam[n], best.contributions, titles,
+                       best.d, best.d_hat, differing=[(t, a, b) for _, t, a, b in best.differing],
+                       out=out / f"{name}_runtime.png", labels=("query", "gallery"))
+        sections.append(
+            f"<h3>Query {html.escape(q.path.name)}</h3><table><tr><th>rank</th><th>gallery entry</th>"
+            f"<th>d runtime / PyTorch</th><th>d̂ runtime / PyTorch</th><th>largest shares: runtime / <i>PyTorch</i>"
+            f"</th></tr>{''.join(rows)}</table><p>Best hit explained by the runtime (left) and by PyTorch (right):</p>"
+            f'<img src="{name}_runtime.png" width="49%"> <img src="{name}_pytorch.png" width="49%">')
+    timings["runtime vs PyTorch comparison"] = time.perf_counter() - t0
+    agreement = {"queries": len(queries), "k": k, "same_top_k_order": same_order, "valid_top_k": valid,
+                 "max_rel_diff_d": worst["d"], "max_rel_diff_d_hat": worst["d_hat"],
+                 "max_abs_diff_share": worst["shares"]}
+    intro = (f"<p>The interpreter exported to ONNX (portable, float32), {len(data.gallery)} gallery images indexed "
+             f"by <code>attrimeter.runtime</code> (ONNX Runtime on the CPU, no PyTorch; attribute embeddings stored "
+             f"in float16) and searched with FAISS for {len(queries)} queries, k = {k}. Each row: the runtime's "
+             f"numbers, then PyTorch's eager explanation of the same pair. The runtime's top {k} are PyTorch's top {k} "
+             f"by d (ties within 1e-4) for {valid} of {len(queries)} queries, in the same order for {same_order}; "
+             f"largest relative difference of d "
+             f"{worst['d']:.1e}, of d̂ {worst['d_hat']:.1e}; largest difference of a share {worst['shares']:.1e}."
+             "</p>")
+    return intro + "".join(sections), agreement, timings
+
+
 def run_demo(out: str | Path = "runs/demo", progress: bool = True, queries: int = 8, top_k: int = 8,
-             explained: int = 4) -> Path:
+             explained: int = 4, runtime_queries: int = 3, runtime_k: int = 5) -> Path:
     """Run the whole CPU pipeline and write ``report.html``, ``metrics.json``, ``metrics.md`` and pictures in ``out``.
 
     Synthetic data → target (quick) → interpreter (quick) and its two ablations on the same cached frozen features →
-    evaluation → report. The synthetic data set is reused when ``out/data`` already holds one made with the same
-    settings.
+    evaluation → export (portable ONNX) → gallery index and explained search with the torch-free runtime, compared
+    with PyTorch (``runtime.json``) → report. The synthetic data set is reused when ``out/data`` already holds one
+    made with the same settings.
 
     Args:
         out: Run folder.
@@ -158,6 +241,8 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, queries: int 
         queries: Queries shown in the ranking figure.
         top_k: Gallery images per query in the figure.
         explained: Queries whose best match and hardest non-match are explained in pictures.
+        runtime_queries: Queries searched with the exported model in the torch-free runtime.
+        runtime_k: Hits per runtime query.
 
     Returns:
         Path of the HTML report.
@@ -242,6 +327,10 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, queries: int 
         pictures.append((name, f"{kind}: query {q.path.name} vs gallery {g.path.name}; d = {e.d:.2f}, "
                                f"d̂ = {e.d_hat:.2f}; largest shares: {top}"))
     timings["pictures"] = time.perf_counter() - t0
+    runtime_html, agreement, runtime_timings = _runtime_search(out, data, explainer, qf_all, gf, runtime_queries,
+                                                               runtime_k, progress)
+    timings.update(runtime_timings)
+    (out / "runtime.json").write_text(json.dumps(agreement, indent=2))
     report = out / "report.html"
-    report.write_text(_report_html(runs, log, logs["AttriMeter"], timings, "ranking.png", pictures))
+    report.write_text(_report_html(runs, log, logs["AttriMeter"], timings, "ranking.png", pictures, runtime_html))
     return report

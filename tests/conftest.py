@@ -65,3 +65,13 @@ def tiny_interpreter(tiny_data, tiny_target, tiny_settings, tmp_path_factory):
     out = tmp_path_factory.mktemp("interpreter")
     train_interpreter(tiny_data, tiny_target, out, InterpreterTrainConfig(**tiny_settings), progress=False)
     return out / "interpreter.pt"
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_interpreter, tmp_path_factory):
+    """A portable fp32 ONNX export of ``tiny_interpreter`` (no AOT kernels): its folder."""
+    from attrimeter.export.build import export
+
+    out = tmp_path_factory.mktemp("export") / "portable"
+    export(tiny_interpreter, out, targets=(), progress=False)
+    return out

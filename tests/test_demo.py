@@ -28,3 +28,11 @@ def test_demo_writes_metrics_pictures_and_report(tmp_path, monkeypatch, tiny_set
     html = report.read_text()
     assert f"{metrics['target']['mAP']:.4f}" in html and "ranking.png" in html
     assert "without metric distillation" in html and all(p.name in html for p in pictures)
+    # The deployed model (ONNX Runtime, float16 attribute store) agrees with PyTorch on the explained searches.
+    agreement = json.loads((tmp_path / "runtime.json").read_text())
+    assert agreement["queries"] == 3 and agreement["valid_top_k"] == 3
+    assert agreement["max_rel_diff_d"] < 1e-4 and agreement["max_rel_diff_d_hat"] < 5e-3
+    assert agreement["max_abs_diff_share"] < 5e-3
+    runtime_pictures = sorted((tmp_path / "runtime").glob("*.png"))
+    assert len(runtime_pictures) == 6 and all(f"runtime/{p.name}" in html for p in runtime_pictures)
+    assert "Explained search with the deployed model" in html

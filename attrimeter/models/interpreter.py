@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -36,6 +36,8 @@ from attrimeter.kernels.masked_gem_pool import masked_gem_pool_reference, qexp
 __all__ = ["AttriMeter", "AttriMeterOutput", "target_stages"]
 
 HEAD_CHANNELS = 256
+# (F, Z, p, eps, scale, shift) -> (f, f_k): the masked GeM pooling's signature (reference or fused kernel).
+PoolFn = Callable[[Tensor, Tensor, float, float, Tensor, Tensor], tuple[Tensor, Tensor]]
 CLASSIFIERS = ("probe", "map")
 
 
@@ -229,12 +231,15 @@ class AttriMeter(nn.Module):
             shared = stages[name](shared)
         return shared
 
-    def from_shared(self, shared: Tensor, features: Tensor | None = None) -> AttriMeterOutput:
+    def from_shared(self, shared: Tensor, features: Tensor | None = None, pool: PoolFn | None = None
+                    ) -> AttriMeterOutput:
         """The interpreter branch on shared features.
 
         Args:
             shared: Output of :meth:`shared_features` ``[B, C', h', w']``.
             features: The target's feature map of the same images if already known (e.g. cached), else computed.
+            pool: The masked GeM pooling, called as ``pool(F, Z, p, eps, scale, shift)``: the pure-torch reference
+                (default; differentiable everywhere) or the fused Triton kernel on a GPU.
 
         Returns:
             :class:`AttriMeterOutput`.
@@ -243,7 +248,7 @@ class AttriMeter(nn.Module):
             features = self.target_features(shared)
         z = self.head(self.late(shared))
         # Row 0 (A = 1) of the masked pooling is the target's own embedding: GeM + folded BN-neck on F.
-        f, f_k = masked_gem_pool_reference(features, z, self.p, self.eps, self.scale, self.shift)
+        f, f_k = (pool or masked_gem_pool_reference)(features, z, self.p, self.eps, self.scale, self.shift)
         return AttriMeterOutput(target=f, attributes=f_k, logits=z, attr_logits=self.classify(f_k, z))
 
     def classify(self, attributes: Tensor, logits: Tensor) -> Tensor:
@@ -262,16 +267,17 @@ class AttriMeter(nn.Module):
         return (torch.logsumexp(logits.flatten(2), -1) - math.log(logits.shape[2] * logits.shape[3])
                 + self.probe_bias.to(logits.dtype))
 
-    def forward(self, images: Tensor) -> AttriMeterOutput:
+    def forward(self, images: Tensor, pool: PoolFn | None = None) -> AttriMeterOutput:
         """Explain-ready outputs for a batch of images.
 
         Args:
             images: Float RGB in [0, 1], ``[B, 3, H, W]``; the target's own checks apply (shape, NaN).
+            pool: The masked pooling (see :meth:`from_shared`).
 
         Returns:
             :class:`AttriMeterOutput`.
         """
-        return self.from_shared(self.shared_features(images))
+        return self.from_shared(self.shared_features(images), pool=pool)
 
     def config(self) -> dict[str, Any]:
         """What rebuilds this interpreter on the same target."""

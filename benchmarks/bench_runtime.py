@@ -1,0 +1,228 @@
+"""The torch-free runtime on this machine: embed throughput, search+explain latency on a large gallery against plain
+FAISS, and the resident memory of a serving process.
+
+* embed: JPEG files → embeddings through ``Runtime.embed`` (decode, dynamic batching, ONNX Runtime), from one caller
+  with batches of 32 and from 8 concurrent single-image callers (with and without dynamic batching);
+* search: a gallery of ``--entries`` generated entries (the demo gallery's real embeddings, resampled with noise, so
+  distances look like real ones) searched one query at a time at k = 10: plain FAISS ``IndexFlatL2`` on the same
+  vectors, the runtime's search + explanation of the hits from embeddings, the same from a JPEG (embedding included),
+  and the attribute-weighted search (exact scan of the float16 attribute store);
+* serve: ``attrimeter serve`` on that gallery in a child process; VmRSS/VmHWM after warm-up requests, and whether
+  torch or triton is mapped into it.
+
+Writes ``runtime_cpu.csv`` and ``runtime_cpu.md`` (stamped with CPU, versions and date) under ``--out``.
+
+    python benchmarks/bench_runtime.py --export runs/demo/export --data runs/demo/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import datetime
+import json
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from attrimeter.runtime.gallery import Gallery
+from attrimeter.runtime.runtime import Runtime
+
+
+def _percentiles(times: list[float]) -> tuple[float, float, float]:
+    a = 1000 * np.asarray(times)
+    return float(np.percentile(a, 50)), float(np.percentile(a, 99)), float(a.mean())
+
+
+def _embed_rows(export: Path, files: list[Path], threads: int) -> list[dict]:
+    rows = []
+    with Runtime(export, threads=threads, max_batch=32) as rt:
+        rt.embed(files[:32])  # warm-up
+        t0 = time.perf_counter()
+        for s in range(0, len(files), 32):
+            rt.embed(files[s:s + 32])
+        rate = len(files) / (time.perf_counter() - t0)
+        rows.append({"benchmark": "embed", "setting": "1 caller, 32 JPEGs per call", "value": rate,
+                     "unit": "images/s"})
+    for max_batch, label in ((32, "dynamic batching up to 32, 2 ms wait"), (1, "no batching (max batch 1)")):
+        with Runtime(export, threads=threads, max_batch=max_batch) as rt:
+            rt.embed(files[:8])
+            chunks = [files[i::8] for i in range(8)]
+            t0 = time.perf_counter()
+            workers = [threading.Thread(target=lambda c: [rt.embed(f) for f in c], args=(c,)) for c in chunks]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            rate = len(files) / (time.perf_counter() - t0)
+            stats = rt.stats()
+            mean_batch = stats["images"] / max(stats["batches"], 1)
+        rows.append({"benchmark": "embed", "setting": f"8 concurrent callers, 1 JPEG per call, {label}",
+                     "value": rate, "unit": "images/s", "note": f"mean batch {mean_batch:.1f}"})
+    return rows
+
+
+def _fill_gallery(path: Path, source: Gallery, entries: int, chunk: int = 8192) -> None:
+    """``entries`` entries resampled from a real gallery's embeddings with 5 % noise (fp16 attribute rows)."""
+    rng = np.random.default_rng(0)
+    real = np.arange(len(source))
+    g = Gallery.create(path, dim=source.dim, attributes=source.attributes, aam_shape=None, model=source.model)
+    with g:
+        for s in tqdm(range(0, entries, chunk), desc="fill gallery", unit="chunk"):
+            n = min(chunk, entries - s)
+            pick = rng.choice(real, n)
+            f = source.embeddings(pick)
+            fk = source.attr_embeddings(pick)
+            f = f + 0.05 * f.std() * rng.standard_normal(f.shape, dtype=np.float32)
+            fk = fk + 0.05 * fk.std() * rng.standard_normal(fk.shape, dtype=np.float32)
+            g.append(f, fk, source.probs(pick), [{"key": f"synthetic-{s + i}"} for i in range(n)])
+
+
+def _search_rows(export: Path, gallery: Path, queries: list[Path], threads: int, repeats: int) -> list[dict]:
+    import faiss
+
+    rows = []
+    with Runtime(export, gallery, threads=threads, verify=False) as rt:
+        n = len(rt.gallery)
+        emb = rt.embed(queries)
+        vectors = rt.gallery.embeddings(np.arange(n))
+        plain = faiss.IndexFlatL2(vectors.shape[1])
+        plain.add(vectors)
+        rt.search_embeddings(emb, k=10)  # warm-up: builds the runtime's index
+
+        def timed(fn) -> list[float]:
+            times = []
+            for i in range(repeats):
+                t0 = time.perf_counter()
+                fn(i % len(queries))
+                times.append(time.perf_counter() - t0)
+            return times
+
+        one = [type(emb)(emb.embedding[i:i + 1], emb.attr_embeddings[i:i + 1], emb.probs[i:i + 1], emb.aam[i:i + 1])
+               for i in range(len(queries))]
+        faiss_t = timed(lambda i: plain.search(one[i].embedding, 10))
+        explain_t = timed(lambda i: rt.search_embeddings(one[i], k=10))
+        full_t = timed(lambda i: rt.search(queries[i], k=10))
+        ignore = {a: 0.0 for a in rt.attributes if a.startswith(("up", "down")) and a not in ("up", "down")}
+        weighted_t = timed(lambda i: rt.search_embeddings(one[i], k=10, weights=ignore))[: max(repeats // 10, 5)]
+        p50_faiss = _percentiles(faiss_t)[0]
+        for name, times in (("plain FAISS IndexFlatL2 (search only)", faiss_t),
+                            ("runtime search + explain, from embeddings", explain_t),
+                            ("runtime search + explain, from a JPEG (embedding included)", full_t),
+                            (f"weighted search ignoring {len(ignore)} clothing colours + explain (exact scan)",
+                             weighted_t)):
+            p50, p99, mean = _percentiles(times)
+            rows.append({"benchmark": "search k=10", "setting": f"{name}; {n} entries", "value": p50, "unit": "ms p50",
+                         "p99_ms": p99, "mean_ms": mean, "ratio_to_faiss_p50": p50 / p50_faiss})
+    return rows
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve_rows(export: Path, gallery: Path, queries: list[Path], threads: int) -> list[dict]:
+    port = _free_port()
+    cli = Path(sys.executable).with_name("attrimeter")
+    proc = subprocess.Popen([str(cli), "serve", "--export", str(export), "--gallery", str(gallery), "--port",
+                             str(port), "--threads", str(threads), "--no-verify", "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1).read()
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(proc.stderr.read().decode()) from None
+                time.sleep(0.5)
+        body = json.dumps({"images": [base64.b64encode(queries[0].read_bytes()).decode()], "k": 10}).encode()
+        times = []
+        for _ in range(50):
+            t0 = time.perf_counter()
+            req = urllib.request.Request(f"{url}/search", data=body, headers={"Content-Type": "application/json"})
+            urllib.request.urlopen(req, timeout=30).read()
+            times.append(time.perf_counter() - t0)
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                      if ":" in line)
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        heavy = sorted({name for name in ("libtorch", "torch/lib", "triton") if name in maps})
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    p50, p99, _ = _percentiles(times)
+    return [
+        {"benchmark": "serve", "setting": "resident memory after 50 searches (VmRSS)",
+         "value": int(status["VmRSS"].split()[0]) / 1024, "unit": "MiB",
+         "note": f"peak VmHWM {int(status['VmHWM'].split()[0]) / 1024:.0f} MiB; torch/triton mapped: {heavy or 'no'}"},
+        {"benchmark": "serve", "setting": "HTTP POST /search, 1 JPEG, k=10 (loopback, JSON)", "value": p50,
+         "unit": "ms p50", "p99_ms": p99},
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--export", type=Path, default=Path("runs/demo/export"), help="portable export folder")
+    parser.add_argument("--data", type=Path, default=Path("runs/demo/data"), help="data folder (JPEGs)")
+    parser.add_argument("--entries", type=int, default=100_000, help="gallery entries for search (default 1e5)")
+    parser.add_argument("--repeats", type=int, default=200, help="timed searches per setting (default 200)")
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (default 2)")
+    parser.add_argument("--work", type=Path, help="scratch folder (default a temporary one; needs ~1.5 GB per 1e5)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results"),
+                        help="folder for runtime_cpu.{csv,md} (default benchmarks/results)")
+    args = parser.parse_args()
+    files = sorted((args.data / "bounding_box_test").glob("*.jpg"))
+    queries = sorted((args.data / "query").glob("*.jpg"))[:50]
+    rows = _embed_rows(args.export, files[:1024], args.threads)
+    work = Path(tempfile.mkdtemp(dir=args.work))
+    try:
+        with Runtime(args.export, work / "real", create_gallery=True, threads=args.threads) as rt:
+            rt.index_folder(args.data / "bounding_box_test")
+            real = rt.gallery
+            _fill_gallery(work / "large", real, args.entries)
+        rows += _search_rows(args.export, work / "large", queries, args.threads, args.repeats)
+        rows += _serve_rows(args.export, work / "large", queries, args.threads)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    stamp = {"device": f"CPU: {platform.processor() or platform.machine()}, {args.threads} threads",
+             "onnxruntime": version("onnxruntime"), "faiss": version("faiss-cpu"), "numpy": np.__version__,
+             "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    keys = ["benchmark", "setting", "value", "unit", "p99_ms", "mean_ms", "ratio_to_faiss_p50", "note", *stamp]
+    with (args.out / "runtime_cpu.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, **stamp})
+    lines = [f"# Runtime on the CPU ({stamp['device']})", "",
+             f"onnxruntime {stamp['onnxruntime']}, faiss-cpu {stamp['faiss']}, numpy {stamp['numpy']}, "
+             f"Python {stamp['python']}; {stamp['date'][:10]}. Demo model ({args.export}). Command: "
+             f"`python benchmarks/bench_runtime.py --export {args.export} --data {args.data}`.", "",
+             "| benchmark | setting | value | p99 | vs FAISS (p50) | note |", "|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        p99 = f"{r['p99_ms']:.2f} ms" if "p99_ms" in r else ""
+        ratio = f"{r['ratio_to_faiss_p50']:.2f}×" if "ratio_to_faiss_p50" in r else ""
+        lines.append(f"| {r['benchmark']} | {r['setting']} | {r['value']:.2f} {r['unit']} | {p99} | {ratio} | "
+                     f"{r.get('note', '')} |")
+    (args.out / "runtime_cpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""Dynamic batching: requests from many threads coalesced into engine batches on one inference thread.
+
+Callers submit already-preprocessed arrays (decoding happens in their own threads, off the inference thread) and get
+a :class:`concurrent.futures.Future`. The inference thread takes the oldest request, then keeps adding requests until
+the batch holds ``max_batch`` rows or ``max_wait_s`` has passed since it took the first one, runs the engine once and
+hands every caller exactly its own rows. The queue is bounded: when it is full, :meth:`DynamicBatcher.submit` waits
+up to ``timeout`` for room and then raises :class:`~attrimeter.runtime.errors.OverloadedError` (backpressure).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from attrimeter.runtime.errors import InputError, OverloadedError
+
+__all__ = ["BatchStats", "DynamicBatcher"]
+
+RunFn = Callable[[np.ndarray], dict[str, np.ndarray]]
+
+
+@dataclass
+class BatchStats:
+    """Counters of a batcher (monotonic, for metrics).
+
+    Attributes:
+        requests: Requests served (including failed ones).
+        rows: Images run.
+        batches: Engine calls.
+        failed_batches: Engine calls that raised.
+        rejected: Requests refused because the queue was full.
+        busy_s: Seconds spent in the engine.
+        batch_sizes: Engine calls per batch size.
+    """
+
+    requests: int = 0
+    rows: int = 0
+    batches: int = 0
+    failed_batches: int = 0
+    rejected: int = 0
+    busy_s: float = 0.0
+    batch_sizes: dict[int, int] = field(default_factory=dict)
+
+
+class _Request:
+    __slots__ = ("future", "rows")
+
+    def __init__(self, rows: np.ndarray) -> None:
+        self.rows = rows
+        self.future: Future[dict[str, np.ndarray]] = Future()
+
+
+class DynamicBatcher:
+    """Coalesce requests into batches of at most ``max_batch`` rows for one engine.
+
+    Args:
+        run: The engine: float32 ``[B, ...]`` → outputs by name, each with first axis B. Called from the batcher's
+            thread only.
+        max_batch: Most rows per engine call; a request with more rows is split by :meth:`submit`.
+        max_wait_s: How long the first request of a batch may wait for others to join it.
+        queue_size: Most requests waiting (bounded queue).
+        name: Thread name.
+
+    Raises:
+        ValueError: On a non-positive size or a negative wait.
+    """
+
+    def __init__(self, run: RunFn, max_batch: int = 32, max_wait_s: float = 0.002, queue_size: int = 1024,
+                 name: str = "attrimeter-batcher") -> None:
+        if max_batch < 1 or queue_size < 1 or max_wait_s < 0:
+            raise ValueError(f"need max_batch >= 1, queue_size >= 1, max_wait_s >= 0; got {max_batch}, "
+                             f"{queue_size}, {max_wait_s}")
+        self._run = run
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._queue: queue.Queue[_Request | None] = queue.Queue(maxsize=queue_size)
+        self._carry: _Request | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+        self.stats = BatchStats()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting now."""
+        return self._queue.qsize()
+
+    def submit(self, rows: np.ndarray, timeout: float | None = 1.0) -> list[Future[dict[str, np.ndarray]]]:
+        """Queue rows for the engine.
+
+        Args:
+            rows: ``[n, ...]`` engine input, n >= 1; split into pieces of at most ``max_batch`` rows.
+            timeout: Seconds to wait for room in a full queue (None: wait as long as it takes; 0: never wait).
+
+        Returns:
+            One future per piece, in order; each resolves to that piece's outputs.
+
+        Raises:
+            InputError: For an empty request.
+            OverloadedError: When the queue stayed full for ``timeout`` seconds.
+            RuntimeError: After :meth:`close`.
+        """
+        if len(rows) == 0:
+            raise InputError("empty request: no images")
+        requests = [_Request(rows[s:s + self.max_batch]) for s in range(0, len(rows), self.max_batch)]
+        for i, request in enumerate(requests):
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            try:
+                self._queue.put(request, block=timeout != 0, timeout=timeout or None)
+            except queue.Full:
+                for queued in requests[:i]:  # already queued pieces still run; their results are dropped
+                    queued.future.cancel()
+                with self._lock:
+                    self.stats.rejected += 1
+                raise OverloadedError(f"the request queue is full ({self._queue.maxsize} requests waiting); "
+                                      "retry later") from None
+        return [r.future for r in requests]
+
+    def __call__(self, rows: np.ndarray, timeout: float | None = 1.0) -> dict[str, np.ndarray]:
+        """Submit and wait: the outputs of ``rows`` (pieces concatenated back).
+
+        Args:
+            rows: ``[n, ...]`` engine input.
+            timeout: See :meth:`submit`.
+
+        Returns:
+            Outputs by name, first axis n.
+        """
+        parts = [f.result() for f in self.submit(rows, timeout)]
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _next(self, block_until: float | None) -> _Request | None:
+        """The carried-over request, else the next queued one (None on timeout or at the close sentinel)."""
+        if self._carry is not None:
+            request, self._carry = self._carry, None
+            return request
+        try:
+            if block_until is None:
+                return self._queue.get()
+            return self._queue.get(timeout=max(block_until - time.perf_counter(), 0.0)) \
+                if block_until > time.perf_counter() else self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _loop(self) -> None:
+        while True:
+            first = self._next(None)
+            if first is None:
+                return
+            if not first.future.set_running_or_notify_cancel():  # its caller gave up (queue full)
+                continue
+            batch, rows = [first], len(first.rows)
+            deadline = time.perf_counter() + self.max_wait_s
+            while rows < self.max_batch:
+                nxt = self._next(deadline)
+                if nxt is None:
+                    if self._closed:
+                        self._queue.put_nowait(None)  # keep the sentinel for the outer loop
+                    break
+                if rows + len(nxt.rows) > self.max_batch:
+                    self._carry = nxt  # first in the next batch: order is kept
+                    break
+                if not nxt.future.set_running_or_notify_cancel():
+                    continue
+                batch.append(nxt)
+                rows += len(nxt.rows)
+            self._run_batch(batch, rows)
+
+    def _run_batch(self, batch: list[_Request], rows: int) -> None:
+        start = time.perf_counter()
+        inputs = batch[0].rows if len(batch) == 1 else np.concatenate([r.rows for r in batch])
+        try:
+            outputs = self._run(inputs)
+            bad = [k for k, v in outputs.items() if len(v) != rows]
+            if bad:
+                raise RuntimeError(f"the engine returned {bad} with a first axis other than the batch ({rows})")
+        except Exception as e:  # every waiting caller must hear of the failure
+            for r in batch:
+                r.future.set_exception(e)
+            failed = True
+        else:
+            offset = 0
+            for r in batch:
+                n = len(r.rows)
+                r.future.set_result({k: v[offset:offset + n] for k, v in outputs.items()})
+                offset += n
+            failed = False
+        with self._lock:
+            s = self.stats
+            s.requests += len(batch)
+            s.rows += rows
+            s.batches += 1
+            s.failed_batches += failed
+            s.busy_s += time.perf_counter() - start
+            s.batch_sizes[rows] = s.batch_sizes.get(rows, 0) + 1
+
+    def close(self) -> None:
+        """Finish the queued requests, then stop the inference thread (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join()
+        while True:  # anything submitted during the close
+            try:
+                r = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if r is not None and r.future.set_running_or_notify_cancel():
+                r.future.set_exception(RuntimeError("the runtime was closed before this request ran"))

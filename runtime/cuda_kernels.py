@@ -1,0 +1,647 @@
+"""Torch-free launcher of the AOT-compiled explain kernels with cuda-python's driver API (DESIGN §4.2, §5, §6).
+
+The export's ``kernels/`` folder holds, per GPU target, the Triton ``_explain_kernel`` compiled ahead of time (cubin,
+PTX) with its launch metadata (see :mod:`attrimeter.export.aot`): entry symbol, threads per block, dynamic shared
+memory, the parameter list in launch order and the grid as a product of run-time sizes. This module loads the cubins
+of the device's target into the device's primary context (the context the CUDA runtime and TensorRT use, so buffers
+are shared) and launches them with ``cuLaunchKernel``; neither torch nor triton is imported.
+
+Target choice (the same policy as the C launcher in ``export/csrc/``): the device's own ``sm_XY``; otherwise, for
+compute capability major < 9, the highest ``sm_XZ`` with Z < Y whose kernels' shared memory fits the device (a cubin
+runs on later minor versions of its major, e.g. sm_80 on an sm_86 A10). Triton compiles sm_90 and later for the
+arch-specific ``sm_90a`` / ``sm_100a``, which run on that one compute capability only.
+
+cuda-python facts relied on (cuda-bindings 12.9, the same in 13.x): every call returns a tuple whose first item is the
+``CUresult`` (``err, value = call(...)``); ``cuLaunchKernel(f, gx, gy, gz, bx, by, bz, shared, stream, kernelParams,
+extra)`` takes ``kernelParams`` as ``(values, types)`` where a ``None`` type passes an object with ``getPtr()`` (a
+``CUdeviceptr``) and a ctypes type passes a scalar of that type; ``cuFuncGetAttribute(attrib, func)`` and
+``cuDeviceGetAttribute(attrib, dev)`` take the attribute first; without ``libcuda`` the driver calls raise
+``RuntimeError``. Sources: https://nvidia.github.io/cuda-python/cuda-bindings/latest/module/driver.html and the
+kernel-parameter packing of ``cuda/bindings/_lib/utils.pxi`` (``_HelperKernelParams``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import math
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from attrimeter.export.aot import AotError, load_kernel
+from attrimeter.export.tensorrt_engine import cuda_device
+from attrimeter.runtime.errors import GalleryError, InputError, UnknownIdError
+from attrimeter.runtime.explain import check_weights
+
+__all__ = [
+    "EXPLAIN_KERNELS",
+    "CudaError",
+    "CudaExplainer",
+    "ExplainKernel",
+    "choose_target",
+    "cuda_available",
+    "cuda_check",
+    "load_explain_kernel",
+]
+
+# The unweighted and the attribute-weighted variant of attr_distance's _explain_kernel (export/aot.py KERNELS).
+EXPLAIN_KERNELS = ("explain", "explain_weighted")
+# Above this much dynamic shared memory a function must opt in (cuFuncSetAttribute), up to the device's limit.
+_DEFAULT_SHARED = 48 * 1024
+_INT32_MAX = 2**31 - 1
+# Kernel JSON scalar types -> ctypes (Triton's signature names).
+_SCALARS: dict[str, Any] = {
+    "i1": ctypes.c_bool, "i8": ctypes.c_int8, "u8": ctypes.c_uint8, "i16": ctypes.c_int16, "u16": ctypes.c_uint16,
+    "i32": ctypes.c_int32, "u32": ctypes.c_uint32, "i64": ctypes.c_int64, "u64": ctypes.c_uint64,
+    "fp32": ctypes.c_float, "fp64": ctypes.c_double,
+}  # fmt: skip
+# What the explain kernel's parameters are bound to: device buffers and run-time scalars (export/aot.py kernel_specs).
+_POINTERS = ("q_ptr", "g_ptr", "ids_ptr", "w_ptr", "d_ptr", "dk_ptr", "sh_ptr", "dhat_ptr", "score_ptr", "err_ptr")
+_SIZES = ("K", "N", "stride_iq")
+# Element types the launcher passes: fp32 queries, the fp16 gallery, int64 ids, fp32 weights and outputs, int32 count.
+_POINTER_TYPES = {"q_ptr": "*fp32", "g_ptr": "*fp16", "ids_ptr": "*i64", "w_ptr": "*fp32", "d_ptr": "*fp32",
+                  "dk_ptr": "*fp32", "sh_ptr": "*fp32", "dhat_ptr": "*fp32", "score_ptr": "*fp32", "err_ptr": "*i32"}
+_UPLOAD_CHUNK = 64 << 20  # bytes per host-to-device copy of the gallery (progress granularity)
+
+
+class CudaError(RuntimeError):
+    """A CUDA driver or runtime call failed; the message names the call and the CUDA error."""
+
+
+def cuda_check(call: str, result: Any) -> Any:
+    """Unpack a cuda-python result tuple, raising on an error code.
+
+    Args:
+        call: The call's name for the message, e.g. ``"cuMemAlloc"``.
+        result: What the cuda-python function returned: ``(err,)``, ``(err, value)`` or ``(err, v1, v2, ...)``
+            with ``err`` a ``CUresult`` or ``cudaError_t``.
+
+    Returns:
+        None, the single value, or the tuple of values.
+
+    Raises:
+        CudaError: ``err`` is not success (0); the message names ``call`` and the error, e.g.
+            ``cuMemAlloc failed: CUDA_ERROR_OUT_OF_MEMORY (2)``.
+    """
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise CudaError(f"{call} failed: {getattr(err, 'name', err)} ({int(err)})")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def cuda_available(device: int = 0) -> str | None:
+    """Whether the explain kernels can be launched here.
+
+    Returns:
+        None when cuda-python imports and the driver answers with device ``device``; else one sentence saying what
+        is missing.
+    """
+    try:
+        from cuda.bindings import driver as drv  # noqa: F401  (presence only)
+    except ImportError:
+        return "cuda-python is not installed (pip install 'attrimeter[trt]')."
+    if cuda_device(device) is None:
+        return f"no CUDA driver or no CUDA device {device} is visible."
+    return None
+
+
+# --------------------------------------------------------------------------------------------------- kernel metadata
+
+
+@dataclass(frozen=True)
+class ExplainKernel:
+    """One AOT explain kernel as the launcher needs it.
+
+    Attributes:
+        name: ``"explain"`` or ``"explain_weighted"``.
+        symbol: Entry name in the cubin.
+        target: GPU target of the cubin, e.g. ``"sm_80"``.
+        cubin: The cubin's bytes.
+        threads: Threads per block.
+        shared_bytes: Dynamic shared memory per block.
+        params: The parameters in launch order: ``(name, type)`` with type ``"*fp32"`` etc. for pointers, a Triton
+            scalar type (``"i32"``) or ``"scratch"`` for Triton's hidden scratch pointers (passed as null).
+        grid_x: Grid x as factors: run-time size names (``"Q"``, ``"K"``) and integers.
+        constants: Compile-time constants (``C``, ``M``, strides, ``HAS_W``).
+        json_path: Where the metadata came from.
+    """
+
+    name: str
+    symbol: str
+    target: str
+    cubin: bytes
+    threads: int
+    shared_bytes: int
+    params: tuple[tuple[str, str], ...]
+    grid_x: tuple[str | int, ...]
+    constants: dict[str, Any]
+    json_path: Path
+
+    def grid(self, sizes: Mapping[str, int]) -> int:
+        """Grid x for run-time ``sizes`` (e.g. ``{"Q": 4, "K": 10}``).
+
+        Raises:
+            InputError: The grid exceeds CUDA's 2^31 - 1 blocks.
+        """
+        blocks = math.prod(int(f) if isinstance(f, int) else int(sizes[f]) for f in self.grid_x)
+        if blocks > _INT32_MAX:
+            raise InputError(f"{self.name}: {dict(sizes)} gives {blocks} thread blocks, more than CUDA's 2^31-1; "
+                             "split the request")
+        return blocks
+
+    def arguments(self, pointers: Mapping[str, int], scalars: Mapping[str, int]) -> tuple[tuple[Any, ...],
+                                                                                        tuple[Any, ...]]:
+        """``kernelParams`` for ``cuLaunchKernel`` in the metadata's parameter order.
+
+        Args:
+            pointers: Device address of each pointer parameter by name.
+            scalars: Value of each scalar parameter by name.
+
+        Returns:
+            ``(values, types)``: pointers as ``CUdeviceptr`` with type None, scalars as instances of their ctypes
+            type, Triton's scratch pointers as a null ``CUdeviceptr``.
+        """
+        from cuda.bindings import driver as drv
+
+        values: list[Any] = []
+        types: list[Any] = []
+        for name, kind in self.params:
+            if kind.startswith("*"):
+                values.append(drv.CUdeviceptr(int(pointers[name])))
+                types.append(None)
+            elif kind == "scratch":
+                values.append(drv.CUdeviceptr(0))  # size 0 in these kernels (checked when loaded): never read
+                types.append(None)
+            else:
+                ctype = _SCALARS[kind]
+                values.append(ctype(int(scalars[name])))
+                types.append(ctype)
+        return tuple(values), tuple(types)
+
+
+def load_explain_kernel(json_path: str | Path) -> ExplainKernel:
+    """Read an explain kernel's metadata and cubin and check that this launcher can bind every parameter.
+
+    Args:
+        json_path: ``EXPORT/kernels/sm_XX/explain[_weighted].json``.
+
+    Returns:
+        The kernel.
+
+    Raises:
+        ValueError: Missing or malformed artefacts, a parameter this launcher does not know, a pointer of another
+            element type than it passes, Triton scratch memory of non-zero size, or a grid factor it cannot size.
+    """
+    path = Path(json_path)
+    try:
+        meta = load_kernel(path)  # files present, cubin arch, PTX entry and its parameter count
+    except AotError as e:
+        raise ValueError(str(e)) from None
+    params = []
+    for p in meta["params"]:
+        name, kind = str(p["name"]), str(p["type"])
+        if kind == "scratch":
+            if int(p.get("size", 0)) != 0:
+                raise ValueError(f"{path}: {name} needs {p['size']} B of Triton scratch memory per program, which "
+                                 "this launcher does not allocate")
+        elif kind.startswith("*"):
+            if name not in _POINTERS:
+                raise ValueError(f"{path}: unknown pointer parameter {name!r} (known: {', '.join(_POINTERS)})")
+            if kind != _POINTER_TYPES[name]:
+                raise ValueError(f"{path}: {name} is {kind}, the launcher passes {_POINTER_TYPES[name]}")
+        elif name not in _SIZES or kind not in _SCALARS:
+            raise ValueError(f"{path}: unknown scalar parameter {name!r} of type {kind!r} (known: {', '.join(_SIZES)})")
+        params.append((name, kind))
+    grid = meta["grid"]
+    if any(int(v) != 1 for axis in ("y", "z") for v in grid.get(axis, [1])):
+        raise ValueError(f"{path}: grid y/z must be 1, got {grid}")
+    grid_x = tuple(f if isinstance(f, int) else str(f) for f in grid["x"])
+    if not set(f for f in grid_x if isinstance(f, str)) <= {"Q", "K"}:
+        raise ValueError(f"{path}: grid x {grid['x']} names sizes other than Q and K")
+    return ExplainKernel(name=str(meta["kernel"]), symbol=str(meta["symbol"]), target=str(meta["target"]),
+                         cubin=Path(meta["cubin_path"]).read_bytes(), threads=int(meta["threads"]),
+                         shared_bytes=int(meta["shared_bytes"]), params=tuple(params), grid_x=grid_x,
+                         constants=dict(meta.get("constants", {})), json_path=path)
+
+
+def choose_target(index: Mapping[str, Any], cc: int, max_shared_optin: int,
+                  kernels: tuple[str, ...] = EXPLAIN_KERNELS) -> str:
+    """The export target whose cubins run on a GPU of compute capability ``cc``.
+
+    Args:
+        index: ``kernels/index.json`` (``{"targets": {"sm_80": {"explain": {"json", "shared_bytes", ...}}}}``).
+        cc: Compute capability as an int (86 for sm_86).
+        max_shared_optin: The device's opt-in shared memory per block.
+        kernels: The kernels that must be present (and fit) in the target.
+
+    Returns:
+        E.g. ``"sm_80"``.
+
+    Raises:
+        ValueError: No target fits; names the export's targets, why each is unusable and how to add one.
+    """
+    targets = {t: k for t, k in index.get("targets", {}).items() if all(name in k for name in kernels)}
+    own = f"sm_{cc}"
+    if own in targets:
+        return own
+    major, minor = divmod(cc, 10)
+    rejected = []
+    candidates = []
+    for target in targets:
+        digits = target.removeprefix("sm_")
+        if not digits.isdigit() or int(digits) // 10 != major or int(digits) % 10 >= minor:
+            continue
+        if major >= 9:
+            rejected.append(f"{target} (compiled for the arch-specific {target}a, which runs on compute capability "
+                            f"{major}.{int(digits) % 10} only)")
+            continue
+        largest = max(int(targets[target][name]["shared_bytes"]) for name in kernels)
+        if largest > max_shared_optin:
+            rejected.append(f"{target} (needs {largest} B shared memory per block, the device allows "
+                            f"{max_shared_optin} B)")
+        else:
+            candidates.append(int(digits))
+    if candidates:
+        return f"sm_{max(candidates)}"
+    have = ", ".join(sorted(targets)) or "none"
+    why = f"; not usable: {'; '.join(rejected)}" if rejected else ""
+    raise ValueError(f"no explain kernels for {own} in this export (compiled for: {have}{why}); re-export with the "
+                     f"target added: `attrimeter export ... --targets {own}` (the AOT step needs no GPU)")
+
+
+# --------------------------------------------------------------------------------------------------- launcher
+
+
+class CudaExplainer:
+    """Explain query/gallery pairs on a CUDA GPU with the export's AOT explain kernels (no torch, no triton).
+
+    The gallery's ``[N, M+1, C]`` embeddings (row 0 the target's global embedding f, rows 1..M the per-attribute
+    f_k) live on the device in float16; each :meth:`explain` uploads the queries and ids, launches one program per
+    (query, id) pair and reads back ``d``, ``d_k``, ``shares``, ``d_hat`` and ``scores`` (the semantics of
+    ``kernels.attr_distance.explain_topk_reference``: direct differences in float32). Methods are thread-safe (one
+    lock: the device scratch buffers are shared).
+
+    Args:
+        export_dir: The export folder (holds ``kernels/``).
+        manifest: Its manifest (``feature_map``, ``attributes`` and ``kernels.index`` are read).
+        device: CUDA device ordinal.
+
+    Raises:
+        ValueError: The export has no explain kernels for this GPU, or they were compiled for other shapes.
+        CudaError: A CUDA call failed, or there is no CUDA driver.
+    """
+
+    def __init__(self, export_dir: str | Path, manifest: Mapping[str, Any], device: int = 0) -> None:
+        from cuda.bindings import driver as drv
+
+        export_dir = Path(export_dir)
+        self.device = device
+        self.channels = int(manifest["feature_map"][0])
+        self.num_attributes = len(manifest["attributes"])
+        kernels_info = manifest.get("kernels") or {}
+        if not kernels_info.get("index"):
+            raise ValueError(f"{export_dir} has no AOT kernels ({kernels_info.get('note') or 'exported without'}); "
+                             "re-export with `attrimeter export ... --targets sm_XX`")
+        index_path = export_dir / kernels_info["index"]
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"the kernel index {index_path} is unreadable: {e}") from None
+
+        self._lock = threading.Lock()
+        self._ctx: Any = None
+        self._dev: Any = None
+        self._stream: Any = None
+        self._modules: list[Any] = []
+        self._functions: dict[str, Any] = {}
+        self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device address, bytes)
+        self._rows = 0  # gallery rows uploaded
+        self._row_bytes = (self.num_attributes + 1) * self.channels * 2  # one fp16 [M+1, C] row
+        try:
+            result = drv.cuInit(0)
+        except RuntimeError as e:  # cuda-python raises when libcuda cannot be loaded at all
+            raise CudaError(f"cuInit failed: no CUDA driver ({e})") from None
+        cuda_check("cuInit", result)
+        self._dev = cuda_check("cuDeviceGet", drv.cuDeviceGet(device))
+        attr = drv.CUdevice_attribute
+        major = cuda_check("cuDeviceGetAttribute", drv.cuDeviceGetAttribute(
+            attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, self._dev))
+        minor = cuda_check("cuDeviceGetAttribute", drv.cuDeviceGetAttribute(
+            attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self._dev))
+        optin = cuda_check("cuDeviceGetAttribute", drv.cuDeviceGetAttribute(
+            attr.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, self._dev))
+        self.target = choose_target(index, 10 * int(major) + int(minor), int(optin))
+        self.kernels = {name: load_explain_kernel(index_path.parent / index["targets"][self.target][name]["json"])
+                        for name in EXPLAIN_KERNELS}
+        for kernel in self.kernels.values():
+            baked = {"C": kernel.constants.get("C"), "M": kernel.constants.get("M")}
+            if baked != {"C": self.channels, "M": self.num_attributes}:
+                raise ValueError(f"{kernel.json_path} was compiled for {baked}, the export's model has "
+                                 f"C={self.channels}, M={self.num_attributes}; re-export the kernels")
+
+        self._ctx = cuda_check("cuDevicePrimaryCtxRetain", drv.cuDevicePrimaryCtxRetain(self._dev))
+        try:
+            with self._current():
+                for name, kernel in self.kernels.items():
+                    self._functions[name] = self._load(kernel, int(optin))
+                self._stream = cuda_check("cuStreamCreate",
+                                          drv.cuStreamCreate(drv.CUstream_flags.CU_STREAM_NON_BLOCKING.value))
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------------------------------ device helpers
+
+    @contextlib.contextmanager
+    def _current(self) -> Iterator[None]:
+        """Make the device's primary context current on this thread for the block (any thread may call)."""
+        from cuda.bindings import driver as drv
+
+        cuda_check("cuCtxPushCurrent", drv.cuCtxPushCurrent(self._ctx))
+        try:
+            yield
+        finally:
+            cuda_check("cuCtxPopCurrent", drv.cuCtxPopCurrent())
+
+    def _load(self, kernel: ExplainKernel, optin: int) -> Any:
+        from cuda.bindings import driver as drv
+
+        where = f"{kernel.target} {kernel.name}"
+        module = cuda_check(f"cuModuleLoadData({where})", drv.cuModuleLoadData(kernel.cubin))
+        self._modules.append(module)
+        function = cuda_check(f"cuModuleGetFunction({kernel.symbol})",
+                              drv.cuModuleGetFunction(module, kernel.symbol.encode()))
+        fattr = drv.CUfunction_attribute
+        max_threads = cuda_check("cuFuncGetAttribute(MAX_THREADS_PER_BLOCK)", drv.cuFuncGetAttribute(
+            fattr.CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK, function))
+        if int(max_threads) < kernel.threads:
+            raise ValueError(f"{kernel.json_path}: the kernel allows {max_threads} threads per block on this device, "
+                             f"the metadata asks {kernel.threads}")
+        if kernel.shared_bytes > _DEFAULT_SHARED:
+            static = cuda_check("cuFuncGetAttribute(SHARED_SIZE_BYTES)", drv.cuFuncGetAttribute(
+                fattr.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, function))
+            if kernel.shared_bytes + int(static) > optin:
+                raise ValueError(f"{kernel.json_path}: the kernel needs {kernel.shared_bytes} + {static} B of shared "
+                                 f"memory per block, this device allows {optin} B")
+            cuda_check("cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)", drv.cuFuncSetAttribute(
+                function, fattr.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, kernel.shared_bytes))
+        return function
+
+    def _buffer(self, name: str, nbytes: int) -> int:
+        """A device buffer of at least ``nbytes`` (grown, never shrunk; contents not kept). Context must be current."""
+        from cuda.bindings import driver as drv
+
+        address, size = self._buffers.get(name, (0, 0))
+        if size >= nbytes:
+            return address
+        if address:
+            del self._buffers[name]
+            cuda_check("cuMemFree", drv.cuMemFree(drv.CUdeviceptr(address)))
+        size = max(nbytes, 2 * size, 256)
+        address = int(cuda_check("cuMemAlloc", drv.cuMemAlloc(size)))
+        self._buffers[name] = (address, size)
+        return address
+
+    def _upload(self, address: int, array: np.ndarray, progress: bool = False) -> None:
+        from cuda.bindings import driver as drv
+
+        data = memoryview(np.ascontiguousarray(array)).cast("B")
+        with tqdm(total=len(data), unit="B", unit_scale=True, desc="gallery to GPU", disable=not progress) as bar:
+            for start in range(0, len(data), _UPLOAD_CHUNK):
+                chunk = np.frombuffer(data[start:start + _UPLOAD_CHUNK], dtype=np.uint8)
+                cuda_check("cuMemcpyHtoDAsync", drv.cuMemcpyHtoDAsync(drv.CUdeviceptr(address + start),
+                                                                      chunk.ctypes.data, len(chunk), self._stream))
+                bar.update(len(chunk))
+
+    def _download(self, array: np.ndarray, address: int) -> None:
+        from cuda.bindings import driver as drv
+
+        cuda_check("cuMemcpyDtoHAsync", drv.cuMemcpyDtoHAsync(array.ctypes.data, drv.CUdeviceptr(address),
+                                                              array.nbytes, self._stream))
+
+    def _sync(self) -> None:
+        from cuda.bindings import driver as drv
+
+        cuda_check("cuStreamSynchronize", drv.cuStreamSynchronize(self._stream))
+
+    def _check_open(self) -> None:
+        if self._stream is None:
+            raise RuntimeError("the CudaExplainer is closed")
+
+    # ------------------------------------------------------------------------------------------ gallery
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def _rows_array(self, rows: np.ndarray) -> np.ndarray:
+        shape = (self.num_attributes + 1, self.channels)
+        if not isinstance(rows, np.ndarray) or rows.ndim != 3 or rows.shape[1:] != shape:
+            got = list(rows.shape) if isinstance(rows, np.ndarray) else type(rows).__name__
+            raise InputError(f"gallery rows must be an array [N, {shape[0]}, {shape[1]}] (row 0 the global "
+                             f"embedding, rows 1..M the attribute embeddings), got {got}")
+        if not np.issubdtype(rows.dtype, np.floating):
+            raise InputError(f"gallery rows must be floating point, got {rows.dtype}")
+        return np.ascontiguousarray(rows, dtype=np.float16)
+
+    def set_gallery(self, rows: np.ndarray, progress: bool = False) -> None:
+        """Replace the device gallery.
+
+        Args:
+            rows: ``[N, M+1, C]`` embeddings (converted to float16; e.g. a ``Gallery``'s rows).
+            progress: Show the upload.
+
+        Raises:
+            InputError: Wrong shape or dtype.
+            CudaError: A CUDA call failed.
+        """
+        rows = self._rows_array(rows)
+        with self._lock:
+            self._check_open()
+            self._rows = 0
+            self._append(rows, progress)
+
+    def append_gallery(self, rows: np.ndarray, progress: bool = False) -> None:
+        """Append rows to the device gallery (their ids continue from ``len(self)``).
+
+        Args:
+            rows: ``[n, M+1, C]`` embeddings (converted to float16).
+            progress: Show the upload.
+
+        Raises:
+            InputError: Wrong shape or dtype, or a gallery larger than the kernel's int32 row count.
+            CudaError: A CUDA call failed.
+        """
+        rows = self._rows_array(rows)
+        with self._lock:
+            self._check_open()
+            self._append(rows, progress)
+
+    def _append(self, rows: np.ndarray, progress: bool) -> None:
+        from cuda.bindings import driver as drv
+
+        total = self._rows + len(rows)
+        if total > _INT32_MAX:
+            raise InputError(f"a gallery of {total} rows exceeds the explain kernel's int32 row count")
+        if not len(rows):
+            return
+        needed = total * self._row_bytes
+        with self._current():
+            address, size = self._buffers.get("gallery", (0, 0))
+            if size < needed:
+                # Grow geometrically and keep what is there: appends of single entries stay amortised O(1).
+                size = max(needed, 2 * size)
+                new = int(cuda_check("cuMemAlloc", drv.cuMemAlloc(size)))
+                try:
+                    if self._rows:
+                        cuda_check("cuMemcpyDtoDAsync", drv.cuMemcpyDtoDAsync(
+                            drv.CUdeviceptr(new), drv.CUdeviceptr(address), self._rows * self._row_bytes,
+                            self._stream))
+                        self._sync()
+                except BaseException:
+                    drv.cuMemFree(drv.CUdeviceptr(new))
+                    raise
+                if address:
+                    cuda_check("cuMemFree", drv.cuMemFree(drv.CUdeviceptr(address)))
+                self._buffers["gallery"] = (new, size)
+                address = new
+            self._upload(address + self._rows * self._row_bytes, rows, progress)
+            self._sync()
+        self._rows = total
+
+    # ------------------------------------------------------------------------------------------ explain
+
+    def explain(self, q: np.ndarray, ids: np.ndarray, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Decompose the distances of each query to its gallery ids.
+
+        Args:
+            q: Query embeddings ``[Q, M+1, C]`` (computed in float32).
+            ids: Gallery ids ``[Q, K]`` (integers; repeats allowed).
+            weights: Optional attribute weights ``[M]`` (non-negative, finite, not all zero) for ``scores``.
+
+        Returns:
+            float32 arrays: ``d`` ``[Q, K]``, ``d_k`` ``[Q, K, M]``, ``shares`` ``[Q, K, M]``, ``d_hat`` ``[Q, K]``
+            and ``scores`` ``[Q, K]`` (``d``, or ``Σ_k w_k d_k`` with weights).
+
+        Raises:
+            InputError: Wrong shapes or dtypes, non-finite queries, bad weights.
+            UnknownIdError: An id outside the gallery.
+            GalleryError: No gallery uploaded, or a distance to a gallery row is not finite.
+            CudaError: A CUDA call failed.
+        """
+        m, c = self.num_attributes, self.channels
+        if not isinstance(q, np.ndarray) or q.ndim != 3 or q.shape[1:] != (m + 1, c) or not len(q):
+            got = list(q.shape) if isinstance(q, np.ndarray) else type(q).__name__
+            raise InputError(f"queries must be an array [Q >= 1, {m + 1}, {c}], got {got}")
+        if not isinstance(ids, np.ndarray) or ids.ndim != 2 or ids.shape[0] != len(q) or ids.shape[1] < 1:
+            got = list(ids.shape) if isinstance(ids, np.ndarray) else type(ids).__name__
+            raise InputError(f"ids must be an integer array [Q={len(q)}, K >= 1], got {got}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"ids must be integers, got {ids.dtype}")
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        bad_q = ~np.isfinite(q).all(axis=(1, 2))
+        if bad_q.any():
+            raise InputError(f"queries {np.flatnonzero(bad_q)[:5].tolist()} contain NaN or inf")
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        w = check_weights(weights, m)
+        kernel = self.kernels["explain" if w is None else "explain_weighted"]
+        n_q, k = ids.shape
+        with self._lock:
+            self._check_open()
+            n = self._rows
+            if n == 0:
+                raise GalleryError("the GPU gallery is empty: call set_gallery first")
+            outside = (ids < 0) | (ids >= n)
+            if outside.any():
+                raise UnknownIdError(f"gallery id {int(ids[outside][0])} is not in the gallery (it holds {n} "
+                                     f"entries, ids 0..{n - 1})")
+            grid = kernel.grid({"Q": n_q, "K": k})
+            out = {"d": np.empty((n_q, k), np.float32), "d_k": np.empty((n_q, k, m), np.float32),
+                   "shares": np.empty((n_q, k, m), np.float32), "d_hat": np.empty((n_q, k), np.float32),
+                   "scores": np.empty((n_q, k), np.float32)}
+            errors = np.zeros(1, np.int32)
+            with self._current():
+                ptr = {"q_ptr": self._buffer("q", q.nbytes), "ids_ptr": self._buffer("ids", ids.nbytes),
+                       "g_ptr": self._buffers["gallery"][0], "err_ptr": self._buffer("err", errors.nbytes)}
+                for param, key in (("d_ptr", "d"), ("dk_ptr", "d_k"), ("sh_ptr", "shares"), ("dhat_ptr", "d_hat"),
+                                   ("score_ptr", "scores")):
+                    ptr[param] = self._buffer(key, out[key].nbytes)
+                self._upload(ptr["q_ptr"], q)
+                self._upload(ptr["ids_ptr"], ids)
+                if w is not None:
+                    ptr["w_ptr"] = self._buffer("w", w.nbytes)
+                    self._upload(ptr["w_ptr"], w)
+                self._launch(kernel, grid, ptr, {"K": k, "N": n, "stride_iq": k})
+                for param, key in (("d_ptr", "d"), ("dk_ptr", "d_k"), ("sh_ptr", "shares"), ("dhat_ptr", "d_hat"),
+                                   ("score_ptr", "scores")):
+                    self._download(out[key], ptr[param])
+                self._download(errors, ptr["err_ptr"])
+                self._sync()
+        if errors[0]:
+            # Ids were checked and queries are finite: the culprit is a gallery row (NaN/inf) or an overflow.
+            bad = ~(np.isfinite(out["d"]) & np.isfinite(out["d_k"]).all(-1) & np.isfinite(out["scores"]))
+            raise GalleryError(f"distances to gallery ids {np.unique(ids[bad])[:5].tolist()} are not finite (NaN or "
+                               "inf in the gallery rows, or float32 overflow)")
+        return out
+
+    def _launch(self, kernel: ExplainKernel, grid: int, pointers: Mapping[str, int], sizes: Mapping[str, int]) -> None:
+        from cuda.bindings import driver as drv
+
+        cuda_check("cuMemsetD32Async(err)", drv.cuMemsetD32Async(drv.CUdeviceptr(pointers["err_ptr"]), 0, 1,
+                                                                 self._stream))
+        params = kernel.arguments(pointers, sizes)
+        cuda_check(f"cuLaunchKernel({kernel.name}, grid {grid}, block {kernel.threads}, shared "
+                   f"{kernel.shared_bytes} B)",
+                   drv.cuLaunchKernel(self._functions[kernel.name], grid, 1, 1, kernel.threads, 1, 1,
+                                      kernel.shared_bytes, self._stream, params, 0))
+
+    # ------------------------------------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        """Free the device buffers, the stream and the modules and release the primary context (idempotent).
+
+        Raises:
+            CudaError: The first CUDA call that failed (every resource is still attempted).
+        """
+        from cuda.bindings import driver as drv
+
+        with self._lock:
+            failures: list[CudaError] = []
+
+            def attempt(call: str, result: Any) -> None:
+                try:
+                    cuda_check(call, result)
+                except CudaError as e:
+                    failures.append(e)
+
+            if self._ctx is not None:
+                pushed = drv.cuCtxPushCurrent(self._ctx)
+                attempt("cuCtxPushCurrent", pushed)
+                for address, _ in self._buffers.values():
+                    attempt("cuMemFree", drv.cuMemFree(drv.CUdeviceptr(address)))
+                if self._stream is not None:
+                    attempt("cuStreamDestroy", drv.cuStreamDestroy(self._stream))
+                for module in self._modules:
+                    attempt("cuModuleUnload", drv.cuModuleUnload(module))
+                if int(pushed[0]) == 0:
+                    attempt("cuCtxPopCurrent", drv.cuCtxPopCurrent())
+                attempt("cuDevicePrimaryCtxRelease", drv.cuDevicePrimaryCtxRelease(self._dev))
+            self._buffers, self._modules, self._functions = {}, [], {}
+            self._stream = self._ctx = None
+            self._rows = 0
+            if failures:
+                raise failures[0]
+
+    def __enter__(self) -> CudaExplainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,24 @@
+"""The runtime's errors: each says what was wrong with which input, so a server can answer 4xx and stay up."""
+
+from __future__ import annotations
+
+__all__ = ["GalleryError", "InputError", "OverloadedError", "UnknownIdError"]
+
+
+class InputError(ValueError):
+    """A request's input is unusable: corrupt or missing image, wrong shape or dtype, NaN, bad ``k`` or weights."""
+
+
+class UnknownIdError(LookupError):
+    """A gallery id that the gallery does not hold."""
+
+    def __str__(self) -> str:  # LookupError quotes its argument like a dict key; the message is a sentence
+        return str(self.args[0]) if self.args else ""
+
+
+class GalleryError(ValueError):
+    """A gallery store that is missing, corrupt, locked by another writer, or made by another model."""
+
+
+class OverloadedError(RuntimeError):
+    """The request queue is full (backpressure): retry later."""

@@ -1,0 +1,648 @@
+"""``Runtime(export_dir, gallery)``: embed, search and explain with an exported model, no torch needed (DESIGN §6).
+
+One object ties an export (any backend), a dynamic batcher and an optional gallery store together::
+
+    with Runtime("export/", "gallery/") as rt:
+        for result in rt.search(["query.jpg"], k=10, weights={"upblack": 0}):
+            for m in result.matches:
+                print(m.rank, m.key, round(m.d, 3), m.top(3), m.differing)
+
+Search ranks the gallery by the target distance d with exact FAISS search (or, with attribute weights, by
+``Σ_k w_k d_k`` with an exact scan of the attribute store), then explains each hit: per-attribute distances d_k, shares
+p_k = d_k / Σ_j d_j, contributions c_k = p_k·d (they sum to d), d̂, and the predicted attributes on which query and hit
+differ. All methods are thread-safe: concurrent callers' images are batched together on one inference thread.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from attrimeter.runtime.backends import Backend, open_backend
+from attrimeter.runtime.batching import DynamicBatcher
+from attrimeter.runtime.errors import GalleryError, InputError
+from attrimeter.runtime.explain import Decomposition, check_weights, explain_rows, weighted_scan
+from attrimeter.runtime.gallery import Gallery
+from attrimeter.runtime.images import ImageSource, as_sources, load_image, to_input
+
+__all__ = ["IMAGE_SUFFIXES", "Embeddings", "Match", "QueryResult", "Runtime"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+# Latency histogram bounds in seconds (Prometheus-style cumulative buckets).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return (0.5 * (1.0 + np.tanh(0.5 * x.astype(np.float64)))).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """What the model says about a batch of images.
+
+    Attributes:
+        embedding: The target's global embedding f ``[B, C]`` (d is measured on it).
+        attr_embeddings: Per-attribute embeddings f_k ``[B, M, C]``.
+        probs: Predicted probability of each attribute's label 1 ``[B, M]``.
+        aam: Attention maps ``[B, M, h, w]``.
+    """
+
+    embedding: np.ndarray
+    attr_embeddings: np.ndarray
+    probs: np.ndarray
+    aam: np.ndarray
+
+    def stacked(self) -> np.ndarray:
+        """``[B, M+1, C]``: row 0 f, rows 1..M the f_k (the attr_distance layout)."""
+        return np.concatenate([self.embedding[:, None], self.attr_embeddings], axis=1)
+
+    def to_dict(self, attributes: Sequence[str], meanings: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+        """JSON-ready: per image its embeddings as lists and its predicted attributes in words.
+
+        Args:
+            attributes: Attribute names (the manifest's order).
+            meanings: The meaning of label 0 and 1 of each attribute.
+
+        Returns:
+            One dict per image.
+        """
+        return [{"embedding": self.embedding[i].tolist(), "attr_embeddings": self.attr_embeddings[i].tolist(),
+                 "attributes": {a: {"value": mn[int(p > 0.5)], "prob": float(p)}
+                                for a, mn, p in zip(attributes, meanings, self.probs[i], strict=True)}}
+                for i in range(len(self.embedding))]
+
+
+@dataclass(frozen=True)
+class Match:
+    """One explained gallery hit.
+
+    Attributes:
+        id: Gallery id.
+        key: The entry's key (its image path relative to the indexed folder, or what the caller gave).
+        path: Its image file when known, else None.
+        camera: Its camera id when known.
+        rank: 1 for the best hit.
+        score: The ranking score (d, or ``Σ_k w_k d_k`` in a weighted search).
+        d: Target distance.
+        d_hat: Decomposed distance ``(1/M) Σ_k d_k``.
+        d_k: Per-attribute distances ``[M]``.
+        shares: ``p_k`` ``[M]`` (sum 1).
+        contributions: ``c_k = p_k · d`` ``[M]`` (sum d).
+        attributes: Attribute names ``[M]``.
+        titles: Their human-readable names.
+        differing: Predicted attributes that differ, by decreasing contribution: ``(name, title, query value,
+            gallery value)``.
+        overlays: For the top attributes: ``(name, query overlay, gallery overlay or None)`` uint8 ``[H, W, 3]``.
+    """
+
+    id: int
+    key: str
+    path: str | None
+    camera: int | None
+    rank: int
+    score: float
+    d: float
+    d_hat: float
+    d_k: np.ndarray
+    shares: np.ndarray
+    contributions: np.ndarray
+    attributes: tuple[str, ...]
+    titles: tuple[str, ...]
+    differing: list[tuple[str, str, str, str]]
+    overlays: list[tuple[str, np.ndarray, np.ndarray | None]] = field(default_factory=list)
+
+    def top(self, n: int = 3) -> list[tuple[str, float, float]]:
+        """The attributes contributing most: ``(name, contribution, share)`` by decreasing contribution.
+
+        Args:
+            n: How many.
+
+        Returns:
+            At most n triples.
+        """
+        order = np.argsort(-self.contributions, kind="stable")[:n]
+        return [(self.attributes[i], float(self.contributions[i]), float(self.shares[i])) for i in order]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (no pictures): id, key, distances, per-attribute numbers sorted by contribution, differences."""
+        order = np.argsort(-self.contributions, kind="stable")
+        return {
+            "id": self.id, "key": self.key, "path": self.path, "camera": self.camera, "rank": self.rank,
+            "score": float(self.score), "d": float(self.d), "d_hat": float(self.d_hat),
+            "attributes": [{"name": self.attributes[i], "title": self.titles[i], "d_k": float(self.d_k[i]),
+                            "share": float(self.shares[i]), "contribution": float(self.contributions[i])}
+                           for i in order],
+            "differing": [{"name": n, "title": t, "query": q, "gallery": g} for n, t, q, g in self.differing],
+        }
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """The explained hits of one query.
+
+    Attributes:
+        matches: Best first.
+        query_probs: The query's predicted attribute probabilities ``[M]``.
+        query_aam: The query's attention maps ``[M, h, w]``.
+        attributes: Attribute names ``[M]``.
+        meanings: The meaning of label 0 and 1 of each attribute.
+    """
+
+    matches: list[Match]
+    query_probs: np.ndarray
+    query_aam: np.ndarray
+    attributes: tuple[str, ...]
+    meanings: tuple[tuple[str, str], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the query's predicted attributes in words and every match's :meth:`Match.to_dict`."""
+        return {"query": {a: {"value": mn[int(p > 0.5)], "prob": float(p)}
+                          for a, mn, p in zip(self.attributes, self.meanings, self.query_probs, strict=True)},
+                "matches": [m.to_dict() for m in self.matches]}
+
+
+class _Latency:
+    """A cumulative latency histogram (Prometheus buckets)."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def snapshot(self) -> dict[str, Any]:
+        cumulative = np.cumsum(self.counts).tolist()
+        return {"buckets": [*zip(LATENCY_BUCKETS, cumulative[:-1], strict=True), ("+Inf", cumulative[-1])],
+                "sum": self.total, "count": cumulative[-1]}
+
+
+class Runtime:
+    """An export, a backend, a dynamic batcher and an optional gallery: embed, search, explain, add.
+
+    Args:
+        export_dir: The export folder (``attrimeter export``); its manifest and file hashes are checked.
+        gallery: A gallery folder (``attrimeter index``), an open :class:`Gallery`, or None.
+        backend: ``"auto"``, ``"onnxruntime"``, ``"tensorrt"`` or ``"torch"`` (see :mod:`attrimeter.runtime.backends`).
+        device: Backend device (None: the backend's choice).
+        threads: CPU threads of the backend.
+        checkpoint: The source checkpoint, for the torch backend when it has moved.
+        max_batch: Most images per engine call.
+        max_wait_ms: How long a request waits for others to share its batch.
+        queue_size: Most requests waiting for the engine (then :class:`OverloadedError`).
+        queue_timeout_s: How long a caller waits for room in a full queue.
+        decode_workers: Threads decoding images of multi-image calls (off the inference thread).
+        verify: Check the sha256 of the export's and the gallery's files when opening.
+        writable: Open the gallery for :meth:`add` (takes its writer lock).
+        create_gallery: Create the gallery folder when it does not exist (implies writable).
+
+    Raises:
+        attrimeter.export.manifest.ManifestError: A missing or tampered export.
+        BackendError: No backend can run the export.
+        GalleryError: A missing, corrupt or locked gallery, or one indexed with another model.
+    """
+
+    def __init__(self, export_dir: str | Path, gallery: str | Path | Gallery | None = None, *, backend: str = "auto",
+                 device: str | None = None, threads: int | None = None, checkpoint: str | Path | None = None,
+                 max_batch: int = 32, max_wait_ms: float = 2.0, queue_size: int = 1024,
+                 queue_timeout_s: float = 1.0, decode_workers: int = 2, verify: bool = True, writable: bool = False,
+                 create_gallery: bool = False) -> None:
+        from attrimeter.export.manifest import load_manifest
+
+        self.export_dir = Path(export_dir)
+        self.manifest = load_manifest(self.export_dir, verify=verify)
+        attrs = self.manifest["attributes"]
+        self.attributes: tuple[str, ...] = tuple(a["name"] for a in attrs)
+        self.titles: tuple[str, ...] = tuple(a["title"] for a in attrs)
+        self.meanings: tuple[tuple[str, str], ...] = tuple((a["meanings"][0], a["meanings"][1]) for a in attrs)
+        self.image_size: tuple[int, int] = (int(self.manifest["image_size"][0]), int(self.manifest["image_size"][1]))
+        self.model_id: str = self.manifest["source"]["sha256"]
+        self.gallery: Gallery | None = None
+        self.backend: Backend = open_backend(self.export_dir, self.manifest, backend, device=device, threads=threads,
+                                             checkpoint=checkpoint)
+        try:
+            self._batcher = DynamicBatcher(self.backend.run, max_batch=min(max_batch, self.backend.max_batch),
+                                           max_wait_s=max_wait_ms / 1000.0, queue_size=queue_size)
+            self._queue_timeout = queue_timeout_s
+            self._decoder = ThreadPoolExecutor(max(decode_workers, 1), thread_name_prefix="attrimeter-decode")
+            self._lock = threading.Lock()
+            self._latency = {op: _Latency() for op in ("embed", "search", "explain", "add")}
+            self._errors = {op: 0 for op in self._latency}
+            self._cuda: Any = None
+            if gallery is not None:
+                self.gallery = self._open_gallery(gallery, verify, writable or create_gallery, create_gallery)
+                self._cuda = self._device_explainer()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------------------------------------ gallery ---
+
+    def _open_gallery(self, gallery: str | Path | Gallery, verify: bool, writable: bool, create: bool) -> Gallery:
+        if isinstance(gallery, Gallery):
+            store = gallery
+        else:
+            path = Path(gallery)
+            if create and not (path / "gallery.json").exists():
+                channels, h, w = self.manifest["feature_map"]
+                store = Gallery.create(path, dim=int(channels), attributes=self.attributes, aam_shape=(int(h), int(w)),
+                                       model=self.model_id)
+            else:
+                store = Gallery.open(path, verify=verify, writable=writable)
+        if store.model != self.model_id:
+            raise GalleryError(f"{store.path} was indexed with another model (sha256 {store.model[:12]}…), this "
+                               f"export is {self.model_id[:12]}…; index the images again with this export")
+        if tuple(store.attributes) != self.attributes or store.dim != int(self.manifest["feature_map"][0]):
+            raise GalleryError(f"{store.path}: its attributes/embedding size do not match the export's")
+        return store
+
+    def _device_explainer(self) -> Any:
+        """The GPU explainer where the backend is TensorRT and the export has AOT kernels, else None (numpy explains).
+
+        The gallery is mirrored on the GPU in float16 (its global rows too, so d carries float16 rounding there) and
+        explained by the export's explain kernel through cuda-python: no torch at run time.
+        """
+        if self.backend.name != "tensorrt" or not (self.manifest.get("kernels") or {}).get("index"):
+            return None
+        from attrimeter.runtime.cuda_kernels import CudaExplainer
+
+        explainer = CudaExplainer(self.export_dir, self.manifest, device=int(self.backend.device.split(":")[1]))
+        gallery = self._need_gallery()
+        for first, attr in gallery.attr_chunks(65536):
+            ids = np.arange(first, first + len(attr))
+            explainer.append_gallery(np.concatenate([gallery.embeddings(ids)[:, None].astype(np.float16), attr], 1))
+        return explainer
+
+    def _need_gallery(self) -> Gallery:
+        if self.gallery is None:
+            raise GalleryError("no gallery is open (Runtime(export, gallery=...))")
+        return self.gallery
+
+    # ------------------------------------------------------------------------------------------------ embed -----
+
+    def _pixels(self, sources: list[ImageSource]) -> np.ndarray:
+        size = self.image_size
+        if len(sources) == 1:
+            return load_image(sources[0], size, "images[0]")[None]
+        futures = [self._decoder.submit(load_image, s, size, f"images[{i}]") for i, s in enumerate(sources)]
+        return np.stack([f.result() for f in futures])
+
+    def _infer(self, pixels: np.ndarray) -> Embeddings:
+        out = self._batcher(to_input(pixels), timeout=self._queue_timeout)
+        return self._embeddings(out)
+
+    def _embeddings(self, out: Mapping[str, np.ndarray]) -> Embeddings:
+        emb = Embeddings(embedding=out["embedding"], attr_embeddings=out["attr_embeddings"],
+                         probs=_sigmoid(out["attr_logits"]), aam=out["aam"])
+        bad = [i for i in range(len(emb.embedding))
+               if not (np.isfinite(emb.embedding[i]).all() and np.isfinite(emb.attr_embeddings[i]).all())]
+        if bad:
+            raise InputError(f"the model gives NaN/inf embeddings for images {bad}")
+        return emb
+
+    def _timed(self, op: str, start: float, ok: bool) -> None:
+        with self._lock:
+            self._latency[op].add(time.perf_counter() - start)
+            self._errors[op] += not ok
+
+    def embed(self, images: ImageSource | Sequence[ImageSource]) -> Embeddings:
+        """Embed images.
+
+        Args:
+            images: One image or a sequence (paths, encoded bytes, uint8/float pixel arrays; see
+                :func:`attrimeter.runtime.images.load_image`).
+
+        Returns:
+            :class:`Embeddings` of all images, in order.
+
+        Raises:
+            InputError: An unusable image (named by its index).
+            OverloadedError: The request queue stayed full.
+        """
+        start, ok = time.perf_counter(), False
+        try:
+            result = self._infer(self._pixels(as_sources(images)))
+            ok = True
+            return result
+        finally:
+            self._timed("embed", start, ok)
+
+    # ------------------------------------------------------------------------------------------------ search ----
+
+    def _weights(self, weights: Mapping[str, float] | Sequence[float] | np.ndarray | None) -> np.ndarray | None:
+        if isinstance(weights, Mapping):
+            unknown = sorted(set(weights) - set(self.attributes))
+            if unknown:
+                raise InputError(f"unknown attributes in weights: {unknown}; known: {list(self.attributes)}")
+            full = np.ones(len(self.attributes), np.float64)  # attributes not named keep weight 1
+            for name, value in weights.items():
+                try:
+                    full[self.attributes.index(name)] = float(value)
+                except (TypeError, ValueError):
+                    raise InputError(f"weight of {name!r} must be a number, got {value!r}") from None
+            weights = full
+        return check_weights(weights, len(self.attributes))
+
+    def _explain(self, emb: Embeddings, pixels: np.ndarray | None, ids: np.ndarray, weights: np.ndarray | None,
+                 overlays: int) -> list[QueryResult]:
+        gallery = self._need_gallery()
+        q, k = len(ids), ids.shape[1]
+        flat = ids.reshape(-1)
+        if self._cuda is not None and k:
+            dec = Decomposition(**self._cuda.explain(emb.stacked(), ids, weights))
+        else:
+            rows = np.concatenate([gallery.embeddings(flat)[:, None], gallery.attr_embeddings(flat)], axis=1)
+            dec = explain_rows(emb.stacked(), rows.reshape(q, k, *rows.shape[1:]), weights)
+        if weights is not None:  # re-rank the scan's winners by their exact scores
+            order = np.lexsort((ids, dec.scores), axis=1)
+            ids = np.take_along_axis(ids, order, 1)
+            dec = Decomposition(*(np.take_along_axis(a, order if a.ndim == 2 else order[..., None], 1) for a in dec))
+            flat = ids.reshape(-1)
+        probs = gallery.probs(flat).reshape(q, k, -1) if k else np.empty((q, 0, len(self.attributes)), np.float32)
+        meta = gallery.meta(flat) if k else []
+        g_aam = gallery.aam(flat) if overlays and k else None
+        results = []
+        for i in range(q):
+            q_on = emb.probs[i] > 0.5
+            matches = []
+            for j in range(k):
+                entry = meta[i * k + j]
+                contributions = dec.shares[i, j] * dec.d[i, j]
+                g_on = probs[i, j] > 0.5
+                order = np.argsort(-contributions, kind="stable")
+                differing = [(self.attributes[a], self.titles[a], self.meanings[a][int(q_on[a])],
+                              self.meanings[a][int(g_on[a])]) for a in order if q_on[a] != g_on[a]]
+                pictures = self._overlays(pixels[i], emb.aam[i], entry, None if g_aam is None else g_aam[i * k + j],
+                                          order[:overlays]) if overlays and pixels is not None else []
+                matches.append(Match(
+                    id=int(ids[i, j]), key=str(entry.get("key") or f"entry-{ids[i, j]}"), path=entry.get("path"),
+                    camera=entry.get("camera"), rank=j + 1, score=float(dec.scores[i, j]), d=float(dec.d[i, j]),
+                    d_hat=float(dec.d_hat[i, j]), d_k=dec.d_k[i, j], shares=dec.shares[i, j],
+                    contributions=contributions, attributes=self.attributes, titles=self.titles,
+                    differing=differing, overlays=pictures))
+            results.append(QueryResult(matches=matches, query_probs=emb.probs[i], query_aam=emb.aam[i],
+                                       attributes=self.attributes, meanings=self.meanings))
+        return results
+
+    def _overlays(self, query: np.ndarray, q_aam: np.ndarray, entry: Mapping[str, Any], g_aam: np.ndarray | None,
+                  attrs: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+        from attrimeter.viz import overlay
+
+        gallery_pixels = None
+        if entry.get("path") and g_aam is not None:
+            try:
+                gallery_pixels = load_image(entry["path"], self.image_size)
+            except InputError:  # the gallery image moved: its numbers stay valid, only the picture is missing
+                gallery_pixels = None
+        out = []
+        for a in attrs:
+            g_map = None if g_aam is None else g_aam[a].astype(np.float32)
+            vmax = float(max(q_aam[a].max(), 0.0 if g_map is None else g_map.max())) or None
+            out.append((self.attributes[a], overlay(query, q_aam[a], vmax=vmax),
+                        None if gallery_pixels is None or g_map is None else overlay(gallery_pixels, g_map, vmax=vmax)))
+        return out
+
+    def _check_k(self, k: int, overlays: int) -> None:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise InputError(f"k must be an integer >= 1, got {k!r}")
+        if isinstance(overlays, bool) or not isinstance(overlays, (int, np.integer)) or overlays < 0:
+            raise InputError(f"overlays must be an integer >= 0, got {overlays!r}")
+
+    def _search(self, emb: Embeddings, pixels: np.ndarray | None, k: int, w: np.ndarray | None,
+                overlays: int) -> list[QueryResult]:
+        gallery = self._need_gallery()
+        if w is None:
+            _, ids = gallery.search(emb.embedding, int(k))
+        else:
+            _, ids = weighted_scan(emb.attr_embeddings, gallery.attr_chunks(4096), w, int(k))
+        return self._explain(emb, pixels, ids, w, min(int(overlays), len(self.attributes)))
+
+    def search(self, images: ImageSource | Sequence[ImageSource], k: int = 10,
+               weights: Mapping[str, float] | Sequence[float] | None = None, overlays: int = 0) -> list[QueryResult]:
+        """The k nearest gallery entries of each query image, explained.
+
+        Args:
+            images: One query image or several.
+            k: Hits per query (fewer when the gallery is smaller).
+            weights: Attribute weights for an attribute-weighted search, ranking by ``Σ_k w_k d_k`` instead of d:
+                a mapping name → weight (unnamed attributes keep 1; e.g. ``{"upblack": 0, ...}`` ignores upper-body
+                black) or M numbers. None ranks by the target distance d.
+            overlays: For this many top attributes per hit, attention-map overlays of query and hit.
+
+        Returns:
+            One :class:`QueryResult` per query image.
+
+        Raises:
+            InputError: Bad image, k or weights.
+            GalleryError: No gallery is open.
+            OverloadedError: The request queue stayed full.
+        """
+        start, ok = time.perf_counter(), False
+        try:
+            self._need_gallery()
+            self._check_k(k, overlays)
+            w = self._weights(weights)
+            pixels = self._pixels(as_sources(images))
+            result = self._search(self._infer(pixels), pixels, k, w, overlays)
+            ok = True
+            return result
+        finally:
+            self._timed("search", start, ok)
+
+    def search_embeddings(self, embeddings: Embeddings, k: int = 10,
+                          weights: Mapping[str, float] | Sequence[float] | None = None) -> list[QueryResult]:
+        """Like :meth:`search` for queries already embedded with :meth:`embed` (no overlays: they need pixels).
+
+        Args:
+            embeddings: The queries' :class:`Embeddings`.
+            k: Hits per query.
+            weights: See :meth:`search`.
+
+        Returns:
+            One :class:`QueryResult` per query.
+        """
+        start, ok = time.perf_counter(), False
+        try:
+            self._need_gallery()
+            self._check_k(k, 0)
+            result = self._search(embeddings, None, k, self._weights(weights), 0)
+            ok = True
+            return result
+        finally:
+            self._timed("search", start, ok)
+
+    def explain(self, image: ImageSource, ids: Sequence[int], overlays: int = 0) -> QueryResult:
+        """Explain one query image against chosen gallery entries.
+
+        Args:
+            image: The query image.
+            ids: Gallery ids (matches come back in this order).
+            overlays: Attention-map overlays for this many top attributes per entry.
+
+        Returns:
+            A :class:`QueryResult` whose matches follow ``ids``.
+
+        Raises:
+            InputError: A bad image or ids that are not integers.
+            UnknownIdError: An id the gallery does not hold.
+            GalleryError: No gallery is open.
+        """
+        start, ok = time.perf_counter(), False
+        try:
+            gallery = self._need_gallery()
+            try:
+                id_array = np.asarray(ids)
+                if id_array.ndim != 1 or len(id_array) == 0 or not np.issubdtype(id_array.dtype, np.integer):
+                    raise TypeError
+            except (TypeError, ValueError):
+                raise InputError(f"ids must be a non-empty list of integers, got {ids!r}") from None
+            gallery.meta(id_array)  # raises UnknownIdError before any work
+            pixels = self._pixels([image])
+            emb = self._infer(pixels)
+            result = self._explain(emb, pixels, id_array.astype(np.int64)[None], None, overlays)[0]
+            ok = True
+            return result
+        finally:
+            self._timed("explain", start, ok)
+
+    # ------------------------------------------------------------------------------------------------ add -------
+
+    def add(self, images: ImageSource | Sequence[ImageSource], keys: Sequence[str] | None = None,
+            cameras: Sequence[int | None] | None = None, paths: Sequence[str | None] | None = None,
+            extra: Sequence[Mapping[str, Any]] | None = None) -> np.ndarray:
+        """Embed images and append them to the gallery as one crash-safe segment.
+
+        Args:
+            images: The images.
+            keys: A name per image (default: its path, else ``"entry-<id>"``).
+            cameras: A camera id per image (or None).
+            paths: An image file per image, kept for overlays (default: the source when it is a path).
+            extra: More JSON-able metadata per image (e.g. ``{"pid": 12}``).
+
+        Returns:
+            The new gallery ids.
+
+        Raises:
+            InputError: A bad image or metadata of the wrong length; nothing is added.
+            GalleryError: No writable gallery.
+        """
+        start, ok = time.perf_counter(), False
+        try:
+            gallery = self._need_gallery()
+            sources = as_sources(images)
+            n = len(sources)
+            for name, values in (("keys", keys), ("cameras", cameras), ("paths", paths), ("extra", extra)):
+                if values is not None and len(values) != n:
+                    raise InputError(f"{name} has {len(values)} entries for {n} images")
+            emb = self._infer(self._pixels(sources))
+            meta = []
+            for i, src in enumerate(sources):
+                path = paths[i] if paths is not None else (str(src) if isinstance(src, (str, Path)) else None)
+                entry: dict[str, Any] = dict(extra[i]) if extra is not None else {}
+                entry.update(key=keys[i] if keys is not None else path, path=path,
+                             camera=None if cameras is None or cameras[i] is None else int(cameras[i]))
+                meta.append(entry)
+            ids = gallery.append(emb.embedding, emb.attr_embeddings, emb.probs, meta, aam=emb.aam)
+            if self._cuda is not None:
+                self._cuda.append_gallery(emb.stacked())
+            ok = True
+            return ids
+        finally:
+            self._timed("add", start, ok)
+
+    def index_folder(self, folder: str | Path, segment: int = 4096, progress: bool = True) -> int:
+        """Add every image under a folder (sorted, recursive) to the gallery, one crash-safe segment at a time.
+
+        Images already in the gallery (same key: the path relative to ``folder``) are skipped, so an interrupted run
+        resumes. Identity and camera (``c1`` → 1) come from Market-1501/DukeMTMC file names that follow the pattern.
+
+        Args:
+            folder: Image folder.
+            segment: Images per appended segment.
+            progress: Show a progress bar.
+
+        Returns:
+            How many images were added.
+
+        Raises:
+            InputError: No images in the folder, or an unreadable image (nothing of its segment is added).
+            GalleryError: No writable gallery.
+        """
+        from attrimeter.data.formats import DataFormatError, parse_image_name
+
+        gallery = self._need_gallery()
+        folder = Path(folder)
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+        known = {m.get("key") for m in gallery.meta(np.arange(len(gallery)))} if len(gallery) else set()
+        todo = [p for p in files if p.relative_to(folder).as_posix() not in known]
+        bar = tqdm(total=len(todo), desc="index", unit="img", disable=not progress)
+        size, step = self.image_size, self._batcher.max_batch
+        for s in range(0, len(todo), segment):
+            chunk = todo[s:s + segment]
+            parts: list[Future[dict[str, np.ndarray]]] = []
+            for b in range(0, len(chunk), step):  # decode the next batch while the engine runs this one
+                futures = [self._decoder.submit(load_image, p, size, str(p)) for p in chunk[b:b + step]]
+                parts.extend(self._batcher.submit(to_input(np.stack([f.result() for f in futures])), timeout=None))
+                bar.update(len(futures))
+            out = [f.result() for f in parts]
+            emb = self._embeddings({k: np.concatenate([o[k] for o in out]) for k in out[0]})
+            meta = []
+            for p in chunk:
+                entry: dict[str, Any] = {"key": p.relative_to(folder).as_posix(), "path": str(p.resolve()),
+                                         "camera": None}
+                for style in ("market1501", "dukemtmc"):
+                    try:
+                        pid, cam = parse_image_name(p, style)
+                    except DataFormatError:
+                        continue
+                    entry.update(pid=pid, camera=cam + 1)  # as the file name writes it: c1 → 1
+                    break
+                meta.append(entry)
+            gallery.append(emb.embedding, emb.attr_embeddings, emb.probs, meta, aam=emb.aam)
+        bar.close()
+        return len(todo)
+
+    # ------------------------------------------------------------------------------------------------ misc ------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for monitoring: backend, gallery size, queue depth, batches, per-operation latency and errors."""
+        b = self._batcher.stats
+        with self._lock:
+            latency = {op: h.snapshot() for op, h in self._latency.items()}
+            errors = dict(self._errors)
+        return {"backend": self.backend.name, "device": self.backend.device,
+                "gallery_size": None if self.gallery is None else len(self.gallery),
+                "queue_depth": self._batcher.queue_depth, "requests": b.requests, "images": b.rows,
+                "batches": b.batches, "failed_batches": b.failed_batches, "rejected": b.rejected,
+                "busy_seconds": b.busy_s, "batch_sizes": dict(b.batch_sizes), "latency": latency, "errors": errors}
+
+    def close(self) -> None:
+        """Finish queued requests and release the engine and the gallery (idempotent)."""
+        for name in ("_batcher", "_decoder"):
+            part = self.__dict__.pop(name, None)
+            if part is not None:
+                part.close() if name == "_batcher" else part.shutdown(wait=True)
+        if self.__dict__.get("_cuda") is not None:
+            self._cuda.close()
+        if self.gallery is not None:
+            self.gallery.close()
+        if "backend" in self.__dict__:
+            self.backend.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,236 @@
+"""Runtime building blocks: image loading, the numpy explain twin, the weighted scan, the dynamic batcher, backends."""
+
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from attrimeter.runtime.batching import DynamicBatcher
+from attrimeter.runtime.errors import InputError, OverloadedError
+from attrimeter.runtime.explain import check_weights, explain_rows, weighted_scan
+from attrimeter.runtime.images import as_sources, load_image, to_input
+
+# ------------------------------------------------------------------------------------------------ images ----------
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_load_image_accepts_paths_bytes_and_arrays(rng, tmp_path):
+    pixels = rng.integers(0, 256, (32, 16, 3), dtype=np.uint8)
+    path = tmp_path / "a.png"
+    path.write_bytes(_png(pixels))
+    for source in (path, str(path), _png(pixels), pixels, pixels.astype(np.float32) / 255.0):
+        np.testing.assert_array_equal(load_image(source, (32, 16)), pixels)
+    resized = load_image(pixels, (64, 32))
+    assert resized.shape == (64, 32, 3) and resized.dtype == np.uint8
+    batch = to_input([pixels, pixels])
+    assert batch.shape == (2, 3, 32, 16) and batch.dtype == np.float32
+    np.testing.assert_allclose(batch[1, :, 3, 5], pixels[3, 5] / 255.0, rtol=1e-6)
+    assert len(as_sources(np.stack([pixels] * 3))) == 3 and len(as_sources(path)) == 1
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    (b"not an image", "not an image Pillow can read"),
+    (b"", "empty image"),
+    (np.zeros((8, 8), np.uint8), "expected an RGB image"),
+    (np.zeros((8, 8, 4), np.uint8), "expected an RGB image"),
+    (np.full((8, 8, 3), np.nan, np.float32), "NaN"),
+    (np.full((8, 8, 3), 2.0, np.float32), "must lie in [0, 1]"),
+    (np.zeros((8, 8, 3), np.int64), "uint8 or float"),
+    (12, "expected a path"),
+])
+def test_bad_images_are_named(source, message):
+    with pytest.raises(InputError, match="images\\[4\\]") as e:
+        load_image(source, (16, 8), "images[4]")
+    assert message in str(e.value)
+
+
+def test_missing_and_truncated_files(tmp_path, rng):
+    with pytest.raises(InputError, match="not found"):
+        load_image(tmp_path / "missing.jpg", (16, 8))
+    data = _png(rng.integers(0, 256, (32, 16, 3), dtype=np.uint8))
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="cut.png"):
+        load_image(tmp_path / "cut.png", (16, 8))
+    with pytest.raises(InputError, match="no images"):
+        as_sources([])
+
+
+# ------------------------------------------------------------------------------------------------ explain ---------
+
+
+def _reference(q, g, weights=None):
+    """float64 direct differences, the definition (DESIGN §3)."""
+    diff = q[:, None].astype(np.float64) - g.astype(np.float64)
+    dist = np.sqrt((diff**2).sum(-1))
+    d, d_k = dist[..., 0], dist[..., 1:]
+    shares = d_k / d_k.sum(-1, keepdims=True)
+    scores = d if weights is None else d_k @ weights
+    return d, d_k, shares, d_k.mean(-1), scores
+
+
+@pytest.mark.parametrize(("m", "c"), [(1, 5), (26, 33)])
+def test_explain_rows_matches_the_definition(rng, m, c):
+    q = rng.standard_normal((3, m + 1, c)).astype(np.float32)
+    g = rng.standard_normal((3, 4, m + 1, c)).astype(np.float16)
+    w = rng.uniform(0, 1, m).astype(np.float32)
+    got = explain_rows(q, g, w)
+    for a, b in zip(got, _reference(q, g, w), strict=True):
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5
+    np.testing.assert_allclose(got.shares.sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose((got.shares * got.d[..., None]).sum(-1), got.d, rtol=1e-5)
+
+
+def test_identical_embeddings_give_uniform_shares():
+    q = np.ones((1, 5, 8), np.float32)
+    got = explain_rows(q, q[:, None])
+    assert got.d[0, 0] == 0 and np.allclose(got.shares, 0.25) and np.isfinite(got.shares).all()
+
+
+def test_weighted_scan_is_exact(rng):
+    m, c, n = 6, 16, 1000
+    q = rng.standard_normal((2, m, c)).astype(np.float32)
+    g = rng.standard_normal((n, m, c)).astype(np.float16)
+    w = np.array([1, 0, 2, 0, 0.5, 1], np.float32)
+    chunks = [(s, g[s:s + 128]) for s in range(0, n, 128)]
+    scores, ids = weighted_scan(q, chunks, w, 7)
+    ref = np.sqrt(((q[:, None].astype(np.float64) - g.astype(np.float64)) ** 2).sum(-1)) @ w
+    want = np.argsort(ref, axis=1, kind="stable")[:, :7]
+    np.testing.assert_array_equal(ids, want)
+    np.testing.assert_allclose(scores, np.take_along_axis(ref, want, 1), rtol=1e-4)
+    scores, ids = weighted_scan(q, [(0, g[:3])], w, 10)  # fewer entries than k
+    assert ids.shape == (2, 3)
+
+
+@pytest.mark.parametrize(("weights", "message"), [
+    ([1, 2], "one value per attribute"), ([1, -1, 0], ">= 0"), ([0, 0, 0], "all zero"),
+    ([1, float("nan"), 1], "finite"), (["a", 1, 1], "numbers"),
+])
+def test_bad_weights(weights, message):
+    with pytest.raises(InputError, match=message):
+        check_weights(weights, 3)
+
+
+# ------------------------------------------------------------------------------------------------ batching --------
+
+
+def _echo(calls):
+    def run(x):
+        calls.append(len(x))
+        return {"twice": 2 * x, "sum": x.reshape(len(x), -1).sum(1)}
+    return run
+
+
+def test_concurrent_requests_get_their_own_rows(rng):
+    calls = []
+    batcher = DynamicBatcher(_echo(calls), max_batch=16, max_wait_s=0.01)
+    results, errors = {}, []
+    inputs = {i: rng.standard_normal((int(rng.integers(1, 6)), 3)).astype(np.float32) for i in range(48)}
+
+    def worker(ids):
+        try:
+            for i in ids:
+                results[i] = batcher(inputs[i])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(range(t, 48, 8),)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    batcher.close()
+    assert not errors
+    for i, x in inputs.items():
+        np.testing.assert_array_equal(results[i]["twice"], 2 * x)
+        np.testing.assert_allclose(results[i]["sum"], x.sum(1), rtol=1e-6)
+    assert max(calls) <= 16 and sum(calls) == sum(len(x) for x in inputs.values())
+    assert len(calls) < 48  # requests were coalesced
+    assert batcher.stats.rows == sum(calls) and batcher.stats.batches == len(calls)
+
+
+def test_large_requests_are_split_and_reassembled(rng):
+    calls = []
+    batcher = DynamicBatcher(_echo(calls), max_batch=4, max_wait_s=0.0)
+    x = rng.standard_normal((11, 2)).astype(np.float32)
+    np.testing.assert_array_equal(batcher(x)["twice"], 2 * x)
+    batcher.close()
+    assert max(calls) <= 4
+
+
+def test_engine_errors_reach_every_caller_and_the_batcher_survives():
+    state = {"fail": True}
+
+    def run(x):
+        if state["fail"]:
+            raise RuntimeError("engine exploded")
+        return {"y": x}
+
+    batcher = DynamicBatcher(run, max_batch=8, max_wait_s=0.0)
+    with pytest.raises(RuntimeError, match="engine exploded"):
+        batcher(np.zeros((2, 1), np.float32))
+    state["fail"] = False
+    np.testing.assert_array_equal(batcher(np.ones((2, 1), np.float32))["y"], 1)
+    assert batcher.stats.failed_batches == 1
+    batcher.close()
+
+
+def test_full_queue_means_overloaded():
+    release = threading.Event()
+
+    def slow(x):
+        release.wait(5)
+        return {"y": x}
+
+    batcher = DynamicBatcher(slow, max_batch=1, max_wait_s=0.0, queue_size=2)
+    first = batcher.submit(np.zeros((1, 1), np.float32))
+    time.sleep(0.05)  # the engine holds the first request; two more fill the queue
+    batcher.submit(np.zeros((1, 1), np.float32))
+    batcher.submit(np.zeros((1, 1), np.float32))
+    with pytest.raises(OverloadedError, match="queue is full"):
+        batcher.submit(np.zeros((1, 1), np.float32), timeout=0.05)
+    assert batcher.stats.rejected == 1
+    release.set()
+    assert first[0].result(5)["y"].shape == (1, 1)
+    batcher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit(np.zeros((1, 1), np.float32))
+
+
+def test_batches_wait_for_company_but_not_forever():
+    calls = []
+    batcher = DynamicBatcher(_echo(calls), max_batch=64, max_wait_s=0.05)
+    futures = [batcher.submit(np.zeros((1, 1), np.float32))[0] for _ in range(5)]
+    for f in futures:
+        f.result(5)
+    batcher.close()
+    assert calls == [5]  # submitted within the wait: one engine call
+
+
+def test_shipped_cast_graph_is_the_recipe_and_exact(rng):
+    """runtime/cast_fp16.onnx (package data) is exactly this onnx.helper recipe, and converts exactly."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from attrimeter.runtime import explain
+
+    dims = ["n", "m", "c"]
+    recipe = helper.make_model(
+        helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)], "cast_fp16_to_fp32",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT16, dims)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)]),
+        opset_imports=[helper.make_opsetid("", 13)], producer_name="attrimeter", ir_version=8)
+    onnx.checker.check_model(recipe, full_check=True)
+    from importlib import resources
+
+    assert (resources.files("attrimeter.runtime") / explain.CAST_MODEL).read_bytes() == recipe.SerializeToString()
+    x = (rng.standard_normal((50, 4, 9)) * 100).astype(np.float16)
+    np.testing.assert_array_equal(explain._Fp32.convert(x), x.astype(np.float32))

@@ -1,0 +1,647 @@
+"""Gallery store: round trips, exact search, id gathers, bad input, crash safety under SIGKILL, corruption, refresh."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from attrimeter.runtime.errors import GalleryError, InputError, UnknownIdError
+from attrimeter.runtime.gallery import MANIFEST_NAME, Gallery
+
+pytest.importorskip("faiss")
+
+ATTRS = ("gender", "hat", "backpack", "upper_red")
+M = len(ATTRS)
+
+# Deterministic content, shared with the child processes: entry i is drawn from a generator seeded by i, and the batch
+# that starts at id `first` has batch_size(first) entries, so any published prefix can be checked entry by entry.
+GENERATOR = """
+import numpy as np
+
+C, M, AAM = 24, 4, (8, 4)
+
+
+def batch_size(first):
+    return 1 + (first * 7 + 3) % 6
+
+
+def entry(i):
+    r = np.random.default_rng(i)
+    return (r.standard_normal(C).astype(np.float32), r.standard_normal((M, C)).astype(np.float32),
+            r.random(M).astype(np.float32), r.random((M, *AAM)).astype(np.float32), {"key": f"e{i}", "camera": i % 3})
+
+
+def batch(first):
+    rows = [entry(i) for i in range(first, first + batch_size(first))]
+    return [np.stack([row[k] for row in rows]) for k in range(4)], [row[4] for row in rows]
+"""
+GEN: dict = {}
+exec(GENERATOR, GEN)
+
+CHILD_LOOP = GENERATOR + """
+import sys
+from attrimeter.runtime.gallery import Gallery
+
+g = Gallery.open(sys.argv[1], writable=True, verify=False, progress=False)
+print("ready", flush=True)
+while True:
+    (e, a, p, m), meta = batch(len(g))
+    g.append(e, a, p, meta, aam=m)
+"""
+
+# One append or compaction that stops the process (os._exit, like a kill) at a chosen point of the publishing protocol.
+CHILD_CRASH = GENERATOR + """
+import os, sys
+from attrimeter.runtime.gallery import Gallery
+
+point, action = sys.argv[2:]
+g = Gallery.open(sys.argv[1], writable=True, verify=False, progress=False)
+real = {"rename": os.rename, "replace": os.replace}
+op, when = point.split("-")
+
+
+def crash(*args):
+    if when == "after":
+        real[op](*args)
+    os._exit(3)
+
+
+setattr(os, op, crash)
+if action == "compact":
+    g.compact(progress=False)
+else:
+    (e, a, p, m), meta = batch(len(g))
+    g.append(e, a, p, meta, aam=m)
+"""
+
+CHILD_APPEND = GENERATOR + """
+import sys
+from attrimeter.runtime.gallery import Gallery
+
+with Gallery.open(sys.argv[1], writable=True, progress=False) as g:
+    (e, a, p, m), meta = batch(len(g))
+    g.append(e, a, p, meta, aam=m)
+"""
+
+
+def _run_child(code, *args, timeout=60):
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _gen_gallery(path):
+    return Gallery.create(path, dim=GEN["C"], attributes=ATTRS, aam_shape=GEN["AAM"], model="gen", metric="l2")
+
+
+def _prefix_sums(limit):
+    sums, first = [0], 0
+    while first <= limit:
+        first += GEN["batch_size"](first)
+        sums.append(first)
+    return sums
+
+
+def _check_generated(g):
+    """The gallery holds whole batches, each entry exactly what the generator gives for its id."""
+    n = len(g)
+    assert n in _prefix_sums(n)
+    if n == 0:
+        return
+    ids = np.arange(n)
+    rows = [GEN["entry"](i) for i in ids]
+    np.testing.assert_array_equal(g.embeddings(ids), np.stack([r[0] for r in rows]))
+    np.testing.assert_array_equal(g.attr_embeddings(ids), np.stack([r[1] for r in rows]).astype(np.float16))
+    np.testing.assert_array_equal(g.probs(ids), np.stack([r[2] for r in rows]))
+    np.testing.assert_array_equal(g.aam(ids), np.stack([r[3] for r in rows]).astype(np.float16))
+    assert g.meta(ids) == [{"id": int(i), **r[4]} for i, r in zip(ids, rows, strict=True)]
+
+
+def _listed(path):
+    doc = json.loads((Path(path) / MANIFEST_NAME).read_text())
+    return {s["name"] for s in doc["segments"]}
+
+
+def _on_disk(path):
+    return set(os.listdir(Path(path) / "segments"))
+
+
+def _batch(rng, n, dim=24, aam=(8, 4)):
+    return {
+        "embedding": rng.standard_normal((n, dim)).astype(np.float32),
+        "attr_embeddings": rng.standard_normal((n, M, dim)).astype(np.float32),
+        "probs": rng.random((n, M)).astype(np.float32),
+        "meta": [{"key": f"k{rng.integers(1 << 30)}", "camera": int(rng.integers(6)), "path": None} for _ in range(n)],
+        "aam": None if aam is None else rng.random((n, M, *aam)).astype(np.float32),
+    }
+
+
+def _concat(batches):
+    out = {k: np.concatenate([b[k] for b in batches]) for k in ("embedding", "attr_embeddings", "probs", "aam")}
+    out["meta"] = [m for b in batches for m in b["meta"]]
+    return out
+
+
+def _assert_holds(g, data):
+    ids = np.arange(len(data["meta"]))
+    assert len(g) == len(ids)
+    np.testing.assert_array_equal(g.embeddings(ids), data["embedding"])
+    np.testing.assert_array_equal(g.attr_embeddings(ids), data["attr_embeddings"].astype(np.float16))
+    np.testing.assert_array_equal(g.probs(ids), data["probs"])
+    np.testing.assert_array_equal(g.aam(ids), data["aam"].astype(np.float16))
+    assert g.meta(ids) == [{"id": int(i), **m} for i, m in zip(ids, data["meta"], strict=True)]
+    chunks = list(g.attr_chunks(7))
+    assert [c[0] for c in chunks] == sorted(c[0] for c in chunks) and chunks[0][0] == 0
+    assert all(c.dtype == np.float16 and len(c) <= 7 for _, c in chunks)
+    np.testing.assert_array_equal(np.concatenate([c for _, c in chunks]), data["attr_embeddings"].astype(np.float16))
+
+
+@pytest.fixture
+def filled(tmp_path, rng):
+    """A writable l2 gallery of four segments of random sizes, and what was appended."""
+    g = Gallery.create(tmp_path / "g", dim=24, attributes=ATTRS, aam_shape=(8, 4), model="m")
+    batches = [_batch(rng, int(n)) for n in rng.integers(1, 9, size=4)]
+    for b in batches:
+        g.append(**b)
+    yield g, _concat(batches)
+    g.close()
+
+
+# ---------------------------------------------------------------------- round trip
+
+
+def test_roundtrip_and_reopen(tmp_path, rng):
+    path = tmp_path / "g"
+    g = Gallery.create(path, dim=24, attributes=ATTRS, aam_shape=(8, 4), model="sha-x")
+    assert len(g) == 0 and g.segments == 0 and g.writable
+    batches, start = [], 0
+    for n in rng.integers(1, 12, size=5):
+        b = _batch(rng, int(n))
+        b["attr_embeddings"] = b["attr_embeddings"].astype(np.float64)  # any float dtype; stored float16
+        ids = g.append(**b)
+        assert ids.dtype == np.int64
+        np.testing.assert_array_equal(ids, np.arange(start, start + n))
+        start += int(n)
+        batches.append(b)
+    data = _concat(batches)
+    _assert_holds(g, data)
+    assert g.segments == 5
+    g.close()
+    with pytest.raises(GalleryError, match="closed"):
+        len(g.embeddings([0]))
+    with Gallery.open(path, verify=True) as r:
+        assert (r.dim, r.attributes, r.aam_shape, r.model, r.metric) == (24, ATTRS, (8, 4), "sha-x", "l2")
+        assert not r.writable
+        _assert_holds(r, data)
+        with pytest.raises(GalleryError, match="read-only"):
+            r.append(**_batch(rng, 1))
+    doc = json.loads((path / MANIFEST_NAME).read_text())
+    assert doc["format"] == "attrimeter-gallery" and doc["count"] == len(data["meta"])
+    seg = path / "segments" / doc["segments"][0]["name"]
+    assert np.load(seg / "attr.npy", mmap_mode="r").dtype == np.float16
+    assert len((seg / "meta.jsonl").read_text().splitlines()) == doc["segments"][0]["count"]
+
+
+def test_large_segment_is_memory_mapped_and_gallery_without_aam(tmp_path, rng):
+    g = Gallery.create(tmp_path / "g", dim=256, attributes=ATTRS, aam_shape=None, model="m", metric="ip")
+    small, big = _batch(rng, 3, dim=256, aam=None), _batch(rng, 600, dim=256, aam=None)  # big attr.npy: 1.2 MB
+    big["meta"] = [dict(m, path="x" * 2000) for m in big["meta"]]  # meta.jsonl > 1 MiB: read line by line
+    with pytest.raises(InputError, match="no activation maps"):
+        g.append(**dict(small, aam=np.zeros((3, M, 2, 2), np.float32)))
+    del small["aam"], big["aam"]
+    g.append(**small)
+    g.append(**big)
+    g.close()
+    with Gallery.open(tmp_path / "g") as r:
+        chunks = dict(r.attr_chunks(1000))
+        assert not isinstance(chunks[0], np.memmap) and isinstance(chunks[3], np.memmap)
+        assert len(chunks[3]) == 600 and not chunks[3].flags.writeable
+        assert r.aam([0, 602]) is None
+        ids = rng.permutation(603)
+        np.testing.assert_array_equal(r.embeddings(ids), np.concatenate([small["embedding"], big["embedding"]])[ids])
+        metas = small["meta"] + big["meta"]
+        assert r.meta(ids) == [{"id": int(i), **metas[i]} for i in ids]
+
+
+# ---------------------------------------------------------------------- search
+
+
+def _unit_rows(v):
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _brute(gallery_x, q, metric, k):
+    """(Euclidean distances, ranking score (lower is better), top-k order) in float64."""
+    x, q = gallery_x.astype(np.float64), q.astype(np.float64)
+    d = np.linalg.norm(q[:, None] - x[None], axis=2)
+    score = d if metric == "l2" else -_unit_rows(q) @ _unit_rows(x).T
+    order = np.argsort(score, axis=1, kind="stable")[:, :k]
+    return d, score, order
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_search_matches_brute_force_across_segments(tmp_path, rng, metric):
+    g = Gallery.create(tmp_path / "g", dim=24, attributes=ATTRS, aam_shape=None, model="m", metric=metric)
+    q = rng.standard_normal((25, 24)).astype(np.float32)  # >= 20 queries: FAISS's BLAS path
+    d, ids = g.search(q, 3)  # empty gallery
+    assert d.shape == ids.shape == (25, 0) and ids.dtype == np.int64
+    xs = []
+    for n in (7, 1, 30, 12):
+        b = _batch(rng, n, aam=None)
+        b["embedding"] *= rng.uniform(0.5, 3.0, size=(n, 1)).astype(np.float32)  # norms differ: ip is not l2
+        del b["aam"]
+        g.append(**b)
+        xs.append(b["embedding"])
+        x = np.concatenate(xs)
+        q[0] = x[-1]  # an exact duplicate of a gallery entry
+        for k in (1, 10, 500):
+            d, ids = g.search(q, k)
+            kk = min(k, len(x))
+            assert d.shape == ids.shape == (25, kk) and d.dtype == np.float32 and ids.dtype == np.int64
+            true_d, score, order = _brute(x, q, metric, kk)
+            rows = np.arange(25)[:, None]
+            # same ranking scores (ties aside), and the reported distances are the raw vectors' Euclidean ones
+            np.testing.assert_allclose(score[rows, ids], score[rows, order], rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(d, true_d[rows, ids], rtol=1e-5, atol=1e-5)
+            assert ids[0, 0] == len(x) - 1 and d[0, 0] == 0
+            if metric == "l2":
+                assert (np.diff(d, axis=1) >= 0).all()
+    expected = g.search(q, 10)
+    g.close()
+    with Gallery.open(tmp_path / "g") as r:  # a fresh index, built from the files
+        d, ids = r.search(q, 10)
+        np.testing.assert_array_equal(ids, expected[1])
+        np.testing.assert_allclose(d, expected[0], rtol=1e-5, atol=1e-5)
+
+
+def test_search_rejects_bad_queries_and_k(filled):
+    g, _ = filled
+    good = np.zeros((2, 24), np.float32)
+    for bad in (np.zeros((2, 24)), np.zeros(24, np.float32), np.zeros((2, 23), np.float32), [[0.0] * 24],
+                np.array([[np.nan] + [0.0] * 23], np.float32)):
+        with pytest.raises(InputError):
+            g.search(bad, 3)
+    for k in (0, -1, 2.0, True, "3"):
+        with pytest.raises(InputError, match="k must be"):
+            g.search(good, k)
+    d, ids = g.search(np.zeros((0, 24), np.float32), 3)
+    assert d.shape == ids.shape == (0, 3)
+
+
+def test_concurrent_search_while_appending(tmp_path, rng):
+    g = Gallery.create(tmp_path / "g", dim=24, attributes=ATTRS, aam_shape=None, model="m")
+    first = _batch(rng, 5, aam=None)
+    del first["aam"]
+    g.append(**first)
+    batches = []
+    for n in rng.integers(1, 6, size=20):
+        b = _batch(rng, int(n), aam=None)
+        del b["aam"]
+        batches.append(b)
+    errors, stop = [], threading.Event()
+    queries = [rng.standard_normal((3, 24)).astype(np.float32) for _ in range(3)]
+
+    def reader(q):
+        try:
+            while not stop.is_set():
+                d, ids = g.search(q, 8)
+                assert ids.max() < len(g)
+                exact = np.linalg.norm(g.embeddings(ids.ravel()).reshape(*ids.shape, 24) - q[:, None], axis=2)
+                np.testing.assert_allclose(d, exact, rtol=1e-5, atol=1e-5)
+                assert len(g.meta(ids[0])) == ids.shape[1]
+        except Exception as e:  # reported below: an assertion in a thread would otherwise be lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(q,)) for q in queries]
+    for t in threads:
+        t.start()
+    for b in batches:
+        g.append(**b)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(g) == 5 + sum(len(b["meta"]) for b in batches)
+    g.close()
+
+
+# ---------------------------------------------------------------------- ids and bad input
+
+
+def test_unknown_and_malformed_ids(filled):
+    g, data = filled
+    n = len(g)
+    np.testing.assert_array_equal(g.embeddings(n - 1), data["embedding"][-1:])  # a scalar id
+    np.testing.assert_array_equal(g.probs(np.array([1, 1, 0], np.uint8)), data["probs"][[1, 1, 0]])
+    assert g.meta([]) == [] and g.attr_embeddings([]).shape == (0, M, 24)
+    assert g.embeddings([2.0]).shape == (1, 24)
+    for method in (g.embeddings, g.attr_embeddings, g.probs, g.aam, g.meta):
+        with pytest.raises(UnknownIdError) as info:
+            method([0, n])
+        assert str(info.value) == f"gallery id {n} is not in the gallery (it holds {n} entries)"
+    for bad in (-1, 123456, 2**70, np.uint64(2**63)):
+        with pytest.raises(UnknownIdError, match=f"gallery id {bad} is not in the gallery"):
+            g.meta([bad])
+    for bad in ([1.5], ["a"], [[0, 1]], [True], [None]):
+        with pytest.raises(InputError):
+            g.embeddings(bad)
+
+
+def _bad_inputs(rng):
+    b = _batch(rng, 3)
+    yield "nan", dict(b, embedding=np.where(np.eye(3, 24, dtype=bool), np.nan, b["embedding"]).astype(np.float32))
+    yield "inf attr", dict(b, attr_embeddings=np.full((3, M, 24), np.inf, np.float32))
+    yield "fp16 overflow", dict(b, attr_embeddings=np.full((3, M, 24), 1e5, np.float32))
+    yield "int dtype", dict(b, embedding=np.ones((3, 24), np.int32))
+    yield "list", dict(b, probs=b["probs"].tolist())
+    yield "wrong dim", dict(b, embedding=np.ones((3, 23), np.float32))
+    yield "1-D", dict(b, embedding=np.ones(24, np.float32))
+    yield "attr rows", dict(b, attr_embeddings=b["attr_embeddings"][:2])
+    yield "attr M", dict(b, attr_embeddings=b["attr_embeddings"][:, :2])
+    yield "probs range", dict(b, probs=b["probs"] + 1)
+    yield "aam shape", dict(b, aam=b["aam"][..., :2])
+    yield "aam missing", dict(b, aam=None)
+    yield "meta length", dict(b, meta=b["meta"][:2])
+    yield "meta str", dict(b, meta="abc")
+    yield "meta not mapping", dict(b, meta=[1, 2, 3])
+    yield "meta object", dict(b, meta=[{"x": object()}, {}, {}])
+    yield "meta nan", dict(b, meta=[{"x": float("nan")}, {}, {}])
+    yield "meta int key", dict(b, meta=[{1: 2}, {}, {}])
+    yield "meta id", dict(b, meta=[{"id": 5}, {}, {}])
+
+
+def test_bad_input_leaves_the_store_untouched(filled, rng):
+    g, data = filled
+    manifest = g.path / MANIFEST_NAME
+    before, folders = manifest.read_bytes(), _on_disk(g.path)
+    for label, kwargs in _bad_inputs(rng):
+        with pytest.raises(InputError):
+            g.append(**kwargs)
+            pytest.fail(label)
+        assert manifest.read_bytes() == before, label
+        assert _on_disk(g.path) == folders, label
+    assert len(g) == len(data["meta"])
+    _assert_holds(g, data)
+    ok = _batch(rng, 2)
+    ok["meta"] = [{"camera": np.int64(3), "score": np.float32(0.5)}, {}]  # numpy scalars are fine
+    np.testing.assert_array_equal(g.append(**ok), [len(data["meta"]), len(data["meta"]) + 1])
+    assert g.meta([len(g) - 2])[0] == {"id": len(g) - 2, "camera": 3, "score": 0.5}
+
+
+def test_create_and_open_refuse_bad_arguments(tmp_path):
+    kw = {"dim": 8, "attributes": ATTRS, "aam_shape": None, "model": "m"}
+    for bad in ({"dim": 0}, {"attributes": []}, {"attributes": ["a", "a"]}, {"aam_shape": (0, 2)},
+                {"metric": "cosine"}, {"model": None}):
+        with pytest.raises(InputError):
+            Gallery.create(tmp_path / "x", **{**kw, **bad})
+    Gallery.create(tmp_path / "g", **kw).close()
+    with pytest.raises(GalleryError, match="already holds a gallery"):
+        Gallery.create(tmp_path / "g", **kw)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "file.txt").write_text("x")
+    with pytest.raises(GalleryError, match="not empty"):
+        Gallery.create(tmp_path / "other", **kw)
+    with pytest.raises(GalleryError, match="no gallery here"):
+        Gallery.open(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------- crash safety
+
+
+def test_sigkill_during_appends_loses_nothing_published(tmp_path, rng):
+    path = tmp_path / "g"
+    _gen_gallery(path).close()
+    counts = []
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, "-c", CHILD_LOOP, str(path)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            line = proc.stdout.readline()
+            assert line.strip() == "ready", proc.stderr.read() if proc.poll() is not None else line
+            with pytest.raises(GalleryError, match="locked by another writer"):
+                Gallery.open(path, writable=True)
+            time.sleep(float(rng.uniform(0.05, 0.5)))
+        finally:
+            proc.kill()
+            proc.wait()
+        with Gallery.open(path, verify=True, progress=False) as g:
+            _check_generated(g)
+        with Gallery.open(path, writable=True, progress=False) as w:  # the dead writer's lock is gone
+            assert _on_disk(path) == _listed(path)  # and what it left half-written is removed
+            (e, a, p, m), meta = GEN["batch"](len(w))
+            w.append(e, a, p, meta, aam=m)
+            counts.append(len(w))
+    with Gallery.open(path, verify=True, progress=False) as g:
+        _check_generated(g)
+        assert len(g) == counts[-1] and len(g) > 5
+        d, ids = g.search(g.embeddings([len(g) - 1]), 1)
+        assert ids[0, 0] == len(g) - 1
+
+
+@pytest.mark.parametrize("point", ["rename-before", "rename-after", "replace-before", "replace-after"])
+def test_crash_at_each_publishing_step(tmp_path, point):
+    path = tmp_path / "g"
+    with _gen_gallery(path) as g:
+        (e, a, p, m), meta = GEN["batch"](0)
+        g.append(e, a, p, meta, aam=m)
+        before = len(g)
+    manifest_before = (path / MANIFEST_NAME).read_bytes()
+    result = _run_child(CHILD_CRASH, path, point, "append")
+    assert result.returncode == 3, result.stderr
+    published = point == "replace-after"
+    leftovers = _on_disk(path) - _listed(path)
+    if published:
+        assert not leftovers
+    else:  # a half-written or unpublished segment folder is on disk, yet invisible
+        assert len(leftovers) == 1 and (next(iter(leftovers)).startswith(".") == (point == "rename-before"))
+        assert (path / MANIFEST_NAME).read_bytes() == manifest_before
+    with Gallery.open(path, verify=True, progress=False) as r:
+        assert len(r) == before + (GEN["batch_size"](before) if published else 0)
+        _check_generated(r)
+    with Gallery.open(path, writable=True, progress=False) as w:
+        assert _on_disk(path) == _listed(path) and not (path / (MANIFEST_NAME + ".tmp")).exists()
+        (e, a, p, m), meta = GEN["batch"](len(w))
+        w.append(e, a, p, meta, aam=m)
+        _check_generated(w)
+
+
+@pytest.mark.parametrize("point", ["rename-after", "replace-before", "replace-after"])
+def test_crash_during_compaction(tmp_path, point):
+    path = tmp_path / "g"
+    with _gen_gallery(path) as g:
+        for _ in range(4):
+            (e, a, p, m), meta = GEN["batch"](len(g))
+            g.append(e, a, p, meta, aam=m)
+    before = _listed(path)
+    result = _run_child(CHILD_CRASH, path, point, "compact")
+    assert result.returncode == 3, result.stderr
+    after = _listed(path)
+    assert len(after) == (1 if point == "replace-after" else 4) and (after == before) != (point == "replace-after")
+    with Gallery.open(path, verify=True, progress=False) as r:  # old or merged segments, all entries either way
+        _check_generated(r)
+    with Gallery.open(path, writable=True, progress=False) as w:
+        assert _on_disk(path) == _listed(path)
+        w.compact(progress=False)
+        assert w.segments == 1
+        _check_generated(w)
+
+
+def test_failed_publish_in_process_rolls_back(filled, rng, monkeypatch):
+    g, data = filled
+    manifest = g.path / MANIFEST_NAME
+    before, folders = manifest.read_bytes(), _on_disk(g.path)
+
+    def fail(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(GalleryError, match="nothing was published"):
+        g.append(**_batch(rng, 4))
+    monkeypatch.undo()
+    assert manifest.read_bytes() == before and _on_disk(g.path) == folders
+    assert not (g.path / (MANIFEST_NAME + ".tmp")).exists()
+    _assert_holds(g, data)
+    b = _batch(rng, 2)
+    np.testing.assert_array_equal(g.append(**b), [len(data["meta"]), len(data["meta"]) + 1])
+    with Gallery.open(g.path, verify=True) as r:
+        _assert_holds(r, _concat([data, b]))
+
+
+# ---------------------------------------------------------------------- corruption and locking
+
+
+def _segment_file(path, name, index=0):
+    doc = json.loads((Path(path) / MANIFEST_NAME).read_text())
+    return Path(path) / "segments" / doc["segments"][index]["name"] / name
+
+
+@pytest.mark.parametrize("name", ["embedding.npy", "attr.npy", "probs.npy", "aam.npy", "meta.jsonl"])
+def test_flipped_byte_is_caught_by_verify(filled, rng, name):
+    g, _ = filled
+    g.close()
+    file = _segment_file(g.path, name, int(rng.integers(4)))
+    raw = bytearray(file.read_bytes())
+    raw[-2] ^= 0x10  # a data byte (the last byte of meta.jsonl is its newline)
+    file.write_bytes(bytes(raw))
+    with pytest.raises(GalleryError, match=name):
+        Gallery.open(g.path, verify=True)
+    with Gallery.open(g.path, verify=False) as r:  # sizes and headers are intact
+        with pytest.raises(GalleryError, match=name):
+            r.verify()
+
+
+@pytest.mark.parametrize("name", ["embedding.npy", "attr.npy", "aam.npy", "meta.jsonl"])
+def test_truncated_or_missing_file_is_caught_without_verify(filled, name):
+    g, _ = filled
+    g.close()
+    file = _segment_file(g.path, name, 1)
+    raw = file.read_bytes()
+    file.write_bytes(raw[:-3])
+    with pytest.raises(GalleryError, match=f"{name}.*truncated"):
+        Gallery.open(g.path, verify=False)
+    file.unlink()
+    with pytest.raises(GalleryError, match=f"{name}: missing"):
+        Gallery.open(g.path, verify=False)
+
+
+def test_wrong_array_header_is_caught_without_verify(filled):
+    g, _ = filled
+    g.close()
+    file = _segment_file(g.path, "embedding.npy")
+    arr = np.load(file)
+    np.save(file, np.ascontiguousarray(arr.T))  # same size, transposed shape
+    with pytest.raises(GalleryError, match=r"embedding.npy: holds float32 \[24, "):
+        Gallery.open(g.path, verify=False)
+
+
+def test_foreign_or_malformed_manifest(filled):
+    g, _ = filled
+    g.close()
+    manifest = g.path / MANIFEST_NAME
+    good = json.loads(manifest.read_text())
+    cases = {
+        "not an AttriMeter gallery": json.dumps({"format": "attrimeter-export", "version": 1}),
+        "not a gallery manifest": "\x00garbage{",
+        "version 7": json.dumps({**good, "version": 7}),
+        "count": json.dumps({**good, "count": good["count"] + 1}),
+        "segment 1 is malformed": json.dumps({**good, "segments": [good["segments"][0], good["segments"][2]]}),
+        "bad gallery identity": json.dumps({**good, "metric": "hamming"}),
+    }
+    for message, text in cases.items():
+        manifest.write_text(text)
+        with pytest.raises(GalleryError, match=message) as info:
+            Gallery.open(g.path, verify=False)
+        assert MANIFEST_NAME in str(info.value)
+
+
+def test_one_writer_at_a_time(filled):
+    g, data = filled
+    with pytest.raises(GalleryError, match="locked by another writer"):
+        Gallery.open(g.path, writable=True)
+    with Gallery.open(g.path) as reader:  # readers take no lock
+        assert len(reader) == len(data["meta"])
+    g.close()
+    with Gallery.open(g.path, writable=True) as w:
+        assert w.writable
+        with pytest.raises(GalleryError, match="locked by another writer"):
+            Gallery.open(g.path, writable=True)
+    assert not w.writable
+
+
+# ---------------------------------------------------------------------- refresh and compaction
+
+
+def test_refresh_sees_another_process_append(tmp_path, rng):
+    path = tmp_path / "g"
+    with _gen_gallery(path) as g:
+        (e, a, p, m), meta = GEN["batch"](0)
+        g.append(e, a, p, meta, aam=m)
+    with Gallery.open(path) as r:
+        n0 = len(r)
+        r.search(rng.standard_normal((1, GEN["C"])).astype(np.float32), 2)  # index built before the append
+        result = _run_child(CHILD_APPEND, path)
+        assert result.returncode == 0, result.stderr
+        assert len(r) == n0
+        n1 = r.refresh()
+        assert n1 == len(r) == n0 + GEN["batch_size"](n0)
+        _check_generated(r)
+        d, ids = r.search(r.embeddings(np.arange(n0, n1)), 1)
+        np.testing.assert_array_equal(ids[:, 0], np.arange(n0, n1))
+        assert r.refresh() == n1
+
+
+def test_compact_keeps_ids_and_readers_working(tmp_path, rng):
+    g = Gallery.create(tmp_path / "g", dim=24, attributes=ATTRS, aam_shape=(8, 4), model="m", metric="ip")
+    batches = [_batch(rng, int(n)) for n in (5, 300, 1, 9)]
+    batches[1]["meta"] = [dict(m, path="p" * 4000) for m in batches[1]["meta"]]  # a large, lazily read meta file
+    for b in batches:
+        g.append(**b)
+    data = _concat(batches)
+    q = rng.standard_normal((4, 24)).astype(np.float32)
+    expected = g.search(q, 6)
+    reader = Gallery.open(g.path)
+    old = _on_disk(g.path)
+    g.compact(progress=False)
+    assert g.segments == 1 and _on_disk(g.path) == _listed(g.path) and not (_on_disk(g.path) & old)
+    _assert_holds(g, data)
+    np.testing.assert_array_equal(g.search(q, 6)[1], expected[1])
+    # the reader still has the old segments open: arrays are memory-mapped or in memory, meta refreshes itself
+    assert reader.segments == 4
+    ids = rng.permutation(len(data["meta"]))[:50]
+    np.testing.assert_array_equal(reader.embeddings(ids), data["embedding"][ids])
+    assert reader.meta(ids) == [{"id": int(i), **data["meta"][i]} for i in ids]
+    assert reader.refresh() == len(data["meta"]) and reader.segments == 1
+    _assert_holds(reader, data)
+    reader.close()
+    b = _batch(rng, 3)
+    g.append(**b)
+    g.compact(progress=False)
+    g.close()
+    with Gallery.open(g.path, verify=True) as r:
+        assert r.segments == 1
+        _assert_holds(r, _concat([data, b]))

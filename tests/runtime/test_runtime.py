@@ -1,0 +1,177 @@
+"""``Runtime``: indexing, explained search against PyTorch, weighted search, concurrency, bad input, the CLI."""
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from attrimeter.cli import main
+from attrimeter.runtime import GalleryError, InputError, Runtime, UnknownIdError
+
+
+@pytest.fixture(scope="module")
+def indexed(tiny_export, tiny_data, tmp_path_factory):
+    """A gallery of the tiny data set's test images, indexed through the runtime."""
+    path = tmp_path_factory.mktemp("gallery") / "g"
+    with Runtime(tiny_export, path, create_gallery=True) as rt:
+        added = rt.index_folder(tiny_data / "bounding_box_test", segment=7, progress=False)
+    assert added == len(list((tiny_data / "bounding_box_test").glob("*.jpg")))
+    return path
+
+
+@pytest.fixture(scope="module")
+def rt(tiny_export, indexed):
+    with Runtime(tiny_export, indexed, max_wait_ms=5) as runtime:
+        yield runtime
+
+
+def _queries(tiny_data, n=3):
+    return sorted((tiny_data / "query").glob("*.jpg"))[:n]
+
+
+def test_search_agrees_with_pytorch(rt, tiny_data, tiny_interpreter):
+    from attrimeter.explain import Interpreter
+
+    explainer = Interpreter(tiny_interpreter)
+    gallery_files = sorted((tiny_data / "bounding_box_test").glob("*.jpg"))
+    for query in _queries(tiny_data):
+        result = rt.search(query, k=5)[0]
+        torch_all = explainer.explain(query, gallery_files)
+        order = np.argsort([e.d for e in torch_all], kind="stable")[:5]
+        assert [m.key for m in result.matches] == [gallery_files[i].name for i in order]
+        for m, i in zip(result.matches, order, strict=True):
+            e = torch_all[i]
+            assert m.d == pytest.approx(e.d, rel=1e-4)
+            assert m.d_hat == pytest.approx(e.d_hat, rel=2e-3)  # attribute rows are stored in float16
+            np.testing.assert_allclose(m.shares, e.shares, atol=2e-3)
+            assert m.contributions.sum() == pytest.approx(m.d, rel=1e-5)
+            assert [(t, a, b) for _, t, a, b in m.differing] == e.differing()
+            assert m.camera == int(gallery_files[i].name.split("_")[1][1])
+        assert [m.rank for m in result.matches] == [1, 2, 3, 4, 5]
+
+
+def test_weighted_search_ranks_by_the_weighted_score(rt, tiny_data):
+    names = rt.attributes
+    ignore = {a: 0.0 for a in names if a.startswith("up")}
+    query = _queries(tiny_data, 1)[0]
+    result = rt.search(query, k=len(rt.gallery), weights=ignore)[0]
+    w = np.array([0.0 if a in ignore else 1.0 for a in names])
+    scores = [m.score for m in result.matches]
+    assert scores == sorted(scores)
+    for m in result.matches:
+        assert m.score == pytest.approx(float(m.d_k @ w), rel=1e-5)
+    plain = rt.search(query, k=len(rt.gallery))[0]
+    assert {m.id for m in plain.matches} == {m.id for m in result.matches}  # everything, in another order
+    with pytest.raises(InputError, match="unknown attributes"):
+        rt.search(query, weights={"wings": 0})
+    with pytest.raises(InputError, match="all zero"):
+        rt.search(query, weights=dict.fromkeys(names, 0.0))
+
+
+def test_explain_chosen_ids_and_overlays(rt, tiny_data):
+    query = _queries(tiny_data, 1)[0]
+    result = rt.explain(query, [3, 0, 3], overlays=2)
+    assert [m.id for m in result.matches] == [3, 0, 3]
+    assert result.matches[0].d == result.matches[2].d
+    h, w = rt.image_size
+    for m in result.matches:
+        assert len(m.overlays) == 2
+        for _, q_img, g_img in m.overlays:
+            assert q_img.shape == (h, w, 3) and g_img is not None and g_img.shape == (h, w, 3)
+        assert [a for a, _, _ in m.overlays] == [a for a, _, _ in m.top(2)]
+    with pytest.raises(UnknownIdError, match="not in the gallery"):
+        rt.explain(query, [len(rt.gallery)])
+    with pytest.raises(InputError, match="integers"):
+        rt.explain(query, ["a"])
+    doc = json.loads(json.dumps(result.to_dict()))
+    assert len(doc["matches"]) == 3 and len(doc["matches"][0]["attributes"]) == len(rt.attributes)
+
+
+def test_concurrent_searches_get_their_own_answers(rt, tiny_data):
+    queries = _queries(tiny_data, 6)
+    expected = {q: [(m.id, round(m.d, 4)) for m in rt.search(q, k=4)[0].matches] for q in queries}
+    got, errors = {}, []
+
+    def worker(qs):
+        try:
+            for q in qs:
+                got.setdefault(q, []).append([(m.id, round(m.d, 4)) for m in rt.search(q, k=4)[0].matches])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(queries[i % 6:] + queries[:i % 6],)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for q in queries:
+        assert all(answer == expected[q] for answer in got[q])
+
+
+def test_bad_input_is_refused_and_the_gallery_untouched(tiny_export, indexed, tiny_data, tmp_path, rng):
+    manifest_before = (indexed / "gallery.json").read_bytes()
+    with Runtime(tiny_export, indexed, writable=True) as rt:
+        n = len(rt.gallery)
+        good = _queries(tiny_data, 1)[0]
+        bad_inputs = [b"garbage", np.full((8, 8, 3), np.nan, np.float32), np.zeros((4, 4), np.uint8),
+                      tmp_path / "missing.jpg"]
+        for bad in bad_inputs:
+            with pytest.raises(InputError):
+                rt.add([good, bad])
+            with pytest.raises(InputError):
+                rt.search(bad)
+        with pytest.raises(InputError, match="keys has 1 entries for 2 images"):
+            rt.add([good, good], keys=["only one"])
+        with pytest.raises(InputError, match="k must be"):
+            rt.search(good, k=0)
+        assert len(rt.gallery) == n
+        assert rt.stats()["errors"]["add"] == len(bad_inputs) + 1
+    assert (indexed / "gallery.json").read_bytes() == manifest_before
+
+
+def test_add_then_find_itself(tiny_export, tiny_data, tmp_path, rng):
+    pixels = rng.integers(0, 256, (64, 32, 3), dtype=np.uint8)
+    with Runtime(tiny_export, tmp_path / "g", create_gallery=True) as rt:
+        ids = rt.add([pixels, _queries(tiny_data, 1)[0]], keys=["random", "a query"], cameras=[3, None])
+        assert ids.tolist() == [0, 1]
+        best = rt.search(pixels, k=2)[0].matches[0]
+        assert best.key == "random" and best.camera == 3 and best.d < 1e-3
+        emb = rt.embed([pixels, pixels.astype(np.float32) / 255.0])
+        np.testing.assert_array_equal(emb.embedding[0], emb.embedding[1])
+        assert emb.probs.shape == (2, len(rt.attributes)) and ((emb.probs > 0) & (emb.probs < 1)).all()
+
+
+def test_gallery_of_another_model_is_refused(tiny_export, indexed, tmp_path):
+    from attrimeter.runtime.gallery import Gallery
+
+    with Gallery.open(indexed) as g:
+        other = Gallery.create(tmp_path / "other", dim=g.dim, attributes=g.attributes, aam_shape=g.aam_shape,
+                               model="0" * 64)
+        other.close()
+    with pytest.raises(GalleryError, match="indexed with another model"):
+        Runtime(tiny_export, tmp_path / "other")
+    with Runtime(tiny_export) as rt, pytest.raises(GalleryError, match="no gallery"):
+        rt.search(np.zeros((64, 32, 3), np.uint8))
+
+
+def test_cli_index_and_search(tiny_export, tiny_data, tmp_path, capsys):
+    gallery = tmp_path / "g"
+    args = ["--export", str(tiny_export), "-q"]
+    assert main(["index", *args, "--images", str(tiny_data / "bounding_box_test"), "--out", str(gallery)]) == 0
+    assert "added" in capsys.readouterr().out
+    query = str(_queries(tiny_data, 1)[0])
+    assert main(["search", *args, "--gallery", str(gallery), query, "--k", "3"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("d = ") == 3 and "largest shares" in text
+    assert main(["search", *args, "--gallery", str(gallery), query, "--k", "3", "--json",
+                 "--ignore", "upper-body colour", "--weight", "hat=2"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc[0]["matches"]) == 3
+    scores = [m["score"] for m in doc[0]["matches"]]
+    assert scores == sorted(scores) and scores != [m["d"] for m in doc[0]["matches"]]
+    with pytest.raises(SystemExit) as e:
+        main(["search", *args, "--gallery", str(gallery), query, "--weight", "hat"])
+    assert e.value.code == 2
+    assert "name=number" in capsys.readouterr().err
