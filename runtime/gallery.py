@@ -619,16 +619,17 @@ class Gallery:
         Args:
             chunk: Most entries per chunk (chunks do not cross segments).
 
-        Yields:
-            ``(first id, float16 view [n, M, C])`` of consecutive entries (read-only, memory-mapped when large).
+        Returns:
+            An iterator of ``(first id, float16 view [n, M, C])`` over consecutive entries (read-only views,
+            memory-mapped when large).
+
+        Raises:
+            InputError: ``chunk`` is not a positive integer.
         """
         self._check_open()
         if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
             raise InputError(f"chunk must be a positive integer, got {chunk!r}")
-        for segment in self._state.segments:
-            attr = segment.arrays["attr"]
-            for a in range(0, segment.count, int(chunk)):
-                yield segment.first_id + a, attr[a:a + int(chunk)]
+        return _chunks(self._state.segments, int(chunk))  # checked now, walked lazily over this snapshot
 
     def _gather(self, ids: Any, key: str, dtype: type) -> np.ndarray:
         state, idx, seg, local = self._locate(ids)
@@ -949,6 +950,13 @@ def _verify_segment(segment: _Segment, bar: Any) -> None:
         segment.offsets()
     except _SegmentGone as e:
         raise _MissingFile(f"{e}: missing (listed in {MANIFEST_NAME})") from e
+
+
+def _chunks(segments: Sequence[_Segment], chunk: int) -> Iterator[tuple[int, np.ndarray]]:
+    for segment in segments:
+        attr = segment.arrays["attr"]
+        for a in range(0, segment.count, chunk):
+            yield segment.first_id + a, attr[a:a + chunk]
 
 
 def _newlines(chunks: Iterable[bytes]) -> np.ndarray:

@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from attrimeter.runtime.backends import Backend, open_backend
+from attrimeter.runtime.backends import Backend, BackendError, open_backend
 from attrimeter.runtime.batching import DynamicBatcher
 from attrimeter.runtime.errors import GalleryError, InputError
 from attrimeter.runtime.explain import Decomposition, check_weights, explain_rows, weighted_scan
+from attrimeter.runtime.fused_search import FusedSearch
 from attrimeter.runtime.gallery import Gallery
 from attrimeter.runtime.images import ImageSource, as_sources, load_image, to_input
 
@@ -205,6 +206,8 @@ class Runtime:
         verify: Check the sha256 of the export's and the gallery's files when opening.
         writable: Open the gallery for :meth:`add` (takes its writer lock).
         create_gallery: Create the gallery folder when it does not exist (implies writable).
+        fused: Search and explain with the fused Triton kernels on a float16 device copy of the gallery (torch backend
+            only); None: when the torch backend runs on a GPU.
 
     Raises:
         attrimeter.export.manifest.ManifestError: A missing or tampered export.
@@ -216,7 +219,7 @@ class Runtime:
                  device: str | None = None, threads: int | None = None, checkpoint: str | Path | None = None,
                  max_batch: int = 32, max_wait_ms: float = 2.0, queue_size: int = 1024,
                  queue_timeout_s: float = 1.0, decode_workers: int = 2, verify: bool = True, writable: bool = False,
-                 create_gallery: bool = False) -> None:
+                 create_gallery: bool = False, fused: bool | None = None) -> None:
         from attrimeter.export.manifest import load_manifest
 
         self.export_dir = Path(export_dir)
@@ -238,10 +241,10 @@ class Runtime:
             self._lock = threading.Lock()
             self._latency = {op: _Latency() for op in ("embed", "search", "explain", "add")}
             self._errors = {op: 0 for op in self._latency}
-            self._cuda: Any = None
+            self._device: Any = None
             if gallery is not None:
                 self.gallery = self._open_gallery(gallery, verify, writable or create_gallery, create_gallery)
-                self._cuda = self._device_explainer()
+                self._device = self._device_search(fused)
         except BaseException:
             self.close()
             raise
@@ -264,14 +267,27 @@ class Runtime:
                                f"export is {self.model_id[:12]}…; index the images again with this export")
         if tuple(store.attributes) != self.attributes or store.dim != int(self.manifest["feature_map"][0]):
             raise GalleryError(f"{store.path}: its attributes/embedding size do not match the export's")
+        if not create:
+            store.load_index()  # now rather than in the first search: steady latency from the first request
         return store
 
-    def _device_explainer(self) -> Any:
-        """The GPU explainer where the backend is TensorRT and the export has AOT kernels, else None (numpy explains).
+    def _device_search(self, fused: bool | None) -> Any:
+        """Where the gallery is searched/explained on a GPU; None: FAISS + numpy on the CPU.
 
-        The gallery is mirrored on the GPU in float16 (its global rows too, so d carries float16 rounding there) and
-        explained by the export's explain kernel through cuda-python: no torch at run time.
+        * torch backend on a GPU (or ``fused=True``): :class:`~attrimeter.runtime.fused_search.FusedSearch`, the
+          Triton ``attr_distance`` top-k kernel over a float16 device mirror (search and explanation);
+        * TensorRT backend with AOT kernels in the export: FAISS searches, the export's explain kernel explains on a
+          float16 device mirror through cuda-python (no torch at run time).
+
+        Device mirrors hold the global rows in float16 too, so d carries float16 rounding there.
         """
+        torch_device = getattr(self.backend, "torch_device", None)
+        if fused is None:
+            fused = torch_device is not None and torch_device.type == "cuda"
+        if fused:
+            if torch_device is None:
+                raise BackendError("fused search runs the Triton kernels through torch: use backend='torch'")
+            return FusedSearch(self._need_gallery(), str(torch_device))
         if self.backend.name != "tensorrt" or not (self.manifest.get("kernels") or {}).get("index"):
             return None
         from attrimeter.runtime.cuda_kernels import CudaExplainer
@@ -354,12 +370,16 @@ class Runtime:
         return check_weights(weights, len(self.attributes))
 
     def _explain(self, emb: Embeddings, pixels: np.ndarray | None, ids: np.ndarray, weights: np.ndarray | None,
-                 overlays: int) -> list[QueryResult]:
+                 overlays: int, dec: Decomposition | None = None) -> list[QueryResult]:
         gallery = self._need_gallery()
         q, k = len(ids), ids.shape[1]
         flat = ids.reshape(-1)
-        if self._cuda is not None and k:
-            dec = Decomposition(**self._cuda.explain(emb.stacked(), ids, weights))
+        if dec is not None:
+            pass
+        elif isinstance(self._device, FusedSearch) and k:
+            dec = self._device.explain(emb.stacked(), ids, weights)
+        elif self._device is not None and k:
+            dec = Decomposition(**self._device.explain(emb.stacked(), ids, weights))
         else:
             rows = np.concatenate([gallery.embeddings(flat)[:, None], gallery.attr_embeddings(flat)], axis=1)
             dec = explain_rows(emb.stacked(), rows.reshape(q, k, *rows.shape[1:]), weights)
@@ -421,6 +441,9 @@ class Runtime:
     def _search(self, emb: Embeddings, pixels: np.ndarray | None, k: int, w: np.ndarray | None,
                 overlays: int) -> list[QueryResult]:
         gallery = self._need_gallery()
+        if isinstance(self._device, FusedSearch):
+            ids, dec = self._device.search(emb.stacked(), int(k), w)
+            return self._explain(emb, pixels, ids, w, min(int(overlays), len(self.attributes)), dec)
         if w is None:
             _, ids = gallery.search(emb.embedding, int(k))
         else:
@@ -553,8 +576,8 @@ class Runtime:
                              camera=None if cameras is None or cameras[i] is None else int(cameras[i]))
                 meta.append(entry)
             ids = gallery.append(emb.embedding, emb.attr_embeddings, emb.probs, meta, aam=emb.aam)
-            if self._cuda is not None:
-                self._cuda.append_gallery(emb.stacked())
+            if self._device is not None:
+                self._device.append_gallery(emb.stacked())
             ok = True
             return ids
         finally:
@@ -634,8 +657,8 @@ class Runtime:
             part = self.__dict__.pop(name, None)
             if part is not None:
                 part.close() if name == "_batcher" else part.shutdown(wait=True)
-        if self.__dict__.get("_cuda") is not None:
-            self._cuda.close()
+        if self.__dict__.get("_device") is not None:
+            self._device.close()
         if self.gallery is not None:
             self.gallery.close()
         if "backend" in self.__dict__:

@@ -289,6 +289,9 @@ def test_search_rejects_bad_queries_and_k(filled):
     for k in (0, -1, 2.0, True, "3"):
         with pytest.raises(InputError, match="k must be"):
             g.search(good, k)
+    for chunk in (0, 1.5, None):
+        with pytest.raises(InputError, match="chunk must be"):
+            g.attr_chunks(chunk)
     d, ids = g.search(np.zeros((0, 24), np.float32), 3)
     assert d.shape == ids.shape == (0, 3)
 

@@ -8,6 +8,7 @@ import pytest
 
 from attrimeter.cli import main
 from attrimeter.runtime import GalleryError, InputError, Runtime, UnknownIdError
+from attrimeter.runtime.backends import BackendError
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +176,23 @@ def test_cli_index_and_search(tiny_export, tiny_data, tmp_path, capsys):
         main(["search", *args, "--gallery", str(gallery), query, "--weight", "hat"])
     assert e.value.code == 2
     assert "name=number" in capsys.readouterr().err
+
+
+def test_fused_triton_search_agrees_with_the_cpu_path(tiny_export, indexed, tiny_data):
+    """The torch backend's fused kernels (here under TRITON_INTERPRET on the CPU) against FAISS + numpy."""
+    query = _queries(tiny_data, 1)[0]
+    w = {"hat": 3.0, "upblack": 0.0}
+    with Runtime(tiny_export, indexed) as cpu:
+        plain, weighted = cpu.search(query, k=4)[0], cpu.search(query, k=4, weights=w)[0]
+        picked = cpu.explain(query, [2, 5])
+    with Runtime(tiny_export, indexed, backend="torch", device="cpu", fused=True) as fused:
+        assert fused.backend.name == "torch"
+        for want, got in ((plain, fused.search(query, k=4)[0]), (weighted, fused.search(query, k=4, weights=w)[0]),
+                          (picked, fused.explain(query, [2, 5]))):
+            assert [m.id for m in got.matches] == [m.id for m in want.matches]
+            for a, b in zip(got.matches, want.matches, strict=True):
+                assert a.d == pytest.approx(b.d, rel=3e-3)  # the device copy holds float16 global rows
+                assert a.score == pytest.approx(b.score, rel=3e-3)
+                np.testing.assert_allclose(a.shares, b.shares, atol=3e-3)
+    with pytest.raises(BackendError, match="backend='torch'"):
+        Runtime(tiny_export, indexed, fused=True)
