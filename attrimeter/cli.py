@@ -169,9 +169,11 @@ def _runtime(args: argparse.Namespace, **kwargs: object):  # noqa: ANN202 - retu
 
 def _cmd_index(args: argparse.Namespace) -> int:
     with _runtime(args, gallery=args.out, create_gallery=True) as rt:
-        added = rt.index_folder(args.images, segment=args.segment, progress=not args.quiet)
-        print(f"{args.out}: added {added} images ({rt.backend.name} on {rt.backend.device}); the gallery holds "
-              f"{len(rt.gallery)} entries")
+        report = rt.index_folder(args.images, segment=args.segment, progress=not args.quiet)
+        for path, reason in report.skipped:
+            print(f"skipped {path}: {reason}", file=sys.stderr)
+        print(f"{args.out}: added {report.added} images ({rt.backend.name} on {rt.backend.device}), skipped "
+              f"{len(report.skipped)} unreadable; the gallery holds {len(rt.gallery)} entries")
     return 0
 
 
@@ -223,6 +225,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.writable and args.gallery is None:
+        raise ValueError("--writable needs --gallery")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
     rt = _runtime(args, gallery=args.gallery, writable=args.writable, max_wait_ms=args.max_wait_ms)
     serve(rt, args.host, args.port, max_body_bytes=args.max_body_mb * 1024 * 1024, max_images=args.max_images)
     return 0
@@ -257,10 +263,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _runtime_errors() -> type[Exception]:
+def _runtime_errors() -> tuple[type[Exception], ...]:
+    """The runtime's user-facing errors that are not ValueErrors (its modules import no torch)."""
     from attrimeter.runtime.backends import BackendError
+    from attrimeter.runtime.errors import OverloadedError, UnknownIdError
 
-    return BackendError
+    return BackendError, UnknownIdError, OverloadedError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -398,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, LookupError, FileNotFoundError, FileExistsError, _runtime_errors()) as e:
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, *_runtime_errors()) as e:
         # User-facing errors (bad data folder, unknown name, bad config, corrupt image) carry a clear message; a
         # traceback would only hide it. Programming errors still raise.
         message = e.args[0] if isinstance(e, LookupError) and e.args else str(e)

@@ -170,7 +170,9 @@ def _runtime_search(out: Path, data: ReIDDataset, explainer: Any, qf: np.ndarray
     picks = sorted(rng.choice(len(data.query), size=min(count, len(data.query)), replace=False))
     queries = [data.query[i] for i in picks]
     with Runtime(out / "export", out / "gallery", backend="onnxruntime", create_gallery=True) as rt:
-        rt.index_folder(data.root / "bounding_box_test", progress=progress)
+        report = rt.index_folder(data.root / "bounding_box_test", progress=progress)
+        if report.skipped:
+            raise ValueError(f"the demo gallery has unreadable images: {report.skipped[:3]}")
         timings[f"runtime: index {len(rt.gallery)} gallery images"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         results = rt.search([q.path for q in queries], k=k)

@@ -102,7 +102,7 @@ def _search_rows(export: Path, gallery: Path, queries: list[Path], threads: int,
         plain.add(vectors)
         rt.search_embeddings(emb, k=10)  # warm-up: builds the runtime's index
 
-        def timed(fn) -> list[float]:
+        def timed(fn, repeats: int = repeats) -> list[float]:
             times = []
             for i in range(repeats):
                 t0 = time.perf_counter()
@@ -116,7 +116,7 @@ def _search_rows(export: Path, gallery: Path, queries: list[Path], threads: int,
         explain_t = timed(lambda i: rt.search_embeddings(one[i], k=10))
         full_t = timed(lambda i: rt.search(queries[i], k=10))
         ignore = {a: 0.0 for a in rt.attributes if a.startswith(("up", "down")) and a not in ("up", "down")}
-        weighted_t = timed(lambda i: rt.search_embeddings(one[i], k=10, weights=ignore))[: max(repeats // 10, 5)]
+        weighted_t = timed(lambda i: rt.search_embeddings(one[i], k=10, weights=ignore), max(repeats // 10, 5))
         p50_faiss = _percentiles(faiss_t)[0]
         for name, times in (("plain FAISS IndexFlatL2 (search only)", faiss_t),
                             ("runtime search + explain, from embeddings", explain_t),

@@ -23,6 +23,7 @@ from attrimeter.runtime.errors import InputError, OverloadedError
 __all__ = ["BatchStats", "DynamicBatcher"]
 
 RunFn = Callable[[np.ndarray], dict[str, np.ndarray]]
+_STOP = object()  # what _next returns for the close sentinel
 
 
 @dataclass
@@ -83,6 +84,7 @@ class DynamicBatcher:
         self._carry: _Request | None = None
         self._closed = False
         self._lock = threading.Lock()
+        self._submit_lock = threading.Lock()
         self.stats = BatchStats()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -111,10 +113,11 @@ class DynamicBatcher:
             raise InputError("empty request: no images")
         requests = [_Request(rows[s:s + self.max_batch]) for s in range(0, len(rows), self.max_batch)]
         for i, request in enumerate(requests):
-            if self._closed:
-                raise RuntimeError("the batcher is closed")
             try:
-                self._queue.put(request, block=timeout != 0, timeout=timeout or None)
+                with self._submit_lock:  # close() takes it too: nothing is queued after the inference thread stops
+                    if self._closed:
+                        raise RuntimeError("the batcher is closed")
+                    self._queue.put(request, block=timeout != 0, timeout=timeout or None)
             except queue.Full:
                 for queued in requests[:i]:  # already queued pieces still run; their results are dropped
                     queued.future.cancel()
@@ -139,34 +142,41 @@ class DynamicBatcher:
             return parts[0]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    def _next(self, block_until: float | None) -> _Request | None:
-        """The carried-over request, else the next queued one (None on timeout or at the close sentinel)."""
+    def _next(self, block_until: float | None) -> _Request | object | None:
+        """The carried-over request, else the next queued one; :data:`_STOP` at the close sentinel, None on timeout."""
         if self._carry is not None:
             request, self._carry = self._carry, None
             return request
         try:
             if block_until is None:
-                return self._queue.get()
-            return self._queue.get(timeout=max(block_until - time.perf_counter(), 0.0)) \
-                if block_until > time.perf_counter() else self._queue.get_nowait()
+                item = self._queue.get()
+            else:
+                remaining = block_until - time.perf_counter()
+                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
         except queue.Empty:
             return None
+        return _STOP if item is None else item
 
     def _loop(self) -> None:
-        while True:
+        stopping = False
+        while not stopping or self._carry is not None:
             first = self._next(None)
-            if first is None:
-                return
+            if first is _STOP:
+                stopping = True
+                continue
+            assert isinstance(first, _Request)
             if not first.future.set_running_or_notify_cancel():  # its caller gave up (queue full)
                 continue
             batch, rows = [first], len(first.rows)
             deadline = time.perf_counter() + self.max_wait_s
-            while rows < self.max_batch:
+            while rows < self.max_batch and not stopping:
                 nxt = self._next(deadline)
                 if nxt is None:
-                    if self._closed:
-                        self._queue.put_nowait(None)  # keep the sentinel for the outer loop
                     break
+                if nxt is _STOP:  # close() queued it after every request: finish this batch (and a carry), then stop
+                    stopping = True
+                    break
+                assert isinstance(nxt, _Request)
                 if rows + len(nxt.rows) > self.max_batch:
                     self._carry = nxt  # first in the next batch: order is kept
                     break
@@ -178,8 +188,8 @@ class DynamicBatcher:
 
     def _run_batch(self, batch: list[_Request], rows: int) -> None:
         start = time.perf_counter()
-        inputs = batch[0].rows if len(batch) == 1 else np.concatenate([r.rows for r in batch])
         try:
+            inputs = batch[0].rows if len(batch) == 1 else np.concatenate([r.rows for r in batch])
             outputs = self._run(inputs)
             bad = [k for k, v in outputs.items() if len(v) != rows]
             if bad:
@@ -206,15 +216,9 @@ class DynamicBatcher:
 
     def close(self) -> None:
         """Finish the queued requests, then stop the inference thread (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(None)
+        with self._submit_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._queue.put(None)  # after every queued request (submit holds the lock): they all still run
         self._thread.join()
-        while True:  # anything submitted during the close
-            try:
-                r = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if r is not None and r.future.set_running_or_notify_cancel():
-                r.future.set_exception(RuntimeError("the runtime was closed before this request ran"))

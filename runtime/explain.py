@@ -13,10 +13,12 @@ import numpy as np
 
 from attrimeter.runtime.errors import InputError
 
-__all__ = ["CAST_MODEL", "Decomposition", "check_weights", "explain_rows", "weighted_scan"]
+__all__ = ["CAST_MODEL", "MAX_WEIGHT", "Decomposition", "check_weights", "explain_rows", "weighted_scan"]
 
 # Shipped beside this module (package data), made by tests/runtime/test_core.py's recipe with onnx.helper.
 CAST_MODEL = "cast_fp16.onnx"
+# Largest attribute weight: float32 scores Σ w_k d_k stay finite for any realistic distance.
+MAX_WEIGHT = 1e6
 
 
 class Decomposition(NamedTuple):
@@ -41,14 +43,14 @@ def check_weights(weights: Sequence[float] | np.ndarray | None, m: int) -> np.nd
     """Validate attribute weights.
 
     Args:
-        weights: ``[M]`` non-negative finite numbers, not all zero, or None.
+        weights: ``[M]`` numbers in [0, :data:`MAX_WEIGHT`], not all zero, or None.
         m: The number of attributes M.
 
     Returns:
         float32 ``[M]`` or None.
 
     Raises:
-        InputError: On a wrong length, negative, NaN/inf or all-zero weights.
+        InputError: On a wrong length, negative, NaN/inf, too large or all-zero weights.
     """
     if weights is None:
         return None
@@ -62,7 +64,12 @@ def check_weights(weights: Sequence[float] | np.ndarray | None, m: int) -> np.nd
         raise InputError("weights must be finite and >= 0")
     if not (w > 0).any():
         raise InputError("weights are all zero: at least one attribute must count")
-    return w.astype(np.float32)
+    if w.max() > MAX_WEIGHT:
+        raise InputError(f"weights must be <= {MAX_WEIGHT:g} (only their ratios matter), got {w.max():g}")
+    w32 = w.astype(np.float32)
+    if not (w32 > 0).any():  # e.g. 1e-46 everywhere: zero in float32
+        raise InputError("weights are all zero in float32: at least one attribute must count")
+    return w32
 
 
 def explain_rows(q: np.ndarray, g: np.ndarray, weights: np.ndarray | None = None) -> Decomposition:

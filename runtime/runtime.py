@@ -16,13 +16,14 @@ differ. All methods are thread-safe: concurrent callers' images are batched toge
 from __future__ import annotations
 
 import bisect
+import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -35,9 +36,11 @@ from attrimeter.runtime.fused_search import FusedSearch
 from attrimeter.runtime.gallery import Gallery
 from attrimeter.runtime.images import ImageSource, as_sources, load_image, to_input
 
-__all__ = ["IMAGE_SUFFIXES", "Embeddings", "Match", "QueryResult", "Runtime"]
+__all__ = ["IMAGE_SUFFIXES", "MAX_OVERLAYS", "Embeddings", "IndexReport", "Match", "QueryResult", "Runtime"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+# Most overlay pictures one call may ask for (queries × hits × attributes): each is a full-size RGB crop.
+MAX_OVERLAYS = 256
 # Latency histogram bounds in seconds (Prometheus-style cumulative buckets).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -171,6 +174,18 @@ class QueryResult:
                 "matches": [m.to_dict() for m in self.matches]}
 
 
+class IndexReport(NamedTuple):
+    """What :meth:`Runtime.index_folder` did.
+
+    Attributes:
+        added: Images added to the gallery.
+        skipped: Unreadable images: ``(path, reason)``.
+    """
+
+    added: int
+    skipped: list[tuple[str, str]]
+
+
 class _Latency:
     """A cumulative latency histogram (Prometheus buckets)."""
 
@@ -239,6 +254,7 @@ class Runtime:
             self._queue_timeout = queue_timeout_s
             self._decoder = ThreadPoolExecutor(max(decode_workers, 1), thread_name_prefix="attrimeter-decode")
             self._lock = threading.Lock()
+            self._append_lock = threading.Lock()
             self._latency = {op: _Latency() for op in ("embed", "search", "explain", "add")}
             self._errors = {op: 0 for op in self._latency}
             self._device: Any = None
@@ -262,11 +278,16 @@ class Runtime:
                                        model=self.model_id)
             else:
                 store = Gallery.open(path, verify=verify, writable=writable)
+        problem = None
         if store.model != self.model_id:
-            raise GalleryError(f"{store.path} was indexed with another model (sha256 {store.model[:12]}…), this "
-                               f"export is {self.model_id[:12]}…; index the images again with this export")
-        if tuple(store.attributes) != self.attributes or store.dim != int(self.manifest["feature_map"][0]):
-            raise GalleryError(f"{store.path}: its attributes/embedding size do not match the export's")
+            problem = (f"{store.path} was indexed with another model (sha256 {store.model[:12]}…), this export is "
+                       f"{self.model_id[:12]}…; index the images again with this export")
+        elif tuple(store.attributes) != self.attributes or store.dim != int(self.manifest["feature_map"][0]):
+            problem = f"{store.path}: its attributes/embedding size do not match the export's"
+        if problem:
+            if store is not gallery:  # opened here: release its lock and maps now
+                store.close()
+            raise GalleryError(problem)
         if not create:
             store.load_index()  # now rather than in the first search: steady latency from the first request
         return store
@@ -298,6 +319,21 @@ class Runtime:
             ids = np.arange(first, first + len(attr))
             explainer.append_gallery(np.concatenate([gallery.embeddings(ids)[:, None].astype(np.float16), attr], 1))
         return explainer
+
+    def _append(self, emb: Embeddings, meta: list[dict[str, Any]]) -> np.ndarray:
+        """Append to the gallery and to its device mirror as one step (searches never see them out of step)."""
+        gallery = self._need_gallery()
+        with self._append_lock:
+            ids = gallery.append(emb.embedding, emb.attr_embeddings, emb.probs, meta, aam=emb.aam)
+            if self._device is not None:
+                try:
+                    self._device.append_gallery(emb.stacked())
+                except Exception:
+                    # A mirror behind the store would explain the wrong rows: drop it, the CPU path takes over.
+                    logging.getLogger(__name__).exception("the device copy of the gallery failed; searching on the CPU")
+                    device, self._device = self._device, None
+                    device.close()
+        return ids
 
     def _need_gallery(self) -> Gallery:
         if self.gallery is None:
@@ -376,9 +412,9 @@ class Runtime:
         flat = ids.reshape(-1)
         if dec is not None:
             pass
-        elif isinstance(self._device, FusedSearch) and k:
+        elif isinstance(self._device, FusedSearch) and k and ids.max() < len(self._device):
             dec = self._device.explain(emb.stacked(), ids, weights)
-        elif self._device is not None and k:
+        elif self._device is not None and k and ids.max() < len(self._device):  # else: an add is mirroring now
             dec = Decomposition(**self._device.explain(emb.stacked(), ids, weights))
         else:
             rows = np.concatenate([gallery.embeddings(flat)[:, None], gallery.attr_embeddings(flat)], axis=1)
@@ -432,11 +468,15 @@ class Runtime:
                         None if gallery_pixels is None or g_map is None else overlay(gallery_pixels, g_map, vmax=vmax)))
         return out
 
-    def _check_k(self, k: int, overlays: int) -> None:
+    def _check_k(self, k: int, overlays: int, queries: int = 1) -> None:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise InputError(f"k must be an integer >= 1, got {k!r}")
-        if isinstance(overlays, bool) or not isinstance(overlays, (int, np.integer)) or overlays < 0:
-            raise InputError(f"overlays must be an integer >= 0, got {overlays!r}")
+        m = len(self.attributes)
+        if isinstance(overlays, bool) or not isinstance(overlays, (int, np.integer)) or not 0 <= overlays <= m:
+            raise InputError(f"overlays must be an integer in [0, {m}], got {overlays!r}")
+        if queries * min(k, len(self.gallery) if self.gallery is not None else k) * overlays > MAX_OVERLAYS:
+            raise InputError(f"{queries} queries x {k} hits x {overlays} overlays is more than {MAX_OVERLAYS} "
+                             "pictures: ask for fewer hits or overlays")
 
     def _search(self, emb: Embeddings, pixels: np.ndarray | None, k: int, w: np.ndarray | None,
                 overlays: int) -> list[QueryResult]:
@@ -473,9 +513,10 @@ class Runtime:
         start, ok = time.perf_counter(), False
         try:
             self._need_gallery()
-            self._check_k(k, overlays)
+            sources = as_sources(images)
+            self._check_k(k, overlays, len(sources))
             w = self._weights(weights)
-            pixels = self._pixels(as_sources(images))
+            pixels = self._pixels(sources)
             result = self._search(self._infer(pixels), pixels, k, w, overlays)
             ok = True
             return result
@@ -529,6 +570,7 @@ class Runtime:
                     raise TypeError
             except (TypeError, ValueError):
                 raise InputError(f"ids must be a non-empty list of integers, got {ids!r}") from None
+            self._check_k(len(id_array), overlays)
             gallery.meta(id_array)  # raises UnknownIdError before any work
             pixels = self._pixels([image])
             emb = self._infer(pixels)
@@ -561,7 +603,7 @@ class Runtime:
         """
         start, ok = time.perf_counter(), False
         try:
-            gallery = self._need_gallery()
+            self._need_gallery()
             sources = as_sources(images)
             n = len(sources)
             for name, values in (("keys", keys), ("cameras", cameras), ("paths", paths), ("extra", extra)):
@@ -575,19 +617,18 @@ class Runtime:
                 entry.update(key=keys[i] if keys is not None else path, path=path,
                              camera=None if cameras is None or cameras[i] is None else int(cameras[i]))
                 meta.append(entry)
-            ids = gallery.append(emb.embedding, emb.attr_embeddings, emb.probs, meta, aam=emb.aam)
-            if self._device is not None:
-                self._device.append_gallery(emb.stacked())
+            ids = self._append(emb, meta)
             ok = True
             return ids
         finally:
             self._timed("add", start, ok)
 
-    def index_folder(self, folder: str | Path, segment: int = 4096, progress: bool = True) -> int:
+    def index_folder(self, folder: str | Path, segment: int = 4096, progress: bool = True) -> IndexReport:
         """Add every image under a folder (sorted, recursive) to the gallery, one crash-safe segment at a time.
 
-        Images already in the gallery (same key: the path relative to ``folder``) are skipped, so an interrupted run
-        resumes. Identity and camera (``c1`` → 1) come from Market-1501/DukeMTMC file names that follow the pattern.
+        Images already in the gallery (same resolved path) are skipped, so an interrupted run resumes; unreadable
+        images are skipped and reported, so one bad file never blocks the rest. Identity and camera (``c1`` → 1) come
+        from Market-1501/DukeMTMC file names that follow the pattern; the key is the path relative to ``folder``.
 
         Args:
             folder: Image folder.
@@ -595,10 +636,10 @@ class Runtime:
             progress: Show a progress bar.
 
         Returns:
-            How many images were added.
+            How many images were added, and the unreadable ones with the reason.
 
         Raises:
-            InputError: No images in the folder, or an unreadable image (nothing of its segment is added).
+            InputError: No images in the folder.
             GalleryError: No writable gallery.
         """
         from attrimeter.data.formats import DataFormatError, parse_image_name
@@ -608,21 +649,40 @@ class Runtime:
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
             raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
-        known = {m.get("key") for m in gallery.meta(np.arange(len(gallery)))} if len(gallery) else set()
-        todo = [p for p in files if p.relative_to(folder).as_posix() not in known]
+        known = {m.get("path") for m in gallery.meta(np.arange(len(gallery)))} if len(gallery) else set()
+        todo = [p for p in files if str(p.resolve()) not in known]
         bar = tqdm(total=len(todo), desc="index", unit="img", disable=not progress)
         size, step = self.image_size, self._batcher.max_batch
+        added, skipped = 0, []
+
+        def decode(path: Path) -> np.ndarray | None:
+            try:
+                return load_image(path, size, str(path))
+            except InputError as e:
+                skipped.append((str(path), str(e)))
+                return None
+
         for s in range(0, len(todo), segment):
+            pending: list[tuple[list[Path], list[Future[dict[str, np.ndarray]]]]] = []
+            done: list[tuple[list[Path], dict[str, np.ndarray]]] = []
             chunk = todo[s:s + segment]
-            parts: list[Future[dict[str, np.ndarray]]] = []
             for b in range(0, len(chunk), step):  # decode the next batch while the engine runs this one
-                futures = [self._decoder.submit(load_image, p, size, str(p)) for p in chunk[b:b + step]]
-                parts.extend(self._batcher.submit(to_input(np.stack([f.result() for f in futures])), timeout=None))
-                bar.update(len(futures))
-            out = [f.result() for f in parts]
-            emb = self._embeddings({k: np.concatenate([o[k] for o in out]) for k in out[0]})
+                decoded = list(self._decoder.map(decode, chunk[b:b + step]))
+                good = [(p, x) for p, x in zip(chunk[b:b + step], decoded, strict=True) if x is not None]
+                bar.update(len(decoded))
+                if good:
+                    pending.append(([p for p, _ in good], self._batcher.submit(to_input(np.stack([x for _, x in good])),
+                                                                               timeout=None)))
+                while len(pending) > 2:  # bounded: at most three batches of pixels in flight
+                    paths, futures = pending.pop(0)
+                    done.append((paths, futures[0].result()))
+            done += [(paths, futures[0].result()) for paths, futures in pending]
+            if not done:
+                continue
+            paths = [p for ps, _ in done for p in ps]
+            emb = self._embeddings({k: np.concatenate([o[k] for _, o in done]) for k in done[0][1]})
             meta = []
-            for p in chunk:
+            for p in paths:
                 entry: dict[str, Any] = {"key": p.relative_to(folder).as_posix(), "path": str(p.resolve()),
                                          "camera": None}
                 for style in ("market1501", "dukemtmc"):
@@ -633,14 +693,17 @@ class Runtime:
                     entry.update(pid=pid, camera=cam + 1)  # as the file name writes it: c1 → 1
                     break
                 meta.append(entry)
-            gallery.append(emb.embedding, emb.attr_embeddings, emb.probs, meta, aam=emb.aam)
+            self._append(emb, meta)
+            added += len(paths)
         bar.close()
-        return len(todo)
+        return IndexReport(added=added, skipped=skipped)
 
     # ------------------------------------------------------------------------------------------------ misc ------
 
     def stats(self) -> dict[str, Any]:
         """Counters for monitoring: backend, gallery size, queue depth, batches, per-operation latency and errors."""
+        if "_batcher" not in self.__dict__:
+            raise RuntimeError("the runtime is closed")
         b = self._batcher.stats
         with self._lock:
             latency = {op: h.snapshot() for op, h in self._latency.items()}
@@ -652,17 +715,26 @@ class Runtime:
                 "busy_seconds": b.busy_s, "batch_sizes": dict(b.batch_sizes), "latency": latency, "errors": errors}
 
     def close(self) -> None:
-        """Finish queued requests and release the engine and the gallery (idempotent)."""
-        for name in ("_batcher", "_decoder"):
-            part = self.__dict__.pop(name, None)
-            if part is not None:
-                part.close() if name == "_batcher" else part.shutdown(wait=True)
-        if self.__dict__.get("_device") is not None:
-            self._device.close()
-        if self.gallery is not None:
-            self.gallery.close()
-        if "backend" in self.__dict__:
-            self.backend.close()
+        """Finish queued requests, then release the engine, the device copy and the gallery (also one passed in).
+
+        Idempotent; the runtime cannot be used afterwards.
+        """
+        batcher, decoder = self.__dict__.pop("_batcher", None), self.__dict__.pop("_decoder", None)
+        device, self._device = self.__dict__.get("_device"), None
+        try:
+            if batcher is not None:
+                batcher.close()
+            if decoder is not None:
+                decoder.shutdown(wait=True)
+            if device is not None:
+                device.close()
+        finally:
+            try:
+                if self.gallery is not None:
+                    self.gallery.close()
+            finally:
+                if "backend" in self.__dict__:
+                    self.backend.close()
 
     def __enter__(self) -> Runtime:
         return self

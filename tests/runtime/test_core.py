@@ -112,7 +112,8 @@ def test_weighted_scan_is_exact(rng):
 
 @pytest.mark.parametrize(("weights", "message"), [
     ([1, 2], "one value per attribute"), ([1, -1, 0], ">= 0"), ([0, 0, 0], "all zero"),
-    ([1, float("nan"), 1], "finite"), (["a", 1, 1], "numbers"),
+    ([1, float("nan"), 1], "finite"), (["a", 1, 1], "numbers"), ([1e39, 1, 1], "<= 1e"),
+    ([1e-46, 0, 0], "zero in float32"),
 ])
 def test_bad_weights(weights, message):
     with pytest.raises(InputError, match=message):
@@ -234,3 +235,34 @@ def test_shipped_cast_graph_is_the_recipe_and_exact(rng):
     assert (resources.files("attrimeter.runtime") / explain.CAST_MODEL).read_bytes() == recipe.SerializeToString()
     x = (rng.standard_normal((50, 4, 9)) * 100).astype(np.float16)
     np.testing.assert_array_equal(explain._Fp32.convert(x), x.astype(np.float32))
+
+
+def test_a_failing_batch_does_not_kill_the_inference_thread():
+    batcher = DynamicBatcher(lambda x: {"y": x}, max_batch=8, max_wait_s=0.05)
+    a = batcher.submit(np.zeros((1, 2), np.float32))[0]
+    b = batcher.submit(np.zeros((1, 3), np.float32))[0]  # cannot be stacked with a: the whole batch fails
+    for f in (a, b):
+        with pytest.raises(ValueError):
+            f.result(5)
+    np.testing.assert_array_equal(batcher(np.ones((2, 2), np.float32), timeout=5)["y"], 1)
+    batcher.close()
+
+
+def test_close_runs_what_was_queued_and_refuses_the_rest():
+    calls = []
+    batcher = DynamicBatcher(_echo(calls), max_batch=2, max_wait_s=0.0)
+    futures = [f for _ in range(5) for f in batcher.submit(np.ones((1, 1), np.float32))]
+    closer = threading.Thread(target=batcher.close)
+    closer.start()
+    late = []
+    for _ in range(200):
+        try:
+            late += batcher.submit(np.ones((1, 1), np.float32))
+        except RuntimeError:
+            break
+    closer.join(10)
+    assert not closer.is_alive()
+    for f in futures + late:  # everything accepted is answered; nothing hangs
+        assert f.result(5)["twice"][0, 0] == 2
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit(np.ones((1, 1), np.float32))

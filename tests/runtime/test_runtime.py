@@ -16,8 +16,8 @@ def indexed(tiny_export, tiny_data, tmp_path_factory):
     """A gallery of the tiny data set's test images, indexed through the runtime."""
     path = tmp_path_factory.mktemp("gallery") / "g"
     with Runtime(tiny_export, path, create_gallery=True) as rt:
-        added = rt.index_folder(tiny_data / "bounding_box_test", segment=7, progress=False)
-    assert added == len(list((tiny_data / "bounding_box_test").glob("*.jpg")))
+        report = rt.index_folder(tiny_data / "bounding_box_test", segment=7, progress=False)
+    assert report.skipped == [] and report.added == len(list((tiny_data / "bounding_box_test").glob("*.jpg")))
     return path
 
 
@@ -196,3 +196,25 @@ def test_fused_triton_search_agrees_with_the_cpu_path(tiny_export, indexed, tiny
                 np.testing.assert_allclose(a.shares, b.shares, atol=3e-3)
     with pytest.raises(BackendError, match="backend='torch'"):
         Runtime(tiny_export, indexed, fused=True)
+
+
+def test_index_folder_skips_bad_files_and_resumes_by_path(tiny_export, tiny_data, tmp_path):
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(tiny_data / "bounding_box_test", images)
+    files = sorted(images.glob("*.jpg"))
+    files[1].write_bytes(b"not a jpeg")
+    with Runtime(tiny_export, tmp_path / "g", create_gallery=True) as rt:
+        report = rt.index_folder(images, segment=4, progress=False)
+        assert report.added == len(files) - 1 and [p for p, _ in report.skipped] == [str(files[1])]
+        assert rt.index_folder(images, progress=False).added == 0  # resumes: nothing new
+        other = tmp_path / "other"  # same names, other folder: new entries
+        shutil.copytree(tiny_data / "bounding_box_test", other)
+        assert rt.index_folder(other, progress=False).added == len(files)
+        with pytest.raises(InputError, match="overlays"):
+            rt.search(files[0], k=50, overlays=26)
+        with pytest.raises(InputError, match="overlays must be"):
+            rt.explain(files[0], [0], overlays=-1)
+    with pytest.raises(RuntimeError, match="closed"):
+        rt.stats()

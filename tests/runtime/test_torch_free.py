@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent("""
     import attrimeter.runtime.server  # the HTTP server too
     export, gallery, images, query = sys.argv[1:5]
     with Runtime(export, gallery, create_gallery=True) as rt:
-        added = rt.index_folder(images, progress=False)
+        added = rt.index_folder(images, progress=False).added
         result = rt.search(query, k=3, overlays=1)[0]
         emb = rt.embed(query)
         backend = rt.backend.name
