@@ -87,6 +87,8 @@ class OnnxRuntimeBackend:
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
+        # Idle intra-op threads spin by default, taking the cores from FAISS and the decoders between batches.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(str(export_dir / manifest["model"]), options, providers=providers)
         self.max_batch = int(manifest["max_batch"])
 

@@ -223,6 +223,8 @@ class Runtime:
         create_gallery: Create the gallery folder when it does not exist (implies writable).
         fused: Search and explain with the fused Triton kernels on a float16 device copy of the gallery (torch backend
             only); None: when the torch backend runs on a GPU.
+        refresh_s: A read-only gallery looks for entries another process appended (``attrimeter index``) before a
+            search or explain at most this often, in seconds (None: only on :meth:`refresh`).
 
     Raises:
         attrimeter.export.manifest.ManifestError: A missing or tampered export.
@@ -234,7 +236,7 @@ class Runtime:
                  device: str | None = None, threads: int | None = None, checkpoint: str | Path | None = None,
                  max_batch: int = 32, max_wait_ms: float = 2.0, queue_size: int = 1024,
                  queue_timeout_s: float = 1.0, decode_workers: int = 2, verify: bool = True, writable: bool = False,
-                 create_gallery: bool = False, fused: bool | None = None) -> None:
+                 create_gallery: bool = False, fused: bool | None = None, refresh_s: float | None = 1.0) -> None:
         from attrimeter.export.manifest import load_manifest
 
         self.export_dir = Path(export_dir)
@@ -255,6 +257,8 @@ class Runtime:
             self._decoder = ThreadPoolExecutor(max(decode_workers, 1), thread_name_prefix="attrimeter-decode")
             self._lock = threading.Lock()
             self._append_lock = threading.Lock()
+            self._refresh_s = refresh_s
+            self._refreshed = time.monotonic()
             self._latency = {op: _Latency() for op in ("embed", "search", "explain", "add")}
             self._errors = {op: 0 for op in self._latency}
             self._device: Any = None
@@ -339,6 +343,32 @@ class Runtime:
         if self.gallery is None:
             raise GalleryError("no gallery is open (Runtime(export, gallery=...))")
         return self.gallery
+
+    def refresh(self) -> int:
+        """Pick up entries another process appended to the gallery (and copy them to the device copy, if any).
+
+        Returns:
+            The number of gallery entries now.
+
+        Raises:
+            GalleryError: No gallery, or a corrupt new segment (the entries seen so far stay usable).
+        """
+        gallery = self._need_gallery()
+        with self._append_lock:
+            n = gallery.refresh()
+            self._refreshed = time.monotonic()
+            device = self._device
+            if device is not None and len(device) < n:
+                ids = np.arange(len(device), n)
+                device.append_gallery(np.concatenate([gallery.embeddings(ids)[:, None],
+                                                      gallery.attr_embeddings(ids)], axis=1))
+        return n
+
+    def _maybe_refresh(self) -> None:
+        gallery = self._need_gallery()
+        if (self._refresh_s is not None and not gallery.writable
+                and time.monotonic() - self._refreshed >= self._refresh_s):
+            self.refresh()
 
     # ------------------------------------------------------------------------------------------------ embed -----
 
@@ -512,7 +542,7 @@ class Runtime:
         """
         start, ok = time.perf_counter(), False
         try:
-            self._need_gallery()
+            self._maybe_refresh()
             sources = as_sources(images)
             self._check_k(k, overlays, len(sources))
             w = self._weights(weights)
@@ -537,7 +567,7 @@ class Runtime:
         """
         start, ok = time.perf_counter(), False
         try:
-            self._need_gallery()
+            self._maybe_refresh()
             self._check_k(k, 0)
             result = self._search(embeddings, None, k, self._weights(weights), 0)
             ok = True
@@ -563,6 +593,7 @@ class Runtime:
         """
         start, ok = time.perf_counter(), False
         try:
+            self._maybe_refresh()
             gallery = self._need_gallery()
             try:
                 id_array = np.asarray(ids)

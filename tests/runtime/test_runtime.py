@@ -218,3 +218,16 @@ def test_index_folder_skips_bad_files_and_resumes_by_path(tiny_export, tiny_data
             rt.explain(files[0], [0], overlays=-1)
     with pytest.raises(RuntimeError, match="closed"):
         rt.stats()
+
+
+def test_a_reader_sees_what_a_writer_appends(tiny_export, tiny_data, tmp_path, rng):
+    pixels = rng.integers(0, 256, (64, 32, 3), dtype=np.uint8)
+    with Runtime(tiny_export, tmp_path / "g", create_gallery=True) as writer:
+        writer.add(_queries(tiny_data, 2), keys=["a", "b"])
+        with Runtime(tiny_export, tmp_path / "g", refresh_s=0.0) as reader, \
+                Runtime(tiny_export, tmp_path / "g", refresh_s=None) as frozen:
+            assert reader.search(pixels, k=5)[0].matches[0].key in ("a", "b")
+            writer.add(pixels, keys=["new"])
+            assert reader.search(pixels, k=5)[0].matches[0].key == "new"  # picked up before the search
+            assert len(frozen.search(pixels, k=5)[0].matches) == 2  # refresh_s=None: only on refresh()
+            assert frozen.refresh() == 3 and frozen.search(pixels, k=1)[0].matches[0].key == "new"
