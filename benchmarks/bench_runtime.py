@@ -10,7 +10,8 @@ FAISS, and the resident memory of a serving process.
 * serve: ``attrimeter serve`` on that gallery in a child process; VmRSS/VmHWM after warm-up requests, and whether
   torch or triton is mapped into it.
 
-Writes ``runtime_cpu.csv`` and ``runtime_cpu.md`` (stamped with CPU, versions and date) under ``--out``.
+Writes ``runtime_cpu.{csv,md}`` (``runtime_<backend>_<device>.*`` on a GPU), stamped with device, versions and date,
+under ``--out``. On a GPU box: ``--backend torch --entries 1000000`` measures the fused Triton search.
 
     python benchmarks/bench_runtime.py --export runs/demo/export --data runs/demo/data
 """
@@ -46,9 +47,9 @@ def _percentiles(times: list[float]) -> tuple[float, float, float]:
     return float(np.percentile(a, 50)), float(np.percentile(a, 99)), float(a.mean())
 
 
-def _embed_rows(export: Path, files: list[Path], threads: int) -> list[dict]:
+def _embed_rows(export: Path, files: list[Path], backend: str, threads: int) -> list[dict]:
     rows = []
-    with Runtime(export, threads=threads, max_batch=32) as rt:
+    with Runtime(export, backend=backend, threads=threads, max_batch=32) as rt:
         rt.embed(files[:32])  # warm-up
         t0 = time.perf_counter()
         for s in range(0, len(files), 32):
@@ -57,7 +58,7 @@ def _embed_rows(export: Path, files: list[Path], threads: int) -> list[dict]:
         rows.append({"benchmark": "embed", "setting": "1 caller, 32 JPEGs per call", "value": rate,
                      "unit": "images/s"})
     for max_batch, label in ((32, "dynamic batching up to 32, 2 ms wait"), (1, "no batching (max batch 1)")):
-        with Runtime(export, threads=threads, max_batch=max_batch) as rt:
+        with Runtime(export, backend=backend, threads=threads, max_batch=max_batch) as rt:
             rt.embed(files[:8])
             chunks = [files[i::8] for i in range(8)]
             t0 = time.perf_counter()
@@ -90,11 +91,12 @@ def _fill_gallery(path: Path, source: Gallery, entries: int, chunk: int = 8192) 
             g.append(f, fk, source.probs(pick), [{"key": f"synthetic-{s + i}"} for i in range(n)])
 
 
-def _search_rows(export: Path, gallery: Path, queries: list[Path], threads: int, repeats: int) -> list[dict]:
+def _search_rows(export: Path, gallery: Path, queries: list[Path], backend: str, threads: int,
+                 repeats: int) -> list[dict]:
     import faiss
 
     rows = []
-    with Runtime(export, gallery, threads=threads, verify=False) as rt:
+    with Runtime(export, gallery, backend=backend, threads=threads, verify=False) as rt:
         n = len(rt.gallery)
         emb = rt.embed(queries)
         vectors = rt.gallery.embeddings(np.arange(n))
@@ -135,11 +137,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve_rows(export: Path, gallery: Path, queries: list[Path], threads: int) -> list[dict]:
+def _serve_rows(export: Path, gallery: Path, queries: list[Path], backend: str, threads: int) -> list[dict]:
     port = _free_port()
     cli = Path(sys.executable).with_name("attrimeter")
     proc = subprocess.Popen([str(cli), "serve", "--export", str(export), "--gallery", str(gallery), "--port",
-                             str(port), "--threads", str(threads), "--no-verify", "-q"],
+                             str(port), "--threads", str(threads), "--backend", backend, "--no-verify", "-q"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -181,46 +183,53 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("runs/demo/data"), help="data folder (JPEGs)")
     parser.add_argument("--entries", type=int, default=100_000, help="gallery entries for search (default 1e5)")
     parser.add_argument("--repeats", type=int, default=200, help="timed searches per setting (default 200)")
-    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (default 2)")
+    parser.add_argument("--threads", type=int, default=2, help="backend CPU threads (default 2)")
+    parser.add_argument("--backend", default="auto", help="runtime backend (default auto; torch on a GPU runs the "
+                                                          "fused Triton search)")
     parser.add_argument("--work", type=Path, help="scratch folder (default a temporary one; needs ~1.5 GB per 1e5)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results"),
-                        help="folder for runtime_cpu.{csv,md} (default benchmarks/results)")
+                        help="folder for the results (default benchmarks/results)")
     args = parser.parse_args()
     files = sorted((args.data / "bounding_box_test").glob("*.jpg"))
     queries = sorted((args.data / "query").glob("*.jpg"))[:50]
-    rows = _embed_rows(args.export, files[:1024], args.threads)
+    rows = _embed_rows(args.export, files[:1024], args.backend, args.threads)
     work = Path(tempfile.mkdtemp(dir=args.work))
     try:
         with Runtime(args.export, work / "real", create_gallery=True, threads=args.threads) as rt:
             rt.index_folder(args.data / "bounding_box_test")
             real = rt.gallery
             _fill_gallery(work / "large", real, args.entries)
-        rows += _search_rows(args.export, work / "large", queries, args.threads, args.repeats)
-        rows += _serve_rows(args.export, work / "large", queries, args.threads)
+        rows += _search_rows(args.export, work / "large", queries, args.backend, args.threads, args.repeats)
+        rows += _serve_rows(args.export, work / "large", queries, args.backend, args.threads)
+        with Runtime(args.export, backend=args.backend) as rt:
+            device = rt.backend.device
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    stamp = {"device": f"CPU: {platform.processor() or platform.machine()}, {args.threads} threads",
+    cpu = f"CPU {platform.processor() or platform.machine()}, {args.threads} threads"
+    stamp = {"device": cpu if device == "cpu" else f"{device}, {cpu}", "backend": args.backend,
              "onnxruntime": version("onnxruntime"), "faiss": version("faiss-cpu"), "numpy": np.__version__,
              "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     args.out.mkdir(parents=True, exist_ok=True)
     keys = ["benchmark", "setting", "value", "unit", "p99_ms", "mean_ms", "ratio_to_faiss_p50", "note", *stamp]
-    with (args.out / "runtime_cpu.csv").open("w", newline="") as f:
+    name = "runtime_cpu" if device == "cpu" else f"runtime_{args.backend}_{device.replace(':', '')}"
+    with (args.out / f"{name}.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         for row in rows:
             writer.writerow({**row, **stamp})
-    lines = [f"# Runtime on the CPU ({stamp['device']})", "",
+    lines = [f"# Runtime, {args.backend} backend ({stamp['device']})", "",
              f"onnxruntime {stamp['onnxruntime']}, faiss-cpu {stamp['faiss']}, numpy {stamp['numpy']}, "
              f"Python {stamp['python']}; {stamp['date'][:10]}. Demo model ({args.export}). Command: "
-             f"`python benchmarks/bench_runtime.py --export {args.export} --data {args.data}`.", "",
+             f"`python benchmarks/bench_runtime.py --export {args.export} --data {args.data} --backend "
+             f"{args.backend} --entries {args.entries}`.", "",
              "| benchmark | setting | value | p99 | vs FAISS (p50) | note |", "|---|---|---:|---:|---:|---|"]
     for r in rows:
         p99 = f"{r['p99_ms']:.2f} ms" if "p99_ms" in r else ""
         ratio = f"{r['ratio_to_faiss_p50']:.2f}×" if "ratio_to_faiss_p50" in r else ""
         lines.append(f"| {r['benchmark']} | {r['setting']} | {r['value']:.2f} {r['unit']} | {p99} | {ratio} | "
                      f"{r.get('note', '')} |")
-    (args.out / "runtime_cpu.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
