@@ -230,7 +230,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     rt = _runtime(args, gallery=args.gallery, writable=args.writable, max_wait_ms=args.max_wait_ms)
-    serve(rt, args.host, args.port, max_body_bytes=args.max_body_mb * 1024 * 1024, max_images=args.max_images)
+    try:
+        serve(rt, args.host, args.port, max_body_bytes=args.max_body_mb * 1024 * 1024, max_images=args.max_images)
+    except OSError as e:  # e.g. the port is taken: a message, not a traceback
+        rt.close()
+        raise ValueError(f"cannot serve on {args.host}:{args.port}: {e}") from None
     return 0
 
 

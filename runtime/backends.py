@@ -208,7 +208,7 @@ def open_backend(export_dir: str | Path, manifest: dict[str, Any], backend: str 
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     reasons = []
-    if backend == "tensorrt" or (backend == "auto" and device != "cpu"):
+    if backend == "tensorrt" or (backend == "auto" and not (device or "").startswith("cpu")):
         why = _tensorrt_ready(manifest)
         if why is None:
             from attrimeter.runtime.tensorrt_backend import TensorRTBackend

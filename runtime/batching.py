@@ -24,6 +24,7 @@ __all__ = ["BatchStats", "DynamicBatcher"]
 
 RunFn = Callable[[np.ndarray], dict[str, np.ndarray]]
 _STOP = object()  # what _next returns for the close sentinel
+_FULL_POLL_S = 0.001  # how often a caller waiting for room in a full queue retries
 
 
 @dataclass
@@ -112,20 +113,29 @@ class DynamicBatcher:
         if len(rows) == 0:
             raise InputError("empty request: no images")
         requests = [_Request(rows[s:s + self.max_batch]) for s in range(0, len(rows), self.max_batch)]
+        deadline = None if timeout is None else time.monotonic() + timeout
         for i, request in enumerate(requests):
-            try:
-                with self._submit_lock:  # close() takes it too: nothing is queued after the inference thread stops
-                    if self._closed:
-                        raise RuntimeError("the batcher is closed")
-                    self._queue.put(request, block=timeout != 0, timeout=timeout or None)
-            except queue.Full:
-                for queued in requests[:i]:  # already queued pieces still run; their results are dropped
-                    queued.future.cancel()
-                with self._lock:
-                    self.stats.rejected += 1
-                raise OverloadedError(f"the request queue is full ({self._queue.maxsize} requests waiting); "
-                                      "retry later") from None
+            while not self._put(request):
+                if deadline is not None and time.monotonic() >= deadline:
+                    for queued in requests[:i]:  # already queued pieces are dropped unless already running
+                        queued.future.cancel()
+                    with self._lock:
+                        self.stats.rejected += 1
+                    raise OverloadedError(f"the request queue is full ({self._queue.maxsize} requests waiting); "
+                                          "retry later")
+                time.sleep(_FULL_POLL_S)  # outside the lock: each waiting caller keeps its own deadline
         return [r.future for r in requests]
+
+    def _put(self, request: _Request) -> bool:
+        """Queue a request; False when the queue is full. close() takes the same lock: nothing follows its sentinel."""
+        with self._submit_lock:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            try:
+                self._queue.put_nowait(request)
+            except queue.Full:
+                return False
+            return True
 
     def __call__(self, rows: np.ndarray, timeout: float | None = 1.0) -> dict[str, np.ndarray]:
         """Submit and wait: the outputs of ``rows`` (pieces concatenated back).
@@ -159,7 +169,7 @@ class DynamicBatcher:
 
     def _loop(self) -> None:
         stopping = False
-        while not stopping or self._carry is not None:
+        while not stopping:
             first = self._next(None)
             if first is _STOP:
                 stopping = True

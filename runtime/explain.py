@@ -56,7 +56,7 @@ def check_weights(weights: Sequence[float] | np.ndarray | None, m: int) -> np.nd
         return None
     try:
         w = np.asarray(weights, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InputError("weights must be numbers") from None
     if w.shape != (m,):
         raise InputError(f"weights must have one value per attribute ({m}), got shape {list(w.shape)}")

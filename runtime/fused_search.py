@@ -32,16 +32,18 @@ class FusedSearch:
 
         self._torch = torch
         self.device = torch.device(device)
+        # Storage (grown by append_gallery, one writer at a time) and the published view of its first n rows: searches
+        # read the view tuple once, so a concurrent append never mixes old and new buffers.
         self._rows = torch.empty((0, len(gallery.attributes) + 1, gallery.dim), dtype=torch.float16,
                                  device=self.device)
         self._sqnorm = torch.empty((0, len(gallery.attributes) + 1), dtype=torch.float32, device=self.device)
-        self._n = 0
+        self._view: tuple[Any, Any] = (self._rows, self._sqnorm)
         for first, attr in gallery.attr_chunks(chunk):
             ids = np.arange(first, first + len(attr))
             self.append_gallery(np.concatenate([gallery.embeddings(ids)[:, None], np.asarray(attr)], axis=1))
 
     def __len__(self) -> int:
-        return self._n
+        return len(self._view[0])
 
     def append_gallery(self, rows: np.ndarray) -> None:
         """Append ``[n, M+1, C]`` rows (ids continue from ``len(self)``); storage grows geometrically.
@@ -51,17 +53,18 @@ class FusedSearch:
         """
         torch = self._torch
         new = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float16)).to(self.device)
-        total = self._n + len(new)
+        n = len(self)
+        total = n + len(new)
         if total > len(self._rows):
             size = max(total, 2 * len(self._rows))
             grown = torch.empty((size, *self._rows.shape[1:]), dtype=torch.float16, device=self.device)
             grown_sq = torch.empty((size, self._sqnorm.shape[1]), dtype=torch.float32, device=self.device)
-            grown[: self._n] = self._rows[: self._n]
-            grown_sq[: self._n] = self._sqnorm[: self._n]
+            grown[:n] = self._rows[:n]
+            grown_sq[:n] = self._sqnorm[:n]
             self._rows, self._sqnorm = grown, grown_sq
-        self._rows[self._n:total] = new
-        self._sqnorm[self._n:total] = new.float().square().sum(-1)  # of the stored (rounded) values
-        self._n = total
+        self._rows[n:total] = new
+        self._sqnorm[n:total] = new.float().square().sum(-1)  # of the stored (rounded) values
+        self._view = (self._rows[:total], self._sqnorm[:total])
 
     def _decomposition(self, res: Any) -> Decomposition:
         return Decomposition(*(getattr(res, f).float().cpu().numpy() for f in Decomposition._fields))
@@ -79,7 +82,8 @@ class FusedSearch:
         """
         from attrimeter.kernels.attr_distance import attr_distance
 
-        kk = min(k, self._n)
+        rows, sqnorm = self._view
+        kk = min(k, len(rows))
         if kk == 0:
             empty = np.empty((len(q), 0), np.float32)
             m = q.shape[1] - 1
@@ -87,7 +91,7 @@ class FusedSearch:
                                                                   np.empty((len(q), 0, m), np.float32), empty, empty)
         qt = self._torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)).to(self.device)
         # Rows were checked finite when the gallery stored them.
-        res = attr_distance(qt, self._rows[: self._n], g_sqnorm=self._sqnorm[: self._n], topk=kk,
+        res = attr_distance(qt, rows, g_sqnorm=sqnorm, topk=kk,
                             weights=None if weights is None else weights.tolist(), check_finite=False)
         return res.indices.long().cpu().numpy(), self._decomposition(res)
 
@@ -107,10 +111,11 @@ class FusedSearch:
         torch = self._torch
         qt = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)).to(self.device)
         idt = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)).to(self.device)
-        res = explain_topk(qt, self._rows[: self._n], idt, None if weights is None else weights.tolist())
+        res = explain_topk(qt, self._view[0], idt, None if weights is None else weights.tolist())
         return self._decomposition(res)
 
     def close(self) -> None:
         """Free the device copy."""
-        self._rows = self._sqnorm = None
-        self._n = 0
+        rows, sqnorm = self._view
+        self._view = (rows.new_empty((0, *rows.shape[1:])), sqnorm.new_empty((0, *sqnorm.shape[1:])))
+        self._rows, self._sqnorm = self._view

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 
-from attrimeter.data.images import ImageError, read_image
 from attrimeter.runtime.errors import InputError
 
 __all__ = ["MAX_PIXELS", "ImageSource", "as_sources", "load_image", "to_input"]
@@ -78,9 +77,12 @@ def load_image(source: ImageSource, size: tuple[int, int], name: str = "image") 
     """
     if isinstance(source, (str, Path)):
         try:
-            return read_image(source, size)
-        except ImageError as e:
-            raise InputError(f"{name}: {e}") from None
+            data = Path(source).read_bytes()
+        except FileNotFoundError:
+            raise InputError(f"{name}: image not found: {source}") from None
+        except OSError as e:
+            raise InputError(f"{name}: cannot read {source}: {e}") from None
+        return _decode_bytes(data, size, f"{name} ({source})" if name != str(source) else name)
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise InputError(f"{name}: empty image data")

@@ -259,6 +259,7 @@ class Runtime:
             self._append_lock = threading.Lock()
             self._refresh_s = refresh_s
             self._refreshed = time.monotonic()
+            self._refresh_error: str | None = None
             self._latency = {op: _Latency() for op in ("embed", "search", "explain", "add")}
             self._errors = {op: 0 for op in self._latency}
             self._device: Any = None
@@ -325,21 +326,34 @@ class Runtime:
         return explainer
 
     def _append(self, emb: Embeddings, meta: list[dict[str, Any]]) -> np.ndarray:
-        """Append to the gallery and to its device mirror as one step (searches never see them out of step)."""
+        """Append to the gallery, then to its device copy (explain uses the copy only for ids it already holds)."""
         gallery = self._need_gallery()
         with self._append_lock:
             ids = gallery.append(emb.embedding, emb.attr_embeddings, emb.probs, meta, aam=emb.aam)
-            if self._device is not None:
-                try:
-                    self._device.append_gallery(emb.stacked())
-                except Exception:
-                    # A mirror behind the store would explain the wrong rows: drop it, the CPU path takes over.
-                    logging.getLogger(__name__).exception("the device copy of the gallery failed; searching on the CPU")
-                    device, self._device = self._device, None
-                    device.close()
+            self._mirror(emb.stacked())
         return ids
 
+    def _mirror(self, rows: np.ndarray) -> None:
+        """Append rows to the device copy; the caller holds ``_append_lock``.
+
+        A copy behind the store would explain the wrong rows, so one that fails is dropped: the CPU path takes over.
+        """
+        device = self._device
+        if device is None:
+            return
+        try:
+            device.append_gallery(rows)
+        except Exception:
+            logging.getLogger(__name__).exception("the device copy of the gallery failed; searching on the CPU")
+            self._device = None
+            device.close()
+
+    def _check_open(self) -> None:
+        if self.__dict__.get("_closed"):
+            raise RuntimeError("the runtime is closed")
+
     def _need_gallery(self) -> Gallery:
+        self._check_open()
         if self.gallery is None:
             raise GalleryError("no gallery is open (Runtime(export, gallery=...))")
         return self.gallery
@@ -351,28 +365,34 @@ class Runtime:
             The number of gallery entries now.
 
         Raises:
-            GalleryError: No gallery, or a corrupt new segment (the entries seen so far stay usable).
+            GalleryError: No gallery, or a corrupt new segment (this handle keeps the entries it had).
         """
         gallery = self._need_gallery()
         with self._append_lock:
+            self._refreshed = time.monotonic()  # also after a failure: retried after refresh_s, not on every call
             n = gallery.refresh()
-            self._refreshed = time.monotonic()
             device = self._device
             if device is not None and len(device) < n:
                 ids = np.arange(len(device), n)
-                device.append_gallery(np.concatenate([gallery.embeddings(ids)[:, None],
-                                                      gallery.attr_embeddings(ids)], axis=1))
+                self._mirror(np.concatenate([gallery.embeddings(ids)[:, None], gallery.attr_embeddings(ids)], axis=1))
         return n
 
     def _maybe_refresh(self) -> None:
         gallery = self._need_gallery()
         if (self._refresh_s is not None and not gallery.writable
                 and time.monotonic() - self._refreshed >= self._refresh_s):
-            self.refresh()
+            try:
+                self.refresh()
+            except GalleryError as e:  # keep serving what was published before; stats() shows the problem
+                logging.getLogger(__name__).error("gallery refresh failed: %s", e)
+                self._refresh_error = str(e)
+            else:
+                self._refresh_error = None
 
     # ------------------------------------------------------------------------------------------------ embed -----
 
     def _pixels(self, sources: list[ImageSource]) -> np.ndarray:
+        self._check_open()
         size = self.image_size
         if len(sources) == 1:
             return load_image(sources[0], size, "images[0]")[None]
@@ -430,7 +450,7 @@ class Runtime:
             for name, value in weights.items():
                 try:
                     full[self.attributes.index(name)] = float(value)
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, OverflowError):
                     raise InputError(f"weight of {name!r} must be a number, got {value!r}") from None
             weights = full
         return check_weights(weights, len(self.attributes))
@@ -440,12 +460,13 @@ class Runtime:
         gallery = self._need_gallery()
         q, k = len(ids), ids.shape[1]
         flat = ids.reshape(-1)
+        device = self._device  # once: a failed append may drop it meanwhile
         if dec is not None:
             pass
-        elif isinstance(self._device, FusedSearch) and k and ids.max() < len(self._device):
-            dec = self._device.explain(emb.stacked(), ids, weights)
-        elif self._device is not None and k and ids.max() < len(self._device):  # else: an add is mirroring now
-            dec = Decomposition(**self._device.explain(emb.stacked(), ids, weights))
+        elif isinstance(device, FusedSearch) and k and ids.max() < len(device):
+            dec = device.explain(emb.stacked(), ids, weights)
+        elif device is not None and k and ids.max() < len(device):  # else: an add is being mirrored right now
+            dec = Decomposition(**device.explain(emb.stacked(), ids, weights))
         else:
             rows = np.concatenate([gallery.embeddings(flat)[:, None], gallery.attr_embeddings(flat)], axis=1)
             dec = explain_rows(emb.stacked(), rows.reshape(q, k, *rows.shape[1:]), weights)
@@ -498,21 +519,25 @@ class Runtime:
                         None if gallery_pixels is None or g_map is None else overlay(gallery_pixels, g_map, vmax=vmax)))
         return out
 
-    def _check_k(self, k: int, overlays: int, queries: int = 1) -> None:
+    def _check_k(self, k: int, overlays: int, queries: int = 1, hits: int | None = None) -> None:
+        """Check k and overlays; ``hits`` is how many matches come back per query (default: up to k)."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise InputError(f"k must be an integer >= 1, got {k!r}")
         m = len(self.attributes)
         if isinstance(overlays, bool) or not isinstance(overlays, (int, np.integer)) or not 0 <= overlays <= m:
             raise InputError(f"overlays must be an integer in [0, {m}], got {overlays!r}")
-        if queries * min(k, len(self.gallery) if self.gallery is not None else k) * overlays > MAX_OVERLAYS:
+        if hits is None:
+            hits = min(k, len(self.gallery)) if self.gallery is not None else k
+        if queries * hits * overlays > MAX_OVERLAYS:
             raise InputError(f"{queries} queries x {k} hits x {overlays} overlays is more than {MAX_OVERLAYS} "
                              "pictures: ask for fewer hits or overlays")
 
     def _search(self, emb: Embeddings, pixels: np.ndarray | None, k: int, w: np.ndarray | None,
                 overlays: int) -> list[QueryResult]:
         gallery = self._need_gallery()
-        if isinstance(self._device, FusedSearch):
-            ids, dec = self._device.search(emb.stacked(), int(k), w)
+        device = self._device
+        if isinstance(device, FusedSearch):
+            ids, dec = device.search(emb.stacked(), int(k), w)
             return self._explain(emb, pixels, ids, w, min(int(overlays), len(self.attributes)), dec)
         if w is None:
             _, ids = gallery.search(emb.embedding, int(k))
@@ -601,7 +626,7 @@ class Runtime:
                     raise TypeError
             except (TypeError, ValueError):
                 raise InputError(f"ids must be a non-empty list of integers, got {ids!r}") from None
-            self._check_k(len(id_array), overlays)
+            self._check_k(len(id_array), overlays, hits=len(id_array))
             gallery.meta(id_array)  # raises UnknownIdError before any work
             pixels = self._pixels([image])
             emb = self._infer(pixels)
@@ -689,8 +714,8 @@ class Runtime:
         def decode(path: Path) -> np.ndarray | None:
             try:
                 return load_image(path, size, str(path))
-            except InputError as e:
-                skipped.append((str(path), str(e)))
+            except Exception as e:  # whatever is wrong with one file, the others still get indexed
+                skipped.append((str(path), str(e) or type(e).__name__))
                 return None
 
         for s in range(0, len(todo), segment):
@@ -711,7 +736,16 @@ class Runtime:
             if not done:
                 continue
             paths = [p for ps, _ in done for p in ps]
-            emb = self._embeddings({k: np.concatenate([o[k] for _, o in done]) for k in done[0][1]})
+            out = {k: np.concatenate([o[k] for _, o in done]) for k in done[0][1]}
+            finite = np.isfinite(out["embedding"]).all(1) & np.isfinite(out["attr_embeddings"]).all((1, 2))
+            skipped += [(str(p), "the model gives NaN/inf embeddings") for p, ok in zip(paths, finite, strict=True)
+                        if not ok]
+            if not finite.all():
+                paths = [p for p, ok in zip(paths, finite, strict=True) if ok]
+                out = {k: v[finite] for k, v in out.items()}
+            if not paths:
+                continue
+            emb = self._embeddings(out)
             meta = []
             for p in paths:
                 entry: dict[str, Any] = {"key": p.relative_to(folder).as_posix(), "path": str(p.resolve()),
@@ -733,8 +767,7 @@ class Runtime:
 
     def stats(self) -> dict[str, Any]:
         """Counters for monitoring: backend, gallery size, queue depth, batches, per-operation latency and errors."""
-        if "_batcher" not in self.__dict__:
-            raise RuntimeError("the runtime is closed")
+        self._check_open()
         b = self._batcher.stats
         with self._lock:
             latency = {op: h.snapshot() for op, h in self._latency.items()}
@@ -743,14 +776,18 @@ class Runtime:
                 "gallery_size": None if self.gallery is None else len(self.gallery),
                 "queue_depth": self._batcher.queue_depth, "requests": b.requests, "images": b.rows,
                 "batches": b.batches, "failed_batches": b.failed_batches, "rejected": b.rejected,
-                "busy_seconds": b.busy_s, "batch_sizes": dict(b.batch_sizes), "latency": latency, "errors": errors}
+                "busy_seconds": b.busy_s, "batch_sizes": dict(b.batch_sizes), "latency": latency, "errors": errors,
+                "gallery_refresh_error": self._refresh_error}
 
     def close(self) -> None:
         """Finish queued requests, then release the engine, the device copy and the gallery (also one passed in).
 
-        Idempotent; the runtime cannot be used afterwards.
+        Idempotent. Afterwards every method raises ``RuntimeError("... closed ...")``.
         """
-        batcher, decoder = self.__dict__.pop("_batcher", None), self.__dict__.pop("_decoder", None)
+        if self.__dict__.get("_closed"):
+            return
+        self._closed = True
+        batcher, decoder = self.__dict__.get("_batcher"), self.__dict__.get("_decoder")
         device, self._device = self.__dict__.get("_device"), None
         try:
             if batcher is not None:

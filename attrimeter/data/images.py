@@ -40,7 +40,7 @@ def read_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
             return np.asarray(im, dtype=np.uint8)
     except FileNotFoundError:
         raise ImageError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"cannot decode image {path}: {e}") from None
 
 

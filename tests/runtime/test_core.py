@@ -62,6 +62,17 @@ def test_missing_and_truncated_files(tmp_path, rng):
         load_image(tmp_path / "cut.png", (16, 8))
     with pytest.raises(InputError, match="no images"):
         as_sources([])
+    # A tiny PNG whose header claims 20000 x 20000 pixels (a decompression bomb): refused by path and by bytes alike.
+    import struct
+    import zlib
+
+    png = _png(np.zeros((1, 1, 3), np.uint8))
+    ihdr = b"IHDR" + struct.pack(">II", 20000, 20000) + png[24:29]
+    bomb = png[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + png[33:]
+    (tmp_path / "bomb.png").write_bytes(bomb)
+    for source in (tmp_path / "bomb.png", bomb):
+        with pytest.raises(InputError, match="pixels"):
+            load_image(source, (16, 8))
 
 
 # ------------------------------------------------------------------------------------------------ explain ---------
@@ -113,7 +124,7 @@ def test_weighted_scan_is_exact(rng):
 @pytest.mark.parametrize(("weights", "message"), [
     ([1, 2], "one value per attribute"), ([1, -1, 0], ">= 0"), ([0, 0, 0], "all zero"),
     ([1, float("nan"), 1], "finite"), (["a", 1, 1], "numbers"), ([1e39, 1, 1], "<= 1e"),
-    ([1e-46, 0, 0], "zero in float32"),
+    ([1e-46, 0, 0], "zero in float32"), ([10**400, 1, 1], "numbers"),
 ])
 def test_bad_weights(weights, message):
     with pytest.raises(InputError, match=message):
@@ -266,3 +277,31 @@ def test_close_runs_what_was_queued_and_refuses_the_rest():
         assert f.result(5)["twice"][0, 0] == 2
     with pytest.raises(RuntimeError, match="closed"):
         batcher.submit(np.ones((1, 1), np.float32))
+
+
+def test_waiting_callers_each_keep_their_own_timeout():
+    release = threading.Event()
+    batcher = DynamicBatcher(lambda x: (release.wait(10), {"y": x})[1], max_batch=1, max_wait_s=0.0, queue_size=1)
+    batcher.submit(np.zeros((1, 1), np.float32))
+    time.sleep(0.05)
+    batcher.submit(np.zeros((1, 1), np.float32))  # the queue is now full
+    waited = {}
+
+    def caller(i):
+        t0 = time.monotonic()
+        with pytest.raises(OverloadedError):
+            batcher.submit(np.zeros((1, 1), np.float32), timeout=0.3)
+        waited[i] = time.monotonic() - t0
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(waited) == 4 and max(waited.values()) < 1.0  # 4 x 0.3 s if they queued behind each other
+    t0 = time.monotonic()
+    with pytest.raises(OverloadedError):
+        batcher.submit(np.zeros((1, 1), np.float32), timeout=0)
+    assert time.monotonic() - t0 < 0.2
+    release.set()
+    batcher.close()

@@ -216,6 +216,8 @@ def test_index_folder_skips_bad_files_and_resumes_by_path(tiny_export, tiny_data
             rt.search(files[0], k=50, overlays=26)
         with pytest.raises(InputError, match="overlays must be"):
             rt.explain(files[0], [0], overlays=-1)
+        with pytest.raises(InputError, match="pictures"):  # repeated ids count too
+            rt.explain(files[0], [0] * 300, overlays=1)
     with pytest.raises(RuntimeError, match="closed"):
         rt.stats()
 
@@ -231,3 +233,24 @@ def test_a_reader_sees_what_a_writer_appends(tiny_export, tiny_data, tmp_path, r
             assert reader.search(pixels, k=5)[0].matches[0].key == "new"  # picked up before the search
             assert len(frozen.search(pixels, k=5)[0].matches) == 2  # refresh_s=None: only on refresh()
             assert frozen.refresh() == 3 and frozen.search(pixels, k=1)[0].matches[0].key == "new"
+
+
+
+def test_a_corrupt_new_segment_does_not_stop_a_reader(tiny_export, tiny_data, tmp_path, rng):
+    import json as json_module
+
+    pixels = rng.integers(0, 256, (64, 32, 3), dtype=np.uint8)
+    with Runtime(tiny_export, tmp_path / "g", create_gallery=True) as writer:
+        writer.add(_queries(tiny_data, 2), keys=["a", "b"])
+        with Runtime(tiny_export, tmp_path / "g", refresh_s=0.0) as reader:
+            writer.add(pixels, keys=["new"])
+            newest = json_module.loads((tmp_path / "g" / "gallery.json").read_text())["segments"][-1]["name"]
+            target = tmp_path / "g" / "segments" / newest / "embedding.npy"
+            data = bytearray(target.read_bytes())
+            data[-1] ^= 0xFF
+            target.write_bytes(bytes(data))
+            result = reader.search(pixels, k=5)[0]  # serves what it had; the bad segment stays invisible
+            assert [m.key for m in result.matches] in (["a", "b"], ["b", "a"])
+            assert "sha256" in reader.stats()["gallery_refresh_error"]
+    with pytest.raises(RuntimeError, match="closed"):
+        reader.search(pixels)
