@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from api_names import Stubs, attribute_chains, load_stubs, name_problems, tensorrt_chains
 
 from attrimeter.export import tensorrt_engine as te
 from attrimeter.runtime import cuda_kernels as ck
@@ -41,18 +42,10 @@ needs_cuda_python = pytest.mark.skipif(drv is None, reason="cuda-python is not i
                                        "'cuda-python==12.9.10'): the launcher's calls are checked against it")
 
 
-def _load_trt_api_checks() -> types.ModuleType:
-    """The tensorrt-stubs scanner of tests/export/test_tensorrt_api.py (test modules are not importable by name)."""
-    path = Path(__file__).parents[1] / "export" / "test_tensorrt_api.py"
-    spec = importlib.util.spec_from_file_location("_trt_api_checks", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def stubs() -> Stubs:
+    return load_stubs()
 
-
-_API = _load_trt_api_checks()
-stubs = _API.stubs  # the fixture, re-used here
 
 BACKEND = Path(tb.__file__)
 LAUNCHER = Path(ck.__file__)
@@ -63,20 +56,13 @@ TYPED_NAMES = {"runtime": "Runtime", "engine": "ICudaEngine", "context": "IExecu
 # --------------------------------------------------------------------------------------------------- static checks
 
 
-def _typed_problems(stubs, source: str) -> list[str]:
-    tree = ast.parse(source)
-    problems = [f"line {line}: {bad}" for root, chain, line in _API._chains(tree)
-                if (bad := _API._unknown(stubs, root, chain))]
-    for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in TYPED_NAMES
-                and node.attr not in stubs.members(TYPED_NAMES[node.value.id])):
-            problems.append(f"line {node.lineno}: {TYPED_NAMES[node.value.id]}.{node.attr}")
-    return problems
+def _typed_problems(stubs: Stubs, source: str) -> list[str]:
+    return name_problems(stubs, source, TYPED_NAMES)
 
 
 def test_every_tensorrt_name_exists_in_the_stubs(stubs):
     source = BACKEND.read_text()
-    chains = {".".join([root, *chain]) for root, chain, _ in _API._chains(ast.parse(source))}
+    chains = {".".join([root, *chain]) for root, chain, _ in tensorrt_chains(ast.parse(source))}
     assert {"tensorrt.Runtime", "tensorrt.TensorIOMode.INPUT", "tensorrt.nptype"} <= chains, sorted(chains)
     assert _typed_problems(stubs, source) == [], f"names missing from tensorrt-stubs {stubs.version}"
     used = {(node.value.id, node.attr) for node in ast.walk(ast.parse(source))
@@ -92,7 +78,8 @@ def test_a_misspelt_tensorrt_member_is_caught(stubs):
     source = "import tensorrt as trt\nruntime = trt.Runtime(None)\nengine = runtime.deserialise_cuda_engine(b'')\n" \
              "context = engine.create_execution_context()\ncontext.execute_async_v4(0)\nmode = trt.TensorIOMode.IN\n"
     assert sorted(p.split(": ", 1)[1] for p in _typed_problems(stubs, source)) == [
-        "IExecutionContext.execute_async_v4", "Runtime.deserialise_cuda_engine", "tensorrt.TensorIOMode.IN"]
+        "IExecutionContext.execute_async_v4 (context.execute_async_v4)",
+        "Runtime.deserialise_cuda_engine (runtime.deserialise_cuda_engine)", "tensorrt.TensorIOMode.IN"]
 
 
 def _cuda_chains(source: str) -> list[tuple[str, list[str], int]]:
@@ -104,17 +91,7 @@ def _cuda_chains(source: str) -> list[tuple[str, list[str], int]]:
             aliases.update({a.asname or a.name: f"cuda.bindings.{a.name}" for a in node.names})
         elif isinstance(node, ast.Import):
             aliases.update({a.asname: a.name for a in node.names if a.name.startswith("cuda.bindings.") and a.asname})
-    inner = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and id(node) not in inner:
-            parts, cur = [], node
-            while isinstance(cur, ast.Attribute):
-                parts.append(cur.attr)
-                cur = cur.value
-            if isinstance(cur, ast.Name) and cur.id in aliases:
-                out.append((aliases[cur.id], parts[::-1], node.lineno))
-    return out
+    return attribute_chains(tree, aliases)
 
 
 def _cuda_problems(source: str) -> list[str]:
