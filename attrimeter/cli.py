@@ -168,7 +168,7 @@ def _runtime(args: argparse.Namespace, **kwargs: object):  # noqa: ANN202 - retu
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    with _runtime(args, gallery=args.out, create_gallery=True) as rt:
+    with _runtime(args, gallery=args.out, create_gallery=True, metric=args.metric) as rt:
         report = rt.index_folder(args.images, segment=args.segment, progress=not args.quiet)
         for path, reason in report.skipped:
             print(f"skipped {path}: {reason}", file=sys.stderr)
@@ -365,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, type=Path, help="image folder (searched recursively)")
     p.add_argument("--out", required=True, type=Path, help="gallery folder")
     p.add_argument("--segment", type=_positive, default=4096, help="images per crash-safe segment (default 4096)")
+    p.add_argument("--metric", choices=["l2", "ip"], default="l2",
+                   help="a new gallery's search metric: l2 (the target distance d, default) or ip (cosine)")
 
     p = add("search", _cmd_search, "Search a gallery with query images and explain the hits.")
     add_runtime_options(p)

@@ -95,7 +95,8 @@ class Match:
         path: Its image file when known, else None.
         camera: Its camera id when known.
         rank: 1 for the best hit.
-        score: The ranking score (d, or ``Σ_k w_k d_k`` in a weighted search).
+        score: The ranking score: d; ``Σ_k w_k d_k`` in a weighted search; ``1 − cos`` of the global embeddings in
+            an ``"ip"`` (cosine) gallery.
         d: Target distance.
         d_hat: Decomposed distance ``(1/M) Σ_k d_k``.
         d_k: Per-attribute distances ``[M]``.
@@ -221,6 +222,8 @@ class Runtime:
         verify: Check the sha256 of the export's and the gallery's files when opening.
         writable: Open the gallery for :meth:`add` (takes its writer lock).
         create_gallery: Create the gallery folder when it does not exist (implies writable).
+        metric: A new gallery's search metric: ``"l2"`` ranks by the target distance d, ``"ip"`` by the cosine of the
+            global embeddings (for models trained with a cosine loss); hits are explained the same way either way.
         fused: Search and explain with the fused Triton kernels on a float16 device copy of the gallery (torch backend
             only); None: when the torch backend runs on a GPU.
         refresh_s: A read-only gallery looks for entries another process appended (``attrimeter index``) before a
@@ -236,7 +239,8 @@ class Runtime:
                  device: str | None = None, threads: int | None = None, checkpoint: str | Path | None = None,
                  max_batch: int = 32, max_wait_ms: float = 2.0, queue_size: int = 1024,
                  queue_timeout_s: float = 1.0, decode_workers: int = 2, verify: bool = True, writable: bool = False,
-                 create_gallery: bool = False, fused: bool | None = None, refresh_s: float | None = 1.0) -> None:
+                 create_gallery: bool = False, metric: str = "l2", fused: bool | None = None,
+                 refresh_s: float | None = 1.0) -> None:
         from attrimeter.export.manifest import load_manifest
 
         self.export_dir = Path(export_dir)
@@ -264,7 +268,7 @@ class Runtime:
             self._errors = {op: 0 for op in self._latency}
             self._device: Any = None
             if gallery is not None:
-                self.gallery = self._open_gallery(gallery, verify, writable or create_gallery, create_gallery)
+                self.gallery = self._open_gallery(gallery, verify, writable or create_gallery, create_gallery, metric)
                 self._device = self._device_search(fused)
         except BaseException:
             self.close()
@@ -272,7 +276,8 @@ class Runtime:
 
     # ------------------------------------------------------------------------------------------------ gallery ---
 
-    def _open_gallery(self, gallery: str | Path | Gallery, verify: bool, writable: bool, create: bool) -> Gallery:
+    def _open_gallery(self, gallery: str | Path | Gallery, verify: bool, writable: bool, create: bool,
+                      metric: str) -> Gallery:
         if isinstance(gallery, Gallery):
             store = gallery
         else:
@@ -280,7 +285,7 @@ class Runtime:
             if create and not (path / "gallery.json").exists():
                 channels, h, w = self.manifest["feature_map"]
                 store = Gallery.create(path, dim=int(channels), attributes=self.attributes, aam_shape=(int(h), int(w)),
-                                       model=self.model_id)
+                                       model=self.model_id, metric=metric)
             else:
                 store = Gallery.open(path, verify=verify, writable=writable)
         problem = None
@@ -475,6 +480,12 @@ class Runtime:
             ids = np.take_along_axis(ids, order, 1)
             dec = Decomposition(*(np.take_along_axis(a, order if a.ndim == 2 else order[..., None], 1) for a in dec))
             flat = ids.reshape(-1)
+        elif gallery.metric == "ip" and k:  # ranked by cosine, so that is the score: 1 − cos of the global embeddings
+            g = gallery.embeddings(flat).reshape(q, k, -1).astype(np.float64)
+            f = emb.embedding.astype(np.float64)
+            cos = np.einsum("qc,qkc->qk", f, g) / np.maximum(
+                np.linalg.norm(f, axis=1)[:, None] * np.linalg.norm(g, axis=2), 1e-30)
+            dec = dec._replace(scores=(1.0 - cos).astype(np.float32))
         probs = gallery.probs(flat).reshape(q, k, -1) if k else np.empty((q, 0, len(self.attributes)), np.float32)
         meta = gallery.meta(flat) if k else []
         g_aam = gallery.aam(flat) if overlays and k else None
@@ -536,7 +547,7 @@ class Runtime:
                 overlays: int) -> list[QueryResult]:
         gallery = self._need_gallery()
         device = self._device
-        if isinstance(device, FusedSearch):
+        if isinstance(device, FusedSearch) and (w is not None or gallery.metric == "l2"):  # the kernel ranks by L2
             ids, dec = device.search(emb.stacked(), int(k), w)
             return self._explain(emb, pixels, ids, w, min(int(overlays), len(self.attributes)), dec)
         if w is None:

@@ -254,3 +254,18 @@ def test_a_corrupt_new_segment_does_not_stop_a_reader(tiny_export, tiny_data, tm
             assert "sha256" in reader.stats()["gallery_refresh_error"]
     with pytest.raises(RuntimeError, match="closed"):
         reader.search(pixels)
+
+
+def test_cosine_gallery_ranks_by_cosine(tiny_export, tiny_data, tmp_path):
+    with Runtime(tiny_export, tmp_path / "g", create_gallery=True, metric="ip") as rt:
+        rt.index_folder(tiny_data / "bounding_box_test", progress=False)
+        assert rt.gallery.metric == "ip"
+        query = _queries(tiny_data, 1)[0]
+        emb = rt.embed(query).embedding[0].astype(np.float64)
+        g = rt.gallery.embeddings(np.arange(len(rt.gallery))).astype(np.float64)
+        cos = g @ emb / (np.linalg.norm(g, axis=1) * np.linalg.norm(emb))
+        result = rt.search(query, k=5)[0]
+        assert [m.id for m in result.matches] == np.argsort(-cos, kind="stable")[:5].tolist()
+        for m in result.matches:
+            assert m.score == pytest.approx(1 - cos[m.id], abs=1e-5)
+            assert m.d == pytest.approx(float(np.linalg.norm(g[m.id] - emb)), rel=1e-4)
