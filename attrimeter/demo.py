@@ -173,7 +173,8 @@ def _runtime_search(out: Path, data: ReIDDataset, explainer: Any, qf: np.ndarray
         report = rt.index_folder(data.root / "bounding_box_test", progress=progress)
         if report.skipped:
             raise ValueError(f"the demo gallery has unreadable images: {report.skipped[:3]}")
-        timings[f"runtime: index {len(rt.gallery)} gallery images"] = time.perf_counter() - t0
+        indexed = len(rt.gallery)
+        timings[f"runtime: index {indexed} gallery images"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         results = rt.search([q.path for q in queries], k=k)
         timings[f"runtime: search + explain {len(queries)} queries"] = time.perf_counter() - t0
@@ -217,8 +218,9 @@ def _runtime_search(out: Path, data: ReIDDataset, explainer: Any, qf: np.ndarray
     agreement = {"queries": len(queries), "k": k, "same_top_k_order": same_order, "valid_top_k": valid,
                  "max_rel_diff_d": worst["d"], "max_rel_diff_d_hat": worst["d_hat"],
                  "max_abs_diff_share": worst["shares"]}
-    intro = (f"<p>The interpreter exported to ONNX (portable, float32), {len(data.gallery)} gallery images indexed "
-             f"by <code>attrimeter.runtime</code> (ONNX Runtime on the CPU, no PyTorch; attribute embeddings stored "
+    intro = (f"<p>The interpreter exported to ONNX (portable, float32), the {indexed} images of bounding_box_test "
+             f"(the evaluation gallery's {len(data.gallery)} and the junk images it leaves out) indexed by "
+             f"<code>attrimeter.runtime</code> (ONNX Runtime on the CPU, no PyTorch; attribute embeddings stored "
              f"in float16) and searched with FAISS for {len(queries)} queries, k = {k}. Each row: the runtime's "
              f"numbers, then PyTorch's eager explanation of the same pair. The runtime's top {k} are PyTorch's top {k} "
              f"by d (ties within 1e-4) for {valid} of {len(queries)} queries, in the same order for {same_order}; "
