@@ -160,9 +160,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _raise_open_file_limit() -> None:
+    """Let a gallery process use the hard file limit: every memory-mapped segment file holds a descriptor."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _runtime(args: argparse.Namespace, **kwargs: object):  # noqa: ANN202 - returns Runtime, imported lazily
     from attrimeter.runtime.runtime import Runtime
 
+    _raise_open_file_limit()
     return Runtime(args.export, backend=args.backend, device=args.device, threads=args.threads,
                    max_batch=args.max_batch, verify=not args.no_verify, **kwargs)
 
@@ -174,6 +186,17 @@ def _cmd_index(args: argparse.Namespace) -> int:
             print(f"skipped {path}: {reason}", file=sys.stderr)
         print(f"{args.out}: added {report.added} images ({rt.backend.name} on {rt.backend.device}), skipped "
               f"{len(report.skipped)} unreadable; the gallery holds {len(rt.gallery)} entries")
+    return 0
+
+
+def _cmd_compact(args: argparse.Namespace) -> int:
+    from attrimeter.runtime.gallery import Gallery
+
+    _raise_open_file_limit()
+    with Gallery.open(args.gallery, writable=True, progress=not args.quiet) as g:
+        before = g.segments
+        g.compact(progress=not args.quiet)
+        print(f"{args.gallery}: {len(g)} entries, {before} segments merged into {g.segments}")
     return 0
 
 
@@ -367,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment", type=_positive, default=4096, help="images per crash-safe segment (default 4096)")
     p.add_argument("--metric", choices=["l2", "ip"], default="l2",
                    help="a new gallery's search metric: l2 (the target distance d, default) or ip (cosine)")
+
+    p = add("compact", _cmd_compact, "Merge a gallery's segments into one (ids kept; crash-safe, like appends).")
+    p.add_argument("--gallery", required=True, type=Path, help="gallery folder")
 
     p = add("search", _cmd_search, "Search a gallery with query images and explain the hits.")
     add_runtime_options(p)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["GalleryError", "InputError", "OverloadedError", "UnknownIdError"]
+__all__ = ["GalleryError", "InputError", "OverloadedError", "StorageError", "UnknownIdError"]
 
 
 class InputError(ValueError):
@@ -18,6 +18,10 @@ class UnknownIdError(LookupError):
 
 class GalleryError(ValueError):
     """A gallery store that is missing, corrupt, locked by another writer, or made by another model."""
+
+
+class StorageError(GalleryError):
+    """The gallery's disk failed (full, I/O error) during a write: a fault of the server, not of the request."""
 
 
 class OverloadedError(RuntimeError):

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from attrimeter.runtime.errors import GalleryError, InputError, UnknownIdError
+from attrimeter.runtime.errors import GalleryError, InputError, StorageError, UnknownIdError
 
 __all__ = ["GALLERY_FORMAT", "GALLERY_VERSION", "MANIFEST_NAME", "METRICS", "Gallery"]
 
@@ -435,11 +435,13 @@ class Gallery:
             raw = _write_manifest_tmp(manifest_tmp, _manifest(self._spec, [*entries, entry], first + n))
             os.replace(manifest_tmp, self.path / MANIFEST_NAME)
         except BaseException as e:
-            for leftover in (tmp, final if renamed else None, manifest_tmp):
+            # An interrupt (Ctrl-C) can land after os.replace published the manifest: never delete a listed folder.
+            published = renamed and f'"{name}"' in _manifest_text(self.path)
+            for leftover in (tmp, final if renamed and not published else None, manifest_tmp):
                 if leftover is not None:
                     _remove(leftover)
-            if isinstance(e, OSError):
-                raise GalleryError(f"{self.path}: {desc} failed, nothing was published ({e})") from e
+            if isinstance(e, OSError) and not published:
+                raise StorageError(f"{self.path}: {desc} failed, nothing was published ({e})") from e
             raise
         _fsync_dir(self.path)
         self._install(self._load_state(json.loads(raw), raw, self._state, verify=False))
@@ -957,6 +959,14 @@ def _chunks(segments: Sequence[_Segment], chunk: int) -> Iterator[tuple[int, np.
         attr = segment.arrays["attr"]
         for a in range(0, segment.count, chunk):
             yield segment.first_id + a, attr[a:a + chunk]
+
+
+def _manifest_text(root: Path) -> str:
+    """The manifest as text, or "" when it cannot be read (used only to decide what a failed write may delete)."""
+    try:
+        return (root / MANIFEST_NAME).read_text()
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def _newlines(chunks: Iterable[bytes]) -> np.ndarray:

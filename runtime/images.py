@@ -13,18 +13,20 @@ import numpy as np
 
 from attrimeter.runtime.errors import InputError
 
-__all__ = ["MAX_PIXELS", "ImageSource", "as_sources", "load_image", "to_input"]
+__all__ = ["DECODE_FORMATS", "MAX_PIXELS", "ImageSource", "as_sources", "load_image", "to_input"]
 
 ImageSource = str | Path | bytes | np.ndarray
 # Larger encoded images are refused before decoding (a 20-MP person crop is a mistake or a decompression bomb).
 MAX_PIXELS = 20_000_000
+# The formats decoded; other Pillow plugins (TIFF, DDS, …) are not tried on request bytes.
+DECODE_FORMATS = ("JPEG", "PNG", "BMP")
 
 
 def _decode_bytes(data: bytes, size: tuple[int, int], name: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=DECODE_FORMATS) as im:
             if im.width * im.height > MAX_PIXELS:
                 raise InputError(f"{name}: {im.width}x{im.height} pixels is more than {MAX_PIXELS} (not a person crop)")
             im = im.convert("RGB")
@@ -32,11 +34,11 @@ def _decode_bytes(data: bytes, size: tuple[int, int], name: str) -> np.ndarray:
                 im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             return np.asarray(im, dtype=np.uint8)
     except UnidentifiedImageError:
-        raise InputError(f"{name}: not an image Pillow can read (expected JPEG or PNG bytes)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        if isinstance(e, InputError):
-            raise
-        raise InputError(f"{name}: cannot decode the image ({e})") from None
+        raise InputError(f"{name}: not a {'/'.join(DECODE_FORMATS)} image") from None
+    except InputError:
+        raise
+    except Exception as e:  # a corrupt file can make a decoder raise anything: it is the request's fault
+        raise InputError(f"{name}: cannot decode the image ({type(e).__name__}: {e})") from None
 
 
 def _from_array(image: np.ndarray, size: tuple[int, int], name: str) -> np.ndarray:

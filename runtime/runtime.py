@@ -36,11 +36,15 @@ from attrimeter.runtime.fused_search import FusedSearch
 from attrimeter.runtime.gallery import Gallery
 from attrimeter.runtime.images import ImageSource, as_sources, load_image, to_input
 
-__all__ = ["IMAGE_SUFFIXES", "MAX_OVERLAYS", "Embeddings", "IndexReport", "Match", "QueryResult", "Runtime"]
+__all__ = ["IMAGE_SUFFIXES", "MAX_HITS", "MAX_OVERLAYS", "Embeddings", "IndexReport", "Match", "QueryResult", "Runtime"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 # Most overlay pictures one call may ask for (queries × hits × attributes): each is a full-size RGB crop.
 MAX_OVERLAYS = 256
+# Most explained hits one call may ask for (queries × k): each carries M+1 embeddings and M numbers per field.
+MAX_HITS = 10_000
+# Hits explained per step: bounds the gathered float32 rows (hits × (M+1) × C) whatever the request.
+_EXPLAIN_CHUNK = 1024
 # Latency histogram bounds in seconds (Prometheus-style cumulative buckets).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -472,9 +476,15 @@ class Runtime:
             dec = device.explain(emb.stacked(), ids, weights)
         elif device is not None and k and ids.max() < len(device):  # else: an add is being mirrored right now
             dec = Decomposition(**device.explain(emb.stacked(), ids, weights))
-        else:
-            rows = np.concatenate([gallery.embeddings(flat)[:, None], gallery.attr_embeddings(flat)], axis=1)
-            dec = explain_rows(emb.stacked(), rows.reshape(q, k, *rows.shape[1:]), weights)
+        else:  # in query chunks: the gathered rows stay bounded
+            step = max(1, _EXPLAIN_CHUNK // max(k, 1))
+            parts = []
+            for s in range(0, q, step):
+                part = ids[s:s + step].reshape(-1)
+                rows = np.concatenate([gallery.embeddings(part)[:, None], gallery.attr_embeddings(part)], axis=1)
+                queries = emb.stacked()[s:s + step]
+                parts.append(explain_rows(queries, rows.reshape(len(queries), k, *rows.shape[1:]), weights))
+            dec = Decomposition(*(np.concatenate(field) for field in zip(*parts, strict=True)))
         if weights is not None:  # re-rank the scan's winners by their exact scores
             order = np.lexsort((ids, dec.scores), axis=1)
             ids = np.take_along_axis(ids, order, 1)
@@ -539,6 +549,8 @@ class Runtime:
             raise InputError(f"overlays must be an integer in [0, {m}], got {overlays!r}")
         if hits is None:
             hits = min(k, len(self.gallery)) if self.gallery is not None else k
+        if queries * hits > MAX_HITS:
+            raise InputError(f"{queries} queries x {hits} hits is more than {MAX_HITS} explained hits: ask for fewer")
         if queries * hits * overlays > MAX_OVERLAYS:
             raise InputError(f"{queries} queries x {k} hits x {overlays} overlays is more than {MAX_OVERLAYS} "
                              "pictures: ask for fewer hits or overlays")

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from attrimeter.data.images import ImageError
-from attrimeter.runtime.errors import GalleryError, InputError, OverloadedError, UnknownIdError
+from attrimeter.runtime.errors import GalleryError, InputError, OverloadedError, StorageError, UnknownIdError
 
 if TYPE_CHECKING:
     from attrimeter.runtime.runtime import Runtime
@@ -49,6 +49,8 @@ MiB = 1 << 20
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _READ_CHUNK = 1 << 16
+# Oversized bodies up to this many times the limit are read and dropped before the 413 (see _read_json).
+_DISCARD_FACTOR = 4
 _JSON = "application/json"
 _PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -512,7 +514,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         start = time.perf_counter()
-        path = urlsplit(self.path).path
+        try:
+            path = urlsplit(self.path).path
+        except ValueError:  # e.g. "http://[x/health": answered below as an unknown endpoint
+            path = self.path
         endpoint = path if path in self.ROUTES else "other"  # unknown paths share a label: bounded cardinality
         stats = self.server.http_stats
         stats.begin()
@@ -561,6 +566,10 @@ class _Handler(BaseHTTPRequestHandler):
         if length < 0:
             raise HttpError(400, f"Content-Length is negative: {length}")
         if length > self.server.max_body_bytes:
+            # Read and drop a moderately oversized body so that the client, still sending, can read the 413 (a
+            # hang-up mid-upload shows up as a broken pipe); far larger ones are cut off.
+            if length <= _DISCARD_FACTOR * self.server.max_body_bytes:
+                self._discard(length)
             raise HttpError(413, f"request body of {length} bytes exceeds the limit of {self.server.max_body_bytes}")
         data = self._read_body(length)
         self._body_pending = False
@@ -571,6 +580,29 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             raise HttpError(400, f"request body must be a JSON object, got {_json_type(body)}")
         return body
+
+    def _discard(self, length: int) -> None:
+        deadline = time.monotonic() + self.server.request_timeout_s
+        left = length
+        try:
+            while left and time.monotonic() < deadline:
+                chunk = self.rfile.read1(min(left, _READ_CHUNK))
+                if not chunk:
+                    return
+                left -= len(chunk)
+        except (OSError, TimeoutError):
+            return
+        self._body_pending = left > 0
+
+    def handle_expect_100(self) -> bool:
+        """Refuse an oversized body before the client sends it (``Expect: 100-continue``, e.g. curl's large uploads)."""
+        length = self.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.server.max_body_bytes:
+            self.close_connection = True
+            self._send_quietly(413, {"error": f"request body of {length} bytes exceeds the limit of "
+                                              f"{self.server.max_body_bytes}", "status": 413}, {"Connection": "close"})
+            return False
+        return super().handle_expect_100()
 
     def _read_body(self, length: int) -> bytes:
         deadline = time.monotonic() + self.server.request_timeout_s
@@ -594,7 +626,9 @@ class _Handler(BaseHTTPRequestHandler):
         runtime = self.server.runtime
         if path == "/health":
             gallery = runtime.gallery
-            return {"status": "ok", "backend": runtime.backend.name, "device": runtime.backend.device,
+            problem = runtime.stats().get("gallery_refresh_error")
+            return {"status": "degraded" if problem else "ok", **({"problem": problem} if problem else {}),
+                    "backend": runtime.backend.name, "device": runtime.backend.device,
                     "gallery": None if gallery is None else len(gallery),
                     "model": str(runtime.manifest.get("source", {}).get("sha256", ""))[:12]}, _JSON
         out = _Exposition()
@@ -638,6 +672,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise HttpError(400, str(e)) from None
         except UnknownIdError as e:
             raise HttpError(404, str(e)) from None
+        except StorageError as e:
+            log.error("gallery write failed: %s", e)
+            raise HttpError(507, str(e)) from None
         except GalleryError as e:
             raise HttpError(409, str(e)) from None
         except OverloadedError as e:

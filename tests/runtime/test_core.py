@@ -38,7 +38,7 @@ def test_load_image_accepts_paths_bytes_and_arrays(rng, tmp_path):
 
 
 @pytest.mark.parametrize(("source", "message"), [
-    (b"not an image", "not an image Pillow can read"),
+    (b"not an image", "not a JPEG/PNG/BMP image"),
     (b"", "empty image"),
     (np.zeros((8, 8), np.uint8), "expected an RGB image"),
     (np.zeros((8, 8, 4), np.uint8), "expected an RGB image"),

@@ -648,3 +648,41 @@ def test_compact_keeps_ids_and_readers_working(tmp_path, rng):
     with Gallery.open(g.path, verify=True) as r:
         assert r.segments == 1
         _assert_holds(r, _concat([data, b]))
+
+
+@pytest.mark.parametrize("op", ["append", "compact"])
+def test_interrupt_right_after_publishing_keeps_the_published_segment(filled, rng, monkeypatch, op):
+    """Ctrl-C landing just after os.replace published gallery.json must not delete what it lists."""
+    g, data = filled
+    extra = _batch(rng, 3)
+    real_replace = os.replace
+
+    def replace_then_interrupt(src, dst):
+        real_replace(src, dst)
+        if str(dst).endswith(MANIFEST_NAME):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        g.append(**extra) if op == "append" else g.compact(progress=False)
+    monkeypatch.setattr(os, "replace", real_replace)
+    path = g.path
+    g.close()
+    assert _listed(path) <= _on_disk(path)
+    with Gallery.open(path, verify=True) as reopened:
+        _assert_holds(reopened, _concat([data, extra]) if op == "append" else data)
+
+
+def test_a_failed_write_is_a_storage_error(filled, rng, monkeypatch):
+    from attrimeter.runtime import gallery as gallery_module
+    from attrimeter.runtime.errors import StorageError
+
+    g, data = filled
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gallery_module, "_write_segment", disk_full)
+    with pytest.raises(StorageError, match="nothing was published"):
+        g.append(**_batch(rng, 2))
+    _assert_holds(g, data)

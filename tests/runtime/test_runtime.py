@@ -269,3 +269,26 @@ def test_cosine_gallery_ranks_by_cosine(tiny_export, tiny_data, tmp_path):
         for m in result.matches:
             assert m.score == pytest.approx(1 - cos[m.id], abs=1e-5)
             assert m.d == pytest.approx(float(np.linalg.norm(g[m.id] - emb)), rel=1e-4)
+
+
+def test_empty_gallery_and_the_hit_cap(tiny_export, tmp_path):
+    from attrimeter.runtime.runtime import MAX_HITS
+
+    crop = np.zeros((64, 32, 3), np.uint8)
+    with Runtime(tiny_export, tmp_path / "g", create_gallery=True) as rt:
+        assert [len(r.matches) for r in rt.search([crop, crop], k=5)] == [0, 0]
+        assert rt.search(crop, k=5, weights={"hat": 0})[0].matches == []
+        rt.add(crop)
+        with pytest.raises(InputError, match="explained hits"):
+            rt.explain(crop, [0] * (MAX_HITS + 1))
+
+
+def test_cli_compact(tiny_export, tiny_data, tmp_path, capsys):
+    gallery = tmp_path / "g"
+    assert main(["index", "--export", str(tiny_export), "-q", "--images", str(tiny_data / "bounding_box_test"),
+                 "--out", str(gallery), "--segment", "5"]) == 0
+    capsys.readouterr()
+    assert main(["compact", "--gallery", str(gallery), "-q"]) == 0
+    assert "merged into 1" in capsys.readouterr().out
+    with Runtime(tiny_export, gallery) as rt:
+        assert rt.gallery.segments == 1 and len(rt.gallery) == len(list((tiny_data / "bounding_box_test").glob("*")))

@@ -561,3 +561,28 @@ def test_serve_stops_on_signal_and_closes_runtime(tiny_export, files, caplog):
     assert closed.is_set()
     assert signal.getsignal(signal.SIGTERM) is previous
     assert any("stopped" in r.getMessage() for r in caplog.records)
+
+
+def test_oversized_bodies_get_a_readable_413(tiny_export):
+    from attrimeter.runtime.server import make_server
+
+    with Runtime(tiny_export) as runtime:
+        server = make_server(runtime, "127.0.0.1", 0, max_body_bytes=1 << 16)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            port = server.server_address[1]
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("POST", "/embed", body=b"x" * (3 << 16), headers={"Content-Type": "application/json"})
+            answer = conn.getresponse()
+            assert answer.status == 413 and "exceeds the limit" in json.loads(answer.read())["error"]
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.putrequest("POST", "/embed")
+            conn.putheader("Content-Length", str(50 << 20))
+            conn.putheader("Expect", "100-continue")
+            conn.endheaders()  # no body: the server must answer before it is sent
+            answer = conn.getresponse()
+            assert answer.status == 413
+        finally:
+            server.shutdown()
+            server.server_close()
