@@ -5,6 +5,7 @@ Embeddings use the kernels' layout ``[.., M+1, C]``: row 0 the target's global e
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from importlib import resources
 from typing import Any, NamedTuple
@@ -98,29 +99,24 @@ def _decompose(dist: np.ndarray, weights: np.ndarray | None) -> Decomposition:
     return Decomposition(d=d, d_k=d_k, shares=shares, d_hat=d_k.mean(-1), scores=scores.astype(np.float32))
 
 
-class _Fp32:
-    """float16 → float32 for the scan: ONNX Runtime's vectorised Cast where installed (about 10x numpy's)."""
+def _to_float32(rows: np.ndarray) -> np.ndarray:
+    """float16 → float32 for the scan, through ONNX Runtime's vectorised Cast where installed.
 
-    _session: Any = None
-
-    @classmethod
-    def convert(cls, rows: np.ndarray) -> np.ndarray:
-        if rows.dtype == np.float32:
-            return np.asarray(rows)
-        if rows.dtype == np.float16:
-            if cls._session is None:
-                cls._session = _cast_session()
-            if cls._session is not False:
-                return cls._session.run(None, {"x": np.ascontiguousarray(rows)})[0]
-        return np.asarray(rows, dtype=np.float32)
+    Measured on the 2-core CPU for 46 M values: 16 ms against 148 ms for numpy's ``astype``.
+    """
+    session = _cast_session() if rows.dtype == np.float16 else None
+    if session is not None:
+        return session.run(None, {"x": np.ascontiguousarray(rows)})[0]
+    return np.asarray(rows, dtype=np.float32)
 
 
+@functools.cache
 def _cast_session() -> Any:
-    """ONNX Runtime on the shipped one-node graph (``cast_fp16.onnx``: x float16 → y float32), or False without it."""
+    """ONNX Runtime on the shipped one-node graph (``cast_fp16.onnx``: x float16 → y float32), or None without it."""
     try:
         import onnxruntime as ort
     except ImportError:
-        return False
+        return None
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = 1  # memory-bound: one thread converts as fast and leaves the cores to the engine
@@ -151,7 +147,7 @@ def weighted_scan(q: np.ndarray, chunks: Iterable[tuple[int, np.ndarray]], weigh
     best_scores = np.empty((len(q), 0), np.float32)
     best_ids = np.empty((len(q), 0), np.int64)
     for first, rows in chunks:
-        g = _Fp32.convert(rows)
+        g = _to_float32(rows)
         sq = q_sq + np.einsum("nac,nac->na", g, g)[None] - 2.0 * np.einsum("nac,qac->qna", g, q32)  # [Q, n, M]
         scores = np.sqrt(np.maximum(sq, 0.0)) @ weights  # [Q, n]
         ids = np.broadcast_to(np.arange(first, first + scores.shape[1], dtype=np.int64), scores.shape)

@@ -5,12 +5,12 @@ The export's graph normalises inside, so the runtime only delivers float32 RGB i
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from attrimeter.data.images import ImageError, decode_image, read_image
 from attrimeter.runtime.errors import InputError
 
 __all__ = ["DECODE_FORMATS", "MAX_PIXELS", "ImageSource", "as_sources", "load_image", "to_input"]
@@ -20,25 +20,6 @@ ImageSource = str | Path | bytes | np.ndarray
 MAX_PIXELS = 20_000_000
 # The formats decoded; other Pillow plugins (TIFF, DDS, …) are not tried on request bytes.
 DECODE_FORMATS = ("JPEG", "PNG", "BMP")
-
-
-def _decode_bytes(data: bytes, size: tuple[int, int], name: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data), formats=DECODE_FORMATS) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise InputError(f"{name}: {im.width}x{im.height} pixels is more than {MAX_PIXELS} (not a person crop)")
-            im = im.convert("RGB")
-            if im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
-    except UnidentifiedImageError:
-        raise InputError(f"{name}: not a {'/'.join(DECODE_FORMATS)} image") from None
-    except InputError:
-        raise
-    except Exception as e:  # a corrupt file can make a decoder raise anything: it is the request's fault
-        raise InputError(f"{name}: cannot decode the image ({type(e).__name__}: {e})") from None
 
 
 def _from_array(image: np.ndarray, size: tuple[int, int], name: str) -> np.ndarray:
@@ -77,18 +58,15 @@ def load_image(source: ImageSource, size: tuple[int, int], name: str = "image") 
         InputError: Missing or corrupt file, undecodable bytes, wrong shape or dtype, NaN/inf, values outside
             [0, 1], or an absurdly large image; the message names the image.
     """
-    if isinstance(source, (str, Path)):
-        try:
-            data = Path(source).read_bytes()
-        except FileNotFoundError:
-            raise InputError(f"{name}: image not found: {source}") from None
-        except OSError as e:
-            raise InputError(f"{name}: cannot read {source}: {e}") from None
-        return _decode_bytes(data, size, f"{name} ({source})" if name != str(source) else name)
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        if len(source) == 0:
-            raise InputError(f"{name}: empty image data")
-        return _decode_bytes(bytes(source), size, name)
+    try:
+        if isinstance(source, (str, Path)):
+            return read_image(source, size, DECODE_FORMATS, MAX_PIXELS)
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            if len(source) == 0:
+                raise InputError(f"{name}: empty image data")
+            return decode_image(bytes(source), size, name, DECODE_FORMATS, MAX_PIXELS)
+    except ImageError as e:
+        raise InputError(str(e) if isinstance(source, (bytes, bytearray, memoryview)) else f"{name}: {e}") from None
     if isinstance(source, np.ndarray):
         return _from_array(source, size, name)
     raise InputError(f"{name}: expected a path, encoded bytes or an array, got {type(source).__name__}")

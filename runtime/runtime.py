@@ -415,10 +415,9 @@ class Runtime:
     def _embeddings(self, out: Mapping[str, np.ndarray]) -> Embeddings:
         emb = Embeddings(embedding=out["embedding"], attr_embeddings=out["attr_embeddings"],
                          probs=_sigmoid(out["attr_logits"]), aam=out["aam"])
-        bad = [i for i in range(len(emb.embedding))
-               if not (np.isfinite(emb.embedding[i]).all() and np.isfinite(emb.attr_embeddings[i]).all())]
-        if bad:
-            raise InputError(f"the model gives NaN/inf embeddings for images {bad}")
+        finite = np.isfinite(emb.embedding).all(1) & np.isfinite(emb.attr_embeddings).all((1, 2))
+        if not finite.all():
+            raise InputError(f"the model gives NaN/inf embeddings for images {np.flatnonzero(~finite).tolist()}")
         return emb
 
     def _timed(self, op: str, start: float, ok: bool) -> None:
@@ -470,19 +469,20 @@ class Runtime:
         q, k = len(ids), ids.shape[1]
         flat = ids.reshape(-1)
         device = self._device  # once: a failed append may drop it meanwhile
+        stacked = emb.stacked() if dec is None else None
         if dec is not None:
             pass
         elif isinstance(device, FusedSearch) and k and ids.max() < len(device):
-            dec = device.explain(emb.stacked(), ids, weights)
+            dec = device.explain(stacked, ids, weights)
         elif device is not None and k and ids.max() < len(device):  # else: an add is being mirrored right now
-            dec = Decomposition(**device.explain(emb.stacked(), ids, weights))
+            dec = Decomposition(**device.explain(stacked, ids, weights))
         else:  # in query chunks: the gathered rows stay bounded
             step = max(1, _EXPLAIN_CHUNK // max(k, 1))
             parts = []
             for s in range(0, q, step):
                 part = ids[s:s + step].reshape(-1)
                 rows = np.concatenate([gallery.embeddings(part)[:, None], gallery.attr_embeddings(part)], axis=1)
-                queries = emb.stacked()[s:s + step]
+                queries = stacked[s:s + step]
                 parts.append(explain_rows(queries, rows.reshape(len(queries), k, *rows.shape[1:]), weights))
             dec = Decomposition(*(np.concatenate(field) for field in zip(*parts, strict=True)))
         if weights is not None:  # re-rank the scan's winners by their exact scores
@@ -499,15 +499,16 @@ class Runtime:
         probs = gallery.probs(flat).reshape(q, k, -1) if k else np.empty((q, 0, len(self.attributes)), np.float32)
         meta = gallery.meta(flat) if k else []
         g_aam = gallery.aam(flat) if overlays and k else None
+        contributions = dec.shares * dec.d[..., None]  # c_k = p_k · d: sums to d
+        orders = np.argsort(-contributions, axis=-1, kind="stable")
         results = []
         for i in range(q):
             q_on = emb.probs[i] > 0.5
             matches = []
             for j in range(k):
                 entry = meta[i * k + j]
-                contributions = dec.shares[i, j] * dec.d[i, j]
                 g_on = probs[i, j] > 0.5
-                order = np.argsort(-contributions, kind="stable")
+                order = orders[i, j]
                 differing = [(self.attributes[a], self.titles[a], self.meanings[a][int(q_on[a])],
                               self.meanings[a][int(g_on[a])]) for a in order if q_on[a] != g_on[a]]
                 pictures = self._overlays(pixels[i], emb.aam[i], entry, None if g_aam is None else g_aam[i * k + j],
@@ -516,7 +517,7 @@ class Runtime:
                     id=int(ids[i, j]), key=str(entry.get("key") or f"entry-{ids[i, j]}"), path=entry.get("path"),
                     camera=entry.get("camera"), rank=j + 1, score=float(dec.scores[i, j]), d=float(dec.d[i, j]),
                     d_hat=float(dec.d_hat[i, j]), d_k=dec.d_k[i, j], shares=dec.shares[i, j],
-                    contributions=contributions, attributes=self.attributes, titles=self.titles,
+                    contributions=contributions[i, j], attributes=self.attributes, titles=self.titles,
                     differing=differing, overlays=pictures))
             results.append(QueryResult(matches=matches, query_probs=emb.probs[i], query_aam=emb.aam[i],
                                        attributes=self.attributes, meanings=self.meanings))

@@ -245,7 +245,8 @@ def test_shipped_cast_graph_is_the_recipe_and_exact(rng):
 
     assert (resources.files("attrimeter.runtime") / explain.CAST_MODEL).read_bytes() == recipe.SerializeToString()
     x = (rng.standard_normal((50, 4, 9)) * 100).astype(np.float16)
-    np.testing.assert_array_equal(explain._Fp32.convert(x), x.astype(np.float32))
+    np.testing.assert_array_equal(explain._to_float32(x), x.astype(np.float32))
+    assert explain._cast_session() is not None  # the fast path ran, not the numpy fallback
 
 
 def test_a_failing_batch_does_not_kill_the_inference_thread():
