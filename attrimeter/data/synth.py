@@ -1077,7 +1077,8 @@ def render_person(person: Person, view: View, size: tuple[int, int] = (128, 64))
     return out
 
 
-def attribute_mask(person: Person, view: View, attribute: str, size: tuple[int, int] = (128, 64)) -> np.ndarray:
+def attribute_mask(person: Person, view: View, attribute: str, size: tuple[int, int] = (128, 64),
+                   parts: np.ndarray | None = None) -> np.ndarray:
     """Pixels showing a part in which ``attribute`` is drawn (:data:`ATTRIBUTE_PARTS`), before blur.
 
     Args:
@@ -1085,6 +1086,7 @@ def attribute_mask(person: Person, view: View, attribute: str, size: tuple[int, 
         view: The camera nuisance.
         attribute: A Market-1501 attribute name.
         size: ``(height, width)`` in pixels.
+        parts: ``render_parts(person, view, size)`` when already known (masks of many attributes of one image).
 
     Returns:
         Boolean array of shape ``size``.
@@ -1094,7 +1096,7 @@ def attribute_mask(person: Person, view: View, attribute: str, size: tuple[int, 
     """
     _check_attribute(attribute)
     ids = [_ID[name] for name in ATTRIBUTE_PARTS[attribute]]
-    return np.isin(render_parts(person, view, size), ids)
+    return np.isin(render_parts(person, view, size) if parts is None else parts, ids)
 
 
 def body_regions(person: Person, view: View, size: tuple[int, int] = (128, 64)) -> dict[str, tuple[int, int, int, int]]:

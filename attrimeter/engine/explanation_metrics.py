@@ -13,12 +13,18 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 __all__ = [
+    "PaperAccumulator",
+    "aam_localisation",
     "adre",
     "attribute_accuracy",
     "average_precision",
     "counterfactual_scores",
+    "counterfactual_shares",
+    "paper_average_precisions",
+    "share_concentration",
     "x_map_c",
     "x_map_e",
+    "upsample_bilinear",
 ]
 
 # Elements of one chunk of rows in average_precision; bounds the sort's temporaries whatever P is (1e6 pairs x 26).
@@ -194,3 +200,191 @@ def attribute_accuracy(logits: ArrayLike, labels: ArrayLike) -> tuple[float, np.
         raise ValueError(f"attribute_accuracy needs at least one entry, got shape {logits.shape}")
     correct = (logits > 0) == _binary(labels, "labels")
     return float(correct.mean()), correct.mean(axis=0, dtype=np.float64)
+
+
+def counterfactual_shares(shares: ArrayLike, changed: ArrayLike) -> dict[str, float]:
+    """How much of a counterfactual pair's distance its changed attributes take (flat explanations show here).
+
+    Args:
+        shares: Shares [P, M] of counterfactual pairs (rows sum to 1).
+        changed: [P, M], bool or 0/1, the attributes that truly differ within each pair (at least one per row).
+
+    Returns:
+        ``cf_share``: mean over pairs of the summed share of the changed attributes; ``cf_lift``: the same over the
+        uniform share N_e / M (1 = no better than flat shares); ``prior_met``: the fraction of pairs that reach the
+        attribute prior's own target, summed changed share >= sqrt(N_e / M) (DESIGN §3).
+
+    Raises:
+        ValueError: As :func:`counterfactual_scores`.
+    """
+    shares, changed = _pair(shares, changed, "shares", "changed")
+    changed = _binary(changed, "changed")
+    if shares.shape[0] == 0:
+        raise ValueError("counterfactual_shares needs at least one pair")
+    n_e = changed.sum(axis=1)
+    if (n_e == 0).any():
+        raise ValueError(f"changed has no changed attribute in {int((n_e == 0).sum())} rows")
+    m = shares.shape[1]
+    total = np.where(changed, shares, 0.0).sum(axis=1, dtype=np.float64)
+    return {"cf_share": float(total.mean()), "cf_lift": float((total / (n_e / m)).mean()),
+            "prior_met": float(np.mean(total >= np.sqrt(n_e / m) - 1e-9))}
+
+
+def share_concentration(shares: ArrayLike) -> tuple[float, float]:
+    """How peaked explanations are: the mean largest share and the mean normalised entropy of the shares.
+
+    Args:
+        shares: Shares [P, M] (rows sum to 1, entries >= 0), M >= 2.
+
+    Returns:
+        ``(mean largest share, mean entropy / ln M)``: uniform shares give ``(1 / M, 1.0)``, one attribute taking
+        the whole distance ``(1.0, 0.0)``.
+
+    Raises:
+        ValueError: If ``shares`` is not a finite [P, M] array with P >= 1 and M >= 2, or has negative entries.
+    """
+    shares = np.asarray(shares, dtype=np.float64)
+    if shares.ndim != 2 or shares.shape[0] == 0 or shares.shape[1] < 2:
+        raise ValueError(f"shares must have shape [P, M] with P >= 1 and M >= 2, got {shares.shape}")
+    if not np.isfinite(shares).all() or (shares < 0).any():
+        raise ValueError("shares must be finite and >= 0")
+    p = shares / np.maximum(shares.sum(axis=1, keepdims=True), 1e-300)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
+    return float(p.max(axis=1).mean()), float((entropy / np.log(p.shape[1])).mean())
+
+
+def paper_average_precisions(shares: ArrayLike, differ: ArrayLike, lamda: float = 2.0
+                             ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pair APs of the authors' X-mAP protocol (``explain_eval`` of the AttriMeter paper's code).
+
+    X-mAP_e: AP of the differing attributes, ranked by share, largest first (as :func:`x_map_e`). X-mAP_c: AP of the
+    common attributes ranked smallest first, except on a pair whose attributes all agree: there the attributes are
+    ranked largest first, a share above ``lamda / M`` counts as not relevant, and the AP is divided by M (so every
+    share above ``lamda / M`` costs precision).
+
+    Args:
+        shares: Shares [P, M].
+        differ: [P, M], 1 where the two persons differ on the attribute.
+        lamda: The all-agree rule's bound, in units of the uniform share 1 / M (the authors' 2).
+
+    Returns:
+        ``(ap_e, ap_c)`` float64 [P]: NaN where the pair has no differing (for ``ap_e``) or no common attribute.
+
+    Raises:
+        ValueError: If the shapes differ or are not 2-D, or ``differ`` holds values other than 0/1.
+    """
+    shares, differ = _pair(shares, differ, "shares", "differ")
+    differ = _binary(differ, "differ")
+    shares = shares.astype(np.float64, copy=False)
+    m = shares.shape[1]
+    ap_e = np.full(shares.shape[0], np.nan)
+    ap_c = np.full(shares.shape[0], np.nan)
+    has_e = differ.any(axis=1)
+    if has_e.any():
+        ap_e[has_e] = average_precision(shares[has_e], differ[has_e])
+    agree = ~differ.any(axis=1)
+    mixed = ~agree & ~differ.all(axis=1)
+    if mixed.any():
+        ap_c[mixed] = average_precision(-shares[mixed], ~differ[mixed])
+    if agree.any():
+        relevant = shares[agree] <= lamda / m
+        hits = np.take_along_axis(relevant, _rank_descending(shares[agree]), axis=1)
+        found = np.cumsum(hits, axis=1)
+        ap_c[agree] = np.where(hits, found / np.arange(1, m + 1), 0.0).sum(axis=1) / m
+    return ap_e, ap_c
+
+
+class PaperAccumulator:
+    """The paper's protocol over every query × gallery pair, accumulated chunk by chunk (X-mAP_e, X-mAP_c, ADRE).
+
+    Args:
+        lamda: See :func:`paper_average_precisions`.
+    """
+
+    def __init__(self, lamda: float = 2.0) -> None:
+        self.lamda = lamda
+        self._sums = np.zeros(3)  # AP_e, AP_c, relative error
+        self._counts = np.zeros(3, dtype=np.int64)
+
+    def add(self, shares: np.ndarray, differ: np.ndarray, d: np.ndarray, d_hat: np.ndarray) -> None:
+        """Add a chunk of pairs: shares / differ [P, M], d / d_hat [P]."""
+        ap_e, ap_c = paper_average_precisions(shares, differ, self.lamda)
+        d = np.asarray(d, dtype=np.float64)
+        keep = d > 0
+        rel = np.abs(d[keep] - np.asarray(d_hat, dtype=np.float64)[keep]) / d[keep]
+        for i, values in enumerate((ap_e[~np.isnan(ap_e)], ap_c[~np.isnan(ap_c)], rel)):
+            self._sums[i] += values.sum()
+            self._counts[i] += values.size
+
+    def result(self) -> dict[str, float]:
+        """``{"x_map_e", "x_map_c", "adre" (percent), "pairs"}`` of everything added."""
+        means = self._sums / np.maximum(self._counts, 1)
+        return {"x_map_e": float(means[0]), "x_map_c": float(means[1]), "adre": float(means[2] * 100.0),
+                "pairs": int(self._counts[2])}
+
+
+def _interpolation_matrix(out: int, size: int) -> np.ndarray:
+    """``[out, size]`` weights of linear interpolation with half-pixel centres (torch's align_corners=False)."""
+    src = np.clip((np.arange(out) + 0.5) * size / out - 0.5, 0, size - 1)
+    lo = np.floor(src).astype(int)
+    hi = np.minimum(lo + 1, size - 1)
+    frac = src - lo
+    w = np.zeros((out, size))
+    np.add.at(w, (np.arange(out), lo), 1 - frac)
+    np.add.at(w, (np.arange(out), hi), frac)
+    return w
+
+
+def upsample_bilinear(maps: ArrayLike, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling of maps ``[..., h, w]`` to ``[..., H, W]`` (as torch's ``interpolate``, align_corners=False).
+
+    Args:
+        maps: The maps.
+        size: ``(H, W)``.
+
+    Returns:
+        float64 ``[..., H, W]``.
+    """
+    maps = np.asarray(maps, dtype=np.float64)
+    uy, ux = _interpolation_matrix(size[0], maps.shape[-2]), _interpolation_matrix(size[1], maps.shape[-1])
+    return np.einsum("Yh,...hw,Xw->...YX", uy, maps, ux, optimize=True)
+
+
+def aam_localisation(aam: ArrayLike, masks: ArrayLike, tolerance: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Do the attention maps look where each attribute is? A pointing game and the mass inside the mask.
+
+    Each map is upsampled bilinearly to the masks' size. Pointing: the map's peak pixel lies within ``tolerance``
+    pixels (Chebyshev distance) of the mask. Mass: of the map's excess over its own mean, max(A − mean A, 0), the
+    fraction that falls inside the mask (0 for a flat map, which points nowhere).
+
+    Args:
+        aam: Attention maps ``[N, M, h, w]`` (>= 0).
+        masks: Where each attribute is visible, bool ``[N, M, H, W]``; an empty mask is not scored.
+        tolerance: Pixels a peak may miss the mask by (e.g. half a feature-map cell).
+
+    Returns:
+        ``(pointing, mass)`` float64 ``[N, M]``: 1/0 hits and fractions, NaN where the mask is empty.
+
+    Raises:
+        ValueError: If the shapes do not agree or the maps are not finite.
+    """
+    aam, masks = np.asarray(aam), np.asarray(masks, dtype=bool)
+    if aam.ndim != 4 or masks.ndim != 4 or aam.shape[:2] != masks.shape[:2]:
+        raise ValueError(f"aam [N, M, h, w] and masks [N, M, H, W] must agree on N and M, got {aam.shape} and "
+                         f"{masks.shape}")
+    if not np.isfinite(aam).all():
+        raise ValueError("aam contains NaN or infinite values")
+    n, m, height, width = masks.shape
+    pointing = np.full((n, m), np.nan)
+    mass = np.full((n, m), np.nan)
+    for i in range(n):
+        up = upsample_bilinear(aam[i], (height, width))  # [M, H, W]
+        for k in np.flatnonzero(masks[i].any(axis=(1, 2))):
+            peak = np.unravel_index(np.argmax(up[k]), (height, width))
+            ys, xs = np.nonzero(masks[i, k])
+            pointing[i, k] = float(np.min(np.maximum(np.abs(ys - peak[0]), np.abs(xs - peak[1]))) <= tolerance)
+            excess = np.maximum(up[k] - up[k].mean(), 0.0)
+            total = excess.sum()
+            mass[i, k] = float(excess[masks[i, k]].sum() / total) if total > 0 else 0.0
+    return pointing, mass

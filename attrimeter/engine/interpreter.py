@@ -34,13 +34,23 @@ from attrimeter.data.images import read_images
 from attrimeter.data.sampling import PKSampler
 from attrimeter.engine.evaluation import RankMetrics, evaluate_rank
 from attrimeter.engine.explanation_metrics import (
+    PaperAccumulator,
+    aam_localisation,
     adre,
     attribute_accuracy,
     counterfactual_scores,
+    counterfactual_shares,
+    share_concentration,
     x_map_c,
     x_map_e,
 )
-from attrimeter.engine.losses import attribute_prior, metric_distillation, positive_ratio, weighted_bce
+from attrimeter.engine.losses import (
+    attribute_prior,
+    colour_prior,
+    metric_distillation,
+    positive_ratio,
+    weighted_bce,
+)
 from attrimeter.engine.runs import RunConfig, Schedule, read_checkpoint, resolve_device, write_checkpoint
 from attrimeter.engine.target import TargetCheckpoint, load_target, target_from_payload, target_payload
 from attrimeter.kernels.attr_distance import attr_distance_reference, explain_topk_reference
@@ -86,13 +96,18 @@ class InterpreterTrainConfig(RunConfig):
     distill_ramp: float = 0.0
     prior_weight: float = 10.0
     cls_weight: float = 100.0
+    distill_margin: float = 0.0
+    colour_weight: float = 0.0
+    colour_threshold: float = 0.3
     cache: bool = True
     checkpoint_minutes: float = 2.0
 
     def _problems(self) -> list[str]:
         problems = super()._problems()
-        if min(self.distill_weight, self.prior_weight, self.cls_weight) < 0:
+        if min(self.distill_weight, self.prior_weight, self.cls_weight, self.colour_weight) < 0:
             problems.append("loss weights must be >= 0")
+        if not 0.0 <= self.distill_margin < 1.0 or self.colour_threshold < 0:
+            problems.append("distill_margin must be in [0, 1) and colour_threshold >= 0")
         if not 0.0 <= self.distill_ramp < 1.0:
             problems.append(f"distill_ramp must be in [0, 1), got {self.distill_ramp}")
         if self.head_lr_factor <= 0 or self.checkpoint_minutes <= 0:
@@ -252,6 +267,7 @@ def _batch_loss(
     ratio: torch.Tensor,
     config: InterpreterTrainConfig,
     distill_weight: float,
+    colour_groups: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The weighted loss of a batch and its parts (detached tensors: read them only when logging, to avoid syncs)."""
     out = model.from_shared(shared, features)
@@ -262,12 +278,15 @@ def _batch_loss(
     d, shares, d_hat = pairs.d[i, j], pairs.shares[i, j], pairs.d_hat[i, j]
     differ = (labels[i] != labels[j]).float()
     parts = {
-        "distill": metric_distillation(d, d_hat),
+        "distill": metric_distillation(d, d_hat, config.distill_margin),
         "prior": attribute_prior(shares, differ),
         "bce": weighted_bce(out.attr_logits, labels.float(), ratio),
     }
     loss = (distill_weight * parts["distill"] + config.prior_weight * parts["prior"]
             + config.cls_weight * parts["bce"])
+    if config.colour_weight > 0 and colour_groups:
+        parts["colour"] = colour_prior(shares, labels[i], labels[j], colour_groups, config.colour_threshold)
+        loss = loss + config.colour_weight * parts["colour"]
     stats = {k: v.detach() for k, v in parts.items()}
     stats["adre"] = ((d - d_hat).abs() / d.clamp_min(1e-12)).mean().detach() * 100
     return loss, stats
@@ -334,6 +353,9 @@ def train_interpreter(
                          f"{missing[:5]}")
     labels = torch.from_numpy(np.stack([data.attributes[s.pid] for s in data.train]).astype(np.int64))
     ratio = positive_ratio(np.stack([data.attributes[p] for p in data.train_pids])).to(device)
+    names = list(data.schema.names)
+    colour_groups = [torch.tensor([names.index(n) for n in members], device=device)
+                     for group, members in data.schema.groups.items() if group.endswith("colour")]
     model = AttriMeter(target.model, len(data.schema), shared=config.shared, classifier=config.classifier).to(device)
     optim = _optimizer(model, config)
     sampler = PKSampler(np.array([s.pid for s in data.train]), config.p_ids, config.k_instances, seed=config.seed)
@@ -396,7 +418,7 @@ def train_interpreter(
         # A = 1 (uniform shares); ramping it in lets the prior and the classifier shape the maps first.
         ramp = min(1.0, schedule.progress / config.distill_ramp) if config.distill_ramp > 0 else 1.0
         loss, stats = _batch_loss(model, shared.to(device), feats.to(device), labels[idx].to(device), ratio,
-                                  config, config.distill_weight * ramp)
+                                  config, config.distill_weight * ramp, colour_groups)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"interpreter training diverged at iteration {schedule.iteration} "
                                      f"(loss {loss.item()})")
@@ -415,6 +437,7 @@ def train_interpreter(
             last_save = time.perf_counter()
     bar.close()
     log.update(iterations=schedule.iteration, epochs=schedule.iteration / len(sampler),
+               stopped_early=schedule.stopped_early,
                train_seconds=schedule.elapsed, cached=cache is not None,
                images_per_second=schedule.iteration * config.p_ids * config.k_instances / max(schedule.elapsed, 1e-9))
     save_state()
@@ -443,7 +466,8 @@ def interpreter_embeddings(
     batch_size: int = 128,
     progress: bool = False,
     desc: str = "embed",
-) -> tuple[np.ndarray, np.ndarray]:
+    maps: bool = False,
+) -> tuple[np.ndarray, ...]:
     """Embeddings of images through the interpreter.
 
     Args:
@@ -454,15 +478,17 @@ def interpreter_embeddings(
         batch_size: Images per pass.
         progress: Show a progress bar (image files).
         desc: Progress bar label.
+        maps: Also return the attention maps.
 
     Returns:
-        ``(stacked [N, M+1, C] float32 with row 0 the target embedding, attribute logits [N, M] float32)``.
+        ``(stacked [N, M+1, C] float32 with row 0 the target embedding, attribute logits [N, M] float32)``, and
+        with ``maps`` the AAMs ``[N, M, h, w]`` float32 third.
 
     Raises:
         ValueError: If image files come without ``image_size``.
     """
     model.eval()
-    stacked, logits = [], []
+    stacked, logits, aams = [], [], []
     if isinstance(images, FeatureCache):
         batches = ((images.shared[s:s + batch_size], images.features[s:s + batch_size])
                    for s in range(0, len(images), batch_size))
@@ -478,7 +504,10 @@ def interpreter_embeddings(
     for out in outputs:
         stacked.append(out.stacked().float().cpu())
         logits.append(out.attr_logits.float().cpu())
-    return torch.cat(stacked).numpy(), torch.cat(logits).numpy()
+        if maps:
+            aams.append(out.aam().float().cpu())
+    result = (torch.cat(stacked).numpy(), torch.cat(logits).numpy())
+    return (*result, torch.cat(aams).numpy()) if maps else result
 
 
 def _d_hat_rows(q: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -679,6 +708,7 @@ def evaluate_interpreter(
         d.append(dd)
         d_hat.append(dh)
     shares_all, differ_all = np.concatenate(shares), np.concatenate(differ)
+    max_share, entropy = share_concentration(shares_all)
 
     logits = np.concatenate([q_logits, g_logits[annotated]])
     labels = np.concatenate([q_attrs, np.stack([data.attributes[p] for p in g_pids[annotated]])])
@@ -691,14 +721,53 @@ def evaluate_interpreter(
             "x_map_c": x_map_c(shares_all, differ_all),
             "adre": adre(np.concatenate(d), np.concatenate(d_hat)),
             "attr_acc": acc,
+            "max_share": max_share,
+            "share_entropy": entropy,
         },
+        "paper": _paper_protocol(q, g, q_attrs, g_pids, data.attributes),
     }
     if counterfactual is not None:
         a, b, changed = counterfactual
-        cf_shares = _explain_pairs(embed(a, "embed cf a")[0], embed(b, "embed cf b")[0])[2]
+        emb_a, _, aam_a = interpreter_embeddings(model, a, image_size, batch_size, progress, "embed cf a", maps=True)
+        emb_b, _, aam_b = interpreter_embeddings(model, b, image_size, batch_size, progress, "embed cf b", maps=True)
+        cf_shares = _explain_pairs(emb_a, emb_b)[2]
         top1, mrr = counterfactual_scores(cf_shares, changed)
-        result["interpreter"].update(cf_top1=top1, cf_mrr=mrr)
+        result["interpreter"].update(cf_top1=top1, cf_mrr=mrr, **counterfactual_shares(cf_shares, changed))
+        result["localisation"] = _localisation(data, np.stack([aam_a, aam_b], axis=1).reshape(-1, *aam_a.shape[1:]),
+                                               image_size)
     return result
+
+
+def _paper_protocol(q: np.ndarray, g: np.ndarray, q_attrs: np.ndarray, g_pids: np.ndarray,
+                    attributes: dict[int, np.ndarray], chunk: int = 32) -> dict[str, float]:
+    """The authors' X-mAP_e / X-mAP_c / ADRE over every query x annotated gallery pair (same identity included)."""
+    annotated = np.flatnonzero(g_pids > DISTRACTOR_PID)
+    g_attrs = np.stack([attributes[p] for p in g_pids[annotated]])
+    gallery = torch.from_numpy(g[annotated])
+    acc = PaperAccumulator()
+    for s in range(0, len(q), chunk):
+        res = attr_distance_reference(torch.from_numpy(q[s:s + chunk]), gallery)
+        m = res.shares.shape[-1]
+        differ = q_attrs[s:s + chunk, None, :] != g_attrs[None, :, :]
+        acc.add(res.shares.reshape(-1, m).numpy(), differ.reshape(-1, m), res.d.reshape(-1).numpy(),
+                res.d_hat.reshape(-1).numpy())
+    return acc.result()
+
+
+def _localisation(data: ReIDDataset, aam: np.ndarray, image_size: tuple[int, int]) -> dict[str, Any]:
+    """AAM pointing game and mass inside the ground-truth masks on the counterfactual images, per attribute."""
+    from attrimeter.data.truth import counterfactual_masks
+
+    names = list(data.schema.names)
+    # Half a feature-map cell: the maps' own resolution.
+    tolerance = 0.5 * image_size[0] / aam.shape[-2]
+    pointing, mass = aam_localisation(aam, counterfactual_masks(data.root, names, image_size), tolerance)
+    scored = ~np.isnan(pointing)
+    per = {n: {"pointing": float(np.nanmean(pointing[:, k])), "mass": float(np.nanmean(mass[:, k])),
+               "images": int(scored[:, k].sum())} for k, n in enumerate(names) if scored[:, k].any()}
+    return {"pointing": float(np.mean([v["pointing"] for v in per.values()])),
+            "mass": float(np.mean([v["mass"] for v in per.values()])), "tolerance_px": tolerance,
+            "per_attribute": per}
 
 
 def evaluate_checkpoint(
@@ -732,6 +801,14 @@ _TABLE_ROWS = (
     ("interpreter", "mAP", "interpreter mAP (d̂)"), ("interpreter", "rank1", "interpreter rank-1 (d̂)"),
     ("interpreter", "adre", "ADRE (%)"), ("interpreter", "x_map_e", "X-mAP_e"), ("interpreter", "x_map_c", "X-mAP_c"),
     ("interpreter", "cf_top1", "counterfactual top-1"), ("interpreter", "cf_mrr", "counterfactual MRR"),
+    ("interpreter", "cf_share", "counterfactual: changed attributes' share"),
+    ("interpreter", "cf_lift", "counterfactual: share over uniform"),
+    ("interpreter", "prior_met", "counterfactual: prior target met"),
+    ("interpreter", "max_share", "cross-identity: largest share"),
+    ("interpreter", "share_entropy", "cross-identity: share entropy / ln M"),
+    ("localisation", "pointing", "AAM pointing game"), ("localisation", "mass", "AAM mass inside the mask"),
+    ("paper", "x_map_e", "X-mAP_e (paper protocol)"), ("paper", "x_map_c", "X-mAP_c (paper protocol)"),
+    ("paper", "adre", "ADRE (%) (paper protocol)"),
     ("interpreter", "attr_acc", "attribute accuracy"),
 )
 
@@ -754,6 +831,6 @@ def metrics_markdown(runs: dict[str, dict[str, Any]]) -> str:
         cells = []
         for name in names:
             v = runs[name].get(group, {}).get(key)
-            cells.append("–" if v is None else f"{v:.2f}" if key == "adre" else f"{v:.4f}")
+            cells.append("–" if v is None else f"{v:.2f}" if key in ("adre", "cf_lift") else f"{v:.4f}")
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -15,6 +15,7 @@ __all__ = [
     "SIMILAR_WEIGHT",
     "attribute_prior",
     "attribute_prior_terms",
+    "colour_prior",
     "metric_distillation",
     "positive_ratio",
     "weighted_bce",
@@ -34,15 +35,16 @@ def _check_float(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
 
-def metric_distillation(d: torch.Tensor, d_hat: torch.Tensor) -> torch.Tensor:
-    """Mean absolute difference between the target distance and the decomposed distance.
+def metric_distillation(d: torch.Tensor, d_hat: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Mean absolute difference between the target distance and the decomposed distance, beyond a relative margin.
 
     Args:
         d: Target distances, e.g. [P] over the pairs i != j of a batch (detached here: the target is frozen).
         d_hat: Decomposed distances of the same pairs, same shape as ``d``.
+        margin: Relative error left free, e.g. 0.01: a pair within 1 % of d adds nothing (0: plain L1).
 
     Returns:
-        Scalar loss mean |d - d_hat|.
+        Scalar loss mean max(|d - d_hat| - margin d, 0).
 
     Raises:
         ValueError: If the shapes differ, there is no pair, or ``d_hat`` is not floating-point.
@@ -52,7 +54,9 @@ def metric_distillation(d: torch.Tensor, d_hat: torch.Tensor) -> torch.Tensor:
     if d_hat.numel() == 0:
         raise ValueError("metric_distillation needs at least one pair, got empty d and d_hat")
     _check_float(d_hat, "d_hat")
-    return (d.detach() - d_hat).abs().mean()
+    d = d.detach()
+    error = (d - d_hat).abs()
+    return (nnf.relu(error - margin * d) if margin > 0 else error).mean()
 
 
 def attribute_prior_terms(shares: torch.Tensor, differ: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -86,8 +90,11 @@ def attribute_prior_terms(shares: torch.Tensor, differ: torch.Tensor) -> dict[st
     r = torch.sqrt(n_e / m)
     dsum = nnf.relu(r - (e * shares).sum(1))
     ssum = nnf.relu((c * shares).sum(1) - (1.0 - r))
-    a = (m - n_e) * r + _A_OFFSET
-    b = n_e * (1.0 - r) + _B_OFFSET
+    # lambda with N_e clamped below M as the authors do: at N_e = M it would be set by the offsets alone.
+    n_lam = n_e.clamp(max=m - 0.1)
+    r_lam = torch.sqrt(n_lam / m)
+    a = (m - n_lam) * r_lam + _A_OFFSET
+    b = n_lam * (1.0 - r_lam) + _B_OFFSET
     lam = 0.5 * torch.log(a / b)
     # A pair with N_e = 0 (or N_e = M) has no entry where the mask e (or 1 - e) is set, so its term is 0 whatever
     # the denominator; a safe one of 1 keeps the value and the gradient finite.
@@ -116,6 +123,39 @@ def attribute_prior(shares: torch.Tensor, differ: torch.Tensor) -> torch.Tensor:
         raise ValueError("attribute_prior needs at least one pair, got shares of shape (0, M)")
     t = attribute_prior_terms(shares, differ)
     return (t["dsum"] + DIFFER_WEIGHT * t["d"] + t["ssum"] + SIMILAR_WEIGHT * t["s"]).mean()
+
+
+def colour_prior(shares: torch.Tensor, labels_a: torch.Tensor, labels_b: torch.Tensor,
+                 groups: list[torch.Tensor], threshold: float = 0.3) -> torch.Tensor:
+    """The authors' colour-group term: a colour that neither person wears takes little of the distance.
+
+    Within each group of mutually exclusive colours (e.g. the upper-body colours), the share of a colour that both
+    persons lack should stay below ``threshold`` times the mean share of the group's other colours (those that one
+    of them wears): of "black shirt vs blue shirt", the black and blue maps should explain, not the red one.
+
+    Args:
+        shares: Distance shares p [P, M].
+        labels_a: Attribute labels of each pair's first image [P, M] (0/1).
+        labels_b: Of the second image [P, M].
+        groups: Column indices of each colour group.
+        threshold: The authors' bound (0.3).
+
+    Returns:
+        Scalar loss, summed over groups and colours, averaged over pairs (0 without groups).
+
+    Raises:
+        ValueError: If the shapes differ.
+    """
+    if labels_a.shape != shares.shape or labels_b.shape != shares.shape:
+        raise ValueError(f"labels must have the shape of shares {tuple(shares.shape)}, got "
+                         f"{tuple(labels_a.shape)} and {tuple(labels_b.shape)}")
+    loss = shares.new_zeros(())
+    for cols in groups:
+        p = shares[:, cols]
+        neither = ((labels_a[:, cols] == 0) & (labels_b[:, cols] == 0)).to(p.dtype)
+        worn_mean = ((1.0 - neither) * p).sum(1) / (1.0 - neither).sum(1).clamp(min=1.0)
+        loss = loss + nnf.relu(neither * p - threshold * worn_mean[:, None]).sum(1).mean()
+    return loss
 
 
 def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, positive_ratio: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,7 @@ def lr_factor(progress: float, warmup: float, min_factor: float) -> float:
     """The learning-rate multiplier at a point of training: linear warmup from 0.01, then cosine decay.
 
     Args:
-        progress: Fraction of the run done, in [0, 1] (iterations or wall-clock, whichever is further along).
+        progress: Fraction of the run's iterations done, in [0, 1].
         warmup: Fraction of the run spent warming up.
         min_factor: The multiplier at the end of the run.
 
@@ -95,10 +96,12 @@ def lr_factor(progress: float, warmup: float, min_factor: float) -> float:
 
 
 class Schedule:
-    """The batches of a run until its iteration or wall-clock budget is spent, each with its learning rate set.
+    """The batches of a run until its iteration budget is spent, each with its learning rate set.
 
-    Progress is whichever of (iterations / (epochs · batches per epoch), elapsed / max_minutes) is further along, so a
-    time-bounded run still ends annealed. Every optimiser group gets ``group["base_lr"] * lr_factor(progress)``.
+    The run's length is ``epochs · batches per epoch`` iterations, so the same config trains the same number of steps
+    on any machine (same seed, same result). ``max_minutes`` is only a guard: a run that reaches it stops early,
+    un-annealed, with a warning, and says so in ``stopped_early``. Every optimiser group gets
+    ``group["base_lr"] * lr_factor(progress)``.
 
     Args:
         config: The run's config (epochs, max_minutes, warmup_fraction, min_lr_factor).
@@ -109,16 +112,18 @@ class Schedule:
     Attributes:
         iteration: Iterations done so far; the caller counts each one (``schedule.iteration += 1`` after its step).
         elapsed: Training seconds so far.
-        progress: Fraction of the run done, in [0, 1].
+        progress: Fraction of the iterations done, in [0, 1].
+        stopped_early: Why the run ended before its iterations (the time guard), else ``None``.
     """
 
     def __init__(self, config: RunConfig, batches_per_epoch: int, iteration: int = 0, elapsed: float = 0.0) -> None:
         self._config = config
-        self._total = config.epochs * batches_per_epoch
+        self.total = config.epochs * batches_per_epoch
         self._budget = config.max_minutes * 60.0 if config.max_minutes is not None else math.inf
         self.iteration = iteration
         self.elapsed = elapsed
-        self.progress = max(iteration / self._total, elapsed / self._budget)
+        self.progress = iteration / self.total
+        self.stopped_early: str | None = None
 
     def batches(self, sampler: Iterable[Any], optim: torch.optim.Optimizer) -> Iterator[Any]:
         """Yield the sampler's batches, pass after pass, until the run is done.
@@ -134,8 +139,14 @@ class Schedule:
         while True:
             for batch in sampler:
                 self.elapsed = time.perf_counter() - start
-                self.progress = max(self.iteration / self._total, self.elapsed / self._budget)
+                self.progress = self.iteration / self.total
                 if self.progress >= 1.0:
+                    return
+                if self.elapsed >= self._budget:
+                    self.stopped_early = (f"stopped by the max_minutes={self._config.max_minutes} guard after "
+                                          f"{self.iteration} of {self.total} iterations: the model is not the "
+                                          "configured one (raise max_minutes, or lower epochs)")
+                    warnings.warn(self.stopped_early, RuntimeWarning, stacklevel=2)
                     return
                 factor = lr_factor(self.progress, self._config.warmup_fraction, self._config.min_lr_factor)
                 for group in optim.param_groups:

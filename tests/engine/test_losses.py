@@ -10,6 +10,7 @@ from attrimeter.engine.losses import (
     SIMILAR_WEIGHT,
     attribute_prior,
     attribute_prior_terms,
+    colour_prior,
     metric_distillation,
     positive_ratio,
     weighted_bce,
@@ -72,21 +73,22 @@ def test_attribute_prior_is_the_mean_over_pairs():
 
 def test_attribute_prior_guards_give_finite_values_and_gradients():
     # Dyadic shares sum to exactly 1, so L_dsum and L_ssum are exactly 0 and the gradients are exact.
-    # Pair 1, N_e = M = 4, p = [1/16, 3/16, 4/16, 8/16]: r = 1; a = 0 + 0.004, b = 4 * 0 + 0.001, lambda = 0.5 ln 4,
-    #   lambda_d = 1/2; L_d = sum_k ReLU(0.5 * 1 / 4 - p_k) = 0.125 - 0.0625 = 0.0625; L_s = 0 (no common attribute).
-    #   L_ap = 10 * 0.0625 = 0.625.
+    # Pair 1, N_e = M = 4, p = [1/16, 3/16, 4/16, 8/16]: r = 1; lambda from N_e clamped at M - 0.1 = 3.9 (the
+    #   authors'): r' = sqrt(3.9 / 4), a = 0.1 r' + 0.004, b = 3.9 (1 - r') + 0.001, lambda = 0.5 ln(a / b) = 0.35951,
+    #   lambda_d = 0.69802; L_d = sum_k ReLU(lambda_d * 1 / 4 - p_k) = 0.174504 - 0.0625 = 0.112004 (3/16 > 0.1745);
+    #   L_s = 0 (no common attribute). L_ap = 10 * 0.112004 = 1.12004.
     # Pair 2, N_e = 0, p = [0.625, 0.125, 0.125, 0.125]: r = 0; a = 4 * 0 + 0.004, b = 0.001, lambda_s = 2;
     #   L_s = sum_k ReLU(p_k - 2 * 1 / 4) = 0.625 - 0.5 = 0.125; L_d = 0 (no differing attribute). L_ap = 1.25.
-    # Mean = (0.625 + 1.25) / 2 = 0.9375; d/dp_0 is -10/2 for pair 1 and +10/2 for pair 2, 0 elsewhere.
+    # Mean = (1.12004 + 1.25) / 2 = 1.18502; d/dp_0 is -10/2 for pair 1 and +10/2 for pair 2, 0 elsewhere.
     p = torch.tensor([[0.0625, 0.1875, 0.25, 0.5], [0.625, 0.125, 0.125, 0.125]], requires_grad=True)
     e = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
     terms = attribute_prior_terms(p, e)
     for t in terms.values():
         assert torch.isfinite(t).all()
-    assert terms["d"].tolist() == pytest.approx([0.0625, 0.0])
+    assert terms["d"].tolist() == pytest.approx([0.112004, 0.0], abs=1e-6)
     assert terms["s"].tolist() == pytest.approx([0.0, 0.125])
     loss = attribute_prior(p, e)
-    assert loss.item() == pytest.approx(0.9375)
+    assert loss.item() == pytest.approx(1.185019, abs=1e-6)
     loss.backward()
     assert torch.isfinite(p.grad).all()
     expected = torch.tensor([[-5.0, 0, 0, 0], [5.0, 0, 0, 0]])
@@ -198,3 +200,41 @@ def test_losses_match_torch_reference_on_random_batch(rng):
     d = torch.from_numpy(rng.random(30))
     d_hat = torch.from_numpy(rng.random(30))
     assert metric_distillation(d, d_hat).item() == pytest.approx(nnf.l1_loss(d_hat, d).item())
+
+
+def test_metric_distillation_margin_by_hand():
+    d = torch.tensor([10.0, 10.0, 10.0])
+    d_hat = torch.tensor([10.05, 10.3, 8.0], requires_grad=True)
+    # margin 1 % of d = 0.1: errors 0.05 (free), 0.3 -> 0.2, 2.0 -> 1.9
+    loss = metric_distillation(d, d_hat, margin=0.01)
+    assert loss.item() == pytest.approx((0.0 + 0.2 + 1.9) / 3)
+    loss.backward()
+    assert d_hat.grad.tolist() == pytest.approx([0.0, 1 / 3, -1 / 3])
+
+
+def test_prior_lambda_clamps_all_differing_pairs_like_the_authors():
+    m = 4
+    shares = torch.full((1, m), 1 / m)
+    t = attribute_prior_terms(shares, torch.ones(1, m))
+    # N_e = M: lambda from N_e clamped at M - 0.1 (not from the offsets alone); r stays sqrt(M / M) = 1.
+    n = m - 0.1
+    r = math.sqrt(n / m)
+    lam = 0.5 * math.log(((m - n) * r + 0.004) / (n * (1 - r) + 0.001))
+    per_differ = math.exp(-lam) * 1.0 / m
+    assert t["d"].item() == pytest.approx(m * max(per_differ - 1 / m, 0.0))
+    assert t["dsum"].item() == pytest.approx(0.0)
+
+
+def test_colour_prior_by_hand():
+    # One group of three colours; pair: person a wears colour 0, person b colour 1, neither wears colour 2.
+    shares = torch.tensor([[0.3, 0.3, 0.2, 0.2]], requires_grad=True)
+    a = torch.tensor([[1, 0, 0, 1]])
+    b = torch.tensor([[0, 1, 0, 0]])
+    loss = colour_prior(shares, a, b, [torch.tensor([0, 1, 2])], threshold=0.3)
+    # worn mean = (0.3 + 0.3) / 2 = 0.3; colour 2 may take 0.3 * 0.3 = 0.09, takes 0.2 -> 0.11
+    assert loss.item() == pytest.approx(0.11)
+    loss.backward()
+    assert shares.grad.tolist()[0] == pytest.approx([-0.15, -0.15, 1.0, 0.0])
+    assert colour_prior(shares, a, b, []).item() == 0.0
+    with pytest.raises(ValueError, match="shape of shares"):
+        colour_prior(shares, a[:, :3], b, [torch.tensor([0])])
