@@ -1,8 +1,10 @@
 """Explanation metrics of the interpreter (DESIGN §8): X-mAP_e, X-mAP_c, ADRE, counterfactual faithfulness.
 
 All take per-pair arrays with one row per pair of images and one column per attribute: ``shares`` [P, M] (the
-share p_k of each attribute in the pair's distance), ``differ`` / ``changed`` [P, M] (which attributes truly differ).
-Rankings sort shares descending with ties broken by column order (a stable sort), so results are reproducible.
+share p_k of each attribute in the pair's distance), ``differ`` / ``changed`` [P, M] (which attributes truly differ),
+optionally ``known`` [P, M] (which attributes are annotated for both persons: an unknown one neither differs nor
+agrees and is left out of the ranking). Rankings sort shares descending with ties broken by column order (a stable
+sort), so results are reproducible.
 
 numpy only, so the torch-free runtime can reuse it.
 """
@@ -83,6 +85,18 @@ def average_precision(scores: ArrayLike, relevant: ArrayLike) -> np.ndarray:
     return ap
 
 
+def _known_last(scores: np.ndarray, known: ArrayLike | None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores with the unknown entries below every known one, and the known mask (all True for ``None``)."""
+    # Ranked last and never relevant, an entry changes no AP: the same as leaving it out of the ranking.
+    if known is None:
+        return scores, np.ones(scores.shape, dtype=bool)
+    known = _binary(np.asarray(known), "known")
+    if known.shape != scores.shape:
+        raise ValueError(f"known must have the shape of shares {scores.shape}, got {known.shape}")
+    scores = scores.astype(np.float64, copy=False)
+    return np.where(known, scores, scores.min(initial=0.0) - 1.0), known
+
+
 def _mean_ap(scores: np.ndarray, relevant: np.ndarray) -> float:
     has = relevant.any(axis=1)
     if not has.any():
@@ -90,38 +104,44 @@ def _mean_ap(scores: np.ndarray, relevant: np.ndarray) -> float:
     return float(average_precision(scores[has], relevant[has]).mean())
 
 
-def x_map_e(shares: ArrayLike, differ: ArrayLike) -> float:
+def x_map_e(shares: ArrayLike, differ: ArrayLike, known: ArrayLike | None = None) -> float:
     """X-mAP_e: mean AP of the truly differing attributes when attributes are ranked by share, largest first.
 
     Args:
         shares: Shares [P, M].
         differ: [P, M], 1 where the two persons differ on the attribute.
+        known: Optional [P, M], 1 where the attribute is known for both persons; unknown ones are left out of the
+            ranking. ``None``: all known.
 
     Returns:
-        Mean AP over the pairs with at least one differing attribute, in [0, 1]; NaN if there is none.
+        Mean AP over the pairs with at least one (known) differing attribute, in [0, 1]; NaN if there is none.
 
     Raises:
-        ValueError: If the shapes differ or are not 2-D, or ``differ`` holds values other than 0/1.
+        ValueError: If the shapes differ or are not 2-D, or ``differ`` / ``known`` hold values other than 0/1.
     """
     shares, differ = _pair(shares, differ, "shares", "differ")
-    return _mean_ap(shares, _binary(differ, "differ"))
+    scores, known = _known_last(shares, known)
+    return _mean_ap(scores, _binary(differ, "differ") & known)
 
 
-def x_map_c(shares: ArrayLike, differ: ArrayLike) -> float:
+def x_map_c(shares: ArrayLike, differ: ArrayLike, known: ArrayLike | None = None) -> float:
     """X-mAP_c: mean AP of the common attributes when attributes are ranked by share, smallest first.
 
     Args:
         shares: Shares [P, M].
         differ: [P, M], 1 where the two persons differ on the attribute.
+        known: Optional [P, M], 1 where the attribute is known for both persons; unknown ones are left out of the
+            ranking (they are not common either). ``None``: all known.
 
     Returns:
-        Mean AP over the pairs with at least one common attribute, in [0, 1]; NaN if there is none.
+        Mean AP over the pairs with at least one (known) common attribute, in [0, 1]; NaN if there is none.
 
     Raises:
-        ValueError: If the shapes differ or are not 2-D, or ``differ`` holds values other than 0/1.
+        ValueError: If the shapes differ or are not 2-D, or ``differ`` / ``known`` hold values other than 0/1.
     """
     shares, differ = _pair(shares, differ, "shares", "differ")
-    return _mean_ap(-shares.astype(np.float64, copy=False), ~_binary(differ, "differ"))
+    scores, known = _known_last(-shares.astype(np.float64, copy=False), known)
+    return _mean_ap(scores, ~_binary(differ, "differ") & known)
 
 
 def adre(d: ArrayLike, d_hat: ArrayLike) -> float:
@@ -177,20 +197,29 @@ def counterfactual_scores(shares: ArrayLike, changed: ArrayLike) -> tuple[float,
 
 
 def attribute_accuracy(logits: ArrayLike, labels: ArrayLike) -> tuple[float, np.ndarray]:
-    """Accuracy of attribute predictions (logit > 0 predicts 1).
+    """Accuracy of attribute predictions (logit > 0 predicts 1) on the known labels.
 
     Args:
         logits: Attribute logits [N, M].
-        labels: Labels [N, M], bool or 0/1.
+        labels: Labels [N, M], bool or 0/1, or -1 where unknown (left out).
 
     Returns:
-        ``(mean accuracy over all entries, float64 per-attribute accuracy [M])``.
+        ``(mean accuracy over the known entries, float64 per-attribute accuracy [M])``; an attribute without known
+        label has accuracy NaN.
 
     Raises:
-        ValueError: If the shapes differ, are not 2-D or are empty, or ``labels`` holds values other than 0/1.
+        ValueError: If the shapes differ, are not 2-D or are empty, ``labels`` holds values other than 0/1/-1, or
+            no label is known.
     """
     logits, labels = _pair(logits, labels, "logits", "labels")
     if logits.size == 0:
         raise ValueError(f"attribute_accuracy needs at least one entry, got shape {logits.shape}")
-    correct = (logits > 0) == _binary(labels, "labels")
-    return float(correct.mean()), correct.mean(axis=0, dtype=np.float64)
+    if labels.dtype != bool and not np.isin(labels, (-1, 0, 1)).all():
+        raise ValueError("labels must hold only 0 and 1, or -1 for unknown (or bool)")
+    known = labels >= 0
+    if not known.any():
+        raise ValueError("attribute_accuracy needs at least one known label, all are -1 (unknown)")
+    correct = ((logits > 0) == (labels == 1)) & known
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_attribute = correct.sum(axis=0) / known.sum(axis=0, dtype=np.float64)
+    return float(correct.sum() / known.sum()), per_attribute
