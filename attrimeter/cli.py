@@ -63,6 +63,18 @@ def _cmd_train_target(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_target(args: argparse.Namespace) -> int:
+    from attrimeter.engine.target import import_target, load_target
+
+    out = import_target(args.weights, args.out, args.size, arch=args.arch, style=args.style,
+                        last_stride=args.last_stride, pooling=args.pooling, gem_p=args.gem_p)
+    d = load_target(out).meta["imported"]
+    pooling = f"GeM p={d['gem_p']:.3g}" if d["pooling"] == "gem" else "average pooling"
+    print(f"imported {d['style']} {d['arch']} ({pooling}, {'BN-neck' if d['bn_neck'] else 'no BN-neck'}, last stride "
+          f"{d['last_stride']}, {d['stem_pool']} stem, input {args.size[0]}x{args.size[1]}): {out}")
+    return 0
+
+
 def _cmd_evaluate_target(args: argparse.Namespace) -> int:
     from attrimeter.engine.target import evaluate_target
 
@@ -80,7 +92,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from attrimeter.engine.interpreter import PROFILES, InterpreterTrainConfig, train_interpreter
 
     config = resolve(InterpreterTrainConfig(), PROFILES, args.profile, args.config, list(args.set or []))
-    log = train_interpreter(args.data, args.target, args.out, config, progress=not args.quiet, resume=args.resume)
+    log = train_interpreter(args.data, args.target, args.out, config, progress=not args.quiet, resume=args.resume,
+                            strict_attributes=args.strict_attributes)
     print(f"trained {log['iterations']} iterations ({log['epochs']:.1f} epochs) in {log['train_seconds']:.0f} s; "
           f"checkpoint {Path(args.out) / 'interpreter.pt'}")
     return 0
@@ -91,7 +104,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.out and args.out.suffix == ".md":
         raise ValueError(f"--out {args.out}: give the JSON file a .json name (the markdown table goes beside it)")
-    metrics = evaluate_checkpoint(args.checkpoint, args.data, progress=not args.quiet, device=args.device)
+    metrics = evaluate_checkpoint(args.checkpoint, args.data, progress=not args.quiet, device=args.device,
+                                  strict_attributes=args.strict_attributes)
     table = metrics_markdown({"value": metrics})
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -318,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-id", type=_positive, help="average images per identity")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, byte-identical data)")
 
+    def add_strict_attributes(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--strict-attributes", action="store_true",
+                       help="refuse an attribute file with codes other than 1 and 2 (by default they load as unknown, "
+                            "with a warning naming them, and are left out of the attribute losses and metrics)")
+
     def add_config_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--profile", choices=["quick", "full"], default="quick", help="preset (default quick)")
         p.add_argument("--config", type=Path, help="YAML file of config overrides")
@@ -329,6 +348,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", help="registered model name (see `attrimeter models`)")
     add_config_options(p)
 
+    p = add("import-target", _cmd_import_target,
+            "Turn a fast-reid or torchreid ResNet checkpoint into a target (same embedding), to explain it.")
+    p.add_argument("weights", type=Path, help="the checkpoint (.pth), e.g. fast-reid's model_final.pth")
+    p.add_argument("--out", required=True, type=Path, help="run folder for target.pt")
+    p.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50"],
+                   help="the ResNet in the checkpoint (default resnet50)")
+    p.add_argument("--style", choices=["auto", "fast-reid", "torchreid"], default="auto",
+                   help="checkpoint layout (default: from its keys)")
+    p.add_argument("--last-stride", type=int, choices=[1, 2],
+                   help="layer4 stride the model was trained with (default: fast-reid 1, torchreid 2)")
+    p.add_argument("--pooling", choices=["auto", "avg", "gem"], default="auto",
+                   help="auto: fast-reid's learnable GeM if the checkpoint has its p, else average pooling; gem: "
+                        "fixed-p GeM (fast-reid GeneralizedMeanPooling)")
+    p.add_argument("--gem-p", type=float, default=3.0, help="p of --pooling gem (default 3)")
+    p.add_argument("--size", type=_size, default=(256, 128), help="input size HxW it was trained at (default 256x128)")
+
     p = add("evaluate-target", _cmd_evaluate_target, "mAP / CMC of a target checkpoint (Market protocol).")
     p.add_argument("--data", required=True, type=Path, help="data folder with query/ and bounding_box_test/")
     p.add_argument("--checkpoint", required=True, type=Path, help="target.pt")
@@ -339,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, type=Path, help="the target's target.pt")
     p.add_argument("--out", required=True, type=Path, help="run folder for interpreter.pt, config.yaml, train_log.json")
     p.add_argument("--resume", action="store_true", help="continue from OUT/interpreter_last.pt")
+    add_strict_attributes(p)
     add_config_options(p)
 
     p = add("evaluate", _cmd_evaluate, "Retrieval and explanation metrics of an interpreter (DESIGN §8).")
@@ -346,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, type=Path, help="interpreter.pt")
     p.add_argument("--out", type=Path, help="write metrics JSON here (and a markdown table beside it, .md)")
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU if there is one), cpu or cuda[:N]")
+    add_strict_attributes(p)
 
     p = add("explain", _cmd_explain, "Explain the distance between two person crops.")
     p.add_argument("query", type=Path, help="first image")

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["explain_figure", "overlay"]
+__all__ = ["explain_figure", "overlay", "resize_bilinear"]
 
 FIGSIZE = (11.0, 4.5)  # inches; written at DPI, i.e. 1100 x 450 pixels
 DPI = 100
@@ -44,8 +44,17 @@ def _jet(x: np.ndarray) -> np.ndarray:
     return np.stack(channels, axis=-1)
 
 
-def _resize_bilinear(a: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of a 2-D map with half-pixel centres (as PIL and ``align_corners=False`` do)."""
+def resize_bilinear(a: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of a 2-D map with half-pixel centres (as PIL and ``align_corners=False`` do).
+
+    Args:
+        a: The map ``[h, w]``.
+        height: Output rows.
+        width: Output columns.
+
+    Returns:
+        float64 ``[height, width]``.
+    """
     h, w = a.shape
     if (h, w) == (height, width):
         return a.astype(np.float64, copy=True)
@@ -113,7 +122,7 @@ def overlay(image: np.ndarray, aam: np.ndarray, vmax: float | None = None, alpha
         if not (np.isfinite(vmax) and vmax > 0):
             raise ValueError(f"vmax must be a finite number > 0, got {vmax}")
         scale = 1.0 / vmax
-    heat = np.clip(_resize_bilinear(a, image.shape[0], image.shape[1]) * scale, 0.0, 1.0)
+    heat = np.clip(resize_bilinear(a, image.shape[0], image.shape[1]) * scale, 0.0, 1.0)
     blended = (1.0 - alpha) * image.astype(np.float64) + alpha * 255.0 * _jet(heat)
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 

@@ -14,19 +14,28 @@ frame, box) and ``0005_c2_f0046985.jpg`` (DukeMTMC-reID: pid, camera 1-8, frame)
 only; camera ids become 0-based.
 
 The attribute files are MATLAB structs ``market_attribute`` / ``duke_attribute`` with fields ``test`` and ``train``
-(in that order); each split is a struct of per-attribute row vectors coded 1/2 (one entry per identity, identities
-in ascending pid order), Market's ``age`` (1-4, ignored here) and ``image_index`` (a cell of 4-digit pid strings).
-The field order of ``test`` differs from ``train``. :func:`write_attribute_mat` writes that exact structure, so the
-synthetic data set and the test fixtures read like the official files, also for third-party loaders that index the
-struct by position.
+(Market-1501 in that order, DukeMTMC-reID ``train`` first); each split is a struct of per-attribute 1xN MATLAB
+doubles coded 1/2 (one entry per identity, identities in ascending pid order; stored compactly, so ``loadmat``
+returns them as ``uint8``), Market's ``age`` (1-4, ignored here) and ``image_index`` (a cell of 4-digit pid
+strings). The field order of ``test`` differs from ``train``. :func:`write_attribute_mat` writes that exact
+structure, so the synthetic data set and the test fixtures read like the official files, also for third-party
+loaders that index the struct by position.
 
-Only :func:`read_attribute_mat` and :func:`write_attribute_mat` need scipy (the ``train`` extra); listing folders and
-parsing names needs numpy only.
+Codes other than 1 and 2 (the official DukeMTMC-reID file codes ``top`` 0 for two training identities) load as
+*unknown*: label :data:`~attrimeter.data.schema.UNKNOWN` (-1), with one :class:`UnknownAttributeWarning` per file
+that names the entries; ``strict_attributes=True`` refuses such a file instead. A file that is structurally broken
+(unreadable, a missing field, vectors of different lengths, a bad ``image_index``) always raises
+:class:`DataFormatError` naming the file. Nothing assumes one colour per body part: a few DukeMTMC-reID test
+identities are annotated with two or three lower-body colours, and some identities with none.
+
+Only :func:`read_attribute_mat` needs scipy (the ``train`` extra); writing, listing folders and parsing names need
+numpy only.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +43,20 @@ from typing import Any
 
 import numpy as np
 
-from attrimeter.data.schema import DUKEMTMC, MARKET1501, AttributeSchema, get_schema
+from attrimeter.data.matfile import write_mat
+from attrimeter.data.schema import (
+    DUKEMTMC,
+    MARKET1501,
+    UNKNOWN,
+    AttributeSchema,
+    codes_from_labels,
+    get_schema,
+    labels_from_codes,
+)
 
 __all__ = [
     "DataFormatError",
+    "UnknownAttributeWarning",
     "Sample",
     "ReIDDataset",
     "STYLES",
@@ -97,16 +116,24 @@ _OFFICIAL_FIELD_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
                  "upblue", "upgreen", "uppurple", "upbrown"),
     },
 }
-_MAT_SPLITS = ("test", "train")  # order of the official top-level struct
+# Order of the splits in the official top-level struct (loaders that take the first field as the test split exist).
+_MAT_SPLITS = {"market1501": ("test", "train"), "dukemtmc": ("train", "test")}
 _AGE_FIELD = "age"
 _INDEX_FIELD = "image_index"
-_DEFAULT_AGE = 3  # "adult": by far the most common of Market-1501's four age groups (1 young .. 4 old)
+# "teenager": the most common of Market-1501's four age groups (1 young .. 4 old) in the official file, about three
+# quarters of the training identities.
+_DEFAULT_AGE = 2
+_SHOWN_IDS = 20  # identities quoted per attribute in the unknown-code warning
 # Folder names of the official archives: a root that holds one of these instead of the splits is followed into it.
 _ARCHIVE_FOLDERS = {"market1501": "Market-1501-v15.09.15", "dukemtmc": "DukeMTMC-reID"}
 
 
 class DataFormatError(ValueError):
     """A data set folder or annotation file does not follow the expected format; the message names the file."""
+
+
+class UnknownAttributeWarning(UserWarning):
+    """An attribute file holds codes other than 1 and 2; those entries were read as unknown (the message names them)."""
 
 
 @dataclass(frozen=True)
@@ -135,8 +162,9 @@ class ReIDDataset:
         train: Training samples, sorted by path.
         query: Query samples, sorted by path.
         gallery: Gallery samples (distractors included, junk dropped), sorted by path.
-        attributes: Identity to ``uint8`` 0/1 label vector of length ``len(schema)``, for the train and test
-            identities (read-only arrays); empty when loaded without attributes.
+        attributes: Identity to ``int8`` label vector of length ``len(schema)`` (0/1, or
+            :data:`~attrimeter.data.schema.UNKNOWN` = -1 where the file's code was neither 1 nor 2), for the train
+            and test identities (read-only arrays); empty when loaded without attributes.
         attribute_file: The annotation file the attributes came from, or ``None``.
         dropped: Split name to the number of images left out by the protocol (junk everywhere, distractors in
             train and query).
@@ -152,27 +180,23 @@ class ReIDDataset:
     attribute_file: Path | None = None
     dropped: dict[str, int] = field(default_factory=dict)
 
-    def attributes_of(self, pid: int, signed: bool = False) -> np.ndarray:
+    def attributes_of(self, pid: int) -> np.ndarray:
         """Attribute labels of one identity.
 
         Args:
             pid: Identity.
-            signed: Return -1/+1 (``int8``) instead of 0/1 (``uint8``).
 
         Returns:
-            A fresh vector of length ``len(self.schema)``.
+            A fresh ``int8`` vector of length ``len(self.schema)``: 0/1, -1 where unknown.
 
         Raises:
             KeyError: If the identity has no attributes (the message names it).
         """
         try:
-            labels = self.attributes[int(pid)]
+            return self.attributes[int(pid)].copy()
         except KeyError:
             source = self.attribute_file if self.attribute_file is not None else "no attribute file loaded"
             raise KeyError(f"{self.name}: identity {pid} has no attributes ({source})") from None
-        if signed:
-            return 2 * labels.astype(np.int8) - 1
-        return labels.copy()
 
     @property
     def train_pids(self) -> list[int]:
@@ -194,6 +218,9 @@ class ReIDDataset:
         tail = f", {dropped} junk/distractor images dropped" if dropped else ""
         attrs = (f"attributes ({len(self.schema)}) for {len(self.attributes)} ids" if self.attributes
                  else "no attributes")
+        unknown = sum(int((v == UNKNOWN).sum()) for v in self.attributes.values())
+        if unknown:
+            attrs += f" ({unknown} unknown entries)"
         return f"{self.name} at {self.root}: {', '.join(parts)}{tail}; {attrs}"
 
 
@@ -303,9 +330,17 @@ def _struct_fields(value: Any) -> dict[str, Any] | None:
     return None
 
 
+def _is_char_array(value: Any) -> bool:
+    """A MATLAB char array as ``loadmat(chars_as_strings=False)`` returns it: one character per element."""
+    return isinstance(value, np.ndarray) and (value.dtype.kind, value.dtype.itemsize) in (("U", 4), ("S", 1))
+
+
 def _cell_scalar(value: Any) -> Any:
-    """One cell element as a scalar: cells wrap each entry (``array(['0002'])`` for a string, ``[[1]]`` a number)."""
+    # Cells wrap each entry: array(['0002']) for a string, [[1]] for a number, [['0', '0', '0', '2']] for a string
+    # read with chars_as_strings=False.
     value = _unwrap(value)
+    if _is_char_array(value):
+        return "".join(value.reshape(-1).tolist())
     if isinstance(value, np.ndarray) and value.size == 1:
         return value.reshape(-1)[0]
     return value
@@ -322,6 +357,15 @@ def _row_vector(value: Any) -> np.ndarray:
     return arr
 
 
+def _index_entries(value: Any) -> list[Any]:
+    # A cell of strings or numbers; squeeze_me turns a one-entry cell into its string, or (chars_as_strings=False)
+    # into the bare characters of that string.
+    value = _unwrap(value)
+    if _is_char_array(value):
+        return [_cell_scalar(value)]
+    return list(_row_vector(value))
+
+
 def _parse_pid(value: Any) -> int:
     if isinstance(value, (str, np.str_)):
         text = str(value).strip()
@@ -334,9 +378,25 @@ def _parse_pid(value: Any) -> int:
     return int(number)
 
 
+@dataclass(frozen=True)
+class _Unknown:
+    """The entries of one attribute of one split whose code is neither 1 nor 2."""
+
+    split: str
+    name: str
+    pids: tuple[int, ...]
+    codes: tuple[float, ...]
+
+    def describe(self) -> str:
+        shown = ", ".join(f"{p} (code {c:g})" for p, c in zip(self.pids[:_SHOWN_IDS], self.codes, strict=False))
+        more = f", ... ({len(self.pids) - _SHOWN_IDS} more)" if len(self.pids) > _SHOWN_IDS else ""
+        return f"{self.split!r} struct, attribute {self.name!r}: identities {shown}{more}"
+
+
 def _parse_split(
-    fields: dict[str, Any], schema: AttributeSchema, split: str, source: str, fallback_pids: Iterable[int] | None
-) -> dict[int, np.ndarray]:
+    fields: dict[str, Any], schema: AttributeSchema, split: str, source: str, fallback_pids: Iterable[int] | None,
+    strict: bool,
+) -> tuple[dict[int, np.ndarray], list[_Unknown]]:
     where = f"{source}: {split!r} struct"
     missing = [n for n in schema.names if n not in fields]
     if missing:
@@ -356,7 +416,7 @@ def _parse_split(
 
     if _INDEX_FIELD in fields:
         try:
-            pids = [_parse_pid(x) for x in _row_vector(fields[_INDEX_FIELD])]
+            pids = [_parse_pid(x) for x in _index_entries(fields[_INDEX_FIELD])]
         except (ValueError, TypeError) as exc:
             raise DataFormatError(f"{where}, field {_INDEX_FIELD!r}: {exc}") from None
     elif fallback_pids is not None:
@@ -370,20 +430,18 @@ def _parse_split(
         dup = sorted({p for p in pids if pids.count(p) > 1})
         raise DataFormatError(f"{where}: identities listed more than once: {dup[:10]}")
 
-    for name, vec in codes.items():
-        bad = np.flatnonzero(~np.isin(vec, (1.0, 2.0)))  # NaN is never in the set, so it is caught here too
-        if bad.size:
-            i = int(bad[0])
-            raise DataFormatError(
-                f"{where}, attribute {name!r}: identity {pids[i]} has code {float(vec[i]):g}, expected 1 or 2 "
-                f"({bad.size} bad entries)"
-            )
-    out: dict[int, np.ndarray] = {}
-    for i, pid in enumerate(pids):
-        labels = schema.encode({name: int(vec[i]) for name, vec in codes.items()})
-        labels.flags.writeable = False
-        out[pid] = labels
-    return out
+    matrix = np.stack([codes[name] for name in schema.names], axis=1) if n else np.zeros((0, len(schema)))
+    labels = labels_from_codes(matrix)  # NaN and every code other than 1 / 2 become UNKNOWN
+    unknown = []
+    for j in np.flatnonzero((labels == UNKNOWN).any(axis=0)):
+        rows = np.flatnonzero(labels[:, j] == UNKNOWN)
+        entry = _Unknown(split, schema.names[j], tuple(pids[i] for i in rows), tuple(float(matrix[i, j]) for i in rows))
+        if strict:
+            raise DataFormatError(f"{source}: {entry.describe()}: expected code 1 or 2 ({len(rows)} bad entries; "
+                                  "without strict_attributes such codes load as unknown)")
+        unknown.append(entry)
+    labels.flags.writeable = False
+    return {pid: labels[i] for i, pid in enumerate(pids)}, unknown
 
 
 def attributes_from_mat(
@@ -391,22 +449,30 @@ def attributes_from_mat(
     schema: AttributeSchema,
     source: str = "<attribute mat>",
     pids: Mapping[str, Iterable[int]] | None = None,
+    strict: bool = False,
 ) -> dict[str, dict[int, np.ndarray]]:
     """Decode the contents of an attribute ``.mat`` file, whatever ``loadmat`` options produced them.
 
     Args:
-        contents: What ``scipy.io.loadmat`` returned (any ``squeeze_me`` / ``struct_as_record`` setting).
+        contents: What ``scipy.io.loadmat`` returned (any ``squeeze_me`` / ``struct_as_record`` /
+            ``chars_as_strings`` / ``mat_dtype`` setting).
         schema: Schema of the data set; selects the struct name (``market_attribute`` / ``duke_attribute``).
-        source: File name used in error messages.
+        source: File name used in messages.
         pids: Identities per split (``"train"`` / ``"test"``) for files without ``image_index``; entries are then
             matched to identities in ascending pid order.
+        strict: Refuse codes other than 1 and 2 instead of reading them as unknown.
 
     Returns:
-        ``{"train": {pid: labels}, "test": {pid: labels}}`` with read-only ``uint8`` 0/1 label vectors.
+        ``{"train": {pid: labels}, "test": {pid: labels}}`` with read-only ``int8`` label vectors (0/1, and
+        :data:`~attrimeter.data.schema.UNKNOWN` where the code is neither 1 nor 2).
 
     Raises:
-        DataFormatError: If the struct, a split, an attribute field or ``image_index`` is missing or malformed,
-            or a code is not 1 or 2 (the message names ``source``, the split, the attribute and the identity).
+        DataFormatError: If the struct, a split, an attribute field or ``image_index`` is missing or malformed, or
+            (``strict``) a code is not 1 or 2 (the message names ``source``, the split, the attribute and the
+            identities).
+
+    Warns:
+        UnknownAttributeWarning: Once, naming every entry read as unknown, when not ``strict``.
     """
     struct_name = _struct_name(schema)
     if struct_name not in contents:
@@ -419,16 +485,25 @@ def attributes_from_mat(
     if absent:
         raise DataFormatError(f"{source}: struct {struct_name!r} has no {absent[0]!r} field (has: {', '.join(top)})")
     out: dict[str, dict[int, np.ndarray]] = {}
+    unknown: list[_Unknown] = []
     for split in ("train", "test"):
         fields = _struct_fields(top[split])
         if fields is None:
             raise DataFormatError(f"{source}: {struct_name}.{split} is not a 1x1 struct")
-        out[split] = _parse_split(fields, schema, split, source, None if pids is None else pids.get(split))
+        out[split], found = _parse_split(fields, schema, split, source,
+                                         None if pids is None else pids.get(split), strict)
+        unknown += found
+    if unknown:
+        count = sum(len(u.pids) for u in unknown)
+        warnings.warn(f"{source}: {count} attribute code(s) other than 1 or 2 read as unknown (left out of the "
+                      f"attribute losses and metrics): {'; '.join(u.describe() for u in unknown)}. Pass "
+                      "strict_attributes=True (--strict-attributes) to refuse the file instead.",
+                      UnknownAttributeWarning, stacklevel=2)
     return out
 
 
 def read_attribute_mat(
-    path: str | Path, schema: AttributeSchema, pids: Mapping[str, Iterable[int]] | None = None
+    path: str | Path, schema: AttributeSchema, pids: Mapping[str, Iterable[int]] | None = None, strict: bool = False
 ) -> dict[str, dict[int, np.ndarray]]:
     """Read an official (or :func:`write_attribute_mat`) attribute file.
 
@@ -436,14 +511,19 @@ def read_attribute_mat(
         path: ``market_attribute.mat`` or ``duke_attribute.mat``.
         schema: Schema of the data set.
         pids: Identities per split, used only when the file has no ``image_index`` (see :func:`attributes_from_mat`).
+        strict: Refuse codes other than 1 and 2 instead of reading them as unknown.
 
     Returns:
-        ``{"train": {pid: labels}, "test": {pid: labels}}`` with read-only ``uint8`` 0/1 label vectors; ``age``
-        is ignored.
+        ``{"train": {pid: labels}, "test": {pid: labels}}`` with read-only ``int8`` label vectors (0/1, -1 for
+        unknown); ``age`` is ignored.
 
     Raises:
-        DataFormatError: If the file is missing, not a readable MATLAB v5 file, or not in the expected structure.
+        DataFormatError: If the file is missing, not a readable MATLAB v5 file, not in the expected structure, or
+            (``strict``) holds a code other than 1 or 2.
         ImportError: If scipy is not installed.
+
+    Warns:
+        UnknownAttributeWarning: Once, naming every entry read as unknown, when not ``strict``.
     """
     from scipy.io import loadmat
 
@@ -456,7 +536,7 @@ def read_attribute_mat(
         raise DataFormatError(f"{path}: unsupported MATLAB file version ({exc}); save it with -v7") from exc
     except Exception as exc:  # loadmat raises many types on a damaged file; all mean the same to the caller
         raise DataFormatError(f"{path}: not a readable MATLAB .mat file ({type(exc).__name__}: {exc})") from exc
-    return attributes_from_mat(contents, schema, str(path), pids)
+    return attributes_from_mat(contents, schema, str(path), pids, strict)
 
 
 def _label_rows(labels: Mapping[int, np.ndarray], schema: AttributeSchema, split: str) -> tuple[list[int], np.ndarray]:
@@ -464,14 +544,15 @@ def _label_rows(labels: Mapping[int, np.ndarray], schema: AttributeSchema, split
     for pid in pids:
         if not 0 <= pid <= 9999:
             raise ValueError(f"{split}: identity {pid} cannot be written as a 4-digit image_index")
-    rows = np.zeros((len(pids), len(schema)), dtype=np.uint8)
+    rows = np.zeros((len(pids), len(schema)), dtype=np.int8)
     for i, pid in enumerate(pids):
         vec = np.asarray(labels[pid]).reshape(-1)
         if vec.shape[0] != len(schema):
             raise ValueError(f"{split}: identity {pid} has {vec.shape[0]} labels, schema {schema.name!r} has "
                              f"{len(schema)}")
-        if not np.isin(vec, (0, 1)).all():
-            raise ValueError(f"{split}: identity {pid} has labels other than 0/1: {vec.tolist()}")
+        if not np.isin(vec, (0, 1, UNKNOWN)).all():
+            raise ValueError(f"{split}: identity {pid} has labels other than 0/1 (or -1 for unknown): "
+                             f"{vec.tolist()}")
         rows[i] = vec
     return pids, rows
 
@@ -479,34 +560,34 @@ def _label_rows(labels: Mapping[int, np.ndarray], schema: AttributeSchema, split
 def write_attribute_mat(
     path: str | Path,
     schema: AttributeSchema,
-    train: dict[int, np.ndarray],
-    test: dict[int, np.ndarray],
-    age: dict[int, int] | None = None,
+    train: Mapping[int, np.ndarray],
+    test: Mapping[int, np.ndarray],
+    age: Mapping[int, int] | None = None,
     shuffle_test_fields: bool = True,
 ) -> None:
     """Write an attribute file in the official structure.
 
-    The file holds a struct ``market_attribute`` (or ``duke_attribute``) with fields ``test`` and ``train``; each is
-    a struct of ``uint8`` 1xN row vectors coded 1/2 (identities in ascending pid order), Market's ``age`` first
-    and ``image_index`` (a 1xN cell of 4-digit pid strings) last, in the field order of the official files.
+    The file holds a struct ``market_attribute`` (fields ``test``, ``train``) or ``duke_attribute`` (``train``,
+    ``test``); each split is a struct of 1xN MATLAB doubles coded 1/2 (identities in ascending pid order; unknown
+    labels are written as code 0, like the official DukeMTMC-reID file), Market's ``age`` first and
+    ``image_index`` (a 1xN cell of 4-digit pid strings) last, in the field order of the official files. The file
+    is compressed and laid out as MATLAB writes it (:mod:`attrimeter.data.matfile`): for the same content it
+    decompresses to the same bytes as the official file.
 
     Args:
         path: Output ``.mat`` file (parent folders are created).
         schema: ``MARKET1501`` or ``DUKEMTMC``.
-        train: Training identity to 0/1 label vector (length ``len(schema)``).
-        test: Test identity to 0/1 label vector.
+        train: Training identity to label vector (length ``len(schema)``; 0/1, -1 for unknown).
+        test: Test identity to label vector.
         age: Market-1501 only: identity to age group 1-4 (1 young, 2 teenager, 3 adult, 4 old); identities not in
-            it get 3 (adult, the most common group). Ignored by the readers.
+            it get 2 (teenager, the most common group in the official file). Ignored by the readers.
         shuffle_test_fields: Give ``test`` the official test field order, which differs from the train order (as in
             the real files); ``False`` writes both in the train order.
 
     Raises:
-        ValueError: For an unknown schema, a label vector of the wrong length or with values other than 0/1, an
+        ValueError: For an unknown schema, a label vector of the wrong length or with values other than 0/1/-1, an
             identity outside 0..9999, an age outside 1..4, or ``age`` given for DukeMTMC-reID (which has none).
-        ImportError: If scipy is not installed.
     """
-    from scipy.io import savemat
-
     struct_name = _struct_name(schema)
     orders = _OFFICIAL_FIELD_ORDER[schema.name]
     has_age = _AGE_FIELD in orders["train"]
@@ -517,24 +598,19 @@ def write_attribute_mat(
         if int(group) not in (1, 2, 3, 4):
             raise ValueError(f"identity {pid}: age group {group!r} is not one of 1, 2, 3, 4")
 
-    structs: dict[str, dict[str, np.ndarray]] = {}
-    for split in _MAT_SPLITS:
+    structs: dict[str, dict[str, Any]] = {}
+    for split in _MAT_SPLITS[schema.name]:
         pids, rows = _label_rows(train if split == "train" else test, schema, split)
-        columns: dict[str, np.ndarray] = {}
-        for j, name in enumerate(schema.names):
-            columns[name] = (rows[:, j] + 1).astype(np.uint8).reshape(1, -1)
+        codes = codes_from_labels(rows).astype(np.float64)
+        columns: dict[str, Any] = {name: codes[:, j] for j, name in enumerate(schema.names)}
         if has_age:
-            columns[_AGE_FIELD] = np.array([[int(age.get(p, _DEFAULT_AGE)) for p in pids]], dtype=np.uint8)
+            columns[_AGE_FIELD] = np.array([int(age.get(p, _DEFAULT_AGE)) for p in pids], dtype=np.float64)
         order = orders[split] if shuffle_test_fields else orders["train"]
-        struct = {name: columns[name] for name in order}
-        index = np.empty((1, len(pids)), dtype=object)  # an object array is saved as a MATLAB cell
-        index[0, :] = [f"{p:04d}" for p in pids]
-        struct[_INDEX_FIELD] = index
-        structs[split] = struct
+        structs[split] = {**{name: columns[name] for name in order}, _INDEX_FIELD: [f"{p:04d}" for p in pids]}
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    savemat(str(path), {struct_name: structs}, format="5", oned_as="row")
+    write_mat(path, struct_name, structs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -560,7 +636,7 @@ def _find_attribute_file(root: Path, schema: AttributeSchema) -> Path:
                           "pass attributes=False to load the images without attributes")
 
 
-def _load(root: str | Path, schema: AttributeSchema, attributes: bool) -> ReIDDataset:
+def _load(root: str | Path, schema: AttributeSchema, attributes: bool, strict: bool) -> ReIDDataset:
     style = schema.name
     root = _resolve_root(Path(root), style)
     splits: dict[str, list[Sample]] = {}
@@ -584,7 +660,7 @@ def _load(root: str | Path, schema: AttributeSchema, attributes: bool) -> ReIDDa
             "train": {s.pid for s in splits["train"]},
             "test": {s.pid for s in splits["query"] + splits["gallery"] if s.pid != DISTRACTOR_PID},
         }
-        per_split = read_attribute_mat(attribute_file, schema, pids=split_pids)
+        per_split = read_attribute_mat(attribute_file, schema, pids=split_pids, strict=strict)
         for mat_split, pids in split_pids.items():
             known = per_split[mat_split]
             missing = sorted(pids - known.keys())
@@ -616,7 +692,7 @@ def _load(root: str | Path, schema: AttributeSchema, attributes: bool) -> ReIDDa
     )
 
 
-def load_market1501(root: str | Path, attributes: bool = True) -> ReIDDataset:
+def load_market1501(root: str | Path, attributes: bool = True, strict_attributes: bool = False) -> ReIDDataset:
     """Load a Market-1501 folder (and its ``market_attribute.mat``).
 
     Args:
@@ -624,18 +700,24 @@ def load_market1501(root: str | Path, attributes: bool = True) -> ReIDDataset:
             ``Market-1501-v15.09.15/``); ``gt_bbox/`` and other files are ignored.
         attributes: Read ``market_attribute.mat`` from ``root`` or ``root/attribute/``; ``False`` loads a folder
             without one (``attributes`` is then empty).
+        strict_attributes: Refuse an attribute file with codes other than 1 and 2 instead of reading those
+            entries as unknown (-1).
 
     Returns:
         The data set.
 
     Raises:
         DataFormatError: For a missing folder or file, a malformed image name, an empty split, a malformed
-            attribute file, or an identity in the images without attributes (the message names the file).
+            attribute file (with ``strict_attributes``, also one with a code other than 1 or 2), or an identity in
+            the images without attributes (the message names the file).
+
+    Warns:
+        UnknownAttributeWarning: When entries of the attribute file were read as unknown.
     """
-    return _load(root, MARKET1501, attributes)
+    return _load(root, MARKET1501, attributes, strict_attributes)
 
 
-def load_dukemtmc(root: str | Path, attributes: bool = True) -> ReIDDataset:
+def load_dukemtmc(root: str | Path, attributes: bool = True, strict_attributes: bool = False) -> ReIDDataset:
     """Load a DukeMTMC-reID folder (and its ``duke_attribute.mat``).
 
     Args:
@@ -643,14 +725,19 @@ def load_dukemtmc(root: str | Path, attributes: bool = True) -> ReIDDataset:
             ``DukeMTMC-reID/``).
         attributes: Read ``duke_attribute.mat`` from ``root`` or ``root/attribute/``; ``False`` loads a folder
             without one.
+        strict_attributes: Refuse an attribute file with codes other than 1 and 2 (the official file codes ``top``
+            0 for two training identities) instead of reading those entries as unknown (-1).
 
     Returns:
         The data set.
 
     Raises:
         DataFormatError: As :func:`load_market1501`.
+
+    Warns:
+        UnknownAttributeWarning: When entries of the attribute file were read as unknown.
     """
-    return _load(root, DUKEMTMC, attributes)
+    return _load(root, DUKEMTMC, attributes, strict_attributes)
 
 
 def _detect(root: Path) -> str:
@@ -673,7 +760,9 @@ def _detect(root: Path) -> str:
     )
 
 
-def load_dataset(root: str | Path, name: str | None = None, attributes: bool = True) -> ReIDDataset:
+def load_dataset(
+    root: str | Path, name: str | None = None, attributes: bool = True, strict_attributes: bool = False
+) -> ReIDDataset:
     """Load a Market-1501 or DukeMTMC-reID folder, detecting which when ``name`` is not given.
 
     Detection looks for the attribute file first (``market_attribute.mat`` / ``duke_attribute.mat``), then at the
@@ -683,6 +772,8 @@ def load_dataset(root: str | Path, name: str | None = None, attributes: bool = T
         root: Data set folder.
         name: ``"market1501"`` or ``"dukemtmc"``, or ``None`` to detect.
         attributes: Load the attribute file (see :func:`load_market1501`).
+        strict_attributes: Refuse an attribute file with codes other than 1 and 2 instead of reading those
+            entries as unknown.
 
     Returns:
         The data set.
@@ -697,4 +788,5 @@ def load_dataset(root: str | Path, name: str | None = None, attributes: bool = T
             raise DataFormatError(f"{root}: data set folder not found")
         name = _detect(root)
     _check_style(name)
-    return load_market1501(root, attributes) if name == "market1501" else load_dukemtmc(root, attributes)
+    loader = load_market1501 if name == "market1501" else load_dukemtmc
+    return loader(root, attributes, strict_attributes)

@@ -1,8 +1,10 @@
 """Attribute schemas of Market-1501 (26 attributes) and DukeMTMC-reID (23), as the AttriMeter authors use them.
 
 The annotation files code every attribute as 1 or 2 (DESIGN §7). Throughout the project a label is the binary
-``code - 1`` (0 or 1), or ``2 * (code - 1) - 1`` (-1 or +1) where a signed form is asked for. Each attribute keeps
-the human meaning of both codes so that explanations can be read out ("short sleeve" rather than "up = 2").
+``code - 1`` (0 or 1), or :data:`UNKNOWN` (-1) where the file holds any other code (the official DukeMTMC-reID file
+has a few 0s): an unknown attribute of a person neither differs from nor agrees with anyone else's, and every
+consumer of labels (losses, positive ratios, explanation metrics) leaves it out (:func:`known`). Each attribute
+keeps the human meaning of both codes so that explanations can be read out ("short sleeve" rather than "up = 2").
 """
 
 from __future__ import annotations
@@ -13,13 +15,63 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = [
+    "UNKNOWN",
     "Attribute",
     "AttributeSchema",
     "MARKET1501",
     "DUKEMTMC",
+    "codes_from_labels",
     "get_schema",
+    "known",
+    "labels_from_codes",
     "list_schemas",
 ]
+
+UNKNOWN = -1
+"""Label of an attribute whose annotation code is neither 1 nor 2."""
+
+
+def labels_from_codes(codes: np.ndarray) -> np.ndarray:
+    """Annotation codes to labels: 1 -> 0, 2 -> 1, anything else (0, NaN, 3, ...) -> :data:`UNKNOWN`.
+
+    Args:
+        codes: Codes of any shape and numeric dtype.
+
+    Returns:
+        ``int8`` labels of the same shape.
+    """
+    codes = np.asarray(codes)
+    return np.where(codes == 1, 0, np.where(codes == 2, 1, UNKNOWN)).astype(np.int8)
+
+
+def codes_from_labels(labels: np.ndarray) -> np.ndarray:
+    """Labels back to annotation codes: 0 -> 1, 1 -> 2, :data:`UNKNOWN` -> 0 (as the official files code it).
+
+    Args:
+        labels: Labels 0 / 1 / -1 of any shape.
+
+    Returns:
+        ``uint8`` codes of the same shape.
+
+    Raises:
+        ValueError: If a label is not 0, 1 or -1.
+    """
+    labels = np.asarray(labels)
+    if not np.isin(labels, (0, 1, UNKNOWN)).all():
+        raise ValueError("labels must be 0, 1 or -1 (unknown)")
+    return np.where(labels == UNKNOWN, 0, labels + 1).astype(np.uint8)
+
+
+def known(labels: np.ndarray) -> np.ndarray:
+    """Where labels are known (0 or 1), as a bool array of their shape.
+
+    Args:
+        labels: Labels 0 / 1 / :data:`UNKNOWN` (numpy; a torch tensor works too and gives a bool tensor).
+
+    Returns:
+        ``labels >= 0``.
+    """
+    return labels >= 0
 
 
 @dataclass(frozen=True)
@@ -39,20 +91,20 @@ class Attribute:
     group: str
 
     def describe(self, label: int) -> str:
-        """Human meaning of a binary label (0/1) or signed label (-1/+1).
+        """Human meaning of a label.
 
         Args:
-            label: 0 or -1 for code 1, 1 or +1 for code 2.
+            label: 0 (code 1), 1 (code 2) or :data:`UNKNOWN`.
 
         Returns:
-            The meaning, e.g. ``"short sleeve"``.
+            The meaning, e.g. ``"short sleeve"``, or ``"unknown"``.
 
         Raises:
             ValueError: If ``label`` is not one of -1, 0, 1.
         """
-        if label not in (-1, 0, 1):
-            raise ValueError(f"attribute {self.name!r}: label must be -1, 0 or 1, got {label!r}")
-        return self.meanings[1 if label == 1 else 0]
+        if label not in (UNKNOWN, 0, 1):
+            raise ValueError(f"attribute {self.name!r}: label must be 0, 1 or -1 (unknown), got {label!r}")
+        return "unknown" if label == UNKNOWN else self.meanings[label]
 
 
 @dataclass(frozen=True)
@@ -121,13 +173,13 @@ class AttributeSchema:
                 ``age`` are ignored).
 
         Returns:
-            ``uint8`` vector of length ``len(self)`` with values 0/1.
+            ``int8`` vector of length ``len(self)`` with values 0/1.
 
         Raises:
             KeyError: If an attribute is missing.
             ValueError: If a code is not 1 or 2.
         """
-        out = np.empty(len(self), dtype=np.uint8)
+        out = np.empty(len(self), dtype=np.int8)
         for i, name in enumerate(self.names):
             if name not in codes:
                 raise KeyError(f"schema {self.name!r}: attribute {name!r} missing from the annotation")
@@ -138,7 +190,7 @@ class AttributeSchema:
         return out
 
     def describe(self, labels: np.ndarray) -> dict[str, str]:
-        """Read out a binary (0/1) or signed (-1/+1) label vector.
+        """Read out a label vector (0/1, -1 for unknown).
 
         Args:
             labels: Vector of length ``len(self)``.

@@ -1,8 +1,10 @@
 """Explanation metrics of the interpreter (DESIGN §8): X-mAP_e, X-mAP_c, ADRE, counterfactual faithfulness.
 
 All take per-pair arrays with one row per pair of images and one column per attribute: ``shares`` [P, M] (the
-share p_k of each attribute in the pair's distance), ``differ`` / ``changed`` [P, M] (which attributes truly differ).
-Rankings sort shares descending with ties broken by column order (a stable sort), so results are reproducible.
+share p_k of each attribute in the pair's distance), ``differ`` / ``changed`` [P, M] (which attributes truly differ),
+optionally ``known`` [P, M] (which attributes are annotated for both persons: an unknown one neither differs nor
+agrees and is left out of the ranking). Rankings sort shares descending with ties broken by column order (a stable
+sort), so results are reproducible.
 
 numpy only, so the torch-free runtime can reuse it.
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+from attrimeter.viz import resize_bilinear
 
 __all__ = [
     "PaperAccumulator",
@@ -24,7 +28,6 @@ __all__ = [
     "share_concentration",
     "x_map_c",
     "x_map_e",
-    "upsample_bilinear",
 ]
 
 # Elements of one chunk of rows in average_precision; bounds the sort's temporaries whatever P is (1e6 pairs x 26).
@@ -89,6 +92,18 @@ def average_precision(scores: ArrayLike, relevant: ArrayLike) -> np.ndarray:
     return ap
 
 
+def _known_last(scores: np.ndarray, known: ArrayLike | None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores with the unknown entries below every known one, and the known mask (all True for ``None``)."""
+    # Ranked last and never relevant, an entry changes no AP: the same as leaving it out of the ranking.
+    if known is None:
+        return scores, np.ones(scores.shape, dtype=bool)
+    known = _binary(np.asarray(known), "known")
+    if known.shape != scores.shape:
+        raise ValueError(f"known must have the shape of shares {scores.shape}, got {known.shape}")
+    scores = scores.astype(np.float64, copy=False)
+    return np.where(known, scores, scores.min(initial=0.0) - 1.0), known
+
+
 def _mean_ap(scores: np.ndarray, relevant: np.ndarray) -> float:
     has = relevant.any(axis=1)
     if not has.any():
@@ -96,38 +111,44 @@ def _mean_ap(scores: np.ndarray, relevant: np.ndarray) -> float:
     return float(average_precision(scores[has], relevant[has]).mean())
 
 
-def x_map_e(shares: ArrayLike, differ: ArrayLike) -> float:
+def x_map_e(shares: ArrayLike, differ: ArrayLike, known: ArrayLike | None = None) -> float:
     """X-mAP_e: mean AP of the truly differing attributes when attributes are ranked by share, largest first.
 
     Args:
         shares: Shares [P, M].
         differ: [P, M], 1 where the two persons differ on the attribute.
+        known: Optional [P, M], 1 where the attribute is known for both persons; unknown ones are left out of the
+            ranking. ``None``: all known.
 
     Returns:
-        Mean AP over the pairs with at least one differing attribute, in [0, 1]; NaN if there is none.
+        Mean AP over the pairs with at least one (known) differing attribute, in [0, 1]; NaN if there is none.
 
     Raises:
-        ValueError: If the shapes differ or are not 2-D, or ``differ`` holds values other than 0/1.
+        ValueError: If the shapes differ or are not 2-D, or ``differ`` / ``known`` hold values other than 0/1.
     """
     shares, differ = _pair(shares, differ, "shares", "differ")
-    return _mean_ap(shares, _binary(differ, "differ"))
+    scores, known = _known_last(shares, known)
+    return _mean_ap(scores, _binary(differ, "differ") & known)
 
 
-def x_map_c(shares: ArrayLike, differ: ArrayLike) -> float:
+def x_map_c(shares: ArrayLike, differ: ArrayLike, known: ArrayLike | None = None) -> float:
     """X-mAP_c: mean AP of the common attributes when attributes are ranked by share, smallest first.
 
     Args:
         shares: Shares [P, M].
         differ: [P, M], 1 where the two persons differ on the attribute.
+        known: Optional [P, M], 1 where the attribute is known for both persons; unknown ones are left out of the
+            ranking (they are not common either). ``None``: all known.
 
     Returns:
-        Mean AP over the pairs with at least one common attribute, in [0, 1]; NaN if there is none.
+        Mean AP over the pairs with at least one (known) common attribute, in [0, 1]; NaN if there is none.
 
     Raises:
-        ValueError: If the shapes differ or are not 2-D, or ``differ`` holds values other than 0/1.
+        ValueError: If the shapes differ or are not 2-D, or ``differ`` / ``known`` hold values other than 0/1.
     """
     shares, differ = _pair(shares, differ, "shares", "differ")
-    return _mean_ap(-shares.astype(np.float64, copy=False), ~_binary(differ, "differ"))
+    scores, known = _known_last(-shares.astype(np.float64, copy=False), known)
+    return _mean_ap(scores, ~_binary(differ, "differ") & known)
 
 
 def adre(d: ArrayLike, d_hat: ArrayLike) -> float:
@@ -183,23 +204,32 @@ def counterfactual_scores(shares: ArrayLike, changed: ArrayLike) -> tuple[float,
 
 
 def attribute_accuracy(logits: ArrayLike, labels: ArrayLike) -> tuple[float, np.ndarray]:
-    """Accuracy of attribute predictions (logit > 0 predicts 1).
+    """Accuracy of attribute predictions (logit > 0 predicts 1) on the known labels.
 
     Args:
         logits: Attribute logits [N, M].
-        labels: Labels [N, M], bool or 0/1.
+        labels: Labels [N, M], bool or 0/1, or -1 where unknown (left out).
 
     Returns:
-        ``(mean accuracy over all entries, float64 per-attribute accuracy [M])``.
+        ``(mean accuracy over the known entries, float64 per-attribute accuracy [M])``; an attribute without known
+        label has accuracy NaN.
 
     Raises:
-        ValueError: If the shapes differ, are not 2-D or are empty, or ``labels`` holds values other than 0/1.
+        ValueError: If the shapes differ, are not 2-D or are empty, ``labels`` holds values other than 0/1/-1, or
+            no label is known.
     """
     logits, labels = _pair(logits, labels, "logits", "labels")
     if logits.size == 0:
         raise ValueError(f"attribute_accuracy needs at least one entry, got shape {logits.shape}")
-    correct = (logits > 0) == _binary(labels, "labels")
-    return float(correct.mean()), correct.mean(axis=0, dtype=np.float64)
+    if labels.dtype != bool and not np.isin(labels, (-1, 0, 1)).all():
+        raise ValueError("labels must hold only 0 and 1, or -1 for unknown (or bool)")
+    known = labels >= 0
+    if not known.any():
+        raise ValueError("attribute_accuracy needs at least one known label, all are -1 (unknown)")
+    correct = ((logits > 0) == (labels == 1)) & known
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_attribute = correct.sum(axis=0) / known.sum(axis=0, dtype=np.float64)
+    return float(correct.sum() / known.sum()), per_attribute
 
 
 def counterfactual_shares(shares: ArrayLike, changed: ArrayLike) -> dict[str, float]:
@@ -254,44 +284,49 @@ def share_concentration(shares: ArrayLike) -> tuple[float, float]:
     return float(p.max(axis=1).mean()), float((entropy / np.log(p.shape[1])).mean())
 
 
-def paper_average_precisions(shares: ArrayLike, differ: ArrayLike, lamda: float = 2.0
-                             ) -> tuple[np.ndarray, np.ndarray]:
+def paper_average_precisions(shares: ArrayLike, differ: ArrayLike, known: ArrayLike | None = None,
+                             lamda: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
     """Per-pair APs of the authors' X-mAP protocol (``explain_eval`` of the AttriMeter paper's code).
 
     X-mAP_e: AP of the differing attributes, ranked by share, largest first (as :func:`x_map_e`). X-mAP_c: AP of the
     common attributes ranked smallest first, except on a pair whose attributes all agree: there the attributes are
-    ranked largest first, a share above ``lamda / M`` counts as not relevant, and the AP is divided by M (so every
-    share above ``lamda / M`` costs precision).
+    ranked largest first, a share above ``lamda / M`` counts as not relevant, and the AP is divided by the number of
+    attributes (so every share above ``lamda / M`` costs precision).
 
     Args:
         shares: Shares [P, M].
         differ: [P, M], 1 where the two persons differ on the attribute.
+        known: Optional [P, M], 1 where the attribute is known for both persons (unknown ones are ranked last and
+            never relevant). ``None``: all known.
         lamda: The all-agree rule's bound, in units of the uniform share 1 / M (the authors' 2).
 
     Returns:
         ``(ap_e, ap_c)`` float64 [P]: NaN where the pair has no differing (for ``ap_e``) or no common attribute.
 
     Raises:
-        ValueError: If the shapes differ or are not 2-D, or ``differ`` holds values other than 0/1.
+        ValueError: If the shapes differ or are not 2-D, or ``differ`` / ``known`` hold values other than 0/1.
     """
     shares, differ = _pair(shares, differ, "shares", "differ")
-    differ = _binary(differ, "differ")
     shares = shares.astype(np.float64, copy=False)
+    descending, known = _known_last(shares, known)
+    ascending, _ = _known_last(-shares, known)
+    differ = _binary(differ, "differ") & known
+    common = ~differ & known
     m = shares.shape[1]
     ap_e = np.full(shares.shape[0], np.nan)
     ap_c = np.full(shares.shape[0], np.nan)
     has_e = differ.any(axis=1)
     if has_e.any():
-        ap_e[has_e] = average_precision(shares[has_e], differ[has_e])
-    agree = ~differ.any(axis=1)
-    mixed = ~agree & ~differ.all(axis=1)
+        ap_e[has_e] = average_precision(descending[has_e], differ[has_e])
+    mixed = has_e & common.any(axis=1)
     if mixed.any():
-        ap_c[mixed] = average_precision(-shares[mixed], ~differ[mixed])
+        ap_c[mixed] = average_precision(ascending[mixed], common[mixed])
+    agree = ~has_e & common.any(axis=1)
     if agree.any():
-        relevant = shares[agree] <= lamda / m
-        hits = np.take_along_axis(relevant, _rank_descending(shares[agree]), axis=1)
+        relevant = common[agree] & (shares[agree] <= lamda / m)
+        hits = np.take_along_axis(relevant, _rank_descending(descending[agree]), axis=1)
         found = np.cumsum(hits, axis=1)
-        ap_c[agree] = np.where(hits, found / np.arange(1, m + 1), 0.0).sum(axis=1) / m
+        ap_c[agree] = np.where(hits, found / np.arange(1, m + 1), 0.0).sum(axis=1) / common[agree].sum(axis=1)
     return ap_e, ap_c
 
 
@@ -307,9 +342,10 @@ class PaperAccumulator:
         self._sums = np.zeros(3)  # AP_e, AP_c, relative error
         self._counts = np.zeros(3, dtype=np.int64)
 
-    def add(self, shares: np.ndarray, differ: np.ndarray, d: np.ndarray, d_hat: np.ndarray) -> None:
-        """Add a chunk of pairs: shares / differ [P, M], d / d_hat [P]."""
-        ap_e, ap_c = paper_average_precisions(shares, differ, self.lamda)
+    def add(self, shares: np.ndarray, differ: np.ndarray, d: np.ndarray, d_hat: np.ndarray,
+            known: np.ndarray | None = None) -> None:
+        """Add a chunk of pairs: shares, differ, known [P, M] (see :func:`paper_average_precisions`), d, d_hat [P]."""
+        ap_e, ap_c = paper_average_precisions(shares, differ, known, self.lamda)
         d = np.asarray(d, dtype=np.float64)
         keep = d > 0
         rel = np.abs(d[keep] - np.asarray(d_hat, dtype=np.float64)[keep]) / d[keep]
@@ -322,33 +358,6 @@ class PaperAccumulator:
         means = self._sums / np.maximum(self._counts, 1)
         return {"x_map_e": float(means[0]), "x_map_c": float(means[1]), "adre": float(means[2] * 100.0),
                 "pairs": int(self._counts[2])}
-
-
-def _interpolation_matrix(out: int, size: int) -> np.ndarray:
-    """``[out, size]`` weights of linear interpolation with half-pixel centres (torch's align_corners=False)."""
-    src = np.clip((np.arange(out) + 0.5) * size / out - 0.5, 0, size - 1)
-    lo = np.floor(src).astype(int)
-    hi = np.minimum(lo + 1, size - 1)
-    frac = src - lo
-    w = np.zeros((out, size))
-    np.add.at(w, (np.arange(out), lo), 1 - frac)
-    np.add.at(w, (np.arange(out), hi), frac)
-    return w
-
-
-def upsample_bilinear(maps: ArrayLike, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear upsampling of maps ``[..., h, w]`` to ``[..., H, W]`` (as torch's ``interpolate``, align_corners=False).
-
-    Args:
-        maps: The maps.
-        size: ``(H, W)``.
-
-    Returns:
-        float64 ``[..., H, W]``.
-    """
-    maps = np.asarray(maps, dtype=np.float64)
-    uy, ux = _interpolation_matrix(size[0], maps.shape[-2]), _interpolation_matrix(size[1], maps.shape[-1])
-    return np.einsum("Yh,...hw,Xw->...YX", uy, maps, ux, optimize=True)
 
 
 def aam_localisation(aam: ArrayLike, masks: ArrayLike, tolerance: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -379,7 +388,7 @@ def aam_localisation(aam: ArrayLike, masks: ArrayLike, tolerance: float = 0.0) -
     pointing = np.full((n, m), np.nan)
     mass = np.full((n, m), np.nan)
     for i in range(n):
-        up = upsample_bilinear(aam[i], (height, width))  # [M, H, W]
+        up = np.stack([resize_bilinear(a, height, width) for a in aam[i]])  # [M, H, W]
         for k in np.flatnonzero(masks[i].any(axis=(1, 2))):
             peak = np.unravel_index(np.argmax(up[k]), (height, width))
             ys, xs = np.nonzero(masks[i, k])

@@ -277,9 +277,10 @@ def _batch_loss(
     i, j = torch.triu_indices(len(labels), len(labels), offset=1, device=labels.device)
     d, shares, d_hat = pairs.d[i, j], pairs.shares[i, j], pairs.d_hat[i, j]
     differ = (labels[i] != labels[j]).float()
+    known = (labels[i] >= 0) & (labels[j] >= 0)  # an unknown label (-1) neither differs nor agrees
     parts = {
         "distill": metric_distillation(d, d_hat, config.distill_margin),
-        "prior": attribute_prior(shares, differ),
+        "prior": attribute_prior(shares, differ, known),
         "bce": weighted_bce(out.attr_logits, labels.float(), ratio),
     }
     loss = (distill_weight * parts["distill"] + config.prior_weight * parts["prior"]
@@ -313,6 +314,7 @@ def train_interpreter(
     progress: bool = True,
     resume: bool = False,
     cache: FeatureCache | None = None,
+    strict_attributes: bool = False,
 ) -> dict[str, Any]:
     """Train an interpreter on a frozen target; write ``interpreter.pt``, ``config.yaml`` and ``train_log.json``.
 
@@ -328,6 +330,8 @@ def train_interpreter(
         resume: Continue from ``out_dir/interpreter_last.pt``.
         cache: Precomputed :func:`cache_features` of the training images with flips (rows ``N..2N-1`` flipped), to
             share between runs on the same target and split; computed here when ``config.cache`` and ``None``.
+        strict_attributes: Refuse an attribute file with codes other than 1 and 2 (by default such entries are
+            unknown and left out of the attribute losses).
 
     Returns:
         The training log.
@@ -341,7 +345,7 @@ def train_interpreter(
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     device = config.torch_device()
-    data = load_dataset(data_root)
+    data = load_dataset(data_root, strict_attributes=strict_attributes)
     target = load_target(target_checkpoint)
     image_size = target.image_size
     if data.schema.name != target.meta.get("schema", data.schema.name):
@@ -692,7 +696,7 @@ def evaluate_interpreter(
     # relative error shows first).
     ids = _pair_sample(q_pids, g_pids, pairs_per_query, seed)
     q_attrs = np.stack([data.attributes[p] for p in q_pids])
-    d, d_hat, shares, differ = [], [], [], []
+    d, d_hat, shares, differ, known = [], [], [], [], []
     for s in range(0, len(q), 64):
         chunk = ids[s:s + 64]
         k = chunk.shape[1]
@@ -700,14 +704,16 @@ def evaluate_interpreter(
         d.append(dd)
         d_hat.append(dh)
         shares.append(sh)
+        mine = np.repeat(q_attrs[s:s + 64], k, axis=0)
         other = np.stack([data.attributes[p] for p in g_pids[chunk.reshape(-1)]])
-        differ.append(np.repeat(q_attrs[s:s + 64], k, axis=0) != other)
+        differ.append(mine != other)
+        known.append((mine >= 0) & (other >= 0))  # an unknown label (-1) neither differs nor agrees
     qi, gi = np.nonzero(q_pids[:, None] == g_pids[None, :])
     if len(qi):
         dd, dh, _ = _explain_pairs(q[qi], g[gi])
         d.append(dd)
         d_hat.append(dh)
-    shares_all, differ_all = np.concatenate(shares), np.concatenate(differ)
+    shares_all, differ_all, known_all = np.concatenate(shares), np.concatenate(differ), np.concatenate(known)
     max_share, entropy = share_concentration(shares_all)
 
     logits = np.concatenate([q_logits, g_logits[annotated]])
@@ -717,8 +723,8 @@ def evaluate_interpreter(
         "target": _rank_dict(target),
         "interpreter": {
             **_rank_dict(interp),
-            "x_map_e": x_map_e(shares_all, differ_all),
-            "x_map_c": x_map_c(shares_all, differ_all),
+            "x_map_e": x_map_e(shares_all, differ_all, known_all),
+            "x_map_c": x_map_c(shares_all, differ_all, known_all),
             "adre": adre(np.concatenate(d), np.concatenate(d_hat)),
             "attr_acc": acc,
             "max_share": max_share,
@@ -748,9 +754,10 @@ def _paper_protocol(q: np.ndarray, g: np.ndarray, q_attrs: np.ndarray, g_pids: n
     for s in range(0, len(q), chunk):
         res = attr_distance_reference(torch.from_numpy(q[s:s + chunk]), gallery)
         m = res.shares.shape[-1]
-        differ = q_attrs[s:s + chunk, None, :] != g_attrs[None, :, :]
+        qa, ga = q_attrs[s:s + chunk, None, :], g_attrs[None, :, :]
+        differ, known = qa != ga, (qa >= 0) & (ga >= 0)
         acc.add(res.shares.reshape(-1, m).numpy(), differ.reshape(-1, m), res.d.reshape(-1).numpy(),
-                res.d_hat.reshape(-1).numpy())
+                res.d_hat.reshape(-1).numpy(), known.reshape(-1, m))
     return acc.result()
 
 
@@ -771,7 +778,8 @@ def _localisation(data: ReIDDataset, aam: np.ndarray, image_size: tuple[int, int
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path, data_root: str | Path, batch_size: int = 128, progress: bool = True, device: str = "auto"
+    checkpoint: str | Path, data_root: str | Path, batch_size: int = 128, progress: bool = True, device: str = "auto",
+    strict_attributes: bool = False,
 ) -> dict[str, Any]:
     """:func:`evaluate_interpreter` of an ``interpreter.pt`` on a data folder.
 
@@ -781,6 +789,8 @@ def evaluate_checkpoint(
         batch_size: Images per forward pass.
         progress: Show progress bars.
         device: ``auto`` (the first CUDA GPU if there is one), ``cpu`` or ``cuda[:N]``.
+        strict_attributes: Refuse an attribute file with codes other than 1 and 2 (by default such entries are
+            unknown and left out of the explanation metrics).
 
     Returns:
         The metrics (see :func:`evaluate_interpreter`).
@@ -789,7 +799,7 @@ def evaluate_checkpoint(
         ValueError: If the data set's schema is not the one the interpreter was trained on.
     """
     ck = load_interpreter(checkpoint, resolve_device(device))
-    data = load_dataset(data_root)
+    data = load_dataset(data_root, strict_attributes=strict_attributes)
     if data.schema.name != ck.meta["schema"] or list(data.schema.names) != ck.attribute_names:
         raise ValueError(f"{data_root} uses schema {data.schema.name!r}, the interpreter explains "
                          f"{ck.meta['schema']!r}")

@@ -59,7 +59,9 @@ def metric_distillation(d: torch.Tensor, d_hat: torch.Tensor, margin: float = 0.
     return (nnf.relu(error - margin * d) if margin > 0 else error).mean()
 
 
-def attribute_prior_terms(shares: torch.Tensor, differ: torch.Tensor) -> dict[str, torch.Tensor]:
+def attribute_prior_terms(
+    shares: torch.Tensor, differ: torch.Tensor, known: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """The four attribute-prior terms of each pair (DESIGN §3).
 
     With N_e = sum_k e_k and r = sqrt(N_e / M): the differing attributes should take at least a share r of the
@@ -70,22 +72,34 @@ def attribute_prior_terms(shares: torch.Tensor, differ: torch.Tensor) -> dict[st
         shares: Distance shares p [P, M] (rows sum to 1, entries >= 0).
         differ: Identity-attribute differences e [P, M], 1 where the two persons differ on attribute k (bool or
             0/1 of any numeric dtype).
+        known: Optional [P, M] mask (bool or 0/1), 1 where both persons' attribute k is known. An unknown attribute
+            neither differs nor agrees: it is left out of e and 1 - e, and M becomes the pair's number of known
+            attributes. ``None``: all known.
 
     Returns:
         Per-pair tensors [P] under the keys ``"dsum"``, ``"d"``, ``"ssum"`` and ``"s"``. ``d`` is 0 for a pair
-        without differing attribute and ``s`` is 0 for a pair without common attribute.
+        without differing attribute and ``s`` is 0 for a pair without common attribute (all four are 0 for a pair
+        without known attribute).
 
     Raises:
-        ValueError: If ``shares`` is not a floating-point [P, M] tensor or ``differ`` does not have its shape.
+        ValueError: If ``shares`` is not a floating-point [P, M] tensor or ``differ`` / ``known`` do not have its
+            shape.
     """
     if shares.ndim != 2 or shares.shape[1] == 0:
         raise ValueError(f"shares must have shape [P, M] with M >= 1, got {tuple(shares.shape)}")
     if differ.shape != shares.shape:
         raise ValueError(f"differ must have the shape of shares {tuple(shares.shape)}, got {tuple(differ.shape)}")
+    if known is not None and known.shape != shares.shape:
+        raise ValueError(f"known must have the shape of shares {tuple(shares.shape)}, got {tuple(known.shape)}")
     _check_float(shares, "shares")
-    m = shares.shape[1]
     e = differ.to(shares.dtype)
-    c = 1.0 - e
+    if known is None:
+        m: float | torch.Tensor = shares.shape[1]
+        c = 1.0 - e
+    else:
+        mask = known.to(shares.dtype)
+        e, c = e * mask, (1.0 - e) * mask
+        m = mask.sum(1).clamp_min(1.0)  # a pair without known attribute has N_e = 0 and all terms 0
     n_e = e.sum(1)
     r = torch.sqrt(n_e / m)
     dsum = nnf.relu(r - (e * shares).sum(1))
@@ -106,12 +120,13 @@ def attribute_prior_terms(shares: torch.Tensor, differ: torch.Tensor) -> dict[st
     return {"dsum": dsum, "d": d, "ssum": ssum, "s": s}
 
 
-def attribute_prior(shares: torch.Tensor, differ: torch.Tensor) -> torch.Tensor:
+def attribute_prior(shares: torch.Tensor, differ: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
     """Attribute-prior loss: mean over pairs of L_dsum + 10 L_d + L_ssum + 10 L_s (DESIGN §3).
 
     Args:
         shares: Distance shares p [P, M] (rows sum to 1, entries >= 0).
         differ: Identity-attribute differences e [P, M] (1 = the two persons differ on attribute k).
+        known: Optional [P, M] mask of the attributes known for both persons (see :func:`attribute_prior_terms`).
 
     Returns:
         Scalar loss.
@@ -121,7 +136,7 @@ def attribute_prior(shares: torch.Tensor, differ: torch.Tensor) -> torch.Tensor:
     """
     if shares.ndim == 2 and shares.shape[0] == 0:
         raise ValueError("attribute_prior needs at least one pair, got shares of shape (0, M)")
-    t = attribute_prior_terms(shares, differ)
+    t = attribute_prior_terms(shares, differ, known)
     return (t["dsum"] + DIFFER_WEIGHT * t["d"] + t["ssum"] + SIMILAR_WEIGHT * t["s"]).mean()
 
 
@@ -162,16 +177,16 @@ def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, positive_ratio: tor
     """Attribute classification loss: sigmoid BCE weighted against the class imbalance of each attribute.
 
     Positives of attribute k are weighted exp(1 - ratio_k), negatives exp(ratio_k), so the rarer value of an
-    attribute weighs more.
+    attribute weighs more. Unknown labels (-1) are left out.
 
     Args:
         logits: Attribute logits [B, M].
-        labels: Attribute labels [B, M] in {0, 1} (bool or any numeric dtype).
+        labels: Attribute labels [B, M] in {0, 1}, or -1 where unknown (bool or any numeric dtype).
         positive_ratio: Positive rate ratio_k of each attribute over the training identities [M], in [0, 1]
             (see :func:`positive_ratio`).
 
     Returns:
-        Scalar loss, the mean over B and M of the weighted BCE.
+        Scalar loss, the mean of the weighted BCE over the known entries (0 when there is none).
 
     Raises:
         ValueError: If the shapes do not agree, are empty, or ``logits`` is not floating-point.
@@ -185,28 +200,34 @@ def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, positive_ratio: tor
                          f"got {tuple(positive_ratio.shape)}")
     _check_float(logits, "logits")
     y = labels.to(logits.dtype)
+    mask = (y >= 0).to(logits.dtype)
+    y = y.clamp_min(0.0)
     ratio = positive_ratio.to(device=logits.device, dtype=logits.dtype)
-    weight = y * torch.exp(1.0 - ratio) + (1.0 - y) * torch.exp(ratio)
-    return (weight * nnf.binary_cross_entropy_with_logits(logits, y, reduction="none")).mean()
+    weight = mask * (y * torch.exp(1.0 - ratio) + (1.0 - y) * torch.exp(ratio))
+    loss = weight * nnf.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    return loss.sum() / mask.sum().clamp_min(1.0)
 
 
 def positive_ratio(labels: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Positive rate of each attribute, the ``ratio`` of :func:`weighted_bce`.
 
     Args:
-        labels: Attribute labels [N_ids, M] in {0, 1}, one row per training identity.
+        labels: Attribute labels [N_ids, M] in {0, 1}, or -1 where unknown, one row per training identity.
 
     Returns:
-        float32 tensor [M] (on the device of ``labels`` if it is a tensor).
+        float32 tensor [M] (on the device of ``labels`` if it is a tensor): positives over known labels.
 
     Raises:
-        ValueError: If ``labels`` is not 2-D, is empty, or holds a value other than 0 and 1 (e.g. Market's raw
-            1/2 coding).
+        ValueError: If ``labels`` is not 2-D, is empty, holds a value other than 0, 1 and -1 (e.g. Market's raw
+            1/2 coding), or an attribute has no known label.
     """
     t = torch.as_tensor(labels)
     if t.ndim != 2 or t.shape[0] == 0 or t.shape[1] == 0:
         raise ValueError(f"labels must have shape [N_ids, M] with N_ids, M >= 1, got {tuple(t.shape)}")
     t = t.to(torch.float32)
-    if not ((t == 0) | (t == 1)).all():
-        raise ValueError("labels must hold only 0 and 1 (convert 1/2-coded attributes first)")
-    return t.mean(0)
+    if not ((t == 0) | (t == 1) | (t == -1)).all():
+        raise ValueError("labels must hold only 0, 1 and -1 for unknown (convert 1/2-coded attributes first)")
+    count = (t >= 0).sum(0)
+    if not bool(count.all()):
+        raise ValueError(f"attribute(s) {torch.nonzero(count == 0).flatten().tolist()} have no known label")
+    return (t == 1).sum(0) / count

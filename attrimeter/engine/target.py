@@ -38,6 +38,7 @@ __all__ = [
     "embed_and_rank",
     "embed_images",
     "evaluate_target",
+    "import_target",
     "load_target",
     "save_target",
     "target_from_payload",
@@ -125,7 +126,7 @@ def target_payload(model: ReIDModel, meta: dict[str, Any]) -> dict[str, Any]:
 
     Args:
         model: The model.
-        meta: Extra description (must hold ``image_size`` and ``schema``).
+        meta: Extra description (must hold ``image_size``; ``schema`` when trained here on an attribute data set).
 
     Returns:
         The payload :func:`save_target` writes (interpreter checkpoints embed it).
@@ -150,9 +151,38 @@ def save_target(model: ReIDModel, path: str | Path, meta: dict[str, Any]) -> Non
     Args:
         model: The trained model.
         path: Output ``.pt`` file (written atomically).
-        meta: Extra description (must hold ``image_size`` and ``schema``).
+        meta: Extra description (must hold ``image_size``; ``schema`` when trained here on an attribute data set).
     """
     write_checkpoint(target_payload(model, meta), path)
+
+
+def import_target(
+    weights: str | Path, out_dir: str | Path, image_size: tuple[int, int] = (256, 128), **options: Any
+) -> Path:
+    """Write a fast-reid or torchreid checkpoint as ``out_dir/target.pt``, embedding exactly as in its codebase.
+
+    Args:
+        weights: The fast-reid / torchreid checkpoint.
+        out_dir: Run folder (created).
+        image_size: ``(height, width)`` the model was trained at (both codebases default to 256x128).
+        **options: ``arch``, ``style``, ``last_stride``, ``pooling``, ``gem_p`` of
+            :func:`~attrimeter.models.convert.import_reid_model`.
+
+    Returns:
+        The written ``target.pt``.
+
+    Raises:
+        FileNotFoundError: If ``weights`` does not exist.
+        ValueError: If the checkpoint cannot be imported (see :func:`~attrimeter.models.convert.import_reid_model`).
+    """
+    from attrimeter.models.convert import import_reid_model
+
+    model, description = import_reid_model(weights, **options)
+    out = Path(out_dir) / "target.pt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # No "schema": an imported model was trained on identities only, so any attribute data set can explain it.
+    save_target(model, out, {"image_size": list(image_size), "imported": description})
+    return out
 
 
 def load_target(path: str | Path, map_location: str | torch.device = "cpu") -> TargetCheckpoint:

@@ -4,7 +4,9 @@ The modules are named exactly as in torchvision (``conv1``, ``bn1``, ``layer1.0.
 ...), which are also the names timm, torchreid and fast-reid (under ``backbone.``) use, so their ResNet state dicts
 load by a plain key mapping (:mod:`attrimeter.models.weights`). The stride of a Bottleneck sits on its 3x3 conv
 ("ResNet v1.5"), as in all four codebases. ``last_stride`` applies to the first block of ``layer4`` ("Bag of
-Tricks": a 256x128 crop gives a 16x8 feature map instead of 8x4).
+Tricks": a 256x128 crop gives a 16x8 feature map instead of 8x4). The stem's max pooling differs between them:
+torchvision pads by one pixel, fast-reid's ResNet pools unpadded with ``ceil_mode`` (same output size, windows one
+pixel apart), so a fast-reid model is reproduced only with ``stem_pool="fast-reid"``.
 """
 
 from torch import Tensor, nn
@@ -12,6 +14,10 @@ from torch import Tensor, nn
 from attrimeter.models.backbone import Backbone, check_width_and_stride, make_divisible
 from attrimeter.models.registry import register_model
 from attrimeter.models.reid import ReIDModel
+
+STEM_POOLS = ("torchvision", "fast-reid")
+"""Max pooling of the stem: torchvision's ``MaxPool2d(3, 2, padding=1)`` or fast-reid's ``MaxPool2d(3, 2,
+ceil_mode=True)``."""
 
 
 class BasicBlock(nn.Module):
@@ -98,22 +104,25 @@ class ResNet(Backbone):
         width: Channel multiplier; 1.0 gives the standard widths (64, 128, 256, 512 per layer, times the block
             expansion), smaller values give proportionally thinner networks (rounded to multiples of 8).
         last_stride: Stride of ``layer4`` (1 keeps the 16x8 map of a 256x128 crop; 2 is the ImageNet network).
+        stem_pool: One of :data:`STEM_POOLS`.
 
     Raises:
-        ValueError: If ``width`` or ``last_stride`` is out of range.
+        ValueError: If ``width``, ``last_stride`` or ``stem_pool`` is out of range.
     """
 
     family = "resnet"
 
     def __init__(self, block: type[BasicBlock | Bottleneck], layers: tuple[int, int, int, int], *,
-                 width: float = 1.0, last_stride: int = 1) -> None:
+                 width: float = 1.0, last_stride: int = 1, stem_pool: str = "torchvision") -> None:
         check_width_and_stride(width, last_stride)
+        if stem_pool not in STEM_POOLS:
+            raise ValueError(f"stem_pool must be one of {STEM_POOLS}, got {stem_pool!r}")
         super().__init__()
         planes = [make_divisible(c * width) for c in (64, 128, 256, 512)]
         self.conv1 = nn.Conv2d(3, planes[0], 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(planes[0])
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if stem_pool == "torchvision" else nn.MaxPool2d(3, 2, ceil_mode=True)
         inplanes = planes[0]
         strides = (1, 2, 2, last_stride)
         for i, (p, n, s) in enumerate(zip(planes, layers, strides, strict=True)):
@@ -143,15 +152,16 @@ class ResNet(Backbone):
 
 
 def _resnet_model(arch: str, block: type[BasicBlock | Bottleneck], layers: tuple[int, int, int, int],
-                  num_classes: int, last_stride: int, width: float, gem_p: float) -> ReIDModel:
-    backbone = ResNet(block, layers, width=width, last_stride=last_stride)
+                  num_classes: int, last_stride: int, width: float, gem_p: float, stem_pool: str) -> ReIDModel:
+    backbone = ResNet(block, layers, width=width, last_stride=last_stride, stem_pool=stem_pool)
     config = {"arch": arch, "num_classes": num_classes, "last_stride": last_stride, "width": float(width),
-              "gem_p": float(gem_p)}
+              "gem_p": float(gem_p), "stem_pool": stem_pool}
     return ReIDModel(backbone, num_classes=num_classes, gem_p=gem_p, config=config)
 
 
 @register_model
-def resnet18(*, num_classes: int = 0, last_stride: int = 1, width: float = 1.0, gem_p: float = 3.0) -> ReIDModel:
+def resnet18(*, num_classes: int = 0, last_stride: int = 1, width: float = 1.0, gem_p: float = 3.0,
+             stem_pool: str = "torchvision") -> ReIDModel:
     """ResNet-18 target (BasicBlock, 2-2-2-2; C = 512 at width 1).
 
     Args:
@@ -159,15 +169,17 @@ def resnet18(*, num_classes: int = 0, last_stride: int = 1, width: float = 1.0, 
         last_stride: Stride of ``layer4`` (1 or 2).
         width: Channel multiplier (1.0 = standard widths, loadable from standard state dicts).
         gem_p: Initial GeM exponent.
+        stem_pool: ``"torchvision"`` or ``"fast-reid"`` (see :data:`STEM_POOLS`).
 
     Returns:
         The model.
     """
-    return _resnet_model("resnet18", BasicBlock, (2, 2, 2, 2), num_classes, last_stride, width, gem_p)
+    return _resnet_model("resnet18", BasicBlock, (2, 2, 2, 2), num_classes, last_stride, width, gem_p, stem_pool)
 
 
 @register_model
-def resnet34(*, num_classes: int = 0, last_stride: int = 1, width: float = 1.0, gem_p: float = 3.0) -> ReIDModel:
+def resnet34(*, num_classes: int = 0, last_stride: int = 1, width: float = 1.0, gem_p: float = 3.0,
+             stem_pool: str = "torchvision") -> ReIDModel:
     """ResNet-34 target (BasicBlock, 3-4-6-3; C = 512 at width 1).
 
     Args:
@@ -175,15 +187,17 @@ def resnet34(*, num_classes: int = 0, last_stride: int = 1, width: float = 1.0, 
         last_stride: Stride of ``layer4`` (1 or 2).
         width: Channel multiplier (1.0 = standard widths, loadable from standard state dicts).
         gem_p: Initial GeM exponent.
+        stem_pool: ``"torchvision"`` or ``"fast-reid"`` (see :data:`STEM_POOLS`).
 
     Returns:
         The model.
     """
-    return _resnet_model("resnet34", BasicBlock, (3, 4, 6, 3), num_classes, last_stride, width, gem_p)
+    return _resnet_model("resnet34", BasicBlock, (3, 4, 6, 3), num_classes, last_stride, width, gem_p, stem_pool)
 
 
 @register_model
-def resnet50(*, num_classes: int = 0, last_stride: int = 1, width: float = 1.0, gem_p: float = 3.0) -> ReIDModel:
+def resnet50(*, num_classes: int = 0, last_stride: int = 1, width: float = 1.0, gem_p: float = 3.0,
+             stem_pool: str = "torchvision") -> ReIDModel:
     """ResNet-50 target (Bottleneck, 3-4-6-3; C = 2048 at width 1), the authors' target.
 
     Args:
@@ -191,8 +205,9 @@ def resnet50(*, num_classes: int = 0, last_stride: int = 1, width: float = 1.0, 
         last_stride: Stride of ``layer4`` (1 or 2).
         width: Channel multiplier (1.0 = standard widths, loadable from standard state dicts).
         gem_p: Initial GeM exponent.
+        stem_pool: ``"torchvision"`` or ``"fast-reid"`` (see :data:`STEM_POOLS`).
 
     Returns:
         The model.
     """
-    return _resnet_model("resnet50", Bottleneck, (3, 4, 6, 3), num_classes, last_stride, width, gem_p)
+    return _resnet_model("resnet50", Bottleneck, (3, 4, 6, 3), num_classes, last_stride, width, gem_p, stem_pool)

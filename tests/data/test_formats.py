@@ -1,17 +1,22 @@
 """Real-format loaders: fixtures are written in the exact Market-1501 / DukeMTMC-reID layouts and .mat structures."""
 
+import json
+import os
 import re
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
+from mat_layout import mat_layout, mat_payload
 from scipy.io import loadmat, savemat
 
 from attrimeter.data.formats import (
     DataFormatError,
+    UnknownAttributeWarning,
     attributes_from_mat,
     load_dataset,
     load_dukemtmc,
@@ -20,7 +25,7 @@ from attrimeter.data.formats import (
     read_attribute_mat,
     write_attribute_mat,
 )
-from attrimeter.data.schema import DUKEMTMC, MARKET1501, AttributeSchema
+from attrimeter.data.schema import DUKEMTMC, MARKET1501, UNKNOWN, AttributeSchema
 
 STRUCT = {"market1501": "market_attribute", "dukemtmc": "duke_attribute"}
 CAMERAS = {"market1501": 6, "dukemtmc": 8}
@@ -36,8 +41,15 @@ def image_name(style: str, pid: int, cam: int, rng: np.random.Generator) -> str:
     return f"{tag}_c{cam}_f{frame:07d}.jpg"
 
 
-def random_labels(schema: AttributeSchema, pids, rng: np.random.Generator) -> dict[int, np.ndarray]:
-    return {int(p): rng.integers(0, 2, len(schema)).astype(np.uint8) for p in pids}
+def random_labels(schema: AttributeSchema, pids, rng: np.random.Generator, unknown: float = 0.0
+                  ) -> dict[int, np.ndarray]:
+    """Random 0/1 labels; a fraction ``unknown`` of the entries is UNKNOWN."""
+    out = {}
+    for p in pids:
+        labels = rng.integers(0, 2, len(schema)).astype(np.int8)
+        labels[rng.random(len(schema)) < unknown] = UNKNOWN
+        out[int(p)] = labels
+    return out
 
 
 @dataclass
@@ -156,18 +168,23 @@ def test_parse_image_name_rejects_unknown_style():
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_attribute_mat_round_trip(tmp_path, rng, schema, shuffle):
     pids = rng.choice(np.arange(0, 10000), size=30, replace=False)
-    train = random_labels(schema, pids[:17], rng)
-    test = random_labels(schema, pids[17:], rng)
+    train = random_labels(schema, pids[:17], rng, unknown=0.05)
+    test = random_labels(schema, pids[17:], rng, unknown=0.05)
+    train[int(pids[0])][0] = UNKNOWN  # at least one unknown entry
     path = tmp_path / "a.mat"
     write_attribute_mat(path, schema, train, test, shuffle_test_fields=shuffle)
-    back = read_attribute_mat(path, schema)
+    with pytest.warns(UnknownAttributeWarning, match=re.escape(str(path))):
+        back = read_attribute_mat(path, schema)
     assert set(back) == {"train", "test"}
     for split, truth in (("train", train), ("test", test)):
         assert set(back[split]) == set(truth)
         for pid, labels in truth.items():
             got = back[split][pid]
-            assert got.dtype == np.uint8 and got.shape == (len(schema),)
+            assert got.dtype == np.int8 and got.shape == (len(schema),)
             np.testing.assert_array_equal(got, labels)
+    again = tmp_path / "again.mat"
+    write_attribute_mat(again, schema, back["train"], back["test"], shuffle_test_fields=shuffle)
+    assert again.read_bytes() == path.read_bytes()  # deterministic: no date in the header
 
 
 @pytest.mark.parametrize("schema", [MARKET1501, DUKEMTMC], ids=lambda s: s.name)
@@ -175,42 +192,91 @@ def test_written_mat_has_the_official_structure(tmp_path, rng, schema):
     pids = sorted(int(p) for p in rng.choice(np.arange(1, 10000), size=12, replace=False))
     train = random_labels(schema, pids[:7][::-1], rng)  # insertion order must not matter: the file is pid-sorted
     test = random_labels(schema, pids[7:], rng)
+    test[pids[8]][-1] = UNKNOWN
     age = {p: int(rng.integers(1, 5)) for p in pids} if schema is MARKET1501 else None
     path = tmp_path / "a.mat"
     write_attribute_mat(path, schema, train, test, age=age)
 
-    m = loadmat(str(path))
-    assert [k for k in m if not k.startswith("__")] == [STRUCT[schema.name]]
-    top = m[STRUCT[schema.name]]
-    assert top.shape == (1, 1) and top.dtype.names == ("test", "train")  # third-party loaders take [0][0][0] as test
-    orders = {}
-    for split, truth in (("train", train), ("test", test)):
-        rec = top[0, 0][split][0, 0]
-        names = rec.dtype.names
-        orders[split] = names
-        expected_fields = set(schema.names) | ({"age"} if schema is MARKET1501 else set()) | {"image_index"}
-        assert set(names) == expected_fields
-        assert names[-1] == "image_index"
-        index = [str(x[0]) for x in rec["image_index"][0]]
-        assert index == [f"{p:04d}" for p in sorted(truth)]
-        assert all(len(s) == 4 for s in index)
-        for j, name in enumerate(schema.names):
-            vec = rec[name]
-            assert vec.dtype == np.uint8 and vec.shape == (1, len(truth))
-            np.testing.assert_array_equal(vec[0], [truth[p][j] + 1 for p in sorted(truth)])  # coded 1/2
-        if schema is MARKET1501:
-            assert names[0] == "age"
-            np.testing.assert_array_equal(rec["age"][0], [age[p] for p in sorted(truth)])
-    assert orders["train"] != orders["test"]  # the real files' quirk
-    assert set(orders["train"]) == set(orders["test"])
+    splits = ("test", "train") if schema is MARKET1501 else ("train", "test")  # as in the official files
+    for mat_dtype, vector_dtype in ((False, np.uint8), (True, np.float64)):  # MATLAB doubles, stored compactly
+        m = loadmat(str(path), mat_dtype=mat_dtype)
+        assert [k for k in m if not k.startswith("__")] == [STRUCT[schema.name]]
+        top = m[STRUCT[schema.name]]
+        assert top.shape == (1, 1) and top.dtype.names == splits  # loaders that take [0][0][0] as a split exist
+        orders = {}
+        for split, truth in (("train", train), ("test", test)):
+            rec = top[0, 0][split][0, 0]
+            names = rec.dtype.names
+            orders[split] = names
+            expected_fields = set(schema.names) | ({"age"} if schema is MARKET1501 else set()) | {"image_index"}
+            assert set(names) == expected_fields
+            assert names[-1] == "image_index"
+            index = [str(x[0]) for x in rec["image_index"][0]]
+            assert index == [f"{p:04d}" for p in sorted(truth)]
+            assert all(len(s) == 4 for s in index)
+            for j, name in enumerate(schema.names):
+                vec = rec[name]
+                assert vec.dtype == vector_dtype and vec.shape == (1, len(truth))
+                codes = [truth[p][j] + 1 if truth[p][j] >= 0 else 0 for p in sorted(truth)]  # 1/2, unknown as 0
+                np.testing.assert_array_equal(vec[0], codes)
+            if schema is MARKET1501:
+                assert names[0] == "age" and rec["age"].dtype == vector_dtype
+                np.testing.assert_array_equal(rec["age"][0], [age[p] for p in sorted(truth)])
+        assert orders["train"] != orders["test"]  # the real files' quirk
+        assert set(orders["train"]) == set(orders["test"])
+    assert mat_layout(path)["elements"] == ["miCOMPRESSED"]
+
+
+def _official_layouts() -> dict:
+    return json.loads((Path(__file__).parent / "official_attribute_layouts.json").read_text())
+
+
+def _split_sizes(layout: dict) -> dict[str, int]:
+    return {split["name"]: split["fields"][0]["dims"][1] for split in layout["variables"][0]["fields"]}
+
+
+@pytest.mark.parametrize("schema", [MARKET1501, DUKEMTMC], ids=lambda s: s.name)
+def test_written_layout_equals_the_official_one(tmp_path, rng, schema):
+    """The whole value-free layout (split order, field order, MATLAB classes, storage types, dimensions, the cell of
+    1x4 char pid strings, compression) of a written file equals the official file's, recorded in the fixture."""
+    official = _official_layouts()[schema.name]
+    sizes = _split_sizes(official)  # Market 751 train / 750 test identities, Duke 702 / 1110
+    pids = rng.choice(np.arange(1, 10000), size=sizes["train"] + sizes["test"], replace=False)
+    train = random_labels(schema, pids[:sizes["train"]], rng, unknown=0.002)
+    test = random_labels(schema, pids[sizes["train"]:], rng)
+    age = {int(p): int(rng.integers(1, 5)) for p in pids} if schema is MARKET1501 else None
+    path = tmp_path / f"{STRUCT[schema.name]}.mat"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # writing never warns
+        write_attribute_mat(path, schema, train, test, age=age)
+    written = mat_layout(path)
+    assert written == {k: v for k, v in official.items() if k != "source"}
+
+
+@pytest.mark.skipif("ATTRIMETER_OFFICIAL_ATTRIBUTES" not in os.environ,
+                    reason="set ATTRIMETER_OFFICIAL_ATTRIBUTES to a folder with the official market_attribute.mat "
+                           "and duke_attribute.mat (not redistributed here) to compare bytes with them")
+@pytest.mark.parametrize("schema", [MARKET1501, DUKEMTMC], ids=lambda s: s.name)
+def test_rewriting_an_official_file_gives_its_bytes(tmp_path, schema):
+    source = Path(os.environ["ATTRIMETER_OFFICIAL_ATTRIBUTES"]) / f"{STRUCT[schema.name]}.mat"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnknownAttributeWarning)  # the official Duke file has two 0 codes
+        labels = read_attribute_mat(source, schema)
+    age = None
+    if schema is MARKET1501:
+        top = loadmat(str(source))["market_attribute"][0, 0]
+        age = {int(str(i[0])): int(a) for split in ("train", "test")
+               for i, a in zip(top[split][0, 0]["image_index"][0], top[split][0, 0]["age"][0], strict=True)}
+    out = tmp_path / source.name
+    write_attribute_mat(out, schema, labels["train"], labels["test"], age=age)
+    assert mat_payload(out) == mat_payload(source)  # the compressed streams and header texts differ, nothing else
 
 
 def test_market_age_defaults_and_duke_has_no_age(tmp_path, rng):
     labels = random_labels(MARKET1501, [3, 9], rng)
     write_attribute_mat(tmp_path / "m.mat", MARKET1501, labels, {}, age={3: 1})
     rec = loadmat(str(tmp_path / "m.mat"))["market_attribute"][0, 0]["train"][0, 0]
-    ages = rec["age"][0]
-    assert ages[0] == 1 and 1 <= ages[1] <= 4
+    assert list(rec["age"][0]) == [1, 2]  # 2 (teenager): the most common age group of the official file
     write_attribute_mat(tmp_path / "d.mat", DUKEMTMC, random_labels(DUKEMTMC, [3], rng), {})
     rec = loadmat(str(tmp_path / "d.mat"))["duke_attribute"][0, 0]["train"][0, 0]
     assert "age" not in rec.dtype.names
@@ -236,14 +302,21 @@ def test_write_attribute_mat_rejects_bad_input(tmp_path, train, age, match):
 @pytest.mark.parametrize("schema", [MARKET1501, DUKEMTMC], ids=lambda s: s.name)
 @pytest.mark.parametrize("squeeze_me", [False, True])
 @pytest.mark.parametrize("struct_as_record", [True, False])
-def test_reader_accepts_every_loadmat_shape(tmp_path, rng, schema, squeeze_me, struct_as_record):
-    # A one-identity split is the edge case of squeeze_me: its vectors collapse to scalars and its cell to a string.
+@pytest.mark.parametrize("chars_as_strings", [True, False])
+@pytest.mark.parametrize("mat_dtype", [False, True])
+def test_reader_accepts_every_loadmat_shape(tmp_path, rng, schema, squeeze_me, struct_as_record, chars_as_strings,
+                                            mat_dtype):
+    # A one-identity split is the edge case of squeeze_me: its vectors collapse to scalars and its cell to a string
+    # (or, with chars_as_strings=False, to the string's bare characters).
     train = random_labels(schema, rng.choice(np.arange(1, 10000), size=1), rng)
     test = random_labels(schema, rng.choice(np.arange(1, 10000), size=5, replace=False), rng)
+    next(iter(test.values()))[int(rng.integers(len(schema)))] = UNKNOWN
     path = tmp_path / "a.mat"
     write_attribute_mat(path, schema, train, test)
-    contents = loadmat(str(path), squeeze_me=squeeze_me, struct_as_record=struct_as_record)
-    back = attributes_from_mat(contents, schema, str(path))
+    contents = loadmat(str(path), squeeze_me=squeeze_me, struct_as_record=struct_as_record,
+                       chars_as_strings=chars_as_strings, mat_dtype=mat_dtype)
+    with pytest.warns(UnknownAttributeWarning, match=f"{path}: 1 attribute code"):
+        back = attributes_from_mat(contents, schema, str(path))
     for split, truth in (("train", train), ("test", test)):
         assert set(back[split]) == set(truth)
         for pid, labels in truth.items():
@@ -267,38 +340,65 @@ def test_reader_without_image_index_maps_sorted_identities(tmp_path, rng):
         read_attribute_mat(path, DUKEMTMC, pids={"train": list(train)[:3], "test": list(test)})
 
 
-def _set_entry(name: str, value: float):
-    def edit(fields):
-        vec = fields[name].astype(np.float64)
-        vec[0, -1] = value
-        fields[name] = vec
-    return edit
-
-
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
-        (_set_entry("hat", 3), r"'hat'.*code 3, expected 1 or 2"),
-        (_set_entry("upred", np.nan), r"'upred'.*code nan"),
-        (_set_entry("gender", 0), r"'gender'.*code 0,"),
         (lambda f: f.pop("backpack"), r"lacks attribute field\(s\) backpack"),
         (lambda f: f.update(image_index=f["image_index"][:, :-1]), "identities but attribute vectors of length"),
         (lambda f: f.update(down=f["down"][:, :-1]), "differ in length"),
         (lambda f: f["image_index"][0].__setitem__(0, np.array(["x1"])), "'x1' is not a number"),
         (lambda f: f["image_index"][0].__setitem__(1, f["image_index"][0][0]), "more than once"),
         (lambda f: f.update(up=np.ones((2, 3), np.uint8)), "shape"),
+        (lambda f: f.update(hat=np.array([["a", "b", "c"]])), "'hat': not a numeric vector"),
     ],
 )
-def test_reader_reports_malformed_content_with_the_file_name(tmp_path, rng, edit, match):
+@pytest.mark.parametrize("strict", [False, True])
+def test_reader_reports_malformed_content_with_the_file_name(tmp_path, rng, edit, match, strict):
     path = tmp_path / "market_attribute.mat"
     pids = rng.choice(np.arange(1, 10000), size=6, replace=False)
     write_attribute_mat(path, MARKET1501, random_labels(MARKET1501, pids[:3], rng),
                         random_labels(MARKET1501, pids[3:], rng))
     split = str(rng.choice(["train", "test"]))
     tamper(path, "market_attribute", split, edit)
-    with pytest.raises(DataFormatError, match=match) as info:
-        read_attribute_mat(path, MARKET1501)
+    with pytest.raises(DataFormatError, match=match) as info:  # broken structure fails whatever the code policy
+        read_attribute_mat(path, MARKET1501, strict=strict)
     assert str(path) in str(info.value) and repr(split) in str(info.value)
+
+
+@pytest.mark.parametrize(("name", "code"), [("hat", 3), ("upred", np.nan), ("gender", 0), ("top", 0), ("boots", -1)])
+def test_codes_other_than_1_and_2_load_as_unknown_or_are_refused_when_strict(tmp_path, rng, name, code):
+    schema = DUKEMTMC if name in DUKEMTMC.names and name not in MARKET1501.names else MARKET1501
+    struct = STRUCT[schema.name]
+    path = tmp_path / f"{struct}.mat"
+    pids = sorted(int(p) for p in rng.choice(np.arange(1, 10000), size=8, replace=False))
+    train, test = random_labels(schema, pids[:4], rng), random_labels(schema, pids[4:], rng)
+    write_attribute_mat(path, schema, train, test)
+    split = str(rng.choice(["train", "test"]))
+    truth = train if split == "train" else test
+    victims = sorted(truth)[-2:]  # the last two identities of the split get the bad code
+
+    def edit(fields):
+        vec = fields[name].astype(np.float64)
+        vec[0, -2:] = code
+        fields[name] = vec
+
+    tamper(path, struct, split, edit)
+    with pytest.warns(UnknownAttributeWarning) as record:
+        back = read_attribute_mat(path, schema)
+    assert len(record) == 1  # one warning for the file, naming the split, the attribute and the identities
+    message = str(record[0].message)
+    assert str(path) in message and f"{split!r} struct, attribute {name!r}" in message
+    assert all(f"{p} (code {code:g})" in message for p in victims) and "2 attribute code(s)" in message
+    j = schema.index(name)
+    for pid, labels in truth.items():
+        expected = labels.copy()
+        if pid in victims:
+            expected[j] = UNKNOWN
+        np.testing.assert_array_equal(back[split][pid], expected)
+
+    with pytest.raises(DataFormatError, match=rf"{re.escape(str(path))}: {split!r} struct, attribute {name!r}: "
+                                              rf"identities {victims[0]} \(code {code:g}\).*expected code 1 or 2"):
+        read_attribute_mat(path, schema, strict=True)
 
 
 def test_reader_reports_a_corrupt_or_foreign_file(tmp_path, rng):
@@ -349,10 +449,9 @@ def _check_dataset(ds, fx: Fixture) -> None:
     truth = {**fx.train_labels, **fx.test_labels}
     assert set(ds.attributes) == set(truth)
     for pid, labels in truth.items():
-        np.testing.assert_array_equal(ds.attributes_of(pid), labels)
-        signed = ds.attributes_of(pid, signed=True)
-        np.testing.assert_array_equal(signed, labels.astype(int) * 2 - 1)
-        assert set(np.unique(signed)) <= {-1, 1}
+        got = ds.attributes_of(pid)
+        assert got.dtype == np.int8
+        np.testing.assert_array_equal(got, labels)
     with pytest.raises(KeyError, match="identity 0 "):
         ds.attributes_of(0)
     summary = ds.summary()
@@ -369,7 +468,7 @@ def test_load_market1501(tmp_path, rng):
     pid = ds.train_pids[0]
     before = ds.attributes_of(pid)
     changed = ds.attributes_of(pid)
-    changed ^= 1
+    changed[:] = UNKNOWN
     np.testing.assert_array_equal(ds.attributes_of(pid), before)
 
 
@@ -382,7 +481,7 @@ def test_load_dukemtmc_with_mat_in_attribute_subfolder(tmp_path, rng):
 
 def test_test_struct_listing_distractor_0000_is_accepted(tmp_path, rng):
     fx = make_dataset(tmp_path / "market", MARKET1501, rng, write_mat=False)
-    test = {**fx.test_labels, 0: np.zeros(len(MARKET1501), np.uint8)}
+    test = {**fx.test_labels, 0: np.zeros(len(MARKET1501), np.int8)}
     write_attribute_mat(fx.root / "market_attribute.mat", MARKET1501, fx.train_labels, test)
     ds = load_market1501(fx.root)
     assert 0 not in ds.attributes and set(ds.attributes) == set(fx.train_labels) | set(fx.test_labels)
@@ -476,9 +575,45 @@ def test_missing_attribute_file_is_named_and_optional(tmp_path, rng):
 
 def test_malformed_attribute_file_fails_the_loader_with_its_name(tmp_path, rng):
     fx = make_dataset(tmp_path / "d", MARKET1501, rng)
-    tamper(fx.mat_path, "market_attribute", "test", _set_entry("hat", 3))
-    with pytest.raises(DataFormatError, match=re.escape(str(fx.mat_path)) + ".*'hat'.*code 3"):
+    tamper(fx.mat_path, "market_attribute", "test", lambda f: f.update(hat=f["hat"][:, :-1]))
+    with pytest.raises(DataFormatError, match=re.escape(str(fx.mat_path)) + ".*differ in length"):
         load_market1501(fx.root)
+
+
+def test_duke_folder_with_zero_codes_and_several_lower_colours_loads(tmp_path, rng):
+    """The official duke_attribute.mat codes `top` 0 for two training identities, and a few test identities have two
+    or three lower-body colours: the folder loads (with one warning naming the entries) and nothing is lost."""
+    fx = make_dataset(tmp_path / "duke", DUKEMTMC, rng, write_mat=False)
+    train, test = dict(fx.train_labels), dict(fx.test_labels)
+    absent = max(set(range(1, 10000)) - set(train) - set(test))  # annotated but not in the image folders
+    train[absent] = random_labels(DUKEMTMC, [absent], rng)[absent]
+    in_folder = sorted(fx.train_labels)[1]
+    top = DUKEMTMC.index("top")
+    for pid in (in_folder, absent):
+        train[pid][top] = UNKNOWN  # written as code 0, as in the official file
+    colours = [DUKEMTMC.index(n) for n in DUKEMTMC.groups["lower-body colour"]]
+    several = sorted(test)[0]
+    test[several][colours] = 0
+    test[several][colours[:3]] = 1
+    path = fx.root / "duke_attribute.mat"
+    write_attribute_mat(path, DUKEMTMC, train, test)
+
+    with pytest.warns(UnknownAttributeWarning) as record:
+        ds = load_dukemtmc(fx.root)
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert str(path) in message and "'train' struct, attribute 'top'" in message
+    assert f"identities {min(in_folder, absent)} (code 0), {max(in_folder, absent)} (code 0)" in message
+    assert "--strict-attributes" in message
+    assert ds.attributes_of(in_folder)[top] == UNKNOWN and ds.attributes_of(absent)[top] == UNKNOWN
+    np.testing.assert_array_equal(ds.attributes_of(several), test[several])
+    assert ds.attributes_of(several)[colours].sum() == 3
+    assert "2 unknown entries" in ds.summary()
+
+    with pytest.raises(DataFormatError, match=re.escape(str(path)) + ".*'top'.*expected code 1 or 2"):
+        load_dukemtmc(fx.root, strict_attributes=True)
+    with pytest.raises(DataFormatError, match="'top'"):
+        load_dataset(fx.root, strict_attributes=True)
 
 
 def test_conflicting_train_and_test_attributes_are_rejected(tmp_path, rng):

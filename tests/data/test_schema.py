@@ -1,7 +1,16 @@
 import numpy as np
 import pytest
 
-from attrimeter.data.schema import DUKEMTMC, MARKET1501, get_schema, list_schemas
+from attrimeter.data.schema import (
+    DUKEMTMC,
+    MARKET1501,
+    UNKNOWN,
+    codes_from_labels,
+    get_schema,
+    known,
+    labels_from_codes,
+    list_schemas,
+)
 
 MARKET_NAMES = ("backpack bag clothes down downblack downblue downbrown downgray downgreen downpink downpurple "
                 "downwhite downyellow gender hair handbag hat up upblack upblue upgray upgreen uppurple upred "
@@ -27,9 +36,22 @@ def test_market_colour_groups():
 def test_encode_and_describe_roundtrip(rng):
     codes = {n: int(c) for n, c in zip(MARKET1501.names, rng.integers(1, 3, len(MARKET1501)), strict=True)}
     labels = MARKET1501.encode({**codes, "age": 3})  # extra keys such as age are ignored
-    assert labels.dtype == np.uint8 and list(labels) == [codes[n] - 1 for n in MARKET1501.names]
-    signed = 2 * labels.astype(int) - 1
-    assert MARKET1501.describe(labels) == MARKET1501.describe(signed)
+    assert labels.dtype == np.int8 and list(labels) == [codes[n] - 1 for n in MARKET1501.names]
+    described = MARKET1501.describe(labels)
+    assert all(described[n] == MARKET1501[n].meanings[codes[n] - 1] for n in MARKET1501.names)
+    labels[MARKET1501.index("hat")] = UNKNOWN
+    assert MARKET1501.describe(labels)["hat"] == "unknown"
+
+
+def test_codes_and_labels_convert_both_ways_with_unknown():
+    codes = np.array([[1, 2, 0], [2, np.nan, 3]])
+    labels = labels_from_codes(codes)
+    assert labels.dtype == np.int8
+    np.testing.assert_array_equal(labels, [[0, 1, UNKNOWN], [1, UNKNOWN, UNKNOWN]])
+    np.testing.assert_array_equal(known(labels), [[True, True, False], [True, False, False]])
+    np.testing.assert_array_equal(codes_from_labels(labels), [[1, 2, 0], [2, 0, 0]])  # unknown is written as 0
+    with pytest.raises(ValueError, match="0, 1 or -1"):
+        codes_from_labels(np.array([2]))
 
 
 def test_errors_name_the_problem():

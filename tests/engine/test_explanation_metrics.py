@@ -84,6 +84,23 @@ def test_x_map_e_and_x_map_c_by_hand():
     assert x_map_c(shares, differ.astype(bool)) == pytest.approx(11 / 12)
 
 
+def test_x_map_leaves_unknown_attributes_out_by_hand():
+    shares = np.array([[0.4, 0.3, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1]])
+    differ = np.array([[0, 1, 1, 0], [1, 0, 0, 0]])
+    known = np.array([[0, 1, 1, 1], [0, 1, 1, 1]])  # col 0 (the largest share) unknown in both pairs
+    # Without the mask, row 0: differing cols 1,2 at ranks 2,3 -> (1/2 + 2/3) / 2 = 7/12; row 1: col 0 at rank 1 -> 1.
+    assert x_map_e(shares, differ) == pytest.approx((7 / 12 + 1) / 2)
+    # With it, row 0 ranks cols 1,2,3: differing cols 1,2 at ranks 1,2 -> 1; row 1's only differing attribute is
+    # unknown, so the row has none and is left out.
+    assert x_map_e(shares, differ, known) == pytest.approx(1.0)
+    # X-mAP_c without the mask, row 0: ascending cols 3,2,1,0, common cols 3,0 at ranks 1,4 -> 3/4;
+    # row 1: common cols 1,2,3 at ranks 3,2,1 -> 1.  With it, col 0 is not common: row 0 -> col 3 at rank 1 -> 1.
+    assert x_map_c(shares, differ) == pytest.approx((3 / 4 + 1) / 2)
+    assert x_map_c(shares, differ, known) == pytest.approx(1.0)
+    assert x_map_c(shares, differ, known.astype(bool)) == pytest.approx(1.0)
+    assert x_map_e(shares, differ, np.ones_like(known)) == pytest.approx(x_map_e(shares, differ))
+
+
 def test_x_map_without_qualifying_rows_is_nan():
     shares = np.full((2, 3), 1 / 3)
     assert math.isnan(x_map_e(shares, np.zeros((2, 3))))
@@ -145,6 +162,18 @@ def test_attribute_accuracy_by_hand():
     np.testing.assert_allclose(per_attr, [1.0, 0.5, 0.5])
 
 
+def test_attribute_accuracy_leaves_unknown_labels_out_by_hand():
+    logits = np.array([[1.0, -1.0, 2.0], [1.0, 1.0, -1.0]])
+    labels = np.array([[1, -1, -1], [0, 1, -1]])
+    # Known entries: (0,0) 1 vs 1 right, (1,0) 1 vs 0 wrong, (1,1) 1 vs 1 right: 2/3; column 2 has no known label.
+    mean, per_attr = attribute_accuracy(logits, labels)
+    assert mean == pytest.approx(2 / 3)
+    np.testing.assert_allclose(per_attr[:2], [0.5, 1.0])
+    assert math.isnan(per_attr[2])
+    with pytest.raises(ValueError, match="at least one known label"):
+        attribute_accuracy(logits, np.full((2, 3), -1))
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [
@@ -155,7 +184,9 @@ def test_attribute_accuracy_by_hand():
         (lambda: x_map_c(np.zeros((1, 2)), [[0.5, 1.0]]), "differ must hold only 0 and 1"),
         (lambda: counterfactual_scores(np.zeros((2, 3)), np.ones((2, 2))), r"shares and changed"),
         (lambda: attribute_accuracy(np.zeros((2, 3)), np.ones((2, 3, 1))), r"logits and labels"),
-        (lambda: attribute_accuracy(np.zeros((1, 2)), [[1, 2]]), "labels must hold only 0 and 1"),
+        (lambda: attribute_accuracy(np.zeros((1, 2)), [[1, 2]]), "labels must hold only 0 and 1, or -1"),
+        (lambda: x_map_e(np.zeros((1, 2)), [[0, 1]], [[1, 1, 1]]), r"known must have the shape .* \(1, 3\)"),
+        (lambda: x_map_c(np.zeros((1, 2)), [[0, 1]], [[1, -1]]), "known must hold only 0 and 1"),
         (lambda: attribute_accuracy(np.zeros((0, 2)), np.zeros((0, 2))), "at least one entry"),
     ],
 )

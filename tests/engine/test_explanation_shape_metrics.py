@@ -11,8 +11,8 @@ from attrimeter.engine.explanation_metrics import (
     counterfactual_shares,
     paper_average_precisions,
     share_concentration,
-    upsample_bilinear,
 )
+from attrimeter.viz import resize_bilinear
 
 
 def test_counterfactual_shares_by_hand():
@@ -68,13 +68,13 @@ def test_paper_accumulator_matches_one_shot(rng):
     assert parts.result() == pytest.approx(expected)
 
 
-def test_upsample_bilinear_matches_torch(rng):
-    torch = pytest.importorskip("torch")
-    maps = rng.random((2, 3, 8, 4))
-    ours = upsample_bilinear(maps, (128, 64))
-    ref = torch.nn.functional.interpolate(torch.from_numpy(maps), size=(128, 64), mode="bilinear",
-                                          align_corners=False).numpy()
-    np.testing.assert_allclose(ours, ref, atol=1e-12)
+def test_paper_protocol_leaves_unknown_attributes_out():
+    shares = np.array([[0.1, 0.2, 0.3, 0.4]])
+    differ = np.array([[0, 0, 0, 1]], dtype=bool)
+    known = np.array([[1, 1, 0, 1]], dtype=bool)
+    ap_e, ap_c = paper_average_precisions(shares, differ, known)
+    # Known: cols 0, 1, 3. Differing col 3 ranks first; common cols 0, 1 rank first ascending: both APs 1.
+    assert ap_e[0] == pytest.approx(1.0) and ap_c[0] == pytest.approx(1.0)
 
 
 def test_aam_localisation_by_hand():
@@ -89,7 +89,7 @@ def test_aam_localisation_by_hand():
     pointing, mass = aam_localisation(aam, masks)
     assert pointing[0, 0] == 1.0 and pointing[0, 1] == 0.0 and np.isnan(pointing[0, 2])
     assert np.isnan(mass[0, 2])
-    up = upsample_bilinear(aam[0, 0], (4, 4))
+    up = resize_bilinear(aam[0, 0], 4, 4)
     excess = np.maximum(up - up.mean(), 0)
     assert mass[0, 0] == pytest.approx(excess[:2, :2].sum() / excess.sum())
     assert mass[0, 0] > 0.9 and mass[0, 1] < 0.1

@@ -45,6 +45,41 @@ def test_batch_loss_pairs_match_cdist_and_stay_finite_at_duplicates():
     assert float(parts["distill"]) == pytest.approx(float(expected), rel=1e-5, abs=float(bound))
 
 
+def test_batch_loss_leaves_unknown_labels_out():
+    from attrimeter.engine.interpreter import _batch_loss
+    from attrimeter.engine.losses import attribute_prior, weighted_bce
+    from attrimeter.kernels.attr_distance import attr_distance_reference
+    from attrimeter.models import create_model
+    from attrimeter.models.interpreter import AttriMeter
+
+    model = AttriMeter(create_model("resnet18", num_classes=3, width=0.25).eval(), 4, shared="layer3").train()
+    torch.nn.init.normal_(model.head[2].weight, std=0.3)  # non-uniform shares: the prior is not trivially 0
+    x = torch.rand(5, 3, 64, 32)
+    shared = model.shared_features(x)
+    features = model.target_features(shared)
+    ratio = torch.full((4,), 0.3)
+    config = InterpreterTrainConfig()
+    with torch.no_grad():
+        # Nothing known: no prior and no BCE, only distillation.
+        _, parts = _batch_loss(model, shared, features, torch.full((5, 4), -1), ratio, config, 1.0)
+        assert float(parts["prior"]) == 0.0 and float(parts["bce"]) == 0.0 and float(parts["distill"]) >= 0.0
+        # Identity 0's attribute 2 unknown: its pairs leave attribute 2 out of e and 1 - e.
+        labels = torch.randint(0, 2, (5, 4))
+        labels[0, 2] = -1
+        _, parts = _batch_loss(model, shared, features, labels, ratio, config, 1.0)
+        emb = model.from_shared(shared, features).stacked()
+        i, j = torch.triu_indices(5, 5, offset=1)
+        shares = attr_distance_reference(emb, emb).shares[i, j]
+        known = torch.ones(len(i), 4, dtype=torch.bool)
+        known[i == 0, 2] = False
+        expected = attribute_prior(shares, (labels[i] != labels[j]).float(), known)
+        assert float(parts["prior"]) == pytest.approx(float(expected), rel=1e-5)
+        assert float(parts["prior"]) != pytest.approx(float(attribute_prior(shares, (labels[i] != labels[j]).float())),
+                                                      rel=1e-5)
+        logits = model.from_shared(shared, features).attr_logits
+        assert float(parts["bce"]) == pytest.approx(float(weighted_bce(logits, labels, ratio)), rel=1e-5)
+
+
 def test_evaluation_metrics_shape_and_ranges(tiny_data, tiny_interpreter):
     metrics = evaluate_checkpoint(tiny_interpreter, tiny_data, progress=False, device="cpu")
     assert set(metrics) == {"target", "interpreter"}

@@ -53,6 +53,35 @@ def test_attribute_prior_one_differing_attribute_by_hand():
     assert attribute_prior(p, e.bool()).item() == pytest.approx(3.022657, abs=1e-6)
 
 
+def test_attribute_prior_leaves_unknown_attributes_out_by_hand():
+    # M = 5, attribute 4 unknown (share 0.2 among p = [0.1, 0.3, 0.3, 0.2, 0.1]): it neither differs nor agrees, so
+    # the prior sees M = 4 known attributes, e = [1,0,0,0] on them: N_e = 1, r = 0.5 (as in the case above).
+    # L_dsum = ReLU(0.5 - 0.1) = 0.4;  L_ssum = ReLU((0.3 + 0.3 + 0.2) - 0.5) = 0.3.
+    # lambda_d = 0.577158, lambda_s = 1.732627 (a, b as above); L_d = 0.577158 * 0.5 - 0.1 = 0.188579.
+    # L_s = ReLU(0.3 - 0.288771) * 2 + ReLU(0.2 - 0.288771) = 0.022458.
+    # L_ap = 0.4 + 10 * 0.188579 + 0.3 + 10 * 0.022458 = 2.810368.
+    p = torch.tensor([[0.1, 0.3, 0.3, 0.2, 0.1]], dtype=torch.float64)
+    known = torch.tensor([[True, True, True, True, False]])
+    for unknown_differs in (0, 1):  # what differ says where the attribute is unknown does not matter
+        e = torch.tensor([[1, 0, 0, 0, unknown_differs]])
+        terms = attribute_prior_terms(p, e, known)
+        assert terms["dsum"].item() == pytest.approx(0.4)
+        assert terms["ssum"].item() == pytest.approx(0.3)
+        assert terms["d"].item() == pytest.approx(0.188579, abs=1e-6)
+        assert terms["s"].item() == pytest.approx(0.022458, abs=1e-6)
+        assert attribute_prior(p, e, known).item() == pytest.approx(2.810368, abs=1e-6)
+    assert attribute_prior(p, torch.tensor([[1, 0, 0, 0, 0]])).item() != pytest.approx(2.810368, abs=1e-3)
+    # No known attribute: nothing to ask of the shares.
+    terms = attribute_prior_terms(p, torch.ones(1, 5), torch.zeros(1, 5, dtype=torch.bool))
+    assert all(v.item() == 0.0 for v in terms.values())
+
+
+def test_attribute_prior_with_all_known_equals_no_mask(rng):
+    p = random_shares(rng, 7, 6)
+    e = torch.from_numpy(rng.integers(0, 2, (7, 6)))
+    assert attribute_prior(p, e, torch.ones(7, 6)).item() == pytest.approx(attribute_prior(p, e).item(), rel=1e-12)
+
+
 def test_attribute_prior_is_the_mean_over_pairs():
     # Pair 1: the case above, L_ap = 3.022657.
     # Pair 2: M = 4, e = [1,1,0,0], p = [0.25]*4: N_e = 2, r = sqrt(0.5) = 0.707107.
@@ -159,14 +188,31 @@ def test_weighted_bce_matches_formula_and_is_stable(rng):
     assert torch.isfinite(logits.grad).all()
 
 
+def test_weighted_bce_leaves_unknown_labels_out_by_hand():
+    # Known entries: (0, 0) y = 1, z = 0: w = e^(1 - 0.5), BCE = ln 2; (1, 0) y = 0, z = -1: w = e^0.5,
+    # BCE = ln(1 + e^-1) = 0.313262. Mean over the two known entries: e^0.5 (0.693147 + 0.313262) / 2 = 0.829644.
+    logits = torch.tensor([[0.0, 2.0], [-1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[1, -1], [0, -1]])
+    loss = weighted_bce(logits, labels, torch.tensor([0.5, 0.2]))
+    assert loss.item() == pytest.approx(0.829644, abs=1e-6)
+    loss.backward()
+    assert logits.grad[:, 1].tolist() == [0.0, 0.0]  # unknown labels pull on nothing
+    assert weighted_bce(logits, torch.full((2, 2), -1), torch.tensor([0.5, 0.2])).item() == 0.0
+
+
 def test_positive_ratio():
     # Column means of [[1,0,1],[1,0,0]]: [2/2, 0/2, 1/2].
     r = positive_ratio(np.array([[1, 0, 1], [1, 0, 0]], dtype=np.uint8))
     assert r.dtype == torch.float32 and r.tolist() == [1.0, 0.0, 0.5]
     assert positive_ratio(torch.tensor([[True, False], [False, False]])).tolist() == [0.5, 0.0]
-    with pytest.raises(ValueError, match="only 0 and 1"):
+    # Unknown labels (-1) are left out: [[1,-1,0],[0,-1,-1],[1,1,0]] -> [2/3, 1/1, 0/2].
+    r = positive_ratio(np.array([[1, -1, 0], [0, -1, -1], [1, 1, 0]], dtype=np.int8))
+    assert r.tolist() == pytest.approx([2 / 3, 1.0, 0.0])
+    with pytest.raises(ValueError, match=r"attribute\(s\) \[1\] have no known label"):
+        positive_ratio(np.array([[1, -1], [0, -1]]))
+    with pytest.raises(ValueError, match="only 0, 1 and -1"):
         positive_ratio(np.array([[1, 2], [2, 2]]))  # Market's raw 1/2 coding
-    with pytest.raises(ValueError, match="only 0 and 1"):
+    with pytest.raises(ValueError, match="only 0, 1 and -1"):
         positive_ratio(np.array([[1.0, np.nan]]))
     with pytest.raises(ValueError, match=r"\[N_ids, M\]"):
         positive_ratio(np.zeros((0, 26)))
@@ -182,6 +228,8 @@ def test_positive_ratio():
         (lambda: metric_distillation(torch.zeros(2), torch.zeros(2, dtype=torch.long)), "d_hat must be a float"),
         (lambda: attribute_prior(torch.zeros(4), torch.zeros(4)), r"shares must have shape \[P, M\]"),
         (lambda: attribute_prior(torch.zeros(2, 4), torch.zeros(2, 5)), r"differ must have the shape .* \(2, 5\)"),
+        (lambda: attribute_prior(torch.zeros(2, 4), torch.zeros(2, 4), torch.ones(2, 3)),
+         r"known must have the shape .* \(2, 3\)"),
         (lambda: attribute_prior(torch.zeros(0, 4), torch.zeros(0, 4)), "at least one pair"),
         (lambda: attribute_prior(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4)), "shares must be a float"),
         (lambda: weighted_bce(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(3)), r"labels must have .* \(2, 4\)"),

@@ -92,7 +92,10 @@ def test_config_round_trip(name):
     with torch.no_grad():
         model.pool.p.add_(torch.rand(()))
     config = json.loads(json.dumps(model.config))  # plain values: survives JSON / YAML / torch.load(weights_only)
-    assert config == {"arch": name, "num_classes": 4, "width": 0.25, "last_stride": 2, "gem_p": 4.0}
+    expected = {"arch": name, "num_classes": 4, "width": 0.25, "last_stride": 2, "gem_p": 4.0}
+    if name.startswith("resnet"):
+        expected["stem_pool"] = "torchvision"
+    assert config == expected
     rebuilt = build_model(config)
     x = torch.rand(2, 3, 128, 64)
     model.eval()
@@ -202,6 +205,13 @@ def test_unknown_model_name_lists_the_registered_ones():
 def test_invalid_options_are_rejected(name, bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         create_model(name, **bad)
+
+
+def test_stem_pool_is_checked_and_kept_in_the_config():
+    with pytest.raises(ValueError, match="stem_pool must be one of"):
+        create_model("resnet18", stem_pool="caffe")
+    model = create_model("resnet18", width=0.25, stem_pool="fast-reid")
+    assert build_model(model.config).backbone.maxpool.ceil_mode and model.config["stem_pool"] == "fast-reid"
 
 
 def test_unknown_option_and_download_request_are_rejected():
