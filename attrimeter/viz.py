@@ -27,6 +27,7 @@ FIGSIZE = (11.0, 4.5)  # inches; written at DPI, i.e. 1100 x 450 pixels
 DPI = 100
 MAX_DIFFERING_LINES = 8
 _TOP_COLOUR = "#d1495b"
+_WARM_COLOUR = "#edae9f"
 _REST_COLOUR = "#9aa5b1"
 _PAIR_GAP = 4  # white pixels between the A and B crop of a pair
 
@@ -170,8 +171,9 @@ def explain_figure(
     Left: the two crops, then one pair per top attribute (largest contribution first) with that attribute's AAM
     over both crops, both maps scaled by their common maximum so that they are comparable, titled with the attribute
     and its share of the distance. Right: the contributions of all M attributes as horizontal bars sorted from the
-    largest (top attributes highlighted), titled with ``d`` and ``d̂``, and below them the predicted attributes whose
-    values differ between A and B.
+    largest, titled with ``d``, ``d̂`` and the largest share; a dashed line marks the uniform contribution d / M, and
+    bars beyond it are highlighted (strongly past 1.5 d / M). Below the crops, the predicted attributes whose values
+    differ between A and B.
 
     Args:
         image_a: uint8 crop ``[H, W, 3]`` of person A.
@@ -285,8 +287,15 @@ def explain_figure(
     ax = fig.add_axes(box(7.75, bars_bottom, 2.95, bars_h))
     fontsize = float(np.clip(bars_h * 72 / m * 0.72, 5.0, 9.0))
     ypos = np.arange(m)
-    colours = [_TOP_COLOUR if i < top else _REST_COLOUR for i in range(m)]
+    # What stands out is what takes more than a uniform share d / M (the dashed line): a flat explanation shows as
+    # bars hugging the line, a sharp one as a few long bars far past it.
+    uniform = total / m
+    colours = [_TOP_COLOUR if contrib[k] > uniform * 1.5 else _WARM_COLOUR if contrib[k] > uniform else _REST_COLOUR
+               for k in order]
     ax.barh(ypos, contrib[order], height=0.75, color=colours)
+    if total > 0:
+        ax.axvline(uniform, color="#333333", linestyle="--", linewidth=0.8)
+        ax.text(uniform, m - 0.2, " uniform d/M", fontsize=7, color="#333333", va="bottom", ha="left")
     ax.set_yticks(ypos, [_shorten(titles[k], 24) for k in order], fontsize=fontsize)
     ax.set_ylim(m - 0.5, -0.5)
     xmax = float(contrib.max()) if contrib.max() > 0 else 1.0
@@ -297,7 +306,8 @@ def explain_figure(
     ax.tick_params(axis="x", labelsize=7)
     ax.tick_params(axis="y", length=0, pad=2)
     ax.set_xlabel("contribution to d", fontsize=8, labelpad=2)
-    ax.set_title(f"$d$ = {d:.2f},  $\\hat{{d}}$ = {d_hat:.2f}", fontsize=10, pad=4)
+    ax.set_title(f"$d$ = {d:.2f},  $\\hat{{d}}$ = {d_hat:.2f}; largest share {shares.max():.0f}%", fontsize=10,
+                 pad=4)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
 

@@ -27,7 +27,11 @@ from attrimeter.engine import interpreter as interp
 from attrimeter.engine.target import load_target
 from attrimeter.models.interpreter import AttriMeter
 
-COLUMNS = ("mAP", "rank1", "adre", "x_map_e", "x_map_c", "cf_top1", "cf_mrr", "attr_acc")
+COLUMNS = ("mAP", "rank1", "adre", "x_map_e", "x_map_c", "cf_top1", "cf_mrr", "cf_share", "cf_lift", "prior_met",
+           "max_share", "share_entropy", "attr_acc")
+# (group, key) of the nested metrics, as column names.
+NESTED = {"pointing": ("localisation", "pointing"), "mass": ("localisation", "mass"),
+          "paper_x_map_e": ("paper", "x_map_e"), "paper_x_map_c": ("paper", "x_map_c"), "paper_adre": ("paper", "adre")}
 
 
 def main() -> None:
@@ -67,14 +71,15 @@ def main() -> None:
             rows.append({"run": name, "overrides": " ".join(f"{k}={v}" for k, v in overrides.items()) or "–",
                          "iterations": log["iterations"], "train_s": round(log["train_seconds"], 1),
                          "target_mAP": round(metrics["target"]["mAP"], 4),
-                         **{k: round(metrics["interpreter"][k], 4) for k in COLUMNS}, **stamp})
+                         **{k: round(metrics["interpreter"][k], 4) for k in COLUMNS},
+                         **{k: round(metrics[g][m], 4) for k, (g, m) in NESTED.items()}, **stamp})
             print(rows[-1], f"({time.perf_counter() - t0:.0f} s)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    head = ["run", "overrides", "iterations", "target_mAP", *COLUMNS]
+    head = ["run", "overrides", "iterations", "target_mAP", *COLUMNS, *NESTED]
     lines = [f"Interpreter settings on `{args.data}` with the frozen target `{args.target}` "
              f"({stamp['device']}, {stamp['threads']} threads, torch {stamp['torch']}, attrimeter "
              f"{stamp['attrimeter']}, {stamp['date']}). mAP / rank1: retrieval with d̂; adre in percent.", "",

@@ -14,7 +14,9 @@ def test_demo_writes_metrics_pictures_and_report(tmp_path, monkeypatch, tiny_set
     monkeypatch.setitem(interpreter.PROFILES, "quick", {**interpreter.PROFILES["quick"], **tiny_settings})
     report = demo.run_demo(tmp_path, progress=False, queries=3, top_k=4, explained=2)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(metrics) == {"target", "interpreter"}
+    assert set(metrics) == {"target", "interpreter", "paper", "localisation", "pointing_by_attribute",
+                            "mass_by_attribute"}
+    assert 0.0 <= metrics["localisation"]["pointing"] <= 1.0 and 0.0 <= metrics["interpreter"]["cf_share"] <= 1.0
     assert 0.0 <= metrics["target"]["mAP"] <= 1.0 and 0.0 <= metrics["interpreter"]["x_map_e"] <= 1.0
     ablation = json.loads((tmp_path / "ablation.json").read_text())
     assert list(ablation) == list(demo.ABLATIONS) and ablation["AttriMeter"] == metrics

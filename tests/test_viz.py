@@ -34,9 +34,14 @@ def test_figure_is_written_with_fixed_size(tmp_path, rng, m, top, n_differing):
     widths = [p.get_width() for p in bars.patches]
     assert widths == sorted(widths, reverse=True)
     assert [t.get_text() for t in bars.get_yticklabels()][0] == titles[int(np.argmax(contributions))]
-    assert len({p.get_facecolor() for p in bars.patches[:shown]}) == 1
-    if shown < m:
-        assert bars.patches[0].get_facecolor() != bars.patches[shown].get_facecolor()
+    # Bars past the uniform contribution d / M stand out (strongly past 1.5 d / M), the rest are grey.
+    uniform = contributions.sum() / m
+    kinds = [(w > 1.5 * uniform, w > uniform) for w in widths]
+    colour_of = {}
+    for patch, kind in zip(bars.patches, kinds, strict=True):
+        assert colour_of.setdefault(kind, patch.get_facecolor()) == patch.get_facecolor()
+    assert len(set(colour_of.values())) == len(colour_of)
+    assert any(line.get_xdata()[0] == pytest.approx(uniform) for line in bars.lines)
     text = "\n".join(t.get_text() for t in fig.texts)
     if n_differing:
         assert "attribute 0: no → yes" in text and f"+{n_differing - 7} more" in text

@@ -16,7 +16,8 @@ from attrimeter.engine.interpreter import (
     train_interpreter,
 )
 
-METRIC_KEYS = {"mAP", "rank1", "rank5", "rank10", "x_map_e", "x_map_c", "adre", "cf_top1", "cf_mrr", "attr_acc"}
+METRIC_KEYS = {"mAP", "rank1", "rank5", "rank10", "x_map_e", "x_map_c", "adre", "cf_top1", "cf_mrr", "attr_acc",
+               "max_share", "share_entropy", "cf_share", "cf_lift", "prior_met"}
 
 
 def test_batch_loss_pairs_match_cdist_and_stay_finite_at_duplicates():
@@ -82,12 +83,17 @@ def test_batch_loss_leaves_unknown_labels_out():
 
 def test_evaluation_metrics_shape_and_ranges(tiny_data, tiny_interpreter):
     metrics = evaluate_checkpoint(tiny_interpreter, tiny_data, progress=False, device="cpu")
-    assert set(metrics) == {"target", "interpreter"}
+    assert set(metrics) == {"target", "interpreter", "paper", "localisation", "pointing_by_attribute",
+                            "mass_by_attribute"}
     assert set(metrics["target"]) == {"mAP", "rank1", "rank5", "rank10"}
     assert set(metrics["interpreter"]) == METRIC_KEYS
     for key, value in metrics["interpreter"].items():
         assert np.isfinite(value)
-        assert 0.0 <= value <= (np.inf if key == "adre" else 1.0), key
+        assert 0.0 <= value <= (np.inf if key in ("adre", "cf_lift") else 1.0), key
+    assert set(metrics["paper"]) == {"x_map_e", "x_map_c", "adre", "pairs"}
+    assert 0.0 <= metrics["paper"]["x_map_e"] <= 1.0 and 0.0 <= metrics["paper"]["x_map_c"] <= 1.0
+    assert set(metrics["pointing_by_attribute"]) <= set(load_dataset(tiny_data).schema.names)
+    assert all(0.0 <= v <= 1.0 for v in metrics["pointing_by_attribute"].values())
     table = metrics_markdown({"run": metrics})
     assert "ADRE (%)" in table and f"{metrics['interpreter']['x_map_e']:.4f}" in table
 
@@ -227,3 +233,18 @@ def test_interpreter_on_a_non_resnet_target(tiny_data, tiny_settings, tmp_path):
                       InterpreterTrainConfig(**{**tiny_settings, "shared": "layer3"}), progress=False)
     metrics = evaluate_checkpoint(tmp_path / "run" / "interpreter.pt", tiny_data, progress=False, device="cpu")
     assert metrics["interpreter"]["adre"] >= 0 and 0 <= metrics["interpreter"]["x_map_e"] <= 1
+
+
+def test_same_config_trains_the_same_model_twice(tiny_data, tiny_target, tiny_settings, tmp_path):
+    # Budgets are iterations and every random source is seeded from the config: two runs are bit-identical, and
+    # another seed gives another model.
+    settings = {**tiny_settings, "epochs": 6, "classifier": "map", "colour_weight": 1.0, "max_minutes": 30.0}
+    runs = {"a": settings, "b": settings, "seed 1": {**settings, "seed": 1}}
+    logs = {name: train_interpreter(tiny_data, tiny_target, tmp_path / name, InterpreterTrainConfig(**cfg),
+                                    progress=False) for name, cfg in runs.items()}
+    assert logs["a"]["iterations"] == logs["b"]["iterations"] >= 10  # losses are logged every 10 iterations
+    assert logs["a"]["stopped_early"] is None
+    assert logs["a"]["losses"] == logs["b"]["losses"] and logs["a"]["losses"]
+    weights = {name: load_interpreter(tmp_path / name / "interpreter.pt").model.state_dict() for name in runs}
+    assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
+    assert not all(torch.equal(weights["a"][k], weights["seed 1"][k]) for k in weights["a"])
