@@ -295,7 +295,6 @@ def explain_figure(
     ax.barh(ypos, contrib[order], height=0.75, color=colours)
     if total > 0:
         ax.axvline(uniform, color="#333333", linestyle="--", linewidth=0.8)
-        ax.text(uniform, m - 0.2, " uniform d/M", fontsize=7, color="#333333", va="bottom", ha="left")
     ax.set_yticks(ypos, [_shorten(titles[k], 24) for k in order], fontsize=fontsize)
     ax.set_ylim(m - 0.5, -0.5)
     xmax = float(contrib.max()) if contrib.max() > 0 else 1.0
@@ -305,7 +304,7 @@ def explain_figure(
                 color="#333333")
     ax.tick_params(axis="x", labelsize=7)
     ax.tick_params(axis="y", length=0, pad=2)
-    ax.set_xlabel("contribution to d", fontsize=8, labelpad=2)
+    ax.set_xlabel("contribution to d (dashed: uniform d / M)", fontsize=8, labelpad=2)
     ax.set_title(f"$d$ = {d:.2f},  $\\hat{{d}}$ = {d_hat:.2f}; largest share {shares.max():.0f}%", fontsize=10,
                  pad=4)
     for side in ("top", "right"):

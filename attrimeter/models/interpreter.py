@@ -8,11 +8,11 @@ the target's frozen GeM exponent and folded BN-neck, computed in the factorised 
 A ≡ 1 is the target's embedding f. So every d_k measures the target's features, and the interpreter only decides
 where (and how strongly) each attribute looks.
 
-Attribute classifier: ``"probe"`` (default, DESIGN §3) is a linear probe per attribute on f_k; ``"map"`` reads each
+Attribute classifier: ``"probe"`` (DESIGN §3's default) is a linear probe per attribute on f_k; ``"map"`` reads each
 attribute from its own map, as the smooth maximum of its logits plus a bias, so the maps must switch on where and when
-the attribute is present. In the quick profile the two explain about equally well (X-mAP_e 0.82 vs 0.84,
-counterfactual top-1 0.66 vs 0.65) and the probe predicts attributes better (0.89 vs 0.85);
-``benchmarks/results/interpreter_quick_cpu.md``.
+the attribute is present. Because a map's magnitude sets its d_k (a 1 % change moves d_k by ~1 % of ‖s ⊙ GeM(F)‖, which
+is several times a typical distance), ``"map"`` gives sharper shares; the profiles use it
+(``benchmarks/results/interpreter_quick_cpu.md``).
 
 The last 1×1 convolution starts at zero, so every map starts at ``A_k = qexp(0) = 1`` and every ``f_k`` equals the
 target's embedding: the decomposed distance starts equal to the target distance, and training moves away from that
