@@ -51,6 +51,7 @@ import tomllib
 from packaging.requirements import Requirement
 from packaging.tags import Tag, compatible_tags, cpython_tags, sys_tags
 from packaging.utils import canonicalize_name, parse_wheel_filename
+from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -168,10 +169,10 @@ def build_project_wheel(dest: Path, offline: bool, timeout: float = 120) -> Path
 def prepare(wheels: Path) -> None:
     """Download the carried wheels that are missing and build the project wheel into ``wheels`` (PyPI needed)."""
     wheels.mkdir(parents=True, exist_ok=True)
-    have = {canonicalize_name(parse_wheel_filename(p.name)[0]): p for p in wheels.glob("*.whl")}
+    have = {parse_wheel_filename(p.name)[:2] for p in wheels.glob("*.whl")}
     platforms = [arg for p in IMAGE_PLATFORMS for arg in ("--platform", p)]
     for name, version in CARRIED.items():
-        if canonicalize_name(name) in have:
+        if (canonicalize_name(name), Version(version)) in have:
             continue
         print(f"prepare: downloading {name}=={version} for CPython 3.12 x86-64 into {wheels}")
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
@@ -187,7 +188,7 @@ def prepare(wheels: Path) -> None:
 
 
 def check_wheels(wheels: Path) -> tuple[list[str], list[str]]:
-    """Check the carried wheels and the requirements they and the project have on the image.
+    """Check that each carried wheel is there once, at its pinned version, tagged for the image's Python.
 
     Returns:
         ``(report lines, problems)``; no problems means the wheels are ready.
@@ -367,7 +368,6 @@ class Outcome:
     seconds: float = 0.0
     figures: list[dict[str, Any]] | None = None
     notes: list[str] | None = None
-    files: list[str] | None = None
 
 
 class Runner:
@@ -400,10 +400,10 @@ class Runner:
         return None
 
     def start(self, step: Step) -> tuple[subprocess.Popen, float, float]:
-        log = (self.work / "logs" / f"{step.name}.log").open("w")
-        # The project's checkout is not on sys.path in the scratch folder: the installed copy is what runs.
-        proc = subprocess.Popen(self._command(step), cwd=self.work, env=_site_env(self.site), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        """Start a step in its own process group (cwd: the scratch folder, so the installed project is imported)."""
+        with (self.work / "logs" / f"{step.name}.log").open("w") as log:
+            proc = subprocess.Popen(self._command(step), cwd=self.work, env=_site_env(self.site), stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
         limit = min(step.timeout, self.deadline - time.monotonic() - 10)
         return proc, time.monotonic(), limit
 
@@ -442,11 +442,10 @@ class Runner:
             return Outcome("timeout", notes=[f"killed after its {step.timeout:g} s limit (or the deadline)"])
         if rc != 0 or not path.is_file():
             tail = (self.work / "logs" / f"{step.name}.log").read_text(errors="replace").strip().splitlines()[-3:]
-            return Outcome("fail", notes=[f"exit status {rc}: " + " | ".join(tail)])
+            return Outcome("fail", notes=[f"exit status {rc}: " + " / ".join(tail)])
         result = json.loads(path.read_text())
         status = "fail" if result.get("failed") else "pass"
-        return Outcome(status, figures=result["figures"], notes=result.get("notes", []) + result.get("failed", []),
-                       files=result.get("files", []))
+        return Outcome(status, figures=result["figures"], notes=result.get("notes", []) + result.get("failed", []))
 
     def run(self, steps: list[Step]) -> None:
         """Start the steps side by side (one at a time for a single step) and wait for each within its limit."""
@@ -542,7 +541,8 @@ def report(runner: Runner, out: Path, date: str, wall: float, wheels: Path) -> i
     env = json.loads(env_path.read_text()) if env_path.is_file() else {}
     tag = env.get("tag", "gpu")
     manifest = json.loads((wheels / "manifest.json").read_text()) if (wheels / "manifest.json").is_file() else {}
-    tree = manifest.get("commit", "unknown") + ("" if manifest.get("digest") == source_digest() else " + changes")
+    changed = manifest.get("local_changes") or manifest.get("digest") != source_digest()
+    tree = manifest.get("commit", "unknown") + (" + changes" if changed else "")
     packages = env.get("packages") or {name: _version(name) for name in ("torch", "triton")}
     stamp = {"device": env.get("device", "unknown"), "driver": env.get("driver", "unknown"),
              "torch": packages["torch"], "triton": packages["triton"], "cuda": env.get("cuda", "unknown"),
@@ -561,11 +561,11 @@ def report(runner: Runner, out: Path, date: str, wall: float, wheels: Path) -> i
              "| step | status | s | notes |", "|---|---|---:|---|"]
     for step in STEPS:
         o = runner.outcomes.get(step.name, Outcome("not run"))
-        lines.append(f"| {step.name} | {o.status} | {o.seconds:.0f} | {'; '.join(n for n in (o.notes or []) if n)} |")
+        notes = "; ".join(n for n in (o.notes or []) if n).replace("|", "\\|")
+        lines.append(f"| {step.name} | {o.status} | {o.seconds:.0f} | {notes} |")
     lines += ["", "| step | figure | value | target | met |", "|---|---|---:|---|---|"]
     for r in rows:
-        value = f"{r['value']:.4g}" if isinstance(r["value"], float) else str(r["value"])
-        lines.append(f"| {r['step']} | {r['metric']} | {value} {r['unit']} | {r['target']} | {r['met']} |")
+        lines.append(f"| {r['step']} | {r['metric']} | {_value(r)} | {r['target']} | {r['met']} |")
     (out / f"gpu_check_{tag}.md").write_text("\n".join(lines) + "\n")
     with (out / f"gpu_check_{tag}.log").open("w") as log:
         for step in STEPS:
@@ -577,12 +577,17 @@ def report(runner: Runner, out: Path, date: str, wall: float, wheels: Path) -> i
     print(f"{'step':<15} {'status':<8} {'s':>5}  figures (value, target met)")
     for step in STEPS:
         o = runner.outcomes.get(step.name, Outcome("not run"))
-        figs = "; ".join(f"{f['name'].strip()} {f['value']:.4g}{f['unit'] and ' ' + f['unit']}"
-                         f"{'' if f['ok'] is None else (' ok' if f['ok'] else ' MISSED ' + f['target'])}"
-                         if isinstance(f["value"], float) else f"{f['name']} {f['value']}" for f in o.figures or [])
+        figs = "; ".join(f"{f['name'].strip()} {_value(f)}"
+                         + ("" if f["ok"] is None else " ok" if f["ok"] else f" MISSED {f['target']}")
+                         for f in o.figures or [])
         print(f"{step.name:<15} {o.status:<8} {o.seconds:>5.0f}  {figs}")
     print(f"\ngpu_check: {'PASS' if passed else 'FAIL'} in {wall:.0f} s on {stamp['device']}")
     return 0 if passed else 1
+
+
+def _value(figure: dict[str, Any]) -> str:
+    value = f"{figure['value']:.4g}" if isinstance(figure["value"], float) else str(figure["value"])
+    return f"{value} {figure['unit']}".strip()
 
 
 def _version(dist: str) -> str:

@@ -1,8 +1,8 @@
 """The steps of ``gpu_check.py`` that run inside the project's environment (torch, triton, the installed project).
 
 Each step runs in its own process (``python gpu_steps.py STEP --work W --out O``), started by ``gpu_check.py`` with a
-time limit, and writes ``W/results/STEP.json``: figures (name, value, unit, target, whether the target is met), notes
-and the files it wrote under ``--out``. The benchmarks reuse ``bench_kernels.py`` and ``bench_runtime.py``.
+time limit, and writes ``W/results/STEP.json``: figures (name, value, unit, target, whether the target is met) and
+notes; its result files go under ``--out``. The benchmarks reuse ``bench_kernels.py`` and ``bench_runtime.py``.
 
 Steps: ``env`` (versions, device, the two measured ceilings), ``prep_runtime`` (synthetic data, a demo-size model
 trained and exported, a 10^6-entry gallery), ``prep_training`` (synthetic 256x128 data), ``bench_kernels``,
@@ -90,7 +90,7 @@ def step_env(work: Path, out: Path) -> dict[str, Any]:
     (out / name).write_text("\n".join(text) + "\n")
     figures = [figure("device copy bandwidth (read + write)", env.copy_gb_s, "GB/s")]
     figures += [figure(f"{dtype} matmul 8192^3", rate, "TFLOP/s") for dtype, rate in env.matmul_tflop_s.items()]
-    return {"figures": figures, "files": [name],
+    return {"figures": figures,
             "notes": [f"{info['device']} (cc {info['cc']}, {info['sms']} SMs, {info['memory_gib']} GiB, L2 "
                       f"{info['l2_mib']} MiB), driver {info['driver']}, torch {torch.__version__} (CUDA "
                       f"{info['cuda']}), triton {info['triton']}, Python {info['python']}"]}
@@ -185,7 +185,7 @@ def step_bench_kernels(work: Path, out: Path) -> dict[str, Any]:
         label = _label("explain top-k", "fp16", EXPLAIN_SHAPE) + ": Triton"
         figures.append(figure(label, us, "µs", "< 50 µs", us < 50))
     failed = [f"{r['op']}/{r['provider']}: {r['status']}" for r in rows if r["status"] != "ok"]
-    return {"figures": figures, "files": [f"{stem}.csv", f"{stem}.md"], "notes": notes + failed + compiled,
+    return {"figures": figures, "notes": notes + failed,
             "failed": [f for f in failed if "/triton:" in f]}
 
 
@@ -216,7 +216,7 @@ def step_prep_runtime(work: Path, out: Path) -> dict[str, Any]:
         br.fill_gallery(root / "large", rt.gallery, GALLERY_ENTRIES, workers=8)
     fill_s = time.perf_counter() - t0 - model_s
     return {"figures": [figure("data, model, export and real gallery", model_s, "s"),
-                        figure(f"gallery of {GALLERY_ENTRIES} entries filled", fill_s, "s")], "notes": [], "files": []}
+                        figure(f"gallery of {GALLERY_ENTRIES} entries filled", fill_s, "s")], "notes": []}
 
 
 def step_bench_runtime(work: Path, out: Path) -> dict[str, Any]:
@@ -237,7 +237,7 @@ def step_bench_runtime(work: Path, out: Path) -> dict[str, Any]:
             target = "p99 < 10 ms" if r["setting"].startswith("runtime search + explain, from embeddings") else ""
             figures.append(figure(f"{r['setting']}: p50", r["value"], "ms"))
             figures.append(figure("  p99", r["p99_ms"], "ms", target, r["p99_ms"] < 10 if target else None))
-    return {"figures": figures, "files": [f"{name}.csv", f"{name}.md"], "notes": []}
+    return {"figures": figures, "notes": []}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -249,7 +249,7 @@ def step_prep_training(work: Path, out: Path) -> dict[str, Any]:
 
     summary = generate(work / "train" / "data", SynthConfig(ids=64, cams=4, size=(256, 128), images_per_id=8,
                                                             counterfactual_per_attribute=0), progress=False)
-    return {"figures": [], "notes": [str(summary)[:300]], "files": []}
+    return {"figures": [], "notes": [str(summary)[:300]]}
 
 
 def step_bench_training(work: Path, out: Path) -> dict[str, Any]:
@@ -267,7 +267,7 @@ def step_bench_training(work: Path, out: Path) -> dict[str, Any]:
     figures = []
     for what, log in (("target resnet50 256x128", t_log), ("interpreter on it (shared layer2, no cache)", i_log)):
         figures.append(figure(f"training {what}", log["images_per_second"], "images/s"))
-    return {"figures": figures, "files": [], "notes": [
+    return {"figures": figures, "notes": [
         f"{log['iterations']} iterations of 64 images in {log['train_seconds']:.1f} s (first iterations included)"
         for log in (t_log, i_log)]}
 

@@ -46,6 +46,10 @@ import torch
 import triton
 import triton.language as tl
 
+from attrimeter.kernels import check_triton
+
+check_triton(triton)
+
 __all__ = [
     "AttrDistances",
     "attr_distance",
