@@ -88,8 +88,8 @@ STEPS = (
          "carried wheels"),
     Step("env", 0, 90, ("install",), "nvidia-smi, versions, SMs, L2; measured copy bandwidth and matmul rates"),
     Step("tests_kernels", 1, 240, ("install",), "tests/kernels, compiled"),
-    Step("tests_gpu", 1, 240, ("install",), "GPU-only tests: fused search, cuda-python AOT explain, C launcher "
-         "(CMake) vs references, CUDA training smoke test"),
+    Step("tests_gpu", 1, 240, ("install",), "GPU-only tests: fused search, torch backend with the fused pooling, "
+         "cuda-python AOT explain, C launcher (CMake) vs references, CUDA training smoke test"),
     Step("prep_runtime", 1, 240, ("install",), "synthetic data, a demo-size model trained and exported, a gallery of "
          "10^6 entries"),
     Step("prep_training", 1, 120, ("install",), "synthetic data at 256x128"),
@@ -103,6 +103,7 @@ PYTEST_PATHS = {
     "tests_kernels": ["tests/kernels"],
     "tests_gpu": ["tests/export/test_clib.py", "tests/export/test_aot.py", "tests/runtime/test_tensorrt_backend.py",
                   "tests/runtime/test_runtime.py::test_fused_triton_search_agrees_with_the_cpu_path",
+                  "tests/runtime/test_backends.py::test_onnxruntime_and_torch_backends_agree",
                   "tests/engine/test_gpu_training.py"],
 }
 # Tests that must pass (not skip) on the GPU: the paths this machine cannot run.
@@ -110,6 +111,7 @@ REQUIRED = {
     "tests_gpu": ["test_clib::test_program_against_reference", "test_clib::test_ctest",
                   "test_tensorrt_backend::test_explainer_matches_numpy",
                   "test_runtime::test_fused_triton_search_agrees_with_the_cpu_path",
+                  "test_backends::test_onnxruntime_and_torch_backends_agree[cuda]",
                   "test_gpu_training::test_cuda_loss_and_gradients_match_the_cpu",
                   "test_gpu_training::test_adam_steps_on_cuda_stay_finite"],
 }

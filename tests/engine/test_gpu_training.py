@@ -75,13 +75,12 @@ def test_cuda_loss_and_gradients_match_the_cpu(batch, full_fp32, pool):
     gpu_loss = _loss(gpu, images.cuda(), labels.cuda(), masked_gem_pool if pool == "triton" else None)
     gpu_loss.backward()
     assert torch.isfinite(gpu_loss)
-    # The fused kernel's fp32 path accumulates in another order and through TF32-free tensor-core dots.
-    tol = 1e-4 if pool == "reference" else 2e-3
-    assert _relative(gpu_loss, cpu_loss) < tol
+    # fp32 throughout: the kernel's forward uses IEEE products, its backward 3xTF32 (fp32-accurate, other order).
+    assert _relative(gpu_loss, cpu_loss) < 1e-4
     want, got = _grads(model), _grads(gpu)
     assert want.keys() == got.keys() and "head.2.weight" in want
     for name, g in want.items():
-        assert _relative(got[name], g) < 10 * tol, name
+        assert _relative(got[name], g) < (1e-3 if pool == "reference" else 5e-3), name
 
 
 def test_adam_steps_on_cuda_stay_finite_and_move_the_head(batch):

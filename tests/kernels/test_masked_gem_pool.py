@@ -331,6 +331,24 @@ def test_older_triton_is_refused_naming_the_versions(version):
     check_triton(triton)  # the installed one is new enough
 
 
+@pytest.mark.parametrize(("triton_version", "numpy_version", "interpret", "refused"), [
+    ("3.6.0", "2.4.0", True, True), ("3.6.0", "2.3.5", True, False), ("3.6.0", "2.5.2", False, False),
+    ("3.7.0", "2.5.2", True, False),
+])
+def test_interpreter_that_cannot_run_with_this_numpy_is_refused(monkeypatch, triton_version, numpy_version,
+                                                                interpret, refused):
+    from attrimeter.kernels import check_triton
+
+    monkeypatch.setattr(np, "__version__", numpy_version)
+    fake = SimpleNamespace(__version__=triton_version, knobs=SimpleNamespace(runtime=SimpleNamespace(
+        interpret=interpret)))
+    if refused:
+        with pytest.raises(ImportError, match=rf"Triton 3\.6\.0's interpreter .* numpy {numpy_version}"):
+            check_triton(fake)
+    else:
+        check_triton(fake)
+
+
 def test_kernels_compile_for_sm90_without_a_gpu(aot_sm90):
     """The interpreter never lowers the kernels: compile forward and backward for an H100 (bundled ptxas)."""
     tensor_core_ops = aot_sm90("masked_gem_pool")
