@@ -23,6 +23,8 @@ prints "no GPU here" and exits 0 when the kit is ready, 1 when not. ``--prepare`
 downloads missing wheels and builds the project wheel into ``.whl``.
 
     python benchmarks/gpu_check.py [--out DIR] [--dry] [--prepare] [--wheels DIR] [--budget SECONDS]
+
+Needs Python >= 3.11 (tomllib) and ``packaging``; the project itself is installed by the kit, not imported here.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ HERE = Path(__file__).resolve().parent
 # What the lent machine's image lacks, carried as wheels (one pinned version each).
 CARRIED = {"faiss-cpu": "1.15.1"}
 # The image's Python packages (the device tool's KINDS.md, read 2026-11) with the versions seen there; None: present,
-# version not recorded. Only what the project and the carried wheels require is listed.
+# version not recorded. Listed: what the project, the carried wheels and this kit (pytest, xdist, setuptools) use.
 IMAGE = {"numpy": "2.5.2", "torch": "2.11.0", "triton": "3.6.0", "onnx": "1.23.1", "onnxruntime": "1.30.0",
          "onnxscript": "0.7.2", "tqdm": None, "pyyaml": None, "scipy": None, "pillow": None, "matplotlib": None,
          "packaging": None, "pytest": None, "pytest-xdist": None, "setuptools": None, "cuda-bindings": None}
