@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` (the main job) and `make test`. Both create .venv when it is missing:
+# The README's commands: `make demo` (the main job), `make test` and `make gpu-check`. They create .venv when it is missing:
 # CPU torch 2.13.0 first (pip takes it from local disk where it lies there), then the project with its extras.
 PYTHON ?= python3
 VENV := .venv
@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 EXTRAS := train,kernels,export,runtime,dev
 OUT ?= runs/demo
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean gpu-check
 
 venv: $(STAMP)
 
@@ -29,6 +29,11 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q tests
+
+# The GPU proof kit (README, "GPU check"): downloads the wheels the lent GPU machine lacks and builds the project
+# wheel into .whl (what the device tool carries), then rehearses without a GPU, or runs everything on one.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --prepare
 
 clean:
 	rm -rf $(VENV) build *.egg-info

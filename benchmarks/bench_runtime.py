@@ -22,6 +22,7 @@ import argparse
 import base64
 import csv
 import datetime
+import itertools
 import json
 import platform
 import shutil
@@ -32,6 +33,8 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
@@ -75,34 +78,49 @@ def _embed_rows(export: Path, files: list[Path], backend: str, threads: int) -> 
     return rows
 
 
-def _fill_gallery(path: Path, source: Gallery, entries: int, chunk: int = 8192) -> None:
-    """``entries`` entries resampled from a real gallery's embeddings with 5 % noise (fp16 attribute rows)."""
-    rng = np.random.default_rng(0)
+def fill_gallery(path: Path, source: Gallery, entries: int, chunk: int = 8192, workers: int = 4) -> None:
+    """``entries`` entries resampled from a real gallery's embeddings with 5 % noise (fp16 attribute rows).
+
+    The source rows are read once; chunks are drawn by ``workers`` threads (numpy's generators release the GIL) and
+    appended in order, at most ``workers + 1`` chunks in memory. Chunk ``s`` uses its own seeded generator, so the
+    gallery is the same for any ``workers``.
+    """
     real = np.arange(len(source))
+    f_src, fk_src, p_src = source.embeddings(real), source.attr_embeddings(real), source.probs(real)
+    f_std, fk_std = 0.05 * f_src.std(), 0.05 * fk_src.std()
+
+    def draw(s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rng = np.random.default_rng((0, s))
+        pick = rng.choice(real, min(chunk, entries - s))
+        f = f_src[pick] + f_std * rng.standard_normal((len(pick), f_src.shape[1]), dtype=np.float32)
+        fk = fk_src[pick] + fk_std * rng.standard_normal((len(pick), *fk_src.shape[1:]), dtype=np.float32)
+        return f, fk, p_src[pick]
+
     g = Gallery.create(path, dim=source.dim, attributes=source.attributes, aam_shape=None, model=source.model)
-    with g:
+    starts = iter(range(0, entries, chunk))
+    with g, ThreadPoolExecutor(workers) as pool:
+        pending = deque(pool.submit(draw, s) for s in itertools.islice(starts, workers + 1))
         for s in tqdm(range(0, entries, chunk), desc="fill gallery", unit="chunk"):
-            n = min(chunk, entries - s)
-            pick = rng.choice(real, n)
-            f = source.embeddings(pick)
-            fk = source.attr_embeddings(pick)
-            f = f + 0.05 * f.std() * rng.standard_normal(f.shape, dtype=np.float32)
-            fk = fk + 0.05 * fk.std() * rng.standard_normal(fk.shape, dtype=np.float32)
-            g.append(f, fk, source.probs(pick), [{"key": f"synthetic-{s + i}"} for i in range(n)])
+            f, fk, probs = pending.popleft().result()
+            pending.extend(pool.submit(draw, t) for t in itertools.islice(starts, 1))
+            g.append(f, fk, probs, [{"key": f"synthetic-{s + i}"} for i in range(len(f))])
 
 
-def _search_rows(export: Path, gallery: Path, queries: list[Path], backend: str, threads: int,
-                 repeats: int) -> list[dict]:
+def search_rows(export: Path, gallery: Path, queries: list[Path], backend: str, threads: int, repeats: int,
+                baseline_repeats: int | None = None, fused: bool | None = None) -> list[dict]:
+    """p50 / p99 / mean latency of one query at k = 10: plain FAISS, the runtime from embeddings, from a JPEG, and
+    the attribute-weighted search (``repeats`` timed calls each; ``baseline_repeats`` for FAISS, default the same).
+    ``fused`` is passed to :class:`Runtime` (True: the fused Triton search, or an error).
+    """
     import faiss
 
     rows = []
-    with Runtime(export, gallery, backend=backend, threads=threads, verify=False) as rt:
+    with Runtime(export, gallery, backend=backend, threads=threads, verify=False, fused=fused) as rt:
         n = len(rt.gallery)
         emb = rt.embed(queries)
         vectors = rt.gallery.embeddings(np.arange(n))
         plain = faiss.IndexFlatL2(vectors.shape[1])
         plain.add(vectors)
-        rt.search_embeddings(emb, k=10)  # warm-up: builds the runtime's index
 
         def timed(fn, repeats: int = repeats) -> list[float]:
             times = []
@@ -114,10 +132,14 @@ def _search_rows(export: Path, gallery: Path, queries: list[Path], backend: str,
 
         one = [type(emb)(emb.embedding[i:i + 1], emb.attr_embeddings[i:i + 1], emb.probs[i:i + 1], emb.aam[i:i + 1])
                for i in range(len(queries))]
-        faiss_t = timed(lambda i: plain.search(one[i].embedding, 10))
+        ignore = {a: 0.0 for a in rt.attributes if a.startswith(("up", "down")) and a not in ("up", "down")}
+        # Warm-up of each timed path at its own batch size: builds the runtime's index, compiles and autotunes kernels.
+        rt.search_embeddings(one[0], k=10)
+        rt.search_embeddings(one[0], k=10, weights=ignore)
+        rt.search(queries[0], k=10)
+        faiss_t = timed(lambda i: plain.search(one[i].embedding, 10), baseline_repeats or repeats)
         explain_t = timed(lambda i: rt.search_embeddings(one[i], k=10))
         full_t = timed(lambda i: rt.search(queries[i], k=10))
-        ignore = {a: 0.0 for a in rt.attributes if a.startswith(("up", "down")) and a not in ("up", "down")}
         weighted_t = timed(lambda i: rt.search_embeddings(one[i], k=10, weights=ignore), max(repeats // 10, 5))
         p50_faiss = _percentiles(faiss_t)[0]
         for name, times in (("plain FAISS IndexFlatL2 (search only)", faiss_t),
@@ -177,6 +199,37 @@ def _serve_rows(export: Path, gallery: Path, queries: list[Path], backend: str, 
     ]
 
 
+def stamp(device: str, backend: str, threads: int) -> dict[str, str]:
+    """Device, backend, versions and date for every row."""
+    cpu = f"CPU {platform.processor() or platform.machine()}, {threads} threads"
+    return {"device": cpu if device == "cpu" else f"{device}, {cpu}", "backend": backend,
+            "onnxruntime": version("onnxruntime"), "faiss": version("faiss-cpu"), "numpy": np.__version__,
+            "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+
+
+def write_report(rows: list[dict], stamped: dict[str, str], out: Path, name: str, what: str, command: str) -> str:
+    """Write ``out/name.csv`` and ``out/name.md``; returns the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    keys = ["benchmark", "setting", "value", "unit", "p99_ms", "mean_ms", "ratio_to_faiss_p50", "note", *stamped]
+    with (out / f"{name}.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, **stamped})
+    lines = [f"# Runtime, {stamped['backend']} backend ({stamped['device']})", "",
+             f"onnxruntime {stamped['onnxruntime']}, faiss-cpu {stamped['faiss']}, numpy {stamped['numpy']}, "
+             f"Python {stamped['python']}; {stamped['date'][:10]}. {what} Command: `{command}`.", "",
+             "| benchmark | setting | value | p99 | vs FAISS (p50) | note |", "|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        p99 = f"{r['p99_ms']:.2f} ms" if "p99_ms" in r else ""
+        ratio = f"{r['ratio_to_faiss_p50']:.2f}×" if "ratio_to_faiss_p50" in r else ""
+        lines.append(f"| {r['benchmark']} | {r['setting']} | {r['value']:.2f} {r['unit']} | {p99} | {ratio} | "
+                     f"{r.get('note', '')} |")
+    text = "\n".join(lines) + "\n"
+    (out / f"{name}.md").write_text(text)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--export", type=Path, default=Path("runs/demo/export"), help="portable export folder")
@@ -198,39 +251,19 @@ def main() -> None:
         with Runtime(args.export, work / "real", create_gallery=True, threads=args.threads) as rt:
             rt.index_folder(args.data / "bounding_box_test")
             real = rt.gallery
-            _fill_gallery(work / "large", real, args.entries)
-        rows += _search_rows(args.export, work / "large", queries, args.backend, args.threads, args.repeats)
+            fill_gallery(work / "large", real, args.entries, workers=args.threads)
+        rows += search_rows(args.export, work / "large", queries, args.backend, args.threads, args.repeats)
         rows += _serve_rows(args.export, work / "large", queries, args.backend, args.threads)
         with Runtime(args.export, backend=args.backend) as rt:
             device = rt.backend.device
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    cpu = f"CPU {platform.processor() or platform.machine()}, {args.threads} threads"
-    stamp = {"device": cpu if device == "cpu" else f"{device}, {cpu}", "backend": args.backend,
-             "onnxruntime": version("onnxruntime"), "faiss": version("faiss-cpu"), "numpy": np.__version__,
-             "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    keys = ["benchmark", "setting", "value", "unit", "p99_ms", "mean_ms", "ratio_to_faiss_p50", "note", *stamp]
     name = "runtime_cpu" if device == "cpu" else f"runtime_{args.backend}_{device.replace(':', '')}"
-    with (args.out / f"{name}.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, **stamp})
-    lines = [f"# Runtime, {args.backend} backend ({stamp['device']})", "",
-             f"onnxruntime {stamp['onnxruntime']}, faiss-cpu {stamp['faiss']}, numpy {stamp['numpy']}, "
-             f"Python {stamp['python']}; {stamp['date'][:10]}. Demo model ({args.export}). Command: "
-             f"`python benchmarks/bench_runtime.py --export {args.export} --data {args.data} --backend "
-             f"{args.backend} --entries {args.entries}`.", "",
-             "| benchmark | setting | value | p99 | vs FAISS (p50) | note |", "|---|---|---:|---:|---:|---|"]
-    for r in rows:
-        p99 = f"{r['p99_ms']:.2f} ms" if "p99_ms" in r else ""
-        ratio = f"{r['ratio_to_faiss_p50']:.2f}×" if "ratio_to_faiss_p50" in r else ""
-        lines.append(f"| {r['benchmark']} | {r['setting']} | {r['value']:.2f} {r['unit']} | {p99} | {ratio} | "
-                     f"{r.get('note', '')} |")
-    (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    command = (f"python benchmarks/bench_runtime.py --export {args.export} --data {args.data} --backend "
+               f"{args.backend} --entries {args.entries}")
+    print(write_report(rows, stamp(device, args.backend, args.threads), args.out, name,
+                       f"Demo model ({args.export}).", command))
 
 
 if __name__ == "__main__":

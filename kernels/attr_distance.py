@@ -46,6 +46,10 @@ import torch
 import triton
 import triton.language as tl
 
+from attrimeter.kernels import check_triton
+
+check_triton(triton)
+
 __all__ = [
     "AttrDistances",
     "attr_distance",
@@ -216,7 +220,8 @@ def _scan_kernel(
         ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
         key = (ordered.to(tl.int64) << 32) | offs_n.to(tl.int64)[None, :]
         if TOPK_P < BLOCK_N:
-            key = tl.topk(key, TOPK_P, dim=1, descending=False)
+            # tl.topk keeps the largest (Triton 3.6 has no descending=): ~ reverses the int64 order exactly.
+            key = ~tl.topk(~key, TOPK_P, dim=1)
         else:
             key = tl.sort(key, dim=1)
         cols = tl.arange(0, TOPK_P)

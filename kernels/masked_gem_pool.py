@@ -53,7 +53,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from attrimeter.kernels import integer_exponent
+from attrimeter.kernels import check_triton, integer_exponent
+
+check_triton(triton)
 
 __all__ = [
     "MaskedGemPoolFunction",

@@ -10,6 +10,9 @@ Entries whose every direct term is below eps ("channel entirely below eps") are 
 on their own, as the contract prescribes.
 """
 
+import re
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -315,6 +318,35 @@ def test_cpu_tensors_refused_without_interpreter(monkeypatch):
     monkeypatch.setattr(mgp, "_INTERPRET", False)  # as if imported without TRITON_INTERPRET=1
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         mgp.masked_gem_pool(torch.rand(1, 3, 2, 2), torch.rand(1, 2, 2, 2), 3.0)
+
+
+@pytest.mark.parametrize("version", ["3.3.1", "3.2.0+git1a2b3c"])
+def test_older_triton_is_refused_naming_the_versions(version):
+    import triton
+
+    from attrimeter.kernels import check_triton
+
+    with pytest.raises(ImportError, match=rf"needs Triton >= 3\.4 .*this is Triton {re.escape(version)}"):
+        check_triton(SimpleNamespace(__version__=version))
+    check_triton(triton)  # the installed one is new enough
+
+
+@pytest.mark.parametrize(("triton_version", "numpy_version", "interpret", "refused"), [
+    ("3.6.0", "2.4.0", True, True), ("3.6.0", "2.3.5", True, False), ("3.6.0", "2.5.2", False, False),
+    ("3.7.0", "2.5.2", True, False),
+])
+def test_interpreter_that_cannot_run_with_this_numpy_is_refused(monkeypatch, triton_version, numpy_version,
+                                                                interpret, refused):
+    from attrimeter.kernels import check_triton
+
+    monkeypatch.setattr(np, "__version__", numpy_version)
+    fake = SimpleNamespace(__version__=triton_version, knobs=SimpleNamespace(runtime=SimpleNamespace(
+        interpret=interpret)))
+    if refused:
+        with pytest.raises(ImportError, match=rf"Triton 3\.6\.0's interpreter .* numpy {numpy_version}"):
+            check_triton(fake)
+    else:
+        check_triton(fake)
 
 
 def test_kernels_compile_for_sm90_without_a_gpu(aot_sm90):

@@ -179,14 +179,17 @@ def test_cli_index_and_search(tiny_export, tiny_data, tmp_path, capsys):
 
 
 def test_fused_triton_search_agrees_with_the_cpu_path(tiny_export, indexed, tiny_data):
-    """The torch backend's fused kernels (here under TRITON_INTERPRET on the CPU) against FAISS + numpy."""
+    """The torch backend's fused kernels (compiled on a GPU, interpreted on the CPU) against FAISS + numpy."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels take device tensors only
     query = _queries(tiny_data, 1)[0]
     w = {"hat": 3.0, "upblack": 0.0}
     with Runtime(tiny_export, indexed) as cpu:
         plain, weighted = cpu.search(query, k=4)[0], cpu.search(query, k=4, weights=w)[0]
         picked = cpu.explain(query, [2, 5])
-    with Runtime(tiny_export, indexed, backend="torch", device="cpu", fused=True) as fused:
-        assert fused.backend.name == "torch"
+    with Runtime(tiny_export, indexed, backend="torch", device=device, fused=True) as fused:
+        assert fused.backend.name == "torch" and fused.stats()["device"].startswith(device)
         for want, got in ((plain, fused.search(query, k=4)[0]), (weighted, fused.search(query, k=4, weights=w)[0]),
                           (picked, fused.explain(query, [2, 5]))):
             assert [m.id for m in got.matches] == [m.id for m in want.matches]
