@@ -98,6 +98,8 @@ def _report_html(runs: dict[str, dict], train_log: dict, interp_log: dict, timin
 
     full = runs["AttriMeter"]
     t = full["target"]
+    early = [log["stopped_early"] for log in (train_log, interp_log) if log.get("stopped_early")]
+    warning = "".join(f'<p style="color:#b00"><b>Not the configured run:</b> {html.escape(w)}</p>' for w in early)
     steps = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f} s</td></tr>" for k, v in timings.items())
     pictures = "".join(f'<figure><img src="{html.escape(src)}" alt="{html.escape(cap)}" width="880">'
                        f"<figcaption>{html.escape(cap)}</figcaption></figure>" for src, cap in explained)
@@ -105,7 +107,7 @@ def _report_html(runs: dict[str, dict], train_log: dict, interp_log: dict, timin
 <style>body{{font-family:sans-serif;margin:2em;max-width:64em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:.3em .8em;text-align:left}}figure{{margin:1em 0}}
 figcaption{{color:#444}}</style></head><body>
-<h1>AttriMeter demo</h1>
+<h1>AttriMeter demo</h1>{warning}
 <p>Synthetic pedestrians ({train_log['train_ids']} train identities, {train_log['train_images']} train images).
 The target ReID model was trained on the CPU for {train_log['iterations']} iterations ({train_log['epochs']:.1f}
 epochs); the interpreter, grafted on the frozen target, for {interp_log['iterations']} iterations
