@@ -16,7 +16,7 @@ FASTREID_MEAN = torch.tensor([0.485, 0.456, 0.406]) * 255  # fast-reid's MODEL.P
 FASTREID_STD = torch.tensor([0.229, 0.224, 0.225]) * 255
 
 
-def random_source(arch: str, last_stride: int, **kwargs):
+def random_source(arch: str, last_stride: int = 1, **kwargs):
     """A randomly initialised ResNet with non-trivial BN statistics: the weights of the model to import."""
     model = create_model(arch, last_stride=last_stride, **kwargs)
     with torch.no_grad():

@@ -1,7 +1,6 @@
 """benchmarks/gpu_check.py without a GPU: the dry run's report, the wheel and requirement checks, and the full run's
 bookkeeping (pytest reports, time limits, result files). No network: wheels are built here as small zip files."""
 
-import importlib.util
 import subprocess
 import sys
 import time
@@ -9,20 +8,15 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from scripts import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 
 @pytest.fixture(scope="module")
 def gc():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    try:
-        spec.loader.exec_module(module)
+    with load_script("gpu_check") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 def _wheel(folder: Path, version: str = "1.15.1", tag: str = "cp310-abi3-manylinux_2_28_x86_64",

@@ -4,12 +4,11 @@ Tiny shapes only; timings are not asserted (they mean nothing on a shared CI CPU
 """
 
 import csv
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from scripts import load_script
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_kernels.py"
 TINY = {
@@ -23,15 +22,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 @pytest.fixture(scope="module")
 def bench():
-    # benchmarks/ is a folder of scripts, not a package: load the file itself.
-    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    try:
-        spec.loader.exec_module(module)
+    with load_script("bench_kernels") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 def _env(bench):

@@ -11,6 +11,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+from reid_checkpoints import random_source
 
 from attrimeter.models.registry import create_model
 from attrimeter.models.weights import load_backbone_weights, read_state_dict
@@ -21,15 +22,7 @@ MOBILENET_STAGE_START = {"stem": 0, "layer1": 2, "layer2": 4, "layer3": 7, "laye
 
 
 def _random_model(name: str, **kwargs):
-    model = create_model(name, **{**SMALL, **kwargs})
-    with torch.no_grad():
-        for m in model.backbone.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-    return model.eval()
+    return random_source(name, **{**SMALL, **kwargs})
 
 
 def _save_safetensors(state: dict, path) -> None:
