@@ -49,6 +49,8 @@ def _weights(value: Any) -> Any:
     return value
 
 
+# A 2x4 violet PNG for the request examples, so that readers (and generated requests) see a valid image.
+_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAIAAAAECAIAAAArjXluAAAAFUlEQVR4nGOssDnBwMDAxMDAgEEBACbUAYQNPgskAAAAAElFTkSuQmCC"
 Base64Image = Annotated[str, BeforeValidator(_base64_string),
                         Field(description="JPEG/PNG/BMP bytes, base64 (a data: URL is accepted too)")]
 Weight = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -61,11 +63,15 @@ class _Request(BaseModel):
 class EmbedRequest(_Request):
     """``POST /embed``: images to embed."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{"images": [_PNG]}]})
+
     images: list[Base64Image] = Field(min_length=1, description="query images")
 
 
 class SearchRequest(EmbedRequest):
     """``POST /search``: query images, hits per query, optional attribute weights and overlays."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"images": [_PNG], "k": 3, "overlays": 1}]})
 
     k: int = Field(10, ge=1, description="hits per query")
     weights: Annotated[dict[str, Weight] | list[Weight] | None, BeforeValidator(_weights)] = Field(
@@ -76,6 +82,8 @@ class SearchRequest(EmbedRequest):
 class ExplainRequest(_Request):
     """``POST /explain``: one query image against chosen gallery ids."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{"image": _PNG, "ids": [0, 1]}]})
+
     image: Base64Image
     ids: list[int] = Field(min_length=1, description="gallery ids; an id the gallery does not hold is a 404")
     overlays: int = Field(0, ge=0)
@@ -83,6 +91,8 @@ class ExplainRequest(_Request):
 
 class AddRequest(EmbedRequest):
     """``POST /gallery/add``: images to append, with an optional key and camera per image."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"images": [_PNG], "keys": ["violet"], "cameras": [1]}]})
 
     keys: list[Annotated[str, Field(max_length=MAX_KEY_CHARS)]] | None = None
     cameras: list[int | None] | None = None
