@@ -12,6 +12,7 @@ const state = {
   query: null,         // base64 of the query crop
   queryId: null,       // its gallery id when picked from the gallery (left out of the hits)
   result: null,        // the last /search result of the query
+  weighted: false,     // whether it was ranked by attribute weights
   selected: 0,         // index of the hit shown in detail
   pending: null,       // the search in flight (a newer one supersedes it)
 };
@@ -115,6 +116,7 @@ async function search() {
     const result = data.results[0];
     result.matches = result.matches.filter((m) => m.id !== state.queryId).slice(0, k);
     state.result = result;
+    state.weighted = weights !== null;
     state.selected = 0;
     $("ranking-note").textContent = weights ? "(ranked by the weighted score)" : "(ranked by d)";
     showError("");
@@ -142,9 +144,10 @@ function render() {
   list.replaceChildren();
   state.result.matches.forEach((match, i) => {
     const item = el("li", {class: "hit", dataset: {id: match.id, d: match.d, score: match.score}}, [
-      thumb(match), el("div", {class: "rank", text: `#${i + 1}`}),
-      el("div", {class: "d", text: `d = ${fmt(match.d)}`}), el("div", {class: "key", text: match.key, title: match.key}),
+      thumb(match), el("div", {class: "rank", text: `#${i + 1}`}), el("div", {class: "d", text: `d = ${fmt(match.d)}`}),
     ]);
+    if (state.weighted) item.append(el("div", {class: "d", text: `score ${fmt(match.score)}`}));
+    item.append(el("div", {class: "key", text: match.key, title: match.key}));
     item.addEventListener("click", () => { state.selected = i; renderDetail(); });
     list.append(item);
   });
@@ -160,7 +163,7 @@ function renderDetail() {
   const match = matches[state.selected];
   detail.dataset.id = String(match.id);
   $("detail-title").textContent =
-    `Hit #${state.selected + 1} (${match.key}): d = ${fmt(match.d)}, d̂ = ${fmt(match.d_hat)}`;
+    `Hit #${state.selected + 1} (${match.key}): d = ${fmt(match.d)} (decomposed: ${fmt(match.d_hat)})`;
 
   const overlays = $("overlays");
   overlays.replaceChildren();
