@@ -416,8 +416,9 @@ class _Observe:
                     scope, receive, send)
         finally:
             self.metrics.in_flight.dec()
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "other"  # unknown paths share a label: bounded cardinality
+            route = getattr(scope.get("route"), "path", None)
+            viewer = scope["path"].startswith("/viewer/")
+            endpoint = route or ("/viewer/" if viewer else "other")  # unknown paths share a label: bounded cardinality
             images = scope.get("state", {}).get("images", 0) if status < 400 else 0
             self.metrics.observe(endpoint, scope["method"], status, time.perf_counter() - start, images)
 
