@@ -325,9 +325,12 @@ class _Api:
         if body.k > self.limits.max_k:
             raise HttpError(400, f"field 'k' must be in [1, {self.limits.max_k}], got {body.k}")
         pixels = await self._pixels(body.images, [f"images[{i}]" for i in range(len(body.images))])
-        results = await self._run(self.runtime.search, list(pixels), k=body.k, weights=body.weights,
-                                  overlays=body.overlays)
-        return JsonResponse({"results": [_query_result(r) for r in results]})
+
+        def answer() -> list[dict[str, Any]]:  # PNG-encoding the overlays happens off the event loop too
+            results = self.runtime.search(list(pixels), k=body.k, weights=body.weights, overlays=body.overlays)
+            return [_query_result(r) for r in results]
+
+        return JsonResponse({"results": await self._run(answer)})
 
     async def explain(self, request: Request) -> JsonResponse:
         """Explain one image against chosen gallery ids (in that order)."""
@@ -337,8 +340,11 @@ class _Api:
             raise HttpError(400, f"too many ids: {len(body.ids)} > {self.limits.max_k}")
         self._check_ids(body.ids, total)
         pixels = await self._pixels([body.image], ["image"])
-        return JsonResponse(_query_result(await self._run(self.runtime.explain, pixels[0], body.ids,
-                                                          overlays=body.overlays)))
+
+        def answer() -> dict[str, Any]:
+            return _query_result(self.runtime.explain(pixels[0], body.ids, overlays=body.overlays))
+
+        return JsonResponse(await self._run(answer))
 
     async def add(self, request: Request) -> JsonResponse:
         """Embed images and append them to the gallery (one crash-safe segment)."""
