@@ -22,6 +22,7 @@ import pytest
 from http_helpers import b64, call, health_ok, raw_exchange
 from PIL import Image
 
+from attrimeter.runtime import gallery as gallery_module
 from attrimeter.runtime.errors import OverloadedError
 from attrimeter.runtime.runtime import Runtime
 from attrimeter.runtime.server import RuntimeServer, ServerLimits, serve
@@ -458,7 +459,7 @@ def test_no_gallery_is_409(bare, files):
     health_ok(bare)
 
 
-def test_overload_is_503_and_crashes_are_500(server, runtime, files, monkeypatch, caplog):
+def test_overload_is_503_disk_failure_507_and_crashes_500(server, runtime, files, monkeypatch, caplog):
     ok = b64(files["queries"][0].read_bytes())
     before = gallery_files(runtime)
 
@@ -468,6 +469,15 @@ def test_overload_is_503_and_crashes_are_500(server, runtime, files, monkeypatch
     monkeypatch.setattr(runtime, "embed", overloaded)
     status, resp, body = call(server, "POST", "/embed", {"images": [ok]})
     assert status == 503 and resp.getheader("Retry-After") and "queue is full" in body["error"]
+
+    def disk_full(*args, **kwargs):  # where a real disk would fail: the gallery turns it into a StorageError
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gallery_module, "_write_segment", disk_full)
+    with caplog.at_level(logging.ERROR, logger="attrimeter.runtime.app"):
+        status, _, body = call(server, "POST", "/gallery/add", {"images": [ok]})
+    assert status == 507 and "No space left" in body["error"] and body["status"] == 507
+    monkeypatch.undo()
 
     secret = f"secret-{np.random.default_rng().integers(1 << 30)}"
 
