@@ -26,6 +26,23 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _printable(text: str) -> str:
+    r"""``text`` safe for a terminal: control characters, lone surrogates and the like as escapes (``\x1b``)."""
+    import unicodedata
+
+    return "".join(c if c.isprintable() and unicodedata.category(c) != "Cs" else repr(c)[1:-1] for c in text)
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from attrimeter.data.synth import SynthConfig, generate
 
@@ -197,7 +214,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
     with _runtime(args, gallery=args.out, create_gallery=True, metric=args.metric) as rt:
         report = rt.index_folder(args.images, segment=args.segment, progress=not args.quiet)
         for path, reason in report.skipped:
-            print(f"skipped {path}: {reason}", file=sys.stderr)
+            print(f"skipped {_printable(path)}: {_printable(reason)}", file=sys.stderr)
         print(f"{args.out}: added {report.added} images ({rt.backend.name} on {rt.backend.device}), skipped "
               f"{len(report.skipped)} unreadable; the gallery holds {len(rt.gallery)} entries")
     return 0
@@ -245,10 +262,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
                          indent=2))
         return 0
     for query, result in zip(args.queries, results, strict=True):
-        print(f"{query}:")
+        print(f"{_printable(str(query))}:")
         for m in result.matches:
             top = ", ".join(f"{rt.titles[rt.attributes.index(n)]} {100 * s:.0f}%" for n, _, s in m.top(3))
-            print(f"  {m.rank:>3}. {m.key}  d = {m.d:.4f}" + (f"  score = {m.score:.4f}" if weights else "")
+            print(f"  {m.rank:>3}. {_printable(m.key)}  d = {m.d:.4f}" + (f"  score = {m.score:.4f}" if weights else "")
                   + f"  largest shares: {top}")
             for _, title, q, g in m.differing[:3]:
                 print(f"       differs: {title}: {q} -> {g}")
@@ -258,7 +275,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from attrimeter.runtime.server import serve
+    from attrimeter.runtime.server import ServerLimits, serve
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -266,11 +283,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError("--writable needs --gallery")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
-    rt = _runtime(args, gallery=args.gallery, writable=args.writable, max_wait_ms=args.max_wait_ms)
+    limits = ServerLimits(max_body_bytes=args.max_body_mb * 1024 * 1024, max_images=args.max_images,
+                          request_timeout_s=args.request_timeout, decode_workers=args.decode_workers,
+                          max_connections=args.max_connections, backlog=args.backlog)
+    rt = _runtime(args, gallery=args.gallery, writable=args.writable, max_wait_ms=args.max_wait_ms,
+                  queue_timeout_s=args.queue_timeout)
     try:
-        serve(rt, args.host, args.port, max_body_bytes=args.max_body_mb * 1024 * 1024, max_images=args.max_images)
-    except OSError as e:  # e.g. the port is taken: a message, not a traceback
-        rt.close()
+        serve(rt, args.host, args.port, limits)
+    except OSError as e:  # e.g. the port is taken: a message, not a traceback (serve has closed the runtime)
         raise ValueError(f"cannot serve on {args.host}:{args.port}: {e}") from None
     return 0
 
@@ -441,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight", action="append", metavar="NAME=W", help="weight of one attribute in the ranking")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
-    p = add("serve", _cmd_serve, "Serve embed / search / explain / add over HTTP (JSON) with Prometheus metrics.")
+    p = add("serve", _cmd_serve, "Serve embed / search / explain / add over HTTP (JSON, OpenAPI at /openapi.json) "
+                                 "with Prometheus metrics, and the explanation viewer at /viewer/.")
     add_runtime_options(p)
     p.add_argument("--gallery", type=Path, help="gallery folder")
     p.add_argument("--writable", action="store_true", help="allow POST /gallery/add (takes the gallery's writer lock)")
@@ -450,6 +471,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="dynamic batching wait (default 2 ms)")
     p.add_argument("--max-body-mb", type=_positive, default=16, help="largest request body in MiB (default 16)")
     p.add_argument("--max-images", type=_positive, default=64, help="most images per request (default 64)")
+    p.add_argument("--queue-timeout", type=_seconds, default=1.0,
+                   help="longest a request waits for the engine before a 503 (default 1 s)")
+    p.add_argument("--request-timeout", type=_seconds, default=30.0,
+                   help="deadline for a request's head and for its body (default 30 s)")
+    p.add_argument("--max-connections", type=_positive, default=64,
+                   help="most open connections and requests in progress, then 503 (default 64)")
+    p.add_argument("--backlog", type=_positive, default=2048, help="connections queued by the kernel (default 2048)")
+    p.add_argument("--decode-workers", type=_positive, default=2,
+                   help="images decoded at once over all requests: bounds decoding memory (default 2)")
 
     p = add("models", _cmd_models, "List the registered target architectures.")
     p.add_argument("pattern", nargs="?", default="*", help="glob pattern")

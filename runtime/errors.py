@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["GalleryError", "InputError", "OverloadedError", "StorageError", "UnknownIdError"]
+__all__ = ["CorruptGalleryError", "GalleryError", "InputError", "OverloadedError", "StorageError", "UnknownIdError"]
 
 
 class InputError(ValueError):
@@ -24,5 +24,9 @@ class StorageError(GalleryError):
     """The gallery's disk failed (full, I/O error) during a write: a fault of the server, not of the request."""
 
 
+class CorruptGalleryError(GalleryError):
+    """Stored gallery rows hold values no model gives (NaN, inf) although their files match their checksums."""
+
+
 class OverloadedError(RuntimeError):
-    """The request queue is full (backpressure): retry later."""
+    """The engine's queue is full or would not drain in time (backpressure): retry later."""

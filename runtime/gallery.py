@@ -848,8 +848,8 @@ def _read_manifest(root: Path) -> tuple[dict[str, Any], bytes]:
         raise GalleryError(f"{file}: unreadable ({e})") from e
     try:
         doc = json.loads(raw)
-    except ValueError as e:
-        raise GalleryError(f"{file}: not a gallery manifest ({e})") from e
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser goes
+        raise GalleryError(f"{file}: not a gallery manifest ({type(e).__name__}: {e})") from e
     if not isinstance(doc, dict) or doc.get("format") != GALLERY_FORMAT:
         found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
         raise GalleryError(f"{file}: not an AttriMeter gallery manifest (format {found!r}, expected "
@@ -888,7 +888,9 @@ def _spec_of(doc: Mapping[str, Any]) -> _Spec:
 
 
 def _safe_name(name: str) -> bool:
-    return bool(name) and not name.startswith(".") and "/" not in name and "\\" not in name
+    """A plain folder name: no path separators, no hidden name, nothing a file system refuses (NUL, controls)."""
+    return (bool(name) and len(name) <= 255 and name.isprintable() and not name.startswith(".")
+            and "/" not in name and "\\" not in name)
 
 
 def _open_segment(root: Path, entry: Mapping[str, Any], spec: _Spec) -> _Segment:

@@ -30,19 +30,23 @@ from tqdm.auto import tqdm
 
 from attrimeter.runtime.backends import Backend, BackendError, open_backend
 from attrimeter.runtime.batching import DynamicBatcher
-from attrimeter.runtime.errors import GalleryError, InputError
+from attrimeter.runtime.errors import CorruptGalleryError, GalleryError, InputError
 from attrimeter.runtime.explain import Decomposition, check_weights, explain_rows, weighted_scan
 from attrimeter.runtime.fused_search import FusedSearch
 from attrimeter.runtime.gallery import Gallery
 from attrimeter.runtime.images import ImageSource, as_sources, load_image, to_input
 
-__all__ = ["IMAGE_SUFFIXES", "MAX_HITS", "MAX_OVERLAYS", "Embeddings", "IndexReport", "Match", "QueryResult", "Runtime"]
+__all__ = ["IMAGE_SUFFIXES", "MAX_HITS", "MAX_KEY_CHARS", "MAX_OVERLAYS", "Embeddings", "IndexReport", "Match",
+           "QueryResult", "Runtime"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 # Most overlay pictures one call may ask for (queries × hits × attributes): each is a full-size RGB crop.
 MAX_OVERLAYS = 256
 # Most explained hits one call may ask for (queries × k): each carries M+1 embeddings and M numbers per field.
 MAX_HITS = 10_000
+# Longest key :meth:`Runtime.add` stores: keys come back with every hit, so megabyte keys would make a small search
+# answer megabytes.
+MAX_KEY_CHARS = 1024
 # Hits explained per step: bounds the gathered float32 rows (hits × (M+1) × C) whatever the request.
 _EXPLAIN_CHUNK = 1024
 # Latency histogram bounds in seconds (Prometheus-style cumulative buckets).
@@ -221,7 +225,9 @@ class Runtime:
         max_batch: Most images per engine call.
         max_wait_ms: How long a request waits for others to share its batch.
         queue_size: Most requests waiting for the engine (then :class:`OverloadedError`).
-        queue_timeout_s: How long a caller waits for room in a full queue.
+        queue_timeout_s: The longest a call may wait for the engine: refused with :class:`OverloadedError` at once
+            when the queued images would take longer at the engine's measured rate, or when its time runs out in the
+            queue (see :mod:`attrimeter.runtime.batching`).
         decode_workers: Threads decoding images of multi-image calls (off the inference thread).
         verify: Check the sha256 of the export's and the gallery's files when opening.
         writable: Open the gallery for :meth:`add` (takes its writer lock).
@@ -268,6 +274,7 @@ class Runtime:
             self._refresh_s = refresh_s
             self._refreshed = time.monotonic()
             self._refresh_error: str | None = None
+            self._corrupt: str | None = None  # corrupt stored rows met by a search: reported until restart
             self._latency = {op: _Latency() for op in ("embed", "search", "explain", "add")}
             self._errors = {op: 0 for op in self._latency}
             self._device: Any = None
@@ -499,6 +506,7 @@ class Runtime:
         probs = gallery.probs(flat).reshape(q, k, -1) if k else np.empty((q, 0, len(self.attributes)), np.float32)
         meta = gallery.meta(flat) if k else []
         g_aam = gallery.aam(flat) if overlays and k else None
+        self._check_finite(ids, dec, probs, g_aam)
         contributions = dec.shares * dec.d[..., None]  # c_k = p_k · d: sums to d
         orders = np.argsort(-contributions, axis=-1, kind="stable")
         results = []
@@ -522,6 +530,23 @@ class Runtime:
             results.append(QueryResult(matches=matches, query_probs=emb.probs[i], query_aam=emb.aam[i],
                                        attributes=self.attributes, meanings=self.meanings))
         return results
+
+    def _check_finite(self, ids: np.ndarray, dec: Decomposition, probs: np.ndarray, g_aam: np.ndarray | None) -> None:
+        """Stored rows with NaN/inf (files that match their checksums, but no model wrote them) are named, not served.
+
+        Raises:
+            CorruptGalleryError: Naming the entries; :meth:`stats` reports it from then on (``gallery_problem``).
+        """
+        ok = np.isfinite(dec.d) & np.isfinite(dec.d_k).all(-1) & np.isfinite(probs).all(-1)
+        if g_aam is not None:
+            ok &= np.isfinite(g_aam.reshape(ok.size, -1)).all(-1).reshape(ok.shape)
+        if ok.all():
+            return
+        bad = np.unique(ids[~ok]).tolist()
+        problem = (f"gallery entries {bad[:10]}{' …' if len(bad) > 10 else ''} hold NaN/inf values: the store is "
+                   "corrupt (remove and index those images again)")
+        self._corrupt = problem
+        raise CorruptGalleryError(problem)
 
     def _overlays(self, query: np.ndarray, q_aam: np.ndarray, entry: Mapping[str, Any], g_aam: np.ndarray | None,
                   attrs: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
@@ -669,7 +694,8 @@ class Runtime:
 
         Args:
             images: The images.
-            keys: A name per image (default: its path, else ``"entry-<id>"``).
+            keys: A name per image, at most :data:`MAX_KEY_CHARS` characters (default: its path, else
+                ``"entry-<id>"``).
             cameras: A camera id per image (or None).
             paths: An image file per image, kept for overlays (default: the source when it is a path).
             extra: More JSON-able metadata per image (e.g. ``{"pid": 12}``).
@@ -689,6 +715,9 @@ class Runtime:
             for name, values in (("keys", keys), ("cameras", cameras), ("paths", paths), ("extra", extra)):
                 if values is not None and len(values) != n:
                     raise InputError(f"{name} has {len(values)} entries for {n} images")
+            for i, key in enumerate(keys or ()):
+                if not isinstance(key, str) or len(key) > MAX_KEY_CHARS:
+                    raise InputError(f"keys[{i}] must be a string of at most {MAX_KEY_CHARS} characters")
             emb = self._infer(self._pixels(sources))
             meta = []
             for i, src in enumerate(sources):
@@ -790,7 +819,11 @@ class Runtime:
     # ------------------------------------------------------------------------------------------------ misc ------
 
     def stats(self) -> dict[str, Any]:
-        """Counters for monitoring: backend, gallery size, queue depth, batches, per-operation latency and errors."""
+        """Counters for monitoring: backend, gallery size, queue depth, batches, per-operation latency and errors.
+
+        ``gallery_refresh_error``: why entries another process appended could not be read (the old ones stay in use);
+        ``gallery_problem``: corrupt stored rows a search met. Either makes a server's ``/health`` say degraded.
+        """
         self._check_open()
         b = self._batcher.stats
         with self._lock:
@@ -801,7 +834,8 @@ class Runtime:
                 "queue_depth": self._batcher.queue_depth, "requests": b.requests, "images": b.rows,
                 "batches": b.batches, "failed_batches": b.failed_batches, "rejected": b.rejected,
                 "busy_seconds": b.busy_s, "batch_sizes": dict(b.batch_sizes), "latency": latency, "errors": errors,
-                "gallery_refresh_error": self._refresh_error}
+                "queued_images": self._batcher.queued_rows, "gallery_refresh_error": self._refresh_error,
+                "gallery_problem": self._corrupt}
 
     def close(self) -> None:
         """Finish queued requests, then release the engine, the device copy and the gallery (also one passed in).

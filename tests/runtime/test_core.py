@@ -306,3 +306,44 @@ def test_waiting_callers_each_keep_their_own_timeout():
     assert time.monotonic() - t0 < 0.2
     release.set()
     batcher.close()
+
+
+def test_the_queue_is_bounded_by_time_not_by_requests():
+    per_row = 0.02
+
+    def engine(x):
+        time.sleep(per_row * len(x))
+        return {"y": x}
+
+    batcher = DynamicBatcher(engine, max_batch=4, max_wait_s=0.0, queue_size=1024)
+    batcher(np.zeros((4, 1), np.float32), timeout=None)  # the engine's rate is measured from here on
+    assert batcher.backlog_s(10) >= 10 * per_row * 0.9  # sleeps never end early; a busy machine makes them longer
+    with pytest.raises(OverloadedError, match="queued work"):  # refused at once from the estimate, not after waiting
+        batcher.submit(np.zeros((40, 1), np.float32), timeout=0.3)
+    assert batcher.stats.rejected == 1 and batcher.stats.batches == 1  # and none of it ran
+    np.testing.assert_array_equal(batcher(np.ones((4, 1), np.float32), timeout=0.3)["y"], 1)  # fits: served
+    batcher.close()
+
+
+def test_requests_whose_time_ran_out_are_not_run():
+    release, calls = threading.Event(), []
+
+    def engine(x):
+        calls.append(len(x))
+        release.wait(10)
+        return {"y": x}
+
+    batcher = DynamicBatcher(engine, max_batch=1, max_wait_s=0.0)
+    running = batcher.submit(np.zeros((1, 1), np.float32), timeout=None)[0]
+    time.sleep(0.05)  # the engine holds it
+    late = batcher.submit(np.ones((1, 1), np.float32), timeout=0.1)[0]
+    patient = batcher.submit(np.ones((1, 1), np.float32), timeout=None)[0]
+    assert batcher.queued_rows == 2
+    time.sleep(0.3)
+    release.set()
+    running.result(5)
+    with pytest.raises(OverloadedError, match="waited more than 0.1 s"):
+        late.result(5)
+    patient.result(5)
+    assert calls == [1, 1] and batcher.stats.rejected == 1 and batcher.queued_rows == 0  # the late one never ran
+    batcher.close()

@@ -1,4 +1,5 @@
-"""HTTP server end-to-end on loopback: answers equal the Runtime's, metrics parse, bad input is 4xx and harmless."""
+"""HTTP server end-to-end on loopback (uvicorn + the FastAPI app): answers equal the Runtime's, metrics parse, bad
+input is 4xx and harmless, graceful stop on a signal."""
 
 import base64
 import http.client
@@ -18,36 +19,19 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from http_helpers import b64, call, health_ok, raw_exchange
 from PIL import Image
 
+from attrimeter.runtime import gallery as gallery_module
 from attrimeter.runtime.errors import OverloadedError
 from attrimeter.runtime.runtime import Runtime
-from attrimeter.runtime.server import make_server, serve
+from attrimeter.runtime.server import RuntimeServer, ServerLimits, serve
 
 MAX_IMAGES = 6
 MAX_BODY = 256 * 1024
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def call(server, method, path, body=None, *, raw=None, headers=None):
-    """One request on a fresh connection: (status, headers, JSON or text)."""
-    host, port = server.server_address[:2]
-    conn = http.client.HTTPConnection(host, port, timeout=60)
-    try:
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-        resp = conn.getresponse()
-        payload = resp.read()
-        ctype = resp.getheader("Content-Type", "")
-        return resp.status, resp, json.loads(payload) if ctype.startswith("application/json") else payload.decode()
-    finally:
-        conn.close()
 
 
 def assert_close(a, b, path="$"):
@@ -69,12 +53,6 @@ def assert_close(a, b, path="$"):
 def gallery_files(runtime):
     return {p.relative_to(runtime.gallery.path): p.read_bytes()
             for p in sorted(runtime.gallery.path.rglob("*")) if p.is_file()}
-
-
-def health_ok(server):
-    status, _, body = call(server, "GET", "/health")
-    assert status == 200 and body["status"] == "ok"
-    return body
 
 
 def png_header(width, height):
@@ -117,26 +95,17 @@ def runtime(tiny_export, files, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(runtime):
-    srv = make_server(runtime, port=0, max_body_bytes=MAX_BODY, max_images=MAX_IMAGES, request_timeout_s=10.0)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.close()
-    thread.join(10)
-    assert not thread.is_alive()
+    limits = ServerLimits(max_body_bytes=MAX_BODY, max_images=MAX_IMAGES, request_timeout_s=10.0)
+    with RuntimeServer(runtime, port=0, limits=limits) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def bare(tiny_export):
     """A server whose runtime has no gallery."""
     rt = Runtime(tiny_export, threads=1)
-    srv = make_server(rt, port=0)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.close()
+    with RuntimeServer(rt, port=0) as srv:
+        yield srv
     rt.close()
 
 
@@ -175,7 +144,7 @@ def parse_metrics(text):
         else:
             m = _SAMPLE.match(line)
             assert m, f"not an exposition sample line: {line!r}"
-            name, labels = m.group("name"), tuple(_LABEL.findall(m.group("labels") or ""))
+            name, labels = m.group("name"), tuple(sorted(_LABEL.findall(m.group("labels") or "")))
             family = next((f for f in (name, re.sub(r"_(bucket|sum|count)$", "", name)) if f in types), None)
             assert family is not None, f"sample {name} has no # TYPE before it"
             if types[family] == "counter":
@@ -215,7 +184,7 @@ def test_metrics_parse_and_count(server, files):
     after, _ = parse_metrics(call(server, "GET", "/metrics")[2])
 
     def get(samples, name, **labels):
-        return samples.get((name, tuple(labels.items())), 0.0)
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
     ok = {"endpoint": "/embed", "method": "POST", "code": "200"}
     bad = {**ok, "code": "400"}
@@ -399,58 +368,55 @@ def test_wrong_methods_and_paths(server):
     assert (status, resp.getheader("Allow"), body["status"]) == (405, "POST", 405)
     assert call(server, "DELETE", "/gallery/add")[0] == 405
     assert call(server, "PUT", "/metrics", raw=b"x")[0] == 405
-    assert call(server, "GET", "/")[0] == 404
+    status, _, body = call(server, "GET", "/nothing")
+    assert status == 404 and "/search" in body["error"]  # the answer lists the endpoints
+    status, resp, _ = call(server, "GET", "/")
+    assert status == 307 and resp.getheader("Location") == "/viewer/"
     assert call(server, "GET", "/health?verbose=1")[0] == 200
     health_ok(server)
 
 
-def _raw_exchange(server, head: bytes, body: bytes = b"", shut_write: bool = False):
-    """Sends bytes on a raw socket; returns (status, JSON error) of the answer."""
-    with socket.create_connection(server.server_address[:2], timeout=30) as sock:
-        sock.sendall(head + body)
-        if shut_write:
-            sock.shutdown(socket.SHUT_WR)
-        resp = http.client.HTTPResponse(sock, method="POST")
-        resp.begin()
-        return resp.status, json.loads(resp.read())
-
-
-def test_body_limits(server, runtime):
+def test_body_limits(server, runtime, files):
     before = gallery_files(runtime)
     # over the limit: refused from Content-Length alone, the body is never sent
-    status, body = _raw_exchange(server, b"POST /gallery/add HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
-                                 % (MAX_BODY + 1))
+    status, _, body = raw_exchange(server, b"POST /gallery/add HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                                    % (MAX_BODY + 1))
     assert status == 413 and str(MAX_BODY) in body["error"]
-    status, body = _raw_exchange(server, b"POST /search HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, _, body = raw_exchange(server, b"POST /search HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == 411 and "Content-Length" in body["error"]
-    status, body = _raw_exchange(server, b"POST /search HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                                 b"5\r\nhello\r\n0\r\n\r\n")
-    assert status == 411
-    status, body = _raw_exchange(server, b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+    # chunked bodies are read (and limited) as they stream in
+    status, _, body = raw_exchange(server, b"POST /search HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                    b"5\r\nhello\r\n0\r\n\r\n")
+    assert status == 400 and "not valid JSON" in body["error"]
+    big = b"x" * (MAX_BODY // 2 + 1)
+    status, _, body = raw_exchange(server, b"POST /embed HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                    + b"".join(b"%x\r\n%s\r\n" % (len(big), big) for _ in range(3)) + b"0\r\n\r\n")
+    assert status == 413 and "exceeds the limit" in body["error"]
+    ok = json.dumps({"images": [b64(files["queries"][0].read_bytes())]}).encode()
+    status, _, body = raw_exchange(server, b"POST /embed HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                    + b"%x\r\n%s\r\n0\r\n\r\n" % (len(ok), ok))
+    assert status == 200 and len(body["embeddings"]) == 1
+    status, _, body = raw_exchange(server, b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
     assert status == 400 and "Content-Length" in body["error"]
-    status, body = _raw_exchange(server, b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n",
-                                 b'{"images": ', shut_write=True)
-    assert status == 400 and "ended after 11 of 100 bytes" in body["error"]
-    status, body = _raw_exchange(server, b"GET /health HTTP/x.y\r\n\r\n")
+    status, _, body = raw_exchange(server, b"GET /health HTTP/x.y\r\n\r\n")
     assert status == 400 and body["status"] == 400
-    status, body = _raw_exchange(server, b"BREW /health HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert status == 501 and body["status"] == 501
+    status, _, body = raw_exchange(server, b"BREW /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 405 and body["status"] == 405
+    # a client that hangs up mid-body gets no answer (there is no one to read it), and nothing breaks
+    with socket.create_connection(server.server_address, timeout=30) as sock:
+        sock.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"images\": ")
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(1024) == b""
     health_ok(server)
     assert gallery_files(runtime) == before
 
 
 def test_slow_body_times_out(runtime):
-    srv = make_server(runtime, port=0, request_timeout_s=0.5)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        status, body = _raw_exchange(srv, b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n",
-                                     b'{"images": ')  # and then nothing: the connection stays open
+    with RuntimeServer(runtime, port=0, limits=ServerLimits(request_timeout_s=0.5)) as srv:
+        status, _, body = raw_exchange(srv, b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+                                        b'{"images": ')  # and then nothing: the connection stays open
         assert status == 408 and "not received" in body["error"]
         health_ok(srv)
-    finally:
-        srv.shutdown()
-        srv.close()
 
 
 def test_keep_alive_connection_serves_many_requests(server, files):
@@ -468,16 +434,18 @@ def test_keep_alive_connection_serves_many_requests(server, files):
         conn.close()
 
 
-def test_unread_body_closes_the_connection(server):
-    # an answer given without reading the body must hang up: the body would be parsed as the next request
-    body = b'{"images": []}'
-    with socket.create_connection(server.server_address[:2], timeout=30) as sock:
-        sock.sendall(b"POST /nothing HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        resp = http.client.HTTPResponse(sock, method="POST")
-        resp.begin()
-        assert resp.status == 404 and resp.will_close
-        resp.read()
-        assert sock.recv(1024) == b""
+def test_an_unread_body_is_never_read_as_a_request(server):
+    # refused without reading its body, a request's body must be skipped by its length, never parsed as the next
+    # request (a body that looks like a request would be smuggled past a proxy)
+    inner = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(server.server_address, timeout=30) as sock:
+        sock.sendall(b"POST /nothing HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(inner), inner)
+                     + b"GET /attributes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answers = b""
+        while chunk := sock.recv(65536):
+            answers += chunk
+    first, second = answers.split(b"HTTP/1.1 ")[1:]  # exactly two answers
+    assert first.startswith(b"404") and second.startswith(b"200") and b'"attributes"' in second  # not /health's
 
 
 def test_no_gallery_is_409(bare, files):
@@ -491,7 +459,7 @@ def test_no_gallery_is_409(bare, files):
     health_ok(bare)
 
 
-def test_overload_is_503_and_crashes_are_500(server, runtime, files, monkeypatch, caplog):
+def test_overload_is_503_disk_failure_507_and_crashes_500(server, runtime, files, monkeypatch, caplog):
     ok = b64(files["queries"][0].read_bytes())
     before = gallery_files(runtime)
 
@@ -502,13 +470,22 @@ def test_overload_is_503_and_crashes_are_500(server, runtime, files, monkeypatch
     status, resp, body = call(server, "POST", "/embed", {"images": [ok]})
     assert status == 503 and resp.getheader("Retry-After") and "queue is full" in body["error"]
 
+    def disk_full(*args, **kwargs):  # where a real disk would fail: the gallery turns it into a StorageError
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gallery_module, "_write_segment", disk_full)
+    with caplog.at_level(logging.ERROR, logger="attrimeter.runtime.app"):
+        status, _, body = call(server, "POST", "/gallery/add", {"images": [ok]})
+    assert status == 507 and "No space left" in body["error"] and body["status"] == 507
+    monkeypatch.undo()
+
     secret = f"secret-{np.random.default_rng().integers(1 << 30)}"
 
     def crash(*args, **kwargs):
         raise RuntimeError(secret)
 
     monkeypatch.setattr(runtime, "add", crash)
-    with caplog.at_level(logging.ERROR, logger="attrimeter.runtime.server"):
+    with caplog.at_level(logging.ERROR, logger="attrimeter.runtime.app"):
         status, _, body = call(server, "POST", "/gallery/add", {"images": [ok]})
     assert status == 500 and secret not in body["error"] and body["status"] == 500
     assert any(secret in (r.exc_text or "") for r in caplog.records)  # the traceback is logged, not sent
@@ -518,10 +495,11 @@ def test_overload_is_503_and_crashes_are_500(server, runtime, files, monkeypatch
     assert gallery_files(runtime) == before
 
 
-def test_make_server_checks_limits(runtime):
-    for kwargs in ({"max_body_bytes": 0}, {"max_images": -1}, {"request_timeout_s": 0}):
-        with pytest.raises(ValueError):
-            make_server(runtime, port=0, **kwargs)
+def test_limits_are_checked():
+    for kwargs in ({"max_body_bytes": 0}, {"max_images": -1}, {"request_timeout_s": 0}, {"max_connections": True},
+                   {"decode_workers": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            ServerLimits(**kwargs)
 
 
 def test_serve_stops_on_signal_and_closes_runtime(tiny_export, files, caplog):
@@ -564,25 +542,17 @@ def test_serve_stops_on_signal_and_closes_runtime(tiny_export, files, caplog):
 
 
 def test_oversized_bodies_get_a_readable_413(tiny_export):
-    from attrimeter.runtime.server import make_server
-
-    with Runtime(tiny_export) as runtime:
-        server = make_server(runtime, "127.0.0.1", 0, max_body_bytes=1 << 16)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            port = server.server_address[1]
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            conn.request("POST", "/embed", body=b"x" * (3 << 16), headers={"Content-Type": "application/json"})
-            answer = conn.getresponse()
-            assert answer.status == 413 and "exceeds the limit" in json.loads(answer.read())["error"]
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            conn.putrequest("POST", "/embed")
-            conn.putheader("Content-Length", str(50 << 20))
-            conn.putheader("Expect", "100-continue")
-            conn.endheaders()  # no body: the server must answer before it is sent
-            answer = conn.getresponse()
-            assert answer.status == 413
-        finally:
-            server.shutdown()
-            server.server_close()
+    with Runtime(tiny_export) as runtime, RuntimeServer(runtime, limits=ServerLimits(max_body_bytes=1 << 16),
+                                                        port=0) as server:
+        port = server.server_address[1]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/embed", body=b"x" * (3 << 16), headers={"Content-Type": "application/json"})
+        answer = conn.getresponse()
+        assert answer.status == 413 and "exceeds the limit" in json.loads(answer.read())["error"]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.putrequest("POST", "/embed")
+        conn.putheader("Content-Length", str(50 << 20))
+        conn.putheader("Expect", "100-continue")
+        conn.endheaders()  # no body: the server must answer before it is sent
+        answer = conn.getresponse()
+        assert answer.status == 413 and answer.will_close

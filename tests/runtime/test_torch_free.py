@@ -1,7 +1,8 @@
 """The runtime in a virtual environment without torch and triton: import, index, search, CLI (DESIGN §2, §6).
 
-The environment gets only the runtime's own dependencies (numpy, Pillow, onnxruntime, faiss-cpu, tqdm, PyYAML, at the
-versions of the test environment, so pip takes them from its cache) and the project without dependencies.
+The environment gets only the runtime's own dependencies (numpy, Pillow, onnxruntime, faiss-cpu, tqdm, PyYAML and the
+HTTP server's FastAPI, uvicorn and prometheus_client, at the versions of the test environment, so pip takes them from
+its cache) and the project without dependencies.
 """
 
 import json
@@ -16,22 +17,26 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-RUNTIME_PACKAGES = ("numpy", "pillow", "onnxruntime", "faiss-cpu", "tqdm", "pyyaml")
+RUNTIME_PACKAGES = ("numpy", "pillow", "onnxruntime", "faiss-cpu", "tqdm", "pyyaml", "fastapi", "uvicorn",
+                    "prometheus-client")
 
 SCRIPT = textwrap.dedent("""
     import importlib.util, json, sys
     assert importlib.util.find_spec("torch") is None, "torch is installed here"
     assert importlib.util.find_spec("triton") is None, "triton is installed here"
     from attrimeter.runtime import Runtime
-    import attrimeter.runtime.server  # the HTTP server too
+    import urllib.request
+    from attrimeter.runtime.server import RuntimeServer  # the HTTP server too
     export, gallery, images, query = sys.argv[1:5]
     with Runtime(export, gallery, create_gallery=True) as rt:
         added = rt.index_folder(images, progress=False).added
         result = rt.search(query, k=3, overlays=1)[0]
         emb = rt.embed(query)
         backend = rt.backend.name
+    with Runtime(export, gallery) as rt, RuntimeServer(rt, port=0) as server:
+        health = json.loads(urllib.request.urlopen(server.url + "/health", timeout=60).read())
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "triton"))
-    print(json.dumps({"added": added, "backend": backend, "loaded": loaded,
+    print(json.dumps({"added": added, "backend": backend, "loaded": loaded, "health": health,
                       "ids": [m.id for m in result.matches], "d": [m.d for m in result.matches],
                       "shares": [m.shares.tolist() for m in result.matches],
                       "embedding": emb.embedding[0].tolist()}))
@@ -62,6 +67,7 @@ def test_runtime_runs_without_torch_and_triton(bare_venv, tiny_export, tiny_data
     assert run.returncode == 0, run.stderr[-3000:]
     bare = json.loads(run.stdout.splitlines()[-1])
     assert bare["loaded"] == [] and bare["backend"] == "onnxruntime"
+    assert bare["health"]["status"] == "ok" and bare["health"]["gallery"] == bare["added"]
     assert bare["added"] == len(list(images.glob("*.jpg")))
 
     # The same work here (torch installed) gives the same answer.
