@@ -275,7 +275,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from attrimeter.runtime.server import ServerLimits, serve
+    try:
+        from attrimeter.runtime.server import ServerLimits, serve
+    except ModuleNotFoundError as e:
+        raise ValueError(f"attrimeter serve needs the HTTP server's packages ({e.name} is missing): "
+                         "pip install 'attrimeter[runtime,serve]'") from None
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
