@@ -5,7 +5,10 @@ Playwright; no browser is downloaded), uploads a query crop, shows the hit chose
 of the whole page::
 
     python benchmarks/viewer_screenshot.py --export runs/demo/export --gallery runs/demo/gallery \
-        --query runs/demo/data/query/0001_c1s1_001051_00.jpg --out benchmarks/results/viewer.png
+        --query runs/demo/data/query/0004_c1s2_217901_01.jpg --hit 6 --out benchmarks/results/viewer.png
+
+The README's picture was made so from the demo's data set with a quick-profile target and interpreter trained by the
+CLI (``attrimeter train-target`` / ``train`` / ``export`` / ``index``, as ``make demo`` does).
 """
 
 from __future__ import annotations
