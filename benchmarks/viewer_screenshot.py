@@ -7,8 +7,7 @@ of the whole page::
     python benchmarks/viewer_screenshot.py --export runs/demo/export --gallery runs/demo/gallery \
         --query runs/demo/data/query/0004_c1s2_217901_01.jpg --hit 6 --out benchmarks/results/viewer.png
 
-The README's picture was made so from the demo's data set with a quick-profile target and interpreter trained by the
-CLI (``attrimeter train-target`` / ``train`` / ``export`` / ``index``, as ``make demo`` does).
+The README's picture was made so from a clean-clone ``make demo``'s export and gallery (8734681).
 """
 
 from __future__ import annotations
