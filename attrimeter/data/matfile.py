@@ -24,10 +24,10 @@ import numpy as np
 
 __all__ = ["write_mat"]
 
-# Data types (miXXX) and array classes (mxXXX_CLASS) of the MAT-file v5 format.
+# Data types (mi*, e.g. miINT8) and array classes (mx*_CLASS, e.g. mxCELL_CLASS) of the MAT-file v5 format.
 _MI_INT8, _MI_UINT32, _MI_INT32, _MI_DOUBLE, _MI_MATRIX, _MI_COMPRESSED, _MI_UTF8 = 1, 6, 5, 9, 14, 15, 16
 _MX_CELL, _MX_STRUCT, _MX_CHAR, _MX_DOUBLE = 1, 2, 4, 6
-# Compact storage of integer-valued doubles, smallest first (what MATLAB picks): (miXXX, numpy dtype).
+# Compact storage of integer-valued doubles, smallest first (what MATLAB picks): (mi* data type, numpy dtype).
 _COMPACT = ((2, "<u1"), (1, "<i1"), (4, "<u2"), (3, "<i2"), (6, "<u4"), (5, "<i4"))
 _HEADER_TEXT = b"MATLAB 5.0 MAT-file, Platform: attrimeter, Created by: attrimeter.data.matfile"
 
