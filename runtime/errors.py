@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["CorruptGalleryError", "GalleryError", "InputError", "OverloadedError", "StorageError", "UnknownIdError"]
+__all__ = ["CorruptGalleryError", "GalleryError", "InputError", "OverloadedError", "ShardUnavailableError",
+           "StorageError", "UnknownIdError"]
 
 
 class InputError(ValueError):
@@ -26,6 +27,21 @@ class StorageError(GalleryError):
 
 class CorruptGalleryError(GalleryError):
     """Stored gallery rows hold values no model gives (NaN, inf) although their files match their checksums."""
+
+
+class ShardUnavailableError(GalleryError):
+    """Shards of a sharded gallery did not answer (actor dead, node lost, no answer in time); names them.
+
+    Attributes:
+        missing: The names of the shards that did not answer.
+    """
+
+    def __init__(self, message: str, missing: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+    def __reduce__(self) -> tuple[type, tuple[str, tuple[str, ...]]]:  # picklable (Ray ships errors between processes)
+        return type(self), (str(self), self.missing)
 
 
 class OverloadedError(RuntimeError):

@@ -65,6 +65,8 @@ _PROGRESS_MIN_BYTES = 64 << 20  # progress bars only for galleries large enough 
 _INDEX_ROWS = 1 << 16  # rows per FAISS add: bounds the temporary float32 copies
 _COPY_BYTES = 64 << 20  # bytes per chunk when compacting
 _GPU_MAX_K = 2048  # faiss-gpu's largest k
+# Candidates beyond k that a search fetches first: usually enough for the exact re-ranking to settle the k-th place.
+_RANK_MARGIN = 8
 
 
 @dataclass(frozen=True)
@@ -664,6 +666,7 @@ class Gallery:
         Metric ``"l2"`` ranks by Euclidean distance; ``"ip"`` ranks by cosine similarity. Either way the distances
         returned are the Euclidean distances between the raw query and gallery vectors, recomputed from the stored
         vectors: FAISS's ``|q|² + |x|² - 2 q·x`` loses the small distances of near-duplicates to cancellation.
+        See :meth:`rank` for how ties are broken.
 
         Args:
             queries: float32 [Q, C], finite.
@@ -675,30 +678,82 @@ class Gallery:
         Raises:
             InputError: Bad queries or ``k``.
         """
+        _, dist, ids = self.rank(queries, k)
+        return dist, ids
+
+    def rank(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`search` with its ranking keys: the exact top-k by key, ties by the lower id.
+
+        FAISS proposes candidates by its float32 scores; they are re-ranked by exact keys recomputed row by row from
+        the stored vectors (the same value for an entry wherever it is stored, so that shards of a gallery rank like
+        the whole), and more are fetched until FAISS's rounding cannot have left out an entry that belongs to the k
+        best or ties with the k-th (FAISS's own choice among tied entries is arbitrary for inner products).
+
+        Args:
+            queries: float32 [Q, C], finite.
+            k: Neighbours per query (> 0).
+
+        Returns:
+            ``(keys float64 [Q, k'] ascending: the distance for "l2", −cosine for "ip"; distances float32 [Q, k'];
+            ids int64 [Q, k'])``.
+
+        Raises:
+            InputError: Bad queries or ``k``.
+        """
         self._check_open()
         q = _check_queries(queries, self.dim)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise InputError(f"k must be a positive integer, got {k!r}")
         faiss = _faiss()
         with self._index_lock:
-            index = self._ensure_index(faiss)
-            kk = min(int(k), index.ntotal)
-            if kk == 0 or len(q) == 0:
-                return np.zeros((len(q), kk), np.float32), np.zeros((len(q), kk), np.int64)
-            if kk > _GPU_MAX_K and faiss.get_num_gpus() > 0:
-                raise InputError(f"k must be at most {_GPU_MAX_K} on a GPU index, got {k}")
-            _, ids = index.search(q, kk)  # for "ip", q·(x/|x|) ranks like the cosine: q needs no normalising
-        ids = ids.astype(np.int64)
-        # ids only ever grow (compaction keeps them), so the gather may run outside the index lock
-        dist = np.empty(ids.shape, np.float32)
-        rows = max(1, _COPY_BYTES // (kk * self.dim * 4))
+            total, gpu = self._ensure_index(faiss).ntotal, faiss.get_num_gpus() > 0
+        kk = min(int(k), total)
+        if kk == 0 or len(q) == 0:
+            return np.zeros((len(q), kk)), np.zeros((len(q), kk), np.float32), np.zeros((len(q), kk), np.int64)
+        if kk > _GPU_MAX_K and gpu:
+            raise InputError(f"k must be at most {_GPU_MAX_K} on a GPU index, got {k}")
+        fetch = min(total, kk + _RANK_MARGIN, _GPU_MAX_K if gpu else total)
+        while True:
+            with self._index_lock:  # for "ip", q·(x/|x|) ranks like the cosine: q needs no normalising
+                scores, ids = self._ensure_index(faiss).search(q, fetch)
+            ids = ids.astype(np.int64)  # ids only ever grow (compaction keeps them): the gathers need no lock
+            keys, dist = self._exact_keys(q, ids)
+            order = np.lexsort((ids, keys), axis=1)
+            keys, dist, ids = (np.take_along_axis(a, order, 1) for a in (keys, dist, ids))
+            grown = min(total, 2 * fetch, _GPU_MAX_K if gpu else total)
+            if fetch == total or grown == fetch or self._settled(q, keys[:, kk - 1], scores[:, -1]):
+                return keys[:, :kk], dist[:, :kk], ids[:, :kk]
+            fetch = grown
+
+    def _exact_keys(self, q: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ranking keys float64, Euclidean distances float32) of candidates ``ids`` [Q, n], row by row."""
+        keys, dist = np.empty(ids.shape), np.empty(ids.shape, np.float32)
+        n = ids.shape[1]
+        rows = max(1, _COPY_BYTES // (n * self.dim * 4))
         for a in range(0, len(q), rows):
-            x = self.embeddings(ids[a:a + rows].ravel()).reshape(-1, kk, self.dim)
+            x = self.embeddings(ids[a:a + rows].ravel()).reshape(-1, n, self.dim)
             dist[a:a + rows] = np.linalg.norm(x - q[a:a + rows, None], axis=2)
-        if self.metric == "l2":  # exact distances may reorder FAISS's near-ties
-            order = np.argsort(dist, axis=1, kind="stable")
-            dist, ids = np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
-        return dist, ids
+            if self.metric == "ip":  # reductions along each row only: an entry's key does not depend on its batch
+                x64, q64 = x.astype(np.float64), q[a:a + rows, None].astype(np.float64)
+                norms = np.sqrt((x64 * x64).sum(-1)) * np.sqrt((q64 * q64).sum(-1))
+                keys[a:a + rows] = -(x64 * q64).sum(-1) / np.maximum(norms, 1e-300)
+        return (dist.astype(np.float64) if self.metric == "l2" else keys), dist
+
+    def _settled(self, q: np.ndarray, kth: np.ndarray, last: np.ndarray) -> bool:
+        """Whether no entry FAISS did not return can rank before or tie with the k-th exact key of each query.
+
+        Bounds of FAISS's float32 error (``γ = 4·C·ε``): an unreturned entry scored at least ``last`` (its squared
+        distance) or at most ``last`` (its inner product with the query).
+        """
+        gamma = 4 * self.dim * float(np.finfo(np.float32).eps)
+        q_sq = (q.astype(np.float64) ** 2).sum(1)
+        if self.metric == "l2":  # d'² ≥ last − γ(|q|² + |x'|²), |x'|² ≤ 2|q|² + 2d'²
+            bound = (last - 3 * gamma * q_sq) / (1 + 2 * gamma)
+            return bool((kth * kth * (1 + gamma) < bound).all())
+        q_norm = np.sqrt(q_sq)  # cos' ≤ (last + γ|q|) / |q| + γ (the stored unit vectors' rounding)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bound = np.where(q_norm > 0, last / q_norm + 2 * gamma, np.inf)
+        return bool((-kth > bound).all())
 
     def _ensure_index(self, faiss: Any) -> Any:
         """The FAISS index, built from all entries on first use (call under ``_index_lock``)."""

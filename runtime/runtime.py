@@ -30,6 +30,8 @@ from tqdm.auto import tqdm
 
 from attrimeter.runtime.backends import Backend, BackendError, open_backend
 from attrimeter.runtime.batching import DynamicBatcher
+from attrimeter.runtime.distributed.manifest import sharded_root
+from attrimeter.runtime.distributed.sharded import RowSet, ShardedGallery
 from attrimeter.runtime.errors import CorruptGalleryError, GalleryError, InputError
 from attrimeter.runtime.explain import Decomposition, check_weights, explain_rows, weighted_scan
 from attrimeter.runtime.fused_search import FusedSearch
@@ -37,7 +39,7 @@ from attrimeter.runtime.gallery import Gallery
 from attrimeter.runtime.images import ImageSource, as_sources, load_image, to_input
 
 __all__ = ["IMAGE_SUFFIXES", "MAX_HITS", "MAX_KEY_CHARS", "MAX_OVERLAYS", "Embeddings", "IndexReport", "Match",
-           "QueryResult", "Runtime"]
+           "QueryResult", "Runtime", "image_entry"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 # Most overlay pictures one call may ask for (queries × hits × attributes): each is a full-size RGB crop.
@@ -51,6 +53,31 @@ MAX_KEY_CHARS = 1024
 _EXPLAIN_CHUNK = 1024
 # Latency histogram bounds in seconds (Prometheus-style cumulative buckets).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def image_entry(path: Path, key: str) -> dict[str, Any]:
+    """The gallery metadata of an indexed image file: key, resolved path, and identity and camera when its name says.
+
+    Identity and camera (``c1`` → 1) come from Market-1501/DukeMTMC file names that follow the pattern.
+
+    Args:
+        path: The image file.
+        key: Its key (e.g. its path relative to the indexed folder).
+
+    Returns:
+        ``{"key", "path", "camera"}`` and ``"pid"`` when the name follows a known pattern.
+    """
+    from attrimeter.data.formats import DataFormatError, parse_image_name
+
+    entry: dict[str, Any] = {"key": key, "path": str(path.resolve()), "camera": None}
+    for style in ("market1501", "dukemtmc"):
+        try:
+            pid, cam = parse_image_name(path, style)
+        except DataFormatError:
+            continue
+        entry.update(pid=pid, camera=cam + 1)  # as the file name writes it: c1 → 1
+        break
+    return entry
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -168,6 +195,8 @@ class QueryResult:
         query_aam: The query's attention maps ``[M, h, w]``.
         attributes: Attribute names ``[M]``.
         meanings: The meaning of label 0 and 1 of each attribute.
+        missing_shards: Shards of a sharded gallery that did not answer this partial search (their entries are
+            absent from the matches); empty for a complete answer.
     """
 
     matches: list[Match]
@@ -175,12 +204,20 @@ class QueryResult:
     query_aam: np.ndarray
     attributes: tuple[str, ...]
     meanings: tuple[tuple[str, str], ...]
+    missing_shards: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: the query's predicted attributes in words and every match's :meth:`Match.to_dict`."""
-        return {"query": {a: {"value": mn[int(p > 0.5)], "prob": float(p)}
-                          for a, mn, p in zip(self.attributes, self.meanings, self.query_probs, strict=True)},
-                "matches": [m.to_dict() for m in self.matches]}
+        """JSON-ready: the query's predicted attributes in words and every match's :meth:`Match.to_dict`.
+
+        A partial answer of a sharded gallery also carries ``"missing_shards"``.
+        """
+        out: dict[str, Any] = {"query": {a: {"value": mn[int(p > 0.5)], "prob": float(p)}
+                                         for a, mn, p in zip(self.attributes, self.meanings, self.query_probs,
+                                                             strict=True)},
+                               "matches": [m.to_dict() for m in self.matches]}
+        if self.missing_shards:
+            out["missing_shards"] = list(self.missing_shards)
+        return out
 
 
 class IndexReport(NamedTuple):
@@ -217,7 +254,9 @@ class Runtime:
 
     Args:
         export_dir: The export folder (``attrimeter export``); its manifest and file hashes are checked.
-        gallery: A gallery folder (``attrimeter index``), an open :class:`Gallery`, or None.
+        gallery: A gallery folder (``attrimeter index``), a sharded gallery's folder or ``shards.json``
+            (``attrimeter index --ray``; opened in this process), an open :class:`Gallery` or
+            :class:`~attrimeter.runtime.distributed.sharded.ShardedGallery` (e.g. on Ray), or None.
         backend: ``"auto"``, ``"onnxruntime"``, ``"tensorrt"`` or ``"torch"`` (see :mod:`attrimeter.runtime.backends`).
         device: Backend device (None: the backend's choice).
         threads: CPU threads of the backend.
@@ -245,7 +284,8 @@ class Runtime:
         GalleryError: A missing, corrupt or locked gallery, or one indexed with another model.
     """
 
-    def __init__(self, export_dir: str | Path, gallery: str | Path | Gallery | None = None, *, backend: str = "auto",
+    def __init__(self, export_dir: str | Path, gallery: str | Path | Gallery | ShardedGallery | None = None, *,
+                 backend: str = "auto",
                  device: str | None = None, threads: int | None = None, checkpoint: str | Path | None = None,
                  max_batch: int = 32, max_wait_ms: float = 2.0, queue_size: int = 1024,
                  queue_timeout_s: float = 1.0, decode_workers: int = 2, verify: bool = True, writable: bool = False,
@@ -261,7 +301,7 @@ class Runtime:
         self.meanings: tuple[tuple[str, str], ...] = tuple((a["meanings"][0], a["meanings"][1]) for a in attrs)
         self.image_size: tuple[int, int] = (int(self.manifest["image_size"][0]), int(self.manifest["image_size"][1]))
         self.model_id: str = self.manifest["source"]["sha256"]
-        self.gallery: Gallery | None = None
+        self.gallery: Gallery | ShardedGallery | None = None
         self.backend: Backend = open_backend(self.export_dir, self.manifest, backend, device=device, threads=threads,
                                              checkpoint=checkpoint)
         try:
@@ -287,10 +327,16 @@ class Runtime:
 
     # ------------------------------------------------------------------------------------------------ gallery ---
 
-    def _open_gallery(self, gallery: str | Path | Gallery, verify: bool, writable: bool, create: bool,
-                      metric: str) -> Gallery:
-        if isinstance(gallery, Gallery):
+    def _open_gallery(self, gallery: str | Path | Gallery | ShardedGallery, verify: bool, writable: bool, create: bool,
+                      metric: str) -> Gallery | ShardedGallery:
+        store: Gallery | ShardedGallery
+        if isinstance(gallery, (Gallery, ShardedGallery)):
             store = gallery
+        elif sharded_root(gallery) is not None:
+            if writable:
+                raise GalleryError(f"{gallery}: a sharded gallery is read-only here; grow it with "
+                                   "`attrimeter index --ray`")
+            store = ShardedGallery.open(gallery, verify=verify)
         else:
             path = Path(gallery)
             if create and not (path / "gallery.json").exists():
@@ -324,6 +370,10 @@ class Runtime:
         Device mirrors hold the global rows in float16 too, so d carries float16 rounding there.
         """
         torch_device = getattr(self.backend, "torch_device", None)
+        if isinstance(self.gallery, ShardedGallery):  # each shard searches where it lives; no device mirror here
+            if fused:
+                raise BackendError("fused search needs the whole gallery on one device; not with a sharded gallery")
+            return None
         if fused is None:
             fused = torch_device is not None and torch_device.type == "cuda"
         if fused:
@@ -368,7 +418,7 @@ class Runtime:
         if self.__dict__.get("_closed"):
             raise RuntimeError("the runtime is closed")
 
-    def _need_gallery(self) -> Gallery:
+    def _need_gallery(self) -> Gallery | ShardedGallery:
         self._check_open()
         if self.gallery is None:
             raise GalleryError("no gallery is open (Runtime(export, gallery=...))")
@@ -471,8 +521,10 @@ class Runtime:
         return check_weights(weights, len(self.attributes))
 
     def _explain(self, emb: Embeddings, pixels: np.ndarray | None, ids: np.ndarray, weights: np.ndarray | None,
-                 overlays: int, dec: Decomposition | None = None) -> list[QueryResult]:
-        gallery = self._need_gallery()
+                 overlays: int, dec: Decomposition | None = None, rows: RowSet | None = None,
+                 missing: tuple[str, ...] = ()) -> list[QueryResult]:
+        """Explain hits ``ids`` [Q, k]; their stored rows come from ``rows`` (a sharded search's) or the gallery."""
+        gallery: Gallery | ShardedGallery | RowSet = self._need_gallery() if rows is None else rows
         q, k = len(ids), ids.shape[1]
         flat = ids.reshape(-1)
         device = self._device  # once: a failed append may drop it meanwhile
@@ -528,7 +580,7 @@ class Runtime:
                     contributions=contributions[i, j], attributes=self.attributes, titles=self.titles,
                     differing=differing, overlays=pictures))
             results.append(QueryResult(matches=matches, query_probs=emb.probs[i], query_aam=emb.aam[i],
-                                       attributes=self.attributes, meanings=self.meanings))
+                                       attributes=self.attributes, meanings=self.meanings, missing_shards=missing))
         return results
 
     def _check_finite(self, ids: np.ndarray, dec: Decomposition, probs: np.ndarray, g_aam: np.ndarray | None) -> None:
@@ -585,6 +637,11 @@ class Runtime:
                 overlays: int) -> list[QueryResult]:
         gallery = self._need_gallery()
         device = self._device
+        if isinstance(gallery, ShardedGallery):  # one fan-out: the shards' top-k come back with their rows
+            drawn = min(int(overlays), len(self.attributes))
+            hits = (gallery.search_rows(emb.embedding, int(k), aam=drawn > 0) if w is None
+                    else gallery.weighted_search_rows(emb.attr_embeddings, w, int(k), aam=drawn > 0))
+            return self._explain(emb, pixels, hits.ids, w, drawn, rows=hits.rows, missing=hits.missing)
         if isinstance(device, FusedSearch) and (w is not None or gallery.metric == "l2"):  # the kernel ranks by L2
             ids, dec = device.search(emb.stacked(), int(k), w)
             return self._explain(emb, pixels, ids, w, min(int(overlays), len(self.attributes)), dec)
@@ -751,8 +808,6 @@ class Runtime:
             InputError: No images in the folder.
             GalleryError: No writable gallery.
         """
-        from attrimeter.data.formats import DataFormatError, parse_image_name
-
         gallery = self._need_gallery()
         folder = Path(folder)
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -799,19 +854,7 @@ class Runtime:
             if not paths:
                 continue
             emb = self._embeddings(out)
-            meta = []
-            for p in paths:
-                entry: dict[str, Any] = {"key": p.relative_to(folder).as_posix(), "path": str(p.resolve()),
-                                         "camera": None}
-                for style in ("market1501", "dukemtmc"):
-                    try:
-                        pid, cam = parse_image_name(p, style)
-                    except DataFormatError:
-                        continue
-                    entry.update(pid=pid, camera=cam + 1)  # as the file name writes it: c1 → 1
-                    break
-                meta.append(entry)
-            self._append(emb, meta)
+            self._append(emb, [image_entry(p, p.relative_to(folder).as_posix()) for p in paths])
             added += len(paths)
         bar.close()
         return IndexReport(added=added, skipped=skipped)
