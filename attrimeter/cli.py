@@ -36,6 +36,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _cpus(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of CPUs >= 0, got {text!r}")
+    return value
+
+
 def _printable(text: str) -> str:
     r"""``text`` safe for a terminal: control characters, lone surrogates and the like as escapes (``\x1b``)."""
     import unicodedata
@@ -334,7 +344,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             _connect_ray(args.ray)
         sharded = ShardedGallery.open(args.gallery, mode="local" if args.ray is None else "ray",
                                       verify=not args.no_verify, partial=args.partial_shards,
-                                      timeout_s=args.shard_timeout)
+                                      timeout_s=args.shard_timeout, actor_options={"num_cpus": args.shard_cpus})
     try:
         rt = _runtime(args, gallery=args.gallery if sharded is None else sharded, writable=args.writable,
                       max_wait_ms=args.max_wait_ms, queue_timeout_s=args.queue_timeout)
@@ -539,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "missing_shards (default: 503)")
     p.add_argument("--shard-timeout", type=_seconds, default=30.0,
                    help="with --ray: how long a search waits for the shards (default 30 s)")
+    p.add_argument("--shard-cpus", type=_cpus, default=1.0,
+                   help="with --ray: CPUs Ray reserves for each shard's actor (default 1)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="dynamic batching wait (default 2 ms)")

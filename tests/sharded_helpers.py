@@ -80,3 +80,16 @@ def assert_same_results(got, want):
         for a, b in zip(g.matches, w.matches, strict=True):
             assert a.d == b.d and a.score == b.score and a.d_hat == b.d_hat
             assert np.array_equal(a.shares, b.shares) and np.array_equal(a.contributions, b.contributions)
+
+
+def rest_store(path: Path, parts, identity, skip):
+    """The one store of every shard's entries but shard ``skip``'s, and the global id of each of its ids."""
+    rest = Gallery.create(path, dim=identity["dim"], attributes=identity["attributes"],
+                          aam_shape=tuple(identity["aam_shape"]), model=identity["model"], metric=identity["metric"])
+    first = np.cumsum([0, *(len(p["embedding"]) for p in parts)])
+    kept = [s for s in range(len(parts)) if s != skip]
+    for s in kept:
+        n = len(parts[s]["embedding"])
+        if n:
+            rest.append(parts[s]["embedding"], parts[s]["attr"], parts[s]["probs"], [{}] * n, aam=parts[s]["aam"])
+    return rest, np.concatenate([np.arange(first[s], first[s + 1]) for s in kept])

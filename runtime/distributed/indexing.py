@@ -330,8 +330,8 @@ def index_sharded(export_dir: str | Path, images: str | Path, out: str | Path, *
                   disable=not progress) as bar:
             while any(todo) and passes < max_passes:
                 passes += 1
-                rows = [{"key": k, "path": str(p), "shard": s, "meta": json.dumps(_meta(p, k))}
-                        for s, t in enumerate(todo) for k, p in t]
+                rows = sorted(({"key": k, "path": str(p), "shard": s, "meta": json.dumps(_meta(p, k))}
+                               for s, t in enumerate(todo) for k, p in t), key=lambda r: r["key"])
                 for batch in _run(rows, str(export_dir), writers, options, size, pool, gpus, threads, batch_size):
                     for key, path, ok, why in zip(batch["key"], batch["path"], batch["ok"], batch["reason"],
                                                   strict=True):

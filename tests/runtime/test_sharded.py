@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 from http_helpers import b64, call
-from sharded_helpers import assert_same_results, build, identity_of, queries, random_rows
+from sharded_helpers import assert_same_results, build, identity_of, queries, random_rows, rest_store
 
 from attrimeter.cli import main
 from attrimeter.runtime.distributed.manifest import (
@@ -110,15 +110,7 @@ def _failing(name):
 
 def test_a_failing_shard_is_named_or_left_out_with_partial(stores, tiny_export, monkeypatch, rng, tmp_path):
     sharded, _, parts, identity = stores
-    # the one store of every entry but shard-002's, and its ids' global ids
-    rest = Gallery.create(tmp_path / "rest", dim=identity["dim"], attributes=identity["attributes"],
-                          aam_shape=tuple(identity["aam_shape"]), model=identity["model"], metric=identity["metric"])
-    first = np.cumsum([0, *(len(p["embedding"]) for p in parts)])
-    global_ids = np.concatenate([np.arange(first[s], first[s + 1]) for s in (0, 1, 3)])
-    for s in (0, 1, 3):
-        if len(parts[s]["embedding"]):
-            rest.append(parts[s]["embedding"], parts[s]["attr"], parts[s]["probs"],
-                        [{}] * len(parts[s]["embedding"]), aam=parts[s]["aam"])
+    rest, global_ids = rest_store(tmp_path / "rest", parts, identity, skip=2)
     monkeypatch.setattr(ShardServer, "top_k", _failing("shard-002"))
     emb = queries(rng, parts, identity)
     with Runtime(tiny_export, ShardedGallery.open(sharded), threads=1) as rt:
