@@ -230,7 +230,7 @@ class _Embedder:
             emb, finite = self._embed(batch["pixels"][good])
             for i in good[~finite]:
                 ok[i], reason[i] = False, "the model gives NaN/inf embeddings"
-            good, rows = good[finite], np.flatnonzero(finite)
+            good, rows = good[finite], np.arange(int(finite.sum()))  # emb holds the finite rows only
             shards = np.asarray(batch["shard"])[good]
             calls = []
             for s in np.unique(shards):
@@ -242,24 +242,22 @@ class _Embedder:
         return {"key": batch["key"], "path": batch["path"], "ok": ok, "reason": reason}
 
     def _embed(self, pixels: np.ndarray) -> tuple[Any, np.ndarray]:
-        """(Embeddings of the finite rows' images, which rows are finite); non-finite rows hold zeros."""
+        """(Embeddings of the images the model gives finite values for, which images those are)."""
+        from attrimeter.runtime.runtime import Embeddings
+
         try:
             return self.runtime.embed(list(pixels)), np.ones(len(pixels), bool)
-        except InputError:  # the model gives NaN/inf for some image: embed one by one to name it
+        except InputError:  # the model gives NaN/inf for some image: embed one by one to tell which
             parts = []
             for p in pixels:
                 try:
                     parts.append(self.runtime.embed(p))
                 except InputError:
                     parts.append(None)
-            finite = np.array([e is not None for e in parts])
-            keep = [e for e in parts if e is not None]
-            if not keep:
-                return None, finite
-            from attrimeter.runtime.runtime import Embeddings
-
-            return Embeddings(*(np.concatenate(f) for f in zip(*((e.embedding, e.attr_embeddings, e.probs, e.aam)
-                                                                  for e in keep), strict=True))), finite
+        kept = [e for e in parts if e is not None]
+        fields = ("embedding", "attr_embeddings", "probs", "aam")
+        emb = Embeddings(**{f: np.concatenate([getattr(e, f) for e in kept]) for f in fields}) if kept else None
+        return emb, np.array([e is not None for e in parts])
 
 
 def index_sharded(export_dir: str | Path, images: str | Path, out: str | Path, *, shards: int,

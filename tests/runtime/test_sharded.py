@@ -13,6 +13,7 @@ from http_helpers import b64, call
 from sharded_helpers import assert_same_results, build, identity_of, queries, random_rows, rest_store
 
 from attrimeter.cli import main
+from attrimeter.runtime.distributed.indexing import ShardWriter, list_images
 from attrimeter.runtime.distributed.manifest import (
     SHARDS_NAME,
     manifest_for,
@@ -228,3 +229,49 @@ def test_cli_search_a_sharded_gallery_and_flags_need_ray(stores, tiny_export, ti
         main(["index", "--export", str(tiny_export), "--images", str(tiny_data / "query"), "--out",
               str(tmp_path / "g"), "--shards", "2"])
     assert e.value.code == 2 and "--shards and --workers need --ray" in capsys.readouterr().err
+
+
+def test_image_lists_and_folders(tmp_path, tiny_data):
+    folder = tiny_data / "query"
+    found = list_images(folder)
+    assert [k for k, _ in found] == sorted(p.name for p in folder.glob("*.jpg"))
+    names = [k for k, _ in found][:3]
+    (tmp_path / "list.txt").write_text(f"# a comment\n{folder / names[1]}\n\n  ../q/{names[0]}  \n")
+    (tmp_path / "q").symlink_to(folder)
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "list.txt").write_text((tmp_path / "list.txt").read_text())
+    got = list_images(tmp_path / "lists" / "list.txt")  # relative lines: relative to the list's folder
+    assert got == sorted([(str(folder / names[1]), folder / names[1]),
+                          (f"../q/{names[0]}", tmp_path / "lists" / ".." / "q" / names[0])])
+    (tmp_path / "twice.txt").write_text(f"{folder / names[0]}\n{folder / names[0]}\n")
+    for bad, message in ((tmp_path / "twice.txt", "listed twice"), (tmp_path / "none", "no such image folder"),
+                         (tmp_path / "lists", "no images")):
+        with pytest.raises(InputError, match=message):
+            list_images(bad)
+
+
+def test_a_shard_writer_stores_each_key_once(tiny_export, tmp_path, rng):
+    identity = identity_of(tiny_export)
+    folder = tmp_path / "shard"
+    Gallery.create(folder, dim=identity["dim"], attributes=identity["attributes"],
+                   aam_shape=tuple(identity["aam_shape"]), model=identity["model"], metric=identity["metric"]).close()
+    rows = random_rows(rng, 6, identity)
+    keys = [f"k{i}" for i in range(6)]
+    meta = [json.dumps({"key": k}) for k in keys]
+
+    def add(writer, sel):
+        return writer.add([keys[i] for i in sel], *(rows[f][sel] for f in ("embedding", "attr", "probs", "aam")),
+                          [meta[i] for i in sel])
+
+    writer = ShardWriter(str(folder), segment=4)
+    assert add(writer, [0, 1, 1, 2]) == 3 and writer.buffered() == 3  # a key twice in one batch: once
+    assert add(writer, [2, 3]) == 1 and writer.buffered() == 0  # 4 buffered: one segment written
+    assert writer.missing(keys) == ["k4", "k5"]
+    assert add(writer, [0, 3, 4]) == 1 and writer.flush() == 5  # a retried batch: only the new key
+    writer.close()
+    again = ShardWriter(str(folder), segment=4)  # a restarted writer knows what its shard holds
+    assert again.missing(keys) == ["k5"] and add(again, [4, 5]) == 1 and again.flush() == 6
+    again.close()
+    with Gallery.open(folder) as g:
+        assert [m["key"] for m in g.meta(np.arange(len(g)))] == keys
+        np.testing.assert_array_equal(g.embeddings(np.arange(6)), rows["embedding"])
