@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 
 from attrimeter.runtime.backends import Backend, BackendError, open_backend
 from attrimeter.runtime.batching import DynamicBatcher
+from attrimeter.runtime.distributed.hits import RowSet
 from attrimeter.runtime.distributed.manifest import sharded_root
-from attrimeter.runtime.distributed.sharded import RowSet, ShardedGallery
+from attrimeter.runtime.distributed.sharded import ShardedGallery
 from attrimeter.runtime.errors import CorruptGalleryError, GalleryError, InputError
 from attrimeter.runtime.explain import Decomposition, check_weights, explain_rows, weighted_scan
 from attrimeter.runtime.fused_search import FusedSearch

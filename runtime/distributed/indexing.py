@@ -36,6 +36,7 @@ from attrimeter.runtime.distributed.manifest import (
     shard_of,
     write_manifest,
 )
+from attrimeter.runtime.distributed.sharded import actor_error
 from attrimeter.runtime.errors import GalleryError, InputError
 from attrimeter.runtime.gallery import MANIFEST_NAME, Gallery
 from attrimeter.runtime.images import load_image
@@ -81,7 +82,7 @@ def list_images(images: str | Path) -> list[tuple[str, Path]]:
     """
     from attrimeter.runtime.runtime import IMAGE_SUFFIXES
 
-    root = Path(images)
+    root = Path(images).absolute()  # workers on other machines (or in other folders) read these paths
     if root.is_dir():
         found = [(p.relative_to(root).as_posix(), p) for p in root.rglob("*")
                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
@@ -307,7 +308,7 @@ def index_sharded(export_dir: str | Path, images: str | Path, out: str | Path, *
                 "aam_shape": [int(h), int(w)], "model": manifest["source"]["sha256"], "metric": metric}
     size = (int(manifest["image_size"][0]), int(manifest["image_size"][1]))
     entries = list_images(images)
-    root = Path(out)
+    root = Path(out).absolute()
     names, before = _prepare(root, shards, identity)
     if not ray.is_initialized():
         ray.init()
@@ -330,7 +331,8 @@ def index_sharded(export_dir: str | Path, images: str | Path, out: str | Path, *
                 passes += 1
                 rows = sorted(({"key": k, "path": str(p), "shard": s, "meta": json.dumps(_meta(p, k))}
                                for s, t in enumerate(todo) for k, p in t), key=lambda r: r["key"])
-                for batch in _run(rows, str(export_dir), writers, options, size, pool, gpus, threads, batch_size):
+                for batch in _run(rows, str(Path(export_dir).absolute()), writers, options, size, pool, gpus, threads,
+                                  batch_size):
                     for key, path, ok, why in zip(batch["key"], batch["path"], batch["ok"], batch["reason"],
                                                   strict=True):
                         if not ok:
@@ -404,6 +406,7 @@ def _prepare(root: Path, shards: int, identity: dict[str, Any]) -> tuple[list[st
 
 def _start_writers(root: Path, names: Sequence[str], segment: int) -> list[Any]:
     import ray
+    from ray.exceptions import RayActorError
 
     remote = ray.remote(ShardWriter)
     writers = []
@@ -416,6 +419,9 @@ def _start_writers(root: Path, names: Sequence[str], segment: int) -> list[Any]:
     except ValueError as e:  # the actor name is taken
         _stop_writers(writers)
         raise GalleryError(f"{root}: another indexing run is writing it ({e})") from None
+    except RayActorError as e:  # a writer's __init__ failed: e.g. the store is locked by another run's writer
+        _stop_writers(writers)
+        raise GalleryError(f"{root}: a shard writer could not open its store: {actor_error(e)}") from None
     except BaseException:
         _stop_writers(writers)
         raise

@@ -28,18 +28,18 @@ import logging
 import operator
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from attrimeter.runtime.distributed.hits import RowSet, ShardedHits
 from attrimeter.runtime.distributed.manifest import ShardedManifest, read_manifest, sharded_root
 from attrimeter.runtime.distributed.shard import ShardServer
 from attrimeter.runtime.errors import GalleryError, InputError, ShardUnavailableError, UnknownIdError
 from attrimeter.runtime.explain import check_weights
 
-__all__ = ["MODES", "RowSet", "ShardedGallery", "ShardedHits"]
+__all__ = ["MODES", "ShardedGallery", "actor_error"]
 
 MODES = ("local", "ray")
 # Shard actors: one CPU each for scheduling (FAISS uses the node's threads), spread over the nodes, restarted when
@@ -50,81 +50,6 @@ DEFAULT_ACTOR_OPTIONS: dict[str, Any] = {"num_cpus": 1, "scheduling_strategy": "
 _REQUEST_ERRORS = (InputError, UnknownIdError)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RowSet:
-    """Stored rows of some gallery entries, looked up by global id: what explaining hits reads.
-
-    Offers the read methods of :class:`~attrimeter.runtime.gallery.Gallery` (``embeddings``, ``attr_embeddings``,
-    ``probs``, ``aam``, ``meta``) for the entries it holds.
-
-    Attributes:
-        ids: Global ids, sorted, unique, int64 ``[n]``.
-        embedding: float32 ``[n, C]``.
-        attr: float16 ``[n, M, C]`` (as stored).
-        probs_rows: float32 ``[n, M]``.
-        meta_rows: Metadata, ``"id"`` the global id.
-        maps: float16 ``[n, M, h, w]``, or None when not fetched or not stored.
-        metric: The gallery's metric.
-    """
-
-    ids: np.ndarray
-    embedding: np.ndarray
-    attr: np.ndarray
-    probs_rows: np.ndarray
-    meta_rows: tuple[dict[str, Any], ...]
-    maps: np.ndarray | None
-    metric: str
-
-    def _at(self, ids: Any) -> np.ndarray:
-        idx = np.asarray(ids, dtype=np.int64).reshape(-1)
-        at = np.searchsorted(self.ids, idx)
-        held = at < len(self.ids)
-        held[held] = self.ids[at[held]] == idx[held]
-        if not held.all():
-            raise UnknownIdError(f"gallery id {int(idx[~held][0])} was not fetched with these rows")
-        return at
-
-    def embeddings(self, ids: Any) -> np.ndarray:
-        """Global embeddings, float32 ``[len(ids), C]``."""
-        return self.embedding[self._at(ids)]
-
-    def attr_embeddings(self, ids: Any) -> np.ndarray:
-        """Per-attribute embeddings, float32 ``[len(ids), M, C]``."""
-        return self.attr[self._at(ids)].astype(np.float32)
-
-    def probs(self, ids: Any) -> np.ndarray:
-        """Predicted P(label 1), float32 ``[len(ids), M]``."""
-        return self.probs_rows[self._at(ids)]
-
-    def aam(self, ids: Any) -> np.ndarray | None:
-        """Attention maps, float32 ``[len(ids), M, h, w]``, or None when the rows came without them."""
-        at = self._at(ids)
-        return None if self.maps is None else self.maps[at].astype(np.float32)
-
-    def meta(self, ids: Any) -> list[dict[str, Any]]:
-        """Metadata, one dict per id (``"id"`` the global id)."""
-        return [dict(self.meta_rows[i]) for i in self._at(ids)]
-
-
-@dataclass(frozen=True)
-class ShardedHits:
-    """The merged top-k of a fan-out.
-
-    Attributes:
-        ids: Global ids ``[Q, k']``, best first.
-        keys: Ranking keys ``[Q, k']`` ascending (d; ``−cos`` for an ``"ip"`` gallery; the weighted scan's score).
-        d: Exact target distances ``[Q, k']`` (None for a weighted search: the caller explains the hits).
-        rows: The stored rows of every hit.
-        missing: Names of the shards that did not answer (only with ``partial``; empty otherwise).
-    """
-
-    ids: np.ndarray
-    keys: np.ndarray
-    d: np.ndarray | None
-    rows: RowSet
-    missing: tuple[str, ...]
 
 
 class ShardedGallery:
@@ -182,6 +107,7 @@ class ShardedGallery:
         root = sharded_root(path)
         if root is None:
             raise GalleryError(f"{path}: not a sharded gallery (no shards.json)")
+        root = root.absolute()  # shard actors may run in another folder
         manifest, raw = read_manifest(root)
         args = [(str(manifest.folder(root, i)), s.name, manifest.identity(), s.count, verify)
                 for i, s in enumerate(manifest.shards)]
@@ -552,8 +478,7 @@ def _open_actors(args: Sequence[tuple[Any, ...]], options: Mapping[str, Any] | N
             try:
                 ray.get(p)
             except RayError as e:
-                cause = getattr(e, "cause", None)
-                raise GalleryError(str(cause) if cause is not None else f"shard {a[1]}: {_first_line(e)}") from None
+                raise GalleryError(f"shard {a[1]} did not open: {actor_error(e)}") from None
     except (GalleryError, GetTimeoutError, KeyboardInterrupt):
         _kill(actors)
         raise
@@ -570,6 +495,15 @@ def _kill(actors: Sequence[Any]) -> None:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def actor_error(e: BaseException) -> str:
+    """What a Ray actor error says: the error its constructor or method raised (Ray ends its text with it)."""
+    cause = getattr(e, "cause", None)
+    if cause is not None:
+        return f"{type(cause).__name__}: {cause}"
+    text = str(e).strip()
+    return text.splitlines()[-1] if text else type(e).__name__
 
 
 def _check_k(k: Any) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from http_helpers import b64
-from sharded_helpers import assert_same_results, build, identity_of, queries, rest_store
+from sharded_helpers import assert_same_results, build, identity_of, queries, random_rows, rest_store
 
 from attrimeter.runtime.distributed.indexing import index_sharded, writer_actor_name
 from attrimeter.runtime.distributed.manifest import read_manifest, shard_of
@@ -68,6 +68,17 @@ def test_shard_actors_answer_like_one_store(stores, tiny_export, tiny_data, rng)
         assert_same_results([rt.explain(query, [117, 3, 50])], [one.explain(query, [117, 3, 50])])
         got = rt.search(query, k=4, overlays=2)[0].matches
         assert all(len(m.overlays) == 2 for m in got)  # the maps came back with the rows
+
+
+def test_a_shard_that_cannot_open_is_named(stores, tmp_path, rng):
+    sharded, _, _, identity = stores
+    copy = tmp_path / "copy"
+    shutil.copytree(sharded, copy)
+    with Gallery.open(copy / "shard-002", writable=True) as g:  # more entries than shards.json records
+        rows = random_rows(rng, 1, identity)
+        g.append(rows["embedding"], rows["attr"], rows["probs"], [{}], aam=rows["aam"])
+    with pytest.raises(GalleryError, match="shard shard-002 did not open: .*holds 53 entries, .* records 52"):
+        ShardedGallery.open(copy, mode="ray", actor_options=ACTORS)
 
 
 def test_a_dead_shard_actor_is_named_or_left_out(stores, tiny_export, tmp_path, rng):
