@@ -36,11 +36,9 @@ No ``from __future__ import annotations`` here on purpose: ``tensorrt.plugin`` i
 register/aot_impl functions as live objects (``issubclass(annotation, TensorDesc)``), and strings would break it.
 """
 
-import ctypes
 import logging
 import math
 import re
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -49,8 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from attrimeter.export.aot import AotError, load_kernel, ptx_entry
-from attrimeter.export.contract import (
+from attrimeter.artefact.contract import (
     INPUT_NAME,
     KERNELS_DIR,
     OUTPUT_NAMES,
@@ -61,15 +58,13 @@ from attrimeter.export.contract import (
     POOL_KERNEL,
     TRITON_DTYPES,
 )
+from attrimeter.artefact.device import cuda_device, tensorrt_available, tensorrt_logger
+from attrimeter.artefact.kernels import KernelError, load_kernel, ptx_entry
 
 _LOG = logging.getLogger(__name__)
 
 KERNEL_JSON_NAME = f"{POOL_KERNEL}.json"
 
-_INSTALL_HINT = (
-    "pip install 'attrimeter[trt]' on a machine with an NVIDIA GPU and driver; the TensorRT wheels come from "
-    "NVIDIA's package index"
-)
 _N_INPUTS, _N_OUTPUTS = 4, 2  # F, Z, scale, shift -> f, f_k
 # Oldest CUDA driver (cuDriverGetVersion) that JIT-compiles each PTX ISA where the rule "8.x -> CUDA 12.x, 9.x ->
 # 13.x" does not hold: the PTX ISA release history
@@ -138,83 +133,6 @@ class PluginKernel:
     json_path: Path
 
 
-# --------------------------------------------------------------------------------------------------- availability
-
-
-@dataclass(frozen=True)
-class CudaDevice:
-    """A CUDA device as the driver describes it (see :func:`cuda_device`)."""
-
-    name: str
-    cc: int
-    max_shared_optin: int
-    driver_version: int
-
-
-def cuda_device(index: int = 0) -> CudaDevice | None:
-    """The CUDA device TensorRT builds on, read from the driver with ctypes (no torch/cuda-python needed).
-
-    Args:
-        index: Device ordinal.
-
-    Returns:
-        Its name, compute capability (90 for sm_90), opt-in shared memory per block and the driver's CUDA version
-        (e.g. 12040), or None without a driver or such a device.
-    """
-    names = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")
-    lib = None
-    for name in names:
-        try:
-            lib = ctypes.CDLL(name)
-            break
-        except OSError:
-            continue
-    if lib is None or lib.cuInit(0) != 0:
-        return None
-    count = ctypes.c_int(0)
-    if lib.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value <= index:
-        return None
-    device = ctypes.c_int(0)
-    if lib.cuDeviceGet(ctypes.byref(device), index) != 0:
-        return None
-    raw_name = ctypes.create_string_buffer(256)
-    lib.cuDeviceGetName(raw_name, 256, device)
-
-    def attribute(code: int) -> int:
-        value = ctypes.c_int(0)
-        lib.cuDeviceGetAttribute(ctypes.byref(value), code, device)
-        return value.value
-
-    # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR/MINOR = 75/76, MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97 (cuda.h).
-    driver = ctypes.c_int(0)
-    lib.cuDriverGetVersion(ctypes.byref(driver))
-    return CudaDevice(raw_name.value.decode(errors="replace"), 10 * attribute(75) + attribute(76), attribute(97),
-                       driver.value)
-
-
-def tensorrt_available() -> str | None:
-    """Whether an engine can be built here.
-
-    Returns:
-        None when ``import tensorrt`` gives the real TensorRT and a CUDA GPU is visible; else one sentence naming
-        what is missing.
-    """
-    try:
-        import tensorrt as trt
-    except ModuleNotFoundError:
-        return f"TensorRT is not installed ({_INSTALL_HINT})."
-    except (ImportError, OSError) as exc:  # e.g. the Python bindings without their libnvinfer
-        return f"TensorRT is installed but cannot be loaded: {exc}."
-    # The tensorrt-stubs package installs a bare `tensorrt/` folder of .pyi files, which imports as an empty namespace
-    # package: `import tensorrt` then "works" without TensorRT.
-    if not hasattr(trt, "Builder"):
-        return (f"TensorRT is not installed: `import tensorrt` found only type stubs (tensorrt-stubs) at "
-                f"{list(getattr(trt, '__path__', []))} ({_INSTALL_HINT}).")
-    if cuda_device() is None:
-        return f"TensorRT {trt.__version__} is installed but no CUDA GPU is visible; TensorRT builds engines on a GPU."
-    return None
-
-
 # --------------------------------------------------------------------------------------------------- kernel metadata
 
 
@@ -265,38 +183,32 @@ def load_plugin_kernel(kernel_json: Path) -> PluginKernel:
             scratch memory, mixed dtypes, PTX that disagrees with the JSON).
     """
     kernel_json = Path(kernel_json)
-    try:
-        meta = load_kernel(kernel_json)  # files present, cubin arch, PTX entry and its parameter count
-    except AotError as e:
-        raise ValueError(str(e)) from None
+    meta = load_kernel(kernel_json)  # files present, cubin arch, PTX entry and its parameter count
     where = str(kernel_json)
-    symbol = meta["symbol"]
-    params = meta["params"]
-    tensors = [p for p in params if str(p["type"]).startswith("*")]
+    params = meta.params
+    tensors = [p for p in params if p.type.startswith("*")]
     hidden = params[len(tensors):]
-    roles = [p.get("role") for p in tensors]
+    roles = [p.role for p in tensors]
     if any(roles) and roles != ["input"] * _N_INPUTS + ["output"] * _N_OUTPUTS:
         raise ValueError(f"{where}: TensorRT passes {_N_INPUTS} inputs then {_N_OUTPUTS} outputs; the kernel's pointer "
                          f"roles are {roles}")
-    if params[:len(tensors)] != tensors or len(tensors) != _N_INPUTS + _N_OUTPUTS:
+    if list(params[:len(tensors)]) != tensors or len(tensors) != _N_INPUTS + _N_OUTPUTS:
         raise ValueError(f"{where}: expected {_N_INPUTS} input and {_N_OUTPUTS} output pointers first, then only "
-                         f"Triton's scratch pointers; got {[p['name'] + ':' + p['type'] for p in params]} (TensorRT "
+                         f"Triton's scratch pointers; got {[p.name + ':' + p.type for p in params]} (TensorRT "
                          "passes inputs, SymInt32 extra args, outputs; this kernel must take no scalars)")
     for p in hidden:
-        if p["type"] != "scratch" or int(p.get("size", 0)) != 0:
-            raise ValueError(f"{where}: parameter {p['name']} ({p['type']}, size {p.get('size')}) needs memory that "
+        if p.type != "scratch" or p.size != 0:
+            raise ValueError(f"{where}: parameter {p.name} ({p.type}, size {p.size}) needs memory that "
                              "TensorRT's AOT launch cannot provide; only zero-sized Triton scratch is supported")
-    dtypes = {p["type"][1:] for p in tensors}
+    dtypes = {p.type[1:] for p in tensors}
     if len(dtypes) != 1 or next(iter(dtypes)) not in TRITON_DTYPES.values():
         raise ValueError(f"{where}: tensor parameters must all be one of {sorted(TRITON_DTYPES.values())}, got "
                          f"{dtypes}")
-    num_warps = int(meta["num_warps"])
-    if int(meta["threads"]) != 32 * num_warps:
-        raise ValueError(f"{where}: threads {meta['threads']} != 32 * num_warps ({num_warps})")
-    constants = dict(meta.get("constants", {}))
-    grid = meta["grid"]
+    if meta.threads != 32 * meta.num_warps:
+        raise ValueError(f"{where}: threads {meta.threads} != 32 * num_warps ({meta.num_warps})")
+    constants = dict(meta.constants)
     grid_x: list[str | int] = []
-    for factor in grid["x"]:
+    for factor in meta.grid_x:
         if isinstance(factor, int):
             grid_x.append(factor)
         elif factor == "B":
@@ -306,15 +218,13 @@ def load_plugin_kernel(kernel_json: Path) -> PluginKernel:
         else:
             raise ValueError(f"{where}: grid factor {factor!r} is neither an int, 'B' nor an int constant")
     if grid_x.count("B") > 1:
-        raise ValueError(f"{where}: grid x names the batch more than once: {grid['x']}")
-    grid_y, grid_z = (math.prod(int(v) for v in grid.get(axis, [1])) for axis in ("y", "z"))
+        raise ValueError(f"{where}: grid x names the batch more than once: {list(meta.grid_x)}")
 
-    ptx = _strip_hidden_params(meta["ptx_text"], symbol, len(tensors))
-    return PluginKernel(symbol=symbol, target=str(meta["target"]), cc=int(meta["cc"]), ptx=ptx,
-                        ptx_target=meta["ptx_target"], ptx_version=meta["ptx_version"], dtype=next(iter(dtypes)),
-                        num_warps=num_warps,
-                        shared_bytes=int(meta["shared_bytes"]), grid_x=tuple(grid_x), grid_y=grid_y, grid_z=grid_z,
-                        constants=constants, json_path=kernel_json)
+    ptx = _strip_hidden_params(meta.ptx_text, meta.symbol, len(tensors))
+    return PluginKernel(symbol=meta.symbol, target=meta.target, cc=meta.cc, ptx=ptx, ptx_target=meta.ptx_target,
+                        ptx_version=meta.ptx_version, dtype=next(iter(dtypes)), num_warps=meta.num_warps,
+                        shared_bytes=meta.shared_bytes, grid_x=tuple(grid_x), grid_y=math.prod(meta.grid_y),
+                        grid_z=math.prod(meta.grid_z), constants=constants, json_path=kernel_json)
 
 
 def _check_spec(kernel: PluginKernel, spec: PluginSpec) -> None:
@@ -360,14 +270,14 @@ def kernel_json_for_device(export_dir: Path, cc: int, *, max_shared_bytes: int |
         path = kernels / _sm(candidate) / KERNEL_JSON_NAME
         try:
             meta = load_kernel(path)
-        except AotError as e:
+        except KernelError as e:
             rejected.append(f"{_sm(candidate)} ({e})")
             continue
-        ptx_target = meta["ptx_target"]
+        ptx_target = meta.ptx_target
         if not _ptx_portable_to(ptx_target, cc):
             rejected.append(f"{_sm(candidate)} (PTX .target {ptx_target} is arch-specific)")
-        elif max_shared_bytes is not None and int(meta["shared_bytes"]) > max_shared_bytes:
-            rejected.append(f"{_sm(candidate)} (needs {meta['shared_bytes']} B shared memory, GPU has "
+        elif max_shared_bytes is not None and meta.shared_bytes > max_shared_bytes:
+            rejected.append(f"{_sm(candidate)} (needs {meta.shared_bytes} B shared memory, GPU has "
                             f"{max_shared_bytes} B)")
         else:
             _LOG.warning("no kernel for %s; using the %s PTX through driver JIT", _sm(cc), _sm(candidate))
@@ -543,28 +453,6 @@ def _check_attributes(kernel: PluginKernel, **attributes: float) -> None:
 # --------------------------------------------------------------------------------------------------- engine build
 
 
-def _make_logger() -> Any:
-    import tensorrt as trt
-
-    class _Logger(trt.ILogger):
-        """Forwards TensorRT messages to :mod:`logging` and keeps the errors for the exception message."""
-
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity: Any, msg: str) -> None:
-            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
-                self.errors.append(msg)
-                _LOG.error("TensorRT: %s", msg)
-            elif severity == trt.ILogger.Severity.WARNING:
-                _LOG.warning("TensorRT: %s", msg)
-            else:
-                _LOG.debug("TensorRT: %s", msg)
-
-    return _Logger()
-
-
 def _make_progress_monitor() -> Any:
     import tensorrt as trt
     from tqdm import tqdm
@@ -683,7 +571,7 @@ def build_engine(onnx_path: Path, engine_path: Path, *, max_batch: int, opt_batc
                        "ptx_target": kernel.ptx_target, "ptx_version": kernel.ptx_version,
                        "kernel_json": str(kernel.json_path)}
 
-    logger = _make_logger()
+    logger = tensorrt_logger()
     builder = trt.Builder(logger)
     flags = 0
     if int(trt.__version__.split(".")[0]) < 11:
@@ -775,7 +663,7 @@ class EngineRunner:
             raise RuntimeError(missing)
         import tensorrt as trt
 
-        self._logger = _make_logger()
+        self._logger = tensorrt_logger()
         self._runtime = trt.Runtime(self._logger)
         engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
         if engine is None:

@@ -1,10 +1,10 @@
-"""Torch-free launcher of the AOT-compiled explain kernels with cuda-python's driver API (DESIGN §4.2, §5, §6).
+"""Torch-free launcher of the AOT-compiled explain kernels with cuda-python's driver API (docs/architecture.md §4-§6).
 
 The export's ``kernels/`` folder holds, per GPU target, the Triton ``_explain_kernel`` compiled ahead of time (cubin,
-PTX) with its launch metadata (see :mod:`attrimeter.export.aot`): entry symbol, threads per block, dynamic shared
-memory, the parameter list in launch order and the grid as a product of run-time sizes. This module loads the cubins
-of the device's target into the device's primary context (the context the CUDA runtime and TensorRT use, so buffers
-are shared) and launches them with ``cuLaunchKernel``; neither torch nor triton is imported.
+PTX) with its launch metadata (read by :mod:`attrimeter.artefact.kernels`): entry symbol, threads per block, dynamic
+shared memory, the parameter list in launch order and the grid as a product of run-time sizes. This module loads the
+cubins of the device's target into the device's primary context (the context the CUDA runtime and TensorRT use, so
+buffers are shared) and launches them with ``cuLaunchKernel``; neither torch nor triton is imported.
 
 Target choice (the same policy as the C launcher in ``export/csrc/``): the device's own ``sm_XY``; otherwise, for
 compute capability major < 9, the highest ``sm_XZ`` with Z < Y whose kernels' shared memory fits the device (a cubin
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import math
 import threading
 from collections.abc import Iterator, Mapping
@@ -35,10 +34,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from attrimeter.export.aot import AotError, load_kernel
-from attrimeter.export.tensorrt_engine import cuda_device
+from attrimeter.artefact.device import cuda_device
+from attrimeter.artefact.kernels import KernelIndex, load_kernel, load_kernel_index
 from attrimeter.runtime.errors import GalleryError, InputError, UnknownIdError
-from attrimeter.runtime.explain import check_weights
+from attrimeter.runtime.explain import Decomposition, check_weights
 
 __all__ = [
     "EXPLAIN_KERNELS",
@@ -202,43 +201,37 @@ def load_explain_kernel(json_path: str | Path) -> ExplainKernel:
             element type than it passes, Triton scratch memory of non-zero size, or a grid factor it cannot size.
     """
     path = Path(json_path)
-    try:
-        meta = load_kernel(path)  # files present, cubin arch, PTX entry and its parameter count
-    except AotError as e:
-        raise ValueError(str(e)) from None
+    meta = load_kernel(path)  # files present, cubin arch, PTX entry and its parameter count
     params = []
-    for p in meta["params"]:
-        name, kind = str(p["name"]), str(p["type"])
-        if kind == "scratch":
-            if int(p.get("size", 0)) != 0:
-                raise ValueError(f"{path}: {name} needs {p['size']} B of Triton scratch memory per program, which "
+    for p in meta.params:
+        if p.type == "scratch":
+            if p.size != 0:
+                raise ValueError(f"{path}: {p.name} needs {p.size} B of Triton scratch memory per program, which "
                                  "this launcher does not allocate")
-        elif kind.startswith("*"):
-            if name not in _POINTERS:
-                raise ValueError(f"{path}: unknown pointer parameter {name!r} (known: {', '.join(_POINTERS)})")
-            if kind != _POINTER_TYPES[name]:
-                raise ValueError(f"{path}: {name} is {kind}, the launcher passes {_POINTER_TYPES[name]}")
-        elif name not in _SIZES or kind not in _SCALARS:
-            raise ValueError(f"{path}: unknown scalar parameter {name!r} of type {kind!r} (known: {', '.join(_SIZES)})")
-        params.append((name, kind))
-    grid = meta["grid"]
-    if any(int(v) != 1 for axis in ("y", "z") for v in grid.get(axis, [1])):
-        raise ValueError(f"{path}: grid y/z must be 1, got {grid}")
-    grid_x = tuple(f if isinstance(f, int) else str(f) for f in grid["x"])
-    if not set(f for f in grid_x if isinstance(f, str)) <= {"Q", "K"}:
-        raise ValueError(f"{path}: grid x {grid['x']} names sizes other than Q and K")
-    return ExplainKernel(name=str(meta["kernel"]), symbol=str(meta["symbol"]), target=str(meta["target"]),
-                         cubin=Path(meta["cubin_path"]).read_bytes(), threads=int(meta["threads"]),
-                         shared_bytes=int(meta["shared_bytes"]), params=tuple(params), grid_x=grid_x,
-                         constants=dict(meta.get("constants", {})), json_path=path)
+        elif p.type.startswith("*"):
+            if p.name not in _POINTERS:
+                raise ValueError(f"{path}: unknown pointer parameter {p.name!r} (known: {', '.join(_POINTERS)})")
+            if p.type != _POINTER_TYPES[p.name]:
+                raise ValueError(f"{path}: {p.name} is {p.type}, the launcher passes {_POINTER_TYPES[p.name]}")
+        elif p.name not in _SIZES or p.type not in _SCALARS:
+            raise ValueError(f"{path}: unknown scalar parameter {p.name!r} of type {p.type!r} (known: "
+                             f"{', '.join(_SIZES)})")
+        params.append((p.name, p.type))
+    if any(v != 1 for v in (*meta.grid_y, *meta.grid_z)):
+        raise ValueError(f"{path}: grid y/z must be 1, got {list(meta.grid_y)} / {list(meta.grid_z)}")
+    if not {f for f in meta.grid_x if isinstance(f, str)} <= {"Q", "K"}:
+        raise ValueError(f"{path}: grid x {list(meta.grid_x)} names sizes other than Q and K")
+    return ExplainKernel(name=meta.kernel, symbol=meta.symbol, target=meta.target, cubin=meta.cubin_path.read_bytes(),
+                         threads=meta.threads, shared_bytes=meta.shared_bytes, params=tuple(params),
+                         grid_x=meta.grid_x, constants=dict(meta.constants), json_path=path)
 
 
-def choose_target(index: Mapping[str, Any], cc: int, max_shared_optin: int,
+def choose_target(index: KernelIndex, cc: int, max_shared_optin: int,
                   kernels: tuple[str, ...] = EXPLAIN_KERNELS) -> str:
     """The export target whose cubins run on a GPU of compute capability ``cc``.
 
     Args:
-        index: ``kernels/index.json`` (``{"targets": {"sm_80": {"explain": {"json", "shared_bytes", ...}}}}``).
+        index: The export's ``kernels/index.json``.
         cc: Compute capability as an int (86 for sm_86).
         max_shared_optin: The device's opt-in shared memory per block.
         kernels: The kernels that must be present (and fit) in the target.
@@ -249,7 +242,7 @@ def choose_target(index: Mapping[str, Any], cc: int, max_shared_optin: int,
     Raises:
         ValueError: No target fits; names the export's targets, why each is unusable and how to add one.
     """
-    targets = {t: k for t, k in index.get("targets", {}).items() if all(name in k for name in kernels)}
+    targets = {t: k for t, k in index.targets.items() if all(name in k for name in kernels)}
     own = f"sm_{cc}"
     if own in targets:
         return own
@@ -264,7 +257,7 @@ def choose_target(index: Mapping[str, Any], cc: int, max_shared_optin: int,
             rejected.append(f"{target} (compiled for the arch-specific {target}a, which runs on compute capability "
                             f"{major}.{int(digits) % 10} only)")
             continue
-        largest = max(int(targets[target][name]["shared_bytes"]) for name in kernels)
+        largest = max(targets[target][name].shared_bytes for name in kernels)
         if largest > max_shared_optin:
             rejected.append(f"{target} (needs {largest} B shared memory per block, the device allows "
                             f"{max_shared_optin} B)")
@@ -290,9 +283,12 @@ class CudaExplainer:
     ``kernels.attr_distance.explain_topk_reference``: direct differences in float32). Methods are thread-safe (one
     lock: the device scratch buffers are shared).
 
+    It is a :class:`~attrimeter.runtime.device_index.DeviceIndex` that explains but does not rank (FAISS ranks).
+
     Args:
-        export_dir: The export folder (holds ``kernels/``).
-        manifest: Its manifest (``feature_map``, ``attributes`` and ``kernels.index`` are read).
+        index_path: The export's ``kernels/index.json`` (the manifest's ``kernels.index``).
+        channels: C of the export's model (the kernels were compiled for it).
+        num_attributes: M of the export's model.
         device: CUDA device ordinal.
 
     Raises:
@@ -300,22 +296,14 @@ class CudaExplainer:
         CudaError: A CUDA call failed, or there is no CUDA driver.
     """
 
-    def __init__(self, export_dir: str | Path, manifest: Mapping[str, Any], device: int = 0) -> None:
+    def __init__(self, index_path: str | Path, channels: int, num_attributes: int, device: int = 0) -> None:
         from cuda.bindings import driver as drv
 
-        export_dir = Path(export_dir)
+        index_path = Path(index_path)
         self.device = device
-        self.channels = int(manifest["feature_map"][0])
-        self.num_attributes = len(manifest["attributes"])
-        kernels_info = manifest.get("kernels") or {}
-        if not kernels_info.get("index"):
-            raise ValueError(f"{export_dir} has no AOT kernels ({kernels_info.get('note') or 'exported without'}); "
-                             "re-export with `attrimeter export ... --targets sm_XX`")
-        index_path = export_dir / kernels_info["index"]
-        try:
-            index = json.loads(index_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"the kernel index {index_path} is unreadable: {e}") from None
+        self.channels = channels
+        self.num_attributes = num_attributes
+        index = load_kernel_index(index_path)
 
         self._lock = threading.Lock()
         self._ctx: Any = None
@@ -340,7 +328,7 @@ class CudaExplainer:
         optin = cuda_check("cuDeviceGetAttribute", drv.cuDeviceGetAttribute(
             attr.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, self._dev))
         self.target = choose_target(index, 10 * int(major) + int(minor), int(optin))
-        self.kernels = {name: load_explain_kernel(index_path.parent / index["targets"][self.target][name]["json"])
+        self.kernels = {name: load_explain_kernel(index_path.parent / index.targets[self.target][name].json)
                         for name in EXPLAIN_KERNELS}
         for kernel in self.kernels.values():
             baked = {"C": kernel.constants.get("C"), "M": kernel.constants.get("M")}
@@ -519,7 +507,19 @@ class CudaExplainer:
 
     # ------------------------------------------------------------------------------------------ explain
 
-    def explain(self, q: np.ndarray, ids: np.ndarray, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def can_rank(self, weighted: bool, metric: str) -> bool:
+        """False: FAISS ranks (the AOT kernels explain chosen ids only); see :class:`DeviceIndex`."""
+        return False
+
+    def search(self, q: np.ndarray, k: int, weights: np.ndarray | None) -> tuple[np.ndarray, Decomposition]:
+        """Not supported (:meth:`can_rank` is False): the export's AOT kernels explain, they do not rank.
+
+        Raises:
+            NotImplementedError: Always.
+        """
+        raise NotImplementedError("the CUDA explainer does not rank; FAISS searches, then explain() explains")
+
+    def explain(self, q: np.ndarray, ids: np.ndarray, weights: np.ndarray | None = None) -> Decomposition:
         """Decompose the distances of each query to its gallery ids.
 
         Args:
@@ -528,8 +528,8 @@ class CudaExplainer:
             weights: Optional attribute weights ``[M]`` (non-negative, finite, not all zero) for ``scores``.
 
         Returns:
-            float32 arrays: ``d`` ``[Q, K]``, ``d_k`` ``[Q, K, M]``, ``shares`` ``[Q, K, M]``, ``d_hat`` ``[Q, K]``
-            and ``scores`` ``[Q, K]`` (``d``, or ``Σ_k w_k d_k`` with weights).
+            The decomposition in float32: ``d`` ``[Q, K]``, ``d_k`` ``[Q, K, M]``, ``shares`` ``[Q, K, M]``,
+            ``d_hat`` ``[Q, K]`` and ``scores`` ``[Q, K]`` (``d``, or ``Σ_k w_k d_k`` with weights).
 
         Raises:
             InputError: Wrong shapes or dtypes, non-finite queries, bad weights.
@@ -590,7 +590,7 @@ class CudaExplainer:
             bad = ~(np.isfinite(out["d"]) & np.isfinite(out["d_k"]).all(-1) & np.isfinite(out["scores"]))
             raise GalleryError(f"distances to gallery ids {np.unique(ids[bad])[:5].tolist()} are not finite (NaN or "
                                "inf in the gallery rows, or float32 overflow)")
-        return out
+        return Decomposition(**out)
 
     def _launch(self, kernel: ExplainKernel, grid: int, pointers: Mapping[str, int], sizes: Mapping[str, int]) -> None:
         from cuda.bindings import driver as drv
