@@ -166,7 +166,6 @@ def _runtime_search(out: Path, data: ReIDDataset, explainer: Any, qf: np.ndarray
     from attrimeter.engine.evaluation import euclidean_distances
     from attrimeter.export.build import export
     from attrimeter.runtime.runtime import Runtime
-    from attrimeter.viz import explain_figure
 
     timings = {}
     t0 = time.perf_counter()
@@ -184,10 +183,9 @@ def _runtime_search(out: Path, data: ReIDDataset, explainer: Any, qf: np.ndarray
         indexed = len(rt.gallery)
         timings[f"runtime: index {indexed} gallery images"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        results = rt.search([q.path for q in queries], k=k)
+        # overlays: the hits carry their crops and attention maps, so that the best one can be drawn below
+        results = rt.search([q.path for q in queries], k=k, overlays=1)
         timings[f"runtime: search + explain {len(queries)} queries"] = time.perf_counter() - t0
-        best_aam = [rt.gallery.aam([r.matches[0].id])[0].astype(np.float32) for r in results]
-        titles, attributes = rt.titles, rt.attributes
     t0 = time.perf_counter()
     worst = {"d": 0.0, "d_hat": 0.0, "shares": 0.0}
     same_order, sections = 0, []
@@ -196,14 +194,13 @@ def _runtime_search(out: Path, data: ReIDDataset, explainer: Any, qf: np.ndarray
     torch_rank = np.argsort(torch_dist, axis=1, kind="stable")[:, :k]
     valid = 0
     for n, (q, result) in enumerate(zip(queries, results, strict=True)):
-        torch_side = explainer.explain(q.path, [m.path for m in result.matches])
+        torch_side = explainer.explain_many(q.path, [m.path for m in result.matches])
         rows = []
         for m, e in zip(result.matches, torch_side, strict=True):
             worst["d"] = max(worst["d"], abs(m.d - e.d) / max(e.d, 1e-12))
             worst["d_hat"] = max(worst["d_hat"], abs(m.d_hat - e.d_hat) / max(e.d_hat, 1e-12))
             worst["shares"] = max(worst["shares"], float(np.abs(m.shares - e.shares).max()))
-            top_rt = ", ".join(f"{titles[attributes.index(a)]} {100 * s:.0f}%" for a, _, s in m.top(3))
-            top_pt = ", ".join(f"{t} {100 * s:.0f}%" for t, _, s in e.top(3))
+            top_rt, top_pt = (", ".join(f"{s.title} {100 * s.share:.0f}%" for s in x.top(3)) for x in (m, e))
             rows.append(f"<tr><td>{m.rank}</td><td>{html.escape(m.key)}</td><td>{m.d:.4f} / {e.d:.4f}</td>"
                         f"<td>{m.d_hat:.4f} / {e.d_hat:.4f}</td><td>{html.escape(top_rt)}<br>"
                         f"<i>{html.escape(top_pt)}</i></td></tr>")
@@ -211,12 +208,9 @@ def _runtime_search(out: Path, data: ReIDDataset, explainer: Any, qf: np.ndarray
         # A valid top-k under PyTorch's distances (near-ties may swap places at float rounding).
         kth = float(torch_dist[n, torch_rank[n, -1]])
         valid += all(e.d <= kth * (1 + 1e-4) for e in torch_side) and len(torch_side) == min(k, len(data.gallery))
-        best, e = result.matches[0], torch_side[0]
         name = f"runtime/{n:02d}"
-        e.figure(out / f"{name}_pytorch.png")
-        explain_figure(e.query_image, e.gallery_image, result.query_aam, best_aam[n], best.contributions, titles,
-                       best.d, best.d_hat, differing=[(t, a, b) for _, t, a, b in best.differing],
-                       out=out / f"{name}_runtime.png", labels=("query", "gallery"))
+        torch_side[0].figure(out / f"{name}_pytorch.png")
+        result.matches[0].figure(out / f"{name}_runtime.png")
         sections.append(
             f"<h3>Query {html.escape(q.path.name)}</h3><table><tr><th>rank</th><th>gallery entry</th>"
             f"<th>d runtime / PyTorch</th><th>d̂ runtime / PyTorch</th><th>largest shares: runtime / <i>PyTorch</i>"
@@ -335,7 +329,7 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, queries: int 
         e = explainer.explain(q.path, g.path)
         name = f"explained/{n:02d}_{kind}.png"
         e.figure(out / name)
-        top = ", ".join(f"{t} {100 * s:.0f}%" for t, _, s in e.top(3))
+        top = ", ".join(f"{s.title} {100 * s.share:.0f}%" for s in e.top(3))
         pictures.append((name, f"{kind}: query {q.path.name} vs gallery {g.path.name}; d = {e.d:.2f}, "
                                f"d̂ = {e.d_hat:.2f}; largest shares: {top}"))
     timings["pictures"] = time.perf_counter() - t0

@@ -29,7 +29,6 @@ import asyncio
 import base64
 import binascii
 import functools
-import io
 import json
 import logging
 import time
@@ -64,9 +63,10 @@ from attrimeter.runtime.errors import (
 )
 from attrimeter.runtime.images import load_image
 from attrimeter.runtime.metrics import ServerMetrics
+from attrimeter.viz import to_png
 
 if TYPE_CHECKING:
-    from attrimeter.runtime.runtime import QueryResult, Runtime
+    from attrimeter.runtime.runtime import Runtime
 
 __all__ = ["HttpError", "ServerLimits", "create_app"]
 
@@ -155,28 +155,6 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
-
-
-def _png_b64(image: np.ndarray) -> str:
-    return base64.b64encode(_png(image)).decode("ascii")
-
-
-def _png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _query_result(result: QueryResult) -> dict[str, Any]:
-    """``QueryResult.to_dict()`` plus each match's overlays as base64 PNGs (to_dict leaves image arrays out)."""
-    out = result.to_dict()
-    for match, entry in zip(result.matches, out["matches"], strict=True):
-        if match.overlays:
-            entry["overlays"] = [{"attribute": name, "query": _png_b64(q),
-                                  "gallery": None if g is None else _png_b64(g)} for name, q, g in match.overlays]
-    return out
 
 
 def _decode(text: str, name: str, size: tuple[int, int]) -> np.ndarray:
@@ -328,7 +306,7 @@ class _Api:
 
         def answer() -> list[dict[str, Any]]:  # PNG-encoding the overlays happens off the event loop too
             results = self.runtime.search(list(pixels), k=body.k, weights=body.weights, overlays=body.overlays)
-            return [_query_result(r) for r in results]
+            return [r.to_dict(overlays=body.overlays) for r in results]
 
         return JsonResponse({"results": await self._run(answer)})
 
@@ -342,7 +320,7 @@ class _Api:
         pixels = await self._pixels([body.image], ["image"])
 
         def answer() -> dict[str, Any]:
-            return _query_result(self.runtime.explain(pixels[0], body.ids, overlays=body.overlays))
+            return self.runtime.explain(pixels[0], body.ids, overlays=body.overlays).to_dict(overlays=body.overlays)
 
         return JsonResponse(await self._run(answer))
 
@@ -384,7 +362,7 @@ class _Api:
                                                                    f"gallery entry {id}"), loop=loop)
         except InputError as e:
             raise HttpError(404, f"gallery entry {id}: its image cannot be read ({e})") from None
-        return Response(await self._run(_png, pixels), media_type="image/png")
+        return Response(await self._run(to_png, pixels), media_type="image/png")
 
 
 # -------------------------------------------------------------------------------------------------- middleware

@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 
 from attrimeter.export.aot import AotError, load_kernel
 from attrimeter.export.tensorrt_engine import cuda_device
+from attrimeter.runtime.decompose import check_weights
 from attrimeter.runtime.errors import GalleryError, InputError, UnknownIdError
-from attrimeter.runtime.explain import check_weights
 
 __all__ = [
     "EXPLAIN_KERNELS",

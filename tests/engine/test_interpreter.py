@@ -187,7 +187,7 @@ def test_cli_train_evaluate_explain(tiny_data, tiny_target, tiny_settings, tmp_p
     gallery = next((tiny_data / "bounding_box_test").glob("0*.jpg"))
     assert main(["explain", str(query), str(gallery), "--checkpoint", str(run / "interpreter.pt"),
                  "--out", str(run / "fig.png"), "--json"]) == 0
-    explanation = json.loads(capsys.readouterr().out)
+    explanation = json.loads(capsys.readouterr().out)["matches"][0]
     contributions = sum(a["contribution"] for a in explanation["attributes"])
     assert contributions == pytest.approx(explanation["d"], rel=1e-5)
     assert (run / "fig.png").stat().st_size > 0

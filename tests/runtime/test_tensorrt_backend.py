@@ -30,8 +30,8 @@ from attrimeter.export import tensorrt_engine as te
 from attrimeter.runtime import cuda_kernels as ck
 from attrimeter.runtime import tensorrt_backend as tb
 from attrimeter.runtime.backends import BackendError
+from attrimeter.runtime.decompose import explain_rows
 from attrimeter.runtime.errors import GalleryError, InputError, UnknownIdError
-from attrimeter.runtime.explain import explain_rows
 
 try:
     from cuda.bindings import driver as drv
