@@ -87,7 +87,7 @@ def main() -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = args.threads
         session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        from attrimeter.engine.interpreter import load_interpreter
+        from attrimeter.engine.interpreter_checkpoint import load_interpreter
 
         ck = load_interpreter(args.checkpoint)
         eager = ExportGraph(ck.model).eval()

@@ -485,7 +485,7 @@ def export_onnx(
     """
     import onnx
 
-    from attrimeter.engine.interpreter import load_interpreter
+    from attrimeter.engine.interpreter_checkpoint import load_interpreter
 
     if flavor not in FLAVORS:
         raise ValueError(f"flavor must be one of {FLAVORS}, got {flavor!r}")

@@ -1,10 +1,11 @@
-"""Ground truth that only a synthetic data set has: where each attribute is drawn in the counterfactual images.
+"""Ground truth that only a synthetic data set has: its counterfactual pairs and where each attribute is drawn.
 
 ``attrimeter synth`` records, for every counterfactual pair, the identity's :class:`~attrimeter.data.synth.Person`
 and the pair's :class:`~attrimeter.data.synth.View` in ``synth.json``; with
 :func:`~attrimeter.data.synth.change_attribute` both images re-render exactly, and
 :func:`~attrimeter.data.synth.attribute_mask` gives each attribute's pixels. The AAM localisation metrics
-(:func:`attrimeter.engine.explanation_metrics.aam_localisation`) compare the attention maps with these masks.
+(:func:`attrimeter.engine.explanation_metrics.aam_localisation`) compare the attention maps with these masks;
+:func:`read_counterfactual_pairs` reads the pairs themselves for the counterfactual faithfulness metrics.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["counterfactual_masks"]
+__all__ = ["counterfactual_masks", "read_counterfactual_pairs"]
 
 
 def counterfactual_masks(root: str | Path, names: list[str], size: tuple[int, int]) -> np.ndarray:
@@ -73,3 +74,46 @@ def counterfactual_masks(root: str | Path, names: list[str], size: tuple[int, in
                     continue
                 masks[2 * i + j, k] = attribute_mask(who, view, name, size, parts=parts)
     return masks
+
+
+def read_counterfactual_pairs(data_root: str | Path, schema_names: list[str]) -> tuple[list[Path], list[Path],
+                                                                                     np.ndarray, list[str]]:
+    """The synthetic ``counterfactual/pairs.csv``.
+
+    Args:
+        data_root: Data folder written by ``attrimeter synth``.
+        schema_names: The attribute order of the interpreter.
+
+    Returns:
+        ``(images a, images b, changed [P, M] bool (every label that differs), the attribute each pair changes)``.
+
+    Raises:
+        FileNotFoundError: If the folder has no ``counterfactual/pairs.csv``.
+        ValueError: If a row names an unknown attribute or changes nothing.
+    """
+    root = Path(data_root)
+    path = root / "counterfactual" / "pairs.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"no counterfactual pairs: {path} does not exist (made by `attrimeter synth`)")
+    index = {n: i for i, n in enumerate(schema_names)}
+    a, b, changed, named = [], [], [], []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        needed = {"pair", "attribute", "attributes", "image_a", "image_b"}
+        if not needed <= set(reader.fieldnames or ()):
+            raise ValueError(f"{path}: missing columns {sorted(needed - set(reader.fieldnames or ()))}")
+        for row in reader:
+            names = [n for n in row["attributes"].split(";") if n]
+            unknown = [n for n in names if n not in index]
+            if unknown or not names or row["attribute"] not in names:
+                raise ValueError(f"{path}: pair {row['pair']} changes {names or 'nothing'} "
+                                 f"(named {row['attribute']!r}; unknown: {unknown})")
+            mask = np.zeros(len(schema_names), dtype=bool)
+            mask[[index[n] for n in names]] = True
+            a.append(root / row["image_a"])
+            b.append(root / row["image_b"])
+            changed.append(mask)
+            named.append(row["attribute"])
+    if not a:
+        raise ValueError(f"{path}: no counterfactual pairs listed")
+    return a, b, np.stack(changed), named

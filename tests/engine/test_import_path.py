@@ -21,7 +21,7 @@ from attrimeter.data.formats import (
     write_attribute_mat,
 )
 from attrimeter.data.schema import DUKEMTMC, UNKNOWN
-from attrimeter.engine.interpreter import load_interpreter
+from attrimeter.engine.interpreter_checkpoint import load_interpreter
 from attrimeter.engine.target import load_target
 
 

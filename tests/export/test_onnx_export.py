@@ -27,7 +27,7 @@ def exports(tiny_interpreter, tmp_path_factory):
 
 
 def _eager(checkpoint):
-    from attrimeter.engine.interpreter import load_interpreter
+    from attrimeter.engine.interpreter_checkpoint import load_interpreter
 
     ck = load_interpreter(checkpoint)
     return ox.ExportGraph(ck.model), ck.image_size
@@ -59,7 +59,7 @@ def test_portable_graph_names_and_dynamic_batch(exports, tiny_interpreter):
 
 def test_manifest_describes_the_export(exports, tiny_interpreter):
     m = load_manifest(exports["portable"])
-    from attrimeter.engine.interpreter import load_interpreter
+    from attrimeter.engine.interpreter_checkpoint import load_interpreter
 
     ck = load_interpreter(tiny_interpreter)
     M, C = ck.model.num_attributes, ck.model.num_features
@@ -255,7 +255,7 @@ def test_no_triton_means_no_kernels_by_default(tiny_interpreter, tmp_path, monke
 
 
 def test_map_classifier_exports(tiny_target, tmp_path):
-    from attrimeter.engine.interpreter import save_interpreter
+    from attrimeter.engine.interpreter_checkpoint import save_interpreter
     from attrimeter.engine.target import load_target
     from attrimeter.models.interpreter import AttriMeter
 
