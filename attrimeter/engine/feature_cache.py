@@ -22,6 +22,7 @@ from attrimeter.models.interpreter import AttriMeter
 
 __all__ = ["FeatureCache", "cache_features", "interpreter_embeddings"]
 
+
 @dataclass
 class FeatureCache:
     """Frozen-stage outputs of a list of images: what every interpreter grafted at the same split shares.
@@ -127,5 +128,3 @@ def interpreter_embeddings(
             aams.append(out.aam().float().cpu())
     result = (torch.cat(stacked).numpy(), torch.cat(logits).numpy())
     return (*result, torch.cat(aams).numpy()) if maps else result
-
-

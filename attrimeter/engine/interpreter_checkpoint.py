@@ -20,10 +20,7 @@ from attrimeter.models.interpreter import AttriMeter
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "InterpreterCheckpoint", "load_interpreter", "save_interpreter"]
 
 CHECKPOINT_FORMAT = "attrimeter-interpreter"
-
-
 CHECKPOINT_VERSION = 1
-
 
 
 @dataclass
@@ -99,5 +96,3 @@ def load_interpreter(path: str | Path, map_location: str | torch.device = "cpu")
     meta = {k: v for k, v in payload.items() if k not in ("state_dict", "target")}
     meta["target_meta"] = target.meta
     return InterpreterCheckpoint(model=model, meta=meta)
-
-

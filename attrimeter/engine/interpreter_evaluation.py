@@ -36,6 +36,7 @@ from attrimeter.models.interpreter import AttriMeter
 
 __all__ = ["EvaluationCache", "evaluate_checkpoint", "evaluate_interpreter", "evaluation_cache"]
 
+
 def _d_hat_rows(q: np.ndarray, g: np.ndarray) -> np.ndarray:
     return attr_distance_reference(torch.from_numpy(q), torch.from_numpy(g)).d_hat.numpy()
 
@@ -286,5 +287,3 @@ def evaluate_checkpoint(
         raise ValueError(f"{data_root} uses schema {data.schema.name!r}, the interpreter explains "
                          f"{ck.meta['schema']!r}")
     return evaluate_interpreter(ck.model, data, ck.image_size, batch_size=batch_size, progress=progress)
-
-

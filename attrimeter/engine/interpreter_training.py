@@ -45,7 +45,6 @@ __all__ = ["PROFILES", "InterpreterTrainConfig", "train_interpreter"]
 _RESUME_FILE = "interpreter_last.pt"
 
 
-
 @dataclass(frozen=True)
 class InterpreterTrainConfig(RunConfig):
     """Configuration of an interpreter training run (see ``PROFILES`` for the named presets).
@@ -305,5 +304,3 @@ def train_interpreter(
     save_config(config, out / "config.yaml")
     (out / "train_log.json").write_text(json.dumps(log, indent=2))
     return log
-
-

@@ -45,5 +45,3 @@ def metrics_markdown(runs: dict[str, dict[str, Any]]) -> str:
             cells.append("–" if v is None else f"{v:.2f}" if key in ("adre", "cf_lift") else f"{v:.4f}")
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
