@@ -92,8 +92,6 @@ class InterpreterTrainConfig(RunConfig):
 # A = 1.
 _LOSSES: dict[str, Any] = {"classifier": "map", "colour_weight": 1.0, "distill_weight": 5.0, "distill_ramp": 0.2,
                            "prior_weight": 10.0, "cls_weight": 10.0, "head_lr_factor": 30.0}
-
-
 PROFILES: dict[str, dict[str, Any]] = {
     # The demo's budget on 2 CPU cores (three interpreters per demo: the model and two ablations): 22 epochs are 484
     # iterations on the demo data, about 80 s each; the 15-minute guard only stops a machine far slower than planned.
