@@ -328,7 +328,7 @@ def generate(
 
     Writes ``bounding_box_train/``, ``query/``, ``bounding_box_test/`` (standard names
     ``{pid:04d}_c{cam}s{seq}_{frame:06d}_{box:02d}.jpg``; distractors ``0000`` and junk ``-1`` in the gallery),
-    ``market_attribute.mat`` (official structure, via :func:`attrimeter.data.formats.write_attribute_mat`),
+    ``market_attribute.mat`` (official structure, via :func:`attrimeter.data.attribute_mat.write_attribute_mat`),
     ``counterfactual/a/``, ``counterfactual/b/`` and ``counterfactual/pairs.csv`` (columns ``pair, pid, camid,
     attribute, attributes, value_a, value_b, image_a, image_b``; ``camid`` 0-based like
     :attr:`attrimeter.data.formats.Sample.camid`; ``attribute`` is the attribute changed, for a colour change the
@@ -352,7 +352,7 @@ def generate(
         NotADirectoryError: If ``out`` is a file.
         ImportError: If scipy (needed for the ``.mat`` file) is missing.
     """
-    from attrimeter.data.formats import write_attribute_mat
+    from attrimeter.data.attribute_mat import write_attribute_mat
 
     cfg = config if config is not None else SynthConfig()
     root = Path(out)

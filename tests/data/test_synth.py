@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 from scipy.ndimage import binary_dilation
 
-from attrimeter.data.formats import list_images, load_market1501, read_attribute_mat
+from attrimeter.data.attribute_mat import read_attribute_mat
+from attrimeter.data.formats import list_images, load_market1501
 from attrimeter.data.schema import MARKET1501
 from attrimeter.data.synth import SynthConfig, generate, parse_size
 from attrimeter.data.synth_params import (
