@@ -27,7 +27,7 @@ import triton
 from attrimeter.export.aot import DEFAULT_TARGETS, compile_kernels, kernel_specs
 from attrimeter.export.build import export
 from attrimeter.export.contract import INPUT_NAME
-from attrimeter.export.onnx_export import ExportGraph
+from attrimeter.export.onnx_graph import ExportGraph
 
 
 def _median_ms(fn, repeats: int) -> float:

@@ -27,11 +27,11 @@ from attrimeter.export.onnx_export import (
     FP16_TOLERANCE,
     MAX_BATCH,
     ExportError,
-    ExportGraph,
     check_parity,
     check_retrieval,
     export_onnx,
 )
+from attrimeter.export.onnx_graph import ExportGraph
 
 __all__ = ["ENGINE_FP32_TOLERANCE", "FORMATS", "export"]
 
