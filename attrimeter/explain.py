@@ -98,7 +98,7 @@ class Interpreter:
 
     Args:
         checkpoint: An ``interpreter.pt`` (or an already loaded
-            :class:`~attrimeter.engine.interpreter.InterpreterCheckpoint`).
+            :class:`~attrimeter.engine.interpreter_checkpoint.InterpreterCheckpoint`).
         device: Where to run (``"cpu"``, ``"cuda"``...).
 
     Example:
