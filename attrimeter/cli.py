@@ -99,7 +99,7 @@ def _cmd_evaluate_target(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from attrimeter.config import resolve
-    from attrimeter.engine.interpreter import PROFILES, InterpreterTrainConfig, train_interpreter
+    from attrimeter.engine.interpreter_training import PROFILES, InterpreterTrainConfig, train_interpreter
 
     config = resolve(InterpreterTrainConfig(), PROFILES, args.profile, args.config, list(args.set or []))
     log = train_interpreter(args.data, args.target, args.out, config, progress=not args.quiet, resume=args.resume,
@@ -110,7 +110,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from attrimeter.engine.interpreter import evaluate_checkpoint, metrics_markdown
+    from attrimeter.engine.interpreter_evaluation import evaluate_checkpoint
+    from attrimeter.engine.metrics_table import metrics_markdown
 
     if args.out and args.out.suffix == ".md":
         raise ValueError(f"--out {args.out}: give the JSON file a .json name (the markdown table goes beside it)")

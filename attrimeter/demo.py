@@ -94,7 +94,7 @@ def _table_html(markdown: str) -> str:
 
 def _report_html(runs: dict[str, dict], train_log: dict, interp_log: dict, timings: dict[str, float],
                  figure: str, explained: list[tuple[str, str]], runtime_html: str) -> str:
-    from attrimeter.engine.interpreter import metrics_markdown
+    from attrimeter.engine.metrics_table import metrics_markdown
 
     full = runs["AttriMeter"]
     t = full["target"]
@@ -258,8 +258,13 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, queries: int 
     from attrimeter.config import apply_overrides, resolve
     from attrimeter.data.formats import load_dataset
     from attrimeter.data.synth import SynthConfig, generate
-    from attrimeter.engine import interpreter as interp
     from attrimeter.engine.evaluation import euclidean_distances
+    from attrimeter.engine.feature_cache import cache_features
+    from attrimeter.engine.interpreter_checkpoint import load_interpreter
+    from attrimeter.engine.interpreter_evaluation import evaluate_interpreter, evaluation_cache
+    from attrimeter.engine.interpreter_training import PROFILES as INTERPRETER_PROFILES
+    from attrimeter.engine.interpreter_training import InterpreterTrainConfig, train_interpreter
+    from attrimeter.engine.metrics_table import metrics_markdown
     from attrimeter.engine.target import PROFILES, TargetTrainConfig, load_target, train_target
     from attrimeter.explain import Interpreter
     from attrimeter.models.interpreter import AttriMeter
@@ -284,11 +289,11 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, queries: int 
     # The frozen part (shared stages, the target's feature maps) is computed once for the model and both ablations;
     # the target's own embeddings for the pictures come from it too.
     t0 = time.perf_counter()
-    icfg = resolve(interp.InterpreterTrainConfig(), interp.PROFILES, "quick")
+    icfg = resolve(InterpreterTrainConfig(), INTERPRETER_PROFILES, "quick")
     grafted = AttriMeter(ck.model, len(data.schema), shared=icfg.shared, classifier=icfg.classifier)
-    train_cache = interp.cache_features(grafted, data.train, ck.image_size, flip=icfg.flip > 0, progress=progress,
-                                        desc="cache train")
-    eval_cache = interp.evaluation_cache(grafted, data, ck.image_size, progress=progress)
+    train_cache = cache_features(grafted, data.train, ck.image_size, flip=icfg.flip > 0, progress=progress,
+                                 desc="cache train")
+    eval_cache = evaluation_cache(grafted, data, ck.image_size, progress=progress)
     with torch.no_grad():
         qf_all = ck.model.embed(eval_cache.query.features).numpy()
         gf = ck.model.embed(eval_cache.gallery.features).numpy()
@@ -298,16 +303,14 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, queries: int 
     for i, (name, overrides) in enumerate(ABLATIONS.items()):
         t0 = time.perf_counter()
         run_dir = out / ("interpreter" if i == 0 else f"ablation_{i}")
-        logs[name] = interp.train_interpreter(data_dir, target_path, run_dir,
-                                              apply_overrides(icfg, overrides, source=name),
-                                              progress=progress, cache=train_cache)
-        trained = interp.load_interpreter(run_dir / "interpreter.pt")
-        runs[name] = interp.evaluate_interpreter(trained.model, data, ck.image_size, cache=eval_cache,
-                                                 progress=progress)
+        logs[name] = train_interpreter(data_dir, target_path, run_dir, apply_overrides(icfg, overrides, source=name),
+                                       progress=progress, cache=train_cache)
+        trained = load_interpreter(run_dir / "interpreter.pt")
+        runs[name] = evaluate_interpreter(trained.model, data, ck.image_size, cache=eval_cache, progress=progress)
         timings[f"interpreter: {name} (training + evaluation)"] = time.perf_counter() - t0
     (out / "metrics.json").write_text(json.dumps(runs["AttriMeter"], indent=2))
     (out / "ablation.json").write_text(json.dumps(runs, indent=2))
-    (out / "metrics.md").write_text(interp.metrics_markdown(runs))
+    (out / "metrics.md").write_text(metrics_markdown(runs))
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)

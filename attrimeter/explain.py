@@ -98,7 +98,7 @@ class Interpreter:
 
     Args:
         checkpoint: An ``interpreter.pt`` (or an already loaded
-            :class:`~attrimeter.engine.interpreter.InterpreterCheckpoint`).
+            :class:`~attrimeter.engine.interpreter_checkpoint.InterpreterCheckpoint`).
         device: Where to run (``"cpu"``, ``"cuda"``...).
 
     Example:
@@ -109,7 +109,7 @@ class Interpreter:
     """
 
     def __init__(self, checkpoint: str | Path | Any, device: str | torch.device = "cpu") -> None:
-        from attrimeter.engine.interpreter import InterpreterCheckpoint, load_interpreter
+        from attrimeter.engine.interpreter_checkpoint import InterpreterCheckpoint, load_interpreter
 
         ck = checkpoint if isinstance(checkpoint, InterpreterCheckpoint) else load_interpreter(checkpoint, device)
         self.model = ck.model.to(device).eval()

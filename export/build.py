@@ -27,11 +27,11 @@ from attrimeter.export.onnx_export import (
     FP16_TOLERANCE,
     MAX_BATCH,
     ExportError,
-    ExportGraph,
     check_parity,
     check_retrieval,
     export_onnx,
 )
+from attrimeter.export.onnx_graph import ExportGraph
 
 __all__ = ["ENGINE_FP32_TOLERANCE", "FORMATS", "export"]
 
@@ -101,7 +101,8 @@ def export(
         raise ValueError(f"need 1 <= opt_batch <= max_batch <= {MAX_BATCH}, got {opt_batch} and {max_batch}")
     device_target = None
     if output_format == "tensorrt":
-        from attrimeter.export.tensorrt_engine import cuda_device, plugin_ptx_version, tensorrt_available
+        from attrimeter.export.plugin_kernel import plugin_ptx_version
+        from attrimeter.export.tensorrt_engine import cuda_device, tensorrt_available
 
         missing = tensorrt_available()
         if missing:
@@ -155,13 +156,8 @@ def _build_engine(eager: ExportGraph, staging: Path, manifest: dict[str, Any], f
                   opt_batch: int, timing_cache: str | Path | None, data: str | Path | None, fp16: bool,
                   progress: bool) -> dict[str, Any]:
     """Build ``model.engine`` from the staged ONNX, then run it against eager PyTorch (and on retrieval)."""
-    from attrimeter.export.tensorrt_engine import (
-        EngineRunner,
-        PluginSpec,
-        build_engine,
-        cuda_device,
-        kernel_json_for_device,
-    )
+    from attrimeter.export.plugin_kernel import kernel_json_for_device
+    from attrimeter.export.tensorrt_engine import EngineRunner, PluginSpec, build_engine, cuda_device
 
     device = cuda_device()
     assert device is not None  # checked before the export began

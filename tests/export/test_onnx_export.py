@@ -12,6 +12,7 @@ import torch
 from attrimeter.export import onnx_export as ox
 from attrimeter.export.contract import OUTPUT_NAMES
 from attrimeter.export.manifest import ManifestError, load_manifest
+from attrimeter.export.onnx_graph import FLAVORS, ExportGraph
 from attrimeter.kernels import integer_exponent
 
 
@@ -20,17 +21,17 @@ def exports(tiny_interpreter, tmp_path_factory):
     """A portable and a plugin export of the tiny interpreter (no AOT kernels: they have their own tests)."""
     root = tmp_path_factory.mktemp("exports")
     out = {}
-    for flavor in ox.FLAVORS:
+    for flavor in FLAVORS:
         ox.export_onnx(tiny_interpreter, root / flavor, flavor=flavor, progress=False)
         out[flavor] = root / flavor
     return out
 
 
 def _eager(checkpoint):
-    from attrimeter.engine.interpreter import load_interpreter
+    from attrimeter.engine.interpreter_checkpoint import load_interpreter
 
     ck = load_interpreter(checkpoint)
-    return ox.ExportGraph(ck.model), ck.image_size
+    return ExportGraph(ck.model), ck.image_size
 
 
 def _rel(a, b):
@@ -59,7 +60,7 @@ def test_portable_graph_names_and_dynamic_batch(exports, tiny_interpreter):
 
 def test_manifest_describes_the_export(exports, tiny_interpreter):
     m = load_manifest(exports["portable"])
-    from attrimeter.engine.interpreter import load_interpreter
+    from attrimeter.engine.interpreter_checkpoint import load_interpreter
 
     ck = load_interpreter(tiny_interpreter)
     M, C = ck.model.num_attributes, ck.model.num_features
@@ -119,7 +120,7 @@ def test_numpy_twin_matches_the_torch_reference():
             assert _rel(o, r.numpy()) < 1e-5
 
 
-@pytest.mark.parametrize("flavor", ox.FLAVORS)
+@pytest.mark.parametrize("flavor", FLAVORS)
 def test_fp16_export_keeps_retrieval(tiny_interpreter, tiny_data, tmp_path, flavor):
     m = ox.export_onnx(tiny_interpreter, tmp_path / "fp16", flavor=flavor, fp16=True, data=tiny_data, progress=False)
     model = onnx.load(str(tmp_path / "fp16" / "model.onnx"))
@@ -255,7 +256,7 @@ def test_no_triton_means_no_kernels_by_default(tiny_interpreter, tmp_path, monke
 
 
 def test_map_classifier_exports(tiny_target, tmp_path):
-    from attrimeter.engine.interpreter import save_interpreter
+    from attrimeter.engine.interpreter_checkpoint import save_interpreter
     from attrimeter.engine.target import load_target
     from attrimeter.models.interpreter import AttriMeter
 
