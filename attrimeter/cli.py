@@ -40,13 +40,6 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _printable(text: str) -> str:
-    r"""``text`` safe for a terminal: control characters, lone surrogates and the like as escapes (``\x1b``)."""
-    import unicodedata
-
-    return "".join(c if c.isprintable() and unicodedata.category(c) != "Cs" else repr(c)[1:-1] for c in text)
-
-
 def _cmd_synth(args: argparse.Namespace) -> int:
     from attrimeter.data.synth import SynthConfig, generate
 
@@ -110,7 +103,7 @@ def _cmd_evaluate_target(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from attrimeter.config import resolve
-    from attrimeter.engine.interpreter import PROFILES, InterpreterTrainConfig, train_interpreter
+    from attrimeter.engine.interpreter_training import PROFILES, InterpreterTrainConfig, train_interpreter
 
     config = resolve(InterpreterTrainConfig(), PROFILES, args.profile, args.config, list(args.set or []))
     log = train_interpreter(args.data, args.target, args.out, config, progress=not args.quiet, resume=args.resume,
@@ -121,7 +114,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from attrimeter.engine.interpreter import evaluate_checkpoint, metrics_markdown
+    from attrimeter.engine.interpreter_evaluation import evaluate_checkpoint
+    from attrimeter.engine.metrics_table import metrics_markdown
 
     if args.out and args.out.suffix == ".md":
         raise ValueError(f"--out {args.out}: give the JSON file a .json name (the markdown table goes beside it)")
@@ -139,21 +133,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_explain(args: argparse.Namespace) -> int:
     from attrimeter.engine.runs import resolve_device
     from attrimeter.explain import Interpreter
+    from attrimeter.explanation import QueryResult, printable
 
-    explanation = Interpreter(args.checkpoint, resolve_device(args.device)).explain(args.query, args.gallery)
+    e = Interpreter(args.checkpoint, resolve_device(args.device)).explain(args.query, args.gallery)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        explanation.figure(args.out)
-    if args.json:
-        print(json.dumps(explanation.to_dict(), indent=2))
+        e.figure(args.out)
+    if args.json:  # the shape of a search result: the query's predicted attributes and the explained pair
+        result = QueryResult(matches=[e], query_probs=e.query_probs, attributes=e.attributes, meanings=e.meanings)
+        print(json.dumps({"image": str(args.query), **result.to_dict()}, indent=2))
         return 0
-    print(f"d = {explanation.d:.4f}, d_hat = {explanation.d_hat:.4f}; largest contributions:")
-    for title, contribution, share in explanation.top(5):
-        print(f"  {title:<28} {contribution:8.4f}  ({100 * share:.1f}%)")
-    for title, a, b in explanation.differing()[:8]:
-        print(f"  differs: {title}: {a} -> {b}")
+    print(e.to_text(top=5, differing=8))
     if args.out:
-        print(f"figure {args.out}")
+        print(printable(f"figure {args.out}"))
     return 0
 
 
@@ -215,10 +207,12 @@ def _runtime(args: argparse.Namespace, gallery: Path | None, **config: Any) -> R
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
+    from attrimeter.explanation import printable
+
     with _runtime(args, args.out, create_gallery=True, metric=args.metric) as rt:
         report = rt.index_folder(args.images, segment=args.segment, progress=not args.quiet)
         for path, reason in report.skipped:
-            print(f"skipped {_printable(path)}: {_printable(reason)}", file=sys.stderr)
+            print(f"skipped {printable(path)}: {printable(reason)}", file=sys.stderr)
         print(f"{args.out}: added {report.added} images ({rt.backend.name} on {rt.backend.device}), skipped "
               f"{len(report.skipped)} unreadable; the gallery holds {len(rt.gallery)} entries")
     return 0
@@ -255,6 +249,8 @@ def _search_weights(groups: dict[str, list[str]], ignore: str | None,
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
+    from attrimeter.explanation import printable
+
     with _runtime(args, args.gallery) as rt:
         groups: dict[str, list[str]] = {}
         for a in rt.manifest.attributes:
@@ -262,17 +258,12 @@ def _cmd_search(args: argparse.Namespace) -> int:
         weights = _search_weights(groups, args.ignore, args.weight)
         results = rt.search([str(q) for q in args.queries], k=args.k, weights=weights)
     if args.json:
-        print(json.dumps([{"query": str(q), **r.to_dict()} for q, r in zip(args.queries, results, strict=True)],
+        print(json.dumps([{"image": str(q), **r.to_dict()} for q, r in zip(args.queries, results, strict=True)],
                          indent=2))
         return 0
     for query, result in zip(args.queries, results, strict=True):
-        print(f"{_printable(str(query))}:")
-        for m in result.matches:
-            top = ", ".join(f"{rt.titles[rt.attributes.index(n)]} {100 * s:.0f}%" for n, _, s in m.top(3))
-            print(f"  {m.rank:>3}. {_printable(m.key)}  d = {m.d:.4f}" + (f"  score = {m.score:.4f}" if weights else "")
-                  + f"  largest shares: {top}")
-            for _, title, q, g in m.differing[:3]:
-                print(f"       differs: {title}: {q} -> {g}")
+        print(f"{printable(str(query))}:")
+        print(result.to_text(score=weights is not None))
     return 0
 
 

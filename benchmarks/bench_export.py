@@ -27,7 +27,7 @@ import triton
 from attrimeter.artefact.contract import INPUT_NAME
 from attrimeter.export.aot import DEFAULT_TARGETS, compile_kernels, kernel_specs
 from attrimeter.export.build import export
-from attrimeter.export.onnx_export import ExportGraph
+from attrimeter.export.onnx_graph import ExportGraph
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -87,7 +87,7 @@ def main() -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = args.threads
         session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        from attrimeter.engine.interpreter import load_interpreter
+        from attrimeter.engine.interpreter_checkpoint import load_interpreter
 
         ck = load_interpreter(args.checkpoint)
         eager = ExportGraph(ck.model).eval()

@@ -23,7 +23,7 @@ import torch
 
 from attrimeter import __version__
 from attrimeter.config import apply_overrides, resolve
-from attrimeter.engine import interpreter as interp
+from attrimeter.engine import interpreter_training as interp
 from attrimeter.engine.target import PROFILES, TargetTrainConfig, train_target
 
 MARKET_BATCHES_PER_EPOCH = 751 // 16

@@ -38,11 +38,11 @@ from attrimeter.export.onnx_export import (
     FP16_TOLERANCE,
     MAX_BATCH,
     ExportError,
-    ExportGraph,
     check_parity,
     check_retrieval,
     export_onnx,
 )
+from attrimeter.export.onnx_graph import ExportGraph
 
 __all__ = ["ENGINE_FP32_TOLERANCE", "FORMATS", "export"]
 
@@ -112,7 +112,7 @@ def export(
         raise ValueError(f"need 1 <= opt_batch <= max_batch <= {MAX_BATCH}, got {opt_batch} and {max_batch}")
     device_target = None
     if output_format == "tensorrt":
-        from attrimeter.export.tensorrt_engine import plugin_ptx_version
+        from attrimeter.export.plugin_kernel import plugin_ptx_version
 
         missing = tensorrt_available()
         if missing:
@@ -166,7 +166,8 @@ def _build_engine(eager: ExportGraph, staging: Path, manifest: Manifest, flavor:
                   opt_batch: int, timing_cache: str | Path | None, data: str | Path | None, fp16: bool,
                   progress: bool) -> TensorRTInfo:
     """Build ``model.engine`` from the staged ONNX, then run it against eager PyTorch (and on retrieval)."""
-    from attrimeter.export.tensorrt_engine import EngineRunner, PluginSpec, build_engine, kernel_json_for_device
+    from attrimeter.export.plugin_kernel import kernel_json_for_device
+    from attrimeter.export.tensorrt_engine import EngineRunner, PluginSpec, build_engine
 
     device = cuda_device()
     assert device is not None  # checked before the export began

@@ -29,7 +29,6 @@ import asyncio
 import base64
 import binascii
 import functools
-import io
 import json
 import logging
 import time
@@ -65,9 +64,10 @@ from attrimeter.runtime.errors import (
 )
 from attrimeter.runtime.images import load_image
 from attrimeter.runtime.metrics import ServerMetrics
+from attrimeter.viz import to_png
 
 if TYPE_CHECKING:
-    from attrimeter.runtime.runtime import QueryResult, Runtime
+    from attrimeter.runtime.runtime import Runtime
 
 __all__ = ["HttpError", "ServerLimits", "create_app"]
 
@@ -156,28 +156,6 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
-
-
-def _png_b64(image: np.ndarray) -> str:
-    return base64.b64encode(_png(image)).decode("ascii")
-
-
-def _png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _query_result(result: QueryResult) -> dict[str, Any]:
-    """``QueryResult.to_dict()`` plus each match's overlays as base64 PNGs (to_dict leaves image arrays out)."""
-    out = result.to_dict()
-    for match, entry in zip(result.matches, out["matches"], strict=True):
-        if match.overlays:
-            entry["overlays"] = [{"attribute": name, "query": _png_b64(q),
-                                  "gallery": None if g is None else _png_b64(g)} for name, q, g in match.overlays]
-    return out
 
 
 def _decode(text: str, name: str, size: tuple[int, int]) -> np.ndarray:
@@ -337,7 +315,7 @@ class _Api:
         def answer() -> list[dict[str, Any]]:  # PNG-encoding the overlays happens off the event loop too
             with self.metrics.operation("search"):
                 results = self.runtime.search(list(pixels), k=body.k, weights=body.weights, overlays=body.overlays)
-            return [_query_result(r) for r in results]
+            return [r.to_dict(overlays=body.overlays) for r in results]
 
         return JsonResponse({"results": await self._run(answer)})
 
@@ -353,7 +331,7 @@ class _Api:
         def answer() -> dict[str, Any]:
             with self.metrics.operation("explain"):
                 result = self.runtime.explain(pixels[0], body.ids, overlays=body.overlays)
-            return _query_result(result)
+            return result.to_dict(overlays=body.overlays)
 
         return JsonResponse(await self._run(answer))
 
@@ -395,7 +373,7 @@ class _Api:
                                                                    f"gallery entry {id}"), loop=loop)
         except InputError as e:
             raise HttpError(404, f"gallery entry {id}: its image cannot be read ({e})") from None
-        return Response(await self._run(_png, pixels), media_type="image/png")
+        return Response(await self._run(to_png, pixels), media_type="image/png")
 
 
 # -------------------------------------------------------------------------------------------------- middleware

@@ -138,7 +138,7 @@ class TorchBackend:
             raise BackendError(f"device {device!r}: torch sees no CUDA device")
         if threads:
             torch.set_num_threads(threads)
-        from attrimeter.engine.interpreter import load_interpreter
+        from attrimeter.engine.interpreter_checkpoint import load_interpreter
 
         self.torch_device = torch.device(device)
         self.device = str(self.torch_device)

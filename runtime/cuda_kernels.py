@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 
 from attrimeter.artefact.device import cuda_device
 from attrimeter.artefact.kernels import KernelIndex, load_kernel, load_kernel_index
+from attrimeter.runtime.decompose import Decomposition, check_weights
 from attrimeter.runtime.errors import GalleryError, InputError, UnknownIdError
-from attrimeter.runtime.explain import Decomposition, check_weights
 
 __all__ = [
     "EXPLAIN_KERNELS",

@@ -5,7 +5,7 @@
 * :class:`~attrimeter.runtime.cuda_kernels.CudaExplainer` (TensorRT backend with AOT kernels in the export): FAISS
   ranks, the export's AOT explain kernel explains through cuda-python (no torch at run time).
 
-Both return :class:`~attrimeter.runtime.explain.Decomposition`; the runtime asks :meth:`DeviceIndex.can_rank` which
+Both return :class:`~attrimeter.runtime.decompose.Decomposition`; the runtime asks :meth:`DeviceIndex.can_rank` which
 requests the copy ranks, instead of telling the implementations apart. Device copies hold the global rows in float16
 too, so d carries float16 rounding there (docs/architecture.md §6).
 """
@@ -19,7 +19,7 @@ import numpy as np
 
 from attrimeter.artefact.manifest import Manifest
 from attrimeter.runtime.backends import Backend, BackendError
-from attrimeter.runtime.explain import Decomposition
+from attrimeter.runtime.decompose import Decomposition
 from attrimeter.runtime.gallery import Gallery
 
 __all__ = ["DeviceIndex", "open_device_index"]

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from attrimeter.runtime.explain import Decomposition
+from attrimeter.runtime.decompose import Decomposition
 
 __all__ = ["FusedSearch"]
 

@@ -6,7 +6,7 @@ One object ties an export (any backend), a dynamic batcher and an optional galle
     with Runtime("export/", "gallery/", RuntimeConfig(threads=2)) as rt:
         for result in rt.search(["query.jpg"], k=10, weights={"upblack": 0}):
             for m in result.matches:
-                print(m.rank, m.key, round(m.d, 3), m.top(3), m.differing)
+                print(m.to_text())  # rank, key, d, the largest shares, the predictions that differ
 
 Search ranks the gallery by the target distance d with exact FAISS search (or, with attribute weights, by
 ``Σ_k w_k d_k`` with an exact scan of the attribute store), then explains each hit: per-attribute distances d_k, shares
@@ -23,27 +23,27 @@ The parts, one job each: :class:`~attrimeter.runtime.config.RuntimeConfig` (how 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from attrimeter.artefact.manifest import Manifest, load_manifest
+from attrimeter.explanation import QueryResult, explanations, predictions
 from attrimeter.runtime.backends import Backend
 from attrimeter.runtime.config import RuntimeConfig
+from attrimeter.runtime.decompose import Decomposition, check_weights, explain_rows, weighted_scan
 from attrimeter.runtime.device_index import DeviceIndex, open_device_index
 from attrimeter.runtime.embedder import Embedder
 from attrimeter.runtime.errors import CorruptGalleryError, GalleryError, InputError
-from attrimeter.runtime.explain import Decomposition, check_weights, explain_rows, weighted_scan
 from attrimeter.runtime.gallery import Gallery
 from attrimeter.runtime.gallery_open import open_gallery
 from attrimeter.runtime.images import ImageSource, as_sources, load_image
 from attrimeter.runtime.indexing import IndexReport, index_folder
 from attrimeter.runtime.live_gallery import LiveGallery
 
-__all__ = ["MAX_HITS", "MAX_KEY_CHARS", "MAX_OVERLAYS", "Embeddings", "IndexReport", "Match", "QueryResult", "Runtime",
-           "RuntimeConfig"]
+__all__ = ["MAX_HITS", "MAX_KEY_CHARS", "MAX_OVERLAYS", "Embeddings", "IndexReport", "Runtime", "RuntimeConfig"]
 
 # Most overlay pictures one call may ask for (queries × hits × attributes): each is a full-size RGB crop.
 MAX_OVERLAYS = 256
@@ -91,99 +91,7 @@ class Embeddings:
             One dict per image.
         """
         return [{"embedding": self.embedding[i].tolist(), "attr_embeddings": self.attr_embeddings[i].tolist(),
-                 "attributes": {a: {"value": mn[int(p > 0.5)], "prob": float(p)}
-                                for a, mn, p in zip(attributes, meanings, self.probs[i], strict=True)}}
-                for i in range(len(self.embedding))]
-
-
-@dataclass(frozen=True)
-class Match:
-    """One explained gallery hit.
-
-    Attributes:
-        id: Gallery id.
-        key: The entry's key (its image path relative to the indexed folder, or what the caller gave).
-        path: Its image file when known, else None.
-        camera: Its camera id when known.
-        rank: 1 for the best hit.
-        score: The ranking score: d; ``Σ_k w_k d_k`` in a weighted search; ``1 − cos`` of the global embeddings in
-            an ``"ip"`` (cosine) gallery.
-        d: Target distance.
-        d_hat: Decomposed distance ``(1/M) Σ_k d_k``.
-        d_k: Per-attribute distances ``[M]``.
-        shares: ``p_k`` ``[M]`` (sum 1).
-        contributions: ``c_k = p_k · d`` ``[M]`` (sum d).
-        attributes: Attribute names ``[M]``.
-        titles: Their human-readable names.
-        differing: Predicted attributes that differ, by decreasing contribution: ``(name, title, query value,
-            gallery value)``.
-        overlays: For the top attributes: ``(name, query overlay, gallery overlay or None)`` uint8 ``[H, W, 3]``.
-    """
-
-    id: int
-    key: str
-    path: str | None
-    camera: int | None
-    rank: int
-    score: float
-    d: float
-    d_hat: float
-    d_k: np.ndarray
-    shares: np.ndarray
-    contributions: np.ndarray
-    attributes: tuple[str, ...]
-    titles: tuple[str, ...]
-    differing: list[tuple[str, str, str, str]]
-    overlays: list[tuple[str, np.ndarray, np.ndarray | None]] = field(default_factory=list)
-
-    def top(self, n: int = 3) -> list[tuple[str, float, float]]:
-        """The attributes contributing most: ``(name, contribution, share)`` by decreasing contribution.
-
-        Args:
-            n: How many.
-
-        Returns:
-            At most n triples.
-        """
-        order = np.argsort(-self.contributions, kind="stable")[:n]
-        return [(self.attributes[i], float(self.contributions[i]), float(self.shares[i])) for i in order]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready (no pictures): id, key, distances, per-attribute numbers sorted by contribution, differences."""
-        order = np.argsort(-self.contributions, kind="stable")
-        return {
-            "id": self.id, "key": self.key, "path": self.path, "camera": self.camera, "rank": self.rank,
-            "score": float(self.score), "d": float(self.d), "d_hat": float(self.d_hat),
-            "attributes": [{"name": self.attributes[i], "title": self.titles[i], "d_k": float(self.d_k[i]),
-                            "share": float(self.shares[i]), "contribution": float(self.contributions[i])}
-                           for i in order],
-            "differing": [{"name": n, "title": t, "query": q, "gallery": g} for n, t, q, g in self.differing],
-        }
-
-
-@dataclass(frozen=True)
-class QueryResult:
-    """The explained hits of one query.
-
-    Attributes:
-        matches: Best first.
-        query_probs: The query's predicted attribute probabilities ``[M]``.
-        query_aam: The query's attention maps ``[M, h, w]``.
-        attributes: Attribute names ``[M]``.
-        meanings: The meaning of label 0 and 1 of each attribute.
-    """
-
-    matches: list[Match]
-    query_probs: np.ndarray
-    query_aam: np.ndarray
-    attributes: tuple[str, ...]
-    meanings: tuple[tuple[str, str], ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: the query's predicted attributes in words and every match's :meth:`Match.to_dict`."""
-        return {"query": {a: {"value": mn[int(p > 0.5)], "prob": float(p)}
-                          for a, mn, p in zip(self.attributes, self.meanings, self.query_probs, strict=True)},
-                "matches": [m.to_dict() for m in self.matches]}
+                 "attributes": predictions(attributes, meanings, self.probs[i])} for i in range(len(self.embedding))]
 
 
 class Runtime:
@@ -347,33 +255,19 @@ class Runtime:
             cos = np.einsum("qc,qkc->qk", f, g) / np.maximum(
                 np.linalg.norm(f, axis=1)[:, None] * np.linalg.norm(g, axis=2), 1e-30)
             dec = dec._replace(scores=(1.0 - cos).astype(np.float32))
-        probs = gallery.probs(flat).reshape(q, k, -1) if k else np.empty((q, 0, len(self.attributes)), np.float32)
+        m = len(self.attributes)
+        probs = gallery.probs(flat) if k else np.empty((0, m), np.float32)
         meta = gallery.meta(flat) if k else []
         g_aam = gallery.aam(flat) if overlays and k else None
-        self._check_finite(ids, dec, probs, g_aam)
-        contributions = dec.shares * dec.d[..., None]  # c_k = p_k · d: sums to d
-        orders = np.argsort(-contributions, axis=-1, kind="stable")
-        results = []
-        for i in range(q):
-            q_on = emb.probs[i] > 0.5
-            matches = []
-            for j in range(k):
-                entry = meta[i * k + j]
-                g_on = probs[i, j] > 0.5
-                order = orders[i, j]
-                differing = [(self.attributes[a], self.titles[a], self.meanings[a][int(q_on[a])],
-                              self.meanings[a][int(g_on[a])]) for a in order if q_on[a] != g_on[a]]
-                pictures = self._overlays(pixels[i], emb.aam[i], entry, None if g_aam is None else g_aam[i * k + j],
-                                          order[:overlays]) if overlays and pixels is not None else []
-                matches.append(Match(
-                    id=int(ids[i, j]), key=str(entry.get("key") or f"entry-{ids[i, j]}"), path=entry.get("path"),
-                    camera=entry.get("camera"), rank=j + 1, score=float(dec.scores[i, j]), d=float(dec.d[i, j]),
-                    d_hat=float(dec.d_hat[i, j]), d_k=dec.d_k[i, j], shares=dec.shares[i, j],
-                    contributions=contributions[i, j], attributes=self.attributes, titles=self.titles,
-                    differing=differing, overlays=pictures))
-            results.append(QueryResult(matches=matches, query_probs=emb.probs[i], query_aam=emb.aam[i],
-                                       attributes=self.attributes, meanings=self.meanings))
-        return results
+        self._check_finite(ids, dec, probs.reshape(q, k, m), g_aam)
+        hits = [{"id": int(i), "key": str(entry.get("key") or f"entry-{i}"), "path": entry.get("path"),
+                 "camera": entry.get("camera")} for i, entry in zip(flat, meta, strict=True)]
+        crops = [self._gallery_crop(hit["path"]) for hit in hits] if overlays and pixels is not None else None
+        rows = explanations(dec, attributes=self.attributes, titles=self.titles, meanings=self.meanings,
+                            query_probs=emb.probs, gallery_probs=probs, query_aam=emb.aam, query_images=pixels,
+                            gallery_aam=g_aam, gallery_images=crops, hits=hits)
+        return [QueryResult(matches=row, query_probs=emb.probs[i], attributes=self.attributes, meanings=self.meanings)
+                for i, row in enumerate(rows)]
 
     def _check_finite(self, ids: np.ndarray, dec: Decomposition, probs: np.ndarray, g_aam: np.ndarray | None) -> None:
         """Stored rows with NaN/inf (files that match their checksums, but no model wrote them) are named, not served.
@@ -392,23 +286,14 @@ class Runtime:
         self._corrupt = problem
         raise CorruptGalleryError(problem)
 
-    def _overlays(self, query: np.ndarray, q_aam: np.ndarray, entry: Mapping[str, Any], g_aam: np.ndarray | None,
-                  attrs: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
-        from attrimeter.viz import overlay
-
-        gallery_pixels = None
-        if entry.get("path") and g_aam is not None:
-            try:
-                gallery_pixels = load_image(entry["path"], self.image_size)
-            except InputError:  # the gallery image moved: its numbers stay valid, only the picture is missing
-                gallery_pixels = None
-        out = []
-        for a in attrs:
-            g_map = None if g_aam is None else g_aam[a].astype(np.float32)
-            vmax = float(max(q_aam[a].max(), 0.0 if g_map is None else g_map.max())) or None
-            out.append((self.attributes[a], overlay(query, q_aam[a], vmax=vmax),
-                        None if gallery_pixels is None or g_map is None else overlay(gallery_pixels, g_map, vmax=vmax)))
-        return out
+    def _gallery_crop(self, path: str | None) -> np.ndarray | None:
+        """A hit's crop for its overlays, or None: its numbers stay valid when the image moved or was never known."""
+        if not path:
+            return None
+        try:
+            return load_image(path, self.image_size)
+        except InputError:
+            return None
 
     def _check_k(self, k: int, overlays: int, queries: int = 1, hits: int | None = None) -> None:
         """Check k and overlays; ``hits`` is how many matches come back per query (default: up to k)."""
@@ -448,10 +333,13 @@ class Runtime:
             weights: Attribute weights for an attribute-weighted search, ranking by ``Σ_k w_k d_k`` instead of d:
                 a mapping name → weight (unnamed attributes keep 1; e.g. ``{"upblack": 0, ...}`` ignores upper-body
                 black) or M numbers. None ranks by the target distance d.
-            overlays: For this many top attributes per hit, attention-map overlays of query and hit.
+            overlays: Attention-map overlays for this many top attributes per hit (at most :data:`MAX_OVERLAYS`
+                pictures per call): the hits then carry their crops and maps, which
+                :meth:`~attrimeter.explanation.Explanation.overlays`, ``to_dict(overlays=...)`` and ``figure`` draw.
 
         Returns:
-            One :class:`QueryResult` per query image.
+            One :class:`~attrimeter.explanation.QueryResult` per query image: its matches are
+            explanations with their hit fields set.
 
         Raises:
             InputError: Bad image, k or weights.
@@ -487,7 +375,7 @@ class Runtime:
         Args:
             image: The query image.
             ids: Gallery ids (matches come back in this order).
-            overlays: Attention-map overlays for this many top attributes per entry.
+            overlays: Attention-map overlays for this many top attributes per entry (see :meth:`search`).
 
         Returns:
             A :class:`QueryResult` whose matches follow ``ids``.

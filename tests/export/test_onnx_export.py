@@ -12,6 +12,7 @@ import torch
 from attrimeter.artefact.contract import FLAVORS, OUTPUT_NAMES
 from attrimeter.artefact.manifest import ManifestError, load_manifest
 from attrimeter.export import onnx_export as ox
+from attrimeter.export.onnx_graph import ExportGraph
 from attrimeter.kernels import integer_exponent
 
 
@@ -27,10 +28,10 @@ def exports(tiny_interpreter, tmp_path_factory):
 
 
 def _eager(checkpoint):
-    from attrimeter.engine.interpreter import load_interpreter
+    from attrimeter.engine.interpreter_checkpoint import load_interpreter
 
     ck = load_interpreter(checkpoint)
-    return ox.ExportGraph(ck.model), ck.image_size
+    return ExportGraph(ck.model), ck.image_size
 
 
 def _rel(a, b):
@@ -59,7 +60,7 @@ def test_portable_graph_names_and_dynamic_batch(exports, tiny_interpreter):
 
 def test_manifest_describes_the_export(exports, tiny_interpreter):
     m = load_manifest(exports["portable"])
-    from attrimeter.engine.interpreter import load_interpreter
+    from attrimeter.engine.interpreter_checkpoint import load_interpreter
 
     ck = load_interpreter(tiny_interpreter)
     M, C = ck.model.num_attributes, ck.model.num_features
@@ -257,7 +258,7 @@ def test_no_triton_means_no_kernels_by_default(tiny_interpreter, tmp_path, monke
 
 
 def test_map_classifier_exports(tiny_target, tmp_path):
-    from attrimeter.engine.interpreter import save_interpreter
+    from attrimeter.engine.interpreter_checkpoint import save_interpreter
     from attrimeter.engine.target import load_target
     from attrimeter.models.interpreter import AttriMeter
 

@@ -17,6 +17,7 @@ import pytest
 from api_names import NOT_IN_STUBS, Stubs, load_stubs, name_problems, tensorrt_chains
 
 from attrimeter.artefact import device
+from attrimeter.export import plugin_kernel as pk
 from attrimeter.export import tensorrt_engine as te
 
 MODULE = Path(te.__file__)
@@ -183,7 +184,7 @@ def _write_kernel(root: Path, cc: int, *, target: str | None = None, shared: int
 
 
 def test_kernel_drops_triton_hidden_parameters(tmp_path):
-    kernel = te.load_plugin_kernel(_write_kernel(tmp_path, 90))
+    kernel = pk.load_plugin_kernel(_write_kernel(tmp_path, 90))
     entry = re.search(r"\.entry\s+_masked_gem_pool_fwd_kernel\s*\(([^)]*)\)", kernel.ptx)
     assert entry is not None
     declared = [p.split()[-1] for p in entry.group(1).split(",")]
@@ -195,7 +196,7 @@ def test_kernel_drops_triton_hidden_parameters(tmp_path):
 
 def test_kernel_that_reads_its_scratch_pointer_is_refused(tmp_path):
     with pytest.raises(ValueError, match="reads its hidden parameter"):
-        te.load_plugin_kernel(_write_kernel(tmp_path, 90, read_hidden=True))
+        pk.load_plugin_kernel(_write_kernel(tmp_path, 90, read_hidden=True))
 
 
 @pytest.mark.parametrize("bad", [
@@ -205,7 +206,7 @@ def test_kernel_that_reads_its_scratch_pointer_is_refused(tmp_path):
 def test_kernel_params_trt_cannot_pass_are_refused(tmp_path, bad):
     params = [{"name": n, "type": "*fp32"} for n in ("f", "z", "s", "t", "g", "k")] + [bad]
     with pytest.raises(ValueError):
-        te.load_plugin_kernel(_write_kernel(tmp_path, 90, params=params))
+        pk.load_plugin_kernel(_write_kernel(tmp_path, 90, params=params))
 
 
 def test_spec_that_disagrees_with_the_kernel_is_refused_before_tensorrt(tmp_path):
@@ -216,18 +217,18 @@ def test_spec_that_disagrees_with_the_kernel_is_refused_before_tensorrt(tmp_path
 
 def test_kernel_json_for_device(tmp_path):
     exact = _write_kernel(tmp_path, 90)
-    assert te.kernel_json_for_device(tmp_path, 90) == exact
+    assert pk.kernel_json_for_device(tmp_path, 90) == exact
     # sm_80 PTX (plain .target) is forward compatible: an sm_86 GPU may JIT it, if the shared memory fits.
     ampere = _write_kernel(tmp_path, 80, target="sm_80", shared=65536)
-    assert te.kernel_json_for_device(tmp_path, 86) == ampere
+    assert pk.kernel_json_for_device(tmp_path, 86) == ampere
     with pytest.raises(ValueError, match="shared memory"):
-        te.kernel_json_for_device(tmp_path, 86, max_shared_bytes=49152)
+        pk.kernel_json_for_device(tmp_path, 86, max_shared_bytes=49152)
     # Triton's sm_100a PTX is arch-specific: never for sm_103.
     _write_kernel(tmp_path, 100)
     with pytest.raises(ValueError, match=r"arch-specific.*--targets sm_103"):
-        te.kernel_json_for_device(tmp_path, 103)
+        pk.kernel_json_for_device(tmp_path, 103)
     with pytest.raises(ValueError, match=r"available: sm_80, sm_90, sm_100.*--targets sm_75"):
-        te.kernel_json_for_device(tmp_path, 75)
+        pk.kernel_json_for_device(tmp_path, 75)
 
 
 # --------------------------------------------------------------------------------------------------- availability
@@ -354,7 +355,7 @@ def _toy_plugin(tmp_path: Path, c: int, m: int, h: int, w: int) -> te.PluginSpec
             + [{"name": f"scratch{i}", "type": "scratch", "size": 0, "align": 1} for i in range(hidden)],
             "grid": {"x": ["B", 1], "y": [1], "z": [1]}, "constants": constants}
     (folder / "masked_gem_pool.json").write_text(json.dumps(meta))
-    return te.PluginSpec(kernel_json=te.kernel_json_for_device(tmp_path, target.arch), num_attributes=m, channels=c,
+    return te.PluginSpec(kernel_json=pk.kernel_json_for_device(tmp_path, target.arch), num_attributes=m, channels=c,
                          height=h, width=w)
 
 
@@ -429,21 +430,21 @@ def test_export_tensorrt_end_to_end(trt, tiny_interpreter, tmp_path, flavor):
 
 def test_ptx_isa_and_driver_versions():
     # PTX ISA -> oldest CUDA driver that JIT-compiles it, and back (the check before a plugin engine is built).
-    assert [te.ptx_driver(isa) for isa in ("8.0", "8.4", "8.5", "8.6", "8.8", "9.0", "9.4")] == \
+    assert [pk.ptx_driver(isa) for isa in ("8.0", "8.4", "8.5", "8.6", "8.8", "9.0", "9.4")] == \
         [12000, 12040, 12050, 12070, 12090, 13000, 13040]
-    assert [te.driver_ptx(d) for d in (12000, 12040, 12060, 12080, 12090, 13000, 13020)] == \
+    assert [pk.driver_ptx(d) for d in (12000, 12040, 12060, 12080, 12090, 13000, 13020)] == \
         ["8.0", "8.4", "8.5", "8.7", "8.8", "9.0", "9.2"]
-    assert te.driver_ptx(11080) is None
+    assert pk.driver_ptx(11080) is None
 
 
 def test_plugin_ptx_version_follows_the_driver():
-    assert te.plugin_ptx_version(None, 12040) == "8.4"
-    assert te.plugin_ptx_version(None, 13040) == "9.0"  # capped: enough for every target, assembled by Triton's ptxas
-    assert te.plugin_ptx_version("8.2", 12040) == "8.2"
+    assert pk.plugin_ptx_version(None, 12040) == "8.4"
+    assert pk.plugin_ptx_version(None, 13040) == "9.0"  # capped: enough for every target, assembled by Triton's ptxas
+    assert pk.plugin_ptx_version("8.2", 12040) == "8.2"
     with pytest.raises(ValueError, match="newer than this driver"):
-        te.plugin_ptx_version("8.8", 12040)
+        pk.plugin_ptx_version("8.8", 12040)
     with pytest.raises(ValueError, match="older than CUDA 12.0"):
-        te.plugin_ptx_version(None, 11080)
+        pk.plugin_ptx_version(None, 11080)
 
 
 def test_plugin_kernel_roles_must_be_inputs_then_outputs(tmp_path):
@@ -453,4 +454,4 @@ def test_plugin_kernel_roles_must_be_inputs_then_outputs(tmp_path):
         {"name": "global_scratch", "type": "scratch", "size": 0, "align": 1},
         {"name": "profile_scratch", "type": "scratch", "size": 0, "align": 1}]
     with pytest.raises(ValueError, match="4 inputs then 2 outputs"):
-        te.load_plugin_kernel(_write_kernel(tmp_path, 90, params=params))
+        pk.load_plugin_kernel(_write_kernel(tmp_path, 90, params=params))

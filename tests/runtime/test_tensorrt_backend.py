@@ -31,8 +31,8 @@ from attrimeter.artefact.kernels import KernelIndex, KernelIndexEntry
 from attrimeter.runtime import cuda_kernels as ck
 from attrimeter.runtime import tensorrt_backend as tb
 from attrimeter.runtime.backends import BackendError
+from attrimeter.runtime.decompose import Decomposition, explain_rows
 from attrimeter.runtime.errors import GalleryError, InputError, UnknownIdError
-from attrimeter.runtime.explain import Decomposition, explain_rows
 
 try:
     from cuda.bindings import driver as drv

@@ -33,11 +33,13 @@ SCRIPT = textwrap.dedent("""
         result = rt.search(query, k=3, overlays=1)[0]
         emb = rt.embed(query)
         backend = rt.backend.name
+    doc, text = result.to_dict(overlays=1), result.to_text()  # the result type's JSON, PNG overlays and text
     with Runtime(export, gallery) as rt, RuntimeServer(rt, port=0) as server:
         health = json.loads(urllib.request.urlopen(server.url + "/health", timeout=60).read())
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "triton"))
     print(json.dumps({"added": added, "backend": backend, "loaded": loaded, "health": health,
                       "ids": [m.id for m in result.matches], "d": [m.d for m in result.matches],
+                      "overlays": [len(m["overlays"]) for m in doc["matches"]], "lines": len(text.splitlines()),
                       "shares": [m.shares.tolist() for m in result.matches],
                       "embedding": emb.embedding[0].tolist()}))
 """)
@@ -67,6 +69,7 @@ def test_runtime_runs_without_torch_and_triton(bare_venv, tiny_export, tiny_data
     assert run.returncode == 0, run.stderr[-3000:]
     bare = json.loads(run.stdout.splitlines()[-1])
     assert bare["loaded"] == [] and bare["backend"] == "onnxruntime"
+    assert bare["overlays"] == [1, 1, 1] and bare["lines"] >= 6  # a header and the shares per hit, at least
     assert bare["health"]["status"] == "ok" and bare["health"]["gallery"] == bare["added"]
     assert bare["added"] == len(list(images.glob("*.jpg")))
 
