@@ -1,5 +1,5 @@
 """TensorRT backend and the cuda-python launcher of the AOT explain kernels (runtime/tensorrt_backend.py,
-runtime/cuda_kernels.py).
+runtime/cuda_kernels.py, runtime/explain_kernels.py).
 
 The CPU machines have neither a GPU nor TensorRT, so:
 
@@ -29,6 +29,7 @@ from api_names import Stubs, attribute_chains, load_stubs, name_problems, tensor
 from attrimeter.artefact.device import cuda_device, tensorrt_available
 from attrimeter.artefact.kernels import KernelIndex, KernelIndexEntry
 from attrimeter.runtime import cuda_kernels as ck
+from attrimeter.runtime import explain_kernels as ek
 from attrimeter.runtime import tensorrt_backend as tb
 from attrimeter.runtime.backends import BackendError
 from attrimeter.runtime.decompose import Decomposition, explain_rows
@@ -50,6 +51,7 @@ def stubs() -> Stubs:
 
 BACKEND = Path(tb.__file__)
 LAUNCHER = Path(ck.__file__)
+KERNEL_ARGUMENTS = Path(ek.__file__)  # packs cuLaunchKernel's parameters
 # Variables of runtime/tensorrt_backend.py whose TensorRT class is known: every attribute read on them is checked.
 TYPED_NAMES = {"runtime": "Runtime", "engine": "ICudaEngine", "context": "IExecutionContext"}
 
@@ -114,7 +116,7 @@ def _cuda_problems(source: str) -> list[str]:
 def test_every_cuda_python_name_exists():
     version = importlib.metadata.version("cuda-bindings")
     used = set()
-    for path in (BACKEND, LAUNCHER):
+    for path in (BACKEND, LAUNCHER, KERNEL_ARGUMENTS):
         source = path.read_text()
         assert _cuda_problems(source) == [], f"{path.name}: names missing from cuda-bindings {version}"
         used |= {chain[0] for _, chain, _ in _cuda_chains(source)}
@@ -401,8 +403,8 @@ def aot_export(tmp_path_factory):
 def explainer(aot_export, fake_cuda):
     out = aot_export
     fake_cuda.shape = (M, C)
-    for name in ck.EXPLAIN_KERNELS:
-        meta = ck.load_explain_kernel(out / "kernels" / "sm_80" / f"{name}.json")
+    for name in ek.EXPLAIN_KERNELS:
+        meta = ek.load_explain_kernel(out / "kernels" / "sm_80" / f"{name}.json")
         fake_cuda.module_params[meta.cubin] = [p for p, _ in meta.params]
     explainer = ck.CudaExplainer(out / "kernels" / "index.json", C, M)
     yield explainer
@@ -417,7 +419,7 @@ def test_launch_geometry_and_parameters(explainer, fake_cuda, aot_export, rng):
     out = aot_export
     assert explainer.target == "sm_80"  # an sm_86 device runs the sm_80 cubins
     assert sorted(fake_cuda.modules.values()) == sorted(
-        (out / "kernels" / "sm_80" / f"{name}.cubin").read_bytes() for name in ck.EXPLAIN_KERNELS)
+        (out / "kernels" / "sm_80" / f"{name}.cubin").read_bytes() for name in ek.EXPLAIN_KERNELS)
     assert fake_cuda.attributes == []  # 32 B of shared memory: no opt-in
     gallery = _gallery(rng, 37)
     explainer.set_gallery(gallery)
@@ -569,25 +571,25 @@ def test_kernels_for_other_shapes_are_refused(aot_export, fake_cuda):
 
 
 def _index(**shared: int) -> KernelIndex:
-    return KernelIndex({t: {k: KernelIndexEntry(f"{t}/{k}.json", "_explain_kernel", s, 128) for k in ck.EXPLAIN_KERNELS}
+    return KernelIndex({t: {k: KernelIndexEntry(f"{t}/{k}.json", "_explain_kernel", s, 128) for k in ek.EXPLAIN_KERNELS}
                         for t, s in shared.items()})
 
 
 def test_target_choice_follows_the_c_launcher():
     index = _index(sm_80=32, sm_86=32, sm_90=32)
-    assert ck.choose_target(index, 90, 232448) == "sm_90"
-    assert ck.choose_target(index, 86, 101376) == "sm_86"
-    assert ck.choose_target(index, 89, 101376) == "sm_86"  # the highest lower minor of the same major
-    assert ck.choose_target(_index(sm_80=120_000, sm_86=32), 87, 166912) == "sm_86"
+    assert ek.choose_target(index, 90, 232448) == "sm_90"
+    assert ek.choose_target(index, 86, 101376) == "sm_86"
+    assert ek.choose_target(index, 89, 101376) == "sm_86"  # the highest lower minor of the same major
+    assert ek.choose_target(_index(sm_80=120_000, sm_86=32), 87, 166912) == "sm_86"
     with pytest.raises(ValueError, match=r"sm_80 \(needs 120000 B shared memory.*--targets sm_86"):
-        ck.choose_target(_index(sm_80=120_000), 86, 101376)
+        ek.choose_target(_index(sm_80=120_000), 86, 101376)
     with pytest.raises(ValueError, match="arch-specific sm_90a"):
-        ck.choose_target(_index(sm_90=32), 91, 232448)  # hypothetical 9.1: sm_90a cubins run on 9.0 only
+        ek.choose_target(_index(sm_90=32), 91, 232448)  # hypothetical 9.1: sm_90a cubins run on 9.0 only
     with pytest.raises(ValueError, match="compiled for: sm_80, sm_86, sm_90.*--targets sm_75"):
-        ck.choose_target(index, 75, 65536)
+        ek.choose_target(index, 75, 65536)
     incomplete = KernelIndex({"sm_80": {"explain": KernelIndexEntry("x", "_explain_kernel", 32, 128)}})
     with pytest.raises(ValueError, match="compiled for: none"):
-        ck.choose_target(incomplete, 80, 166912)
+        ek.choose_target(incomplete, 80, 166912)
 
 
 # --------------------------------------------------------------------------------------------------- backend (CPU)
