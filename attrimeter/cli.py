@@ -7,8 +7,12 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from attrimeter import __version__
+
+if TYPE_CHECKING:
+    from attrimeter.runtime.runtime import Runtime
 
 __all__ = ["build_parser", "main"]
 
@@ -146,6 +150,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from attrimeter.artefact.kernels import KernelError
     from attrimeter.export.aot import AotError
     from attrimeter.export.build import export
     from attrimeter.export.onnx_export import ExportError
@@ -158,28 +163,26 @@ def _cmd_export(args: argparse.Namespace) -> int:
                           opset=args.opset, targets=targets, ptx_version=args.ptx_version, data=args.data,
                           max_batch=args.max_batch, opt_batch=args.opt_batch, timing_cache=args.timing_cache,
                           progress=not args.quiet)
-    except (ExportError, AotError) as e:
+    except (ExportError, AotError, KernelError) as e:
         print(f"attrimeter export: error: {e}", file=sys.stderr)
         return 1
-    worst = max(max(r["relative_error"].values()) for r in manifest["verification"]["parity"])
-    batches = ", ".join(str(r["batch"]) for r in manifest["verification"]["parity"])
-    print(f"{args.out}: {manifest['flavor']} {manifest['dtype']} ONNX (opset {manifest['opset']}), checked against "
-          f"eager PyTorch at batch {batches}: worst relative error {worst:.1e}")
-    retrieval = manifest["verification"]["retrieval"]
-    if retrieval:
-        e, x = retrieval["eager_fp32"], retrieval["export"]
-        print(f"retrieval mAP of d: eager fp32 {e['d_mAP']:.4f}, export {x['d_mAP']:.4f}; "
-              f"of d_hat: {e['d_hat_mAP']:.4f}, {x['d_hat_mAP']:.4f}")
-    kernels = manifest.get("kernels") or {}
-    if kernels.get("targets"):
-        print(f"AOT kernels for {', '.join(kernels['targets'])} in {args.out / 'kernels'}")
-    elif kernels.get("note"):
-        print(kernels["note"])
-    if manifest.get("tensorrt"):
-        trt = manifest["tensorrt"]
-        worst = max(max(r["relative_error"].values()) for r in trt["verification"]["parity"])
-        print(f"TensorRT engine {args.out / trt['engine']} ({trt['device_name']}), worst relative error against "
-              f"eager PyTorch {worst:.1e}")
+    checks = manifest.verification
+    batches = ", ".join(str(r.batch) for r in checks.parity)
+    print(f"{args.out}: {manifest.flavor} {manifest.dtype} ONNX (opset {manifest.opset}), checked against "
+          f"eager PyTorch at batch {batches}: worst relative error {checks.worst_error:.1e}")
+    if checks.retrieval is not None:
+        eager, exported = checks.retrieval.eager_fp32, checks.retrieval.export
+        print(f"retrieval mAP of d: eager fp32 {eager['d_mAP']:.4f}, export {exported['d_mAP']:.4f}; "
+              f"of d_hat: {eager['d_hat_mAP']:.4f}, {exported['d_hat_mAP']:.4f}")
+    kernels = manifest.kernels
+    if kernels is not None and kernels.targets:
+        print(f"AOT kernels for {', '.join(kernels.targets)} in {args.out / 'kernels'}")
+    elif kernels is not None and kernels.note:
+        print(kernels.note)
+    if manifest.tensorrt is not None:
+        trt = manifest.tensorrt
+        print(f"TensorRT engine {args.out / trt.engine} ({trt.device_name}), worst relative error against "
+              f"eager PyTorch {trt.verification.worst_error:.1e}")
     return 0
 
 
@@ -194,18 +197,19 @@ def _raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _runtime(args: argparse.Namespace, **kwargs: object):  # noqa: ANN202 - returns Runtime, imported lazily
-    from attrimeter.runtime.runtime import Runtime
+def _runtime(args: argparse.Namespace, gallery: Path | None, **config: Any) -> Runtime:
+    """The runtime the command line's options describe; ``config``: further :class:`RuntimeConfig` fields."""
+    from attrimeter.runtime.runtime import Runtime, RuntimeConfig
 
     _raise_open_file_limit()
-    return Runtime(args.export, backend=args.backend, device=args.device, threads=args.threads,
-                   max_batch=args.max_batch, verify=not args.no_verify, **kwargs)
+    return Runtime(args.export, gallery, RuntimeConfig(backend=args.backend, device=args.device, threads=args.threads,
+                                                       max_batch=args.max_batch, verify=not args.no_verify, **config))
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
     from attrimeter.explanation import printable
 
-    with _runtime(args, gallery=args.out, create_gallery=True, metric=args.metric) as rt:
+    with _runtime(args, args.out, create_gallery=True, metric=args.metric) as rt:
         report = rt.index_folder(args.images, segment=args.segment, progress=not args.quiet)
         for path, reason in report.skipped:
             print(f"skipped {printable(path)}: {printable(reason)}", file=sys.stderr)
@@ -247,10 +251,10 @@ def _search_weights(groups: dict[str, list[str]], ignore: str | None,
 def _cmd_search(args: argparse.Namespace) -> int:
     from attrimeter.explanation import printable
 
-    with _runtime(args, gallery=args.gallery) as rt:
+    with _runtime(args, args.gallery) as rt:
         groups: dict[str, list[str]] = {}
-        for a in rt.manifest["attributes"]:
-            groups.setdefault(a.get("group") or a["name"], []).append(a["name"])
+        for a in rt.manifest.attributes:
+            groups.setdefault(a.group or a.name, []).append(a.name)
         weights = _search_weights(groups, args.ignore, args.weight)
         results = rt.search([str(q) for q in args.queries], k=args.k, weights=weights)
     if args.json:
@@ -281,7 +285,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     limits = ServerLimits(max_body_bytes=args.max_body_mb * 1024 * 1024, max_images=args.max_images,
                           request_timeout_s=args.request_timeout, decode_workers=args.decode_workers,
                           max_connections=args.max_connections, backlog=args.backlog)
-    rt = _runtime(args, gallery=args.gallery, writable=args.writable, max_wait_ms=args.max_wait_ms,
+    rt = _runtime(args, args.gallery, writable=args.writable, max_wait_ms=args.max_wait_ms,
                   queue_timeout_s=args.queue_timeout)
     try:
         serve(rt, args.host, args.port, limits)

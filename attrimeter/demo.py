@@ -165,7 +165,7 @@ def _runtime_search(out: Path, data: ReIDDataset, explainer: Any, qf: np.ndarray
 
     from attrimeter.engine.evaluation import euclidean_distances
     from attrimeter.export.build import export
-    from attrimeter.runtime.runtime import Runtime
+    from attrimeter.runtime.runtime import Runtime, RuntimeConfig
 
     timings = {}
     t0 = time.perf_counter()
@@ -176,7 +176,7 @@ def _runtime_search(out: Path, data: ReIDDataset, explainer: Any, qf: np.ndarray
     rng = np.random.default_rng(2)
     picks = sorted(rng.choice(len(data.query), size=min(count, len(data.query)), replace=False))
     queries = [data.query[i] for i in picks]
-    with Runtime(out / "export", out / "gallery", backend="onnxruntime", create_gallery=True) as rt:
+    with Runtime(out / "export", out / "gallery", RuntimeConfig(backend="onnxruntime", create_gallery=True)) as rt:
         report = rt.index_folder(data.root / "bounding_box_test", progress=progress)
         if report.skipped:
             raise ValueError(f"the demo gallery has unreadable images: {report.skipped[:3]}")

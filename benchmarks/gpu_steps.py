@@ -198,7 +198,7 @@ def step_prep_runtime(work: Path, out: Path) -> dict[str, Any]:
     from attrimeter.engine.interpreter_training import InterpreterTrainConfig, train_interpreter
     from attrimeter.engine.target import TargetTrainConfig, train_target
     from attrimeter.export.build import export
-    from attrimeter.runtime.runtime import Runtime
+    from attrimeter.runtime.runtime import Runtime, RuntimeConfig
 
     root = work / "runtime"
     t0 = time.perf_counter()
@@ -210,7 +210,7 @@ def step_prep_runtime(work: Path, out: Path) -> dict[str, Any]:
     train_interpreter(root / "data", root / "target" / "target.pt", root / "interpreter",
                       InterpreterTrainConfig(shared="layer3", epochs=2, p_ids=8, k_instances=4), progress=False)
     export(root / "interpreter" / "interpreter.pt", root / "export", targets=(), progress=False)
-    with Runtime(root / "export", root / "real", create_gallery=True) as rt:
+    with Runtime(root / "export", root / "real", RuntimeConfig(create_gallery=True)) as rt:
         rt.index_folder(root / "data" / "bounding_box_test", progress=False)
         model_s = time.perf_counter() - t0
         br.fill_gallery(root / "large", rt.gallery, GALLERY_ENTRIES, workers=8)

@@ -23,7 +23,7 @@ import platform
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,30 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from attrimeter.export.contract import INPUT_NAME, MODEL_FILE, OUTPUT_NAMES, PLUGIN_NAME, PLUGIN_NAMESPACE
-from attrimeter.export.manifest import MANIFEST_NAME, sha256_file, write_manifest
-from attrimeter.export.onnx_graph import FLAVORS, ExportGraph, register_onnx_schema, translation_table
+from attrimeter.artefact.contract import (
+    FLAVORS,
+    INPUT_NAME,
+    MODEL_FILE,
+    OUTPUT_NAMES,
+    PLUGIN_ID,
+    PLUGIN_NAMESPACE,
+)
+from attrimeter.artefact.manifest import (
+    MANIFEST_NAME,
+    Attribute,
+    Manifest,
+    Normalization,
+    ParityCheck,
+    PluginNode,
+    Pooling,
+    RetrievalCheck,
+    Source,
+    TensorInfo,
+    Verification,
+    sha256_file,
+    write_manifest,
+)
+from attrimeter.export.onnx_graph import ExportGraph, register_onnx_schema, translation_table
 from attrimeter.kernels import integer_exponent
 
 __all__ = [
@@ -140,7 +161,7 @@ def _relative_errors(outputs: Sequence[np.ndarray], reference: Sequence[Tensor])
 
 
 def check_parity(session: Any, eager: ExportGraph, image_size: tuple[int, int], batches: Sequence[int],
-                  tolerance: float, seed: int = 0) -> list[dict[str, Any]]:
+                  tolerance: float, seed: int = 0) -> tuple[ParityCheck, ...]:
     """Run an export and the eager fp32 model on the same random images at each batch size, on one session.
 
     Args:
@@ -165,12 +186,12 @@ def check_parity(session: Any, eager: ExportGraph, image_size: tuple[int, int], 
         with torch.no_grad():
             ref = eager(x)
         errors = _relative_errors(session.run(None, {INPUT_NAME: x.numpy()}), ref)
-        results.append({"batch": b, "relative_error": errors})
+        results.append(ParityCheck(b, errors))
         worst = max(errors, key=errors.__getitem__)
         if errors[worst] > tolerance:
             raise ExportError(f"the export differs from eager PyTorch at batch {b}: ‖out − ref‖/‖ref‖ of {worst!r} "
                               f"is {errors[worst]:.2e} > {tolerance:.0e}")
-    return results
+    return tuple(results)
 
 
 def _embed(run: Any, images: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -199,7 +220,7 @@ def _retrieval(stacked_q: np.ndarray, stacked_g: np.ndarray, data: Any) -> dict[
 
 def check_retrieval(session: Any, eager: ExportGraph, data_root: str | Path, image_size: tuple[int, int],
                     enforce: bool, progress: bool, batch: int = 64,
-                    eager_metrics: dict[str, float] | None = None) -> dict[str, Any]:
+                    eager_metrics: Mapping[str, float] | None = None, graph: str | None = None) -> RetrievalCheck:
     """Retrieval metrics (mAP, rank-1 of d and d̂) of eager fp32 and of an export on a data set's query/gallery.
 
     Args:
@@ -211,9 +232,10 @@ def check_retrieval(session: Any, eager: ExportGraph, data_root: str | Path, ima
         progress: Show decoding progress.
         batch: Images per run of the export (≤ a TensorRT engine's largest batch).
         eager_metrics: Eager fp32's metrics when already measured (not recomputed).
+        graph: Which graph ``session`` runs when it is not the export's own (recorded with the metrics).
 
     Returns:
-        ``{"data", "eager_fp32": {...}, "export": {...}}``.
+        The data set and both models' metrics.
 
     Raises:
         ExportError: If ``enforce`` and the export changes retrieval.
@@ -234,7 +256,7 @@ def check_retrieval(session: Any, eager: ExportGraph, data_root: str | Path, ima
                     for name, split in (("query", data.query), ("gallery", data.gallery))]
     eager_m = eager_metrics or _retrieval(*(_embed(run_eager, im, 64) for im in split_images), data)
     export_m = _retrieval(*(_embed(run_export, im, batch) for im in split_images), data)
-    result = {"data": str(Path(data_root).resolve()), "eager_fp32": eager_m, "export": export_m}
+    result = RetrievalCheck(str(Path(data_root).resolve()), eager_m, export_m, graph)
     if enforce:
         for key in ("d_mAP", "d_hat_mAP"):
             if abs(export_m[key] - eager_m[key]) > FP16_MAP_TOLERANCE:
@@ -264,12 +286,12 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _attribute_schema(meta: dict[str, Any]) -> list[dict[str, Any]]:
+def _attribute_schema(meta: dict[str, Any]) -> tuple[Attribute, ...]:
     from attrimeter.data.schema import get_schema
 
     schema = get_schema(meta["schema"])
-    return [{"name": a.name, "title": a.title, "meanings": list(a.meanings), "group": a.group}
-            for a in (schema[name] for name in meta["attributes"])]
+    return tuple(Attribute(a.name, a.title, (a.meanings[0], a.meanings[1]), a.group)
+                 for a in (schema[name] for name in meta["attributes"]))
 
 
 def _torch_export(graph: ExportGraph, path: Path, example: Tensor, opset: int) -> None:
@@ -330,8 +352,8 @@ def export_onnx(
     verify_batches: Sequence[int] = (1, 7),
     data: str | Path | None = None,
     progress: bool = True,
-    extra: Callable[[Path, dict[str, Any], ExportGraph], None] | None = None,
-) -> dict[str, Any]:
+    extra: Callable[[Path, Manifest, ExportGraph], Manifest] | None = None,
+) -> Manifest:
     """Export an interpreter checkpoint to ONNX, verify it, and publish the folder with its manifest.
 
     The folder is built beside ``out_dir`` and renamed into place only once verified, so a failed export never
@@ -347,8 +369,9 @@ def export_onnx(
         data: A data set root: also compare retrieval metrics of the export with eager fp32 (required to judge an
             fp16 export; recorded in the manifest).
         progress: Show progress.
-        extra: Optional callable ``(staging_dir, manifest, eager) -> None`` that adds files and manifest entries (the
-            AOT kernels, a TensorRT engine) before the manifest is written and the folder published; ``eager`` is the
+        extra: Optional callable ``(staging_dir, manifest, eager) -> manifest`` that adds files and returns the
+            manifest describing them (the AOT kernels, a TensorRT engine) before the manifest is written and the folder
+            published; ``eager`` is the
             fp32 eager graph the checks compare with.
 
     Returns:
@@ -419,45 +442,42 @@ def export_onnx(
                 twin = staging / ".portable-twin.onnx"
                 _torch_export(ExportGraph(model, "portable", fp16), twin, example, opset)
                 retrieval = check_retrieval(onnx_session(twin, "portable"), eager, data, (height, width), fp16,
-                                            progress)
-                retrieval["graph"] = "portable twin"
+                                            progress, graph="portable twin")
                 twin.unlink()
             else:
                 retrieval = check_retrieval(session, eager, data, (height, width), fp16, progress)
         h, w = (d.dim_value for d in proto.graph.output[OUTPUT_NAMES.index("aam")].type.tensor_type.shape.dim[2:])
         num_attributes, channels = model.num_attributes, model.num_features
-        manifest: dict[str, Any] = {
-            "flavor": flavor,
-            "dtype": "float16" if fp16 else "float32",
-            "opset": opset,
-            "model": MODEL_FILE,
-            "inputs": {INPUT_NAME: {"shape": ["batch", 3, height, width], "dtype": "float32", "layout": "NCHW",
-                                    "range": [0.0, 1.0], "channels": "RGB"}},
-            "outputs": {
-                "embedding": {"shape": ["batch", channels], "dtype": "float32"},
-                "attr_embeddings": {"shape": ["batch", num_attributes, channels], "dtype": "float32"},
-                "aam": {"shape": ["batch", num_attributes, h, w], "dtype": "float32"},
-                "attr_logits": {"shape": ["batch", num_attributes], "dtype": "float32"},
+        manifest = Manifest(
+            flavor=flavor,
+            dtype="float16" if fp16 else "float32",
+            opset=opset,
+            model=MODEL_FILE,
+            inputs={INPUT_NAME: TensorInfo(("batch", 3, height, width), "float32", layout="NCHW",
+                                           value_range=(0.0, 1.0), channels="RGB")},
+            outputs={
+                "embedding": TensorInfo(("batch", channels), "float32"),
+                "attr_embeddings": TensorInfo(("batch", num_attributes, channels), "float32"),
+                "aam": TensorInfo(("batch", num_attributes, h, w), "float32"),
+                "attr_logits": TensorInfo(("batch", num_attributes), "float32"),
             },
-            "max_batch": MAX_BATCH,
-            "image_size": [height, width],
-            "feature_map": [channels, h, w],
-            "normalization": {"inside_graph": True, **_normalization(model)},
-            "pooling": {"p": model.p, "eps": model.eps, "p_int": integer_exponent(model.p)},
-            "schema": ck.meta["schema"],
-            "attributes": _attribute_schema(ck.meta),
-            "classifier": model.classifier,
-            "plugin": ({"op": f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}", "inputs": ["F", "Z", "scale", "shift"],
-                        "outputs": ["f", "f_k"]} if flavor == "plugin" else None),
-            "source": {"checkpoint": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint)},
-            "versions": _versions(),
-            "verification": {"runner": "onnxruntime" if flavor == "portable" else "onnx.reference",
-                             "tolerance": tolerance, "parity": parity,
-                             "retrieval": retrieval},
-        }
+            max_batch=MAX_BATCH,
+            image_size=(height, width),
+            feature_map=(channels, h, w),
+            normalization=_normalization(model),
+            pooling=Pooling(float(model.p), float(model.eps), integer_exponent(model.p)),
+            schema=ck.meta["schema"],
+            attributes=_attribute_schema(ck.meta),
+            classifier=model.classifier,
+            plugin=PluginNode(PLUGIN_ID, ("F", "Z", "scale", "shift"), ("f", "f_k")) if flavor == "plugin" else None,
+            source=Source(str(checkpoint.resolve()), sha256_file(checkpoint)),
+            versions=_versions(),
+            verification=Verification(tolerance, parity, retrieval,
+                                      runner="onnxruntime" if flavor == "portable" else "onnx.reference"),
+        )
         if extra is not None:
             stage("kernels / engine")
-            extra(staging, manifest, eager)
+            manifest = extra(staging, manifest, eager)
         stage("publish")
         written = write_manifest(staging, manifest)
         _publish(staging, out_dir)
@@ -469,9 +489,9 @@ def export_onnx(
     return written
 
 
-def _normalization(model: nn.Module) -> dict[str, list[float]]:
+def _normalization(model: nn.Module) -> Normalization:
     target = model.target
     mean, std = getattr(target, "pixel_mean", None), getattr(target, "pixel_std", None)
     if mean is None or std is None:
-        return {}
-    return {"mean": [float(v) for v in mean.flatten()], "std": [float(v) for v in std.flatten()]}
+        return Normalization(inside_graph=True)
+    return Normalization(True, tuple(float(v) for v in mean.flatten()), tuple(float(v) for v in std.flatten()))

@@ -23,14 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attrimeter.export.contract import PLUGIN_NAME, PLUGIN_NAMESPACE
+from attrimeter.artefact.contract import FLAVORS, PLUGIN_NAME, PLUGIN_NAMESPACE
 from attrimeter.kernels import integer_exponent
 from attrimeter.kernels.masked_gem_pool import masked_gem_pool_reference, qexp
 
-__all__ = ["FLAVORS", "ExportGraph", "register_onnx_schema", "translation_table"]
-
-FLAVORS = ("portable", "plugin")
-"""The export flavours: standard ONNX ops only, or the pooling as one TensorRT plugin node."""
+__all__ = ["ExportGraph", "register_onnx_schema", "translation_table"]
 
 
 # --------------------------------------------------------------------------------------------------------------------

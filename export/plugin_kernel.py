@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from attrimeter.export.aot import AotError, load_kernel, ptx_entry
-from attrimeter.export.contract import KERNELS_DIR, POOL_KERNEL, TRITON_DTYPES
+from attrimeter.artefact.contract import KERNELS_DIR, POOL_KERNEL, TRITON_DTYPES
+from attrimeter.artefact.kernels import KernelError, load_kernel, ptx_entry
 
 __all__ = [
     "KERNEL_JSON_NAME",
@@ -153,38 +153,32 @@ def load_plugin_kernel(kernel_json: Path) -> PluginKernel:
             scratch memory, mixed dtypes, PTX that disagrees with the JSON).
     """
     kernel_json = Path(kernel_json)
-    try:
-        meta = load_kernel(kernel_json)  # files present, cubin arch, PTX entry and its parameter count
-    except AotError as e:
-        raise ValueError(str(e)) from None
+    meta = load_kernel(kernel_json)  # files present, cubin arch, PTX entry and its parameter count
     where = str(kernel_json)
-    symbol = meta["symbol"]
-    params = meta["params"]
-    tensors = [p for p in params if str(p["type"]).startswith("*")]
+    params = meta.params
+    tensors = [p for p in params if p.type.startswith("*")]
     hidden = params[len(tensors):]
-    roles = [p.get("role") for p in tensors]
+    roles = [p.role for p in tensors]
     if any(roles) and roles != ["input"] * _N_INPUTS + ["output"] * _N_OUTPUTS:
         raise ValueError(f"{where}: TensorRT passes {_N_INPUTS} inputs then {_N_OUTPUTS} outputs; the kernel's pointer "
                          f"roles are {roles}")
-    if params[:len(tensors)] != tensors or len(tensors) != _N_INPUTS + _N_OUTPUTS:
+    if list(params[:len(tensors)]) != tensors or len(tensors) != _N_INPUTS + _N_OUTPUTS:
         raise ValueError(f"{where}: expected {_N_INPUTS} input and {_N_OUTPUTS} output pointers first, then only "
-                         f"Triton's scratch pointers; got {[p['name'] + ':' + p['type'] for p in params]} (TensorRT "
+                         f"Triton's scratch pointers; got {[p.name + ':' + p.type for p in params]} (TensorRT "
                          "passes inputs, SymInt32 extra args, outputs; this kernel must take no scalars)")
     for p in hidden:
-        if p["type"] != "scratch" or int(p.get("size", 0)) != 0:
-            raise ValueError(f"{where}: parameter {p['name']} ({p['type']}, size {p.get('size')}) needs memory that "
+        if p.type != "scratch" or p.size != 0:
+            raise ValueError(f"{where}: parameter {p.name} ({p.type}, size {p.size}) needs memory that "
                              "TensorRT's AOT launch cannot provide; only zero-sized Triton scratch is supported")
-    dtypes = {p["type"][1:] for p in tensors}
+    dtypes = {p.type[1:] for p in tensors}
     if len(dtypes) != 1 or next(iter(dtypes)) not in TRITON_DTYPES.values():
         raise ValueError(f"{where}: tensor parameters must all be one of {sorted(TRITON_DTYPES.values())}, got "
                          f"{dtypes}")
-    num_warps = int(meta["num_warps"])
-    if int(meta["threads"]) != 32 * num_warps:
-        raise ValueError(f"{where}: threads {meta['threads']} != 32 * num_warps ({num_warps})")
-    constants = dict(meta.get("constants", {}))
-    grid = meta["grid"]
+    if meta.threads != 32 * meta.num_warps:
+        raise ValueError(f"{where}: threads {meta.threads} != 32 * num_warps ({meta.num_warps})")
+    constants = dict(meta.constants)
     grid_x: list[str | int] = []
-    for factor in grid["x"]:
+    for factor in meta.grid_x:
         if isinstance(factor, int):
             grid_x.append(factor)
         elif factor == "B":
@@ -194,15 +188,13 @@ def load_plugin_kernel(kernel_json: Path) -> PluginKernel:
         else:
             raise ValueError(f"{where}: grid factor {factor!r} is neither an int, 'B' nor an int constant")
     if grid_x.count("B") > 1:
-        raise ValueError(f"{where}: grid x names the batch more than once: {grid['x']}")
-    grid_y, grid_z = (math.prod(int(v) for v in grid.get(axis, [1])) for axis in ("y", "z"))
+        raise ValueError(f"{where}: grid x names the batch more than once: {list(meta.grid_x)}")
 
-    ptx = _strip_hidden_params(meta["ptx_text"], symbol, len(tensors))
-    return PluginKernel(symbol=symbol, target=str(meta["target"]), cc=int(meta["cc"]), ptx=ptx,
-                        ptx_target=meta["ptx_target"], ptx_version=meta["ptx_version"], dtype=next(iter(dtypes)),
-                        num_warps=num_warps,
-                        shared_bytes=int(meta["shared_bytes"]), grid_x=tuple(grid_x), grid_y=grid_y, grid_z=grid_z,
-                        constants=constants, json_path=kernel_json)
+    ptx = _strip_hidden_params(meta.ptx_text, meta.symbol, len(tensors))
+    return PluginKernel(symbol=meta.symbol, target=meta.target, cc=meta.cc, ptx=ptx, ptx_target=meta.ptx_target,
+                        ptx_version=meta.ptx_version, dtype=next(iter(dtypes)), num_warps=meta.num_warps,
+                        shared_bytes=meta.shared_bytes, grid_x=tuple(grid_x), grid_y=math.prod(meta.grid_y),
+                        grid_z=math.prod(meta.grid_z), constants=constants, json_path=kernel_json)
 
 
 def kernel_json_for_device(export_dir: Path, cc: int, *, max_shared_bytes: int | None = None) -> Path:
@@ -239,14 +231,14 @@ def kernel_json_for_device(export_dir: Path, cc: int, *, max_shared_bytes: int |
         path = kernels / sm_name(candidate) / KERNEL_JSON_NAME
         try:
             meta = load_kernel(path)
-        except AotError as e:
+        except KernelError as e:
             rejected.append(f"{sm_name(candidate)} ({e})")
             continue
-        ptx_target = meta["ptx_target"]
+        ptx_target = meta.ptx_target
         if not ptx_portable_to(ptx_target, cc):
             rejected.append(f"{sm_name(candidate)} (PTX .target {ptx_target} is arch-specific)")
-        elif max_shared_bytes is not None and int(meta["shared_bytes"]) > max_shared_bytes:
-            rejected.append(f"{sm_name(candidate)} (needs {meta['shared_bytes']} B shared memory, GPU has "
+        elif max_shared_bytes is not None and meta.shared_bytes > max_shared_bytes:
+            rejected.append(f"{sm_name(candidate)} (needs {meta.shared_bytes} B shared memory, GPU has "
                             f"{max_shared_bytes} B)")
         else:
             _LOG.warning("no kernel for %s; using the %s PTX through driver JIT", sm_name(cc), sm_name(candidate))

@@ -33,10 +33,8 @@ No ``from __future__ import annotations`` here on purpose: ``tensorrt.plugin`` i
 register/aot_impl functions as live objects (``issubclass(annotation, TensorDesc)``), and strings would break it.
 """
 
-import ctypes
 import logging
 import math
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -45,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from attrimeter.export.contract import (
+from attrimeter.artefact.contract import (
     INPUT_NAME,
     OUTPUT_NAMES,
     PLUGIN_ID,
@@ -53,6 +51,7 @@ from attrimeter.export.contract import (
     PLUGIN_NAMESPACE,
     PLUGIN_SHARED_LIMIT,
 )
+from attrimeter.artefact.device import cuda_device, tensorrt_available, tensorrt_logger
 from attrimeter.export.plugin_kernel import (
     PluginKernel,
     driver_ptx,
@@ -63,11 +62,6 @@ from attrimeter.export.plugin_kernel import (
 )
 
 _LOG = logging.getLogger(__name__)
-
-_INSTALL_HINT = (
-    "pip install 'attrimeter[trt]' on a machine with an NVIDIA GPU and driver; the TensorRT wheels come from "
-    "NVIDIA's package index"
-)
 
 
 @dataclass(frozen=True)
@@ -89,83 +83,6 @@ class PluginSpec:
     channels: int
     height: int
     width: int
-
-
-# --------------------------------------------------------------------------------------------------- availability
-
-
-@dataclass(frozen=True)
-class CudaDevice:
-    """A CUDA device as the driver describes it (see :func:`cuda_device`)."""
-
-    name: str
-    cc: int
-    max_shared_optin: int
-    driver_version: int
-
-
-def cuda_device(index: int = 0) -> CudaDevice | None:
-    """The CUDA device TensorRT builds on, read from the driver with ctypes (no torch/cuda-python needed).
-
-    Args:
-        index: Device ordinal.
-
-    Returns:
-        Its name, compute capability (90 for sm_90), opt-in shared memory per block and the driver's CUDA version
-        (e.g. 12040), or None without a driver or such a device.
-    """
-    names = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")
-    lib = None
-    for name in names:
-        try:
-            lib = ctypes.CDLL(name)
-            break
-        except OSError:
-            continue
-    if lib is None or lib.cuInit(0) != 0:
-        return None
-    count = ctypes.c_int(0)
-    if lib.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value <= index:
-        return None
-    device = ctypes.c_int(0)
-    if lib.cuDeviceGet(ctypes.byref(device), index) != 0:
-        return None
-    raw_name = ctypes.create_string_buffer(256)
-    lib.cuDeviceGetName(raw_name, 256, device)
-
-    def attribute(code: int) -> int:
-        value = ctypes.c_int(0)
-        lib.cuDeviceGetAttribute(ctypes.byref(value), code, device)
-        return value.value
-
-    # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR/MINOR = 75/76, MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97 (cuda.h).
-    driver = ctypes.c_int(0)
-    lib.cuDriverGetVersion(ctypes.byref(driver))
-    return CudaDevice(raw_name.value.decode(errors="replace"), 10 * attribute(75) + attribute(76), attribute(97),
-                       driver.value)
-
-
-def tensorrt_available() -> str | None:
-    """Whether an engine can be built here.
-
-    Returns:
-        None when ``import tensorrt`` gives the real TensorRT and a CUDA GPU is visible; else one sentence naming
-        what is missing.
-    """
-    try:
-        import tensorrt as trt
-    except ModuleNotFoundError:
-        return f"TensorRT is not installed ({_INSTALL_HINT})."
-    except (ImportError, OSError) as exc:  # e.g. the Python bindings without their libnvinfer
-        return f"TensorRT is installed but cannot be loaded: {exc}."
-    # The tensorrt-stubs package installs a bare `tensorrt/` folder of .pyi files, which imports as an empty namespace
-    # package: `import tensorrt` then "works" without TensorRT.
-    if not hasattr(trt, "Builder"):
-        return (f"TensorRT is not installed: `import tensorrt` found only type stubs (tensorrt-stubs) at "
-                f"{list(getattr(trt, '__path__', []))} ({_INSTALL_HINT}).")
-    if cuda_device() is None:
-        return f"TensorRT {trt.__version__} is installed but no CUDA GPU is visible; TensorRT builds engines on a GPU."
-    return None
 
 
 # --------------------------------------------------------------------------------------------------- plugin
@@ -282,28 +199,6 @@ def _check_spec(kernel: PluginKernel, spec: PluginSpec) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- engine build
-
-
-def _make_logger() -> Any:
-    import tensorrt as trt
-
-    class _Logger(trt.ILogger):
-        """Forwards TensorRT messages to :mod:`logging` and keeps the errors for the exception message."""
-
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity: Any, msg: str) -> None:
-            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
-                self.errors.append(msg)
-                _LOG.error("TensorRT: %s", msg)
-            elif severity == trt.ILogger.Severity.WARNING:
-                _LOG.warning("TensorRT: %s", msg)
-            else:
-                _LOG.debug("TensorRT: %s", msg)
-
-    return _Logger()
 
 
 def _make_progress_monitor() -> Any:
@@ -424,7 +319,7 @@ def build_engine(onnx_path: Path, engine_path: Path, *, max_batch: int, opt_batc
                        "ptx_target": kernel.ptx_target, "ptx_version": kernel.ptx_version,
                        "kernel_json": str(kernel.json_path)}
 
-    logger = _make_logger()
+    logger = tensorrt_logger()
     builder = trt.Builder(logger)
     flags = 0
     if int(trt.__version__.split(".")[0]) < 11:
@@ -516,7 +411,7 @@ class EngineRunner:
             raise RuntimeError(missing)
         import tensorrt as trt
 
-        self._logger = _make_logger()
+        self._logger = tensorrt_logger()
         self._runtime = trt.Runtime(self._logger)
         engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
         if engine is None:

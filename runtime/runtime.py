@@ -1,8 +1,9 @@
-"""``Runtime(export_dir, gallery)``: embed, search and explain with an exported model, no torch needed (DESIGN §6).
+"""``Runtime(export_dir, gallery)``: embed, search and explain with an exported model, no torch needed.
 
-One object ties an export (any backend), a dynamic batcher and an optional gallery store together::
+One object ties an export (any backend), a dynamic batcher and an optional gallery store together
+(docs/architecture.md §6)::
 
-    with Runtime("export/", "gallery/") as rt:
+    with Runtime("export/", "gallery/", RuntimeConfig(threads=2)) as rt:
         for result in rt.search(["query.jpg"], k=10, weights={"upblack": 0}):
             for m in result.matches:
                 print(m.to_text())  # rank, key, d, the largest shares, the predictions that differ
@@ -11,35 +12,39 @@ Search ranks the gallery by the target distance d with exact FAISS search (or, w
 ``Σ_k w_k d_k`` with an exact scan of the attribute store), then explains each hit: per-attribute distances d_k, shares
 p_k = d_k / Σ_j d_j, contributions c_k = p_k·d (they sum to d), d̂, and the predicted attributes on which query and hit
 differ. All methods are thread-safe: concurrent callers' images are batched together on one inference thread.
+
+The parts, one job each: :class:`~attrimeter.runtime.config.RuntimeConfig` (how it runs),
+:class:`~attrimeter.runtime.embedder.Embedder` (decode pool, batcher, backend), :mod:`~attrimeter.runtime.gallery_open`
+(opening a gallery for this export's model), :mod:`~attrimeter.runtime.device_index` (the gallery's GPU copy),
+:class:`~attrimeter.runtime.live_gallery.LiveGallery` (keeping store and copy current) and
+:mod:`~attrimeter.runtime.indexing` (bulk indexing). Latency and error counts are the HTTP server's.
 """
 
 from __future__ import annotations
 
-import bisect
-import logging
-import threading
-import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from attrimeter.artefact.manifest import Manifest, load_manifest
 from attrimeter.explanation import QueryResult, explanations, predictions
-from attrimeter.runtime.backends import Backend, BackendError, open_backend
-from attrimeter.runtime.batching import DynamicBatcher
+from attrimeter.runtime.backends import Backend
+from attrimeter.runtime.config import RuntimeConfig
 from attrimeter.runtime.decompose import Decomposition, check_weights, explain_rows, weighted_scan
+from attrimeter.runtime.device_index import DeviceIndex, open_device_index
+from attrimeter.runtime.embedder import Embedder
 from attrimeter.runtime.errors import CorruptGalleryError, GalleryError, InputError
-from attrimeter.runtime.fused_search import FusedSearch
 from attrimeter.runtime.gallery import Gallery
-from attrimeter.runtime.images import ImageSource, as_sources, load_image, to_input
+from attrimeter.runtime.gallery_open import open_gallery
+from attrimeter.runtime.images import ImageSource, as_sources, load_image
+from attrimeter.runtime.indexing import IndexReport, index_folder
+from attrimeter.runtime.live_gallery import LiveGallery
 
-__all__ = ["IMAGE_SUFFIXES", "MAX_HITS", "MAX_KEY_CHARS", "MAX_OVERLAYS", "Embeddings", "IndexReport", "Runtime"]
+__all__ = ["MAX_HITS", "MAX_KEY_CHARS", "MAX_OVERLAYS", "Embeddings", "IndexReport", "Runtime", "RuntimeConfig"]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 # Most overlay pictures one call may ask for (queries × hits × attributes): each is a full-size RGB crop.
 MAX_OVERLAYS = 256
 # Most explained hits one call may ask for (queries × k): each carries M+1 embeddings and M numbers per field.
@@ -49,8 +54,6 @@ MAX_HITS = 10_000
 MAX_KEY_CHARS = 1024
 # Hits explained per step: bounds the gathered float32 rows (hits × (M+1) × C) whatever the request.
 _EXPLAIN_CHUNK = 1024
-# Latency histogram bounds in seconds (Prometheus-style cumulative buckets).
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -91,196 +94,72 @@ class Embeddings:
                  "attributes": predictions(attributes, meanings, self.probs[i])} for i in range(len(self.embedding))]
 
 
-class IndexReport(NamedTuple):
-    """What :meth:`Runtime.index_folder` did.
-
-    Attributes:
-        added: Images added to the gallery.
-        skipped: Unreadable images: ``(path, reason)``.
-    """
-
-    added: int
-    skipped: list[tuple[str, str]]
-
-
-class _Latency:
-    """A cumulative latency histogram (Prometheus buckets)."""
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.total = 0.0
-
-    def add(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.total += seconds
-
-    def snapshot(self) -> dict[str, Any]:
-        cumulative = np.cumsum(self.counts).tolist()
-        return {"buckets": [*zip(LATENCY_BUCKETS, cumulative[:-1], strict=True), ("+Inf", cumulative[-1])],
-                "sum": self.total, "count": cumulative[-1]}
-
-
 class Runtime:
     """An export, a backend, a dynamic batcher and an optional gallery: embed, search, explain, add.
 
     Args:
         export_dir: The export folder (``attrimeter export``); its manifest and file hashes are checked.
         gallery: A gallery folder (``attrimeter index``), an open :class:`Gallery`, or None.
-        backend: ``"auto"``, ``"onnxruntime"``, ``"tensorrt"`` or ``"torch"`` (see :mod:`attrimeter.runtime.backends`).
-        device: Backend device (None: the backend's choice).
-        threads: CPU threads of the backend.
-        checkpoint: The source checkpoint, for the torch backend when it has moved.
-        max_batch: Most images per engine call.
-        max_wait_ms: How long a request waits for others to share its batch.
-        queue_size: Most requests waiting for the engine (then :class:`OverloadedError`).
-        queue_timeout_s: The longest a call may wait for the engine: refused with :class:`OverloadedError` at once
-            when the queued images would take longer at the engine's measured rate, or when its time runs out in the
-            queue (see :mod:`attrimeter.runtime.batching`).
-        decode_workers: Threads decoding images of multi-image calls (off the inference thread).
-        verify: Check the sha256 of the export's and the gallery's files when opening.
-        writable: Open the gallery for :meth:`add` (takes its writer lock).
-        create_gallery: Create the gallery folder when it does not exist (implies writable).
-        metric: A new gallery's search metric: ``"l2"`` ranks by the target distance d, ``"ip"`` by the cosine of the
-            global embeddings (for models trained with a cosine loss); hits are explained the same way either way.
-        fused: Search and explain with the fused Triton kernels on a float16 device copy of the gallery (torch backend
-            only); None: when the torch backend runs on a GPU.
-        refresh_s: A read-only gallery looks for entries another process appended (``attrimeter index``) before a
-            search or explain at most this often, in seconds (None: only on :meth:`refresh`).
+        config: How it runs (backend, batching, gallery opening, device search); default :class:`RuntimeConfig`.
 
     Raises:
-        attrimeter.export.manifest.ManifestError: A missing or tampered export.
+        attrimeter.artefact.manifest.ManifestError: A missing or tampered export.
         BackendError: No backend can run the export.
         GalleryError: A missing, corrupt or locked gallery, or one indexed with another model.
     """
 
-    def __init__(self, export_dir: str | Path, gallery: str | Path | Gallery | None = None, *, backend: str = "auto",
-                 device: str | None = None, threads: int | None = None, checkpoint: str | Path | None = None,
-                 max_batch: int = 32, max_wait_ms: float = 2.0, queue_size: int = 1024,
-                 queue_timeout_s: float = 1.0, decode_workers: int = 2, verify: bool = True, writable: bool = False,
-                 create_gallery: bool = False, metric: str = "l2", fused: bool | None = None,
-                 refresh_s: float | None = 1.0) -> None:
-        from attrimeter.export.manifest import load_manifest
-
+    def __init__(self, export_dir: str | Path, gallery: str | Path | Gallery | None = None,
+                 config: RuntimeConfig | None = None) -> None:
+        self.config = config or RuntimeConfig()
         self.export_dir = Path(export_dir)
-        self.manifest = load_manifest(self.export_dir, verify=verify)
-        attrs = self.manifest["attributes"]
-        self.attributes: tuple[str, ...] = tuple(a["name"] for a in attrs)
-        self.titles: tuple[str, ...] = tuple(a["title"] for a in attrs)
-        self.meanings: tuple[tuple[str, str], ...] = tuple((a["meanings"][0], a["meanings"][1]) for a in attrs)
-        self.image_size: tuple[int, int] = (int(self.manifest["image_size"][0]), int(self.manifest["image_size"][1]))
-        self.model_id: str = self.manifest["source"]["sha256"]
+        self.manifest: Manifest = load_manifest(self.export_dir, verify=self.config.verify)
+        self.attributes: tuple[str, ...] = self.manifest.attribute_names
+        self.titles: tuple[str, ...] = tuple(a.title for a in self.manifest.attributes)
+        self.meanings: tuple[tuple[str, str], ...] = tuple(a.meanings for a in self.manifest.attributes)
+        self.image_size: tuple[int, int] = self.manifest.image_size
+        self.model_id: str = self.manifest.model_id
         self.gallery: Gallery | None = None
-        self.backend: Backend = open_backend(self.export_dir, self.manifest, backend, device=device, threads=threads,
-                                             checkpoint=checkpoint)
+        self._live: LiveGallery | None = None
+        self._corrupt: str | None = None  # corrupt stored rows met by a search: reported until restart
+        self._embedder = Embedder(self.export_dir, self.manifest, self.config)
         try:
-            self._batcher = DynamicBatcher(self.backend.run, max_batch=min(max_batch, self.backend.max_batch),
-                                           max_wait_s=max_wait_ms / 1000.0, queue_size=queue_size)
-            self._queue_timeout = queue_timeout_s
-            self._decoder = ThreadPoolExecutor(max(decode_workers, 1), thread_name_prefix="attrimeter-decode")
-            self._lock = threading.Lock()
-            self._append_lock = threading.Lock()
-            self._refresh_s = refresh_s
-            self._refreshed = time.monotonic()
-            self._refresh_error: str | None = None
-            self._corrupt: str | None = None  # corrupt stored rows met by a search: reported until restart
-            self._latency = {op: _Latency() for op in ("embed", "search", "explain", "add")}
-            self._errors = {op: 0 for op in self._latency}
-            self._device: Any = None
             if gallery is not None:
-                self.gallery = self._open_gallery(gallery, verify, writable or create_gallery, create_gallery, metric)
-                self._device = self._device_search(fused)
+                self.gallery = open_gallery(gallery, self.manifest, self.config)
+                device = open_device_index(self.backend, self.gallery, self.export_dir, self.manifest,
+                                           self.config.fused)
+                self._live = LiveGallery(self.gallery, device, self.config.refresh_s)
         except BaseException:
             self.close()
             raise
 
+    @property
+    def backend(self) -> Backend:
+        """The inference backend (its ``name`` and ``device`` say what runs the model)."""
+        return self._embedder.backend
+
+    @property
+    def _device(self) -> DeviceIndex | None:
+        """The gallery's device copy, or None (read once per request: a failed append may drop it meanwhile)."""
+        return None if self._live is None else self._live.device
+
     # ------------------------------------------------------------------------------------------------ gallery ---
-
-    def _open_gallery(self, gallery: str | Path | Gallery, verify: bool, writable: bool, create: bool,
-                      metric: str) -> Gallery:
-        if isinstance(gallery, Gallery):
-            store = gallery
-        else:
-            path = Path(gallery)
-            if create and not (path / "gallery.json").exists():
-                channels, h, w = self.manifest["feature_map"]
-                store = Gallery.create(path, dim=int(channels), attributes=self.attributes, aam_shape=(int(h), int(w)),
-                                       model=self.model_id, metric=metric)
-            else:
-                store = Gallery.open(path, verify=verify, writable=writable)
-        problem = None
-        if store.model != self.model_id:
-            problem = (f"{store.path} was indexed with another model (sha256 {store.model[:12]}…), this export is "
-                       f"{self.model_id[:12]}…; index the images again with this export")
-        elif tuple(store.attributes) != self.attributes or store.dim != int(self.manifest["feature_map"][0]):
-            problem = f"{store.path}: its attributes/embedding size do not match the export's"
-        if problem:
-            if store is not gallery:  # opened here: release its lock and maps now
-                store.close()
-            raise GalleryError(problem)
-        if not create:
-            store.load_index()  # now rather than in the first search: steady latency from the first request
-        return store
-
-    def _device_search(self, fused: bool | None) -> Any:
-        """Where the gallery is searched/explained on a GPU; None: FAISS + numpy on the CPU.
-
-        * torch backend on a GPU (or ``fused=True``): :class:`~attrimeter.runtime.fused_search.FusedSearch`, the
-          Triton ``attr_distance`` top-k kernel over a float16 device mirror (search and explanation);
-        * TensorRT backend with AOT kernels in the export: FAISS searches, the export's explain kernel explains on a
-          float16 device mirror through cuda-python (no torch at run time).
-
-        Device mirrors hold the global rows in float16 too, so d carries float16 rounding there.
-        """
-        torch_device = getattr(self.backend, "torch_device", None)
-        if fused is None:
-            fused = torch_device is not None and torch_device.type == "cuda"
-        if fused:
-            if torch_device is None:
-                raise BackendError("fused search runs the Triton kernels through torch: use backend='torch'")
-            return FusedSearch(self._need_gallery(), str(torch_device))
-        if self.backend.name != "tensorrt" or not (self.manifest.get("kernels") or {}).get("index"):
-            return None
-        from attrimeter.runtime.cuda_kernels import CudaExplainer
-
-        explainer = CudaExplainer(self.export_dir, self.manifest, device=int(self.backend.device.split(":")[1]))
-        gallery = self._need_gallery()
-        for first, attr in gallery.attr_chunks(65536):
-            ids = np.arange(first, first + len(attr))
-            explainer.append_gallery(np.concatenate([gallery.embeddings(ids)[:, None].astype(np.float16), attr], 1))
-        return explainer
 
     def _append(self, emb: Embeddings, meta: list[dict[str, Any]]) -> np.ndarray:
         """Append to the gallery, then to its device copy (explain uses the copy only for ids it already holds)."""
-        gallery = self._need_gallery()
-        with self._append_lock:
-            ids = gallery.append(emb.embedding, emb.attr_embeddings, emb.probs, meta, aam=emb.aam)
-            self._mirror(emb.stacked())
-        return ids
-
-    def _mirror(self, rows: np.ndarray) -> None:
-        """Append rows to the device copy; the caller holds ``_append_lock``.
-
-        A copy behind the store would explain the wrong rows, so one that fails is dropped: the CPU path takes over.
-        """
-        device = self._device
-        if device is None:
-            return
-        try:
-            device.append_gallery(rows)
-        except Exception:
-            logging.getLogger(__name__).exception("the device copy of the gallery failed; searching on the CPU")
-            self._device = None
-            device.close()
+        return self._need_live().append(emb.embedding, emb.attr_embeddings, emb.probs, meta, emb.aam)
 
     def _check_open(self) -> None:
         if self.__dict__.get("_closed"):
             raise RuntimeError("the runtime is closed")
 
-    def _need_gallery(self) -> Gallery:
+    def _need_live(self) -> LiveGallery:
         self._check_open()
-        if self.gallery is None:
+        if self._live is None:
             raise GalleryError("no gallery is open (Runtime(export, gallery=...))")
-        return self.gallery
+        return self._live
+
+    def _need_gallery(self) -> Gallery:
+        return self._need_live().store
 
     def refresh(self) -> int:
         """Pick up entries another process appended to the gallery (and copy them to the device copy, if any).
@@ -291,41 +170,19 @@ class Runtime:
         Raises:
             GalleryError: No gallery, or a corrupt new segment (this handle keeps the entries it had).
         """
-        gallery = self._need_gallery()
-        with self._append_lock:
-            self._refreshed = time.monotonic()  # also after a failure: retried after refresh_s, not on every call
-            n = gallery.refresh()
-            device = self._device
-            if device is not None and len(device) < n:
-                ids = np.arange(len(device), n)
-                self._mirror(np.concatenate([gallery.embeddings(ids)[:, None], gallery.attr_embeddings(ids)], axis=1))
-        return n
+        return self._need_live().refresh()
 
     def _maybe_refresh(self) -> None:
-        gallery = self._need_gallery()
-        if (self._refresh_s is not None and not gallery.writable
-                and time.monotonic() - self._refreshed >= self._refresh_s):
-            try:
-                self.refresh()
-            except GalleryError as e:  # keep serving what was published before; stats() shows the problem
-                logging.getLogger(__name__).error("gallery refresh failed: %s", e)
-                self._refresh_error = str(e)
-            else:
-                self._refresh_error = None
+        self._need_live().maybe_refresh()
 
     # ------------------------------------------------------------------------------------------------ embed -----
 
     def _pixels(self, sources: list[ImageSource]) -> np.ndarray:
         self._check_open()
-        size = self.image_size
-        if len(sources) == 1:
-            return load_image(sources[0], size, "images[0]")[None]
-        futures = [self._decoder.submit(load_image, s, size, f"images[{i}]") for i, s in enumerate(sources)]
-        return np.stack([f.result() for f in futures])
+        return self._embedder.pixels(sources)
 
     def _infer(self, pixels: np.ndarray) -> Embeddings:
-        out = self._batcher(to_input(pixels), timeout=self._queue_timeout)
-        return self._embeddings(out)
+        return self._embeddings(self._embedder.run(pixels))
 
     def _embeddings(self, out: Mapping[str, np.ndarray]) -> Embeddings:
         emb = Embeddings(embedding=out["embedding"], attr_embeddings=out["attr_embeddings"],
@@ -334,11 +191,6 @@ class Runtime:
         if not finite.all():
             raise InputError(f"the model gives NaN/inf embeddings for images {np.flatnonzero(~finite).tolist()}")
         return emb
-
-    def _timed(self, op: str, start: float, ok: bool) -> None:
-        with self._lock:
-            self._latency[op].add(time.perf_counter() - start)
-            self._errors[op] += not ok
 
     def embed(self, images: ImageSource | Sequence[ImageSource]) -> Embeddings:
         """Embed images.
@@ -354,13 +206,7 @@ class Runtime:
             InputError: An unusable image (named by its index).
             OverloadedError: The request queue stayed full.
         """
-        start, ok = time.perf_counter(), False
-        try:
-            result = self._infer(self._pixels(as_sources(images)))
-            ok = True
-            return result
-        finally:
-            self._timed("embed", start, ok)
+        return self._infer(self._pixels(as_sources(images)))
 
     # ------------------------------------------------------------------------------------------------ search ----
 
@@ -387,10 +233,8 @@ class Runtime:
         stacked = emb.stacked() if dec is None else None
         if dec is not None:
             pass
-        elif isinstance(device, FusedSearch) and k and ids.max() < len(device):
-            dec = device.explain(stacked, ids, weights)
         elif device is not None and k and ids.max() < len(device):  # else: an add is being mirrored right now
-            dec = Decomposition(**device.explain(stacked, ids, weights))
+            dec = device.explain(stacked, ids, weights)
         else:  # in query chunks: the gathered rows stay bounded
             step = max(1, _EXPLAIN_CHUNK // max(k, 1))
             parts = []
@@ -470,7 +314,7 @@ class Runtime:
                 overlays: int) -> list[QueryResult]:
         gallery = self._need_gallery()
         device = self._device
-        if isinstance(device, FusedSearch) and (w is not None or gallery.metric == "l2"):  # the kernel ranks by L2
+        if device is not None and device.can_rank(w is not None, gallery.metric):
             ids, dec = device.search(emb.stacked(), int(k), w)
             return self._explain(emb, pixels, ids, w, min(int(overlays), len(self.attributes)), dec)
         if w is None:
@@ -502,18 +346,12 @@ class Runtime:
             GalleryError: No gallery is open.
             OverloadedError: The request queue stayed full.
         """
-        start, ok = time.perf_counter(), False
-        try:
-            self._maybe_refresh()
-            sources = as_sources(images)
-            self._check_k(k, overlays, len(sources))
-            w = self._weights(weights)
-            pixels = self._pixels(sources)
-            result = self._search(self._infer(pixels), pixels, k, w, overlays)
-            ok = True
-            return result
-        finally:
-            self._timed("search", start, ok)
+        self._maybe_refresh()
+        sources = as_sources(images)
+        self._check_k(k, overlays, len(sources))
+        w = self._weights(weights)
+        pixels = self._pixels(sources)
+        return self._search(self._infer(pixels), pixels, k, w, overlays)
 
     def search_embeddings(self, embeddings: Embeddings, k: int = 10,
                           weights: Mapping[str, float] | Sequence[float] | None = None) -> list[QueryResult]:
@@ -527,15 +365,9 @@ class Runtime:
         Returns:
             One :class:`QueryResult` per query.
         """
-        start, ok = time.perf_counter(), False
-        try:
-            self._maybe_refresh()
-            self._check_k(k, 0)
-            result = self._search(embeddings, None, k, self._weights(weights), 0)
-            ok = True
-            return result
-        finally:
-            self._timed("search", start, ok)
+        self._maybe_refresh()
+        self._check_k(k, 0)
+        return self._search(embeddings, None, k, self._weights(weights), 0)
 
     def explain(self, image: ImageSource, ids: Sequence[int], overlays: int = 0) -> QueryResult:
         """Explain one query image against chosen gallery entries.
@@ -553,25 +385,19 @@ class Runtime:
             UnknownIdError: An id the gallery does not hold.
             GalleryError: No gallery is open.
         """
-        start, ok = time.perf_counter(), False
+        self._maybe_refresh()
+        gallery = self._need_gallery()
         try:
-            self._maybe_refresh()
-            gallery = self._need_gallery()
-            try:
-                id_array = np.asarray(ids)
-                if id_array.ndim != 1 or len(id_array) == 0 or not np.issubdtype(id_array.dtype, np.integer):
-                    raise TypeError
-            except (TypeError, ValueError):
-                raise InputError(f"ids must be a non-empty list of integers, got {ids!r}") from None
-            self._check_k(len(id_array), overlays, hits=len(id_array))
-            gallery.meta(id_array)  # raises UnknownIdError before any work
-            pixels = self._pixels([image])
-            emb = self._infer(pixels)
-            result = self._explain(emb, pixels, id_array.astype(np.int64)[None], None, overlays)[0]
-            ok = True
-            return result
-        finally:
-            self._timed("explain", start, ok)
+            id_array = np.asarray(ids)
+            if id_array.ndim != 1 or len(id_array) == 0 or not np.issubdtype(id_array.dtype, np.integer):
+                raise TypeError
+        except (TypeError, ValueError):
+            raise InputError(f"ids must be a non-empty list of integers, got {ids!r}") from None
+        self._check_k(len(id_array), overlays, hits=len(id_array))
+        gallery.meta(id_array)  # raises UnknownIdError before any work
+        pixels = self._pixels([image])
+        emb = self._infer(pixels)
+        return self._explain(emb, pixels, id_array.astype(np.int64)[None], None, overlays)[0]
 
     # ------------------------------------------------------------------------------------------------ add -------
 
@@ -595,37 +421,30 @@ class Runtime:
             InputError: A bad image or metadata of the wrong length; nothing is added.
             GalleryError: No writable gallery.
         """
-        start, ok = time.perf_counter(), False
-        try:
-            self._need_gallery()
-            sources = as_sources(images)
-            n = len(sources)
-            for name, values in (("keys", keys), ("cameras", cameras), ("paths", paths), ("extra", extra)):
-                if values is not None and len(values) != n:
-                    raise InputError(f"{name} has {len(values)} entries for {n} images")
-            for i, key in enumerate(keys or ()):
-                if not isinstance(key, str) or len(key) > MAX_KEY_CHARS:
-                    raise InputError(f"keys[{i}] must be a string of at most {MAX_KEY_CHARS} characters")
-            emb = self._infer(self._pixels(sources))
-            meta = []
-            for i, src in enumerate(sources):
-                path = paths[i] if paths is not None else (str(src) if isinstance(src, (str, Path)) else None)
-                entry: dict[str, Any] = dict(extra[i]) if extra is not None else {}
-                entry.update(key=keys[i] if keys is not None else path, path=path,
-                             camera=None if cameras is None or cameras[i] is None else int(cameras[i]))
-                meta.append(entry)
-            ids = self._append(emb, meta)
-            ok = True
-            return ids
-        finally:
-            self._timed("add", start, ok)
+        self._need_gallery()
+        sources = as_sources(images)
+        n = len(sources)
+        for name, values in (("keys", keys), ("cameras", cameras), ("paths", paths), ("extra", extra)):
+            if values is not None and len(values) != n:
+                raise InputError(f"{name} has {len(values)} entries for {n} images")
+        for i, key in enumerate(keys or ()):
+            if not isinstance(key, str) or len(key) > MAX_KEY_CHARS:
+                raise InputError(f"keys[{i}] must be a string of at most {MAX_KEY_CHARS} characters")
+        emb = self._infer(self._pixels(sources))
+        meta = []
+        for i, src in enumerate(sources):
+            path = paths[i] if paths is not None else (str(src) if isinstance(src, (str, Path)) else None)
+            entry: dict[str, Any] = dict(extra[i]) if extra is not None else {}
+            entry.update(key=keys[i] if keys is not None else path, path=path,
+                         camera=None if cameras is None or cameras[i] is None else int(cameras[i]))
+            meta.append(entry)
+        return self._append(emb, meta)
 
     def index_folder(self, folder: str | Path, segment: int = 4096, progress: bool = True) -> IndexReport:
         """Add every image under a folder (sorted, recursive) to the gallery, one crash-safe segment at a time.
 
         Images already in the gallery (same resolved path) are skipped, so an interrupted run resumes; unreadable
-        images are skipped and reported, so one bad file never blocks the rest. Identity and camera (``c1`` → 1) come
-        from Market-1501/DukeMTMC file names that follow the pattern; the key is the path relative to ``folder``.
+        images are skipped and reported (see :func:`attrimeter.runtime.indexing.index_folder`).
 
         Args:
             folder: Image folder.
@@ -639,90 +458,22 @@ class Runtime:
             InputError: No images in the folder.
             GalleryError: No writable gallery.
         """
-        from attrimeter.data.formats import DataFormatError, parse_image_name
-
         gallery = self._need_gallery()
-        folder = Path(folder)
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not files:
-            raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
-        known = {m.get("path") for m in gallery.meta(np.arange(len(gallery)))} if len(gallery) else set()
-        todo = [p for p in files if str(p.resolve()) not in known]
-        bar = tqdm(total=len(todo), desc="index", unit="img", disable=not progress)
-        size, step = self.image_size, self._batcher.max_batch
-        added, skipped = 0, []
-
-        def decode(path: Path) -> np.ndarray | None:
-            try:
-                return load_image(path, size, str(path))
-            except Exception as e:  # whatever is wrong with one file, the others still get indexed
-                skipped.append((str(path), str(e) or type(e).__name__))
-                return None
-
-        for s in range(0, len(todo), segment):
-            pending: list[tuple[list[Path], list[Future[dict[str, np.ndarray]]]]] = []
-            done: list[tuple[list[Path], dict[str, np.ndarray]]] = []
-            chunk = todo[s:s + segment]
-            for b in range(0, len(chunk), step):  # decode the next batch while the engine runs this one
-                decoded = list(self._decoder.map(decode, chunk[b:b + step]))
-                good = [(p, x) for p, x in zip(chunk[b:b + step], decoded, strict=True) if x is not None]
-                bar.update(len(decoded))
-                if good:
-                    pending.append(([p for p, _ in good], self._batcher.submit(to_input(np.stack([x for _, x in good])),
-                                                                               timeout=None)))
-                while len(pending) > 2:  # bounded: at most three batches of pixels in flight
-                    paths, futures = pending.pop(0)
-                    done.append((paths, futures[0].result()))
-            done += [(paths, futures[0].result()) for paths, futures in pending]
-            if not done:
-                continue
-            paths = [p for ps, _ in done for p in ps]
-            out = {k: np.concatenate([o[k] for _, o in done]) for k in done[0][1]}
-            finite = np.isfinite(out["embedding"]).all(1) & np.isfinite(out["attr_embeddings"]).all((1, 2))
-            skipped += [(str(p), "the model gives NaN/inf embeddings") for p, ok in zip(paths, finite, strict=True)
-                        if not ok]
-            if not finite.all():
-                paths = [p for p, ok in zip(paths, finite, strict=True) if ok]
-                out = {k: v[finite] for k, v in out.items()}
-            if not paths:
-                continue
-            emb = self._embeddings(out)
-            meta = []
-            for p in paths:
-                entry: dict[str, Any] = {"key": p.relative_to(folder).as_posix(), "path": str(p.resolve()),
-                                         "camera": None}
-                for style in ("market1501", "dukemtmc"):
-                    try:
-                        pid, cam = parse_image_name(p, style)
-                    except DataFormatError:
-                        continue
-                    entry.update(pid=pid, camera=cam + 1)  # as the file name writes it: c1 → 1
-                    break
-                meta.append(entry)
-            self._append(emb, meta)
-            added += len(paths)
-        bar.close()
-        return IndexReport(added=added, skipped=skipped)
+        return index_folder(folder, gallery, self._embedder,
+                            lambda out, meta: self._append(self._embeddings(out), meta), segment, progress)
 
     # ------------------------------------------------------------------------------------------------ misc ------
 
     def stats(self) -> dict[str, Any]:
-        """Counters for monitoring: backend, gallery size, queue depth, batches, per-operation latency and errors.
+        """What a monitor wants to know now: backend, gallery size, the engine's queue and counters, and problems.
 
         ``gallery_refresh_error``: why entries another process appended could not be read (the old ones stay in use);
         ``gallery_problem``: corrupt stored rows a search met. Either makes a server's ``/health`` say degraded.
+        Latency and error counts are the HTTP server's (:class:`attrimeter.runtime.metrics.ServerMetrics`).
         """
         self._check_open()
-        b = self._batcher.stats
-        with self._lock:
-            latency = {op: h.snapshot() for op, h in self._latency.items()}
-            errors = dict(self._errors)
-        return {"backend": self.backend.name, "device": self.backend.device,
-                "gallery_size": None if self.gallery is None else len(self.gallery),
-                "queue_depth": self._batcher.queue_depth, "requests": b.requests, "images": b.rows,
-                "batches": b.batches, "failed_batches": b.failed_batches, "rejected": b.rejected,
-                "busy_seconds": b.busy_s, "batch_sizes": dict(b.batch_sizes), "latency": latency, "errors": errors,
-                "queued_images": self._batcher.queued_rows, "gallery_refresh_error": self._refresh_error,
+        return {**self._embedder.stats(), "gallery_size": None if self.gallery is None else len(self.gallery),
+                "gallery_refresh_error": None if self._live is None else self._live.refresh_error,
                 "gallery_problem": self._corrupt}
 
     def close(self) -> None:
@@ -733,22 +484,14 @@ class Runtime:
         if self.__dict__.get("_closed"):
             return
         self._closed = True
-        batcher, decoder = self.__dict__.get("_batcher"), self.__dict__.get("_decoder")
-        device, self._device = self.__dict__.get("_device"), None
         try:
-            if batcher is not None:
-                batcher.close()
-            if decoder is not None:
-                decoder.shutdown(wait=True)
-            if device is not None:
-                device.close()
+            if "_embedder" in self.__dict__:
+                self._embedder.close()
         finally:
-            try:
-                if self.gallery is not None:
-                    self.gallery.close()
-            finally:
-                if "backend" in self.__dict__:
-                    self.backend.close()
+            if self._live is not None:
+                self._live.close()
+            elif self.gallery is not None:  # opened, but failed before its device copy was made
+                self.gallery.close()
 
     def __enter__(self) -> Runtime:
         return self

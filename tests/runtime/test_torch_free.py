@@ -24,11 +24,11 @@ SCRIPT = textwrap.dedent("""
     import importlib.util, json, sys
     assert importlib.util.find_spec("torch") is None, "torch is installed here"
     assert importlib.util.find_spec("triton") is None, "triton is installed here"
-    from attrimeter.runtime import Runtime
+    from attrimeter.runtime import Runtime, RuntimeConfig
     import urllib.request
     from attrimeter.runtime.server import RuntimeServer  # the HTTP server too
     export, gallery, images, query = sys.argv[1:5]
-    with Runtime(export, gallery, create_gallery=True) as rt:
+    with Runtime(export, gallery, RuntimeConfig(create_gallery=True)) as rt:
         added = rt.index_folder(images, progress=False).added
         result = rt.search(query, k=3, overlays=1)[0]
         emb = rt.embed(query)
@@ -59,7 +59,7 @@ def bare_venv(tmp_path_factory):
 
 
 def test_runtime_runs_without_torch_and_triton(bare_venv, tiny_export, tiny_data, tmp_path):
-    from attrimeter.runtime import Runtime
+    from attrimeter.runtime import Runtime, RuntimeConfig
 
     images = tiny_data / "bounding_box_test"
     query = sorted((tiny_data / "query").glob("*.jpg"))[0]
@@ -74,7 +74,7 @@ def test_runtime_runs_without_torch_and_triton(bare_venv, tiny_export, tiny_data
     assert bare["added"] == len(list(images.glob("*.jpg")))
 
     # The same work here (torch installed) gives the same answer.
-    with Runtime(tiny_export, tmp_path / "g2", create_gallery=True) as rt:
+    with Runtime(tiny_export, tmp_path / "g2", RuntimeConfig(create_gallery=True)) as rt:
         rt.index_folder(images, progress=False)
         here = rt.search(query, k=3)[0]
         emb = rt.embed(query)
