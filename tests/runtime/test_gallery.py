@@ -1,6 +1,7 @@
 """Gallery store: round trips, exact search, id gathers, bad input, crash safety under SIGKILL, corruption, refresh."""
 
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -11,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attrimeter.runtime.errors import GalleryError, InputError, UnknownIdError
+from attrimeter.runtime.errors import GalleryError, InputError, StorageError, UnknownIdError
 from attrimeter.runtime.gallery import MANIFEST_NAME, Gallery
+from attrimeter.runtime.store_format import JOURNAL_NAME, parse_journal, parse_journal_header, parse_manifest
 
 pytest.importorskip("faiss")
 
@@ -55,24 +57,35 @@ while True:
     g.append(e, a, p, meta, aam=m)
 """
 
-# One append or compaction that stops the process (os._exit, like a kill) at a chosen point of the publishing protocol.
+# One append or compaction that stops the process (os._exit, like a kill) at a chosen point of the publishing protocol:
+# before/after the segment folder's rename, the journal's add record (pwrite; "torn": half of it written) or the
+# first/second os.replace of a compaction (gallery.json, then the new journal).
 CHILD_CRASH = GENERATOR + """
 import os, sys
 from attrimeter.runtime.gallery import Gallery
 
 point, action = sys.argv[2:]
-g = Gallery.open(sys.argv[1], writable=True, verify=False, progress=False)
-real = {"rename": os.rename, "replace": os.replace}
+g = Gallery.open(sys.argv[1], writable=True, verify=False, progress=False, auto_compact=None)
 op, when = point.split("-")
+name = op.rstrip("2")
+real = getattr(os, name)
+calls = []
 
 
-def crash(*args):
+def crash(*args, **kwargs):
+    if name == "pwrite" and b'"op":"add"' not in args[1]:
+        return real(*args, **kwargs)
+    calls.append(1)
+    if op.endswith("2") and len(calls) < 2:
+        return real(*args, **kwargs)
     if when == "after":
-        real[op](*args)
+        real(*args, **kwargs)
+    elif when == "torn":
+        real(args[0], args[1][:len(args[1]) // 2], args[2])
     os._exit(3)
 
 
-setattr(os, op, crash)
+setattr(os, name, crash)
 if action == "compact":
     g.compact(progress=False)
 else:
@@ -122,9 +135,24 @@ def _check_generated(g):
     assert g.meta(ids) == [{"id": int(i), **r[4]} for i, r in zip(ids, rows, strict=True)]
 
 
+def _is_mapped(a):
+    while isinstance(a, (np.ndarray, memoryview)):
+        a = a.base if isinstance(a, np.ndarray) else a.obj
+    return isinstance(a, mmap.mmap)
+
+
 def _listed(path):
-    doc = json.loads((Path(path) / MANIFEST_NAME).read_text())
-    return {s["name"] for s in doc["segments"]}
+    """Names of the published segments: gallery.json's, then the add records of a journal of its generation."""
+    manifest = parse_manifest((Path(path) / MANIFEST_NAME).read_bytes(), "")
+    names = {s.name for s in manifest.segments}
+    journal = Path(path) / JOURNAL_NAME
+    if journal.exists():
+        raw = journal.read_bytes()
+        generation, start = parse_journal_header(raw, "")
+        if generation == manifest.generation:
+            names |= {s.name for s in parse_journal(raw[start:], "", spec=manifest.spec, start=start, seq=0,
+                                                    first_id=manifest.count, names=names).added}
+    return names
 
 
 def _on_disk(path):
@@ -219,7 +247,7 @@ def test_large_segment_is_memory_mapped_and_gallery_without_aam(tmp_path, rng):
     g.close()
     with Gallery.open(tmp_path / "g") as r:
         chunks = dict(r.attr_chunks(1000))
-        assert not isinstance(chunks[0], np.memmap) and isinstance(chunks[3], np.memmap)
+        assert not _is_mapped(chunks[0]) and _is_mapped(chunks[3])  # scans map large files, small ones are in memory
         assert len(chunks[3]) == 600 and not chunks[3].flags.writeable
         assert r.aam([0, 602]) is None
         ids = rng.permutation(603)
@@ -446,7 +474,7 @@ def test_sigkill_during_appends_loses_nothing_published(tmp_path, rng):
         assert ids[0, 0] == len(g) - 1
 
 
-@pytest.mark.parametrize("point", ["rename-before", "rename-after", "replace-before", "replace-after"])
+@pytest.mark.parametrize("point", ["rename-before", "rename-after", "pwrite-before", "pwrite-torn", "pwrite-after"])
 def test_crash_at_each_publishing_step(tmp_path, point):
     path = tmp_path / "g"
     with _gen_gallery(path) as g:
@@ -456,14 +484,14 @@ def test_crash_at_each_publishing_step(tmp_path, point):
     manifest_before = (path / MANIFEST_NAME).read_bytes()
     result = _run_child(CHILD_CRASH, path, point, "append")
     assert result.returncode == 3, result.stderr
-    published = point == "replace-after"
+    published = point == "pwrite-after"
+    assert (path / MANIFEST_NAME).read_bytes() == manifest_before  # an append only appends to the journal
     leftovers = _on_disk(path) - _listed(path)
     if published:
         assert not leftovers
     else:  # a half-written or unpublished segment folder is on disk, yet invisible
         assert len(leftovers) == 1 and (next(iter(leftovers)).startswith(".") == (point == "rename-before"))
-        assert (path / MANIFEST_NAME).read_bytes() == manifest_before
-    with Gallery.open(path, verify=True, progress=False) as r:
+    with Gallery.open(path, verify=True, progress=False) as r:  # a torn journal record is ignored
         assert len(r) == before + (GEN["batch_size"](before) if published else 0)
         _check_generated(r)
     with Gallery.open(path, writable=True, progress=False) as w:
@@ -471,9 +499,11 @@ def test_crash_at_each_publishing_step(tmp_path, point):
         (e, a, p, m), meta = GEN["batch"](len(w))
         w.append(e, a, p, meta, aam=m)
         _check_generated(w)
+    with Gallery.open(path, verify=True, progress=False) as r:
+        _check_generated(r)
 
 
-@pytest.mark.parametrize("point", ["rename-after", "replace-before", "replace-after"])
+@pytest.mark.parametrize("point", ["rename-after", "replace-before", "replace-after", "replace2-after"])
 def test_crash_during_compaction(tmp_path, point):
     path = tmp_path / "g"
     with _gen_gallery(path) as g:
@@ -484,7 +514,9 @@ def test_crash_during_compaction(tmp_path, point):
     result = _run_child(CHILD_CRASH, path, point, "compact")
     assert result.returncode == 3, result.stderr
     after = _listed(path)
-    assert len(after) == (1 if point == "replace-after" else 4) and (after == before) != (point == "replace-after")
+    published = point in ("replace-after", "replace2-after")  # gallery.json names the merged segment
+    assert len(after) == (1 if published else 4) and (after == before) != published
+    assert _on_disk(path) > after  # the old or the merged folders are still there
     with Gallery.open(path, verify=True, progress=False) as r:  # old or merged segments, all entries either way
         _check_generated(r)
     with Gallery.open(path, writable=True, progress=False) as w:
@@ -499,11 +531,16 @@ def test_failed_publish_in_process_rolls_back(filled, rng, monkeypatch):
     manifest = g.path / MANIFEST_NAME
     before, folders = manifest.read_bytes(), _on_disk(g.path)
 
-    def fail(*args):
-        raise OSError(28, "No space left on device")
+    real_pwrite = os.pwrite
 
-    monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(GalleryError, match="nothing was published"):
+    def fail(fd, data, offset):
+        if b'"op":"add"' in data:  # the disk fills up just as the add record is written: half of it lands
+            real_pwrite(fd, data[:len(data) // 2], offset)
+            raise OSError(28, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", fail)
+    with pytest.raises(StorageError, match="nothing was published"):
         g.append(**_batch(rng, 4))
     monkeypatch.undo()
     assert manifest.read_bytes() == before and _on_disk(g.path) == folders
@@ -652,20 +689,31 @@ def test_compact_keeps_ids_and_readers_working(tmp_path, rng):
 
 @pytest.mark.parametrize("op", ["append", "compact"])
 def test_interrupt_right_after_publishing_keeps_the_published_segment(filled, rng, monkeypatch, op):
-    """Ctrl-C landing just after os.replace published gallery.json must not delete what it lists."""
+    """Ctrl-C landing just after the journal record or gallery.json was written must not delete what they list."""
     g, data = filled
     extra = _batch(rng, 3)
-    real_replace = os.replace
+    real_pwrite, real_replace = os.pwrite, os.replace
 
-    def replace_then_interrupt(src, dst):
-        real_replace(src, dst)
+    def pwrite_then_interrupt(fd, line, offset):
+        done = real_pwrite(fd, line, offset)
+        if b'"op":"add"' in line:
+            raise KeyboardInterrupt
+        return done
+
+    def replace_then_interrupt(src, dst, **kwargs):
+        real_replace(src, dst, **kwargs)
         if str(dst).endswith(MANIFEST_NAME):
             raise KeyboardInterrupt
 
+    monkeypatch.setattr(os, "pwrite", pwrite_then_interrupt)
     monkeypatch.setattr(os, "replace", replace_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         g.append(**extra) if op == "append" else g.compact(progress=False)
-    monkeypatch.setattr(os, "replace", real_replace)
+    monkeypatch.undo()
+    if op == "append":  # the same handle goes on from what was published
+        one = _batch(rng, 1)
+        np.testing.assert_array_equal(g.append(**one), [len(data["meta"]) + 3])
+        extra = _concat([extra, one])
     path = g.path
     g.close()
     assert _listed(path) <= _on_disk(path)
@@ -674,15 +722,17 @@ def test_interrupt_right_after_publishing_keeps_the_published_segment(filled, rn
 
 
 def test_a_failed_write_is_a_storage_error(filled, rng, monkeypatch):
-    from attrimeter.runtime import gallery as gallery_module
-    from attrimeter.runtime.errors import StorageError
-
     g, data = filled
+    folders = _on_disk(g.path)
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(gallery_module, "_write_segment", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(StorageError, match="nothing was published"):
         g.append(**_batch(rng, 2))
+    with pytest.raises(StorageError, match="nothing was published"):
+        g.compact(progress=False)
+    monkeypatch.undo()
     _assert_holds(g, data)
+    assert _on_disk(g.path) == folders
