@@ -34,7 +34,7 @@ import os
 import secrets
 import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +238,7 @@ class SegmentStore:
             extended = self._read_tail(previous)
             if extended is not None:
                 return extended
+        newer_than: bytes | None = None
         while True:
             base_fd, manifest, raw = _read_base(self.path, self._fds["root"])
             try:
@@ -250,6 +251,10 @@ class SegmentStore:
                 raise
             if journal_fd == -1:  # the journal is newer than the base read: a compaction replaced both meanwhile
                 os.close(base_fd)
+                if raw == newer_than:
+                    raise CorruptGalleryError(f"{self.path / JOURNAL_NAME}: continues a newer generation than "
+                                              f"{MANIFEST_NAME} holds, which stays the same when read again")
+                newer_than = raw
                 continue
             try:
                 records = manifest.segments + (journal.added if journal is not None else ())
@@ -395,6 +400,7 @@ class SegmentStore:
         merged: dict[int, Segment] = {}
         garbage: list[str] = []
         manifest: Manifest | None = None
+        start = replace(self._position)
         try:
             for a, b in runs:
                 segments = state.segments[a:b]
@@ -416,10 +422,12 @@ class SegmentStore:
         except BaseException as e:
             # An interrupt can land after gallery.json was replaced: never delete what it lists.
             if manifest is None or not self._base_is(encode_manifest(manifest)):
-                for segment in merged.values():
-                    _suppress(remove_folder, self._fds["segments"], segment.name, self.path / SEGMENTS / segment.name)
+                self._undo(start, [s.name for s in merged.values()])
                 if isinstance(e, OSError):
                     raise StorageError(f"{self.path}: compaction failed, nothing was published ({e})") from e
+            elif isinstance(e, OSError):
+                raise StorageError(f"{self.path}: compaction published, then starting a new journal failed ({e}); "
+                                   "the next write or open retries it") from e
             raise
         self.state = StoreState(tuple(new), np.array([s.first_id for s in new], np.int64), state.count)
         self._delete(garbage)
@@ -450,10 +458,11 @@ class SegmentStore:
         name = f"{first:012d}-{secrets.token_hex(4)}"
         tmp = _TMP + name
         segments_fd = self._fds["segments"]
-        self._append_journal(encode_record(self._position.seq + 1, begin=name), sync=False)
+        start = replace(self._position)
         renamed = committed = False
         line = b""
         try:
+            self._append_journal(encode_record(self._position.seq + 1, begin=name), sync=False)
             total = sum(int(np.prod(s)) * DTYPES[k].itemsize for k, s in self.spec.shapes(n).items())
             with self._bar(total if progress else 0, f"{desc} {self.path.name}") as bar:
                 files, sizes = write_segment(segments_fd, tmp, self.spec.shapes(n), chunks, bar)
@@ -468,10 +477,7 @@ class SegmentStore:
         except BaseException as e:
             # An interrupt (Ctrl-C) can land after the add record is written: never delete a published folder.
             if not committed and not (line and self._holds(line)):
-                self._truncate_journal()
-                for leftover in (tmp, name if renamed else None):
-                    if leftover is not None:
-                        _suppress(remove_folder, segments_fd, leftover, self.path / SEGMENTS / leftover)
+                self._undo(start, [tmp, name] if renamed else [tmp])
                 if isinstance(e, OSError):
                     raise StorageError(f"{self.path}: {desc} failed, nothing was published ({e})") from e
             raise
@@ -496,11 +502,20 @@ class SegmentStore:
         except OSError:
             return False
 
-    def _truncate_journal(self) -> None:
+    def _undo(self, start: _Position, folders: Sequence[str]) -> None:
+        """Delete this handle's unpublished ``folders``, then cut the journal back to ``start``.
+
+        If a folder stays, the journal keeps the ``begin`` records that name it as garbage for the next writer.
+        """
+        removed = [_suppress(remove_folder, self._fds["segments"], f, self.path / SEGMENTS / f) for f in folders]
+        end = start.end if all(removed) else self._position.end
         try:
-            os.ftruncate(self._fds["journal"], self._position.end)
-        except OSError as e:  # the torn bytes are ignored by readers and overwritten by the next record
-            log.warning("%s: could not cut a failed record off the journal: %s", self.path, e)
+            os.ftruncate(self._fds["journal"], end)
+        except OSError as e:  # torn bytes are ignored by readers and overwritten by the next record
+            log.warning("%s: could not cut a failed write off the journal: %s", self.path, e)
+            return
+        if all(removed):
+            self._position = start
 
     def _publish_base(self, manifest: Manifest) -> bytes:
         """Write ``gallery.json`` atomically and durably; return its bytes."""
@@ -746,12 +761,14 @@ def _exists(root_fd: int, name: str) -> bool:
     return True
 
 
-def _suppress(fn: Any, *args: Any) -> None:
-    """Best-effort clean-up of this handle's own failed write (what is left, the next writer deletes)."""
+def _suppress(fn: Any, *args: Any) -> bool:
+    """Best-effort clean-up of this handle's own failed write; whether it succeeded."""
     try:
         fn(*args)
     except OSError as e:
         log.warning("clean-up failed: %s", e)
+        return False
+    return True
 
 
 def _close_fds(fds: dict[str, int]) -> None:

@@ -275,7 +275,7 @@ def parse_journal_header(raw: bytes, where: str) -> tuple[int, int]:
         CorruptGalleryError: No complete, intact, well-formed header line.
     """
     nl = raw.find(b"\n")
-    header = _record(raw[:nl]) if nl >= 0 else None
+    header = _record(raw[:nl], where, 0) if nl >= 0 else None
     if (not isinstance(header, dict) or set(header) != {"format", "version", "generation"}
             or header["format"] != JOURNAL_FORMAT or header["version"] != VERSION
             or not _is_int(header["generation"], 1)):
@@ -307,7 +307,7 @@ def parse_journal(raw: bytes, where: str, *, spec: GallerySpec, start: int, seq:
     i = end = 0
     bad = None
     while (nl := raw.find(b"\n", i)) >= 0:
-        body = _record(raw[i:nl])
+        body = _record(raw[i:nl], where, start + i)
         if body is None:  # checksum or JSON broken: a torn write, unless an intact record follows
             bad = start + i if bad is None else bad
         elif bad is not None:
@@ -362,8 +362,12 @@ def _line(body: Mapping[str, Any]) -> bytes:
     return b"%08x %s\n" % (zlib.crc32(text), text)
 
 
-def _record(line: bytes) -> Any:
-    """The JSON of a checksummed journal line, or None when its checksum or JSON is bad."""
+def _record(line: bytes, where: str, offset: int) -> Any:
+    """The JSON of a journal line; None when its checksum fails (a torn write).
+
+    Raises:
+        CorruptGalleryError: The checksum holds but the JSON does not parse (deep nesting included).
+    """
     if len(line) < 10 or line[8:9] != b" ":
         return None
     text = line[9:]
@@ -372,10 +376,7 @@ def _record(line: bytes) -> Any:
             return None
     except ValueError:
         return None
-    try:
-        return _loads(text, "", "")
-    except CorruptGalleryError:
-        return None
+    return _loads(text, where, f"the record at byte {offset} is not JSON")
 
 
 def _loads(raw: bytes, where: str, what: str) -> Any:
