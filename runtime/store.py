@@ -28,7 +28,6 @@ A store is not thread-safe: :class:`~attrimeter.runtime.gallery.Gallery` seriali
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import secrets
@@ -41,13 +40,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from attrimeter.runtime.errors import (
-    CorruptGalleryError,
-    GalleryError,
-    LockedGalleryError,
-    StorageError,
-    UnsafeGalleryPathError,
-)
+from attrimeter.runtime.errors import CorruptGalleryError, GalleryError, StorageError
 from attrimeter.runtime.segment import (
     MissingSegmentFile,
     Segment,
@@ -55,6 +48,21 @@ from attrimeter.runtime.segment import (
     remove_folder,
     segment_chunks,
     write_segment,
+)
+from attrimeter.runtime.store_files import (
+    LOCK_NAME,
+    close_fds,
+    exists,
+    open_root,
+    open_segments,
+    pread,
+    read_all,
+    read_file,
+    read_manifest,
+    same_file,
+    take_writer_lock,
+    unsafe_or,
+    write_new_file,
 )
 from attrimeter.runtime.store_format import (
     DTYPES,
@@ -71,20 +79,16 @@ from attrimeter.runtime.store_format import (
     encode_record,
     parse_journal,
     parse_journal_header,
-    parse_manifest,
 )
 
 __all__ = ["SegmentStore", "StoreState"]
 
 log = logging.getLogger(__name__)
 
-_LOCK = ".lock"
 _TMP = ".tmp-"
 _MANIFEST_TMP = MANIFEST_NAME + ".tmp"
 _JOURNAL_TMP = JOURNAL_NAME + ".tmp"
 _PROGRESS_MIN_BYTES = 64 << 20  # progress bars only for work large enough to take a while
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,7 @@ class SegmentStore:
         self._base_raw = b""  # kept for format 1 only, whose writers rewrite gallery.json in place of a journal
         self._position: _Position | None = None  # None: no journal of the base's generation (format 1, or stale)
         self._closed = False
-        weakref.finalize(self, _close_fds, fds)
+        weakref.finalize(self, close_fds, fds)
 
     # ------------------------------------------------------------------ opening
 
@@ -147,12 +151,12 @@ class SegmentStore:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise GalleryError(f"{path}: cannot create a gallery here ({e})") from e
-        fds = _open_root(path)
+        fds = open_root(path)
         try:
-            _lock(path, fds)
-            if _exists(fds["root"], MANIFEST_NAME):
+            take_writer_lock(path, fds)
+            if exists(fds["root"], MANIFEST_NAME):
                 raise GalleryError(f"{path / MANIFEST_NAME}: the folder already holds a gallery")
-            others = sorted(set(os.listdir(fds["root"])) - {_LOCK, SEGMENTS, _MANIFEST_TMP, _JOURNAL_TMP})
+            others = sorted(set(os.listdir(fds["root"])) - {LOCK_NAME, SEGMENTS, _MANIFEST_TMP, _JOURNAL_TMP})
             if SEGMENTS in os.listdir(fds["root"]) and not os.path.islink(path / SEGMENTS):
                 others += [f"{SEGMENTS}/{name}" for name in os.listdir(path / SEGMENTS)]
             if others:
@@ -161,10 +165,10 @@ class SegmentStore:
                 os.mkdir(SEGMENTS, 0o755, dir_fd=fds["root"])
             except FileExistsError:
                 pass
-            fds["segments"] = _open_segments(path, fds["root"], writable=True)
+            fds["segments"] = open_segments(path, fds["root"], writable=True)
             store = cls(path, spec, fds, writable=True, verify=True, progress=True)
         except BaseException:
-            _close_fds(fds)
+            close_fds(fds)
             raise
         try:
             store._publish_base(Manifest(spec, VERSION, 1, 0, (), ()))
@@ -189,15 +193,15 @@ class SegmentStore:
         """
         if not (path / MANIFEST_NAME).is_file():
             raise GalleryError(f"{path / MANIFEST_NAME}: no gallery here (the manifest is missing)")
-        fds = _open_root(path)
+        fds = open_root(path)
         try:
             if writable:
-                _lock(path, fds)
-            fds["segments"] = _open_segments(path, fds["root"], writable=writable)
-            spec = _read_base(path, fds["root"])[1].spec
+                take_writer_lock(path, fds)
+            fds["segments"] = open_segments(path, fds["root"], writable=writable)
+            spec = read_manifest(path, fds["root"])[1].spec
             store = cls(path, spec, fds, writable=writable, verify=verify, progress=progress)
         except BaseException:
-            _close_fds(fds)
+            close_fds(fds)
             raise
         try:
             store.state = store._read(None)
@@ -240,7 +244,7 @@ class SegmentStore:
                 return extended
         newer_than: bytes | None = None
         while True:
-            base_fd, manifest, raw = _read_base(self.path, self._fds["root"])
+            base_fd, manifest, raw = read_manifest(self.path, self._fds["root"])
             try:
                 if manifest.spec != self.spec:
                     raise GalleryError(f"{self.path / MANIFEST_NAME}: now describes another gallery (dim, attributes, "
@@ -262,7 +266,7 @@ class SegmentStore:
             except MissingSegmentFile:
                 # a compaction deleted segments between reading the manifest and opening them: read again, unless
                 # nothing changed (then the file really is missing)
-                changed = not _same_file(self._stat_of(base_fd), self._fds["root"], MANIFEST_NAME)
+                changed = not same_file(self._stat_of(base_fd), self._fds["root"], MANIFEST_NAME)
                 for fd in (base_fd, journal_fd):
                     if fd is not None:
                         os.close(fd)
@@ -287,9 +291,9 @@ class SegmentStore:
         except FileNotFoundError:
             return None, None, None  # a writer stopped between a new base and its journal: the base holds it all
         except OSError as e:
-            raise _unsafe_or(e, where, CorruptGalleryError(f"{where}: unreadable ({e})")) from e
+            raise unsafe_or(e, where, CorruptGalleryError(f"{where}: unreadable ({e})")) from e
         try:
-            raw = _read_all(fd, where)
+            raw = read_all(fd, where)
             generation, start = parse_journal_header(raw, str(where))
             if generation != manifest.generation:
                 os.close(fd)
@@ -305,31 +309,29 @@ class SegmentStore:
     def _read_tail(self, previous: StoreState) -> StoreState | None:
         """``previous`` extended by journal records appended since; None when the base or journal was replaced."""
         root = self._fds["root"]
-        if "base" not in self._fds or not _same_file(self._base_stat, root, MANIFEST_NAME):
+        if "base" not in self._fds or not same_file(self._base_stat, root, MANIFEST_NAME):
             return None
         if self._position is None:  # format 1: its writers rewrite gallery.json in place, possibly within a tick
             try:
-                same = _read_all_at(root, MANIFEST_NAME) == self._base_raw
+                same = read_file(root, MANIFEST_NAME) == self._base_raw
             except OSError:
                 return None
-            return previous if same and not _exists(root, JOURNAL_NAME) else None
+            return previous if same and not exists(root, JOURNAL_NAME) else None
         journal_fd = self._fds.get("journal")
-        if journal_fd is None or not _same_file(self._stat_of(journal_fd)[:2], root, JOURNAL_NAME):
+        if journal_fd is None or not same_file(self._stat_of(journal_fd)[:2], root, JOURNAL_NAME):
             return None
         where = self.path / JOURNAL_NAME
         position = self._position
         size = os.fstat(journal_fd).st_size
         if size <= position.end:
             return previous
-        raw = _pread(journal_fd, size - position.end, position.end, where)
+        raw = pread(journal_fd, size - position.end, position.end, where)
         names = {s.name for s in previous.segments}
         journal = parse_journal(raw, str(where), spec=self.spec, start=position.end, seq=position.seq,
                                 first_id=previous.count, names=names)
-        if journal.seq == position.seq:
-            return previous
-        self._position = _Position(position.generation, journal.seq, journal.end)
         if not journal.added:
             return previous
+        self._position = _Position(position.generation, journal.seq, journal.end)
         return self._successor(previous, self._load([s.record for s in previous.segments] + list(journal.added),
                                                     previous))
 
@@ -448,7 +450,7 @@ class SegmentStore:
         finally:
             self._closed = True
             self.state = _EMPTY
-            _close_fds(self._fds)
+            close_fds(self._fds)
 
     # ------------------------------------------------------------------ writing: steps
 
@@ -520,7 +522,7 @@ class SegmentStore:
     def _publish_base(self, manifest: Manifest) -> bytes:
         """Write ``gallery.json`` atomically and durably; return its bytes."""
         raw = encode_manifest(manifest)
-        _write_new(self._fds["root"], _MANIFEST_TMP, raw)
+        write_new_file(self._fds["root"], _MANIFEST_TMP, raw)
         os.replace(_MANIFEST_TMP, MANIFEST_NAME, src_dir_fd=self._fds["root"], dst_dir_fd=self._fds["root"])
         os.fsync(self._fds["root"])
         fd = os.open(MANIFEST_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._fds["root"])
@@ -532,7 +534,7 @@ class SegmentStore:
     def _new_journal(self, generation: int) -> None:
         """Start an empty journal continuing base ``generation``, atomically and durably."""
         header = encode_journal_header(generation)
-        _write_new(self._fds["root"], _JOURNAL_TMP, header)
+        write_new_file(self._fds["root"], _JOURNAL_TMP, header)
         os.replace(_JOURNAL_TMP, JOURNAL_NAME, src_dir_fd=self._fds["root"], dst_dir_fd=self._fds["root"])
         os.fsync(self._fds["root"])
         fd = os.open(JOURNAL_NAME, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._fds["root"])
@@ -541,7 +543,7 @@ class SegmentStore:
 
     def _base_is(self, raw: bytes | None) -> bool:
         try:
-            return raw is not None and _read_all_at(self._fds["root"], MANIFEST_NAME) == raw
+            return raw is not None and read_file(self._fds["root"], MANIFEST_NAME) == raw
         except OSError:
             return False
 
@@ -566,8 +568,8 @@ class SegmentStore:
         journal_fd = self._fds.get("journal")
         if (position is not None and journal_fd is not None
                 and os.fstat(journal_fd).st_size == position.end
-                and _same_file(self._stat_of(journal_fd)[:2], self._fds["root"], JOURNAL_NAME)
-                and _same_file(self._base_stat, self._fds["root"], MANIFEST_NAME)):
+                and same_file(self._stat_of(journal_fd)[:2], self._fds["root"], JOURNAL_NAME)
+                and same_file(self._base_stat, self._fds["root"], MANIFEST_NAME)):
             return
         self.state = self._read(self.state)
         self._prepare()
@@ -575,7 +577,7 @@ class SegmentStore:
     def _prepare(self) -> None:
         """With the lock: delete the garbage the published state names, then fold unless the journal is empty."""
         root, segments_fd = self._fds["root"], self._fds["segments"]
-        manifest = _read_base(self.path, root, keep=False)[1]
+        manifest = read_manifest(self.path, root, keep=False)[1]
         journal_fd, _, journal = self._read_journal(manifest)
         if journal_fd is not None and journal_fd >= 0:
             os.close(journal_fd)
@@ -593,8 +595,8 @@ class SegmentStore:
             log.warning("%s: %s not part of the gallery and left in place (the store deletes only what it wrote; "
                         "delete them by hand if nothing else writes there)", self.path / SEGMENTS, ", ".join(strays))
         position = self._position
-        clean = (manifest.version == VERSION and position is not None and journal is not None and journal.seq == 0
-                 and not journal.torn and set(manifest.garbage) == set(kept))
+        clean = (manifest.version == VERSION and position is not None and journal is not None and not journal.begun
+                 and not journal.added and not journal.torn and set(manifest.garbage) == set(kept))
         if not clean:
             self._fold(self.state, [k for k in kept if not k.startswith(_TMP)], manifest.generation + 1)
 
@@ -632,135 +634,6 @@ class SegmentStore:
             raise GalleryError(f"{self.path}: the gallery is closed")
 
 
-# ---------------------------------------------------------------------- file helpers
-
-
-def _open_root(path: Path) -> dict[str, int]:
-    try:
-        return {"root": os.open(path, _DIR)}
-    except FileNotFoundError as e:
-        raise GalleryError(f"{path / MANIFEST_NAME}: no gallery here (the folder is missing)") from e
-    except OSError as e:
-        raise GalleryError(f"{path}: cannot open the gallery folder ({e})") from e
-
-
-def _lock(path: Path, fds: dict[str, int]) -> None:
-    """Take the writer lock: ``flock`` the folder itself (and ``.lock``, which format-1 writers lock), non-blocking."""
-    import fcntl  # POSIX only; readers never need it
-
-    try:
-        fcntl.flock(fds["root"], fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        raise LockedGalleryError(f"{path}: locked by another writer ({e.strerror})") from e
-    try:
-        same = os.path.samestat(os.stat(path), os.fstat(fds["root"]))
-    except OSError:
-        same = False
-    if not same:
-        raise GalleryError(f"{path}: the folder was moved or replaced while it was being opened; open it again")
-    try:
-        fds["lock"] = os.open(_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=fds["root"])
-    except OSError as e:
-        raise _unsafe_or(e, path / _LOCK, GalleryError(f"{path / _LOCK}: cannot take the writer lock ({e})")) from e
-    try:
-        fcntl.flock(fds["lock"], fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        raise LockedGalleryError(f"{path}: locked by another writer (an older runtime holds {_LOCK}; "
-                                 f"{e.strerror})") from e
-
-
-def _open_segments(path: Path, root_fd: int, *, writable: bool) -> int:
-    """Descriptor of ``segments/``; a writer refuses a symbolic link there (it would delete through it)."""
-    try:
-        return os.open(SEGMENTS, _DIR | (os.O_NOFOLLOW if writable else 0), dir_fd=root_fd)
-    except OSError as e:
-        raise _unsafe_or(e, path / SEGMENTS, CorruptGalleryError(f"{path / SEGMENTS}: unreadable ({e})")) from e
-
-
-def _unsafe_or(e: OSError, where: Path, other: GalleryError) -> GalleryError:
-    """:class:`UnsafeGalleryPathError` when ``e`` comes from refusing to follow a symbolic link, else ``other``."""
-    if e.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(where):
-        return UnsafeGalleryPathError(f"{where}: a symbolic link; a gallery writer never writes or deletes through "
-                                      "one (replace it with the folder or file itself)")
-    return other
-
-
-def _read_base(path: Path, root_fd: int, keep: bool = True) -> tuple[int, Manifest, bytes]:
-    """(open descriptor, parsed manifest, bytes) of ``gallery.json`` (descriptor closed and -1 unless ``keep``)."""
-    where = path / MANIFEST_NAME
-    try:
-        fd = os.open(MANIFEST_NAME, os.O_RDONLY | os.O_CLOEXEC, dir_fd=root_fd)
-    except FileNotFoundError as e:
-        raise GalleryError(f"{where}: no gallery here (the manifest is missing)") from e
-    except OSError as e:
-        raise CorruptGalleryError(f"{where}: unreadable ({e})") from e
-    try:
-        raw = _read_all(fd, where)
-        manifest = parse_manifest(raw, str(where))
-    except BaseException:
-        os.close(fd)
-        raise
-    if not keep:
-        os.close(fd)
-        fd = -1
-    return fd, manifest, raw
-
-
-def _read_all(fd: int, where: Path) -> bytes:
-    return _pread(fd, os.fstat(fd).st_size, 0, where)
-
-
-def _pread(fd: int, n: int, offset: int, where: Path) -> bytes:
-    out = bytearray()
-    try:
-        while len(out) < n and (chunk := os.pread(fd, n - len(out), offset + len(out))):
-            out += chunk
-    except OSError as e:
-        raise CorruptGalleryError(f"{where}: unreadable ({e})") from e
-    return bytes(out)
-
-
-def _read_all_at(root_fd: int, name: str) -> bytes:
-    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=root_fd)
-    try:
-        return _read_all(fd, Path(name))
-    finally:
-        os.close(fd)
-
-
-def _write_new(root_fd: int, name: str, data: bytes) -> None:
-    """Write and fsync a new file ``name`` (replacing a stale one; never through a link)."""
-    try:
-        os.unlink(name, dir_fd=root_fd)
-    except FileNotFoundError:
-        pass
-    fd = os.open(name, _NEW, 0o644, dir_fd=root_fd)
-    try:
-        done = 0
-        while done < len(data):
-            done += os.write(fd, data[done:])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _same_file(known: tuple[int, ...], root_fd: int, name: str) -> bool:
-    """Whether ``name`` is still the file ``known`` describes (device, inode and, when given, size and mtime)."""
-    try:
-        st = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
-    except OSError:
-        return False
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)[:len(known)] == tuple(known)
-
-
-def _exists(root_fd: int, name: str) -> bool:
-    try:
-        os.stat(name, dir_fd=root_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True
-
-
 def _suppress(fn: Any, *args: Any) -> bool:
     """Best-effort clean-up of this handle's own failed write; whether it succeeded."""
     try:
@@ -769,10 +642,3 @@ def _suppress(fn: Any, *args: Any) -> bool:
         log.warning("clean-up failed: %s", e)
         return False
     return True
-
-
-def _close_fds(fds: dict[str, int]) -> None:
-    for key in list(fds):
-        fd = fds.pop(key)
-        if fd >= 0:
-            os.close(fd)

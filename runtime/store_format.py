@@ -125,14 +125,17 @@ class Manifest:
 
 @dataclass(frozen=True)
 class Journal:
-    """Journal records read from some byte offset up to ``end``.
+    """Journal records read from some byte offset.
+
+    Readers resume after the last ``add`` record: a writer may cut the ``begin`` records after it off again (when
+    the write they announce fails), never an ``add``.
 
     Attributes:
         begun: Names of ``begin`` records read (segment folders a writer started).
         added: ``add`` records read, in order.
-        seq: Sequence number of the last valid record (0: none).
-        end: Byte offset just past the last valid record.
-        torn: Whether bytes after ``end`` hold an unfinished write.
+        seq: Sequence number of the last ``add`` record read (or the one given to start from).
+        end: Byte offset just past it (or the offset started from).
+        torn: Whether the bytes after the last intact record hold an unfinished write.
     """
 
     begun: tuple[str, ...]
@@ -305,25 +308,26 @@ def parse_journal(raw: bytes, where: str, *, spec: GallerySpec, start: int, seq:
     """
     begun, added, names = [], [], set(names)
     i = end = 0
-    bad = None
+    resume_seq, bad = seq, None
     while (nl := raw.find(b"\n", i)) >= 0:
         body = _record(raw[i:nl], where, start + i)
-        if body is None:  # checksum or JSON broken: a torn write, unless an intact record follows
+        if body is None:  # checksum broken: a torn write, unless an intact record follows
             bad = start + i if bad is None else bad
         elif bad is not None:
             raise CorruptGalleryError(f"{where}: the record at byte {bad} is damaged although later records are intact")
         elif (record := _journal_record(body, spec, seq + 1, first_id, names)) is None:
             raise CorruptGalleryError(f"{where}: the record at byte {start + i} is malformed or out of sequence")
         else:
-            seq, end = seq + 1, nl + 1
+            seq += 1
             if isinstance(record, SegmentRecord):
                 added.append(record)
                 names.add(record.name)
                 first_id += record.count
+                resume_seq, end = seq, nl + 1
             else:
                 begun.append(record)
         i = nl + 1
-    return Journal(tuple(begun), tuple(added), seq, start + end, bad is not None or i < len(raw))
+    return Journal(tuple(begun), tuple(added), resume_seq, start + end, bad is not None or i < len(raw))
 
 
 def _journal_record(body: Any, spec: GallerySpec, seq: int, first_id: int,

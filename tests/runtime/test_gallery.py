@@ -1118,3 +1118,29 @@ def test_hit_rows_are_read_without_mapping_the_store(tmp_path, rng):
         np.testing.assert_array_equal(np.concatenate([c for _, c in chunks]), b["attr_embeddings"].astype(np.float16))
         del chunks
         assert segments not in maps.read_text()  # ... and not after
+
+
+def test_a_reader_that_saw_a_failed_appends_begin_record_reads_on(filled, rng, monkeypatch):
+    """A failed append's begin record is cut off the journal again; a reader that read it must not lose its place."""
+    g, data = filled
+    reader = Gallery.open(g.path)
+    real_fsync = os.fsync
+    calls = []
+
+    def read_then_fail(fd):
+        calls.append(fd)
+        if len(calls) == 1:  # the first file of the new segment: its begin record is in the journal now
+            assert reader.refresh() == len(data["meta"])
+            raise OSError(5, "Input/output error")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", read_then_fail)
+    with pytest.raises(StorageError, match="nothing was published"):
+        g.append(**_batch(rng, 2))
+    monkeypatch.undo()
+    extra = [_batch(rng, 3), _batch(rng, 1)]  # records now where the cut one was
+    for b in extra:
+        g.append(**b)
+    assert reader.refresh() == len(data["meta"]) + 4
+    _assert_holds(reader, _concat([data, *extra]))
+    reader.close()
