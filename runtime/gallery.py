@@ -53,10 +53,6 @@ class Gallery:
 
     def __init__(self, store: SegmentStore, *, auto_compact: int | None):
         """Use :meth:`create` or :meth:`open`."""
-        if auto_compact is not None and (isinstance(auto_compact, bool) or not isinstance(auto_compact, int)
-                                         or auto_compact < 2):
-            store.close()
-            raise InputError(f"auto_compact must be an integer >= 2 or None, got {auto_compact!r}")
         self.path = store.path
         self._store = store
         self._state = store.state
@@ -93,7 +89,7 @@ class Gallery:
             UnsafeGalleryPathError: ``segments`` or ``.lock`` in the folder is a symbolic link.
         """
         spec = make_spec(dim, attributes, aam_shape, model, metric)
-        return cls(SegmentStore.create(Path(path), spec), auto_compact=auto_compact)
+        return cls(SegmentStore.create(Path(path), spec), auto_compact=_check_auto_compact(auto_compact))
 
     @classmethod
     def open(cls, path: str | Path, *, verify: bool = True, writable: bool = False, progress: bool = True,
@@ -118,8 +114,9 @@ class Gallery:
             LockedGalleryError: ``writable`` while another writer holds the lock (compact through that writer).
             UnsafeGalleryPathError: ``writable`` and a path the writer would use is a symbolic link.
         """
-        store = SegmentStore.open(Path(path), writable=writable, verify=verify, progress=progress)
-        return cls(store, auto_compact=auto_compact)
+        auto_compact = _check_auto_compact(auto_compact)
+        return cls(SegmentStore.open(Path(path), writable=writable, verify=verify, progress=progress),
+                   auto_compact=auto_compact)
 
     # ------------------------------------------------------------------ properties
 
@@ -507,6 +504,12 @@ class Gallery:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _check_auto_compact(value: Any) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+        raise InputError(f"auto_compact must be an integer >= 2 or None, got {value!r}")
+    return value
 
 
 def _add_to_index(index: GalleryIndex, state: StoreState, start: int) -> None:

@@ -581,7 +581,8 @@ class SegmentStore:
         journal_fd, _, journal = self._read_journal(manifest)
         if journal_fd is not None and journal_fd >= 0:
             os.close(journal_fd)
-        begun = set(journal.begun) - {r.name for r in journal.added} if journal is not None else set()
+        listed = {s.name for s in self.state.segments}
+        begun = set(journal.begun) - listed if journal is not None else set()
         doomed = set(manifest.garbage) | begun
         kept = self._delete([*doomed, *(_TMP + name for name in begun)])
         for name in (_MANIFEST_TMP, _JOURNAL_TMP):
@@ -589,7 +590,6 @@ class SegmentStore:
                 os.unlink(name, dir_fd=root)  # unlink removes a link itself, never what it points to
             except FileNotFoundError:
                 pass
-        listed = {s.name for s in self.state.segments}
         strays = sorted(set(os.listdir(segments_fd)) - listed - doomed - {_TMP + name for name in begun})
         if strays:
             log.warning("%s: %s not part of the gallery and left in place (the store deletes only what it wrote; "
