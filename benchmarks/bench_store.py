@@ -3,7 +3,9 @@ process that searches and reads hit rows.
 
 * append: a gallery that a server fills one image at a time (one entry, so one segment, per append; 256-wide
   embeddings, 26 attributes, 16×8 activation maps), timed at ``--segments`` published segments (``--timed`` appends
-  each, after filling up to that count untimed), and how long opening it takes at the largest count;
+  each, after filling up to that count untimed; merging small segments off), and how long opening it takes at the
+  largest count; where the store merges small segments as it appends (``auto_compact``), also the mean cost of as many
+  one-entry appends with the default merging, and the segments left;
 * rss: a gallery of ``--entries`` entries in four segments, opened read-only in a child process, which runs
   ``--searches`` varied searches (k = 10) and reads every hit's embedding, attribute rows, probabilities, activation
   maps and metadata (what an explained search reads); VmRSS after the index is built and after 100 and all searches.
@@ -21,6 +23,7 @@ import argparse
 import csv
 import datetime
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -50,11 +53,17 @@ def _batch(rng: np.random.Generator, n: int, first: int) -> dict:
             "aam": rng.random((n, m, *AAM)).astype(np.float32)}
 
 
+def _options() -> dict:
+    """Merging small segments (auto_compact, a store with a journal) would stop the count this measures from
+    growing; older stores do not have the option."""
+    return {"auto_compact": None} if "auto_compact" in inspect.signature(Gallery.create).parameters else {}
+
+
 def append_rows(work: Path, targets: list[int], timed: int) -> list[dict]:
     """Append latency (one-entry segments) at each number of segments in ``targets``."""
     rng = np.random.default_rng(0)
     rows = []
-    with Gallery.create(work / "appends", dim=DIM, attributes=ATTRS, aam_shape=AAM, model="bench") as g:
+    with Gallery.create(work / "appends", dim=DIM, attributes=ATTRS, aam_shape=AAM, model="bench", **_options()) as g:
         for target in targets:
             while g.segments < target:
                 g.append(**_batch(rng, 1, len(g)))
@@ -73,7 +82,26 @@ def append_rows(work: Path, targets: list[int], timed: int) -> list[dict]:
         Gallery.open(work / "appends", verify=False, writable=writable, progress=False).close()
         rows.append({"benchmark": "open", "setting": f"{'writable' if writable else 'read-only'}, {segments} "
                      "segments, no sha256", "value": 1000 * (time.perf_counter() - t0), "unit": "ms"})
+    if _options():
+        rows.append(_merging_row(work, max(targets)))
     return rows
+
+
+def _merging_row(work: Path, appends: int) -> dict:
+    """One-entry appends with the default auto_compact: mean cost including the merges, and the segments left."""
+    rng = np.random.default_rng(3)
+    times = []
+    with Gallery.create(work / "merging", dim=DIM, attributes=ATTRS, aam_shape=AAM, model="bench") as g:
+        for _ in range(appends):
+            batch = _batch(rng, 1, len(g))
+            t0 = time.perf_counter()
+            g.append(**batch)
+            times.append(time.perf_counter() - t0)
+        segments = g.segments
+    ms = 1000 * np.asarray(times)
+    return {"benchmark": "append", "setting": f"1 entry, {appends} appends, default auto_compact (merges included)",
+            "value": ms.mean(), "unit": "ms mean", "p90_ms": np.percentile(ms, 90),
+            "note": f"max {ms.max():.0f} ms; {segments} segments at the end"}
 
 
 def _rss_mib() -> float:
@@ -113,7 +141,7 @@ def rss_child(path: Path, searches: int) -> dict:
 def rss_rows(work: Path, entries: int, searches: int) -> list[dict]:
     rng = np.random.default_rng(2)
     path = work / "rss"
-    with Gallery.create(path, dim=DIM, attributes=ATTRS, aam_shape=AAM, model="bench") as g:
+    with Gallery.create(path, dim=DIM, attributes=ATTRS, aam_shape=AAM, model="bench", **_options()) as g:
         for part in np.array_split(np.arange(entries), 4):
             g.append(**_batch(rng, len(part), int(part[0])))
     result = subprocess.run([sys.executable, __file__, "--rss-child", str(path), "--searches", str(searches)],

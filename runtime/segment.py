@@ -37,6 +37,7 @@ __all__ = ["MissingSegmentFile", "Segment", "open_segment", "remove_folder", "se
 _IN_MEMORY_MAX = 1 << 20
 _CHUNK = 1 << 20  # bytes per read when hashing or scanning
 _COPY_BYTES = 64 << 20  # bytes per chunk when compacting
+_FEW_ROWS = 64  # gathers up to this many rows read row by row, larger ones in runs of consecutive rows
 _MAX_HEADER = 1 << 20  # a .npy header longer than this is not one the store wrote
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -78,6 +79,12 @@ class _Array:
         """Rows at positions ``local`` (any order, repeats allowed), as a new array."""
         if self.data is not None:
             return self.data[local]
+        if len(local) <= _FEW_ROWS:  # a search's hits: one read per row costs less than finding runs
+            out = np.empty((len(local), *self.shape[1:]), self.dtype)
+            raw = out.reshape(len(local), -1).view(np.uint8)
+            for j, i in enumerate(local.tolist()):
+                _pread_into(self.file.fd, memoryview(raw[j]), self.offset + i * self.row_bytes, self.file.path)
+            return out
         uniq, inverse = np.unique(local, return_inverse=True)
         out = np.empty((len(uniq), *self.shape[1:]), self.dtype)
         raw = out.reshape(len(uniq), -1).view(np.uint8)
