@@ -15,6 +15,8 @@ Rows are merged into ``store_cpu.{csv,md}`` under ``--out`` by ``--label`` (e.g.
 one file compares versions measured on the same machine.
 
     python benchmarks/bench_store.py --label after
+    git checkout f4db7f6 -- runtime/ && python benchmarks/bench_store.py --label before --runtime-from f4db7f6 \
+        ; git checkout HEAD -- runtime/
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from attrimeter.runtime.gallery import Gallery
 
 DIM, ATTRS, AAM = 256, tuple(f"a{i}" for i in range(26)), (16, 8)
 KEYS = ["label", "benchmark", "setting", "value", "unit", "p90_ms", "note", "commit", "machine", "numpy", "faiss",
-        "python", "date"]
+        "python", "date", "command"]
 
 
 def _batch(rng: np.random.Generator, n: int, first: int) -> dict:
@@ -67,15 +69,18 @@ def append_rows(work: Path, targets: list[int], timed: int) -> list[dict]:
         for target in targets:
             while g.segments < target:
                 g.append(**_batch(rng, 1, len(g)))
-            times = []
+            times, written = [], []
             for _ in range(timed):
                 batch = _batch(rng, 1, len(g))
+                before = _listing_files(g.path)
                 t0 = time.perf_counter()
                 g.append(**batch)
                 times.append(time.perf_counter() - t0)
+                written.append(_written(before, _listing_files(g.path)))
             ms = 1000 * np.asarray(times)
             rows.append({"benchmark": "append", "setting": f"1 entry at {target} segments", "value": np.median(ms),
-                         "unit": "ms p50", "p90_ms": np.percentile(ms, 90), "note": f"{timed} appends"})
+                         "unit": "ms p50", "p90_ms": np.percentile(ms, 90),
+                         "note": f"{timed} appends; {np.mean(written):.0f} bytes of gallery.json/journal written each"})
         segments = g.segments
     for writable in (False, True):
         t0 = time.perf_counter()
@@ -85,6 +90,30 @@ def append_rows(work: Path, targets: list[int], timed: int) -> list[dict]:
     if _options():
         rows.append(_merging_row(work, max(targets)))
     return rows
+
+
+def _listing_files(path: Path) -> dict[str, tuple[int, int, int]]:
+    """(inode, size, mtime) of the files that list the segments: gallery.json, and the journal where there is one."""
+    out = {}
+    for name in ("gallery.json", "gallery.journal"):
+        try:
+            st = (path / name).stat()
+        except FileNotFoundError:
+            continue
+        out[name] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _written(before: dict, after: dict) -> int:
+    """Bytes an append wrote to those files: a replaced file's whole size, a grown one's growth."""
+    total = 0
+    for name, (ino, size, mtime) in after.items():
+        old = before.get(name)
+        if old is None or old[0] != ino:
+            total += size
+        elif (size, mtime) != old[1:]:
+            total += max(size - old[1], 0)
+    return total
 
 
 def _merging_row(work: Path, appends: int) -> dict:
@@ -161,7 +190,7 @@ def rss_rows(work: Path, entries: int, searches: int) -> list[dict]:
     ]
 
 
-def stamp() -> dict[str, str]:
+def stamp(runtime_from: str | None) -> dict[str, str]:
     """Commit, machine, versions and date for every row."""
     cpu = platform.machine()
     try:
@@ -174,12 +203,17 @@ def stamp() -> dict[str, str]:
                             text=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "runtime"], capture_output=True,
                            text=True).stdout.strip()
-    return {"commit": commit + ("+changes" if dirty else ""), "machine": f"{cpu}, {os.cpu_count()} CPUs (shared)",
+    if runtime_from:
+        commit = f"{commit}, runtime/ of {runtime_from}"
+    elif dirty:
+        commit += "+changes"
+    load = os.getloadavg()[0]
+    return {"commit": commit, "machine": f"{cpu}, {os.cpu_count()} CPUs shared (load average {load:.1f} at the end)",
             "numpy": np.__version__, "faiss": version("faiss-cpu"), "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def write_report(rows: list[dict], out: Path, command: str) -> str:
+def write_report(rows: list[dict], out: Path) -> str:
     """Merge ``rows`` into ``out/store_cpu.csv`` (replacing rows of the same label) and rewrite ``store_cpu.md``."""
     out.mkdir(parents=True, exist_ok=True)
     file = out / "store_cpu.csv"
@@ -193,12 +227,13 @@ def write_report(rows: list[dict], out: Path, command: str) -> str:
         writer = csv.DictWriter(fh, fieldnames=KEYS)
         writer.writeheader()
         writer.writerows(merged)
-    lines = ["# Gallery store (CPU)", "", f"Command: `{command}` (one run per label). Each label's commit, machine, "
-             "versions and date are in its rows of `store_cpu.csv` and in the table below.", ""]
+    lines = ["# Gallery store (CPU)", "", "One section per label (run), each with its commit, machine, versions, "
+             "date and command; the rows are in `store_cpu.csv`.", ""]
     for label in dict.fromkeys(r["label"] for r in merged):
         first = next(r for r in merged if r["label"] == label)
         lines += [f"## {label}", "", f"Commit {first['commit']}; {first['machine']}; numpy {first['numpy']}, "
-                  f"faiss-cpu {first['faiss']}, Python {first['python']}; {first['date']}.", "",
+                  f"faiss-cpu {first['faiss']}, Python {first['python']}; {first['date']}. Command: "
+                  f"`{first.get('command') or ''}`.", "",
                   "| benchmark | setting | value | p90 | note |", "|---|---|---:|---:|---|"]
         for r in merged:
             if r["label"] == label:
@@ -221,6 +256,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="scratch folder (default a temporary one)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results"),
                         help="folder for the results (default benchmarks/results)")
+    parser.add_argument("--runtime-from", help="the commit runtime/ was checked out from, when not HEAD's (e.g. to "
+                                               "measure the store before a change with this script)")
     parser.add_argument("--rss-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child is not None:
@@ -232,11 +269,11 @@ def main() -> None:
         rows += rss_rows(work, args.entries, args.searches)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    stamped = stamp()
-    rows = [{"label": args.label, **r, **stamped} for r in rows]
     command = (f"python benchmarks/bench_store.py --label {args.label} --segments {args.segments} --timed "
-               f"{args.timed} --entries {args.entries} --searches {args.searches}")
-    print(write_report(rows, args.out, command))
+               f"{args.timed} --entries {args.entries} --searches {args.searches}"
+               + (f" --runtime-from {args.runtime_from}" if args.runtime_from else ""))
+    stamped = {**stamp(args.runtime_from), "command": command}
+    print(write_report([{"label": args.label, **r, **stamped} for r in rows], args.out))
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ class Gallery:
 
     @property
     def segments(self) -> int:
-        """Number of published segments (each append adds one; :meth:`compact` merges them)."""
+        """Number of published segments (each append adds one; :meth:`compact` and ``auto_compact`` merge them)."""
         return len(self._state.segments)
 
     def __len__(self) -> int:

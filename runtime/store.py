@@ -23,7 +23,9 @@ new state up on refresh.
 Readers take no lock: they read ``gallery.json`` and the journal (each state they see is one a writer published)
 and, on refresh, only the journal records appended since, unless the files were replaced.
 
-A store is not thread-safe: :class:`~attrimeter.runtime.gallery.Gallery` serialises the calls that change it.
+A store is not thread-safe: :class:`~attrimeter.runtime.gallery.Gallery` serialises the calls that change it. (The
+module runs a little over 600 lines: reading and writing share the descriptors and the journal position, so they stay
+one class; the file operations live in :mod:`attrimeter.runtime.store_files`.)
 """
 
 from __future__ import annotations

@@ -1023,6 +1023,7 @@ def test_a_malformed_journal_is_a_corrupt_gallery_error_and_a_torn_tail_is_ignor
         "deep JSON": header + b"".join(records) + b"%08x %s\n" % (zlib.crc32(b"[" * 50_000 + b"]" * 50_000),
                                                                    b"[" * 50_000 + b"]" * 50_000),
         "NUL name": header + b"".join(records) + _journal_line({"seq": 7, "op": "begin", "name": "a\x00b"}),
+        "escaping name": header + b"".join(records) + _journal_line({"seq": 7, "op": "begin", "name": "../../x"}),
         "count string": header + b"".join(records[:-1]) + _journal_line(
             {**last, "segment": {**last["segment"], "count": "2"}}),
         "out of sequence": header + b"".join(records) + records[-1],
