@@ -354,7 +354,8 @@ def _segment_record(entry: Any, spec: GallerySpec, first_id: int) -> SegmentReco
           and isinstance(entry["files"], dict) and set(entry["files"]) == expected
           and all(isinstance(h, str) and _SHA256.fullmatch(h) for h in entry["files"].values())
           and isinstance(entry["sizes"], dict) and set(entry["sizes"]) == expected
-          and all(_is_int(s) for s in entry["sizes"].values()) and entry["bytes"] == sum(entry["sizes"].values())
+          and all(_is_int(s) for s in entry["sizes"].values()) and _is_int(entry["bytes"])
+          and entry["bytes"] == sum(entry["sizes"].values())
           and first_id + entry["count"] < _MAX)
     if not ok:
         return None
