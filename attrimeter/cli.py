@@ -219,10 +219,20 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 
 def _cmd_compact(args: argparse.Namespace) -> int:
+    from attrimeter.runtime.errors import LockedGalleryError
     from attrimeter.runtime.gallery import Gallery
 
     _raise_open_file_limit()
-    with Gallery.open(args.gallery, writable=True, progress=not args.quiet) as g:
+    try:
+        gallery = Gallery.open(args.gallery, writable=True, progress=not args.quiet)
+    except LockedGalleryError as e:
+        # Only the writer may compact; say how to reach it instead of only that it is there.
+        raise LockedGalleryError(
+            f"{e}. Only the gallery's writer can compact it: a server started with --writable (or any writable "
+            "Runtime/Gallery) merges its small segments itself as it appends (auto_compact), and a program can call "
+            "compact() on its own writable Gallery (Runtime.gallery.compact()) while it serves: searches go on and "
+            "readers pick the merged segment up. Otherwise stop the writer and run attrimeter compact again.") from e
+    with gallery as g:
         before = g.segments
         g.compact(progress=not args.quiet)
         print(f"{args.gallery}: {len(g)} entries, {before} segments merged into {g.segments}")
@@ -447,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=["l2", "ip"], default="l2",
                    help="a new gallery's search metric: l2 (the target distance d, default) or ip (cosine)")
 
-    p = add("compact", _cmd_compact, "Merge a gallery's segments into one (ids kept; crash-safe, like appends).")
+    p = add("compact", _cmd_compact, "Merge a gallery's segments into one (ids kept; crash-safe, like appends; "
+                                      "readers keep answering). A running writer compacts through its own handle.")
     p.add_argument("--gallery", required=True, type=Path, help="gallery folder")
 
     p = add("search", _cmd_search, "Search a gallery with query images and explain the hits.")

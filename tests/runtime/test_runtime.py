@@ -1,6 +1,7 @@
 """``Runtime``: indexing, explained search against PyTorch, weighted search, concurrency, bad input, the CLI."""
 
 import json
+import os
 import threading
 
 import numpy as np
@@ -245,14 +246,12 @@ def test_a_reader_sees_what_a_writer_appends(tiny_export, tiny_data, tmp_path, r
 
 
 def test_a_corrupt_new_segment_does_not_stop_a_reader(tiny_export, tiny_data, tmp_path, rng):
-    import json as json_module
-
     pixels = rng.integers(0, 256, (64, 32, 3), dtype=np.uint8)
     with Runtime(tiny_export, tmp_path / "g", RuntimeConfig(create_gallery=True)) as writer:
         writer.add(_queries(tiny_data, 2), keys=["a", "b"])
         with Runtime(tiny_export, tmp_path / "g", RuntimeConfig(refresh_s=0.0)) as reader:
             writer.add(pixels, keys=["new"])
-            newest = json_module.loads((tmp_path / "g" / "gallery.json").read_text())["segments"][-1]["name"]
+            newest = max(os.listdir(tmp_path / "g" / "segments"))  # names start with their first id, zero-padded
             target = tmp_path / "g" / "segments" / newest / "embedding.npy"
             data = bytearray(target.read_bytes())
             data[-1] ^= 0xFF

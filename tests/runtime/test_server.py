@@ -22,7 +22,6 @@ import pytest
 from http_helpers import b64, call, health_ok, raw_exchange
 from PIL import Image
 
-from attrimeter.runtime import gallery as gallery_module
 from attrimeter.runtime.errors import OverloadedError
 from attrimeter.runtime.runtime import Runtime, RuntimeConfig
 from attrimeter.runtime.server import RuntimeServer, ServerLimits, serve
@@ -484,7 +483,7 @@ def test_overload_is_503_disk_failure_507_and_crashes_500(server, runtime, files
     def disk_full(*args, **kwargs):  # where a real disk would fail: the gallery turns it into a StorageError
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(gallery_module, "_write_segment", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full)
     with caplog.at_level(logging.ERROR, logger="attrimeter.runtime.app"):
         status, _, body = call(server, "POST", "/gallery/add", {"images": [ok]})
     assert status == 507 and "No space left" in body["error"] and body["status"] == 507
