@@ -20,6 +20,7 @@ explain, on this machine (issue 17 item 5).
 Results: ``--out``/lance_vs_store_cpu.{csv,md}. The md is rewritten from the measurements below its ``## Measured``
 heading; what is above that heading (the verdict, written by a person from these numbers) is kept.
 
+    pip install -e ".[lance]"   # pylance (and pyarrow); nothing else in the project needs them
     python benchmarks/bench_lance.py --entries 10000,100000
 """
 
@@ -265,7 +266,7 @@ def rss_child(name: str, path: Path) -> dict[str, float]:
 
 def scenarios(work: Path, seed: int) -> list[dict[str, Any]]:
     return [{"section": "scenarios", "benchmark": r["scenario"], "contender": r["kind"],
-             "value": "pass" if r["ok"] else "FAIL", "setting": r["result"], "note": r["detail"]}
+             "value": {True: "pass", False: "FAIL", None: "n/a"}[r["ok"]], "setting": r["result"], "note": r["detail"]}
             for r in lance_scenarios.run_all(work, seed)]
 
 
