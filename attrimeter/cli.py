@@ -406,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_strict_attributes(p)
     add_config_options(p)
 
-    p = add("evaluate", _cmd_evaluate, "Retrieval and explanation metrics of an interpreter (DESIGN §8).")
+    p = add("evaluate", _cmd_evaluate, "Retrieval and explanation metrics of an interpreter (docs/architecture.md §8).")
     p.add_argument("--data", required=True, type=Path, help="data folder with query/, bounding_box_test/, attributes")
     p.add_argument("--checkpoint", required=True, type=Path, help="interpreter.pt")
     p.add_argument("--out", type=Path, help="write metrics JSON here (and a markdown table beside it, .md)")

@@ -1,8 +1,8 @@
 """Pictures that make a match understandable at a glance: AAM overlays and the decomposition of a distance.
 
-A match between person A and person B is shown as one figure (DESIGN §1, §3): the two crops, the attribute-guided
-attention maps (AAMs) of the attributes that contribute most to the distance drawn over both crops, and a bar chart
-of every attribute's contribution ``c_k = p_k · d`` with the predicted attributes on which A and B differ.
+A match between person A and person B is shown as one figure (docs/architecture.md §1, §3): the two crops, the
+attribute-guided attention maps (AAMs) of the attributes that contribute most to the distance drawn over both crops, and
+a bar chart of every attribute's contribution ``c_k = p_k · d`` with the predicted attributes on which A and B differ.
 
 :func:`overlay` and :func:`overlay_pair` need numpy only (the ``jet`` colour map is built in), so the torch-free
 runtime uses them; :func:`to_png` needs Pillow and :func:`explain_figure` matplotlib, each imported when called (the

@@ -1,4 +1,4 @@
-"""Kernel benchmarks: fused Triton kernels against PyTorch baselines (DESIGN §4).
+"""Kernel benchmarks: fused Triton kernels against PyTorch baselines (docs/architecture.md §4).
 
 Layout after Liger-Kernel's benchmarks: one setup factory per op builds the inputs and the providers (zero-argument
 callables) for one shape; a generic runner times every provider, measures its peak memory on a GPU and turns the

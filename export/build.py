@@ -1,8 +1,8 @@
-"""``attrimeter export``: one verified export folder with its manifest (DESIGN §5).
+"""``attrimeter export``: one verified export folder with its manifest (docs/architecture.md §5).
 
 ONNX (portable or plugin flavour), the AOT kernels and, on request, a TensorRT engine. Layout::
 
-    model.onnx              the graph (DESIGN §5 names, dynamic batch)
+    model.onnx              the graph (docs/architecture.md §5 names, dynamic batch)
     kernels/index.json      AOT kernels: per GPU target, the kernels and their launch metadata
     kernels/launch.txt      the C launcher's table (CMakeLists.txt builds the library that reads it)
     kernels/sm_XX/*.cubin|ptx|json

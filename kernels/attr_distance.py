@@ -1,4 +1,4 @@
-"""Per-attribute Euclidean distances with a fused epilogue, fused top-k and a gather-and-explain path (DESIGN §3, §4.2).
+"""Per-attribute distances: fused epilogue, fused top-k and a gather-and-explain path (docs/architecture.md §3, §4).
 
 Embeddings come as ``[Q, M+1, C]`` (queries) and ``[N, M+1, C]`` (gallery): row 0 is the target's global embedding f,
 rows 1..M the per-attribute embeddings f_k. For every query/gallery pair the ops return

@@ -1,4 +1,4 @@
-r"""Fused masked GeM pooling (DESIGN §3 "Key identity", §4.1).
+r"""Fused masked GeM pooling (docs/architecture.md §3, factorised pooling, §4).
 
 Given a post-ReLU feature map ``F`` [B, C, H, W], attention logits ``Z`` [B, M, H, W] and the target's frozen GeM
 exponent ``p`` and folded BN-neck affine (``scale``, ``shift``), computes the global embedding ``f`` [B, C] and the

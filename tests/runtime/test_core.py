@@ -79,7 +79,7 @@ def test_missing_and_truncated_files(tmp_path, rng):
 
 
 def _reference(q, g, weights=None):
-    """float64 direct differences, the definition (DESIGN §3)."""
+    """float64 direct differences, the definition (docs/architecture.md §3)."""
     diff = q[:, None].astype(np.float64) - g.astype(np.float64)
     dist = np.sqrt((diff**2).sum(-1))
     d, d_k = dist[..., 0], dist[..., 1:]

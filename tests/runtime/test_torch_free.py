@@ -1,4 +1,4 @@
-"""The runtime in a virtual environment without torch and triton: import, index, search, CLI (DESIGN §2, §6).
+"""The runtime in a virtual environment without torch and triton: import, index, search, CLI (architecture §2, §6).
 
 The environment gets only the runtime's own dependencies (numpy, Pillow, onnxruntime, faiss-cpu, tqdm, PyYAML and the
 HTTP server's FastAPI, uvicorn and prometheus_client, at the versions of the test environment, so pip takes them from
