@@ -7,8 +7,12 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from attrimeter import __version__
+
+if TYPE_CHECKING:
+    from attrimeter.runtime.runtime import Runtime
 
 __all__ = ["build_parser", "main"]
 
@@ -44,13 +48,6 @@ def _cpus(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a number of CPUs >= 0, got {text!r}")
     return value
-
-
-def _printable(text: str) -> str:
-    r"""``text`` safe for a terminal: control characters, lone surrogates and the like as escapes (``\x1b``)."""
-    import unicodedata
-
-    return "".join(c if c.isprintable() and unicodedata.category(c) != "Cs" else repr(c)[1:-1] for c in text)
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -116,7 +113,7 @@ def _cmd_evaluate_target(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from attrimeter.config import resolve
-    from attrimeter.engine.interpreter import PROFILES, InterpreterTrainConfig, train_interpreter
+    from attrimeter.engine.interpreter_training import PROFILES, InterpreterTrainConfig, train_interpreter
 
     config = resolve(InterpreterTrainConfig(), PROFILES, args.profile, args.config, list(args.set or []))
     log = train_interpreter(args.data, args.target, args.out, config, progress=not args.quiet, resume=args.resume,
@@ -127,7 +124,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from attrimeter.engine.interpreter import evaluate_checkpoint, metrics_markdown
+    from attrimeter.engine.interpreter_evaluation import evaluate_checkpoint
+    from attrimeter.engine.metrics_table import metrics_markdown
 
     if args.out and args.out.suffix == ".md":
         raise ValueError(f"--out {args.out}: give the JSON file a .json name (the markdown table goes beside it)")
@@ -145,25 +143,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_explain(args: argparse.Namespace) -> int:
     from attrimeter.engine.runs import resolve_device
     from attrimeter.explain import Interpreter
+    from attrimeter.explanation import QueryResult, printable
 
-    explanation = Interpreter(args.checkpoint, resolve_device(args.device)).explain(args.query, args.gallery)
+    e = Interpreter(args.checkpoint, resolve_device(args.device)).explain(args.query, args.gallery)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        explanation.figure(args.out)
-    if args.json:
-        print(json.dumps(explanation.to_dict(), indent=2))
+        e.figure(args.out)
+    if args.json:  # the shape of a search result: the query's predicted attributes and the explained pair
+        result = QueryResult(matches=[e], query_probs=e.query_probs, attributes=e.attributes, meanings=e.meanings)
+        print(json.dumps({"image": str(args.query), **result.to_dict()}, indent=2))
         return 0
-    print(f"d = {explanation.d:.4f}, d_hat = {explanation.d_hat:.4f}; largest contributions:")
-    for title, contribution, share in explanation.top(5):
-        print(f"  {title:<28} {contribution:8.4f}  ({100 * share:.1f}%)")
-    for title, a, b in explanation.differing()[:8]:
-        print(f"  differs: {title}: {a} -> {b}")
+    print(e.to_text(top=5, differing=8))
     if args.out:
-        print(f"figure {args.out}")
+        print(printable(f"figure {args.out}"))
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from attrimeter.artefact.kernels import KernelError
     from attrimeter.export.aot import AotError
     from attrimeter.export.build import export
     from attrimeter.export.onnx_export import ExportError
@@ -176,28 +173,26 @@ def _cmd_export(args: argparse.Namespace) -> int:
                           opset=args.opset, targets=targets, ptx_version=args.ptx_version, data=args.data,
                           max_batch=args.max_batch, opt_batch=args.opt_batch, timing_cache=args.timing_cache,
                           progress=not args.quiet)
-    except (ExportError, AotError) as e:
+    except (ExportError, AotError, KernelError) as e:
         print(f"attrimeter export: error: {e}", file=sys.stderr)
         return 1
-    worst = max(max(r["relative_error"].values()) for r in manifest["verification"]["parity"])
-    batches = ", ".join(str(r["batch"]) for r in manifest["verification"]["parity"])
-    print(f"{args.out}: {manifest['flavor']} {manifest['dtype']} ONNX (opset {manifest['opset']}), checked against "
-          f"eager PyTorch at batch {batches}: worst relative error {worst:.1e}")
-    retrieval = manifest["verification"]["retrieval"]
-    if retrieval:
-        e, x = retrieval["eager_fp32"], retrieval["export"]
-        print(f"retrieval mAP of d: eager fp32 {e['d_mAP']:.4f}, export {x['d_mAP']:.4f}; "
-              f"of d_hat: {e['d_hat_mAP']:.4f}, {x['d_hat_mAP']:.4f}")
-    kernels = manifest.get("kernels") or {}
-    if kernels.get("targets"):
-        print(f"AOT kernels for {', '.join(kernels['targets'])} in {args.out / 'kernels'}")
-    elif kernels.get("note"):
-        print(kernels["note"])
-    if manifest.get("tensorrt"):
-        trt = manifest["tensorrt"]
-        worst = max(max(r["relative_error"].values()) for r in trt["verification"]["parity"])
-        print(f"TensorRT engine {args.out / trt['engine']} ({trt['device_name']}), worst relative error against "
-              f"eager PyTorch {worst:.1e}")
+    checks = manifest.verification
+    batches = ", ".join(str(r.batch) for r in checks.parity)
+    print(f"{args.out}: {manifest.flavor} {manifest.dtype} ONNX (opset {manifest.opset}), checked against "
+          f"eager PyTorch at batch {batches}: worst relative error {checks.worst_error:.1e}")
+    if checks.retrieval is not None:
+        eager, exported = checks.retrieval.eager_fp32, checks.retrieval.export
+        print(f"retrieval mAP of d: eager fp32 {eager['d_mAP']:.4f}, export {exported['d_mAP']:.4f}; "
+              f"of d_hat: {eager['d_hat_mAP']:.4f}, {exported['d_hat_mAP']:.4f}")
+    kernels = manifest.kernels
+    if kernels is not None and kernels.targets:
+        print(f"AOT kernels for {', '.join(kernels.targets)} in {args.out / 'kernels'}")
+    elif kernels is not None and kernels.note:
+        print(kernels.note)
+    if manifest.tensorrt is not None:
+        trt = manifest.tensorrt
+        print(f"TensorRT engine {args.out / trt.engine} ({trt.device_name}), worst relative error against "
+              f"eager PyTorch {trt.verification.worst_error:.1e}")
     return 0
 
 
@@ -212,12 +207,13 @@ def _raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _runtime(args: argparse.Namespace, **kwargs: object):  # noqa: ANN202 - returns Runtime, imported lazily
-    from attrimeter.runtime.runtime import Runtime
+def _runtime(args: argparse.Namespace, gallery: Path | None, **config: Any) -> Runtime:
+    """The runtime the command line's options describe; ``config``: further :class:`RuntimeConfig` fields."""
+    from attrimeter.runtime.runtime import Runtime, RuntimeConfig
 
     _raise_open_file_limit()
-    return Runtime(args.export, backend=args.backend, device=args.device, threads=args.threads,
-                   max_batch=args.max_batch, verify=not args.no_verify, **kwargs)
+    return Runtime(args.export, gallery, RuntimeConfig(backend=args.backend, device=args.device, threads=args.threads,
+                                                       max_batch=args.max_batch, verify=not args.no_verify, **config))
 
 
 def _connect_ray(address: str) -> None:
@@ -235,6 +231,7 @@ def _cmd_index_ray(args: argparse.Namespace) -> int:
     if args.shards is None:
         raise ValueError("--ray needs --shards N (the number of gallery shards)")
     _connect_ray(args.ray)
+    from attrimeter.explanation import printable
     from attrimeter.runtime.distributed.indexing import index_sharded
 
     report = index_sharded(args.export, args.images, args.out, shards=args.shards, backend=args.backend,
@@ -242,7 +239,7 @@ def _cmd_index_ray(args: argparse.Namespace) -> int:
                            workers=args.workers, batch_size=args.batch_size, segment=args.segment, metric=args.metric,
                            verify=not args.no_verify, progress=not args.quiet)
     for path, reason in report.skipped:
-        print(f"skipped {_printable(path)}: {_printable(reason)}", file=sys.stderr)
+        print(f"skipped {printable(path)}: {printable(reason)}", file=sys.stderr)
     print(f"{args.out}: added {report.added} images, {report.already} were already there, skipped "
           f"{len(report.skipped)}; {len(report.counts)} shards hold {sum(report.counts)} entries "
           f"({', '.join(map(str, report.counts))})")
@@ -250,24 +247,36 @@ def _cmd_index_ray(args: argparse.Namespace) -> int:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
+    from attrimeter.explanation import printable
+
     if args.ray is not None:
         return _cmd_index_ray(args)
     if args.shards is not None or args.workers is not None:
         raise ValueError("--shards and --workers need --ray (distributed indexing)")
-    with _runtime(args, gallery=args.out, create_gallery=True, metric=args.metric) as rt:
+    with _runtime(args, args.out, create_gallery=True, metric=args.metric) as rt:
         report = rt.index_folder(args.images, segment=args.segment, progress=not args.quiet)
         for path, reason in report.skipped:
-            print(f"skipped {_printable(path)}: {_printable(reason)}", file=sys.stderr)
+            print(f"skipped {printable(path)}: {printable(reason)}", file=sys.stderr)
         print(f"{args.out}: added {report.added} images ({rt.backend.name} on {rt.backend.device}), skipped "
               f"{len(report.skipped)} unreadable; the gallery holds {len(rt.gallery)} entries")
     return 0
 
 
 def _cmd_compact(args: argparse.Namespace) -> int:
+    from attrimeter.runtime.errors import LockedGalleryError
     from attrimeter.runtime.gallery import Gallery
 
     _raise_open_file_limit()
-    with Gallery.open(args.gallery, writable=True, progress=not args.quiet) as g:
+    try:
+        gallery = Gallery.open(args.gallery, writable=True, progress=not args.quiet)
+    except LockedGalleryError as e:
+        # Only the writer may compact; say how to reach it instead of only that it is there.
+        raise LockedGalleryError(
+            f"{e}. Only the gallery's writer can compact it: a server started with --writable (or any writable "
+            "Runtime/Gallery) merges its small segments itself as it appends (auto_compact), and a program can call "
+            "compact() on its own writable Gallery (Runtime.gallery.compact()) while it serves: searches go on and "
+            "readers pick the merged segment up. Otherwise stop the writer and run attrimeter compact again.") from e
+    with gallery as g:
         before = g.segments
         g.compact(progress=not args.quiet)
         print(f"{args.gallery}: {len(g)} entries, {before} segments merged into {g.segments}")
@@ -294,24 +303,21 @@ def _search_weights(groups: dict[str, list[str]], ignore: str | None,
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    with _runtime(args, gallery=args.gallery) as rt:
+    from attrimeter.explanation import printable
+
+    with _runtime(args, args.gallery) as rt:
         groups: dict[str, list[str]] = {}
-        for a in rt.manifest["attributes"]:
-            groups.setdefault(a.get("group") or a["name"], []).append(a["name"])
+        for a in rt.manifest.attributes:
+            groups.setdefault(a.group or a.name, []).append(a.name)
         weights = _search_weights(groups, args.ignore, args.weight)
         results = rt.search([str(q) for q in args.queries], k=args.k, weights=weights)
     if args.json:
-        print(json.dumps([{"query": str(q), **r.to_dict()} for q, r in zip(args.queries, results, strict=True)],
+        print(json.dumps([{"image": str(q), **r.to_dict()} for q, r in zip(args.queries, results, strict=True)],
                          indent=2))
         return 0
     for query, result in zip(args.queries, results, strict=True):
-        print(f"{_printable(str(query))}:")
-        for m in result.matches:
-            top = ", ".join(f"{rt.titles[rt.attributes.index(n)]} {100 * s:.0f}%" for n, _, s in m.top(3))
-            print(f"  {m.rank:>3}. {_printable(m.key)}  d = {m.d:.4f}" + (f"  score = {m.score:.4f}" if weights else "")
-                  + f"  largest shares: {top}")
-            for _, title, q, g in m.differing[:3]:
-                print(f"       differs: {title}: {q} -> {g}")
+        print(f"{printable(str(query))}:")
+        print(result.to_text(score=weights is not None))
     return 0
 
 
@@ -346,7 +352,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                       verify=not args.no_verify, partial=args.partial_shards,
                                       timeout_s=args.shard_timeout, actor_options={"num_cpus": args.shard_cpus})
     try:
-        rt = _runtime(args, gallery=args.gallery if sharded is None else sharded, writable=args.writable,
+        rt = _runtime(args, args.gallery if sharded is None else sharded, writable=args.writable,
                       max_wait_ms=args.max_wait_ms, queue_timeout_s=args.queue_timeout)
     except BaseException:
         if sharded is not None:  # the runtime closes the gallery it was given, once it exists
@@ -461,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_strict_attributes(p)
     add_config_options(p)
 
-    p = add("evaluate", _cmd_evaluate, "Retrieval and explanation metrics of an interpreter (DESIGN §8).")
+    p = add("evaluate", _cmd_evaluate, "Retrieval and explanation metrics of an interpreter (docs/architecture.md §8).")
     p.add_argument("--data", required=True, type=Path, help="data folder with query/, bounding_box_test/, attributes")
     p.add_argument("--checkpoint", required=True, type=Path, help="interpreter.pt")
     p.add_argument("--out", type=Path, help="write metrics JSON here (and a markdown table beside it, .md)")
@@ -525,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=["l2", "ip"], default="l2",
                    help="a new gallery's search metric: l2 (the target distance d, default) or ip (cosine)")
 
-    p = add("compact", _cmd_compact, "Merge a gallery's segments into one (ids kept; crash-safe, like appends).")
+    p = add("compact", _cmd_compact, "Merge a gallery's segments into one (ids kept; crash-safe, like appends; "
+                                      "readers keep answering). A running writer compacts through its own handle.")
     p.add_argument("--gallery", required=True, type=Path, help="gallery folder")
 
     p = add("search", _cmd_search, "Search a gallery with query images and explain the hits.")

@@ -94,7 +94,7 @@ def _table_html(markdown: str) -> str:
 
 def _report_html(runs: dict[str, dict], train_log: dict, interp_log: dict, timings: dict[str, float],
                  figure: str, explained: list[tuple[str, str]], runtime_html: str) -> str:
-    from attrimeter.engine.interpreter import metrics_markdown
+    from attrimeter.engine.metrics_table import metrics_markdown
 
     full = runs["AttriMeter"]
     t = full["target"]
@@ -165,8 +165,7 @@ def _runtime_search(out: Path, data: ReIDDataset, explainer: Any, qf: np.ndarray
 
     from attrimeter.engine.evaluation import euclidean_distances
     from attrimeter.export.build import export
-    from attrimeter.runtime.runtime import Runtime
-    from attrimeter.viz import explain_figure
+    from attrimeter.runtime.runtime import Runtime, RuntimeConfig
 
     timings = {}
     t0 = time.perf_counter()
@@ -177,17 +176,16 @@ def _runtime_search(out: Path, data: ReIDDataset, explainer: Any, qf: np.ndarray
     rng = np.random.default_rng(2)
     picks = sorted(rng.choice(len(data.query), size=min(count, len(data.query)), replace=False))
     queries = [data.query[i] for i in picks]
-    with Runtime(out / "export", out / "gallery", backend="onnxruntime", create_gallery=True) as rt:
+    with Runtime(out / "export", out / "gallery", RuntimeConfig(backend="onnxruntime", create_gallery=True)) as rt:
         report = rt.index_folder(data.root / "bounding_box_test", progress=progress)
         if report.skipped:
             raise ValueError(f"the demo gallery has unreadable images: {report.skipped[:3]}")
         indexed = len(rt.gallery)
         timings[f"runtime: index {indexed} gallery images"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        results = rt.search([q.path for q in queries], k=k)
+        # overlays: the hits carry their crops and attention maps, so that the best one can be drawn below
+        results = rt.search([q.path for q in queries], k=k, overlays=1)
         timings[f"runtime: search + explain {len(queries)} queries"] = time.perf_counter() - t0
-        best_aam = [rt.gallery.aam([r.matches[0].id])[0].astype(np.float32) for r in results]
-        titles, attributes = rt.titles, rt.attributes
     t0 = time.perf_counter()
     worst = {"d": 0.0, "d_hat": 0.0, "shares": 0.0}
     same_order, sections = 0, []
@@ -196,14 +194,13 @@ def _runtime_search(out: Path, data: ReIDDataset, explainer: Any, qf: np.ndarray
     torch_rank = np.argsort(torch_dist, axis=1, kind="stable")[:, :k]
     valid = 0
     for n, (q, result) in enumerate(zip(queries, results, strict=True)):
-        torch_side = explainer.explain(q.path, [m.path for m in result.matches])
+        torch_side = explainer.explain_many(q.path, [m.path for m in result.matches])
         rows = []
         for m, e in zip(result.matches, torch_side, strict=True):
             worst["d"] = max(worst["d"], abs(m.d - e.d) / max(e.d, 1e-12))
             worst["d_hat"] = max(worst["d_hat"], abs(m.d_hat - e.d_hat) / max(e.d_hat, 1e-12))
             worst["shares"] = max(worst["shares"], float(np.abs(m.shares - e.shares).max()))
-            top_rt = ", ".join(f"{titles[attributes.index(a)]} {100 * s:.0f}%" for a, _, s in m.top(3))
-            top_pt = ", ".join(f"{t} {100 * s:.0f}%" for t, _, s in e.top(3))
+            top_rt, top_pt = (", ".join(f"{s.title} {100 * s.share:.0f}%" for s in x.top(3)) for x in (m, e))
             rows.append(f"<tr><td>{m.rank}</td><td>{html.escape(m.key)}</td><td>{m.d:.4f} / {e.d:.4f}</td>"
                         f"<td>{m.d_hat:.4f} / {e.d_hat:.4f}</td><td>{html.escape(top_rt)}<br>"
                         f"<i>{html.escape(top_pt)}</i></td></tr>")
@@ -211,12 +208,9 @@ def _runtime_search(out: Path, data: ReIDDataset, explainer: Any, qf: np.ndarray
         # A valid top-k under PyTorch's distances (near-ties may swap places at float rounding).
         kth = float(torch_dist[n, torch_rank[n, -1]])
         valid += all(e.d <= kth * (1 + 1e-4) for e in torch_side) and len(torch_side) == min(k, len(data.gallery))
-        best, e = result.matches[0], torch_side[0]
         name = f"runtime/{n:02d}"
-        e.figure(out / f"{name}_pytorch.png")
-        explain_figure(e.query_image, e.gallery_image, result.query_aam, best_aam[n], best.contributions, titles,
-                       best.d, best.d_hat, differing=[(t, a, b) for _, t, a, b in best.differing],
-                       out=out / f"{name}_runtime.png", labels=("query", "gallery"))
+        torch_side[0].figure(out / f"{name}_pytorch.png")
+        result.matches[0].figure(out / f"{name}_runtime.png")
         sections.append(
             f"<h3>Query {html.escape(q.path.name)}</h3><table><tr><th>rank</th><th>gallery entry</th>"
             f"<th>d runtime / PyTorch</th><th>d̂ runtime / PyTorch</th><th>largest shares: runtime / <i>PyTorch</i>"
@@ -264,8 +258,13 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, queries: int 
     from attrimeter.config import apply_overrides, resolve
     from attrimeter.data.formats import load_dataset
     from attrimeter.data.synth import SynthConfig, generate
-    from attrimeter.engine import interpreter as interp
     from attrimeter.engine.evaluation import euclidean_distances
+    from attrimeter.engine.feature_cache import cache_features
+    from attrimeter.engine.interpreter_checkpoint import load_interpreter
+    from attrimeter.engine.interpreter_evaluation import evaluate_interpreter, evaluation_cache
+    from attrimeter.engine.interpreter_training import PROFILES as INTERPRETER_PROFILES
+    from attrimeter.engine.interpreter_training import InterpreterTrainConfig, train_interpreter
+    from attrimeter.engine.metrics_table import metrics_markdown
     from attrimeter.engine.target import PROFILES, TargetTrainConfig, load_target, train_target
     from attrimeter.explain import Interpreter
     from attrimeter.models.interpreter import AttriMeter
@@ -290,11 +289,11 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, queries: int 
     # The frozen part (shared stages, the target's feature maps) is computed once for the model and both ablations;
     # the target's own embeddings for the pictures come from it too.
     t0 = time.perf_counter()
-    icfg = resolve(interp.InterpreterTrainConfig(), interp.PROFILES, "quick")
+    icfg = resolve(InterpreterTrainConfig(), INTERPRETER_PROFILES, "quick")
     grafted = AttriMeter(ck.model, len(data.schema), shared=icfg.shared, classifier=icfg.classifier)
-    train_cache = interp.cache_features(grafted, data.train, ck.image_size, flip=icfg.flip > 0, progress=progress,
-                                        desc="cache train")
-    eval_cache = interp.evaluation_cache(grafted, data, ck.image_size, progress=progress)
+    train_cache = cache_features(grafted, data.train, ck.image_size, flip=icfg.flip > 0, progress=progress,
+                                 desc="cache train")
+    eval_cache = evaluation_cache(grafted, data, ck.image_size, progress=progress)
     with torch.no_grad():
         qf_all = ck.model.embed(eval_cache.query.features).numpy()
         gf = ck.model.embed(eval_cache.gallery.features).numpy()
@@ -304,16 +303,14 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, queries: int 
     for i, (name, overrides) in enumerate(ABLATIONS.items()):
         t0 = time.perf_counter()
         run_dir = out / ("interpreter" if i == 0 else f"ablation_{i}")
-        logs[name] = interp.train_interpreter(data_dir, target_path, run_dir,
-                                              apply_overrides(icfg, overrides, source=name),
-                                              progress=progress, cache=train_cache)
-        trained = interp.load_interpreter(run_dir / "interpreter.pt")
-        runs[name] = interp.evaluate_interpreter(trained.model, data, ck.image_size, cache=eval_cache,
-                                                 progress=progress)
+        logs[name] = train_interpreter(data_dir, target_path, run_dir, apply_overrides(icfg, overrides, source=name),
+                                       progress=progress, cache=train_cache)
+        trained = load_interpreter(run_dir / "interpreter.pt")
+        runs[name] = evaluate_interpreter(trained.model, data, ck.image_size, cache=eval_cache, progress=progress)
         timings[f"interpreter: {name} (training + evaluation)"] = time.perf_counter() - t0
     (out / "metrics.json").write_text(json.dumps(runs["AttriMeter"], indent=2))
     (out / "ablation.json").write_text(json.dumps(runs, indent=2))
-    (out / "metrics.md").write_text(interp.metrics_markdown(runs))
+    (out / "metrics.md").write_text(metrics_markdown(runs))
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
@@ -335,7 +332,7 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, queries: int 
         e = explainer.explain(q.path, g.path)
         name = f"explained/{n:02d}_{kind}.png"
         e.figure(out / name)
-        top = ", ".join(f"{t} {100 * s:.0f}%" for t, _, s in e.top(3))
+        top = ", ".join(f"{s.title} {100 * s.share:.0f}%" for s in e.top(3))
         pictures.append((name, f"{kind}: query {q.path.name} vs gallery {g.path.name}; d = {e.d:.2f}, "
                                f"d̂ = {e.d_hat:.2f}; largest shares: {top}"))
     timings["pictures"] = time.perf_counter() - t0

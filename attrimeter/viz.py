@@ -1,19 +1,19 @@
 """Pictures that make a match understandable at a glance: AAM overlays and the decomposition of a distance.
 
-A match between person A and person B is shown as one figure (DESIGN §1, §3): the two crops, the attribute-guided
-attention maps (AAMs) of the attributes that contribute most to the distance drawn over both crops, and a bar chart
-of every attribute's contribution ``c_k = p_k · d`` with the predicted attributes on which A and B differ.
+A match between person A and person B is shown as one figure (docs/architecture.md §1, §3): the two crops, the
+attribute-guided attention maps (AAMs) of the attributes that contribute most to the distance drawn over both crops, and
+a bar chart of every attribute's contribution ``c_k = p_k · d`` with the predicted attributes on which A and B differ.
 
-:func:`overlay` needs numpy only (its ``jet`` colour map is built in), so HTML reports of the torch-free runtime can
-use it; :func:`explain_figure` also needs matplotlib, imported when called and drawn with the Agg canvas, so no
-backend is switched.
+:func:`overlay` and :func:`overlay_pair` need numpy only (the ``jet`` colour map is built in), so the torch-free
+runtime uses them; :func:`to_png` needs Pillow and :func:`explain_figure` matplotlib, each imported when called (the
+figure is drawn with the Agg canvas, so no backend is switched).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["explain_figure", "overlay", "resize_bilinear"]
+__all__ = ["explain_figure", "overlay", "overlay_pair", "resize_bilinear", "to_png"]
 
 FIGSIZE = (11.0, 4.5)  # inches; written at DPI, i.e. 1100 x 450 pixels
 DPI = 100
@@ -126,6 +126,50 @@ def overlay(image: np.ndarray, aam: np.ndarray, vmax: float | None = None, alpha
     heat = np.clip(resize_bilinear(a, image.shape[0], image.shape[1]) * scale, 0.0, 1.0)
     blended = (1.0 - alpha) * image.astype(np.float64) + alpha * 255.0 * _jet(heat)
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def overlay_pair(image_a: np.ndarray, aam_a: np.ndarray, image_b: np.ndarray | None = None,
+                 aam_b: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """One attribute's attention maps over two crops, both scaled by their common maximum so that they compare.
+
+    Args:
+        image_a: uint8 crop ``[H, W, 3]`` of person A.
+        aam_a: A's map ``[h, w]``.
+        image_b: B's crop, or None.
+        aam_b: B's map ``[h, w]``, or None (given without ``image_b``, it still counts for the common scale).
+
+    Returns:
+        ``(overlay of A, overlay of B or None without B's crop or map)``.
+
+    Raises:
+        ValueError: As :func:`overlay`.
+    """
+    maps = [_check_values("aam_a", aam_a, 2)] + ([] if aam_b is None else [_check_values("aam_b", aam_b, 2)])
+    top = max(float(a.max()) for a in maps)
+    vmax = top if top > 0 else None  # all-zero maps stay zero
+    b = None if image_b is None or aam_b is None else overlay(image_b, maps[1], vmax)
+    return overlay(image_a, maps[0], vmax), b
+
+
+def to_png(image: np.ndarray) -> bytes:
+    """Encode a uint8 RGB picture ``[H, W, 3]`` as PNG bytes (Pillow).
+
+    Args:
+        image: The picture.
+
+    Returns:
+        The PNG file's bytes.
+
+    Raises:
+        ValueError: On a picture that is not uint8 ``[H, W, 3]``.
+    """
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(_check_image("image", image)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _side_by_side(left: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -272,9 +316,8 @@ def explain_figure(
             _show_pair(ax, image_a, image_b, labels, labels_on_top=True)
             continue
         k = order[i - 1]
-        vmax = max(maps_a[k].max(), maps_b[k].max())
-        vmax = float(vmax) if vmax > 0 else None
-        _show_pair(ax, overlay(image_a, maps_a[k], vmax), overlay(image_b, maps_b[k], vmax), labels, False)
+        over_a, over_b = overlay_pair(image_a, maps_a[k], image_b, maps_b[k])
+        _show_pair(ax, over_a, cast(np.ndarray, over_b), labels, False)  # B's crop and map given: not None
         ax.set_title(f"{_shorten(titles[k], title_chars)}\n{shares[k]:.0f}% of d", fontsize=title_size,
                      color=_TOP_COLOUR, pad=4)
     if lines:

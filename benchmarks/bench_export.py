@@ -24,10 +24,10 @@ import onnxruntime as ort
 import torch
 import triton
 
+from attrimeter.artefact.contract import INPUT_NAME
 from attrimeter.export.aot import DEFAULT_TARGETS, compile_kernels, kernel_specs
 from attrimeter.export.build import export
-from attrimeter.export.contract import INPUT_NAME
-from attrimeter.export.onnx_export import ExportGraph
+from attrimeter.export.onnx_graph import ExportGraph
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -61,23 +61,23 @@ def main() -> None:
             m = export(args.checkpoint, root / f"{flavor}{16 if fp16 else 32}", flavor=flavor, fp16=fp16, targets=(),
                        data=args.data if fp16 else None, progress=False)
             seconds = time.perf_counter() - t0
-            worst = max(max(r["relative_error"].values()) for r in m["verification"]["parity"])
-            retrieval = m["verification"]["retrieval"]
-            note = (f"mAP(d) eager fp32 {retrieval['eager_fp32']['d_mAP']:.4f} vs export "
-                    f"{retrieval['export']['d_mAP']:.4f}; mAP(d̂) {retrieval['eager_fp32']['d_hat_mAP']:.4f} vs "
-                    f"{retrieval['export']['d_hat_mAP']:.4f} (includes the retrieval check)" if retrieval else "")
-            rows.append({"measure": f"export {flavor} {m['dtype']}", "value": round(seconds, 1), "unit": "s",
+            worst = m.verification.worst_error
+            retrieval = m.verification.retrieval
+            note = (f"mAP(d) eager fp32 {retrieval.eager_fp32['d_mAP']:.4f} vs export "
+                    f"{retrieval.export['d_mAP']:.4f}; mAP(d̂) {retrieval.eager_fp32['d_hat_mAP']:.4f} vs "
+                    f"{retrieval.export['d_hat_mAP']:.4f} (includes the retrieval check)" if retrieval else "")
+            rows.append({"measure": f"export {flavor} {m.dtype}", "value": round(seconds, 1), "unit": "s",
                          "detail": f"worst relative error vs eager fp32 {worst:.1e} at batch 1 and 7; {note}"})
             print(rows[-1])
         manifest = m
-        channels, h, w = manifest["feature_map"]
-        specs = kernel_specs(channels, h * w, len(manifest["attributes"]), manifest["pooling"]["p"],
-                             manifest["pooling"]["eps"], "float32")
+        channels, h, w = manifest.feature_map
+        specs = kernel_specs(channels, h * w, len(manifest.attributes), manifest.pooling.p, manifest.pooling.eps,
+                             "float32")
         for target in DEFAULT_TARGETS:
             os.environ["TRITON_CACHE_DIR"] = str(root / f"cache-{target}")  # cold: no kernel cached
             t0 = time.perf_counter()
             index = compile_kernels(root / "kernels", specs, (target,))
-            sizes = {k: v["shared_bytes"] for k, v in index["targets"][target].items()}
+            sizes = {k: v.shared_bytes for k, v in index.targets[target].items()}
             rows.append({"measure": f"AOT compile {target} (3 kernels, cold cache)",
                          "value": round(time.perf_counter() - t0, 1), "unit": "s",
                          "detail": f"shared bytes {sizes}"})
@@ -87,7 +87,7 @@ def main() -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = args.threads
         session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        from attrimeter.engine.interpreter import load_interpreter
+        from attrimeter.engine.interpreter_checkpoint import load_interpreter
 
         ck = load_interpreter(args.checkpoint)
         eager = ExportGraph(ck.model).eval()
@@ -117,7 +117,7 @@ def main() -> None:
         "",
         f"{stamp['cpu']}, {args.threads} threads; Python {stamp['python']}, torch {stamp['torch']}, onnx "
         f"{stamp['onnx']}, onnxruntime {stamp['onnxruntime']}, triton {stamp['triton']}; {stamp['date']}. Model: "
-        f"`{args.checkpoint}` ({channels} channels, {h}x{w} feature map, {len(manifest['attributes'])} attributes, "
+        f"`{args.checkpoint}` ({channels} channels, {h}x{w} feature map, {len(manifest.attributes)} attributes, "
         f"input {ck.image_size[0]}x{ck.image_size[1]}). Command: `python benchmarks/bench_export.py`.",
         "",
         "| measure | value | detail |",

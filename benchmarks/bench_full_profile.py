@@ -1,4 +1,4 @@
-"""How long the ``full`` profiles take per epoch on this machine (resnet50 at 256x128, DESIGN's real-data set-up).
+"""How long the ``full`` profiles take per epoch here (resnet50 at 256x128, real data: docs/architecture.md §7).
 
 Times the real training loops (``train_target`` and ``train_interpreter`` with ``--profile full``) for a short
 wall-clock guard on a synthetic folder read at 256x128, and extrapolates to one epoch of Market-1501 (751 training
@@ -23,7 +23,7 @@ import torch
 
 from attrimeter import __version__
 from attrimeter.config import apply_overrides, resolve
-from attrimeter.engine import interpreter as interp
+from attrimeter.engine import interpreter_training as interp
 from attrimeter.engine.target import PROFILES, TargetTrainConfig, train_target
 
 MARKET_BATCHES_PER_EPOCH = 751 // 16

@@ -42,7 +42,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from attrimeter.runtime.gallery import Gallery
-from attrimeter.runtime.runtime import Runtime
+from attrimeter.runtime.runtime import Runtime, RuntimeConfig
 
 
 def _percentiles(times: list[float]) -> tuple[float, float, float]:
@@ -52,7 +52,7 @@ def _percentiles(times: list[float]) -> tuple[float, float, float]:
 
 def _embed_rows(export: Path, files: list[Path], backend: str, threads: int) -> list[dict]:
     rows = []
-    with Runtime(export, backend=backend, threads=threads, max_batch=32) as rt:
+    with Runtime(export, config=RuntimeConfig(backend=backend, threads=threads, max_batch=32)) as rt:
         rt.embed(files[:32])  # warm-up
         t0 = time.perf_counter()
         for s in range(0, len(files), 32):
@@ -61,7 +61,7 @@ def _embed_rows(export: Path, files: list[Path], backend: str, threads: int) -> 
         rows.append({"benchmark": "embed", "setting": "1 caller, 32 JPEGs per call", "value": rate,
                      "unit": "images/s"})
     for max_batch, label in ((32, "dynamic batching up to 32, 2 ms wait"), (1, "no batching (max batch 1)")):
-        with Runtime(export, backend=backend, threads=threads, max_batch=max_batch) as rt:
+        with Runtime(export, config=RuntimeConfig(backend=backend, threads=threads, max_batch=max_batch)) as rt:
             rt.embed(files[:8])
             chunks = [files[i::8] for i in range(8)]
             t0 = time.perf_counter()
@@ -115,7 +115,7 @@ def search_rows(export: Path, gallery: Path, queries: list[Path], backend: str, 
     import faiss
 
     rows = []
-    with Runtime(export, gallery, backend=backend, threads=threads, verify=False, fused=fused) as rt:
+    with Runtime(export, gallery, RuntimeConfig(backend=backend, threads=threads, verify=False, fused=fused)) as rt:
         n = len(rt.gallery)
         emb = rt.embed(queries)
         vectors = rt.gallery.embeddings(np.arange(n))
@@ -248,13 +248,13 @@ def main() -> None:
     rows = _embed_rows(args.export, files[:1024], args.backend, args.threads)
     work = Path(tempfile.mkdtemp(dir=args.work))
     try:
-        with Runtime(args.export, work / "real", create_gallery=True, threads=args.threads) as rt:
+        with Runtime(args.export, work / "real", RuntimeConfig(create_gallery=True, threads=args.threads)) as rt:
             rt.index_folder(args.data / "bounding_box_test")
             real = rt.gallery
             fill_gallery(work / "large", real, args.entries, workers=args.threads)
         rows += search_rows(args.export, work / "large", queries, args.backend, args.threads, args.repeats)
         rows += _serve_rows(args.export, work / "large", queries, args.backend, args.threads)
-        with Runtime(args.export, backend=args.backend) as rt:
+        with Runtime(args.export, config=RuntimeConfig(backend=args.backend)) as rt:
             device = rt.backend.device
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from attrimeter.runtime.distributed.manifest import manifest_for, shard_of, write_manifest  # noqa: E402
 from attrimeter.runtime.distributed.sharded import ShardedGallery  # noqa: E402
 from attrimeter.runtime.gallery import Gallery  # noqa: E402
-from attrimeter.runtime.runtime import Embeddings, Runtime  # noqa: E402
+from attrimeter.runtime.runtime import Embeddings, Runtime, RuntimeConfig  # noqa: E402
 
 CHUNK = 8192
 
@@ -118,14 +118,14 @@ def main() -> None:
                        for i in range(len(picks))]
         weights = {a: 0.0 for a in attrs if a.startswith(("up", "down")) and a not in ("up", "down")}
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-        runtimes = {"one store": Runtime(args.export, single, threads=2, verify=False)}
+        config = RuntimeConfig(threads=2, verify=False)
+        runtimes = {"one store": Runtime(args.export, single, config)}
         for shards in (int(s) for s in args.shards.split(",")):
             split(single, work / f"sharded-{shards}", shards)
             for mode in ("local", "ray"):
                 sg = ShardedGallery.open(work / f"sharded-{shards}", mode=mode, verify=False,
                                          actor_options={"num_cpus": 0.25})
-                runtimes[f"{shards} shard{'s' if shards > 1 else ''}, {mode}"] = Runtime(args.export, sg, threads=2,
-                                                                                          verify=False)
+                runtimes[f"{shards} shard{'s' if shards > 1 else ''}, {mode}"] = Runtime(args.export, sg, config)
         want = answers(runtimes["one store"], queries, weights)
         for name, rt in runtimes.items():
             if answers(rt, queries, weights) != want:

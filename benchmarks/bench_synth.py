@@ -24,15 +24,9 @@ from pathlib import Path
 import numpy as np
 import PIL
 
-from attrimeter.data.synth import (
-    SynthConfig,
-    generate,
-    parse_size,
-    render_person,
-    sample_camera,
-    sample_person,
-    sample_view,
-)
+from attrimeter.data.synth import SynthConfig, generate, parse_size
+from attrimeter.data.synth_render import render_person
+from attrimeter.data.synth_sampling import sample_camera, sample_person, sample_view
 
 
 def bench_render(size: tuple[int, int], n: int, seed: int) -> float:

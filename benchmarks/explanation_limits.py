@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from attrimeter.data.formats import load_dataset
-from attrimeter.data.truth import counterfactual_masks
-from attrimeter.engine.interpreter import cache_features, read_counterfactual_pairs
+from attrimeter.data.truth import counterfactual_masks, read_counterfactual_pairs
+from attrimeter.engine.feature_cache import cache_features
 from attrimeter.engine.target import load_target
 from attrimeter.models.interpreter import AttriMeter
 

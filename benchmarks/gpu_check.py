@@ -25,6 +25,8 @@ downloads missing wheels and builds the project wheel into ``.whl``.
     python benchmarks/gpu_check.py [--out DIR] [--dry] [--prepare] [--wheels DIR] [--budget SECONDS]
 
 Needs Python >= 3.11 (tomllib) and ``packaging``; the project itself is installed by the kit, not imported here.
+That is also why it is one file of ~640 lines: it runs on a bare machine before the project exists there, so it can
+import no helper of ours and must travel as one self-contained script.
 """
 
 from __future__ import annotations

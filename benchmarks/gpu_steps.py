@@ -195,10 +195,10 @@ def step_bench_kernels(work: Path, out: Path) -> dict[str, Any]:
 def step_prep_runtime(work: Path, out: Path) -> dict[str, Any]:
     """A demo-size interpreter (resnet18 width 0.5, 128x64: C = 256) exported, and a gallery of 10^6 entries."""
     from attrimeter.data.synth import SynthConfig, generate
-    from attrimeter.engine.interpreter import InterpreterTrainConfig, train_interpreter
+    from attrimeter.engine.interpreter_training import InterpreterTrainConfig, train_interpreter
     from attrimeter.engine.target import TargetTrainConfig, train_target
     from attrimeter.export.build import export
-    from attrimeter.runtime.runtime import Runtime
+    from attrimeter.runtime.runtime import Runtime, RuntimeConfig
 
     root = work / "runtime"
     t0 = time.perf_counter()
@@ -210,7 +210,7 @@ def step_prep_runtime(work: Path, out: Path) -> dict[str, Any]:
     train_interpreter(root / "data", root / "target" / "target.pt", root / "interpreter",
                       InterpreterTrainConfig(shared="layer3", epochs=2, p_ids=8, k_instances=4), progress=False)
     export(root / "interpreter" / "interpreter.pt", root / "export", targets=(), progress=False)
-    with Runtime(root / "export", root / "real", create_gallery=True) as rt:
+    with Runtime(root / "export", root / "real", RuntimeConfig(create_gallery=True)) as rt:
         rt.index_folder(root / "data" / "bounding_box_test", progress=False)
         model_s = time.perf_counter() - t0
         br.fill_gallery(root / "large", rt.gallery, GALLERY_ENTRIES, workers=8)
@@ -254,16 +254,16 @@ def step_prep_training(work: Path, out: Path) -> dict[str, Any]:
 
 def step_bench_training(work: Path, out: Path) -> dict[str, Any]:
     """Training throughput of the full profiles (resnet50 at 256x128, 16 x 4 batches) for 20 s each."""
-    from attrimeter.engine import interpreter, target
+    from attrimeter.engine import interpreter_training, target
 
     root = work / "train"
     seconds = 20.0
     t_cfg = target.TargetTrainConfig(**{**target.PROFILES["full"], "epochs": 10_000, "max_minutes": seconds / 60})
     t_log = target.train_target(root / "data", root / "target", t_cfg, progress=False, evaluate=False)
-    i_cfg = interpreter.InterpreterTrainConfig(**{**interpreter.PROFILES["full"], "epochs": 10_000,
-                                                  "max_minutes": seconds / 60})
-    i_log = interpreter.train_interpreter(root / "data", root / "target" / "target.pt", root / "interpreter", i_cfg,
-                                          progress=False)
+    i_cfg = interpreter_training.InterpreterTrainConfig(**{**interpreter_training.PROFILES["full"], "epochs": 10_000,
+                                                           "max_minutes": seconds / 60})
+    i_log = interpreter_training.train_interpreter(root / "data", root / "target" / "target.pt", root / "interpreter",
+                                                   i_cfg, progress=False)
     figures = []
     for what, log in (("target resnet50 256x128", t_log), ("interpreter on it (shared layer2, no cache)", i_log)):
         figures.append(figure(f"training {what}", log["images_per_second"], "images/s"))

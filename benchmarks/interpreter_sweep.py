@@ -23,7 +23,10 @@ import torch
 from attrimeter import __version__
 from attrimeter.config import apply_overrides, parse_assignments, resolve
 from attrimeter.data.formats import load_dataset
-from attrimeter.engine import interpreter as interp
+from attrimeter.engine.feature_cache import cache_features
+from attrimeter.engine.interpreter_checkpoint import load_interpreter
+from attrimeter.engine.interpreter_evaluation import evaluate_interpreter, evaluation_cache
+from attrimeter.engine.interpreter_training import PROFILES, InterpreterTrainConfig, train_interpreter
 from attrimeter.engine.target import load_target
 from attrimeter.models.interpreter import AttriMeter
 
@@ -45,7 +48,7 @@ def main() -> None:
 
     data = load_dataset(args.data)
     target = load_target(args.target)
-    base = resolve(interp.InterpreterTrainConfig(), interp.PROFILES, "quick")
+    base = resolve(InterpreterTrainConfig(), PROFILES, "quick")
     runs = []
     for spec in args.run:
         name, _, assignments = spec.partition(":")
@@ -55,8 +58,8 @@ def main() -> None:
     for shared, flip in sorted({(cfg.shared, cfg.flip > 0) for _, _, cfg in runs}):
         grafted = AttriMeter(target.model, len(data.schema), shared=shared)
         caches[shared, flip] = (
-            interp.cache_features(grafted, data.train, target.image_size, flip=flip, desc="cache train"),
-            interp.evaluation_cache(grafted, data, target.image_size))
+            cache_features(grafted, data.train, target.image_size, flip=flip, desc="cache train"),
+            evaluation_cache(grafted, data, target.image_size))
     stamp = {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
              "torch": torch.__version__, "attrimeter": __version__,
              "date": datetime.date.today().isoformat()}
@@ -65,9 +68,9 @@ def main() -> None:
         for name, overrides, cfg in runs:
             t0 = time.perf_counter()
             train_cache, eval_cache = caches[cfg.shared, cfg.flip > 0]
-            log = interp.train_interpreter(args.data, args.target, Path(tmp) / name, cfg, cache=train_cache)
-            trained = interp.load_interpreter(Path(tmp) / name / "interpreter.pt")
-            metrics = interp.evaluate_interpreter(trained.model, data, target.image_size, cache=eval_cache)
+            log = train_interpreter(args.data, args.target, Path(tmp) / name, cfg, cache=train_cache)
+            trained = load_interpreter(Path(tmp) / name / "interpreter.pt")
+            metrics = evaluate_interpreter(trained.model, data, target.image_size, cache=eval_cache)
             rows.append({"run": name, "overrides": " ".join(f"{k}={v}" for k, v in overrides.items()) or "–",
                          "iterations": log["iterations"], "train_s": round(log["train_seconds"], 1),
                          "target_mAP": round(metrics["target"]["mAP"], 4),

@@ -1,1 +1,1 @@
-"""Export stage: ONNX, TensorRT engine and AOT kernels (DESIGN §5). Filled in by the export issue."""
+"""Export stage: ONNX, TensorRT engine and AOT kernels (docs/architecture.md §5)."""

@@ -1,4 +1,6 @@
-"""Ahead-of-time compilation of the Triton kernels for named GPU targets, with their launch metadata (DESIGN §5).
+"""Ahead-of-time compilation of the Triton kernels for named GPU targets, with their launch metadata.
+
+docs/architecture.md §5; the metadata's reader is :mod:`attrimeter.artefact.kernels`.
 
 For an export (its C, h·w, M, p, eps and dtype) each kernel is compiled with every shape, stride and scalar baked in
 as a compile-time constant, so that a launch needs only pointers (and, for the explain kernel, the run-time sizes
@@ -21,8 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import struct
 import subprocess
 import sys
 import tempfile
@@ -32,30 +32,22 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from attrimeter.export.contract import POOL_KERNEL, TRITON_DTYPES
+from attrimeter.artefact.contract import KERNEL_INDEX, LAUNCH_TABLE, POOL_KERNEL, TRITON_DTYPES
+from attrimeter.artefact.kernels import KernelIndex, KernelIndexEntry, load_kernel, ptx_entry, ptx_header
 from attrimeter.kernels import integer_exponent
 
-__all__ = [
-    "DEFAULT_TARGETS", "KERNELS", "TARGETS", "AotError", "compile_kernels", "cubin_arch", "kernel_specs",
-    "launch_table",
-    "load_kernel",
-    "ptx_entry",
-    "ptx_header",
-]
+__all__ = ["DEFAULT_TARGETS", "KERNELS", "TARGETS", "AotError", "compile_kernels", "kernel_specs", "launch_table"]
 
 # Maximum dynamic shared memory per block (opt-in), bytes, from the CUDA programming guide's per-architecture table.
 TARGETS: dict[str, int] = {"sm_80": 166912, "sm_86": 101376, "sm_87": 166912, "sm_89": 101376, "sm_90": 232448}
 # sm_80 (A100), sm_86 (A10, A40, RTX 30xx), sm_87 (Jetson Orin), sm_89 (L4, L40, RTX 40xx), sm_90 (H100).
 DEFAULT_TARGETS = ("sm_80", "sm_86", "sm_87", "sm_89", "sm_90")
 KERNELS = ("masked_gem_pool", "explain", "explain_weighted")
-INDEX_NAME = "index.json"
-LAUNCH_TABLE = "launch.txt"
-_EM_CUDA = 190
 _HIDDEN = ("global_scratch", "profile_scratch")
 
 
 class AotError(RuntimeError):
-    """Ahead-of-time compilation failed or its artefacts are unusable; the message names the kernel and target."""
+    """Ahead-of-time compilation failed; the message names the kernel and target (or quotes the compiler)."""
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -236,7 +228,7 @@ def _child(request_path: str) -> None:
 
 
 def compile_kernels(out_dir: str | Path, specs: list[dict[str, Any]], targets: tuple[str, ...] = DEFAULT_TARGETS,
-                    timeout: float = 1800.0, progress: bool = False) -> dict[str, Any]:
+                    timeout: float = 1800.0, progress: bool = False) -> KernelIndex:
     """Cross-compile ``specs`` for ``targets`` into ``out_dir/<target>/``, with ``index.json`` and ``launch.txt``.
 
     ``launch.txt`` (the C launcher's table) is written when the pooling kernel is among the specs.
@@ -249,11 +241,13 @@ def compile_kernels(out_dir: str | Path, specs: list[dict[str, Any]], targets: t
         progress: Show a progress bar (one step per kernel and target).
 
     Returns:
-        The index: Triton version and, per target, each kernel's JSON path, symbol, shared memory and threads.
+        The index (as written): Triton version and, per target, each kernel's JSON path, symbol, shared memory and
+        threads.
 
     Raises:
         ValueError: On an unknown target.
         AotError: If Triton is missing or the compilation fails (its output is quoted).
+        KernelError: If what it compiled is unusable (e.g. a PTX entry its metadata does not match).
     """
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
@@ -284,16 +278,17 @@ def compile_kernels(out_dir: str | Path, specs: list[dict[str, Any]], targets: t
             why = "timed out" if returncode == -9 else "failed"
             tail = errors.read().strip().splitlines()[-15:]
             raise AotError(f"AOT compilation of the Triton kernels {why}:\n" + "\n".join(tail))
-    index: dict[str, Any] = {"targets": {}}
+    entries: dict[str, dict[str, KernelIndexEntry]] = {}
+    triton_version = None
     for target in targets:
-        entries = {}
+        entries[target] = {}
         for spec in specs:
             meta = load_kernel(out / target / f"{spec['kernel']}.json")
-            index["triton_version"] = meta["triton_version"]
-            entries[spec["kernel"]] = {"json": f"{target}/{spec['kernel']}.json", "symbol": meta["symbol"],
-                                       "shared_bytes": meta["shared_bytes"], "threads": meta["threads"]}
-        index["targets"][target] = entries
-    (out / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
+            triton_version = meta.triton_version
+            entries[target][spec["kernel"]] = KernelIndexEntry(f"{target}/{spec['kernel']}.json", meta.symbol,
+                                                               meta.shared_bytes, meta.threads)
+    index = KernelIndex(entries, triton_version)
+    (out / KERNEL_INDEX).write_text(json.dumps(index.to_json(), indent=1) + "\n")
     if any(spec["kernel"] == POOL_KERNEL for spec in specs):  # the table's export line comes from the pooling
         (out / LAUNCH_TABLE).write_text(launch_table(out, targets, specs))
     return index
@@ -327,117 +322,11 @@ def launch_table(kernels_dir: Path, targets: tuple[str, ...], specs: list[dict[s
     for target in targets:
         for spec in specs:
             meta = load_kernel(kernels_dir / target / f"{spec['kernel']}.json")
-            const = math.prod(int(t) for t in meta["grid"]["x"] if isinstance(t, int))
-            params = ",".join(p["name"] for p in meta["params"])
-            lines.append(f"{target} {spec['kernel']} {meta['symbol']} {target}/{meta['cubin']} {meta['threads']} "
-                         f"{meta['shared_bytes']} {const} {params}")
+            const = math.prod(t for t in meta.grid_x if isinstance(t, int))
+            params = ",".join(p.name for p in meta.params)
+            lines.append(f"{target} {spec['kernel']} {meta.symbol} {target}/{meta.cubin_path.name} {meta.threads} "
+                         f"{meta.shared_bytes} {const} {params}")
     return "\n".join(lines) + "\n"
-
-
-def cubin_arch(data: bytes) -> int:
-    """The SM version a cubin was compiled for, read from its ELF header.
-
-    Args:
-        data: The cubin's bytes.
-
-    Returns:
-        E.g. 90 for sm_90.
-
-    Raises:
-        AotError: If the bytes are not a 64-bit little-endian CUDA ELF (machine EM_CUDA = 190).
-    """
-    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        raise AotError("not a cubin: no 64-bit little-endian ELF header")
-    machine, = struct.unpack_from("<H", data, 0x12)
-    if machine != _EM_CUDA:
-        raise AotError(f"not a cubin: ELF machine {machine}, expected EM_CUDA ({_EM_CUDA})")
-    flags, = struct.unpack_from("<I", data, 0x30)
-    # CUDA ELF ABI version (e_ident[8]) 7 keeps the SM in the low byte of e_flags, version 8 (sm_90+) in the next.
-    return (flags >> 8) & 0xFF if data[8] >= 8 else flags & 0xFF
-
-
-def load_kernel(json_path: str | Path) -> dict[str, Any]:
-    """Read a kernel's launch metadata and check that its artefacts are present and well-formed.
-
-    Args:
-        json_path: ``EXPORT/kernels/sm_XX/<kernel>.json``.
-
-    Returns:
-        The metadata, with ``cubin_path`` and ``ptx_path`` resolved.
-
-    Raises:
-        AotError: If the JSON, cubin or PTX is missing or malformed (not an ELF cubin, no ``.entry`` of the symbol).
-    """
-    path = Path(json_path)
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise AotError(f"kernel metadata {path} is unreadable: {e}") from None
-    needed = ("kernel", "symbol", "target", "cubin", "ptx", "threads", "shared_bytes", "params", "grid")
-    missing = [k for k in needed if k not in meta]
-    if missing:
-        raise AotError(f"kernel metadata {path} lacks {missing}")
-    cubin, ptx = path.parent / meta["cubin"], path.parent / meta["ptx"]
-    if not cubin.is_file():
-        raise AotError(f"{cubin} is missing")
-    arch = cubin_arch(cubin.read_bytes())
-    if arch != meta.get("cc"):
-        raise AotError(f"{cubin} is compiled for sm_{arch}, its metadata says {meta['target']}")
-    if not ptx.is_file():
-        raise AotError(f"{ptx} is missing")
-    text = ptx.read_text()
-    try:
-        declared = len(ptx_entry(text, meta["symbol"])[2])
-        meta["ptx_target"], meta["ptx_version"] = ptx_header(text)
-    except AotError as e:
-        raise AotError(f"{ptx}: {e}") from None
-    scratch = [p for p in meta["params"] if p["type"] == "scratch"]
-    if scratch and meta["params"][-len(scratch):] != scratch:
-        raise AotError(f"{path}: the scratch parameters must come last")
-    if declared != len(meta["params"]):
-        raise AotError(f"{path} lists {len(meta['params'])} parameters, the PTX entry declares {declared}")
-    meta["cubin_path"], meta["ptx_path"], meta["ptx_text"] = str(cubin), str(ptx), text
-    return meta
-
-
-def ptx_header(ptx: str) -> tuple[str, str]:
-    """The ``.target`` and ``.version`` directives of a PTX module.
-
-    Args:
-        ptx: PTX text.
-
-    Returns:
-        E.g. ``("sm_90a", "9.4")``.
-
-    Raises:
-        AotError: If either directive is missing.
-    """
-    target = re.search(r"^\s*\.target\s+(\w+)", ptx, re.MULTILINE)
-    version = re.search(r"^\s*\.version\s+([\d.]+)", ptx, re.MULTILINE)
-    if target is None or version is None:
-        raise AotError("not PTX: no .target/.version directive")
-    return target.group(1), version.group(1)
-
-
-def ptx_entry(ptx: str, symbol: str) -> tuple[int, int, list[str]]:
-    """Where a PTX entry's parameter list lies and what it declares.
-
-    Args:
-        ptx: PTX text.
-        symbol: The entry's name.
-
-    Returns:
-        ``(start, end, declarations)``: the span of the text between the entry's parentheses and its ``.param``
-        declarations in order.
-
-    Raises:
-        AotError: If the PTX has no such entry.
-    """
-    entry = re.search(rf"\.entry\s+{re.escape(symbol)}\s*\((?P<params>[^)]*)\)", ptx)
-    if entry is None:
-        raise AotError(f"the PTX has no entry {symbol}")
-    declarations = [p.strip() for p in entry.group("params").split(",") if p.strip()]
-    return entry.start("params"), entry.end("params"), declarations
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""``attrimeter export``: one verified export folder with its manifest (DESIGN §5).
+"""``attrimeter export``: one verified export folder with its manifest (docs/architecture.md §5).
 
 ONNX (portable or plugin flavour), the AOT kernels and, on request, a TensorRT engine. Layout::
 
-    model.onnx              the graph (DESIGN §5 names, dynamic batch)
+    model.onnx              the graph (docs/architecture.md §5 names, dynamic batch)
     kernels/index.json      AOT kernels: per GPU target, the kernels and their launch metadata
     kernels/launch.txt      the C launcher's table (CMakeLists.txt builds the library that reads it)
     kernels/sm_XX/*.cubin|ptx|json
@@ -18,20 +18,31 @@ from __future__ import annotations
 import importlib.util
 import shutil
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from attrimeter.export.aot import DEFAULT_TARGETS, INDEX_NAME, LAUNCH_TABLE, TARGETS, compile_kernels, kernel_specs
-from attrimeter.export.contract import ENGINE_FILE, KERNELS_DIR, MODEL_FILE, PLUGIN_SHARED_LIMIT, TIMING_CACHE_FILE
+from attrimeter.artefact.contract import (
+    ENGINE_FILE,
+    KERNEL_INDEX,
+    KERNELS_DIR,
+    LAUNCH_TABLE,
+    MODEL_FILE,
+    PLUGIN_SHARED_LIMIT,
+    TIMING_CACHE_FILE,
+)
+from attrimeter.artefact.device import cuda_device, tensorrt_available
+from attrimeter.artefact.jsonfields import JsonField
+from attrimeter.artefact.manifest import KernelsInfo, Manifest, ManifestError, TensorRTInfo, Verification
+from attrimeter.export.aot import DEFAULT_TARGETS, TARGETS, compile_kernels, kernel_specs
 from attrimeter.export.onnx_export import (
     FP16_TOLERANCE,
     MAX_BATCH,
     ExportError,
-    ExportGraph,
     check_parity,
     check_retrieval,
     export_onnx,
 )
+from attrimeter.export.onnx_graph import ExportGraph
 
 __all__ = ["ENGINE_FP32_TOLERANCE", "FORMATS", "export"]
 
@@ -56,7 +67,7 @@ def export(
     opt_batch: int = 32,
     timing_cache: str | Path | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> Manifest:
     """Export an interpreter checkpoint (see the module docstring for the folder it makes).
 
     Args:
@@ -101,7 +112,7 @@ def export(
         raise ValueError(f"need 1 <= opt_batch <= max_batch <= {MAX_BATCH}, got {opt_batch} and {max_batch}")
     device_target = None
     if output_format == "tensorrt":
-        from attrimeter.export.tensorrt_engine import cuda_device, plugin_ptx_version, tensorrt_available
+        from attrimeter.export.plugin_kernel import plugin_ptx_version
 
         missing = tensorrt_available()
         if missing:
@@ -121,24 +132,24 @@ def export(
             except ValueError as e:
                 raise ExportError(str(e)) from None
     plugin_engine = output_format == "tensorrt" and flavor == "plugin"
-    wanted = tuple(dict.fromkeys([*targets, *([device_target] if plugin_engine else [])]))
+    wanted = tuple(dict.fromkeys([*targets, *([device_target] if plugin_engine and device_target else [])]))
 
-    def add_kernels_and_engine(staging: Path, manifest: dict[str, Any], eager: ExportGraph) -> None:
-        channels, h, w = manifest["feature_map"]
-        pooling = manifest["pooling"]
-        manifest["kernels"] = {"note": kernels_note} if kernels_note else None
+    def add_kernels_and_engine(staging: Path, manifest: Manifest, eager: ExportGraph) -> Manifest:
+        channels, h, w = manifest.feature_map
+        kernels = KernelsInfo(note=kernels_note) if kernels_note else None
         if wanted:
-            specs = kernel_specs(channels, h * w, len(manifest["attributes"]), pooling["p"], pooling["eps"],
-                                 manifest["dtype"], pool_max_shared=PLUGIN_SHARED_LIMIT if plugin_engine else None,
+            specs = kernel_specs(channels, h * w, len(manifest.attributes), manifest.pooling.p, manifest.pooling.eps,
+                                 manifest.dtype, pool_max_shared=PLUGIN_SHARED_LIMIT if plugin_engine else None,
                                  ptx_version=ptx_version)
             index = compile_kernels(staging / KERNELS_DIR, specs, wanted, progress=progress)
-            manifest["kernels"] = {"index": f"{KERNELS_DIR}/{INDEX_NAME}",
-                                   "launch_table": f"{KERNELS_DIR}/{LAUNCH_TABLE}", "targets": list(wanted),
-                                   "triton_version": index["triton_version"], "ptx_version": ptx_version,
-                                   "pool_max_shared": PLUGIN_SHARED_LIMIT if plugin_engine else None}
+            kernels = KernelsInfo(index=f"{KERNELS_DIR}/{KERNEL_INDEX}", launch_table=f"{KERNELS_DIR}/{LAUNCH_TABLE}",
+                                  targets=wanted, triton_version=index.triton_version, ptx_version=ptx_version,
+                                  pool_max_shared=PLUGIN_SHARED_LIMIT if plugin_engine else None)
+        engine = None
         if output_format == "tensorrt":
-            manifest["tensorrt"] = _build_engine(eager, staging, manifest, flavor, max_batch, opt_batch,
-                                                 timing_cache, data, fp16, progress)
+            engine = _build_engine(eager, staging, manifest, flavor, max_batch, opt_batch, timing_cache, data, fp16,
+                                   progress)
+        return replace(manifest, kernels=kernels, tensorrt=engine)
 
     manifest = export_onnx(checkpoint, out_dir, flavor=flavor, fp16=fp16, opset=opset, data=data, progress=progress,
                            extra=add_kernels_and_engine)
@@ -151,54 +162,54 @@ def export(
     return manifest
 
 
-def _build_engine(eager: ExportGraph, staging: Path, manifest: dict[str, Any], flavor: str, max_batch: int,
+def _build_engine(eager: ExportGraph, staging: Path, manifest: Manifest, flavor: str, max_batch: int,
                   opt_batch: int, timing_cache: str | Path | None, data: str | Path | None, fp16: bool,
-                  progress: bool) -> dict[str, Any]:
+                  progress: bool) -> TensorRTInfo:
     """Build ``model.engine`` from the staged ONNX, then run it against eager PyTorch (and on retrieval)."""
-    from attrimeter.export.tensorrt_engine import (
-        EngineRunner,
-        PluginSpec,
-        build_engine,
-        cuda_device,
-        kernel_json_for_device,
-    )
+    from attrimeter.export.plugin_kernel import kernel_json_for_device
+    from attrimeter.export.tensorrt_engine import EngineRunner, PluginSpec, build_engine
 
     device = cuda_device()
     assert device is not None  # checked before the export began
-    channels, h, w = manifest["feature_map"]
+    channels, h, w = manifest.feature_map
     plugin = None
     if flavor == "plugin":
         try:
             kernel_json = kernel_json_for_device(staging, device.cc, max_shared_bytes=device.max_shared_optin)
         except ValueError as e:
             raise ExportError(str(e)) from None
-        plugin = PluginSpec(kernel_json=kernel_json, num_attributes=len(manifest["attributes"]), channels=channels,
+        plugin = PluginSpec(kernel_json=kernel_json, num_attributes=len(manifest.attributes), channels=channels,
                             height=h, width=w)
     cache = staging / TIMING_CACHE_FILE
     if timing_cache is not None and Path(timing_cache).is_file():
         shutil.copyfile(timing_cache, cache)
     try:
         info = build_engine(staging / MODEL_FILE, staging / ENGINE_FILE, max_batch=max_batch, opt_batch=opt_batch,
-                            image_size=tuple(manifest["image_size"]), plugin=plugin, timing_cache=cache,
+                            image_size=manifest.image_size, plugin=plugin, timing_cache=cache,
                             progress=progress)
         runner = EngineRunner(staging / ENGINE_FILE)
     except (RuntimeError, ValueError) as e:
         raise ExportError(f"TensorRT engine build failed: {e}") from e
-    size = tuple(manifest["image_size"])
+    size = manifest.image_size
     tolerance = FP16_TOLERANCE if fp16 else ENGINE_FP32_TOLERANCE
     batches = sorted({1, min(7, max_batch)})  # within the engine's optimisation profile
     try:
-        verification = {"tolerance": tolerance, "parity": check_parity(runner, eager, size, batches, tolerance)}
+        parity = check_parity(runner, eager, size, batches, tolerance)
+        retrieval = None
         if data is not None:
             # Eager fp32's metrics were measured by the ONNX stage: only the engine's are new.
-            eager = manifest["verification"]["retrieval"]["eager_fp32"]
-            verification["retrieval"] = check_retrieval(runner, eager, data, size, True, progress,
-                                                        batch=min(64, max_batch), eager_metrics=eager)
+            measured = manifest.verification.retrieval
+            retrieval = check_retrieval(runner, eager, data, size, True, progress, batch=min(64, max_batch),
+                                        eager_metrics=None if measured is None else measured.eager_fp32)
     except (RuntimeError, ValueError) as e:
         raise ExportError(f"the TensorRT engine cannot be checked: {e}") from e
     # Paths in the manifest are relative to the export folder (the staging folder disappears on publishing).
     if info.get("plugin"):
         info["plugin"]["kernel_json"] = Path(info["plugin"]["kernel_json"]).relative_to(staging).as_posix()
     info["timing_cache"] = TIMING_CACHE_FILE
-    return {"engine": ENGINE_FILE, "max_batch": max_batch, **info, "verification": verification}
-
+    facts = {"engine": ENGINE_FILE, "max_batch": max_batch, **info,
+             "verification": Verification(tolerance, parity, retrieval).to_json()}
+    try:  # read as the manifest's tensorrt record: what is written is what the runtime will read
+        return TensorRTInfo.from_json(JsonField.root(facts, "the TensorRT build's facts", ManifestError))
+    except ManifestError as e:
+        raise ExportError(str(e)) from e

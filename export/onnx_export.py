@@ -1,15 +1,8 @@
-"""ONNX export of a trained interpreter, in two flavours, verified against eager PyTorch (DESIGN §5).
+"""ONNX export of a trained interpreter, verified against eager PyTorch, with its manifest (docs/architecture.md §5).
 
 The graph: ``images`` [B, 3, H, W] float32 RGB in [0, 1] (normalisation inside) → ``embedding`` [B, C],
-``attr_embeddings`` [B, M, C], ``aam`` [B, M, h, w], ``attr_logits`` [B, M], all float32, B dynamic.
-
-* ``portable``: standard ONNX ops only; the masked pooling is the factorised form of
-  :func:`~attrimeter.kernels.masked_gem_pool.masked_gem_pool_reference` (Pow, MatMul, ReduceMean, …). Runs in ONNX
-  Runtime and in TensorRT.
-* ``plugin``: the masked pooling is ONE node ``attrimeter::MaskedGemPool`` (inputs F, Z, scale, shift; outputs f,
-  f_k; attributes p, eps, p_int, num_attributes, channels, and plugin_namespace / aot for TensorRT's parser) for
-  TensorRT's plugin (``tensorrt_engine``). Its schema is registered with ``onnx.defs`` so ``onnx.checker``
-  validates the node too.
+``attr_embeddings`` [B, M, C], ``aam`` [B, M, h, w], ``attr_logits`` [B, M], all float32, B dynamic; in the
+``portable`` or the ``plugin`` flavour of :class:`~attrimeter.export.onnx_graph.ExportGraph`.
 
 FP16 (``fp16=True``) exports an FP16 graph (TensorRT 11 has no FP16 builder flag; strongly typed networks take the
 graph's types): the input stays float32 and is cast once; powers and sums of the pooling run in float32 inside the
@@ -24,14 +17,13 @@ judged on retrieval (``data=...``: mAP and rank-1 of d and d̂ on the data's que
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 import platform
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,26 +32,43 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from attrimeter.export.contract import INPUT_NAME, MODEL_FILE, OUTPUT_NAMES, PLUGIN_NAME, PLUGIN_NAMESPACE
-from attrimeter.export.manifest import MANIFEST_NAME, sha256_file, write_manifest
+from attrimeter.artefact.contract import (
+    FLAVORS,
+    INPUT_NAME,
+    MODEL_FILE,
+    OUTPUT_NAMES,
+    PLUGIN_ID,
+    PLUGIN_NAMESPACE,
+)
+from attrimeter.artefact.manifest import (
+    MANIFEST_NAME,
+    Attribute,
+    Manifest,
+    Normalization,
+    ParityCheck,
+    PluginNode,
+    Pooling,
+    RetrievalCheck,
+    Source,
+    TensorInfo,
+    Verification,
+    sha256_file,
+    write_manifest,
+)
+from attrimeter.export.onnx_graph import ExportGraph, register_onnx_schema, translation_table
 from attrimeter.kernels import integer_exponent
-from attrimeter.kernels.masked_gem_pool import masked_gem_pool_reference, qexp
 
 __all__ = [
-    "FLAVORS",
     "ExportError",
-    "ExportGraph",
     "check_parity",
     "check_retrieval",
     "export_onnx",
     "masked_gem_pool_numpy",
     "onnx_session",
-    "register_onnx_schema",
 ]
 
-FLAVORS = ("portable", "plugin")
 # torch's ONNX exporter writes opset 18 natively; its down-conversion to 17 fails on this model (ReduceMean /
-# ReduceLogSumExp axes), so 18 is the floor (DESIGN §5 asks >= 17).
+# ReduceLogSumExp axes), so 18 is the floor (docs/architecture.md §5).
 MIN_OPSET = 18
 MAX_BATCH = 4096
 FP32_TOLERANCE = 1e-4
@@ -71,117 +80,6 @@ FP16_TOLERANCE = 5e-2
 
 class ExportError(RuntimeError):
     """The export cannot be made or does not reproduce the eager model; the message says which and by how much."""
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The plugin op: a torch custom op (so torch.export keeps it as one node) and its ONNX schema
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("attrimeter::masked_gem_pool", mutates_args=())
-def _masked_gem_pool_op(
-    F: Tensor, Z: Tensor, scale: Tensor, shift: Tensor, p: float, eps: float
-) -> tuple[Tensor, Tensor]:
-    f, f_k = masked_gem_pool_reference(F, Z, p, eps, scale, shift)
-    return f.contiguous(), f_k.contiguous()
-
-
-@_masked_gem_pool_op.register_fake
-def _(F: Tensor, Z: Tensor, scale: Tensor, shift: Tensor, p: float, eps: float) -> tuple[Tensor, Tensor]:
-    B, C = F.shape[:2]
-    return F.new_empty((B, C)), F.new_empty((B, Z.shape[1], C))
-
-
-def register_onnx_schema() -> None:
-    """Register ``attrimeter::MaskedGemPool`` (version 1) with ``onnx.defs``; idempotent.
-
-    The schema lets ``onnx.checker`` and onnxscript build and check the plugin node like a standard op.
-    """
-    import onnx
-    from onnx.defs import OpSchema
-
-    if onnx.defs.has(PLUGIN_NAME, PLUGIN_NAMESPACE):
-        return
-    t = "T"
-    attr = OpSchema.Attribute
-    schema = OpSchema(
-        PLUGIN_NAME, PLUGIN_NAMESPACE, 1,
-        doc="Fused masked GeM pooling: f = BN(GeM(F)), f_k = BN(GeM(F * qexp(Z_k))) (AttriMeter DESIGN §3).",
-        inputs=[OpSchema.FormalParameter(name, t, doc) for name, doc in (
-            ("F", "feature map [B, C, h, w]"), ("Z", "attention logits [B, M, h, w]"),
-            ("scale", "BN-neck scale [C]"), ("shift", "BN-neck shift [C]"))],
-        outputs=[OpSchema.FormalParameter("f", t, "embedding [B, C]"),
-                 OpSchema.FormalParameter("f_k", t, "attribute embeddings [B, M, C]")],
-        type_constraints=[(t, ["tensor(float)", "tensor(float16)"], "fp32 or fp16; accumulation is fp32")],
-        attributes=[
-            attr("p", OpSchema.AttrType.FLOAT, "GeM exponent"),
-            attr("eps", OpSchema.AttrType.FLOAT, "GeM clamp floor"),
-            attr("p_int", OpSchema.AttrType.INT, "p as an integer 1..4 (multiplications), 0 for the generic path"),
-            attr("num_attributes", OpSchema.AttrType.INT, "M"),
-            attr("channels", OpSchema.AttrType.INT, "C"),
-            # Read by TensorRT's ONNX parser, which finds plugins by op_type + this namespace (not the domain) and
-            # takes the AOT implementation only when asked.
-            attr("plugin_namespace", OpSchema.AttrType.STRING, "TensorRT plugin namespace: attrimeter"),
-            attr("aot", OpSchema.AttrType.INT, "1: use the plugin's ahead-of-time (Triton PTX) implementation"),
-        ],
-    )  # fmt: skip
-    onnx.defs.register_schema(schema)
-
-
-def _translate_masked_gem_pool(F: Any, Z: Any, scale: Any, shift: Any, p: float, eps: float) -> Any:
-    """The onnxscript translation of the custom op: one ``attrimeter::MaskedGemPool`` node."""
-    import onnxscript
-
-    register_onnx_schema()
-    op = onnxscript.values.Opset(PLUGIN_NAMESPACE, 1)
-    # F and Z shapes are static but for B, so M and C are known here.
-    return op.MaskedGemPool(F, Z, scale, shift, p=float(p), eps=float(eps), p_int=integer_exponent(float(p)),
-                            num_attributes=int(Z.shape[1]), channels=int(F.shape[1]),
-                            plugin_namespace=PLUGIN_NAMESPACE, aot=1, _outputs=2)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The exported module
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class ExportGraph(nn.Module):
-    """The grafted model as the export sees it: images in, the four fixed outputs out.
-
-    Args:
-        model: A trained :class:`~attrimeter.models.interpreter.AttriMeter` (deep-copied, so the caller's model keeps
-            its dtype).
-        flavor: ``"portable"`` or ``"plugin"``.
-        fp16: Build the FP16 graph.
-    """
-
-    def __init__(self, model: nn.Module, flavor: str = "portable", fp16: bool = False) -> None:
-        super().__init__()
-        if flavor not in FLAVORS:
-            raise ValueError(f"flavor must be one of {FLAVORS}, got {flavor!r}")
-        self.flavor = flavor
-        self.dtype = torch.float16 if fp16 else torch.float32
-        self.model = copy.deepcopy(model).to(self.dtype).eval()
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Run the export graph.
-
-        Args:
-            images: Float32 RGB in [0, 1], ``[B, 3, H, W]``.
-
-        Returns:
-            ``(embedding [B, C], attr_embeddings [B, M, C], aam [B, M, h, w], attr_logits [B, M])``, float32.
-        """
-        m = self.model
-        shared = m.shared_features(images.to(self.dtype))
-        features = m.target_features(shared)
-        z = m.head(m.late(shared))
-        if self.flavor == "plugin":
-            f, f_k = torch.ops.attrimeter.masked_gem_pool(features, z, m.scale, m.shift, m.p, m.eps)
-        else:
-            f, f_k = masked_gem_pool_reference(features, z, m.p, m.eps, m.scale, m.shift)
-        attr_logits = m.classify(f_k, z)
-        return f.float(), f_k.float(), qexp(z).float(), attr_logits.float()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -263,7 +161,7 @@ def _relative_errors(outputs: Sequence[np.ndarray], reference: Sequence[Tensor])
 
 
 def check_parity(session: Any, eager: ExportGraph, image_size: tuple[int, int], batches: Sequence[int],
-                  tolerance: float, seed: int = 0) -> list[dict[str, Any]]:
+                  tolerance: float, seed: int = 0) -> tuple[ParityCheck, ...]:
     """Run an export and the eager fp32 model on the same random images at each batch size, on one session.
 
     Args:
@@ -288,12 +186,12 @@ def check_parity(session: Any, eager: ExportGraph, image_size: tuple[int, int], 
         with torch.no_grad():
             ref = eager(x)
         errors = _relative_errors(session.run(None, {INPUT_NAME: x.numpy()}), ref)
-        results.append({"batch": b, "relative_error": errors})
+        results.append(ParityCheck(b, errors))
         worst = max(errors, key=errors.__getitem__)
         if errors[worst] > tolerance:
             raise ExportError(f"the export differs from eager PyTorch at batch {b}: ‖out − ref‖/‖ref‖ of {worst!r} "
                               f"is {errors[worst]:.2e} > {tolerance:.0e}")
-    return results
+    return tuple(results)
 
 
 def _embed(run: Any, images: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -322,7 +220,7 @@ def _retrieval(stacked_q: np.ndarray, stacked_g: np.ndarray, data: Any) -> dict[
 
 def check_retrieval(session: Any, eager: ExportGraph, data_root: str | Path, image_size: tuple[int, int],
                     enforce: bool, progress: bool, batch: int = 64,
-                    eager_metrics: dict[str, float] | None = None) -> dict[str, Any]:
+                    eager_metrics: Mapping[str, float] | None = None, graph: str | None = None) -> RetrievalCheck:
     """Retrieval metrics (mAP, rank-1 of d and d̂) of eager fp32 and of an export on a data set's query/gallery.
 
     Args:
@@ -334,9 +232,10 @@ def check_retrieval(session: Any, eager: ExportGraph, data_root: str | Path, ima
         progress: Show decoding progress.
         batch: Images per run of the export (≤ a TensorRT engine's largest batch).
         eager_metrics: Eager fp32's metrics when already measured (not recomputed).
+        graph: Which graph ``session`` runs when it is not the export's own (recorded with the metrics).
 
     Returns:
-        ``{"data", "eager_fp32": {...}, "export": {...}}``.
+        The data set and both models' metrics.
 
     Raises:
         ExportError: If ``enforce`` and the export changes retrieval.
@@ -357,7 +256,7 @@ def check_retrieval(session: Any, eager: ExportGraph, data_root: str | Path, ima
                     for name, split in (("query", data.query), ("gallery", data.gallery))]
     eager_m = eager_metrics or _retrieval(*(_embed(run_eager, im, 64) for im in split_images), data)
     export_m = _retrieval(*(_embed(run_export, im, batch) for im in split_images), data)
-    result = {"data": str(Path(data_root).resolve()), "eager_fp32": eager_m, "export": export_m}
+    result = RetrievalCheck(str(Path(data_root).resolve()), eager_m, export_m, graph)
     if enforce:
         for key in ("d_mAP", "d_hat_mAP"):
             if abs(export_m[key] - eager_m[key]) > FP16_MAP_TOLERANCE:
@@ -387,18 +286,17 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _attribute_schema(meta: dict[str, Any]) -> list[dict[str, Any]]:
+def _attribute_schema(meta: dict[str, Any]) -> tuple[Attribute, ...]:
     from attrimeter.data.schema import get_schema
 
     schema = get_schema(meta["schema"])
-    return [{"name": a.name, "title": a.title, "meanings": list(a.meanings), "group": a.group}
-            for a in (schema[name] for name in meta["attributes"])]
+    return tuple(Attribute(a.name, a.title, (a.meanings[0], a.meanings[1]), a.group)
+                 for a in (schema[name] for name in meta["attributes"]))
 
 
 def _torch_export(graph: ExportGraph, path: Path, example: Tensor, opset: int) -> None:
     """``torch.onnx.export`` of an :class:`ExportGraph` with the fixed names and a dynamic batch."""
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    table = {torch.ops.attrimeter.masked_gem_pool.default: _translate_masked_gem_pool}
     try:
         # The exporter narrates its steps on stdout and warns about optional packages (torchvision ops): noise next
         # to our own report; its errors still raise.
@@ -406,7 +304,7 @@ def _torch_export(graph: ExportGraph, path: Path, example: Tensor, opset: int) -
             warnings.simplefilter("ignore")
             torch.onnx.export(graph, (example,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                               dynamic_shapes=({0: batch},), opset_version=opset, external_data=False,
-                              custom_translation_table=table, verbose=False)
+                              custom_translation_table=translation_table(), verbose=False)
     except Exception as e:  # the exporter raises many types; say which stage failed
         raise ExportError(f"torch.onnx.export failed ({graph.flavor}, opset {opset}): {e}") from e
 
@@ -454,8 +352,8 @@ def export_onnx(
     verify_batches: Sequence[int] = (1, 7),
     data: str | Path | None = None,
     progress: bool = True,
-    extra: Callable[[Path, dict[str, Any], ExportGraph], None] | None = None,
-) -> dict[str, Any]:
+    extra: Callable[[Path, Manifest, ExportGraph], Manifest] | None = None,
+) -> Manifest:
     """Export an interpreter checkpoint to ONNX, verify it, and publish the folder with its manifest.
 
     The folder is built beside ``out_dir`` and renamed into place only once verified, so a failed export never
@@ -471,8 +369,9 @@ def export_onnx(
         data: A data set root: also compare retrieval metrics of the export with eager fp32 (required to judge an
             fp16 export; recorded in the manifest).
         progress: Show progress.
-        extra: Optional callable ``(staging_dir, manifest, eager) -> None`` that adds files and manifest entries (the
-            AOT kernels, a TensorRT engine) before the manifest is written and the folder published; ``eager`` is the
+        extra: Optional callable ``(staging_dir, manifest, eager) -> manifest`` that adds files and returns the
+            manifest describing them (the AOT kernels, a TensorRT engine) before the manifest is written and the folder
+            published; ``eager`` is the
             fp32 eager graph the checks compare with.
 
     Returns:
@@ -485,7 +384,7 @@ def export_onnx(
     """
     import onnx
 
-    from attrimeter.engine.interpreter import load_interpreter
+    from attrimeter.engine.interpreter_checkpoint import load_interpreter
 
     if flavor not in FLAVORS:
         raise ValueError(f"flavor must be one of {FLAVORS}, got {flavor!r}")
@@ -543,45 +442,42 @@ def export_onnx(
                 twin = staging / ".portable-twin.onnx"
                 _torch_export(ExportGraph(model, "portable", fp16), twin, example, opset)
                 retrieval = check_retrieval(onnx_session(twin, "portable"), eager, data, (height, width), fp16,
-                                            progress)
-                retrieval["graph"] = "portable twin"
+                                            progress, graph="portable twin")
                 twin.unlink()
             else:
                 retrieval = check_retrieval(session, eager, data, (height, width), fp16, progress)
         h, w = (d.dim_value for d in proto.graph.output[OUTPUT_NAMES.index("aam")].type.tensor_type.shape.dim[2:])
         num_attributes, channels = model.num_attributes, model.num_features
-        manifest: dict[str, Any] = {
-            "flavor": flavor,
-            "dtype": "float16" if fp16 else "float32",
-            "opset": opset,
-            "model": MODEL_FILE,
-            "inputs": {INPUT_NAME: {"shape": ["batch", 3, height, width], "dtype": "float32", "layout": "NCHW",
-                                    "range": [0.0, 1.0], "channels": "RGB"}},
-            "outputs": {
-                "embedding": {"shape": ["batch", channels], "dtype": "float32"},
-                "attr_embeddings": {"shape": ["batch", num_attributes, channels], "dtype": "float32"},
-                "aam": {"shape": ["batch", num_attributes, h, w], "dtype": "float32"},
-                "attr_logits": {"shape": ["batch", num_attributes], "dtype": "float32"},
+        manifest = Manifest(
+            flavor=flavor,
+            dtype="float16" if fp16 else "float32",
+            opset=opset,
+            model=MODEL_FILE,
+            inputs={INPUT_NAME: TensorInfo(("batch", 3, height, width), "float32", layout="NCHW",
+                                           value_range=(0.0, 1.0), channels="RGB")},
+            outputs={
+                "embedding": TensorInfo(("batch", channels), "float32"),
+                "attr_embeddings": TensorInfo(("batch", num_attributes, channels), "float32"),
+                "aam": TensorInfo(("batch", num_attributes, h, w), "float32"),
+                "attr_logits": TensorInfo(("batch", num_attributes), "float32"),
             },
-            "max_batch": MAX_BATCH,
-            "image_size": [height, width],
-            "feature_map": [channels, h, w],
-            "normalization": {"inside_graph": True, **_normalization(model)},
-            "pooling": {"p": model.p, "eps": model.eps, "p_int": integer_exponent(model.p)},
-            "schema": ck.meta["schema"],
-            "attributes": _attribute_schema(ck.meta),
-            "classifier": model.classifier,
-            "plugin": ({"op": f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}", "inputs": ["F", "Z", "scale", "shift"],
-                        "outputs": ["f", "f_k"]} if flavor == "plugin" else None),
-            "source": {"checkpoint": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint)},
-            "versions": _versions(),
-            "verification": {"runner": "onnxruntime" if flavor == "portable" else "onnx.reference",
-                             "tolerance": tolerance, "parity": parity,
-                             "retrieval": retrieval},
-        }
+            max_batch=MAX_BATCH,
+            image_size=(height, width),
+            feature_map=(channels, h, w),
+            normalization=_normalization(model),
+            pooling=Pooling(float(model.p), float(model.eps), integer_exponent(model.p)),
+            schema=ck.meta["schema"],
+            attributes=_attribute_schema(ck.meta),
+            classifier=model.classifier,
+            plugin=PluginNode(PLUGIN_ID, ("F", "Z", "scale", "shift"), ("f", "f_k")) if flavor == "plugin" else None,
+            source=Source(str(checkpoint.resolve()), sha256_file(checkpoint)),
+            versions=_versions(),
+            verification=Verification(tolerance, parity, retrieval,
+                                      runner="onnxruntime" if flavor == "portable" else "onnx.reference"),
+        )
         if extra is not None:
             stage("kernels / engine")
-            extra(staging, manifest, eager)
+            manifest = extra(staging, manifest, eager)
         stage("publish")
         written = write_manifest(staging, manifest)
         _publish(staging, out_dir)
@@ -593,9 +489,9 @@ def export_onnx(
     return written
 
 
-def _normalization(model: nn.Module) -> dict[str, list[float]]:
+def _normalization(model: nn.Module) -> Normalization:
     target = model.target
     mean, std = getattr(target, "pixel_mean", None), getattr(target, "pixel_std", None)
     if mean is None or std is None:
-        return {}
-    return {"mean": [float(v) for v in mean.flatten()], "std": [float(v) for v in std.flatten()]}
+        return Normalization(inside_graph=True)
+    return Normalization(True, tuple(float(v) for v in mean.flatten()), tuple(float(v) for v in std.flatten()))

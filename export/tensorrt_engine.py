@@ -22,12 +22,9 @@ where they are documented:
   https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/tensorrt.plugin/trt_plugin_aot_impl/index.html
   https://docs.nvidia.com/deeplearning/tensorrt/latest/%5Fstatic/python-api/infer/tensorrt.plugin/trt_plugin_aot_impl/KernelLaunchParams.html
   https://github.com/NVIDIA/TensorRT/blob/main/python/packaging/bindings_wheel/tensorrt/plugin/_validate.py
-* Triton >= 3.3 appends ``global_scratch`` and (>= 3.5) ``profile_scratch`` pointer parameters to every kernel.
-  TensorRT only passes inputs, extra args and outputs; per Torch-TensorRT's Triton AOT path it pads the missing
-  trailing slots with null, but that is not in TensorRT's own documentation, so this module removes the two unused
-  trailing ``.param`` declarations from the PTX entry (after checking the body never reads them): the launch ABI is
-  then exactly what TensorRT passes, whichever TensorRT version builds it.
-  https://github.com/pytorch/TensorRT/blob/main/py/torch_tensorrt/kernels/_triton.py
+* The plugin's kernel is the Triton pooling kernel compiled ahead of time; its metadata, the PTX rewrite that makes
+  its parameters exactly what TensorRT passes, and the choice of kernel and PTX ISA for a GPU and driver are
+  :mod:`attrimeter.export.plugin_kernel`.
 * Timing cache: ``IBuilderConfig.create_timing_cache(bytes)`` / ``set_timing_cache(cache, ignore_mismatch)`` /
   ``get_timing_cache().serialize()``; progress: ``IBuilderConfig.progress_monitor`` takes an ``IProgressMonitor``.
   https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/BuilderConfig.html
@@ -36,11 +33,8 @@ No ``from __future__ import annotations`` here on purpose: ``tensorrt.plugin`` i
 register/aot_impl functions as live objects (``issubclass(annotation, TensorDesc)``), and strings would break it.
 """
 
-import ctypes
 import logging
 import math
-import re
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -49,36 +43,25 @@ from typing import Any
 
 import numpy as np
 
-from attrimeter.export.aot import AotError, load_kernel, ptx_entry
-from attrimeter.export.contract import (
+from attrimeter.artefact.contract import (
     INPUT_NAME,
-    KERNELS_DIR,
     OUTPUT_NAMES,
     PLUGIN_ID,
     PLUGIN_NAME,
     PLUGIN_NAMESPACE,
     PLUGIN_SHARED_LIMIT,
-    POOL_KERNEL,
-    TRITON_DTYPES,
+)
+from attrimeter.artefact.device import cuda_device, tensorrt_available, tensorrt_logger
+from attrimeter.export.plugin_kernel import (
+    PluginKernel,
+    driver_ptx,
+    load_plugin_kernel,
+    ptx_driver,
+    ptx_portable_to,
+    sm_name,
 )
 
 _LOG = logging.getLogger(__name__)
-
-KERNEL_JSON_NAME = f"{POOL_KERNEL}.json"
-
-_INSTALL_HINT = (
-    "pip install 'attrimeter[trt]' on a machine with an NVIDIA GPU and driver; the TensorRT wheels come from "
-    "NVIDIA's package index"
-)
-_N_INPUTS, _N_OUTPUTS = 4, 2  # F, Z, scale, shift -> f, f_k
-# Oldest CUDA driver (cuDriverGetVersion) that JIT-compiles each PTX ISA where the rule "8.x -> CUDA 12.x, 9.x ->
-# 13.x" does not hold: the PTX ISA release history
-# (https://docs.nvidia.com/cuda/parallel-thread-execution/#release-notes-ptx-release-history; the same table as
-# cuda-python's get_minimal_required_cuda_ver_from_ptx_ver).
-_PTX_ISA_DRIVER = {"8.6": 12070, "8.7": 12080, "8.8": 12090}
-# Highest PTX ISA given to TensorRT by default: every target here (<= sm_90) needs no more, and Triton 3.9's bundled
-# ptxas assembles it.
-PLUGIN_PTX_CAP = "9.0"
 
 
 @dataclass(frozen=True)
@@ -87,7 +70,8 @@ class PluginSpec:
 
     Attributes:
         kernel_json: Per-kernel launch metadata written by the AOT step, for the GPU's target (see
-            :func:`kernel_json_for_device`). PTX/cubin paths inside it are relative to its folder.
+            :func:`~attrimeter.export.plugin_kernel.kernel_json_for_device`). PTX/cubin paths inside it are
+            relative to its folder.
         num_attributes: M, the number of attribute masks.
         channels: C, the feature channels.
         height: h of the feature map.
@@ -99,341 +83,6 @@ class PluginSpec:
     channels: int
     height: int
     width: int
-
-
-@dataclass(frozen=True)
-class PluginKernel:
-    """The AOT kernel as TensorRT gets it: validated metadata plus the PTX with Triton's hidden parameters removed.
-
-    Attributes:
-        symbol: PTX entry name.
-        target: GPU target the JSON was written for, e.g. ``"sm_90"``.
-        cc: Its compute capability as an int (90).
-        ptx: PTX text handed to TensorRT.
-        ptx_target: The PTX ``.target`` (``sm_90a`` is arch-specific, ``sm_80`` is forward compatible).
-        ptx_version: The PTX ISA version (``.version``); the driver must support it.
-        dtype: Element type of every tensor parameter (``"fp32"`` or ``"fp16"``).
-        num_warps: Warps per block (block x = 32 * num_warps).
-        shared_bytes: Dynamic shared memory per block.
-        grid_x: Grid x as factors: run-time size names (only ``"B"``) and integers.
-        grid_y: Grid y as an integer.
-        grid_z: Grid z as an integer.
-        constants: Compile-time constants baked into the kernel.
-        json_path: Where the metadata came from.
-    """
-
-    symbol: str
-    target: str
-    cc: int
-    ptx: str
-    ptx_target: str
-    ptx_version: str
-    dtype: str
-    num_warps: int
-    shared_bytes: int
-    grid_x: tuple[str | int, ...]
-    grid_y: int
-    grid_z: int
-    constants: dict[str, Any]
-    json_path: Path
-
-
-# --------------------------------------------------------------------------------------------------- availability
-
-
-@dataclass(frozen=True)
-class CudaDevice:
-    """A CUDA device as the driver describes it (see :func:`cuda_device`)."""
-
-    name: str
-    cc: int
-    max_shared_optin: int
-    driver_version: int
-
-
-def cuda_device(index: int = 0) -> CudaDevice | None:
-    """The CUDA device TensorRT builds on, read from the driver with ctypes (no torch/cuda-python needed).
-
-    Args:
-        index: Device ordinal.
-
-    Returns:
-        Its name, compute capability (90 for sm_90), opt-in shared memory per block and the driver's CUDA version
-        (e.g. 12040), or None without a driver or such a device.
-    """
-    names = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")
-    lib = None
-    for name in names:
-        try:
-            lib = ctypes.CDLL(name)
-            break
-        except OSError:
-            continue
-    if lib is None or lib.cuInit(0) != 0:
-        return None
-    count = ctypes.c_int(0)
-    if lib.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value <= index:
-        return None
-    device = ctypes.c_int(0)
-    if lib.cuDeviceGet(ctypes.byref(device), index) != 0:
-        return None
-    raw_name = ctypes.create_string_buffer(256)
-    lib.cuDeviceGetName(raw_name, 256, device)
-
-    def attribute(code: int) -> int:
-        value = ctypes.c_int(0)
-        lib.cuDeviceGetAttribute(ctypes.byref(value), code, device)
-        return value.value
-
-    # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR/MINOR = 75/76, MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97 (cuda.h).
-    driver = ctypes.c_int(0)
-    lib.cuDriverGetVersion(ctypes.byref(driver))
-    return CudaDevice(raw_name.value.decode(errors="replace"), 10 * attribute(75) + attribute(76), attribute(97),
-                       driver.value)
-
-
-def tensorrt_available() -> str | None:
-    """Whether an engine can be built here.
-
-    Returns:
-        None when ``import tensorrt`` gives the real TensorRT and a CUDA GPU is visible; else one sentence naming
-        what is missing.
-    """
-    try:
-        import tensorrt as trt
-    except ModuleNotFoundError:
-        return f"TensorRT is not installed ({_INSTALL_HINT})."
-    except (ImportError, OSError) as exc:  # e.g. the Python bindings without their libnvinfer
-        return f"TensorRT is installed but cannot be loaded: {exc}."
-    # The tensorrt-stubs package installs a bare `tensorrt/` folder of .pyi files, which imports as an empty namespace
-    # package: `import tensorrt` then "works" without TensorRT.
-    if not hasattr(trt, "Builder"):
-        return (f"TensorRT is not installed: `import tensorrt` found only type stubs (tensorrt-stubs) at "
-                f"{list(getattr(trt, '__path__', []))} ({_INSTALL_HINT}).")
-    if cuda_device() is None:
-        return f"TensorRT {trt.__version__} is installed but no CUDA GPU is visible; TensorRT builds engines on a GPU."
-    return None
-
-
-# --------------------------------------------------------------------------------------------------- kernel metadata
-
-
-def _sm(cc: int) -> str:
-    return f"sm_{cc}"
-
-
-def _ptx_portable_to(ptx_target: str, cc: int) -> bool:
-    """Whether the driver may JIT PTX of ``ptx_target`` for a ``cc`` GPU.
-
-    PTX for a plain ``sm_XY`` target is forward compatible (any GPU with cc >= XY); an arch-specific ``sm_XYa`` target
-    (what Triton emits for cc >= 90) runs only on exactly that cc.
-    """
-    match = re.fullmatch(r"sm_(\d+)([a-z]?)", ptx_target)
-    if match is None:
-        return False
-    ptx_cc, suffix = int(match.group(1)), match.group(2)
-    return ptx_cc == cc if suffix else ptx_cc <= cc
-
-
-def _strip_hidden_params(ptx: str, symbol: str, n_visible: int) -> str:
-    """Remove the parameters after the first ``n_visible`` (Triton's scratch pointers) from the PTX entry.
-
-    TensorRT launches the AOT kernel with (inputs, extra args, outputs) only. The scratch parameters are never read
-    when their size is 0; this is checked on the PTX text, so the rewrite cannot change what the kernel computes.
-    """
-    start, end, declared = ptx_entry(ptx, symbol)
-    body = ptx[:start] + ptx[end:]
-    for decl in declared[n_visible:]:
-        name = decl.split()[-1]
-        if re.search(rf"\b{re.escape(name)}\b", body):
-            raise ValueError(f"PTX entry {symbol!r} reads its hidden parameter {name}; TensorRT passes no such "
-                             "argument (recompile so that it needs no Triton scratch memory)")
-    return ptx[:start] + "\n\t" + ",\n\t".join(declared[:n_visible]) + "\n" + ptx[end:]
-
-
-def load_plugin_kernel(kernel_json: Path) -> PluginKernel:
-    """Read and check the per-kernel JSON and its PTX.
-
-    Args:
-        kernel_json: ``EXPORT/kernels/sm_XX/masked_gem_pool.json``.
-
-    Returns:
-        The kernel as TensorRT's AOT plugin takes it.
-
-    Raises:
-        ValueError: The metadata does not describe a kernel TensorRT can launch (scalar parameters, non-zero Triton
-            scratch memory, mixed dtypes, PTX that disagrees with the JSON).
-    """
-    kernel_json = Path(kernel_json)
-    try:
-        meta = load_kernel(kernel_json)  # files present, cubin arch, PTX entry and its parameter count
-    except AotError as e:
-        raise ValueError(str(e)) from None
-    where = str(kernel_json)
-    symbol = meta["symbol"]
-    params = meta["params"]
-    tensors = [p for p in params if str(p["type"]).startswith("*")]
-    hidden = params[len(tensors):]
-    roles = [p.get("role") for p in tensors]
-    if any(roles) and roles != ["input"] * _N_INPUTS + ["output"] * _N_OUTPUTS:
-        raise ValueError(f"{where}: TensorRT passes {_N_INPUTS} inputs then {_N_OUTPUTS} outputs; the kernel's pointer "
-                         f"roles are {roles}")
-    if params[:len(tensors)] != tensors or len(tensors) != _N_INPUTS + _N_OUTPUTS:
-        raise ValueError(f"{where}: expected {_N_INPUTS} input and {_N_OUTPUTS} output pointers first, then only "
-                         f"Triton's scratch pointers; got {[p['name'] + ':' + p['type'] for p in params]} (TensorRT "
-                         "passes inputs, SymInt32 extra args, outputs; this kernel must take no scalars)")
-    for p in hidden:
-        if p["type"] != "scratch" or int(p.get("size", 0)) != 0:
-            raise ValueError(f"{where}: parameter {p['name']} ({p['type']}, size {p.get('size')}) needs memory that "
-                             "TensorRT's AOT launch cannot provide; only zero-sized Triton scratch is supported")
-    dtypes = {p["type"][1:] for p in tensors}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in TRITON_DTYPES.values():
-        raise ValueError(f"{where}: tensor parameters must all be one of {sorted(TRITON_DTYPES.values())}, got "
-                         f"{dtypes}")
-    num_warps = int(meta["num_warps"])
-    if int(meta["threads"]) != 32 * num_warps:
-        raise ValueError(f"{where}: threads {meta['threads']} != 32 * num_warps ({num_warps})")
-    constants = dict(meta.get("constants", {}))
-    grid = meta["grid"]
-    grid_x: list[str | int] = []
-    for factor in grid["x"]:
-        if isinstance(factor, int):
-            grid_x.append(factor)
-        elif factor == "B":
-            grid_x.append("B")
-        elif isinstance(constants.get(factor), int):
-            grid_x.append(int(constants[factor]))
-        else:
-            raise ValueError(f"{where}: grid factor {factor!r} is neither an int, 'B' nor an int constant")
-    if grid_x.count("B") > 1:
-        raise ValueError(f"{where}: grid x names the batch more than once: {grid['x']}")
-    grid_y, grid_z = (math.prod(int(v) for v in grid.get(axis, [1])) for axis in ("y", "z"))
-
-    ptx = _strip_hidden_params(meta["ptx_text"], symbol, len(tensors))
-    return PluginKernel(symbol=symbol, target=str(meta["target"]), cc=int(meta["cc"]), ptx=ptx,
-                        ptx_target=meta["ptx_target"], ptx_version=meta["ptx_version"], dtype=next(iter(dtypes)),
-                        num_warps=num_warps,
-                        shared_bytes=int(meta["shared_bytes"]), grid_x=tuple(grid_x), grid_y=grid_y, grid_z=grid_z,
-                        constants=constants, json_path=kernel_json)
-
-
-def _check_spec(kernel: PluginKernel, spec: PluginSpec) -> None:
-    expected = {"C": spec.channels, "M": spec.num_attributes, "HW": spec.height * spec.width}
-    wrong = {k: (kernel.constants[k], v) for k, v in expected.items() if k in kernel.constants
-             and int(kernel.constants[k]) != v}
-    if wrong:
-        raise ValueError(f"{kernel.json_path} was compiled for other shapes than the plugin spec "
-                         f"(constant: (kernel, spec)): {wrong}; re-run the AOT step for this model")
-
-
-def kernel_json_for_device(export_dir: Path, cc: int, *, max_shared_bytes: int | None = None) -> Path:
-    """The kernel JSON to use on a GPU of compute capability ``cc``.
-
-    ``EXPORT/kernels/sm_{cc}/masked_gem_pool.json`` when it exists. Otherwise the highest lower target of the same
-    major version, but only where PTX JIT makes that legal: its PTX ``.target`` must be a plain ``sm_XY`` (forward
-    compatible) and not an arch-specific ``sm_XYa`` (Triton emits those for cc >= 90, so Hopper/Blackwell kernels
-    never fall back), and its shared memory must fit ``max_shared_bytes`` when given (e.g. an sm_80 kernel tuned for
-    A100's 163 KB does not fit an sm_86/sm_89 GPU's 99 KB).
-
-    Args:
-        export_dir: The export folder (holds ``kernels/sm_XX/``).
-        cc: Compute capability as an int, e.g. 90 for sm_90.
-        max_shared_bytes: The GPU's opt-in shared memory per block, if known.
-
-    Returns:
-        Path of the kernel JSON.
-
-    Raises:
-        ValueError: No usable kernel; names the available targets and how to add one.
-    """
-    kernels = Path(export_dir) / KERNELS_DIR
-    exact = kernels / _sm(cc) / KERNEL_JSON_NAME
-    if exact.is_file():
-        return exact
-    available = sorted((int(m.group(1)) for d in kernels.glob("sm_*")
-                        if (m := re.fullmatch(r"sm_(\d+)", d.name)) and (d / KERNEL_JSON_NAME).is_file()),
-                       reverse=True)
-    rejected: list[str] = []
-    for candidate in available:
-        if candidate > cc or candidate // 10 != cc // 10:
-            continue
-        path = kernels / _sm(candidate) / KERNEL_JSON_NAME
-        try:
-            meta = load_kernel(path)
-        except AotError as e:
-            rejected.append(f"{_sm(candidate)} ({e})")
-            continue
-        ptx_target = meta["ptx_target"]
-        if not _ptx_portable_to(ptx_target, cc):
-            rejected.append(f"{_sm(candidate)} (PTX .target {ptx_target} is arch-specific)")
-        elif max_shared_bytes is not None and int(meta["shared_bytes"]) > max_shared_bytes:
-            rejected.append(f"{_sm(candidate)} (needs {meta['shared_bytes']} B shared memory, GPU has "
-                            f"{max_shared_bytes} B)")
-        else:
-            _LOG.warning("no kernel for %s; using the %s PTX through driver JIT", _sm(cc), _sm(candidate))
-            return path
-    names = ", ".join(_sm(c) for c in sorted(available)) or "none"
-    why = f"; not usable: {', '.join(rejected)}" if rejected else ""
-    raise ValueError(f"no masked_gem_pool kernel for {_sm(cc)} in {kernels} (available: {names}{why}); add one with "
-                     f"`attrimeter export ... --targets {_sm(cc)}` on any machine (the AOT step needs no GPU)")
-
-
-def ptx_driver(isa: str) -> int:
-    """The oldest CUDA driver (``cuDriverGetVersion`` units) that JIT-compiles PTX ISA ``isa``.
-
-    Args:
-        isa: PTX ISA version as the ``.version`` directive writes it, e.g. ``"8.8"``.
-
-    Returns:
-        E.g. 12090 for "8.8" (CUDA 12.9), 13040 for "9.4".
-    """
-    if isa in _PTX_ISA_DRIVER:
-        return _PTX_ISA_DRIVER[isa]
-    major, minor = (int(v) for v in isa.split(".")[:2])
-    return (major + 4) * 1000 + 10 * minor  # ISA 8.x shipped with CUDA 12.x, 9.x with 13.x
-
-
-def _isa_key(isa: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in isa.split("."))
-
-
-def plugin_ptx_version(requested: str | None, driver: int) -> str:
-    """The PTX ISA for a plugin engine's kernels on this driver.
-
-    Args:
-        requested: The ISA asked for (``--ptx-version``), or None for the default: the newest this driver
-            JIT-compiles, capped at :data:`PLUGIN_PTX_CAP`.
-        driver: ``cuDriverGetVersion`` of the GPU the engine is built on.
-
-    Returns:
-        The ISA, e.g. ``"8.4"``.
-
-    Raises:
-        ValueError: If the driver predates CUDA 12.0, or ``requested`` is newer than the driver JIT-compiles.
-    """
-    newest = driver_ptx(driver)
-    if newest is None:
-        raise ValueError(f"this CUDA driver ({driver // 1000}.{driver % 1000 // 10}) is older than CUDA 12.0, "
-                         "which the AOT kernels need: update the driver or use --flavor portable")
-    if requested is None:
-        return min(newest, PLUGIN_PTX_CAP, key=_isa_key)
-    if _isa_key(requested) > _isa_key(newest):
-        raise ValueError(f"--ptx-version {requested} is newer than this driver JIT-compiles ({newest})")
-    return requested
-
-
-def driver_ptx(driver: int) -> str | None:
-    """The newest PTX ISA a driver JIT-compiles, as ``--ptx-version`` takes it.
-
-    Args:
-        driver: ``cuDriverGetVersion``, e.g. 12040.
-
-    Returns:
-        E.g. "8.4" for 12040; None for drivers older than CUDA 12.0 (ISA 8.0), which these kernels do not support.
-    """
-    isas = [f"8.{n}" for n in range(9)] + [f"9.{n}" for n in range(10)]  # 8.8 was the last 8.x ISA
-    usable = [isa for isa in isas if ptx_driver(isa) <= driver]
-    return max(usable, key=_isa_key) if usable else None
 
 
 # --------------------------------------------------------------------------------------------------- plugin
@@ -540,29 +189,16 @@ def _check_attributes(kernel: PluginKernel, **attributes: float) -> None:
                          f"(attribute: (onnx, kernel)): {wrong}")
 
 
+def _check_spec(kernel: PluginKernel, spec: PluginSpec) -> None:
+    expected = {"C": spec.channels, "M": spec.num_attributes, "HW": spec.height * spec.width}
+    wrong = {k: (kernel.constants[k], v) for k, v in expected.items() if k in kernel.constants
+             and int(kernel.constants[k]) != v}
+    if wrong:
+        raise ValueError(f"{kernel.json_path} was compiled for other shapes than the plugin spec "
+                         f"(constant: (kernel, spec)): {wrong}; re-run the AOT step for this model")
+
+
 # --------------------------------------------------------------------------------------------------- engine build
-
-
-def _make_logger() -> Any:
-    import tensorrt as trt
-
-    class _Logger(trt.ILogger):
-        """Forwards TensorRT messages to :mod:`logging` and keeps the errors for the exception message."""
-
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity: Any, msg: str) -> None:
-            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
-                self.errors.append(msg)
-                _LOG.error("TensorRT: %s", msg)
-            elif severity == trt.ILogger.Severity.WARNING:
-                _LOG.warning("TensorRT: %s", msg)
-            else:
-                _LOG.debug("TensorRT: %s", msg)
-
-    return _Logger()
 
 
 def _make_progress_monitor() -> Any:
@@ -665,9 +301,9 @@ def build_engine(onnx_path: Path, engine_path: Path, *, max_batch: int, opt_batc
         register_masked_gem_pool_plugin(plugin)
         kernel = _PluginState.kernel
         assert kernel is not None
-        if not _ptx_portable_to(kernel.ptx_target, device.cc):
+        if not ptx_portable_to(kernel.ptx_target, device.cc):
             raise ValueError(f"{kernel.json_path} holds PTX for {kernel.ptx_target}, which cannot run on this "
-                             f"{device.name} ({_sm(device.cc)}); use kernel_json_for_device(export_dir, "
+                             f"{device.name} ({sm_name(device.cc)}); use kernel_json_for_device(export_dir, "
                              f"{device.cc})")
         needed = ptx_driver(kernel.ptx_version)
         if device.driver_version and device.driver_version < needed:
@@ -683,7 +319,7 @@ def build_engine(onnx_path: Path, engine_path: Path, *, max_batch: int, opt_batc
                        "ptx_target": kernel.ptx_target, "ptx_version": kernel.ptx_version,
                        "kernel_json": str(kernel.json_path)}
 
-    logger = _make_logger()
+    logger = tensorrt_logger()
     builder = trt.Builder(logger)
     flags = 0
     if int(trt.__version__.split(".")[0]) < 11:
@@ -775,7 +411,7 @@ class EngineRunner:
             raise RuntimeError(missing)
         import tensorrt as trt
 
-        self._logger = _make_logger()
+        self._logger = tensorrt_logger()
         self._runtime = trt.Runtime(self._logger)
         engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
         if engine is None:

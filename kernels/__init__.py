@@ -1,4 +1,4 @@
-"""Fused Triton kernels with their pure-torch references (DESIGN §4).
+"""Fused Triton kernels with their pure-torch references (docs/architecture.md §4).
 
 Sub-modules import torch and triton; this package file imports nothing heavy (the AOT compiler and the exporter read
 :func:`integer_exponent` without them).

@@ -1,4 +1,4 @@
-"""Per-attribute Euclidean distances with a fused epilogue, fused top-k and a gather-and-explain path (DESIGN §3, §4.2).
+"""Per-attribute distances: fused epilogue, fused top-k and a gather-and-explain path (docs/architecture.md §3, §4).
 
 Embeddings come as ``[Q, M+1, C]`` (queries) and ``[N, M+1, C]`` (gallery): row 0 is the target's global embedding f,
 rows 1..M the per-attribute embeddings f_k. For every query/gallery pair the ops return
@@ -34,6 +34,11 @@ galleries), never NaN.
 Performance: make C a multiple of 8 (16-bit galleries) or 4 (fp32) so that rows are 16-byte aligned; the gallery
 loads are then vectorised and software-pipelined into shared memory. The GPU launchers autotune the tile shape per
 (C, M, ⌊log2 N⌋, query block, mode, dtype); the first call of each such key pays for the tuning.
+
+Why one module of ~800 lines: the kernels, their launchers and the references are one contract (docs/architecture.md
+§4) and change together; the launchers and the references share the input validation (shapes, dtypes, weights, ids,
+finiteness), so each rule is written once; the export's AOT step compiles ``_explain_kernel`` by this module's
+import path (``export/aot.py``), and the tests and benchmarks compare kernel and reference side by side.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-r"""Fused masked GeM pooling (DESIGN §3 "Key identity", §4.1).
+r"""Fused masked GeM pooling (docs/architecture.md §3, factorised pooling, §4).
 
 Given a post-ReLU feature map ``F`` [B, C, H, W], attention logits ``Z`` [B, M, H, W] and the target's frozen GeM
 exponent ``p`` and folded BN-neck affine (``scale``, ``shift``), computes the global embedding ``f`` [B, C] and the
@@ -40,6 +40,12 @@ Backward (Triton, :class:`MaskedGemPoolFunction`): with ``gS = dL/dS`` (elementw
 kernel per (image, HW-block) loops over C, rebuilding ``G`` from ``F`` in registers, and computes
 ``dL/dP = gS · G`` (a tensor-core product) → ``dL/dZ = dL/dP · p · P · dlog(qexp)/dz``, and, only when ``F`` requires
 grad, ``dL/dF = (gSᵀ · P) · p · F^(p-1) · [F ≥ eps]``. No [B, M, C, HW] intermediate exists in either direction.
+
+Why one module of ~800 lines: kernel, launcher, autograd function and references are one contract
+(docs/architecture.md §4) and change together (the backward kernel mirrors the forward's factorisation, the
+references define what both must compute); the references and the launcher share one input validation; and the
+export's AOT step compiles the forward kernel by this module's import path (``export/aot.py``), so the module path is
+part of the export contract.
 """
 
 from __future__ import annotations

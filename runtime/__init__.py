@@ -1,12 +1,12 @@
-"""Torch-free batch runtime (DESIGN §6): backends, dynamic batching, gallery store, explained search, HTTP server.
+"""Torch-free batch runtime: backends, dynamic batching, gallery store, explained search, HTTP server.
 
 ``from attrimeter.runtime import Runtime`` needs numpy, Pillow and one backend (onnxruntime by default); the gallery
-search needs faiss-cpu. torch and triton are imported only by the optional torch backend.
+search needs faiss-cpu. torch and triton are imported only by the optional torch backend (docs/architecture.md §6).
 """
 
 from attrimeter.runtime.errors import GalleryError, InputError, OverloadedError, UnknownIdError
 
-__all__ = ["Gallery", "GalleryError", "InputError", "OverloadedError", "Runtime", "UnknownIdError"]
+__all__ = ["Gallery", "GalleryError", "InputError", "OverloadedError", "Runtime", "RuntimeConfig", "UnknownIdError"]
 
 
 def __getattr__(name: str) -> object:
@@ -15,6 +15,10 @@ def __getattr__(name: str) -> object:
         from attrimeter.runtime.runtime import Runtime
 
         return Runtime
+    if name == "RuntimeConfig":
+        from attrimeter.runtime.config import RuntimeConfig
+
+        return RuntimeConfig
     if name == "Gallery":
         from attrimeter.runtime.gallery import Gallery
 

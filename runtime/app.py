@@ -29,7 +29,6 @@ import asyncio
 import base64
 import binascii
 import functools
-import io
 import json
 import logging
 import time
@@ -52,6 +51,7 @@ from starlette.requests import ClientDisconnect
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from attrimeter import __version__
 from attrimeter.data.images import ImageError
 from attrimeter.runtime import schemas
 from attrimeter.runtime.errors import (
@@ -65,9 +65,10 @@ from attrimeter.runtime.errors import (
 )
 from attrimeter.runtime.images import load_image
 from attrimeter.runtime.metrics import ServerMetrics
+from attrimeter.viz import to_png
 
 if TYPE_CHECKING:
-    from attrimeter.runtime.runtime import QueryResult, Runtime
+    from attrimeter.runtime.runtime import Runtime
 
 __all__ = ["HttpError", "ServerLimits", "create_app"]
 
@@ -158,28 +159,6 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _png_b64(image: np.ndarray) -> str:
-    return base64.b64encode(_png(image)).decode("ascii")
-
-
-def _png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _query_result(result: QueryResult) -> dict[str, Any]:
-    """``QueryResult.to_dict()`` plus each match's overlays as base64 PNGs (to_dict leaves image arrays out)."""
-    out = result.to_dict()
-    for match, entry in zip(result.matches, out["matches"], strict=True):
-        if match.overlays:
-            entry["overlays"] = [{"attribute": name, "query": _png_b64(q),
-                                  "gallery": None if g is None else _png_b64(g)} for name, q, g in match.overlays]
-    return out
-
-
 def _decode(text: str, name: str, size: tuple[int, int]) -> np.ndarray:
     """base64 (or a data: URL) → uint8 pixels at the model's size; runs in the decode pool."""
     if text.startswith("data:"):
@@ -205,13 +184,20 @@ class _Api:
         self.decoder = ThreadPoolExecutor(limits.decode_workers, thread_name_prefix="attrimeter-http-decode")
         # Runtime calls mostly wait for the batcher: one thread per admitted request, so none waits for a thread.
         self.threads = anyio.CapacityLimiter(limits.max_connections)
-        groups = {a["name"]: a.get("group") or a["name"] for a in runtime.manifest["attributes"]}
         self.schema = schemas.AttributesResponse(
-            attributes=[schemas.AttributeInfo(name=n, title=t, group=groups[n], meanings=m)
-                        for n, t, m in zip(runtime.attributes, runtime.titles, runtime.meanings, strict=True)],
+            attributes=[schemas.AttributeInfo(name=a.name, title=a.title, group=a.group or a.name, meanings=a.meanings)
+                        for a in runtime.manifest.attributes],
             image_size=runtime.image_size).model_dump()
 
     # ---------------------------------------------------------------------------------------------- plumbing
+
+    def _timed(self, op: str, fn: Callable[..., _T]) -> Callable[..., _T]:
+        """``fn`` counted as runtime operation ``op`` in the metrics (latency, and an error when it raises)."""
+        def call(*args: Any, **kwargs: Any) -> _T:
+            with self.metrics.operation(op):
+                return fn(*args, **kwargs)
+
+        return call
 
     async def _run(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         try:
@@ -319,7 +305,7 @@ class _Api:
         """Embed images: global and per-attribute embeddings and predicted attributes."""
         body = await self._body(request, schemas.EmbedRequest)
         pixels = await self._pixels(body.images, [f"images[{i}]" for i in range(len(body.images))])
-        emb = await self._run(self.runtime.embed, pixels)
+        emb = await self._run(self._timed("embed", self.runtime.embed), pixels)
         return JsonResponse({"embeddings": emb.to_dict(self.runtime.attributes, self.runtime.meanings)})
 
     async def search(self, request: Request) -> JsonResponse:
@@ -331,8 +317,9 @@ class _Api:
         pixels = await self._pixels(body.images, [f"images[{i}]" for i in range(len(body.images))])
 
         def answer() -> list[dict[str, Any]]:  # PNG-encoding the overlays happens off the event loop too
-            results = self.runtime.search(list(pixels), k=body.k, weights=body.weights, overlays=body.overlays)
-            return [_query_result(r) for r in results]
+            with self.metrics.operation("search"):
+                results = self.runtime.search(list(pixels), k=body.k, weights=body.weights, overlays=body.overlays)
+            return [r.to_dict(overlays=body.overlays) for r in results]
 
         return JsonResponse({"results": await self._run(answer)})
 
@@ -346,7 +333,9 @@ class _Api:
         pixels = await self._pixels([body.image], ["image"])
 
         def answer() -> dict[str, Any]:
-            return _query_result(self.runtime.explain(pixels[0], body.ids, overlays=body.overlays))
+            with self.metrics.operation("explain"):
+                result = self.runtime.explain(pixels[0], body.ids, overlays=body.overlays)
+            return result.to_dict(overlays=body.overlays)
 
         return JsonResponse(await self._run(answer))
 
@@ -359,7 +348,7 @@ class _Api:
             if values is not None and len(values) != n:
                 raise HttpError(400, f"field {name!r} has {len(values)} entries for {n} images")
         pixels = await self._pixels(body.images, [f"images[{i}]" for i in range(n)])
-        ids = await self._run(self.runtime.add, list(pixels), keys=body.keys, cameras=body.cameras)
+        ids = await self._run(self._timed("add", self.runtime.add), list(pixels), keys=body.keys, cameras=body.cameras)
         return JsonResponse({"ids": [int(i) for i in ids], "gallery": self._gallery_size("/gallery/add")})
 
     async def attributes_info(self) -> JsonResponse:
@@ -388,7 +377,7 @@ class _Api:
                                                                    f"gallery entry {id}"), loop=loop)
         except InputError as e:
             raise HttpError(404, f"gallery entry {id}: its image cannot be read ({e})") from None
-        return Response(await self._run(_png, pixels), media_type="image/png")
+        return Response(await self._run(to_png, pixels), media_type="image/png")
 
 
 # -------------------------------------------------------------------------------------------------- middleware
@@ -451,7 +440,7 @@ def create_app(runtime: Runtime, limits: ServerLimits | None = None) -> FastAPI:
         yield
         api.decoder.shutdown(wait=True, cancel_futures=True)
 
-    app = FastAPI(title="AttriMeter runtime", version=str(runtime.manifest.get("version", "1")), lifespan=lifespan,
+    app = FastAPI(title="AttriMeter runtime", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None,  # their pages load scripts from a CDN: nothing downloads at run time
                   description=__doc__.split("\n\n")[0])
     app.state.api = api

@@ -1,4 +1,4 @@
-"""Inference backends behind one small interface (DESIGN §6): ONNX Runtime, TensorRT, PyTorch.
+"""Inference backends behind one small interface (docs/architecture.md §6): ONNX Runtime, TensorRT, PyTorch.
 
 Every backend takes float32 RGB in [0, 1] ``[B, 3, H, W]`` and returns the export's four outputs as float32 numpy
 arrays by name. :func:`open_backend` picks one from the export folder and what is installed:
@@ -17,7 +17,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from attrimeter.export.contract import INPUT_NAME, OUTPUT_NAMES
+from attrimeter.artefact.contract import INPUT_NAME, OUTPUT_NAMES
+from attrimeter.artefact.device import tensorrt_available
+from attrimeter.artefact.manifest import Manifest, sha256_file
 
 __all__ = ["BACKENDS", "Backend", "BackendError", "OnnxRuntimeBackend", "TorchBackend", "open_backend"]
 
@@ -61,10 +63,10 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, export_dir: Path, manifest: dict[str, Any], device: str | None = None,
+    def __init__(self, export_dir: Path, manifest: Manifest, device: str | None = None,
                  threads: int | None = None) -> None:
-        if manifest["flavor"] != "portable":
-            raise BackendError(f"{export_dir}: a {manifest['flavor']!r} graph needs TensorRT (its MaskedGemPool node "
+        if manifest.flavor != "portable":
+            raise BackendError(f"{export_dir}: a {manifest.flavor!r} graph needs TensorRT (its MaskedGemPool node "
                                "is a TensorRT plugin); export the portable flavour for ONNX Runtime")
         try:
             import onnxruntime as ort
@@ -89,8 +91,8 @@ class OnnxRuntimeBackend:
             options.intra_op_num_threads = threads
         # Idle intra-op threads spin by default, taking the cores from FAISS and the decoders between batches.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._session = ort.InferenceSession(str(export_dir / manifest["model"]), options, providers=providers)
-        self.max_batch = int(manifest["max_batch"])
+        self._session = ort.InferenceSession(str(export_dir / manifest.model), options, providers=providers)
+        self.max_batch = manifest.max_batch
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """See :class:`Backend`."""
@@ -118,19 +120,17 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, manifest: dict[str, Any], checkpoint: str | Path | None = None, device: str | None = None,
+    def __init__(self, manifest: Manifest, checkpoint: str | Path | None = None, device: str | None = None,
                  compile: bool = False, threads: int | None = None) -> None:
-        from attrimeter.export.manifest import sha256_file
-
         try:
             import torch
         except ImportError:
             raise BackendError("the torch backend needs PyTorch (pip install torch)") from None
-        path = Path(checkpoint or manifest["source"]["checkpoint"])
+        path = Path(checkpoint or manifest.source.checkpoint)
         if not path.is_file():
             raise BackendError(f"the torch backend needs the export's source checkpoint; {path} does not exist "
                                "(pass checkpoint=...)")
-        if sha256_file(path) != manifest["source"]["sha256"]:
+        if sha256_file(path) != manifest.model_id:
             raise BackendError(f"{path} is not the checkpoint this export was made from (sha256 differs)")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -138,7 +138,7 @@ class TorchBackend:
             raise BackendError(f"device {device!r}: torch sees no CUDA device")
         if threads:
             torch.set_num_threads(threads)
-        from attrimeter.engine.interpreter import load_interpreter
+        from attrimeter.engine.interpreter_checkpoint import load_interpreter
 
         self.torch_device = torch.device(device)
         self.device = str(self.torch_device)
@@ -153,7 +153,7 @@ class TorchBackend:
             forward = torch.compile(self.model, dynamic=True)
         self._forward = forward
         self._pool = pool
-        self.max_batch = int(manifest["max_batch"])
+        self.max_batch = manifest.max_batch
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """See :class:`Backend`."""
@@ -169,12 +169,10 @@ class TorchBackend:
         self.model = self._forward = None
 
 
-def _tensorrt_ready(manifest: dict[str, Any]) -> str | None:
+def _tensorrt_ready(manifest: Manifest) -> str | None:
     """Why the TensorRT backend cannot run here, or None when it can."""
-    if not manifest.get("tensorrt"):
+    if manifest.tensorrt is None:
         return "the export has no TensorRT engine (attrimeter export --format tensorrt)"
-    from attrimeter.export.tensorrt_engine import tensorrt_available
-
     missing = tensorrt_available()  # None, or what is missing (TensorRT itself, or a CUDA GPU)
     if missing:
         return missing
@@ -183,7 +181,7 @@ def _tensorrt_ready(manifest: dict[str, Any]) -> str | None:
     return None
 
 
-def open_backend(export_dir: str | Path, manifest: dict[str, Any], backend: str = "auto", *,
+def open_backend(export_dir: str | Path, manifest: Manifest, backend: str = "auto", *,
                  device: str | None = None, threads: int | None = None, checkpoint: str | Path | None = None,
                  compile: bool = False) -> Backend:
     """Open the backend that runs this export.
@@ -210,11 +208,12 @@ def open_backend(export_dir: str | Path, manifest: dict[str, Any], backend: str 
     reasons = []
     if backend == "tensorrt" or (backend == "auto" and not (device or "").startswith("cpu")):
         why = _tensorrt_ready(manifest)
-        if why is None:
+        if why is None and manifest.tensorrt is not None:
             from attrimeter.runtime.tensorrt_backend import TensorRTBackend
 
             index = int(device.split(":")[1]) if device and ":" in device else 0
-            return TensorRTBackend(export_dir, manifest, device=index)
+            return TensorRTBackend(export_dir / manifest.tensorrt.engine, manifest.image_size,
+                                   manifest.tensorrt.max_batch, device=index)
         if backend == "tensorrt":
             raise BackendError(f"tensorrt backend: {why}")
         reasons.append(f"tensorrt: {why}")

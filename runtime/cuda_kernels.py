@@ -1,73 +1,45 @@
-"""Torch-free launcher of the AOT-compiled explain kernels with cuda-python's driver API (DESIGN §4.2, §5, §6).
+"""Torch-free launcher of the AOT-compiled explain kernels with cuda-python's driver API (docs/architecture.md §4-§6).
 
 The export's ``kernels/`` folder holds, per GPU target, the Triton ``_explain_kernel`` compiled ahead of time (cubin,
-PTX) with its launch metadata (see :mod:`attrimeter.export.aot`): entry symbol, threads per block, dynamic shared
-memory, the parameter list in launch order and the grid as a product of run-time sizes. This module loads the cubins
-of the device's target into the device's primary context (the context the CUDA runtime and TensorRT use, so buffers
-are shared) and launches them with ``cuLaunchKernel``; neither torch nor triton is imported.
-
-Target choice (the same policy as the C launcher in ``export/csrc/``): the device's own ``sm_XY``; otherwise, for
-compute capability major < 9, the highest ``sm_XZ`` with Z < Y whose kernels' shared memory fits the device (a cubin
-runs on later minor versions of its major, e.g. sm_80 on an sm_86 A10). Triton compiles sm_90 and later for the
-arch-specific ``sm_90a`` / ``sm_100a``, which run on that one compute capability only.
+PTX) with its launch metadata; :mod:`attrimeter.runtime.explain_kernels` reads it, checks that every parameter can be
+bound and picks the device's target. This module loads the cubins of that target into the device's primary context
+(the context the CUDA runtime and TensorRT use, so buffers are shared) and launches them with ``cuLaunchKernel``;
+neither torch nor triton is imported.
 
 cuda-python facts relied on (cuda-bindings 12.9, the same in 13.x): every call returns a tuple whose first item is the
 ``CUresult`` (``err, value = call(...)``); ``cuLaunchKernel(f, gx, gy, gz, bx, by, bz, shared, stream, kernelParams,
-extra)`` takes ``kernelParams`` as ``(values, types)`` where a ``None`` type passes an object with ``getPtr()`` (a
-``CUdeviceptr``) and a ctypes type passes a scalar of that type; ``cuFuncGetAttribute(attrib, func)`` and
-``cuDeviceGetAttribute(attrib, dev)`` take the attribute first; without ``libcuda`` the driver calls raise
-``RuntimeError``. Sources: https://nvidia.github.io/cuda-python/cuda-bindings/latest/module/driver.html and the
-kernel-parameter packing of ``cuda/bindings/_lib/utils.pxi`` (``_HelperKernelParams``).
+extra)`` takes ``kernelParams`` as :meth:`~attrimeter.runtime.explain_kernels.ExplainKernel.arguments` packs them;
+``cuFuncGetAttribute(attrib, func)`` and ``cuDeviceGetAttribute(attrib, dev)`` take the attribute first; without
+``libcuda`` the driver calls raise ``RuntimeError``. Source:
+https://nvidia.github.io/cuda-python/cuda-bindings/latest/module/driver.html.
 """
-
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import json
-import math
 import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from attrimeter.export.aot import AotError, load_kernel
-from attrimeter.export.tensorrt_engine import cuda_device
+from attrimeter.artefact.device import cuda_device
+from attrimeter.artefact.kernels import load_kernel_index
+from attrimeter.runtime.decompose import Decomposition, check_weights
 from attrimeter.runtime.errors import GalleryError, InputError, UnknownIdError
-from attrimeter.runtime.explain import check_weights
+from attrimeter.runtime.explain_kernels import (
+    EXPLAIN_KERNELS,
+    INT32_MAX,
+    ExplainKernel,
+    choose_target,
+    load_explain_kernel,
+)
 
-__all__ = [
-    "EXPLAIN_KERNELS",
-    "CudaError",
-    "CudaExplainer",
-    "ExplainKernel",
-    "choose_target",
-    "cuda_available",
-    "cuda_check",
-    "load_explain_kernel",
-]
+__all__ = ["CudaError", "CudaExplainer", "cuda_available", "cuda_check"]
 
-# The unweighted and the attribute-weighted variant of attr_distance's _explain_kernel (export/aot.py KERNELS).
-EXPLAIN_KERNELS = ("explain", "explain_weighted")
 # Above this much dynamic shared memory a function must opt in (cuFuncSetAttribute), up to the device's limit.
 _DEFAULT_SHARED = 48 * 1024
-_INT32_MAX = 2**31 - 1
-# Kernel JSON scalar types -> ctypes (Triton's signature names).
-_SCALARS: dict[str, Any] = {
-    "i1": ctypes.c_bool, "i8": ctypes.c_int8, "u8": ctypes.c_uint8, "i16": ctypes.c_int16, "u16": ctypes.c_uint16,
-    "i32": ctypes.c_int32, "u32": ctypes.c_uint32, "i64": ctypes.c_int64, "u64": ctypes.c_uint64,
-    "fp32": ctypes.c_float, "fp64": ctypes.c_double,
-}  # fmt: skip
-# What the explain kernel's parameters are bound to: device buffers and run-time scalars (export/aot.py kernel_specs).
-_POINTERS = ("q_ptr", "g_ptr", "ids_ptr", "w_ptr", "d_ptr", "dk_ptr", "sh_ptr", "dhat_ptr", "score_ptr", "err_ptr")
-_SIZES = ("K", "N", "stride_iq")
-# Element types the launcher passes: fp32 queries, the fp16 gallery, int64 ids, fp32 weights and outputs, int32 count.
-_POINTER_TYPES = {"q_ptr": "*fp32", "g_ptr": "*fp16", "ids_ptr": "*i64", "w_ptr": "*fp32", "d_ptr": "*fp32",
-                  "dk_ptr": "*fp32", "sh_ptr": "*fp32", "dhat_ptr": "*fp32", "score_ptr": "*fp32", "err_ptr": "*i32"}
 _UPLOAD_CHUNK = 64 << 20  # bytes per host-to-device copy of the gallery (progress granularity)
 
 
@@ -114,170 +86,6 @@ def cuda_available(device: int = 0) -> str | None:
     return None
 
 
-# --------------------------------------------------------------------------------------------------- kernel metadata
-
-
-@dataclass(frozen=True)
-class ExplainKernel:
-    """One AOT explain kernel as the launcher needs it.
-
-    Attributes:
-        name: ``"explain"`` or ``"explain_weighted"``.
-        symbol: Entry name in the cubin.
-        target: GPU target of the cubin, e.g. ``"sm_80"``.
-        cubin: The cubin's bytes.
-        threads: Threads per block.
-        shared_bytes: Dynamic shared memory per block.
-        params: The parameters in launch order: ``(name, type)`` with type ``"*fp32"`` etc. for pointers, a Triton
-            scalar type (``"i32"``) or ``"scratch"`` for Triton's hidden scratch pointers (passed as null).
-        grid_x: Grid x as factors: run-time size names (``"Q"``, ``"K"``) and integers.
-        constants: Compile-time constants (``C``, ``M``, strides, ``HAS_W``).
-        json_path: Where the metadata came from.
-    """
-
-    name: str
-    symbol: str
-    target: str
-    cubin: bytes
-    threads: int
-    shared_bytes: int
-    params: tuple[tuple[str, str], ...]
-    grid_x: tuple[str | int, ...]
-    constants: dict[str, Any]
-    json_path: Path
-
-    def grid(self, sizes: Mapping[str, int]) -> int:
-        """Grid x for run-time ``sizes`` (e.g. ``{"Q": 4, "K": 10}``).
-
-        Raises:
-            InputError: The grid exceeds CUDA's 2^31 - 1 blocks.
-        """
-        blocks = math.prod(int(f) if isinstance(f, int) else int(sizes[f]) for f in self.grid_x)
-        if blocks > _INT32_MAX:
-            raise InputError(f"{self.name}: {dict(sizes)} gives {blocks} thread blocks, more than CUDA's 2^31-1; "
-                             "split the request")
-        return blocks
-
-    def arguments(self, pointers: Mapping[str, int], scalars: Mapping[str, int]) -> tuple[tuple[Any, ...],
-                                                                                        tuple[Any, ...]]:
-        """``kernelParams`` for ``cuLaunchKernel`` in the metadata's parameter order.
-
-        Args:
-            pointers: Device address of each pointer parameter by name.
-            scalars: Value of each scalar parameter by name.
-
-        Returns:
-            ``(values, types)``: pointers as ``CUdeviceptr`` with type None, scalars as instances of their ctypes
-            type, Triton's scratch pointers as a null ``CUdeviceptr``.
-        """
-        from cuda.bindings import driver as drv
-
-        values: list[Any] = []
-        types: list[Any] = []
-        for name, kind in self.params:
-            if kind.startswith("*"):
-                values.append(drv.CUdeviceptr(int(pointers[name])))
-                types.append(None)
-            elif kind == "scratch":
-                values.append(drv.CUdeviceptr(0))  # size 0 in these kernels (checked when loaded): never read
-                types.append(None)
-            else:
-                ctype = _SCALARS[kind]
-                values.append(ctype(int(scalars[name])))
-                types.append(ctype)
-        return tuple(values), tuple(types)
-
-
-def load_explain_kernel(json_path: str | Path) -> ExplainKernel:
-    """Read an explain kernel's metadata and cubin and check that this launcher can bind every parameter.
-
-    Args:
-        json_path: ``EXPORT/kernels/sm_XX/explain[_weighted].json``.
-
-    Returns:
-        The kernel.
-
-    Raises:
-        ValueError: Missing or malformed artefacts, a parameter this launcher does not know, a pointer of another
-            element type than it passes, Triton scratch memory of non-zero size, or a grid factor it cannot size.
-    """
-    path = Path(json_path)
-    try:
-        meta = load_kernel(path)  # files present, cubin arch, PTX entry and its parameter count
-    except AotError as e:
-        raise ValueError(str(e)) from None
-    params = []
-    for p in meta["params"]:
-        name, kind = str(p["name"]), str(p["type"])
-        if kind == "scratch":
-            if int(p.get("size", 0)) != 0:
-                raise ValueError(f"{path}: {name} needs {p['size']} B of Triton scratch memory per program, which "
-                                 "this launcher does not allocate")
-        elif kind.startswith("*"):
-            if name not in _POINTERS:
-                raise ValueError(f"{path}: unknown pointer parameter {name!r} (known: {', '.join(_POINTERS)})")
-            if kind != _POINTER_TYPES[name]:
-                raise ValueError(f"{path}: {name} is {kind}, the launcher passes {_POINTER_TYPES[name]}")
-        elif name not in _SIZES or kind not in _SCALARS:
-            raise ValueError(f"{path}: unknown scalar parameter {name!r} of type {kind!r} (known: {', '.join(_SIZES)})")
-        params.append((name, kind))
-    grid = meta["grid"]
-    if any(int(v) != 1 for axis in ("y", "z") for v in grid.get(axis, [1])):
-        raise ValueError(f"{path}: grid y/z must be 1, got {grid}")
-    grid_x = tuple(f if isinstance(f, int) else str(f) for f in grid["x"])
-    if not set(f for f in grid_x if isinstance(f, str)) <= {"Q", "K"}:
-        raise ValueError(f"{path}: grid x {grid['x']} names sizes other than Q and K")
-    return ExplainKernel(name=str(meta["kernel"]), symbol=str(meta["symbol"]), target=str(meta["target"]),
-                         cubin=Path(meta["cubin_path"]).read_bytes(), threads=int(meta["threads"]),
-                         shared_bytes=int(meta["shared_bytes"]), params=tuple(params), grid_x=grid_x,
-                         constants=dict(meta.get("constants", {})), json_path=path)
-
-
-def choose_target(index: Mapping[str, Any], cc: int, max_shared_optin: int,
-                  kernels: tuple[str, ...] = EXPLAIN_KERNELS) -> str:
-    """The export target whose cubins run on a GPU of compute capability ``cc``.
-
-    Args:
-        index: ``kernels/index.json`` (``{"targets": {"sm_80": {"explain": {"json", "shared_bytes", ...}}}}``).
-        cc: Compute capability as an int (86 for sm_86).
-        max_shared_optin: The device's opt-in shared memory per block.
-        kernels: The kernels that must be present (and fit) in the target.
-
-    Returns:
-        E.g. ``"sm_80"``.
-
-    Raises:
-        ValueError: No target fits; names the export's targets, why each is unusable and how to add one.
-    """
-    targets = {t: k for t, k in index.get("targets", {}).items() if all(name in k for name in kernels)}
-    own = f"sm_{cc}"
-    if own in targets:
-        return own
-    major, minor = divmod(cc, 10)
-    rejected = []
-    candidates = []
-    for target in targets:
-        digits = target.removeprefix("sm_")
-        if not digits.isdigit() or int(digits) // 10 != major or int(digits) % 10 >= minor:
-            continue
-        if major >= 9:
-            rejected.append(f"{target} (compiled for the arch-specific {target}a, which runs on compute capability "
-                            f"{major}.{int(digits) % 10} only)")
-            continue
-        largest = max(int(targets[target][name]["shared_bytes"]) for name in kernels)
-        if largest > max_shared_optin:
-            rejected.append(f"{target} (needs {largest} B shared memory per block, the device allows "
-                            f"{max_shared_optin} B)")
-        else:
-            candidates.append(int(digits))
-    if candidates:
-        return f"sm_{max(candidates)}"
-    have = ", ".join(sorted(targets)) or "none"
-    why = f"; not usable: {'; '.join(rejected)}" if rejected else ""
-    raise ValueError(f"no explain kernels for {own} in this export (compiled for: {have}{why}); re-export with the "
-                     f"target added: `attrimeter export ... --targets {own}` (the AOT step needs no GPU)")
-
-
 # --------------------------------------------------------------------------------------------------- launcher
 
 
@@ -290,9 +98,12 @@ class CudaExplainer:
     ``kernels.attr_distance.explain_topk_reference``: direct differences in float32). Methods are thread-safe (one
     lock: the device scratch buffers are shared).
 
+    It is a :class:`~attrimeter.runtime.device_index.DeviceIndex` that explains but does not rank (FAISS ranks).
+
     Args:
-        export_dir: The export folder (holds ``kernels/``).
-        manifest: Its manifest (``feature_map``, ``attributes`` and ``kernels.index`` are read).
+        index_path: The export's ``kernels/index.json`` (the manifest's ``kernels.index``).
+        channels: C of the export's model (the kernels were compiled for it).
+        num_attributes: M of the export's model.
         device: CUDA device ordinal.
 
     Raises:
@@ -300,22 +111,14 @@ class CudaExplainer:
         CudaError: A CUDA call failed, or there is no CUDA driver.
     """
 
-    def __init__(self, export_dir: str | Path, manifest: Mapping[str, Any], device: int = 0) -> None:
+    def __init__(self, index_path: str | Path, channels: int, num_attributes: int, device: int = 0) -> None:
         from cuda.bindings import driver as drv
 
-        export_dir = Path(export_dir)
+        index_path = Path(index_path)
         self.device = device
-        self.channels = int(manifest["feature_map"][0])
-        self.num_attributes = len(manifest["attributes"])
-        kernels_info = manifest.get("kernels") or {}
-        if not kernels_info.get("index"):
-            raise ValueError(f"{export_dir} has no AOT kernels ({kernels_info.get('note') or 'exported without'}); "
-                             "re-export with `attrimeter export ... --targets sm_XX`")
-        index_path = export_dir / kernels_info["index"]
-        try:
-            index = json.loads(index_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"the kernel index {index_path} is unreadable: {e}") from None
+        self.channels = channels
+        self.num_attributes = num_attributes
+        index = load_kernel_index(index_path)
 
         self._lock = threading.Lock()
         self._ctx: Any = None
@@ -340,7 +143,7 @@ class CudaExplainer:
         optin = cuda_check("cuDeviceGetAttribute", drv.cuDeviceGetAttribute(
             attr.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, self._dev))
         self.target = choose_target(index, 10 * int(major) + int(minor), int(optin))
-        self.kernels = {name: load_explain_kernel(index_path.parent / index["targets"][self.target][name]["json"])
+        self.kernels = {name: load_explain_kernel(index_path.parent / index.targets[self.target][name].json)
                         for name in EXPLAIN_KERNELS}
         for kernel in self.kernels.values():
             baked = {"C": kernel.constants.get("C"), "M": kernel.constants.get("M")}
@@ -489,7 +292,7 @@ class CudaExplainer:
         from cuda.bindings import driver as drv
 
         total = self._rows + len(rows)
-        if total > _INT32_MAX:
+        if total > INT32_MAX:
             raise InputError(f"a gallery of {total} rows exceeds the explain kernel's int32 row count")
         if not len(rows):
             return
@@ -519,7 +322,19 @@ class CudaExplainer:
 
     # ------------------------------------------------------------------------------------------ explain
 
-    def explain(self, q: np.ndarray, ids: np.ndarray, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def can_rank(self, weighted: bool, metric: str) -> bool:
+        """False: FAISS ranks (the AOT kernels explain chosen ids only); see :class:`DeviceIndex`."""
+        return False
+
+    def search(self, q: np.ndarray, k: int, weights: np.ndarray | None) -> tuple[np.ndarray, Decomposition]:
+        """Not supported (:meth:`can_rank` is False): the export's AOT kernels explain, they do not rank.
+
+        Raises:
+            NotImplementedError: Always.
+        """
+        raise NotImplementedError("the CUDA explainer does not rank; FAISS searches, then explain() explains")
+
+    def explain(self, q: np.ndarray, ids: np.ndarray, weights: np.ndarray | None = None) -> Decomposition:
         """Decompose the distances of each query to its gallery ids.
 
         Args:
@@ -528,8 +343,8 @@ class CudaExplainer:
             weights: Optional attribute weights ``[M]`` (non-negative, finite, not all zero) for ``scores``.
 
         Returns:
-            float32 arrays: ``d`` ``[Q, K]``, ``d_k`` ``[Q, K, M]``, ``shares`` ``[Q, K, M]``, ``d_hat`` ``[Q, K]``
-            and ``scores`` ``[Q, K]`` (``d``, or ``Σ_k w_k d_k`` with weights).
+            The decomposition in float32: ``d`` ``[Q, K]``, ``d_k`` ``[Q, K, M]``, ``shares`` ``[Q, K, M]``,
+            ``d_hat`` ``[Q, K]`` and ``scores`` ``[Q, K]`` (``d``, or ``Σ_k w_k d_k`` with weights).
 
         Raises:
             InputError: Wrong shapes or dtypes, non-finite queries, bad weights.
@@ -590,7 +405,7 @@ class CudaExplainer:
             bad = ~(np.isfinite(out["d"]) & np.isfinite(out["d_k"]).all(-1) & np.isfinite(out["scores"]))
             raise GalleryError(f"distances to gallery ids {np.unique(ids[bad])[:5].tolist()} are not finite (NaN or "
                                "inf in the gallery rows, or float32 overflow)")
-        return out
+        return Decomposition(**out)
 
     def _launch(self, kernel: ExplainKernel, grid: int, pointers: Mapping[str, int], sizes: Mapping[str, int]) -> None:
         from cuda.bindings import driver as drv

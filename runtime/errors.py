@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["CorruptGalleryError", "GalleryError", "InputError", "OverloadedError", "ShardUnavailableError",
-           "StorageError", "UnknownIdError"]
+__all__ = [
+    "CorruptGalleryError", "GalleryError", "InputError", "LockedGalleryError", "OverloadedError",
+    "ShardUnavailableError", "StorageError", "UnknownIdError", "UnsafeGalleryPathError",
+]
 
 
 class InputError(ValueError):
@@ -26,7 +28,22 @@ class StorageError(GalleryError):
 
 
 class CorruptGalleryError(GalleryError):
-    """Stored gallery rows hold values no model gives (NaN, inf) although their files match their checksums."""
+    """The gallery's stored data is not what its store wrote.
+
+    A manifest or journal that does not parse or holds malformed records, a segment file that is missing, truncated or
+    fails its checksum, or stored rows with values no model gives (NaN, inf) although their files match their checksums.
+    """
+
+
+class LockedGalleryError(GalleryError):
+    """Another writer (a server, an index job, another handle) holds the gallery's writer lock."""
+
+
+class UnsafeGalleryPathError(GalleryError):
+    """A path the gallery store would write or delete through is a symbolic link or names something outside the gallery.
+
+    The store never follows a link where it writes or deletes, so nothing outside the gallery folder is ever touched.
+    """
 
 
 class ShardUnavailableError(GalleryError):

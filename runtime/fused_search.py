@@ -13,13 +13,16 @@ from typing import Any
 
 import numpy as np
 
-from attrimeter.runtime.explain import Decomposition
+from attrimeter.runtime.decompose import Decomposition
 
 __all__ = ["FusedSearch"]
 
 
 class FusedSearch:
     """The gallery on a torch device, searched and explained by the Triton kernels.
+
+    A :class:`~attrimeter.runtime.device_index.DeviceIndex` that ranks by L2 (the target distance d) or by the
+    attribute-weighted score.
 
     Args:
         gallery: An open :class:`~attrimeter.runtime.gallery.Gallery`.
@@ -65,6 +68,10 @@ class FusedSearch:
         self._rows[n:total] = new
         self._sqnorm[n:total] = new.float().square().sum(-1)  # of the stored (rounded) values
         self._view = (self._rows[:total], self._sqnorm[:total])
+
+    def can_rank(self, weighted: bool, metric: str) -> bool:
+        """Whether :meth:`search` ranks the request: the kernel ranks by L2 or the weighted score, not by cosine."""
+        return weighted or metric == "l2"
 
     def _decomposition(self, res: Any) -> Decomposition:
         return Decomposition(*(getattr(res, f).float().cpu().numpy() for f in Decomposition._fields))

@@ -1,240 +1,76 @@
-"""Crash-safe gallery store: memory-mapped segments, an atomically published manifest, exact FAISS search (DESIGN §6).
+"""A gallery of embedded person crops: validated appends, exact search, reads by id (docs/architecture.md §10).
 
-Layout of a gallery folder::
+:class:`Gallery` is the public face of a gallery folder. It checks what is appended, keeps the search index
+(:mod:`attrimeter.runtime.gallery_index`) in step with the published entries, and reads rows by gallery id. The files,
+the writer lock, publishing and compaction are :mod:`attrimeter.runtime.store`'s; the on-disk format is
+:mod:`attrimeter.runtime.store_format`'s; one segment's files are :mod:`attrimeter.runtime.segment`'s.
 
-    GALLERY/gallery.json                  manifest: identity (dim, attributes, aam_shape, model, metric), count and
-                                          the published segments with the sha256 and size of every file
-    GALLERY/segments/<name>/embedding.npy float32 [n, C]      global embeddings (searched)
-                           /attr.npy      float16 [n, M, C]   per-attribute embeddings (explained)
-                           /probs.npy     float32 [n, M]      predicted P(label 1)
-                           /aam.npy       float16 [n, M, h, w] attribute activation maps (only with ``aam_shape``)
-                           /meta.jsonl    one JSON object per entry, with its ``"id"``
-    GALLERY/.lock                         ``flock``-ed by the one writer
-
-Publishing: an append validates its whole input first, writes the new segment into a hidden temporary folder
-(``segments/.tmp-*``), fsyncs every file and the folder, renames it to its final name, then replaces ``gallery.json``
-atomically (temporary file, fsync, ``os.replace``, fsync of the folder). Only segments listed in ``gallery.json``
-exist for readers, so a writer killed at any point leaves the previous gallery intact; the next writer removes what
-the dead one left. Published segments are never rewritten; :meth:`Gallery.compact` merges them into a new one and
-deletes the old folders only after the manifest that no longer lists them is published.
-
-Readers take no lock: they read ``gallery.json`` (old or new, never a mix) and memory-map the files it lists.
-Within a process, searches may run while another thread appends: the entry list and the search index are swapped
-together under a lock, so a search sees either the old or the new gallery.
+Within a process, searches and reads may run while another thread appends, refreshes or compacts: the published
+state and the search index are swapped together under a lock, so a search sees either the old or the new gallery,
+and a state a reader still holds keeps answering after a compaction deleted its folders.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import operator
-import os
-import secrets
-import shutil
 import threading
-import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from attrimeter.runtime.errors import GalleryError, InputError, StorageError, UnknownIdError
+from attrimeter.runtime.errors import GalleryError, InputError, UnknownIdError
+from attrimeter.runtime.gallery_index import ExactIndex, GalleryIndex
+from attrimeter.runtime.store import SegmentStore, StoreState
+from attrimeter.runtime.store_format import DTYPES, FORMAT, MANIFEST_NAME, META, METRICS, VERSION, make_spec
 
-__all__ = ["GALLERY_FORMAT", "GALLERY_VERSION", "MANIFEST_NAME", "METRICS", "Gallery"]
+__all__ = ["DEFAULT_AUTO_COMPACT", "GALLERY_FORMAT", "GALLERY_VERSION", "MANIFEST_NAME", "METRICS", "Gallery"]
 
-GALLERY_FORMAT = "attrimeter-gallery"
-GALLERY_VERSION = 1
-MANIFEST_NAME = "gallery.json"
-METRICS = ("l2", "ip")
+log = logging.getLogger(__name__)
 
-_SEGMENTS = "segments"
-_LOCK = ".lock"
-_TMP_PREFIX = ".tmp-"
-_META = "meta.jsonl"
-_MANIFEST_TMP = MANIFEST_NAME + ".tmp"
-_DTYPES = {"embedding": np.dtype("<f4"), "attr": np.dtype("<f2"), "probs": np.dtype("<f4"), "aam": np.dtype("<f2")}
+GALLERY_FORMAT = FORMAT
+GALLERY_VERSION = VERSION
+# A writable handle merges its newest segments once this many of them are of the same small size class (below
+# 1 MiB, or below 16 MiB): a server that appends one image at a time keeps a bounded number of segments, and no merge
+# rewrites more than 16 × 16 MiB.
+DEFAULT_AUTO_COMPACT = 16
+_SIZE_CLASSES = (1 << 20, 16 << 20)
 _FP16_MAX = float(np.finfo(np.float16).max)
-_CHUNK = 1 << 20
-# A memory map keeps a file descriptor open; many small segments (one per served "add") would exhaust them, so files
-# below this size are read into memory instead.
-_MMAP_MIN_BYTES = 1 << 20
-_PROGRESS_MIN_BYTES = 64 << 20  # progress bars only for galleries large enough to take a while
-_INDEX_ROWS = 1 << 16  # rows per FAISS add: bounds the temporary float32 copies
-_COPY_BYTES = 64 << 20  # bytes per chunk when compacting
-_GPU_MAX_K = 2048  # faiss-gpu's largest k
-# Candidates beyond k that a search fetches first: usually enough for the exact re-ranking to settle the k-th place.
+_INDEX_ROWS = 1 << 16  # rows per index add: bounds the temporary float32 copies
+_GATHER_BYTES = 64 << 20  # bytes of gathered embeddings per step when recomputing search distances
+# Candidates beyond k a search asks the index for first: usually enough for the exact re-ranking to settle the k-th
+# place; and the most it asks for (faiss-gpu's largest k) unless k itself is larger.
 _RANK_MARGIN = 8
-
-
-@dataclass(frozen=True)
-class _Spec:
-    """A gallery's identity: what every segment's arrays must look like."""
-
-    dim: int
-    attributes: tuple[str, ...]
-    aam_shape: tuple[int, int] | None
-    model: str
-    metric: str
-
-    def shapes(self, n: int) -> dict[str, tuple[int, ...]]:
-        """The shape of each array file of a segment of ``n`` entries, keyed by file stem."""
-        m = len(self.attributes)
-        out = {"embedding": (n, self.dim), "attr": (n, m, self.dim), "probs": (n, m)}
-        if self.aam_shape is not None:
-            out["aam"] = (n, m, *self.aam_shape)
-        return out
-
-    def files(self) -> set[str]:
-        """The names of a segment's files."""
-        return {f"{key}.npy" for key in self.shapes(0)} | {_META}
-
-    def header(self) -> dict[str, Any]:
-        """The identity fields of the manifest."""
-        return {"dim": self.dim, "attributes": list(self.attributes),
-                "aam_shape": None if self.aam_shape is None else list(self.aam_shape), "model": self.model,
-                "metric": self.metric}
-
-
-class _MissingFile(GalleryError):
-    """A segment file listed by the manifest is not there (possibly removed by a compaction since it was read)."""
-
-
-class _SegmentGone(Exception):
-    """A segment's metadata file disappeared after it was opened (a compaction published a new manifest)."""
-
-
-class _Segment:
-    """One published segment: its arrays (memory-mapped, or in memory when small) and its metadata lines."""
-
-    def __init__(self, folder: Path, entry: Mapping[str, Any], arrays: dict[str, np.ndarray], meta: bytes | None):
-        self.folder = folder
-        self.entry = dict(entry)
-        self.name: str = entry["name"]
-        self.first_id: int = entry["first_id"]
-        self.count: int = entry["count"]
-        self.arrays = arrays
-        self._meta = meta  # the whole meta.jsonl of a small segment; large ones are read line by line
-        self._offsets: np.ndarray | None = None
-        self._lock = threading.Lock()
-
-    def offsets(self) -> np.ndarray:
-        """Byte offset of every line of ``meta.jsonl`` plus its end ([count + 1]); checks the line count."""
-        with self._lock:
-            if self._offsets is None:
-                file = self.folder / _META
-                if self._meta is not None:
-                    ends = _newlines([self._meta])
-                else:
-                    try:
-                        with open(file, "rb") as fh:
-                            ends = _newlines(iter(lambda: fh.read(_CHUNK), b""))
-                    except FileNotFoundError as e:
-                        raise _SegmentGone(str(file)) from e
-                size = self.entry["sizes"][_META]
-                if len(ends) != self.count or (self.count and ends[-1] != size - 1):
-                    raise GalleryError(f"{file}: holds {len(ends)} complete lines, the manifest records {self.count}")
-                self._offsets = np.concatenate([[0], ends + 1]).astype(np.int64)
-            return self._offsets
-
-    def meta(self, local: np.ndarray) -> list[dict[str, Any]]:
-        """The metadata of the entries at the segment-local positions ``local``."""
-        offsets = self.offsets()
-        file = self.folder / _META
-        if self._meta is not None:
-            lines = [self._meta[offsets[i]:offsets[i + 1]] for i in local]
-        else:
-            try:
-                with open(file, "rb") as fh:
-                    lines = []
-                    for i in local:
-                        fh.seek(offsets[i])
-                        lines.append(fh.read(offsets[i + 1] - offsets[i]))
-            except FileNotFoundError as e:
-                raise _SegmentGone(str(file)) from e
-        out = []
-        for i, line in zip(local, lines, strict=True):
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise GalleryError(f"{file}: line {i + 1} is not JSON ({e})") from e
-            if not isinstance(obj, dict) or obj.get("id") != self.first_id + int(i):
-                raise GalleryError(f"{file}: line {i + 1} is not the metadata of gallery id {self.first_id + int(i)}")
-            out.append(obj)
-        return out
-
-
-@dataclass(frozen=True)
-class _State:
-    """An immutable view of the published gallery: swapped as a whole, so readers never see half an append."""
-
-    raw: bytes  # the manifest bytes it was read from
-    entries: tuple[dict[str, Any], ...]
-    segments: tuple[_Segment, ...]
-    first_ids: np.ndarray
-    count: int
-
-
-_EMPTY = _State(b"", (), (), np.zeros(0, np.int64), 0)
-
-
-class _HashingFile:
-    """A new file that hashes and counts what is written to it; ``finish`` flushes and fsyncs it."""
-
-    def __init__(self, path: Path, bar: Any):
-        self.path = path
-        self._fh = open(path, "xb")
-        self._sha = hashlib.sha256()
-        self._bar = bar
-        self.size = 0
-        self.rows = 0
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        self._sha.update(view)
-        self._fh.write(view)
-        self.size += len(view)
-        self._bar.update(len(view))
-        return len(view)
-
-    def finish(self) -> str:
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        return self._sha.hexdigest()
-
-    def abort(self) -> None:
-        self._fh.close()
+_FETCH_CAP = 2048
 
 
 class Gallery:
-    """A gallery of embedded person crops: append-only, crash-safe, memory-mapped, searched exactly with FAISS.
+    """A gallery of embedded person crops: append-only, crash-safe, searched exactly with FAISS.
 
     Create one with :meth:`create`, open one with :meth:`open`. Ids are consecutive int64 from 0 in append order and
     never change (not even by :meth:`compact`). A gallery opened ``writable`` holds the folder's writer lock until
-    :meth:`close`; readers take no lock and see another process's appends after :meth:`refresh`.
+    :meth:`close`; readers take no lock and see another process's appends and compactions after :meth:`refresh`.
     """
 
-    def __init__(self, path: Path, spec: _Spec, state: _State, *, lock_fd: int | None, verify: bool, progress: bool):
+    def __init__(self, store: SegmentStore, *, auto_compact: int | None):
         """Use :meth:`create` or :meth:`open`."""
-        self.path = path
-        self._spec = spec
-        self._state = state
-        self._verify_new = verify
-        self._progress = progress
+        self.path = store.path
+        self._store = store
+        self._state = store.state
+        self._auto_compact = auto_compact
         self._lock = threading.Lock()  # appends, refreshes, compaction
-        self._index_lock = threading.Lock()  # the FAISS index and the state swap
-        self._index: Any = None
+        self._index_lock = threading.Lock()  # the search index and the state swap
+        self._index: GalleryIndex | None = None
         self._closed = False
-        self._release = weakref.finalize(self, os.close, lock_fd) if lock_fd is not None else None
 
     # ------------------------------------------------------------------ opening
 
     @classmethod
     def create(cls, path: str | Path, *, dim: int, attributes: Sequence[str], aam_shape: tuple[int, int] | None,
-               model: str, metric: str = "l2") -> Gallery:
+               model: str, metric: str = "l2", auto_compact: int | None = DEFAULT_AUTO_COMPACT) -> Gallery:
         """Create an empty gallery in a new or empty folder and open it writable.
 
         Args:
@@ -244,108 +80,83 @@ class Gallery:
             aam_shape: ``(h, w)`` of the stored attribute activation maps, or ``None`` to store none.
             model: Identity of the model that embeds the gallery (the export's source sha256).
             metric: ``"l2"`` (Euclidean) or ``"ip"`` (cosine ranking).
+            auto_compact: Merge the newest segments after an append once this many are of one small size class
+                (see :data:`DEFAULT_AUTO_COMPACT`); ``None``: only :meth:`compact` merges.
 
         Returns:
             The writable, empty gallery.
 
         Raises:
             InputError: A bad argument.
-            GalleryError: The folder already holds something, or another writer holds its lock.
+            GalleryError: The folder already holds something.
+            LockedGalleryError: Another writer holds its lock.
+            UnsafeGalleryPathError: ``segments`` or ``.lock`` in the folder is a symbolic link.
         """
-        spec = _make_spec(dim, attributes, aam_shape, model, metric)
-        root = Path(path)
-        try:
-            (root / _SEGMENTS).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise GalleryError(f"{root}: cannot create a gallery here ({e})") from e
-        fd = _lock(root)
-        try:
-            if (root / MANIFEST_NAME).exists():
-                raise GalleryError(f"{root / MANIFEST_NAME}: the folder already holds a gallery")
-            others = sorted(p.name for p in root.iterdir() if p.name not in (_LOCK, _SEGMENTS, _MANIFEST_TMP))
-            others += [f"{_SEGMENTS}/{p.name}" for p in (root / _SEGMENTS).iterdir()]
-            if others:
-                raise GalleryError(f"{root}: not empty ({', '.join(others[:3])}); a gallery is created in a new folder")
-            raw = _publish(root, _manifest(spec, [], 0))
-        except BaseException:
-            os.close(fd)
-            raise
-        state = _State(raw, (), (), np.zeros(0, np.int64), 0)
-        return cls(root, spec, state, lock_fd=fd, verify=True, progress=True)
+        spec = make_spec(dim, attributes, aam_shape, model, metric)
+        return cls(SegmentStore.create(Path(path), spec), auto_compact=_check_auto_compact(auto_compact))
 
     @classmethod
-    def open(cls, path: str | Path, *, verify: bool = True, writable: bool = False, progress: bool = True) -> Gallery:
+    def open(cls, path: str | Path, *, verify: bool = True, writable: bool = False, progress: bool = True,
+             auto_compact: int | None = DEFAULT_AUTO_COMPACT) -> Gallery:
         """Open a gallery, checking every segment file's size, dtype and shape (and with ``verify`` its sha256).
 
         Args:
             path: The gallery folder.
             verify: Also check the sha256 of every file (reads the whole gallery once).
-            writable: Take the writer lock, so that :meth:`append` and :meth:`compact` may be called; also removes
-                what crashed appends left behind.
+            writable: Take the writer lock, so that :meth:`append` and :meth:`compact` may be called; also deletes
+                what crashed writers left and folds the journal into ``gallery.json`` (upgrading a format-1 gallery).
             progress: Show progress bars for large galleries.
+            auto_compact: For a writable gallery, as in :meth:`create`.
 
         Returns:
             The gallery.
 
         Raises:
-            GalleryError: Missing, foreign, corrupt or truncated store (the message names the file), or ``writable``
-                while another writer holds the lock.
+            GalleryError: No gallery there, or of a format version this runtime does not read.
+            CorruptGalleryError: A malformed manifest or journal, or a missing, truncated or corrupt file (the message
+                names it).
+            LockedGalleryError: ``writable`` while another writer holds the lock (compact through that writer).
+            UnsafeGalleryPathError: ``writable`` and a path the writer would use is a symbolic link.
         """
-        root = Path(path)
-        if not (root / MANIFEST_NAME).is_file():
-            raise GalleryError(f"{root / MANIFEST_NAME}: no gallery here (the manifest is missing)")
-        fd = _lock(root) if writable else None
-        try:
-            spec = _spec_of(_read_manifest(root)[0])
-        except BaseException:
-            if fd is not None:
-                os.close(fd)
-            raise
-        gallery = cls(root, spec, _EMPTY, lock_fd=fd, verify=verify, progress=progress)
-        try:
-            gallery._state = gallery._read_state(None)
-            if writable:
-                gallery._remove_leftovers()
-        except BaseException:
-            gallery.close()
-            raise
-        return gallery
+        auto_compact = _check_auto_compact(auto_compact)
+        return cls(SegmentStore.open(Path(path), writable=writable, verify=verify, progress=progress),
+                   auto_compact=auto_compact)
 
     # ------------------------------------------------------------------ properties
 
     @property
     def dim(self) -> int:
         """Embedding width C."""
-        return self._spec.dim
+        return self._store.spec.dim
 
     @property
     def attributes(self) -> tuple[str, ...]:
         """Attribute names, in the model's order."""
-        return self._spec.attributes
+        return self._store.spec.attributes
 
     @property
     def aam_shape(self) -> tuple[int, int] | None:
         """``(h, w)`` of the stored activation maps, or ``None``."""
-        return self._spec.aam_shape
+        return self._store.spec.aam_shape
 
     @property
     def model(self) -> str:
         """Identity of the model that embedded the gallery."""
-        return self._spec.model
+        return self._store.spec.model
 
     @property
     def metric(self) -> str:
         """``"l2"`` or ``"ip"``."""
-        return self._spec.metric
+        return self._store.spec.metric
 
     @property
     def writable(self) -> bool:
         """Whether this handle holds the writer lock."""
-        return self._release is not None and self._release.alive
+        return self._store.writable and not self._closed
 
     @property
     def segments(self) -> int:
-        """Number of published segments (each append adds one; :meth:`compact` merges them)."""
+        """Number of published segments (each append adds one; :meth:`compact` and ``auto_compact`` merge them)."""
         return len(self._state.segments)
 
     def __len__(self) -> int:
@@ -361,6 +172,9 @@ class Gallery:
                meta: Sequence[Mapping[str, Any]], aam: np.ndarray | None = None, progress: bool = False) -> np.ndarray:
         """Append entries as one new segment, published atomically; on any error nothing is written.
 
+        The cost of an append does not grow with the number of segments (one journal record, see
+        :mod:`attrimeter.runtime.store`). With ``auto_compact``, an append may then merge the newest small segments.
+
         Args:
             embedding: Global embeddings, floating [n, C] (stored float32).
             attr_embeddings: Per-attribute embeddings, floating [n, M, C] (stored float16).
@@ -375,78 +189,57 @@ class Gallery:
 
         Raises:
             InputError: Bad shapes, dtypes, non-finite or out-of-range values, or metadata that is not JSON-able.
-            GalleryError: The gallery is read-only or closed, or writing failed (nothing was published).
+            GalleryError: The gallery is read-only or closed.
+            StorageError: Writing failed (nothing was published).
         """
-        self._check_writable()
+        self._check_open()
         arrays, bodies = self._validate(embedding, attr_embeddings, probs, meta, aam)
         n = len(bodies)
         with self._lock:
-            self._sync_for_write()
+            self._check_open()
+            self._install(self._store.writable_state())
             first = self._state.count
             if n == 0:
                 return np.zeros(0, np.int64)
             lines = "".join(f'{{"id":{first + i}' + ("," + body[1:] if body != "{}" else "}") + "\n"
                             for i, body in enumerate(bodies)).encode()
-            chunks = [*arrays.items(), (_META, lines)]
-            self._publish_segment(first, n, chunks, list(self._state.entries), progress=progress, desc="append")
+            self._install(self._store.append(n, [*arrays.items(), (META, lines)], progress=progress))
+            self._auto_merge()
         return np.arange(first, first + n, dtype=np.int64)
 
     def compact(self, progress: bool = True) -> None:
         """Merge all segments into one (ids and contents unchanged), then delete the old segment folders.
 
-        Readers that opened the gallery before keep working on what they have memory-mapped and pick the merged
-        segment up on :meth:`refresh` (metadata reads refresh by themselves).
+        Safe on the handle of a running writer (a server's gallery): searches and reads go on meanwhile, and readers
+        in other processes keep answering from the segments they opened and pick the merged one up on
+        :meth:`refresh`.
 
         Args:
             progress: Show a progress bar for large galleries.
 
         Raises:
-            GalleryError: The gallery is read-only or closed, or writing failed (the old segments stay published).
+            GalleryError: The gallery is read-only or closed.
+            StorageError: Writing failed (the old segments stay published).
         """
-        self._check_writable()
+        self._check_open()
         with self._lock:
-            self._sync_for_write()
-            state = self._state
-            if len(state.segments) <= 1:
-                return
-            old = [s.folder for s in state.segments]
-            large = sum(e["bytes"] for e in state.entries) >= _PROGRESS_MIN_BYTES
-            self._publish_segment(0, state.count, _segment_chunks(state.segments), [], progress=progress and large,
-                                  desc="compact")
-            for folder in old:
-                shutil.rmtree(folder, ignore_errors=True)  # anything left is removed by the next writer's open
+            self._check_open()
+            self._install(self._store.writable_state())
+            self._install(self._store.compact([(0, self.segments)], progress=progress))
 
-    def _publish_segment(self, first: int, n: int, chunks: Iterable[tuple[str, Any]], entries: list[dict[str, Any]],
-                         *, progress: bool, desc: str) -> None:
-        """Write a segment of ids [first, first + n), publish ``entries`` + it, and install the new state."""
-        segments_dir = self.path / _SEGMENTS
-        name = f"{first:012d}-{secrets.token_hex(4)}"
-        tmp, final = segments_dir / f"{_TMP_PREFIX}{name}", segments_dir / name
-        manifest_tmp = self.path / _MANIFEST_TMP
-        total = sum(int(np.prod(s)) * _DTYPES[k].itemsize for k, s in self._spec.shapes(n).items())
-        renamed = False
-        try:
-            with tqdm(total=total, desc=f"{desc} {self.path.name}", unit="B", unit_scale=True, leave=False,
-                      disable=not progress) as bar:
-                files, sizes = _write_segment(tmp, self._spec.shapes(n), chunks, bar)
-            os.rename(tmp, final)
-            renamed = True
-            _fsync_dir(segments_dir)
-            entry = {"name": name, "count": n, "first_id": first, "files": files, "sizes": sizes,
-                     "bytes": sum(sizes.values())}
-            raw = _write_manifest_tmp(manifest_tmp, _manifest(self._spec, [*entries, entry], first + n))
-            os.replace(manifest_tmp, self.path / MANIFEST_NAME)
-        except BaseException as e:
-            # An interrupt (Ctrl-C) can land after os.replace published the manifest: never delete a listed folder.
-            published = renamed and f'"{name}"' in _manifest_text(self.path)
-            for leftover in (tmp, final if renamed and not published else None, manifest_tmp):
-                if leftover is not None:
-                    _remove(leftover)
-            if isinstance(e, OSError) and not published:
-                raise StorageError(f"{self.path}: {desc} failed, nothing was published ({e})") from e
-            raise
-        _fsync_dir(self.path)
-        self._install(self._load_state(json.loads(raw), raw, self._state, verify=False))
+    def _auto_merge(self) -> None:
+        """Merge the newest segments while ``auto_compact`` of them share a small size class (after an append)."""
+        while self._auto_compact is not None and len(self._state.segments) >= self._auto_compact:
+            tail = self._state.segments[-self._auto_compact:]
+            classes = {next((i for i, top in enumerate(_SIZE_CLASSES) if s.record.bytes < top), None) for s in tail}
+            if len(classes) != 1 or None in classes:
+                return
+            try:
+                n = len(self._state.segments)
+                self._install(self._store.compact([(n - self._auto_compact, n)], progress=False))
+            except GalleryError as e:  # the append is published; the segments stay as they were
+                log.warning("%s: merging small segments failed: %s", self.path, e)
+                return
 
     def _validate(self, embedding: Any, attr_embeddings: Any, probs: Any, meta: Any,
                   aam: Any) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -454,7 +247,7 @@ class Gallery:
         if not isinstance(embedding, np.ndarray) or embedding.ndim != 2:
             raise InputError(f"embedding must be a 2-D numpy array [n, {self.dim}], got {_describe(embedding)}")
         n = embedding.shape[0]
-        shapes = self._spec.shapes(n)
+        shapes = self._store.spec.shapes(n)
         given = {"embedding": embedding, "attr": attr_embeddings, "probs": probs}
         names = {"embedding": "embedding", "attr": "attr_embeddings", "probs": "probs", "aam": "aam"}
         if self.aam_shape is not None:
@@ -474,7 +267,7 @@ class Gallery:
             if not np.isfinite(value).all():
                 raise InputError(f"{name} holds NaN or infinite values")
             with np.errstate(over="ignore"):  # overflow is reported just below, by name
-                out = np.ascontiguousarray(value, dtype=_DTYPES[key])
+                out = np.ascontiguousarray(value, dtype=DTYPES[key])
             if not np.isfinite(out).all():
                 raise InputError(f"{name} overflows {out.dtype.name} (largest magnitude {_FP16_MAX:g})")
             arrays[key] = out
@@ -496,24 +289,10 @@ class Gallery:
                 raise InputError(f"meta[{i}] is not JSON-serialisable: {e}") from e
         return arrays, bodies
 
-    def _sync_for_write(self) -> None:
-        """Under the writer lock: adopt the manifest on disk if it changed, then drop what crashed writers left."""
-        if _read_manifest(self.path)[1] != self._state.raw:
-            self._install(self._checked_successor(self._read_state(self._state)))
-        self._remove_leftovers()
-
-    def _remove_leftovers(self) -> None:
-        """Delete unpublished segment folders and manifest temporaries (only the lock holder may)."""
-        listed = {s.name for s in self._state.segments}
-        for child in (self.path / _SEGMENTS).iterdir():
-            if child.name not in listed:
-                _remove(child)
-        _remove(self.path / _MANIFEST_TMP)
-
     # ------------------------------------------------------------------ reading
 
     def refresh(self) -> int:
-        """Pick up segments another process published since this handle read the manifest.
+        """Pick up what another process published since this handle last looked (appends, compactions).
 
         New segments are checked like at :meth:`open` (sha256 too when the gallery was opened with ``verify``).
 
@@ -521,26 +300,23 @@ class Gallery:
             The number of entries now.
 
         Raises:
-            GalleryError: The manifest or a new segment is corrupt, or the folder now holds another gallery.
+            CorruptGalleryError: The manifest, the journal or a new segment is corrupt (this handle keeps its state).
+            GalleryError: The folder now holds another gallery, or fewer entries.
         """
         self._check_open()
         with self._lock:
-            self._install(self._checked_successor(self._read_state(self._state)))
+            self._check_open()
+            self._install(self._store.refresh())
             return self._state.count
 
     def verify(self) -> None:
         """Check the sha256 of every file of every published segment and the line count of the metadata.
 
         Raises:
-            GalleryError: A mismatch, naming the file.
+            CorruptGalleryError: A mismatch, naming the file.
         """
         self._check_open()
-        segments = self._state.segments
-        total = sum(s.entry["bytes"] for s in segments)
-        with tqdm(total=total, desc=f"verify {self.path.name}", unit="B", unit_scale=True, leave=False,
-                  disable=not self._progress or total < _PROGRESS_MIN_BYTES) as bar:
-            for segment in segments:
-                _verify_segment(segment, bar)
+        self._store.verify(self._state)
 
     def embeddings(self, ids: Any) -> np.ndarray:
         """Global embeddings of gallery entries.
@@ -555,7 +331,7 @@ class Gallery:
             UnknownIdError: An id the gallery does not hold.
             InputError: Ids that are not integers.
         """
-        return self._gather(ids, "embedding", np.float32)
+        return self._gather(ids, "embedding")
 
     def attr_embeddings(self, ids: Any) -> np.ndarray:
         """Per-attribute embeddings of gallery entries (stored float16): float32 [len(ids), M, C].
@@ -566,7 +342,7 @@ class Gallery:
         Returns:
             float32 [len(ids), M, C].
         """
-        return self._gather(ids, "attr", np.float32)
+        return self._gather(ids, "attr")
 
     def probs(self, ids: Any) -> np.ndarray:
         """Predicted P(label 1) per attribute of gallery entries: float32 [len(ids), M].
@@ -577,7 +353,7 @@ class Gallery:
         Returns:
             float32 [len(ids), M].
         """
-        return self._gather(ids, "probs", np.float32)
+        return self._gather(ids, "probs")
 
     def aam(self, ids: Any) -> np.ndarray | None:
         """Attribute activation maps of gallery entries (stored float16), or ``None`` when the gallery has none.
@@ -591,7 +367,7 @@ class Gallery:
         if self.aam_shape is None:
             self._locate(ids)  # still refuse unknown ids
             return None
-        return self._gather(ids, "aam", np.float32)
+        return self._gather(ids, "aam")
 
     def meta(self, ids: Any) -> list[dict[str, Any]]:
         """Metadata of gallery entries, each with its ``"id"``.
@@ -602,13 +378,6 @@ class Gallery:
         Returns:
             One dict per id, in the order of ``ids``.
         """
-        try:
-            return self._meta(ids)
-        except _SegmentGone:
-            self.refresh()  # a compaction replaced the segments this handle had opened
-            return self._meta(ids)
-
-    def _meta(self, ids: Any) -> list[dict[str, Any]]:
         state, idx, seg, local = self._locate(ids)
         out: list[Any] = [None] * len(idx)
         for s in np.unique(seg):
@@ -624,8 +393,8 @@ class Gallery:
             chunk: Most entries per chunk (chunks do not cross segments).
 
         Returns:
-            An iterator of ``(first id, float16 view [n, M, C])`` over consecutive entries (read-only views,
-            memory-mapped when large).
+            An iterator of ``(first id, float16 view [n, M, C])`` over consecutive entries (read-only views; a large
+            segment is memory-mapped while its views are held).
 
         Raises:
             InputError: ``chunk`` is not a positive integer.
@@ -633,17 +402,18 @@ class Gallery:
         self._check_open()
         if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
             raise InputError(f"chunk must be a positive integer, got {chunk!r}")
-        return _chunks(self._state.segments, int(chunk))  # checked now, walked lazily over this snapshot
+        return _chunks(self._state, int(chunk))  # checked now, walked lazily over this snapshot
 
-    def _gather(self, ids: Any, key: str, dtype: type) -> np.ndarray:
+    def _gather(self, ids: Any, key: str) -> np.ndarray:
+        """Rows of ``key`` at ``ids`` as float32, read by position (only those rows are read)."""
         state, idx, seg, local = self._locate(ids)
-        out = np.empty((len(idx), *self._spec.shapes(0)[key][1:]), dtype)
+        out = np.empty((len(idx), *self._store.spec.shapes(0)[key][1:]), np.float32)
         for s in np.unique(seg):
             where = seg == s
-            out[where] = state.segments[s].arrays[key][local[where]]
+            out[where] = state.segments[s].arrays[key].rows(local[where])
         return out
 
-    def _locate(self, ids: Any) -> tuple[_State, np.ndarray, np.ndarray, np.ndarray]:
+    def _locate(self, ids: Any) -> tuple[StoreState, np.ndarray, np.ndarray, np.ndarray]:
         """(state snapshot, ids int64, segment index of each, position within its segment)."""
         self._check_open()
         state = self._state
@@ -654,11 +424,10 @@ class Gallery:
     # ------------------------------------------------------------------ search
 
     def load_index(self) -> None:
-        """Build the FAISS index now (it is otherwise built by the first :meth:`search`)."""
+        """Build the search index now (it is otherwise built by the first :meth:`search`)."""
         self._check_open()
-        faiss = _faiss()
         with self._index_lock:
-            self._ensure_index(faiss)
+            self._ensure_index()
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact k-nearest-neighbour search over the global embeddings.
@@ -666,7 +435,7 @@ class Gallery:
         Metric ``"l2"`` ranks by Euclidean distance; ``"ip"`` ranks by cosine similarity. Either way the distances
         returned are the Euclidean distances between the raw query and gallery vectors, recomputed from the stored
         vectors: FAISS's ``|q|² + |x|² - 2 q·x`` loses the small distances of near-duplicates to cancellation.
-        See :meth:`rank` for how ties are broken.
+        See :meth:`rank` for the order and its ties.
 
         Args:
             queries: float32 [Q, C], finite.
@@ -682,12 +451,13 @@ class Gallery:
         return dist, ids
 
     def rank(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:meth:`search` with its ranking keys: the exact top-k by key, ties by the lower id.
+        """:meth:`search` with its ranking keys: the top k by exact key, ties to the lower id.
 
-        FAISS proposes candidates by its float32 scores; they are re-ranked by exact keys recomputed row by row from
-        the stored vectors (the same value for an entry wherever it is stored, so that shards of a gallery rank like
-        the whole), and more are fetched until FAISS's rounding cannot have left out an entry that belongs to the k
-        best or ties with the k-th (FAISS's own choice among tied entries is arbitrary for inner products).
+        The index proposes candidates by its float32 scores; they are re-ranked by exact keys recomputed row by row
+        from the stored vectors (an entry's key does not depend on where it is stored, so shards of a gallery rank
+        like the whole, docs/architecture.md §11), and more candidates are fetched until the index's rounding cannot
+        have left out an entry that belongs to the k best or ties with the k-th (FAISS's own pick among equal inner
+        products is arbitrary). Exact for :class:`~attrimeter.runtime.gallery_index.ExactIndex`.
 
         Args:
             queries: float32 [Q, C], finite.
@@ -704,147 +474,87 @@ class Gallery:
         q = _check_queries(queries, self.dim)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise InputError(f"k must be a positive integer, got {k!r}")
-        faiss = _faiss()
         with self._index_lock:
-            total, gpu = self._ensure_index(faiss).ntotal, faiss.get_num_gpus() > 0
+            total = self._ensure_index().ntotal
         kk = min(int(k), total)
         if kk == 0 or len(q) == 0:
             return np.zeros((len(q), kk)), np.zeros((len(q), kk), np.float32), np.zeros((len(q), kk), np.int64)
-        if kk > _GPU_MAX_K and gpu:
-            raise InputError(f"k must be at most {_GPU_MAX_K} on a GPU index, got {k}")
-        fetch = min(total, kk + _RANK_MARGIN, _GPU_MAX_K if gpu else total)
+        cap = total if kk > _FETCH_CAP else min(total, _FETCH_CAP)
+        fetch = min(cap, kk + _RANK_MARGIN)
         while True:
-            with self._index_lock:  # for "ip", q·(x/|x|) ranks like the cosine: q needs no normalising
-                scores, ids = self._ensure_index(faiss).search(q, fetch)
-            ids = ids.astype(np.int64)  # ids only ever grow (compaction keeps them): the gathers need no lock
+            with self._index_lock:
+                ids = self._ensure_index().search(q, fetch)
+            # ids only ever grow (compaction keeps them), so the gathers may run outside the index lock
             keys, dist = self._exact_keys(q, ids)
             order = np.lexsort((ids, keys), axis=1)
             keys, dist, ids = (np.take_along_axis(a, order, 1) for a in (keys, dist, ids))
-            grown = min(total, 2 * fetch, _GPU_MAX_K if gpu else total)
-            if fetch == total or grown == fetch or self._settled(q, keys[:, kk - 1], scores[:, -1]):
+            if fetch == cap or self._settled(q, keys[:, kk - 1], keys[:, -1]):
                 return keys[:, :kk], dist[:, :kk], ids[:, :kk]
-            fetch = grown
+            fetch = min(cap, 2 * fetch)
 
     def _exact_keys(self, q: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(ranking keys float64, Euclidean distances float32) of candidates ``ids`` [Q, n], row by row."""
+        """(ranking keys float64, Euclidean distances float32) of candidates ``ids`` [Q, n].
+
+        Only reductions along each row: an entry's key does not depend on the batch it is computed in.
+        """
         keys, dist = np.empty(ids.shape), np.empty(ids.shape, np.float32)
         n = ids.shape[1]
-        rows = max(1, _COPY_BYTES // (n * self.dim * 4))
+        rows = max(1, _GATHER_BYTES // (n * self.dim * 4))
         for a in range(0, len(q), rows):
             x = self.embeddings(ids[a:a + rows].ravel()).reshape(-1, n, self.dim)
             dist[a:a + rows] = np.linalg.norm(x - q[a:a + rows, None], axis=2)
-            if self.metric == "ip":  # reductions along each row only: an entry's key does not depend on its batch
+            if self.metric == "ip":
                 x64, q64 = x.astype(np.float64), q[a:a + rows, None].astype(np.float64)
                 norms = np.sqrt((x64 * x64).sum(-1)) * np.sqrt((q64 * q64).sum(-1))
                 keys[a:a + rows] = -(x64 * q64).sum(-1) / np.maximum(norms, 1e-300)
         return (dist.astype(np.float64) if self.metric == "l2" else keys), dist
 
     def _settled(self, q: np.ndarray, kth: np.ndarray, last: np.ndarray) -> bool:
-        """Whether no entry FAISS did not return can rank before or tie with the k-th exact key of each query.
+        """Whether no candidate the index did not return can rank before or tie with each query's k-th exact key.
 
-        Bounds of FAISS's float32 error (``γ = 4·C·ε``): an unreturned entry scored at least ``last`` (its squared
-        distance) or at most ``last`` (its inner product with the query).
+        The index ranked every unreturned entry at or after the last returned one by its float32 score, whose error
+        is at most ``γ = 4·C·ε`` relative (of ``|q|² + |x|²`` for a squared distance, of ``|q|`` for an inner product
+        with a unit vector); ``last`` is the exact key of the last returned candidate.
         """
         gamma = 4 * self.dim * float(np.finfo(np.float32).eps)
-        q_sq = (q.astype(np.float64) ** 2).sum(1)
-        if self.metric == "l2":  # d'² ≥ last − γ(|q|² + |x'|²), |x'|² ≤ 2|q|² + 2d'²
-            bound = (last - 3 * gamma * q_sq) / (1 + 2 * gamma)
+        if self.metric == "l2":  # with |x|² ≤ 2|q|² + 2d²: an unreturned d'² ≥ (last²(1 − 2γ) − 6γ|q|²) / (1 + 2γ)
+            q_sq = (q.astype(np.float64) ** 2).sum(1)
+            bound = (last * last * (1 - 2 * gamma) - 6 * gamma * q_sq) / (1 + 2 * gamma)
             return bool((kth * kth * (1 + gamma) < bound).all())
-        q_norm = np.sqrt(q_sq)  # cos' ≤ (last + γ|q|) / |q| + γ (the stored unit vectors' rounding)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            bound = np.where(q_norm > 0, last / q_norm + 2 * gamma, np.inf)
-        return bool((-kth > bound).all())
+        return bool((kth < last - 4 * gamma).all())  # −cos: an unreturned cos' ≤ cos(last) + 4γ
 
-    def _ensure_index(self, faiss: Any) -> Any:
-        """The FAISS index, built from all entries on first use (call under ``_index_lock``)."""
+    def _ensure_index(self) -> GalleryIndex:
+        """The search index, built from all entries on first use (call under ``_index_lock``)."""
         if self._index is None:
-            index = faiss.IndexFlatL2(self.dim) if self.metric == "l2" else faiss.IndexFlatIP(self.dim)
-            if faiss.get_num_gpus() > 0:
-                index = faiss.index_cpu_to_all_gpus(index)
-            self._add_to_index(index, self._state, 0)
+            index = ExactIndex(self.dim, self.metric)
+            _add_to_index(index, self._state, 0)
             self._index = index
         return self._index
 
-    def _add_to_index(self, index: Any, state: _State, start: int) -> None:
-        """Add the embeddings of ids [start, state.count) to ``index`` (unit vectors for ``"ip"``)."""
-        rows = state.count - start
-        with tqdm(total=rows, desc=f"index {self.path.name}", unit="entry", leave=False,
-                  disable=not self._progress or rows * self.dim * 4 < _PROGRESS_MIN_BYTES) as bar:
-            for segment in state.segments:
-                lo = max(start - segment.first_id, 0)
-                for a in range(lo, segment.count, _INDEX_ROWS):
-                    x = np.ascontiguousarray(segment.arrays["embedding"][a:a + _INDEX_ROWS], dtype=np.float32)
-                    index.add(x if self.metric == "l2" else _unit(x))
-                    bar.update(len(x))
-
     # ------------------------------------------------------------------ state
 
-    def _read_state(self, previous: _State | None) -> _State:
-        """Read the manifest and open its segments, retrying if a compaction replaced them meanwhile."""
-        while True:
-            doc, raw = _read_manifest(self.path)
-            if previous is not None and raw == previous.raw:
-                return previous
-            if _spec_of(doc) != self._spec:
-                raise GalleryError(f"{self.path / MANIFEST_NAME}: now describes another gallery (dim, attributes, "
-                                   "model or metric changed); open it again")
-            try:
-                return self._load_state(doc, raw, previous, verify=self._verify_new)
-            except _MissingFile:
-                if _read_manifest(self.path)[1] == raw:
-                    raise
-
-    def _load_state(self, doc: dict[str, Any], raw: bytes, previous: _State | None, *, verify: bool) -> _State:
-        """Open the segments of a checked manifest, reusing those already open in ``previous``."""
-        known = {s.name: s for s in previous.segments} if previous is not None else {}
-        entries = tuple(doc["segments"])
-        fresh = [e for e in entries if e["name"] not in known or known[e["name"]].entry != e]
-        total = sum(e["bytes"] for e in fresh)
-        segments = []
-        with tqdm(total=total, desc=f"{'verify' if verify else 'open'} {self.path.name}", unit="B", unit_scale=True,
-                  leave=False, disable=not self._progress or total < _PROGRESS_MIN_BYTES) as bar:
-            for entry in entries:
-                segment = known.get(entry["name"])
-                if segment is None or segment.entry != entry:
-                    segment = _open_segment(self.path, entry, self._spec)
-                    if verify:
-                        _verify_segment(segment, bar)
-                segments.append(segment)
-        first_ids = np.array([e["first_id"] for e in entries], np.int64)
-        return _State(raw, entries, tuple(segments), first_ids, doc["count"])
-
-    def _checked_successor(self, new: _State) -> _State:
-        if new.count < self._state.count:
-            raise GalleryError(f"{self.path / MANIFEST_NAME}: the gallery shrank from {self._state.count} to "
-                               f"{new.count} entries (replaced by another gallery?); open it again")
-        return new
-
-    def _install(self, new: _State) -> None:
-        """Swap in a new state and extend the search index to it, atomically for searches."""
+    def _install(self, new: StoreState) -> None:
+        """Swap in a published state and extend the search index to it, atomically for searches."""
         with self._index_lock:
             if self._index is not None and new.count > self._index.ntotal:
-                self._add_to_index(self._index, new, self._index.ntotal)
+                _add_to_index(self._index, new, self._index.ntotal)
             self._state = new
 
     def _check_open(self) -> None:
         if self._closed:
             raise GalleryError(f"{self.path}: the gallery is closed")
 
-    def _check_writable(self) -> None:
-        self._check_open()
-        if not self.writable:
-            raise GalleryError(f"{self.path}: opened read-only; open it with writable=True to change it")
-
     # ------------------------------------------------------------------ closing
 
     def close(self) -> None:
-        """Release the writer lock, the index and the memory maps (idempotent)."""
+        """Fold the journal (writers), release the writer lock, the index and the open files (idempotent)."""
         with self._lock, self._index_lock:
+            if self._closed:
+                return
             self._closed = True
             self._index = None
-            self._state = _EMPTY
-            if self._release is not None:
-                self._release()
+            self._store.close()
+            self._state = self._store.state  # empty: the segments' files are released once no reader holds them
 
     def __enter__(self) -> Gallery:
         return self
@@ -856,289 +566,25 @@ class Gallery:
 # ---------------------------------------------------------------------- helpers
 
 
-def _faiss() -> Any:
-    try:
-        import faiss
-    except ImportError as e:
-        raise ImportError("gallery search needs FAISS: pip install faiss-cpu (or faiss-gpu on a CUDA box)") from e
-    return faiss
+def _check_auto_compact(value: Any) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+        raise InputError(f"auto_compact must be an integer >= 2 or None, got {value!r}")
+    return value
 
 
-def _make_spec(dim: Any, attributes: Any, aam_shape: Any, model: Any, metric: Any) -> _Spec:
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
-        raise InputError(f"dim must be a positive integer, got {dim!r}")
-    if isinstance(attributes, str) or not isinstance(attributes, Sequence) or not attributes:
-        raise InputError("attributes must be a non-empty sequence of names")
-    if not all(isinstance(a, str) and a for a in attributes) or len(set(attributes)) != len(attributes):
-        raise InputError(f"attributes must be distinct non-empty strings, got {list(attributes)!r}")
-    if aam_shape is not None:
-        if (not isinstance(aam_shape, Sequence) or len(aam_shape) != 2
-                or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in aam_shape)):
-            raise InputError(f"aam_shape must be (h, w) of positive integers or None, got {aam_shape!r}")
-        aam_shape = (int(aam_shape[0]), int(aam_shape[1]))
-    if not isinstance(model, str):
-        raise InputError(f"model must be a string (the export's source sha256), got {type(model).__name__}")
-    if metric not in METRICS:
-        raise InputError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    return _Spec(int(dim), tuple(attributes), aam_shape, model, metric)
+def _add_to_index(index: GalleryIndex, state: StoreState, start: int) -> None:
+    """Add the embeddings of ids [start, state.count) to ``index``, read in bounded blocks."""
+    for segment in state.segments:
+        embedding = segment.arrays["embedding"]
+        for a in range(max(start - segment.first_id, 0), segment.count, _INDEX_ROWS):
+            index.add(embedding.block(a, min(a + _INDEX_ROWS, segment.count)))
 
 
-def _manifest(spec: _Spec, entries: list[dict[str, Any]], count: int) -> dict[str, Any]:
-    return {"format": GALLERY_FORMAT, "version": GALLERY_VERSION, **spec.header(), "count": count,
-            "segments": entries}
-
-
-def _is_int(x: Any, low: int = 0) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= low
-
-
-def _read_manifest(root: Path) -> tuple[dict[str, Any], bytes]:
-    """Read and check ``gallery.json``: (document, raw bytes)."""
-    file = root / MANIFEST_NAME
-    try:
-        raw = file.read_bytes()
-    except FileNotFoundError as e:
-        raise GalleryError(f"{file}: no gallery here (the manifest is missing)") from e
-    except OSError as e:
-        raise GalleryError(f"{file}: unreadable ({e})") from e
-    try:
-        doc = json.loads(raw)
-    except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser goes
-        raise GalleryError(f"{file}: not a gallery manifest ({type(e).__name__}: {e})") from e
-    if not isinstance(doc, dict) or doc.get("format") != GALLERY_FORMAT:
-        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-        raise GalleryError(f"{file}: not an AttriMeter gallery manifest (format {found!r}, expected "
-                           f"{GALLERY_FORMAT!r})")
-    if doc.get("version") != GALLERY_VERSION:
-        raise GalleryError(f"{file}: gallery format version {doc.get('version')!r} is not supported (this runtime "
-                           f"reads version {GALLERY_VERSION})")
-    try:
-        spec = _spec_of(doc)
-    except (InputError, KeyError, TypeError) as e:
-        raise GalleryError(f"{file}: bad gallery identity ({e})") from e
-    segments = doc.get("segments")
-    if not isinstance(segments, list) or not _is_int(doc.get("count")):
-        raise GalleryError(f"{file}: malformed (count and segments are required)")
-    expected, first, names = spec.files(), 0, set()
-    for i, e in enumerate(segments):
-        ok = (isinstance(e, dict) and isinstance(e.get("name"), str) and _safe_name(e["name"])
-              and e["name"] not in names and _is_int(e.get("count"), 1) and e.get("first_id") == first
-              and isinstance(e.get("files"), dict) and set(e["files"]) == expected
-              and all(isinstance(h, str) and len(h) == 64 for h in e["files"].values())
-              and isinstance(e.get("sizes"), dict) and set(e["sizes"]) == expected
-              and all(_is_int(s) for s in e["sizes"].values()) and e.get("bytes") == sum(e["sizes"].values()))
-        if not ok:
-            raise GalleryError(f"{file}: segment {i} is malformed or out of order")
-        names.add(e["name"])
-        first += e["count"]
-    if first != doc["count"]:
-        raise GalleryError(f"{file}: count {doc['count']} does not match its segments ({first} entries)")
-    return doc, raw
-
-
-def _spec_of(doc: Mapping[str, Any]) -> _Spec:
-    aam_shape = doc["aam_shape"]
-    return _make_spec(doc["dim"], doc["attributes"], None if aam_shape is None else tuple(aam_shape), doc["model"],
-                      doc["metric"])
-
-
-def _safe_name(name: str) -> bool:
-    """A plain folder name: no path separators, no hidden name, nothing a file system refuses (NUL, controls)."""
-    return (bool(name) and len(name) <= 255 and name.isprintable() and not name.startswith(".")
-            and "/" not in name and "\\" not in name)
-
-
-def _open_segment(root: Path, entry: Mapping[str, Any], spec: _Spec) -> _Segment:
-    """Open a listed segment: every file present with its recorded size, every array with the right dtype/shape."""
-    folder = root / _SEGMENTS / entry["name"]
-    for name, size in entry["sizes"].items():
-        file = folder / name
-        try:
-            actual = file.stat().st_size
-        except FileNotFoundError as e:
-            raise _MissingFile(f"{file}: missing (listed in {MANIFEST_NAME})") from e
-        except OSError as e:
-            raise GalleryError(f"{file}: unreadable ({e})") from e
-        if actual != size:
-            raise GalleryError(f"{file}: {actual} bytes, the manifest records {size} (truncated or replaced)")
-    arrays = {}
-    for key, shape in spec.shapes(entry["count"]).items():
-        file = folder / f"{key}.npy"
-        try:
-            if entry["sizes"][file.name] >= _MMAP_MIN_BYTES:
-                arr = np.load(file, mmap_mode="r", allow_pickle=False)
-            else:
-                arr = np.load(file, allow_pickle=False)
-                arr.flags.writeable = False
-        except FileNotFoundError as e:
-            raise _MissingFile(f"{file}: missing (listed in {MANIFEST_NAME})") from e
-        except (OSError, ValueError) as e:
-            raise GalleryError(f"{file}: unreadable ({e})") from e
-        if arr.dtype != _DTYPES[key] or arr.shape != shape or not arr.flags.c_contiguous:
-            raise GalleryError(f"{file}: holds {arr.dtype} {list(arr.shape)}, expected {_DTYPES[key]} {list(shape)}")
-        arrays[key] = arr
-    meta = None
-    if entry["sizes"][_META] < _MMAP_MIN_BYTES:
-        try:
-            meta = (folder / _META).read_bytes()
-        except FileNotFoundError as e:
-            raise _MissingFile(f"{folder / _META}: missing (listed in {MANIFEST_NAME})") from e
-        except OSError as e:
-            raise GalleryError(f"{folder / _META}: unreadable ({e})") from e
-    segment = _Segment(folder, entry, arrays, meta)
-    if meta is not None:
-        segment.offsets()  # cheap for small files: check the line count now
-    return segment
-
-
-def _verify_segment(segment: _Segment, bar: Any) -> None:
-    for name, expected in segment.entry["files"].items():
-        file = segment.folder / name
-        digest = hashlib.sha256()
-        try:
-            with open(file, "rb") as fh:
-                while chunk := fh.read(_CHUNK):
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-        except OSError as e:
-            raise GalleryError(f"{file}: unreadable ({e})") from e
-        if digest.hexdigest() != expected:
-            raise GalleryError(f"{file}: sha256 {digest.hexdigest()[:16]}… does not match the manifest's "
-                               f"{expected[:16]}… (corrupt or modified)")
-    try:
-        segment.offsets()
-    except _SegmentGone as e:
-        raise _MissingFile(f"{e}: missing (listed in {MANIFEST_NAME})") from e
-
-
-def _chunks(segments: Sequence[_Segment], chunk: int) -> Iterator[tuple[int, np.ndarray]]:
-    for segment in segments:
-        attr = segment.arrays["attr"]
+def _chunks(state: StoreState, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
+    for segment in state.segments:
+        attr = segment.arrays["attr"].view()
         for a in range(0, segment.count, chunk):
             yield segment.first_id + a, attr[a:a + chunk]
-
-
-def _manifest_text(root: Path) -> str:
-    """The manifest as text, or "" when it cannot be read (used only to decide what a failed write may delete)."""
-    try:
-        return (root / MANIFEST_NAME).read_text()
-    except (OSError, UnicodeDecodeError):
-        return ""
-
-
-def _newlines(chunks: Iterable[bytes]) -> np.ndarray:
-    """Positions of every newline byte in the concatenation of ``chunks``."""
-    out, base = [], 0
-    for chunk in chunks:
-        out.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == 0x0A) + base)
-        base += len(chunk)
-    return np.concatenate(out) if out else np.zeros(0, np.int64)
-
-
-def _write_segment(folder: Path, shapes: Mapping[str, tuple[int, ...]], chunks: Iterable[tuple[str, Any]],
-                   bar: Any) -> tuple[dict[str, str], dict[str, int]]:
-    """Write a segment's files, fsynced, from ``(file stem or meta name, array rows or bytes)`` chunks.
-
-    Returns:
-        ``({file: sha256}, {file: size})``.
-    """
-    folder.mkdir()
-    writers: dict[str, _HashingFile] = {}
-    try:
-        for key, shape in shapes.items():
-            writers[key] = _HashingFile(folder / f"{key}.npy", bar)
-            header = {"descr": np.lib.format.dtype_to_descr(_DTYPES[key]), "fortran_order": False, "shape": shape}
-            np.lib.format.write_array_header_1_0(writers[key], header)
-        writers[_META] = _HashingFile(folder / _META, bar)
-        for key, data in chunks:
-            writer = writers[key]
-            if key == _META:
-                writer.rows += data.count(b"\n")
-                writer.write(data)
-            else:
-                writer.rows += len(data)
-                writer.write(np.ascontiguousarray(data, dtype=_DTYPES[key]))
-        n = next(iter(shapes.values()))[0]
-        short = [w.path.name for w in writers.values() if w.rows != n]
-        if short:
-            raise RuntimeError(f"segment writer got the wrong number of rows for {', '.join(short)}")
-        files, sizes = {}, {}
-        for writer in writers.values():
-            files[writer.path.name] = writer.finish()
-            sizes[writer.path.name] = writer.size
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
-    _fsync_dir(folder)
-    return files, sizes
-
-
-def _segment_chunks(segments: Sequence[_Segment]) -> Iterator[tuple[str, Any]]:
-    """The contents of ``segments``, in order, as bounded chunks for :func:`_write_segment`."""
-    for segment in segments:
-        for key, arr in segment.arrays.items():
-            rows = max(1, _COPY_BYTES // max(1, arr[:1].nbytes))
-            for a in range(0, len(arr), rows):
-                yield key, arr[a:a + rows]
-        if segment._meta is not None:
-            yield _META, segment._meta
-        else:
-            with open(segment.folder / _META, "rb") as fh:
-                while data := fh.read(_COPY_BYTES):
-                    yield _META, data
-
-
-def _write_manifest_tmp(file: Path, doc: Mapping[str, Any]) -> bytes:
-    raw = (json.dumps(doc, indent=1) + "\n").encode()
-    with open(file, "wb") as fh:
-        fh.write(raw)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return raw
-
-
-def _publish(root: Path, doc: Mapping[str, Any]) -> bytes:
-    """Write ``gallery.json`` atomically and durably; return its bytes."""
-    tmp = root / _MANIFEST_TMP
-    raw = _write_manifest_tmp(tmp, doc)
-    os.replace(tmp, root / MANIFEST_NAME)
-    _fsync_dir(root)
-    return raw
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
-
-
-def _lock(root: Path) -> int:
-    """Take the folder's writer lock (non-blocking): the open descriptor that holds it."""
-    import fcntl  # POSIX only; readers never need it
-
-    try:
-        fd = os.open(root / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise GalleryError(f"{root / _LOCK}: cannot take the writer lock ({e})") from e
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        raise GalleryError(f"{root}: locked by another writer ({e.strerror})") from e
-    return fd
 
 
 def _json_default(obj: Any) -> Any:
@@ -1151,12 +597,6 @@ def _describe(x: Any) -> str:
     if isinstance(x, np.ndarray):
         return f"{x.dtype} array of shape {list(x.shape)}"
     return type(x).__name__
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero), float32 C-contiguous."""
-    norms = np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
-    return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float32)
 
 
 def _check_queries(queries: Any, dim: int) -> np.ndarray:

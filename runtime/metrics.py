@@ -1,13 +1,17 @@
-"""Prometheus metrics of the HTTP server (``prometheus_client``): its own request counters and the runtime's stats.
+"""Prometheus metrics of the HTTP server (``prometheus_client``): its requests, its runtime calls, the runtime's facts.
 
-Each server has its own registry (several servers may live in one process, e.g. in tests). The runtime's counters are
-read from :meth:`Runtime.stats` at scrape time by a custom collector, so nothing is counted twice.
+Each server has its own registry (several servers may live in one process, e.g. in tests). Latency histograms and
+error counters are the server's: it times every runtime call it makes (:meth:`ServerMetrics.operation`). The engine's
+counters (requests, images, batches, queue) and the gallery's size are read from :meth:`Runtime.stats` at scrape time
+by a custom collector, so nothing is counted twice.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -17,10 +21,12 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-__all__ = ["BATCH_BUCKETS", "LATENCY_BUCKETS", "ServerMetrics"]
+__all__ = ["BATCH_BUCKETS", "LATENCY_BUCKETS", "OPERATIONS", "ServerMetrics"]
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# The runtime calls the server times (label ``op``).
+OPERATIONS = ("embed", "search", "explain", "add")
 
 _COUNTERS = (("requests", "Requests run by the inference thread."),
              ("images", "Images run through the model."),
@@ -63,25 +69,10 @@ class _RuntimeCollector(Collector):
                 "attrimeter_runtime_batch_size", "Images per engine call.",
                 buckets=[(floatToGoString(e), c) for e, c in zip(edges, itertools.accumulate(counts), strict=True)],
                 sum_value=sum(int(size) * int(n) for size, n in sizes.items()))
-        latency = stats.get("latency")
-        if latency:
-            family = HistogramMetricFamily("attrimeter_runtime_latency_seconds", "Runtime call latency, by operation.",
-                                           labels=["op"])
-            for op, h in sorted(latency.items()):
-                family.add_metric([op], [(floatToGoString(float("inf") if le == "+Inf" else le), n)
-                                         for le, n in h["buckets"]], h["sum"])
-            yield family
-        errors = stats.get("errors")
-        if errors is not None:
-            family = CounterMetricFamily("attrimeter_runtime_errors", "Runtime calls that raised, by operation.",
-                                         labels=["op"])
-            for op, n in sorted(errors.items()):
-                family.add_metric([op], n)
-            yield family
 
 
 class ServerMetrics:
-    """The registry of one server: HTTP counters it updates per request, and the runtime's stats.
+    """The registry of one server: its HTTP counters, its runtime calls' latency and errors, the runtime's stats.
 
     Args:
         stats: Returns the runtime's counters (``Runtime.stats``).
@@ -98,7 +89,30 @@ class ServerMetrics:
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.in_flight = Gauge("attrimeter_http_requests_in_flight", "HTTP requests being answered now.",
                                registry=self.registry)
+        self.runtime_latency = Histogram("attrimeter_runtime_latency_seconds", "Runtime call latency, by operation.",
+                                         ["op"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.runtime_errors = Counter("attrimeter_runtime_errors", "Runtime calls that raised, by operation.", ["op"],
+                                      registry=self.registry)
+        for op in OPERATIONS:  # every series from the start, at zero
+            self.runtime_latency.labels(op)
+            self.runtime_errors.labels(op)
         self.registry.register(_RuntimeCollector(stats))
+
+    @contextlib.contextmanager
+    def operation(self, op: str) -> Iterator[None]:
+        """Time one runtime call and count it as an error when it raises (the exception propagates).
+
+        Args:
+            op: One of :data:`OPERATIONS`.
+        """
+        start = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            self.runtime_errors.labels(op).inc()
+            raise
+        finally:
+            self.runtime_latency.labels(op).observe(time.perf_counter() - start)
 
     def observe(self, endpoint: str, method: str, status: int, seconds: float, images: int) -> None:
         """Count one answered request.

@@ -1,48 +1,52 @@
-"""``Runtime(export_dir, gallery)``: embed, search and explain with an exported model, no torch needed (DESIGN §6).
+"""``Runtime(export_dir, gallery)``: embed, search and explain with an exported model, no torch needed.
 
-One object ties an export (any backend), a dynamic batcher and an optional gallery store together::
+One object ties an export (any backend), a dynamic batcher and an optional gallery store together
+(docs/architecture.md §6)::
 
-    with Runtime("export/", "gallery/") as rt:
+    with Runtime("export/", "gallery/", RuntimeConfig(threads=2)) as rt:
         for result in rt.search(["query.jpg"], k=10, weights={"upblack": 0}):
             for m in result.matches:
-                print(m.rank, m.key, round(m.d, 3), m.top(3), m.differing)
+                print(m.to_text())  # rank, key, d, the largest shares, the predictions that differ
 
 Search ranks the gallery by the target distance d with exact FAISS search (or, with attribute weights, by
 ``Σ_k w_k d_k`` with an exact scan of the attribute store), then explains each hit: per-attribute distances d_k, shares
 p_k = d_k / Σ_j d_j, contributions c_k = p_k·d (they sum to d), d̂, and the predicted attributes on which query and hit
 differ. All methods are thread-safe: concurrent callers' images are batched together on one inference thread.
+
+The parts, one job each: :class:`~attrimeter.runtime.config.RuntimeConfig` (how it runs),
+:class:`~attrimeter.runtime.embedder.Embedder` (decode pool, batcher, backend), :mod:`~attrimeter.runtime.gallery_open`
+(opening a gallery for this export's model), :mod:`~attrimeter.runtime.device_index` (the gallery's GPU copy),
+:class:`~attrimeter.runtime.live_gallery.LiveGallery` (keeping store and copy current) and
+:mod:`~attrimeter.runtime.indexing` (bulk indexing). Latency and error counts are the HTTP server's.
 """
 
 from __future__ import annotations
 
-import bisect
-import logging
-import threading
-import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from attrimeter.runtime.backends import Backend, BackendError, open_backend
-from attrimeter.runtime.batching import DynamicBatcher
+from attrimeter.artefact.manifest import Manifest, load_manifest
+from attrimeter.explanation import QueryResult, explanations, predictions
+from attrimeter.runtime.backends import Backend, BackendError
+from attrimeter.runtime.config import RuntimeConfig
+from attrimeter.runtime.decompose import Decomposition, check_weights, explain_rows, weighted_scan
+from attrimeter.runtime.device_index import DeviceIndex, open_device_index
 from attrimeter.runtime.distributed.hits import RowSet
-from attrimeter.runtime.distributed.manifest import sharded_root
 from attrimeter.runtime.distributed.sharded import ShardedGallery
+from attrimeter.runtime.embedder import Embedder
 from attrimeter.runtime.errors import CorruptGalleryError, GalleryError, InputError
-from attrimeter.runtime.explain import Decomposition, check_weights, explain_rows, weighted_scan
-from attrimeter.runtime.fused_search import FusedSearch
 from attrimeter.runtime.gallery import Gallery
-from attrimeter.runtime.images import ImageSource, as_sources, load_image, to_input
+from attrimeter.runtime.gallery_open import open_gallery
+from attrimeter.runtime.images import ImageSource, as_sources, load_image
+from attrimeter.runtime.indexing import IndexReport, index_folder
+from attrimeter.runtime.live_gallery import LiveGallery
 
-__all__ = ["IMAGE_SUFFIXES", "MAX_HITS", "MAX_KEY_CHARS", "MAX_OVERLAYS", "Embeddings", "IndexReport", "Match",
-           "QueryResult", "Runtime", "image_entry"]
+__all__ = ["MAX_HITS", "MAX_KEY_CHARS", "MAX_OVERLAYS", "Embeddings", "IndexReport", "Runtime", "RuntimeConfig"]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 # Most overlay pictures one call may ask for (queries × hits × attributes): each is a full-size RGB crop.
 MAX_OVERLAYS = 256
 # Most explained hits one call may ask for (queries × k): each carries M+1 embeddings and M numbers per field.
@@ -52,33 +56,6 @@ MAX_HITS = 10_000
 MAX_KEY_CHARS = 1024
 # Hits explained per step: bounds the gathered float32 rows (hits × (M+1) × C) whatever the request.
 _EXPLAIN_CHUNK = 1024
-# Latency histogram bounds in seconds (Prometheus-style cumulative buckets).
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-def image_entry(path: Path, key: str) -> dict[str, Any]:
-    """The gallery metadata of an indexed image file: key, resolved path, and identity and camera when its name says.
-
-    Identity and camera (``c1`` → 1) come from Market-1501/DukeMTMC file names that follow the pattern.
-
-    Args:
-        path: The image file.
-        key: Its key (e.g. its path relative to the indexed folder).
-
-    Returns:
-        ``{"key", "path", "camera"}`` and ``"pid"`` when the name follows a known pattern.
-    """
-    from attrimeter.data.formats import DataFormatError, parse_image_name
-
-    entry: dict[str, Any] = {"key": key, "path": str(path.resolve()), "camera": None}
-    for style in ("market1501", "dukemtmc"):
-        try:
-            pid, cam = parse_image_name(path, style)
-        except DataFormatError:
-            continue
-        entry.update(pid=pid, camera=cam + 1)  # as the file name writes it: c1 → 1
-        break
-    return entry
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -116,138 +93,7 @@ class Embeddings:
             One dict per image.
         """
         return [{"embedding": self.embedding[i].tolist(), "attr_embeddings": self.attr_embeddings[i].tolist(),
-                 "attributes": {a: {"value": mn[int(p > 0.5)], "prob": float(p)}
-                                for a, mn, p in zip(attributes, meanings, self.probs[i], strict=True)}}
-                for i in range(len(self.embedding))]
-
-
-@dataclass(frozen=True)
-class Match:
-    """One explained gallery hit.
-
-    Attributes:
-        id: Gallery id.
-        key: The entry's key (its image path relative to the indexed folder, or what the caller gave).
-        path: Its image file when known, else None.
-        camera: Its camera id when known.
-        rank: 1 for the best hit.
-        score: The ranking score: d; ``Σ_k w_k d_k`` in a weighted search; ``1 − cos`` of the global embeddings in
-            an ``"ip"`` (cosine) gallery.
-        d: Target distance.
-        d_hat: Decomposed distance ``(1/M) Σ_k d_k``.
-        d_k: Per-attribute distances ``[M]``.
-        shares: ``p_k`` ``[M]`` (sum 1).
-        contributions: ``c_k = p_k · d`` ``[M]`` (sum d).
-        attributes: Attribute names ``[M]``.
-        titles: Their human-readable names.
-        differing: Predicted attributes that differ, by decreasing contribution: ``(name, title, query value,
-            gallery value)``.
-        overlays: For the top attributes: ``(name, query overlay, gallery overlay or None)`` uint8 ``[H, W, 3]``.
-    """
-
-    id: int
-    key: str
-    path: str | None
-    camera: int | None
-    rank: int
-    score: float
-    d: float
-    d_hat: float
-    d_k: np.ndarray
-    shares: np.ndarray
-    contributions: np.ndarray
-    attributes: tuple[str, ...]
-    titles: tuple[str, ...]
-    differing: list[tuple[str, str, str, str]]
-    overlays: list[tuple[str, np.ndarray, np.ndarray | None]] = field(default_factory=list)
-
-    def top(self, n: int = 3) -> list[tuple[str, float, float]]:
-        """The attributes contributing most: ``(name, contribution, share)`` by decreasing contribution.
-
-        Args:
-            n: How many.
-
-        Returns:
-            At most n triples.
-        """
-        order = np.argsort(-self.contributions, kind="stable")[:n]
-        return [(self.attributes[i], float(self.contributions[i]), float(self.shares[i])) for i in order]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready (no pictures): id, key, distances, per-attribute numbers sorted by contribution, differences."""
-        order = np.argsort(-self.contributions, kind="stable")
-        return {
-            "id": self.id, "key": self.key, "path": self.path, "camera": self.camera, "rank": self.rank,
-            "score": float(self.score), "d": float(self.d), "d_hat": float(self.d_hat),
-            "attributes": [{"name": self.attributes[i], "title": self.titles[i], "d_k": float(self.d_k[i]),
-                            "share": float(self.shares[i]), "contribution": float(self.contributions[i])}
-                           for i in order],
-            "differing": [{"name": n, "title": t, "query": q, "gallery": g} for n, t, q, g in self.differing],
-        }
-
-
-@dataclass(frozen=True)
-class QueryResult:
-    """The explained hits of one query.
-
-    Attributes:
-        matches: Best first.
-        query_probs: The query's predicted attribute probabilities ``[M]``.
-        query_aam: The query's attention maps ``[M, h, w]``.
-        attributes: Attribute names ``[M]``.
-        meanings: The meaning of label 0 and 1 of each attribute.
-        missing_shards: Shards of a sharded gallery that did not answer this partial search (their entries are
-            absent from the matches); empty for a complete answer.
-    """
-
-    matches: list[Match]
-    query_probs: np.ndarray
-    query_aam: np.ndarray
-    attributes: tuple[str, ...]
-    meanings: tuple[tuple[str, str], ...]
-    missing_shards: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: the query's predicted attributes in words and every match's :meth:`Match.to_dict`.
-
-        A partial answer of a sharded gallery also carries ``"missing_shards"``.
-        """
-        out: dict[str, Any] = {"query": {a: {"value": mn[int(p > 0.5)], "prob": float(p)}
-                                         for a, mn, p in zip(self.attributes, self.meanings, self.query_probs,
-                                                             strict=True)},
-                               "matches": [m.to_dict() for m in self.matches]}
-        if self.missing_shards:
-            out["missing_shards"] = list(self.missing_shards)
-        return out
-
-
-class IndexReport(NamedTuple):
-    """What :meth:`Runtime.index_folder` did.
-
-    Attributes:
-        added: Images added to the gallery.
-        skipped: Unreadable images: ``(path, reason)``.
-    """
-
-    added: int
-    skipped: list[tuple[str, str]]
-
-
-class _Latency:
-    """A cumulative latency histogram (Prometheus buckets)."""
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.total = 0.0
-
-    def add(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.total += seconds
-
-    def snapshot(self) -> dict[str, Any]:
-        cumulative = np.cumsum(self.counts).tolist()
-        return {"buckets": [*zip(LATENCY_BUCKETS, cumulative[:-1], strict=True), ("+Inf", cumulative[-1])],
-                "sum": self.total, "count": cumulative[-1]}
+                 "attributes": predictions(attributes, meanings, self.probs[i])} for i in range(len(self.embedding))]
 
 
 class Runtime:
@@ -258,172 +104,72 @@ class Runtime:
         gallery: A gallery folder (``attrimeter index``), a sharded gallery's folder or ``shards.json``
             (``attrimeter index --ray``; opened in this process), an open :class:`Gallery` or
             :class:`~attrimeter.runtime.distributed.sharded.ShardedGallery` (e.g. on Ray), or None.
-        backend: ``"auto"``, ``"onnxruntime"``, ``"tensorrt"`` or ``"torch"`` (see :mod:`attrimeter.runtime.backends`).
-        device: Backend device (None: the backend's choice).
-        threads: CPU threads of the backend.
-        checkpoint: The source checkpoint, for the torch backend when it has moved.
-        max_batch: Most images per engine call.
-        max_wait_ms: How long a request waits for others to share its batch.
-        queue_size: Most requests waiting for the engine (then :class:`OverloadedError`).
-        queue_timeout_s: The longest a call may wait for the engine: refused with :class:`OverloadedError` at once
-            when the queued images would take longer at the engine's measured rate, or when its time runs out in the
-            queue (see :mod:`attrimeter.runtime.batching`).
-        decode_workers: Threads decoding images of multi-image calls (off the inference thread).
-        verify: Check the sha256 of the export's and the gallery's files when opening.
-        writable: Open the gallery for :meth:`add` (takes its writer lock).
-        create_gallery: Create the gallery folder when it does not exist (implies writable).
-        metric: A new gallery's search metric: ``"l2"`` ranks by the target distance d, ``"ip"`` by the cosine of the
-            global embeddings (for models trained with a cosine loss); hits are explained the same way either way.
-        fused: Search and explain with the fused Triton kernels on a float16 device copy of the gallery (torch backend
-            only); None: when the torch backend runs on a GPU.
-        refresh_s: A read-only gallery looks for entries another process appended (``attrimeter index``) before a
-            search or explain at most this often, in seconds (None: only on :meth:`refresh`).
+        config: How it runs (backend, batching, gallery opening, device search); default :class:`RuntimeConfig`.
 
     Raises:
-        attrimeter.export.manifest.ManifestError: A missing or tampered export.
+        attrimeter.artefact.manifest.ManifestError: A missing or tampered export.
         BackendError: No backend can run the export.
         GalleryError: A missing, corrupt or locked gallery, or one indexed with another model.
     """
 
-    def __init__(self, export_dir: str | Path, gallery: str | Path | Gallery | ShardedGallery | None = None, *,
-                 backend: str = "auto",
-                 device: str | None = None, threads: int | None = None, checkpoint: str | Path | None = None,
-                 max_batch: int = 32, max_wait_ms: float = 2.0, queue_size: int = 1024,
-                 queue_timeout_s: float = 1.0, decode_workers: int = 2, verify: bool = True, writable: bool = False,
-                 create_gallery: bool = False, metric: str = "l2", fused: bool | None = None,
-                 refresh_s: float | None = 1.0) -> None:
-        from attrimeter.export.manifest import load_manifest
-
+    def __init__(self, export_dir: str | Path, gallery: str | Path | Gallery | ShardedGallery | None = None,
+                 config: RuntimeConfig | None = None) -> None:
+        self.config = config or RuntimeConfig()
         self.export_dir = Path(export_dir)
-        self.manifest = load_manifest(self.export_dir, verify=verify)
-        attrs = self.manifest["attributes"]
-        self.attributes: tuple[str, ...] = tuple(a["name"] for a in attrs)
-        self.titles: tuple[str, ...] = tuple(a["title"] for a in attrs)
-        self.meanings: tuple[tuple[str, str], ...] = tuple((a["meanings"][0], a["meanings"][1]) for a in attrs)
-        self.image_size: tuple[int, int] = (int(self.manifest["image_size"][0]), int(self.manifest["image_size"][1]))
-        self.model_id: str = self.manifest["source"]["sha256"]
+        self.manifest: Manifest = load_manifest(self.export_dir, verify=self.config.verify)
+        self.attributes: tuple[str, ...] = self.manifest.attribute_names
+        self.titles: tuple[str, ...] = tuple(a.title for a in self.manifest.attributes)
+        self.meanings: tuple[tuple[str, str], ...] = tuple(a.meanings for a in self.manifest.attributes)
+        self.image_size: tuple[int, int] = self.manifest.image_size
+        self.model_id: str = self.manifest.model_id
         self.gallery: Gallery | ShardedGallery | None = None
-        self.backend: Backend = open_backend(self.export_dir, self.manifest, backend, device=device, threads=threads,
-                                             checkpoint=checkpoint)
+        self._live: LiveGallery | None = None
+        self._corrupt: str | None = None  # corrupt stored rows met by a search: reported until restart
+        self._embedder = Embedder(self.export_dir, self.manifest, self.config)
         try:
-            self._batcher = DynamicBatcher(self.backend.run, max_batch=min(max_batch, self.backend.max_batch),
-                                           max_wait_s=max_wait_ms / 1000.0, queue_size=queue_size)
-            self._queue_timeout = queue_timeout_s
-            self._decoder = ThreadPoolExecutor(max(decode_workers, 1), thread_name_prefix="attrimeter-decode")
-            self._lock = threading.Lock()
-            self._append_lock = threading.Lock()
-            self._refresh_s = refresh_s
-            self._refreshed = time.monotonic()
-            self._refresh_error: str | None = None
-            self._corrupt: str | None = None  # corrupt stored rows met by a search: reported until restart
-            self._latency = {op: _Latency() for op in ("embed", "search", "explain", "add")}
-            self._errors = {op: 0 for op in self._latency}
-            self._device: Any = None
             if gallery is not None:
-                self.gallery = self._open_gallery(gallery, verify, writable or create_gallery, create_gallery, metric)
-                self._device = self._device_search(fused)
+                self.gallery = open_gallery(gallery, self.manifest, self.config)
+                device = self._device_index()
+                self._live = LiveGallery(self.gallery, device, self.config.refresh_s)
         except BaseException:
             self.close()
             raise
 
+    def _device_index(self) -> DeviceIndex | None:
+        if not isinstance(self.gallery, ShardedGallery):
+            return open_device_index(self.backend, self.gallery, self.export_dir, self.manifest, self.config.fused)
+        if self.config.fused:  # each shard searches where it lives: there is no whole gallery to copy to a device
+            raise BackendError("fused search needs the whole gallery on one device; not with a sharded gallery")
+        return None
+
+    @property
+    def backend(self) -> Backend:
+        """The inference backend (its ``name`` and ``device`` say what runs the model)."""
+        return self._embedder.backend
+
+    @property
+    def _device(self) -> DeviceIndex | None:
+        """The gallery's device copy, or None (read once per request: a failed append may drop it meanwhile)."""
+        return None if self._live is None else self._live.device
+
     # ------------------------------------------------------------------------------------------------ gallery ---
-
-    def _open_gallery(self, gallery: str | Path | Gallery | ShardedGallery, verify: bool, writable: bool, create: bool,
-                      metric: str) -> Gallery | ShardedGallery:
-        store: Gallery | ShardedGallery
-        if isinstance(gallery, (Gallery, ShardedGallery)):
-            store = gallery
-        elif sharded_root(gallery) is not None:
-            if writable:
-                raise GalleryError(f"{gallery}: a sharded gallery is read-only here; grow it with "
-                                   "`attrimeter index --ray`")
-            store = ShardedGallery.open(gallery, verify=verify)
-        else:
-            path = Path(gallery)
-            if create and not (path / "gallery.json").exists():
-                channels, h, w = self.manifest["feature_map"]
-                store = Gallery.create(path, dim=int(channels), attributes=self.attributes, aam_shape=(int(h), int(w)),
-                                       model=self.model_id, metric=metric)
-            else:
-                store = Gallery.open(path, verify=verify, writable=writable)
-        problem = None
-        if store.model != self.model_id:
-            problem = (f"{store.path} was indexed with another model (sha256 {store.model[:12]}…), this export is "
-                       f"{self.model_id[:12]}…; index the images again with this export")
-        elif tuple(store.attributes) != self.attributes or store.dim != int(self.manifest["feature_map"][0]):
-            problem = f"{store.path}: its attributes/embedding size do not match the export's"
-        if problem:
-            if store is not gallery:  # opened here: release its lock and maps now
-                store.close()
-            raise GalleryError(problem)
-        if not create:
-            store.load_index()  # now rather than in the first search: steady latency from the first request
-        return store
-
-    def _device_search(self, fused: bool | None) -> Any:
-        """Where the gallery is searched/explained on a GPU; None: FAISS + numpy on the CPU.
-
-        * torch backend on a GPU (or ``fused=True``): :class:`~attrimeter.runtime.fused_search.FusedSearch`, the
-          Triton ``attr_distance`` top-k kernel over a float16 device mirror (search and explanation);
-        * TensorRT backend with AOT kernels in the export: FAISS searches, the export's explain kernel explains on a
-          float16 device mirror through cuda-python (no torch at run time).
-
-        Device mirrors hold the global rows in float16 too, so d carries float16 rounding there.
-        """
-        torch_device = getattr(self.backend, "torch_device", None)
-        if isinstance(self.gallery, ShardedGallery):  # each shard searches where it lives; no device mirror here
-            if fused:
-                raise BackendError("fused search needs the whole gallery on one device; not with a sharded gallery")
-            return None
-        if fused is None:
-            fused = torch_device is not None and torch_device.type == "cuda"
-        if fused:
-            if torch_device is None:
-                raise BackendError("fused search runs the Triton kernels through torch: use backend='torch'")
-            return FusedSearch(self._need_gallery(), str(torch_device))
-        if self.backend.name != "tensorrt" or not (self.manifest.get("kernels") or {}).get("index"):
-            return None
-        from attrimeter.runtime.cuda_kernels import CudaExplainer
-
-        explainer = CudaExplainer(self.export_dir, self.manifest, device=int(self.backend.device.split(":")[1]))
-        gallery = self._need_gallery()
-        for first, attr in gallery.attr_chunks(65536):
-            ids = np.arange(first, first + len(attr))
-            explainer.append_gallery(np.concatenate([gallery.embeddings(ids)[:, None].astype(np.float16), attr], 1))
-        return explainer
 
     def _append(self, emb: Embeddings, meta: list[dict[str, Any]]) -> np.ndarray:
         """Append to the gallery, then to its device copy (explain uses the copy only for ids it already holds)."""
-        gallery = self._need_gallery()
-        with self._append_lock:
-            ids = gallery.append(emb.embedding, emb.attr_embeddings, emb.probs, meta, aam=emb.aam)
-            self._mirror(emb.stacked())
-        return ids
-
-    def _mirror(self, rows: np.ndarray) -> None:
-        """Append rows to the device copy; the caller holds ``_append_lock``.
-
-        A copy behind the store would explain the wrong rows, so one that fails is dropped: the CPU path takes over.
-        """
-        device = self._device
-        if device is None:
-            return
-        try:
-            device.append_gallery(rows)
-        except Exception:
-            logging.getLogger(__name__).exception("the device copy of the gallery failed; searching on the CPU")
-            self._device = None
-            device.close()
+        return self._need_live().append(emb.embedding, emb.attr_embeddings, emb.probs, meta, emb.aam)
 
     def _check_open(self) -> None:
         if self.__dict__.get("_closed"):
             raise RuntimeError("the runtime is closed")
 
-    def _need_gallery(self) -> Gallery | ShardedGallery:
+    def _need_live(self) -> LiveGallery:
         self._check_open()
-        if self.gallery is None:
+        if self._live is None:
             raise GalleryError("no gallery is open (Runtime(export, gallery=...))")
-        return self.gallery
+        return self._live
+
+    def _need_gallery(self) -> Gallery | ShardedGallery:
+        return self._need_live().store
 
     def refresh(self) -> int:
         """Pick up entries another process appended to the gallery (and copy them to the device copy, if any).
@@ -434,41 +180,19 @@ class Runtime:
         Raises:
             GalleryError: No gallery, or a corrupt new segment (this handle keeps the entries it had).
         """
-        gallery = self._need_gallery()
-        with self._append_lock:
-            self._refreshed = time.monotonic()  # also after a failure: retried after refresh_s, not on every call
-            n = gallery.refresh()
-            device = self._device
-            if device is not None and len(device) < n:
-                ids = np.arange(len(device), n)
-                self._mirror(np.concatenate([gallery.embeddings(ids)[:, None], gallery.attr_embeddings(ids)], axis=1))
-        return n
+        return self._need_live().refresh()
 
     def _maybe_refresh(self) -> None:
-        gallery = self._need_gallery()
-        if (self._refresh_s is not None and not gallery.writable
-                and time.monotonic() - self._refreshed >= self._refresh_s):
-            try:
-                self.refresh()
-            except GalleryError as e:  # keep serving what was published before; stats() shows the problem
-                logging.getLogger(__name__).error("gallery refresh failed: %s", e)
-                self._refresh_error = str(e)
-            else:
-                self._refresh_error = None
+        self._need_live().maybe_refresh()
 
     # ------------------------------------------------------------------------------------------------ embed -----
 
     def _pixels(self, sources: list[ImageSource]) -> np.ndarray:
         self._check_open()
-        size = self.image_size
-        if len(sources) == 1:
-            return load_image(sources[0], size, "images[0]")[None]
-        futures = [self._decoder.submit(load_image, s, size, f"images[{i}]") for i, s in enumerate(sources)]
-        return np.stack([f.result() for f in futures])
+        return self._embedder.pixels(sources)
 
     def _infer(self, pixels: np.ndarray) -> Embeddings:
-        out = self._batcher(to_input(pixels), timeout=self._queue_timeout)
-        return self._embeddings(out)
+        return self._embeddings(self._embedder.run(pixels))
 
     def _embeddings(self, out: Mapping[str, np.ndarray]) -> Embeddings:
         emb = Embeddings(embedding=out["embedding"], attr_embeddings=out["attr_embeddings"],
@@ -477,11 +201,6 @@ class Runtime:
         if not finite.all():
             raise InputError(f"the model gives NaN/inf embeddings for images {np.flatnonzero(~finite).tolist()}")
         return emb
-
-    def _timed(self, op: str, start: float, ok: bool) -> None:
-        with self._lock:
-            self._latency[op].add(time.perf_counter() - start)
-            self._errors[op] += not ok
 
     def embed(self, images: ImageSource | Sequence[ImageSource]) -> Embeddings:
         """Embed images.
@@ -497,13 +216,7 @@ class Runtime:
             InputError: An unusable image (named by its index).
             OverloadedError: The request queue stayed full.
         """
-        start, ok = time.perf_counter(), False
-        try:
-            result = self._infer(self._pixels(as_sources(images)))
-            ok = True
-            return result
-        finally:
-            self._timed("embed", start, ok)
+        return self._infer(self._pixels(as_sources(images)))
 
     # ------------------------------------------------------------------------------------------------ search ----
 
@@ -522,20 +235,18 @@ class Runtime:
         return check_weights(weights, len(self.attributes))
 
     def _explain(self, emb: Embeddings, pixels: np.ndarray | None, ids: np.ndarray, weights: np.ndarray | None,
-                 overlays: int, dec: Decomposition | None = None, rows: RowSet | None = None,
+                 overlays: int, dec: Decomposition | None = None, stored: RowSet | None = None,
                  missing: tuple[str, ...] = ()) -> list[QueryResult]:
-        """Explain hits ``ids`` [Q, k]; their stored rows come from ``rows`` (a sharded search's) or the gallery."""
-        gallery: Gallery | ShardedGallery | RowSet = self._need_gallery() if rows is None else rows
+        """Explain hits ``ids`` [Q, k]; their stored rows come from ``stored`` (a sharded search's) or the gallery."""
+        gallery: Gallery | ShardedGallery | RowSet = self._need_gallery() if stored is None else stored
         q, k = len(ids), ids.shape[1]
         flat = ids.reshape(-1)
         device = self._device  # once: a failed append may drop it meanwhile
         stacked = emb.stacked() if dec is None else None
         if dec is not None:
             pass
-        elif isinstance(device, FusedSearch) and k and ids.max() < len(device):
-            dec = device.explain(stacked, ids, weights)
         elif device is not None and k and ids.max() < len(device):  # else: an add is being mirrored right now
-            dec = Decomposition(**device.explain(stacked, ids, weights))
+            dec = device.explain(stacked, ids, weights)
         else:  # in query chunks: the gathered rows stay bounded
             step = max(1, _EXPLAIN_CHUNK // max(k, 1))
             parts = []
@@ -556,33 +267,19 @@ class Runtime:
             cos = np.einsum("qc,qkc->qk", f, g) / np.maximum(
                 np.linalg.norm(f, axis=1)[:, None] * np.linalg.norm(g, axis=2), 1e-30)
             dec = dec._replace(scores=(1.0 - cos).astype(np.float32))
-        probs = gallery.probs(flat).reshape(q, k, -1) if k else np.empty((q, 0, len(self.attributes)), np.float32)
+        m = len(self.attributes)
+        probs = gallery.probs(flat) if k else np.empty((0, m), np.float32)
         meta = gallery.meta(flat) if k else []
         g_aam = gallery.aam(flat) if overlays and k else None
-        self._check_finite(ids, dec, probs, g_aam)
-        contributions = dec.shares * dec.d[..., None]  # c_k = p_k · d: sums to d
-        orders = np.argsort(-contributions, axis=-1, kind="stable")
-        results = []
-        for i in range(q):
-            q_on = emb.probs[i] > 0.5
-            matches = []
-            for j in range(k):
-                entry = meta[i * k + j]
-                g_on = probs[i, j] > 0.5
-                order = orders[i, j]
-                differing = [(self.attributes[a], self.titles[a], self.meanings[a][int(q_on[a])],
-                              self.meanings[a][int(g_on[a])]) for a in order if q_on[a] != g_on[a]]
-                pictures = self._overlays(pixels[i], emb.aam[i], entry, None if g_aam is None else g_aam[i * k + j],
-                                          order[:overlays]) if overlays and pixels is not None else []
-                matches.append(Match(
-                    id=int(ids[i, j]), key=str(entry.get("key") or f"entry-{ids[i, j]}"), path=entry.get("path"),
-                    camera=entry.get("camera"), rank=j + 1, score=float(dec.scores[i, j]), d=float(dec.d[i, j]),
-                    d_hat=float(dec.d_hat[i, j]), d_k=dec.d_k[i, j], shares=dec.shares[i, j],
-                    contributions=contributions[i, j], attributes=self.attributes, titles=self.titles,
-                    differing=differing, overlays=pictures))
-            results.append(QueryResult(matches=matches, query_probs=emb.probs[i], query_aam=emb.aam[i],
-                                       attributes=self.attributes, meanings=self.meanings, missing_shards=missing))
-        return results
+        self._check_finite(ids, dec, probs.reshape(q, k, m), g_aam)
+        hits = [{"id": int(i), "key": str(entry.get("key") or f"entry-{i}"), "path": entry.get("path"),
+                 "camera": entry.get("camera")} for i, entry in zip(flat, meta, strict=True)]
+        crops = [self._gallery_crop(hit["path"]) for hit in hits] if overlays and pixels is not None else None
+        rows = explanations(dec, attributes=self.attributes, titles=self.titles, meanings=self.meanings,
+                            query_probs=emb.probs, gallery_probs=probs, query_aam=emb.aam, query_images=pixels,
+                            gallery_aam=g_aam, gallery_images=crops, hits=hits)
+        return [QueryResult(matches=row, query_probs=emb.probs[i], attributes=self.attributes, meanings=self.meanings,
+                            missing_shards=missing) for i, row in enumerate(rows)]
 
     def _check_finite(self, ids: np.ndarray, dec: Decomposition, probs: np.ndarray, g_aam: np.ndarray | None) -> None:
         """Stored rows with NaN/inf (files that match their checksums, but no model wrote them) are named, not served.
@@ -601,23 +298,14 @@ class Runtime:
         self._corrupt = problem
         raise CorruptGalleryError(problem)
 
-    def _overlays(self, query: np.ndarray, q_aam: np.ndarray, entry: Mapping[str, Any], g_aam: np.ndarray | None,
-                  attrs: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
-        from attrimeter.viz import overlay
-
-        gallery_pixels = None
-        if entry.get("path") and g_aam is not None:
-            try:
-                gallery_pixels = load_image(entry["path"], self.image_size)
-            except InputError:  # the gallery image moved: its numbers stay valid, only the picture is missing
-                gallery_pixels = None
-        out = []
-        for a in attrs:
-            g_map = None if g_aam is None else g_aam[a].astype(np.float32)
-            vmax = float(max(q_aam[a].max(), 0.0 if g_map is None else g_map.max())) or None
-            out.append((self.attributes[a], overlay(query, q_aam[a], vmax=vmax),
-                        None if gallery_pixels is None or g_map is None else overlay(gallery_pixels, g_map, vmax=vmax)))
-        return out
+    def _gallery_crop(self, path: str | None) -> np.ndarray | None:
+        """A hit's crop for its overlays, or None: its numbers stay valid when the image moved or was never known."""
+        if not path:
+            return None
+        try:
+            return load_image(path, self.image_size)
+        except InputError:
+            return None
 
     def _check_k(self, k: int, overlays: int, queries: int = 1, hits: int | None = None) -> None:
         """Check k and overlays; ``hits`` is how many matches come back per query (default: up to k)."""
@@ -642,8 +330,8 @@ class Runtime:
             drawn = min(int(overlays), len(self.attributes))
             hits = (gallery.search_rows(emb.embedding, int(k), aam=drawn > 0) if w is None
                     else gallery.weighted_search_rows(emb.attr_embeddings, w, int(k), aam=drawn > 0))
-            return self._explain(emb, pixels, hits.ids, w, drawn, rows=hits.rows, missing=hits.missing)
-        if isinstance(device, FusedSearch) and (w is not None or gallery.metric == "l2"):  # the kernel ranks by L2
+            return self._explain(emb, pixels, hits.ids, w, drawn, stored=hits.rows, missing=hits.missing)
+        if device is not None and device.can_rank(w is not None, gallery.metric):
             ids, dec = device.search(emb.stacked(), int(k), w)
             return self._explain(emb, pixels, ids, w, min(int(overlays), len(self.attributes)), dec)
         if w is None:
@@ -662,28 +350,25 @@ class Runtime:
             weights: Attribute weights for an attribute-weighted search, ranking by ``Σ_k w_k d_k`` instead of d:
                 a mapping name → weight (unnamed attributes keep 1; e.g. ``{"upblack": 0, ...}`` ignores upper-body
                 black) or M numbers. None ranks by the target distance d.
-            overlays: For this many top attributes per hit, attention-map overlays of query and hit.
+            overlays: Attention-map overlays for this many top attributes per hit (at most :data:`MAX_OVERLAYS`
+                pictures per call): the hits then carry their crops and maps, which
+                :meth:`~attrimeter.explanation.Explanation.overlays`, ``to_dict(overlays=...)`` and ``figure`` draw.
 
         Returns:
-            One :class:`QueryResult` per query image.
+            One :class:`~attrimeter.explanation.QueryResult` per query image: its matches are
+            explanations with their hit fields set.
 
         Raises:
             InputError: Bad image, k or weights.
             GalleryError: No gallery is open.
             OverloadedError: The request queue stayed full.
         """
-        start, ok = time.perf_counter(), False
-        try:
-            self._maybe_refresh()
-            sources = as_sources(images)
-            self._check_k(k, overlays, len(sources))
-            w = self._weights(weights)
-            pixels = self._pixels(sources)
-            result = self._search(self._infer(pixels), pixels, k, w, overlays)
-            ok = True
-            return result
-        finally:
-            self._timed("search", start, ok)
+        self._maybe_refresh()
+        sources = as_sources(images)
+        self._check_k(k, overlays, len(sources))
+        w = self._weights(weights)
+        pixels = self._pixels(sources)
+        return self._search(self._infer(pixels), pixels, k, w, overlays)
 
     def search_embeddings(self, embeddings: Embeddings, k: int = 10,
                           weights: Mapping[str, float] | Sequence[float] | None = None) -> list[QueryResult]:
@@ -697,15 +382,9 @@ class Runtime:
         Returns:
             One :class:`QueryResult` per query.
         """
-        start, ok = time.perf_counter(), False
-        try:
-            self._maybe_refresh()
-            self._check_k(k, 0)
-            result = self._search(embeddings, None, k, self._weights(weights), 0)
-            ok = True
-            return result
-        finally:
-            self._timed("search", start, ok)
+        self._maybe_refresh()
+        self._check_k(k, 0)
+        return self._search(embeddings, None, k, self._weights(weights), 0)
 
     def explain(self, image: ImageSource, ids: Sequence[int], overlays: int = 0) -> QueryResult:
         """Explain one query image against chosen gallery entries.
@@ -713,7 +392,7 @@ class Runtime:
         Args:
             image: The query image.
             ids: Gallery ids (matches come back in this order).
-            overlays: Attention-map overlays for this many top attributes per entry.
+            overlays: Attention-map overlays for this many top attributes per entry (see :meth:`search`).
 
         Returns:
             A :class:`QueryResult` whose matches follow ``ids``.
@@ -723,25 +402,19 @@ class Runtime:
             UnknownIdError: An id the gallery does not hold.
             GalleryError: No gallery is open.
         """
-        start, ok = time.perf_counter(), False
+        self._maybe_refresh()
+        gallery = self._need_gallery()
         try:
-            self._maybe_refresh()
-            gallery = self._need_gallery()
-            try:
-                id_array = np.asarray(ids)
-                if id_array.ndim != 1 or len(id_array) == 0 or not np.issubdtype(id_array.dtype, np.integer):
-                    raise TypeError
-            except (TypeError, ValueError):
-                raise InputError(f"ids must be a non-empty list of integers, got {ids!r}") from None
-            self._check_k(len(id_array), overlays, hits=len(id_array))
-            gallery.meta(id_array)  # raises UnknownIdError before any work
-            pixels = self._pixels([image])
-            emb = self._infer(pixels)
-            result = self._explain(emb, pixels, id_array.astype(np.int64)[None], None, overlays)[0]
-            ok = True
-            return result
-        finally:
-            self._timed("explain", start, ok)
+            id_array = np.asarray(ids)
+            if id_array.ndim != 1 or len(id_array) == 0 or not np.issubdtype(id_array.dtype, np.integer):
+                raise TypeError
+        except (TypeError, ValueError):
+            raise InputError(f"ids must be a non-empty list of integers, got {ids!r}") from None
+        self._check_k(len(id_array), overlays, hits=len(id_array))
+        gallery.meta(id_array)  # raises UnknownIdError before any work
+        pixels = self._pixels([image])
+        emb = self._infer(pixels)
+        return self._explain(emb, pixels, id_array.astype(np.int64)[None], None, overlays)[0]
 
     # ------------------------------------------------------------------------------------------------ add -------
 
@@ -765,37 +438,30 @@ class Runtime:
             InputError: A bad image or metadata of the wrong length; nothing is added.
             GalleryError: No writable gallery.
         """
-        start, ok = time.perf_counter(), False
-        try:
-            self._need_gallery()
-            sources = as_sources(images)
-            n = len(sources)
-            for name, values in (("keys", keys), ("cameras", cameras), ("paths", paths), ("extra", extra)):
-                if values is not None and len(values) != n:
-                    raise InputError(f"{name} has {len(values)} entries for {n} images")
-            for i, key in enumerate(keys or ()):
-                if not isinstance(key, str) or len(key) > MAX_KEY_CHARS:
-                    raise InputError(f"keys[{i}] must be a string of at most {MAX_KEY_CHARS} characters")
-            emb = self._infer(self._pixels(sources))
-            meta = []
-            for i, src in enumerate(sources):
-                path = paths[i] if paths is not None else (str(src) if isinstance(src, (str, Path)) else None)
-                entry: dict[str, Any] = dict(extra[i]) if extra is not None else {}
-                entry.update(key=keys[i] if keys is not None else path, path=path,
-                             camera=None if cameras is None or cameras[i] is None else int(cameras[i]))
-                meta.append(entry)
-            ids = self._append(emb, meta)
-            ok = True
-            return ids
-        finally:
-            self._timed("add", start, ok)
+        self._need_gallery()
+        sources = as_sources(images)
+        n = len(sources)
+        for name, values in (("keys", keys), ("cameras", cameras), ("paths", paths), ("extra", extra)):
+            if values is not None and len(values) != n:
+                raise InputError(f"{name} has {len(values)} entries for {n} images")
+        for i, key in enumerate(keys or ()):
+            if not isinstance(key, str) or len(key) > MAX_KEY_CHARS:
+                raise InputError(f"keys[{i}] must be a string of at most {MAX_KEY_CHARS} characters")
+        emb = self._infer(self._pixels(sources))
+        meta = []
+        for i, src in enumerate(sources):
+            path = paths[i] if paths is not None else (str(src) if isinstance(src, (str, Path)) else None)
+            entry: dict[str, Any] = dict(extra[i]) if extra is not None else {}
+            entry.update(key=keys[i] if keys is not None else path, path=path,
+                         camera=None if cameras is None or cameras[i] is None else int(cameras[i]))
+            meta.append(entry)
+        return self._append(emb, meta)
 
     def index_folder(self, folder: str | Path, segment: int = 4096, progress: bool = True) -> IndexReport:
         """Add every image under a folder (sorted, recursive) to the gallery, one crash-safe segment at a time.
 
         Images already in the gallery (same resolved path) are skipped, so an interrupted run resumes; unreadable
-        images are skipped and reported, so one bad file never blocks the rest. Identity and camera (``c1`` → 1) come
-        from Market-1501/DukeMTMC file names that follow the pattern; the key is the path relative to ``folder``.
+        images are skipped and reported (see :func:`attrimeter.runtime.indexing.index_folder`).
 
         Args:
             folder: Image folder.
@@ -810,75 +476,21 @@ class Runtime:
             GalleryError: No writable gallery.
         """
         gallery = self._need_gallery()
-        folder = Path(folder)
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not files:
-            raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
-        known = {m.get("path") for m in gallery.meta(np.arange(len(gallery)))} if len(gallery) else set()
-        todo = [p for p in files if str(p.resolve()) not in known]
-        bar = tqdm(total=len(todo), desc="index", unit="img", disable=not progress)
-        size, step = self.image_size, self._batcher.max_batch
-        added, skipped = 0, []
-
-        def decode(path: Path) -> np.ndarray | None:
-            try:
-                return load_image(path, size, str(path))
-            except Exception as e:  # whatever is wrong with one file, the others still get indexed
-                skipped.append((str(path), str(e) or type(e).__name__))
-                return None
-
-        for s in range(0, len(todo), segment):
-            pending: list[tuple[list[Path], list[Future[dict[str, np.ndarray]]]]] = []
-            done: list[tuple[list[Path], dict[str, np.ndarray]]] = []
-            chunk = todo[s:s + segment]
-            for b in range(0, len(chunk), step):  # decode the next batch while the engine runs this one
-                decoded = list(self._decoder.map(decode, chunk[b:b + step]))
-                good = [(p, x) for p, x in zip(chunk[b:b + step], decoded, strict=True) if x is not None]
-                bar.update(len(decoded))
-                if good:
-                    pending.append(([p for p, _ in good], self._batcher.submit(to_input(np.stack([x for _, x in good])),
-                                                                               timeout=None)))
-                while len(pending) > 2:  # bounded: at most three batches of pixels in flight
-                    paths, futures = pending.pop(0)
-                    done.append((paths, futures[0].result()))
-            done += [(paths, futures[0].result()) for paths, futures in pending]
-            if not done:
-                continue
-            paths = [p for ps, _ in done for p in ps]
-            out = {k: np.concatenate([o[k] for _, o in done]) for k in done[0][1]}
-            finite = np.isfinite(out["embedding"]).all(1) & np.isfinite(out["attr_embeddings"]).all((1, 2))
-            skipped += [(str(p), "the model gives NaN/inf embeddings") for p, ok in zip(paths, finite, strict=True)
-                        if not ok]
-            if not finite.all():
-                paths = [p for p, ok in zip(paths, finite, strict=True) if ok]
-                out = {k: v[finite] for k, v in out.items()}
-            if not paths:
-                continue
-            emb = self._embeddings(out)
-            self._append(emb, [image_entry(p, p.relative_to(folder).as_posix()) for p in paths])
-            added += len(paths)
-        bar.close()
-        return IndexReport(added=added, skipped=skipped)
+        return index_folder(folder, gallery, self._embedder,
+                            lambda out, meta: self._append(self._embeddings(out), meta), segment, progress)
 
     # ------------------------------------------------------------------------------------------------ misc ------
 
     def stats(self) -> dict[str, Any]:
-        """Counters for monitoring: backend, gallery size, queue depth, batches, per-operation latency and errors.
+        """What a monitor wants to know now: backend, gallery size, the engine's queue and counters, and problems.
 
         ``gallery_refresh_error``: why entries another process appended could not be read (the old ones stay in use);
         ``gallery_problem``: corrupt stored rows a search met. Either makes a server's ``/health`` say degraded.
+        Latency and error counts are the HTTP server's (:class:`attrimeter.runtime.metrics.ServerMetrics`).
         """
         self._check_open()
-        b = self._batcher.stats
-        with self._lock:
-            latency = {op: h.snapshot() for op, h in self._latency.items()}
-            errors = dict(self._errors)
-        return {"backend": self.backend.name, "device": self.backend.device,
-                "gallery_size": None if self.gallery is None else len(self.gallery),
-                "queue_depth": self._batcher.queue_depth, "requests": b.requests, "images": b.rows,
-                "batches": b.batches, "failed_batches": b.failed_batches, "rejected": b.rejected,
-                "busy_seconds": b.busy_s, "batch_sizes": dict(b.batch_sizes), "latency": latency, "errors": errors,
-                "queued_images": self._batcher.queued_rows, "gallery_refresh_error": self._refresh_error,
+        return {**self._embedder.stats(), "gallery_size": None if self.gallery is None else len(self.gallery),
+                "gallery_refresh_error": None if self._live is None else self._live.refresh_error,
                 "gallery_problem": self._corrupt}
 
     def close(self) -> None:
@@ -889,22 +501,14 @@ class Runtime:
         if self.__dict__.get("_closed"):
             return
         self._closed = True
-        batcher, decoder = self.__dict__.get("_batcher"), self.__dict__.get("_decoder")
-        device, self._device = self.__dict__.get("_device"), None
         try:
-            if batcher is not None:
-                batcher.close()
-            if decoder is not None:
-                decoder.shutdown(wait=True)
-            if device is not None:
-                device.close()
+            if "_embedder" in self.__dict__:
+                self._embedder.close()
         finally:
-            try:
-                if self.gallery is not None:
-                    self.gallery.close()
-            finally:
-                if "backend" in self.__dict__:
-                    self.backend.close()
+            if self._live is not None:
+                self._live.close()
+            elif self.gallery is not None:  # opened, but failed before its device copy was made
+                self.gallery.close()
 
     def __enter__(self) -> Runtime:
         return self

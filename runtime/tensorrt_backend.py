@@ -1,4 +1,4 @@
-"""TensorRT backend: the export's serialized engine with cuda-python buffers and one stream (DESIGN §5, §6).
+"""TensorRT backend: the export's serialized engine with cuda-python buffers and one stream (docs/architecture.md §6).
 
 Torch-free: device memory comes from ``cudaMalloc``, pinned host staging from ``cudaMallocHost`` (both sized once for
 the engine's largest batch), copies are ``cudaMemcpyAsync`` on the backend's stream and the engine runs with
@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from attrimeter.export.contract import INPUT_NAME, OUTPUT_NAMES
-from attrimeter.export.tensorrt_engine import _make_logger, tensorrt_available
+from attrimeter.artefact.contract import INPUT_NAME, OUTPUT_NAMES
+from attrimeter.artefact.device import tensorrt_available, tensorrt_logger
 from attrimeter.runtime.backends import BackendError
 from attrimeter.runtime.cuda_kernels import cuda_check
 from attrimeter.runtime.errors import InputError
@@ -63,8 +63,9 @@ class TensorRTBackend:
     threads (a lock orders them); ``run`` itself is meant for one inference thread.
 
     Args:
-        export_dir: The export folder.
-        manifest: Its manifest (``tensorrt.engine``, ``tensorrt.max_batch`` and ``image_size`` are read).
+        engine_path: The serialized engine (the manifest's ``tensorrt.engine`` in the export folder).
+        image_size: ``(H, W)`` of the export's input; the engine's profile must take it.
+        max_batch: The largest batch to run at once (the manifest's ``tensorrt.max_batch``; capped by the profile).
         device: CUDA device ordinal.
 
     Raises:
@@ -75,7 +76,7 @@ class TensorRTBackend:
 
     name = "tensorrt"
 
-    def __init__(self, export_dir: Path, manifest: dict[str, Any], device: int = 0) -> None:
+    def __init__(self, engine_path: Path, image_size: tuple[int, int], max_batch: int, device: int = 0) -> None:
         missing = tensorrt_available()
         if missing is not None:
             raise BackendError(missing)
@@ -85,10 +86,7 @@ class TensorRTBackend:
             raise BackendError("the tensorrt backend needs cuda-python (pip install 'attrimeter[trt]')") from None
         import tensorrt as trt
 
-        info = manifest.get("tensorrt")
-        if not info:
-            raise BackendError(f"{export_dir} has no TensorRT engine (attrimeter export --format tensorrt)")
-        engine_path = Path(export_dir) / info["engine"]
+        engine_path = Path(engine_path)
         if not engine_path.is_file():
             raise BackendError(f"the TensorRT engine {engine_path} is missing")
         self.device = f"cuda:{device}"
@@ -99,9 +97,8 @@ class TensorRTBackend:
         self._context: Any = None
         self._engine: Any = None
         self._runtime: Any = None
-        self._logger = _make_logger()
-        h, w = (int(v) for v in manifest["image_size"])
-        self._image_shape = (3, h, w)
+        self._logger = tensorrt_logger()
+        self._image_shape = (3, int(image_size[0]), int(image_size[1]))
 
         cuda_check("cudaSetDevice", cudart.cudaSetDevice(device))
         runtime = trt.Runtime(self._logger)
@@ -121,7 +118,7 @@ class TensorRTBackend:
         if tuple(profile_max[1:]) != self._image_shape:
             raise BackendError(f"{engine_path} takes images {list(profile_max[1:])}, the manifest says "
                                f"{list(self._image_shape)}")
-        self.max_batch = min(int(info["max_batch"]), int(profile_max[0]))
+        self.max_batch = min(int(max_batch), int(profile_max[0]))
 
         try:
             context = engine.create_execution_context()

@@ -60,7 +60,7 @@ def tiny_settings():
 @pytest.fixture(scope="session")
 def tiny_interpreter(tiny_data, tiny_target, tiny_settings, tmp_path_factory):
     """An interpreter trained for one epoch on ``tiny_target``: its ``interpreter.pt``."""
-    from attrimeter.engine.interpreter import InterpreterTrainConfig, train_interpreter
+    from attrimeter.engine.interpreter_training import InterpreterTrainConfig, train_interpreter
 
     out = tmp_path_factory.mktemp("interpreter")
     train_interpreter(tiny_data, tiny_target, out, InterpreterTrainConfig(**tiny_settings), progress=False)

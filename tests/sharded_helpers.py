@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attrimeter.export.manifest import load_manifest
+from attrimeter.artefact.manifest import load_manifest
 from attrimeter.runtime.distributed.manifest import manifest_for, write_manifest
 from attrimeter.runtime.gallery import Gallery
 from attrimeter.runtime.runtime import Embeddings
@@ -17,9 +17,8 @@ SHARD_SIZES = (37, 0, 52, 29)  # an empty shard too: many shards over a small ga
 
 def identity_of(export_dir, metric="l2"):
     manifest = load_manifest(export_dir)
-    c, h, w = manifest["feature_map"]
-    return {"dim": int(c), "attributes": [a["name"] for a in manifest["attributes"]], "aam_shape": [int(h), int(w)],
-            "model": manifest["source"]["sha256"], "metric": metric}
+    return {"dim": manifest.channels, "attributes": list(manifest.attribute_names),
+            "aam_shape": list(manifest.aam_shape), "model": manifest.model_id, "metric": metric}
 
 
 def random_rows(rng, n, identity):

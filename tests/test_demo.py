@@ -3,7 +3,7 @@ import json
 from PIL import Image
 
 from attrimeter import demo
-from attrimeter.engine import interpreter, target
+from attrimeter.engine import interpreter_training, target
 
 
 def test_demo_writes_metrics_pictures_and_report(tmp_path, monkeypatch, tiny_settings):
@@ -11,7 +11,8 @@ def test_demo_writes_metrics_pictures_and_report(tmp_path, monkeypatch, tiny_set
                                              "counterfactual_per_attribute": 1})
     monkeypatch.setitem(target.PROFILES, "quick", {"arch": "resnet18", "width": 0.25, "image_size": (64, 32),
                                                    "p_ids": 4, "k_instances": 2, "epochs": 1, "threads": 1})
-    monkeypatch.setitem(interpreter.PROFILES, "quick", {**interpreter.PROFILES["quick"], **tiny_settings})
+    quick = {**interpreter_training.PROFILES["quick"], **tiny_settings}
+    monkeypatch.setitem(interpreter_training.PROFILES, "quick", quick)
     report = demo.run_demo(tmp_path, progress=False, queries=3, top_k=4, explained=2)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics) == {"target", "interpreter", "paper", "localisation", "pointing_by_attribute",

@@ -38,26 +38,43 @@ def test_single_pair_decomposes_the_target_distance(explainer, images, tiny_targ
 
 
 def test_input_kinds_agree(explainer, images):
-    by_path = explainer.explain(images[0], images[1:4])
+    by_path = explainer.explain_many(images[0], images[1:4])
     arrays = [read_image(p, (64, 32)) for p in images]
-    by_array = explainer.explain(arrays[0], np.stack(arrays[1:4]))
+    by_array = explainer.explain_many(arrays[0], np.stack(arrays[1:4]))
     batch = torch.from_numpy(np.stack(arrays[1:4])).permute(0, 3, 1, 2).float() / 255.0
-    by_tensor = explainer.explain(torch.tensor(arrays[0]).permute(2, 0, 1).float() / 255.0, batch)
+    by_tensor = explainer.explain_many(torch.tensor(arrays[0]).permute(2, 0, 1).float() / 255.0, batch, batch_size=2)
     assert len(by_path) == len(by_array) == len(by_tensor) == 3
     for a, b, c in zip(by_path, by_array, by_tensor, strict=True):
         assert a.d == pytest.approx(b.d, rel=1e-5) and a.d == pytest.approx(c.d, rel=1e-4)
         assert np.allclose(a.shares, c.shares, atol=1e-5)
+    # batches of 2 split the gallery: every explanation still carries its own crop
+    assert [np.array_equal(e.gallery_image, a) for e, a in zip(by_tensor, arrays[1:4], strict=True)] == [True] * 3
+
+
+def test_one_image_gives_one_explanation_many_give_a_list(explainer, images):
+    one = explainer.explain(images[0], images[1])
+    listed = explainer.explain_many(images[0], [images[1]])
+    assert isinstance(one, Explanation) and isinstance(listed, list) and len(listed) == 1
+    assert listed[0].d == pytest.approx(one.d, rel=1e-6)
+    assert len(explainer.explain_many(images[0], images[1])) == 1  # a gallery of one image is still a list
+    arrays = np.stack([read_image(p, (64, 32)) for p in images[:2]])
+    for many in ([images[1]], (images[1], images[2]), arrays, torch.from_numpy(arrays).permute(0, 3, 1, 2) / 255.0):
+        with pytest.raises(ValueError, match="explain_many"):
+            explainer.explain(images[0], many)
 
 
 def test_explanations_describe_predictions_and_serialise(explainer, images):
     e = explainer.explain(images[0], images[2])
     summary = json.loads(json.dumps(e.to_dict()))
     assert len(summary["attributes"]) == len(e.attributes)
+    assert summary["d"] == pytest.approx(e.d) and "id" not in summary  # no hit fields for a pair
     top = e.top(3)
-    assert [t for t, _, _ in top] == [e.titles[i] for i in np.argsort(-e.contributions, kind="stable")[:3]]
+    assert [s.title for s in top] == [e.titles[i] for i in np.argsort(-e.contributions, kind="stable")[:3]]
     assert set(e.predicted("query")) == set(e.attributes)
-    for title, a, b in e.differing():
-        assert a != b and title in e.titles
+    query, gallery = e.predicted("query"), e.predicted("gallery")
+    assert {x.name for x in e.differing()} == {a for a in e.attributes if query[a] != gallery[a]}
+    for x in e.differing():
+        assert (x.query, x.gallery) == (query[x.name], gallery[x.name]) and x.title in e.titles
     with pytest.raises(ValueError, match="which"):
         e.predicted("both")
 

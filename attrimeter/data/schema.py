@@ -1,10 +1,10 @@
 """Attribute schemas of Market-1501 (26 attributes) and DukeMTMC-reID (23), as the AttriMeter authors use them.
 
-The annotation files code every attribute as 1 or 2 (DESIGN §7). Throughout the project a label is the binary
-``code - 1`` (0 or 1), or :data:`UNKNOWN` (-1) where the file holds any other code (the official DukeMTMC-reID file
-has a few 0s): an unknown attribute of a person neither differs from nor agrees with anyone else's, and every
-consumer of labels (losses, positive ratios, explanation metrics) leaves it out (:func:`known`). Each attribute
-keeps the human meaning of both codes so that explanations can be read out ("short sleeve" rather than "up = 2").
+The annotation files code every attribute as 1 or 2 (docs/architecture.md §7). Throughout the project a label is the
+binary ``code - 1`` (0 or 1), or :data:`UNKNOWN` (-1) where the file holds any other code (the official DukeMTMC-reID
+file has a few 0s): an unknown attribute of a person neither differs from nor agrees with anyone else's, and every
+consumer of labels (losses, positive ratios, explanation metrics) leaves it out (:func:`known`). Each attribute keeps
+the human meaning of both codes so that explanations can be read out ("short sleeve" rather than "up = 2").
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ MARKET1501 = AttributeSchema(
         )
     ),
 )
-"""Market-1501: 26 attributes (DESIGN §7), 8 upper and 9 lower colours."""
+"""Market-1501: 26 attributes (docs/architecture.md §7), 8 upper and 9 lower colours."""
 
 DUKEMTMC = AttributeSchema(
     "dukemtmc",
@@ -272,7 +272,7 @@ DUKEMTMC = AttributeSchema(
         )
     ),
 )
-"""DukeMTMC-reID: 23 attributes (DESIGN §7)."""
+"""DukeMTMC-reID: 23 attributes (docs/architecture.md §7)."""
 
 _SCHEMAS = {s.name: s for s in (MARKET1501, DUKEMTMC)}
 

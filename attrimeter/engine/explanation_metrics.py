@@ -1,4 +1,4 @@
-"""Explanation metrics of the interpreter (DESIGN §8): X-mAP_e, X-mAP_c, ADRE, counterfactual faithfulness.
+"""Explanation metrics (docs/architecture.md §8): X-mAP_e, X-mAP_c, ADRE, counterfactual faithfulness.
 
 All take per-pair arrays with one row per pair of images and one column per attribute: ``shares`` [P, M] (the
 share p_k of each attribute in the pair's distance), ``differ`` / ``changed`` [P, M] (which attributes truly differ),
@@ -242,7 +242,7 @@ def counterfactual_shares(shares: ArrayLike, changed: ArrayLike) -> dict[str, fl
     Returns:
         ``cf_share``: mean over pairs of the summed share of the changed attributes; ``cf_lift``: the same over the
         uniform share N_e / M (1 = no better than flat shares); ``prior_met``: the fraction of pairs that reach the
-        attribute prior's own target, summed changed share >= sqrt(N_e / M) (DESIGN §3).
+        attribute prior's own target, summed changed share >= sqrt(N_e / M) (docs/architecture.md §3).
 
     Raises:
         ValueError: As :func:`counterfactual_scores`.

@@ -1,4 +1,4 @@
-"""Training losses of the interpreter (DESIGN §3): metric distillation, attribute prior, weighted attribute BCE.
+"""Interpreter training losses: metric distillation, attribute prior, weighted BCE (docs/architecture.md §3).
 
 Each loss takes torch tensors and returns a differentiable 0-d tensor. Only shapes and dtypes are validated: checks
 on the values (NaN, ranges) would synchronise the GPU at every step.
@@ -62,7 +62,7 @@ def metric_distillation(d: torch.Tensor, d_hat: torch.Tensor, margin: float = 0.
 def attribute_prior_terms(
     shares: torch.Tensor, differ: torch.Tensor, known: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
-    """The four attribute-prior terms of each pair (DESIGN §3).
+    """The four attribute-prior terms of each pair (docs/architecture.md §3).
 
     With N_e = sum_k e_k and r = sqrt(N_e / M): the differing attributes should take at least a share r of the
     distance (``dsum``) and each at least lambda_d r / N_e (``d``); the common attributes at most 1 - r together
@@ -121,7 +121,7 @@ def attribute_prior_terms(
 
 
 def attribute_prior(shares: torch.Tensor, differ: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
-    """Attribute-prior loss: mean over pairs of L_dsum + 10 L_d + L_ssum + 10 L_s (DESIGN §3).
+    """Attribute-prior loss: mean over pairs of L_dsum + 10 L_d + L_ssum + 10 L_s (docs/architecture.md §3).
 
     Args:
         shares: Distance shares p [P, M] (rows sum to 1, entries >= 0).

@@ -2,7 +2,8 @@
 
 An interpreter explains a target's own distance, so an imported model must embed exactly as in its codebase: the
 backbone, the pooling, the BN-neck (or its absence) and the input normalisation all come from the checkpoint, and
-anything the target contract (backbone -> GeM -> BN-neck, DESIGN §3) cannot express is refused, never approximated.
+anything the target contract (backbone -> GeM -> BN-neck, docs/architecture.md §3) cannot express is refused, never
+approximated.
 
 Layouts, as the two codebases save them:
 

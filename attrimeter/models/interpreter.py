@@ -1,4 +1,4 @@
-"""The grafted interpreter (DESIGN §3): AttriMeter on top of a frozen target ReID model.
+"""The grafted interpreter (docs/architecture.md §3): AttriMeter on top of a frozen target ReID model.
 
 The target's early stages are shared and frozen; its late stages are deep-copied as the trainable interpreter branch,
 followed by the attribute decomposition head (conv3×3 C→256, ReLU, conv1×1 256→M, no biases) whose logits Z become
@@ -8,7 +8,7 @@ the target's frozen GeM exponent and folded BN-neck, computed in the factorised 
 A ≡ 1 is the target's embedding f. So every d_k measures the target's features, and the interpreter only decides
 where (and how strongly) each attribute looks.
 
-Attribute classifier: ``"probe"`` (DESIGN §3's default) is a linear probe per attribute on f_k; ``"map"`` reads each
+Attribute classifier: ``"probe"`` (the original default) is a linear probe per attribute on f_k; ``"map"`` reads each
 attribute from its own map, as the smooth maximum of its logits plus a bias, so the maps must switch on where and when
 the attribute is present. Because a map's magnitude sets its d_k (a 1 % change moves d_k by ~1 % of ‖s ⊙ GeM(F)‖, which
 is several times a typical distance), ``"map"`` gives sharper shares; the profiles use it

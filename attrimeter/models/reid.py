@@ -1,4 +1,4 @@
-"""The target ReID model (DESIGN §3): backbone -> F >= 0 -> GeM (learnable p) -> BN-neck -> embedding f.
+"""The target ReID model (docs/architecture.md §3): backbone -> F >= 0 -> GeM (learnable p) -> BN-neck -> embedding f.
 
 Images enter as float RGB in [0, 1]; the ImageNet normalisation is done inside the model with ``pixel_mean`` and
 ``pixel_std`` buffers (fast-reid style), so exported graphs and checkpoints carry it.

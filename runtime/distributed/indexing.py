@@ -20,7 +20,6 @@ writer actors are named ``attrimeter-writer:<folder>:<shard>`` (see :func:`write
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +79,7 @@ def list_images(images: str | Path) -> list[tuple[str, Path]]:
     Raises:
         InputError: No images, a missing folder or list, or a key listed twice.
     """
-    from attrimeter.runtime.runtime import IMAGE_SUFFIXES
+    from attrimeter.runtime.indexing import IMAGE_SUFFIXES
 
     root = Path(images).absolute()  # workers on other machines (or in other folders) read these paths
     if root.is_dir():
@@ -215,10 +214,10 @@ class _Embedder:
     """Ray Data actor: embeds decoded batches with a :class:`Runtime` backend and hands the rows to the writers."""
 
     def __init__(self, export_dir: str, writers: Sequence[Any], options: Mapping[str, Any]) -> None:
-        from attrimeter.runtime.runtime import Runtime
+        from attrimeter.runtime.runtime import Runtime, RuntimeConfig
 
-        # No queue timeout: a worker's batches are its own, however long the engine takes.
-        self.runtime = Runtime(export_dir, queue_timeout_s=math.inf, **options)
+        # A worker's batches are its own: they wait for the engine as long as it takes (a day bounds a hung engine).
+        self.runtime = Runtime(export_dir, None, RuntimeConfig(queue_timeout_s=86400.0, **options))
         self.writers = list(writers)
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -294,7 +293,7 @@ def index_sharded(export_dir: str | Path, images: str | Path, out: str | Path, *
     """
     import ray
 
-    from attrimeter.export.manifest import load_manifest
+    from attrimeter.artefact.manifest import load_manifest
 
     for name, value in (("shards", shards), ("threads", threads), ("max_batch", max_batch),
                         ("batch_size", batch_size), ("segment", segment), ("max_passes", max_passes)):
@@ -303,10 +302,9 @@ def index_sharded(export_dir: str | Path, images: str | Path, out: str | Path, *
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise InputError(f"workers must be a positive integer, got {workers!r}")
     manifest = load_manifest(export_dir, verify=verify)
-    channels, h, w = manifest["feature_map"]
-    identity = {"dim": int(channels), "attributes": [a["name"] for a in manifest["attributes"]],
-                "aam_shape": [int(h), int(w)], "model": manifest["source"]["sha256"], "metric": metric}
-    size = (int(manifest["image_size"][0]), int(manifest["image_size"][1]))
+    identity = {"dim": manifest.channels, "attributes": list(manifest.attribute_names),
+                "aam_shape": list(manifest.aam_shape), "model": manifest.model_id, "metric": metric}
+    size = manifest.image_size
     entries = list_images(images)
     root = Path(out).absolute()
     names, before = _prepare(root, shards, identity)
@@ -354,7 +352,7 @@ def index_sharded(export_dir: str | Path, images: str | Path, out: str | Path, *
 
 
 def _meta(path: Path, key: str) -> dict[str, Any]:
-    from attrimeter.runtime.runtime import image_entry
+    from attrimeter.runtime.indexing import image_entry
 
     return image_entry(path, key)
 

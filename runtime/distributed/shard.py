@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from attrimeter.runtime.decompose import weighted_scan
 from attrimeter.runtime.errors import GalleryError
-from attrimeter.runtime.explain import weighted_scan
 from attrimeter.runtime.gallery import Gallery
 
 __all__ = ["SCAN_CHUNK", "ShardServer"]

@@ -33,11 +33,11 @@ from typing import Any
 
 import numpy as np
 
+from attrimeter.runtime.decompose import check_weights
 from attrimeter.runtime.distributed.hits import RowSet, ShardedHits
 from attrimeter.runtime.distributed.manifest import ShardedManifest, read_manifest, sharded_root
 from attrimeter.runtime.distributed.shard import ShardServer
 from attrimeter.runtime.errors import GalleryError, InputError, ShardUnavailableError, UnknownIdError
-from attrimeter.runtime.explain import check_weights
 
 __all__ = ["MODES", "ShardedGallery", "actor_error"]
 
@@ -196,7 +196,7 @@ class ShardedGallery:
 
         Args:
             attr_queries: Per-attribute query embeddings ``[Q, M, C]``.
-            weights: ``[M]`` attribute weights (see :func:`~attrimeter.runtime.explain.check_weights`).
+            weights: ``[M]`` attribute weights (see :func:`~attrimeter.runtime.decompose.check_weights`).
             k: Hits per query.
             aam: Also fetch the hits' attention maps.
             partial: Answer from the shards that answer (None: the gallery's default).
@@ -240,7 +240,7 @@ class ShardedGallery:
             k: Hits per query.
 
         Returns:
-            Like :func:`~attrimeter.runtime.explain.weighted_scan` over the whole gallery.
+            Like :func:`~attrimeter.runtime.decompose.weighted_scan` over the whole gallery.
 
         Raises:
             ShardUnavailableError: A shard did not answer (always: this answer could not say which are missing).

@@ -14,17 +14,9 @@ import pytest
 from mat_layout import mat_layout, mat_payload
 from scipy.io import loadmat, savemat
 
-from attrimeter.data.formats import (
-    DataFormatError,
-    UnknownAttributeWarning,
-    attributes_from_mat,
-    load_dataset,
-    load_dukemtmc,
-    load_market1501,
-    parse_image_name,
-    read_attribute_mat,
-    write_attribute_mat,
-)
+from attrimeter.data.attribute_mat import attributes_from_mat, read_attribute_mat, write_attribute_mat
+from attrimeter.data.errors import DataFormatError, UnknownAttributeWarning
+from attrimeter.data.formats import load_dataset, load_dukemtmc, load_market1501, parse_image_name
 from attrimeter.data.schema import DUKEMTMC, MARKET1501, UNKNOWN, AttributeSchema
 
 STRUCT = {"market1501": "market_attribute", "dukemtmc": "duke_attribute"}

@@ -21,7 +21,7 @@ DUKE_NAMES = ("backpack bag boots downblack downblue downbrown downgray downgree
 
 @pytest.mark.parametrize(("schema", "names"), [(MARKET1501, MARKET_NAMES), (DUKEMTMC, DUKE_NAMES)])
 def test_schema_matches_design(schema, names):
-    assert list(schema.names) == names  # DESIGN §7, alphabetical
+    assert list(schema.names) == names  # docs/architecture.md §7, alphabetical
     assert sum(len(v) for v in schema.groups.values()) == len(schema)
     for a in schema:
         assert a.meanings[0] != a.meanings[1] and a.title and a.group

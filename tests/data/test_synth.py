@@ -12,28 +12,21 @@ import pytest
 from PIL import Image
 from scipy.ndimage import binary_dilation
 
-from attrimeter.data.formats import list_images, load_market1501, read_attribute_mat
+from attrimeter.data.attribute_mat import read_attribute_mat
+from attrimeter.data.formats import list_images, load_market1501
 from attrimeter.data.schema import MARKET1501
-from attrimeter.data.synth import (
+from attrimeter.data.synth import SynthConfig, generate, parse_size
+from attrimeter.data.synth_params import (
     FACINGS,
     LOWER_COLOURS,
-    PARTS,
     UPPER_COLOURS,
     Person,
-    SynthConfig,
     View,
-    attribute_mask,
-    body_regions,
     change_attribute,
-    generate,
     is_plausible_change,
-    parse_size,
-    render_parts,
-    render_person,
-    sample_camera,
-    sample_person,
-    sample_view,
 )
+from attrimeter.data.synth_render import PARTS, attribute_mask, body_regions, render_parts, render_person
+from attrimeter.data.synth_sampling import sample_camera, sample_person, sample_view
 
 TINY = {"ids": 8, "cams": 3, "images_per_id": 5, "distractors": 4, "junk": 2, "counterfactual_per_attribute": 2}
 MINI = {"ids": 4, "cams": 2, "images_per_id": 4, "distractors": 1, "junk": 1, "counterfactual_per_attribute": 0}

@@ -1,8 +1,8 @@
 """Interpreter training on a CUDA GPU: one batch's loss and gradients equal the CPU's, and steps stay finite.
 
-GPU only (skipped without CUDA): ``benchmarks/gpu_check.py`` runs it on a lent GPU. The loss is DESIGN §3's with its
-default weights (1 / 10 / 100), built from the public loss functions, through the pure-torch pooling (what training
-uses) and through the fused Triton kernel with its autograd backward.
+GPU only (skipped without CUDA): ``benchmarks/gpu_check.py`` runs it on a lent GPU. The loss is that of
+docs/architecture.md §3, with its default weights (1 / 10 / 100), built from the public loss functions, through the
+pure-torch pooling (what training uses) and through the fused Triton kernel with its autograd backward.
 """
 
 import copy

@@ -13,15 +13,11 @@ import torch
 from reid_checkpoints import fastreid_checkpoint, random_neck, random_source, torchreid_checkpoint
 
 from attrimeter.cli import main
-from attrimeter.data.formats import (
-    SPLIT_FOLDERS,
-    UnknownAttributeWarning,
-    list_images,
-    load_dataset,
-    write_attribute_mat,
-)
+from attrimeter.data.attribute_mat import write_attribute_mat
+from attrimeter.data.errors import UnknownAttributeWarning
+from attrimeter.data.formats import SPLIT_FOLDERS, list_images, load_dataset
 from attrimeter.data.schema import DUKEMTMC, UNKNOWN
-from attrimeter.engine.interpreter import load_interpreter
+from attrimeter.engine.interpreter_checkpoint import load_interpreter
 from attrimeter.engine.target import load_target
 
 

@@ -7,21 +7,18 @@ import torch
 from attrimeter.cli import main
 from attrimeter.config import ConfigError
 from attrimeter.data.formats import load_dataset
-from attrimeter.engine.interpreter import (
-    InterpreterTrainConfig,
-    evaluate_checkpoint,
-    load_interpreter,
-    metrics_markdown,
-    read_counterfactual_pairs,
-    train_interpreter,
-)
+from attrimeter.data.truth import read_counterfactual_pairs
+from attrimeter.engine.interpreter_checkpoint import load_interpreter
+from attrimeter.engine.interpreter_evaluation import evaluate_checkpoint
+from attrimeter.engine.interpreter_training import InterpreterTrainConfig, train_interpreter
+from attrimeter.engine.metrics_table import metrics_markdown
 
 METRIC_KEYS = {"mAP", "rank1", "rank5", "rank10", "x_map_e", "x_map_c", "adre", "cf_top1", "cf_mrr", "attr_acc",
                "max_share", "share_entropy", "cf_share", "cf_lift", "prior_met"}
 
 
 def test_batch_loss_pairs_match_cdist_and_stay_finite_at_duplicates():
-    from attrimeter.engine.interpreter import _batch_loss
+    from attrimeter.engine.interpreter_training import _batch_loss
     from attrimeter.models import create_model
     from attrimeter.models.interpreter import AttriMeter
 
@@ -47,7 +44,7 @@ def test_batch_loss_pairs_match_cdist_and_stay_finite_at_duplicates():
 
 
 def test_batch_loss_leaves_unknown_labels_out():
-    from attrimeter.engine.interpreter import _batch_loss
+    from attrimeter.engine.interpreter_training import _batch_loss
     from attrimeter.engine.losses import attribute_prior, weighted_bce
     from attrimeter.kernels.attr_distance import attr_distance_reference
     from attrimeter.models import create_model
@@ -187,7 +184,7 @@ def test_cli_train_evaluate_explain(tiny_data, tiny_target, tiny_settings, tmp_p
     gallery = next((tiny_data / "bounding_box_test").glob("0*.jpg"))
     assert main(["explain", str(query), str(gallery), "--checkpoint", str(run / "interpreter.pt"),
                  "--out", str(run / "fig.png"), "--json"]) == 0
-    explanation = json.loads(capsys.readouterr().out)
+    explanation = json.loads(capsys.readouterr().out)["matches"][0]
     contributions = sum(a["contribution"] for a in explanation["attributes"])
     assert contributions == pytest.approx(explanation["d"], rel=1e-5)
     assert (run / "fig.png").stat().st_size > 0
@@ -201,7 +198,7 @@ def test_cli_explain_reports_a_missing_image(tiny_interpreter, tmp_path, capsys)
 
 
 def test_cached_and_streamed_evaluation_agree(tiny_data, tiny_interpreter):
-    from attrimeter.engine.interpreter import evaluate_interpreter, evaluation_cache
+    from attrimeter.engine.interpreter_evaluation import evaluate_interpreter, evaluation_cache
 
     ck = load_interpreter(tiny_interpreter)
     data = load_dataset(tiny_data)
@@ -217,7 +214,7 @@ def test_evaluation_refuses_identities_without_attributes(tiny_data, tiny_interp
     ck = load_interpreter(tiny_interpreter)
     data = load_dataset(tiny_data)
     data.attributes.pop(data.query[0].pid)
-    from attrimeter.engine.interpreter import evaluate_interpreter
+    from attrimeter.engine.interpreter_evaluation import evaluate_interpreter
 
     with pytest.raises(ValueError, match=f"e.g. \\[{data.query[0].pid}"):
         evaluate_interpreter(ck.model, data, ck.image_size, progress=False)

@@ -9,9 +9,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from attrimeter.artefact.contract import FLAVORS, OUTPUT_NAMES
+from attrimeter.artefact.manifest import ManifestError, load_manifest
 from attrimeter.export import onnx_export as ox
-from attrimeter.export.contract import OUTPUT_NAMES
-from attrimeter.export.manifest import ManifestError, load_manifest
+from attrimeter.export.onnx_graph import ExportGraph
 from attrimeter.kernels import integer_exponent
 
 
@@ -20,17 +21,17 @@ def exports(tiny_interpreter, tmp_path_factory):
     """A portable and a plugin export of the tiny interpreter (no AOT kernels: they have their own tests)."""
     root = tmp_path_factory.mktemp("exports")
     out = {}
-    for flavor in ox.FLAVORS:
+    for flavor in FLAVORS:
         ox.export_onnx(tiny_interpreter, root / flavor, flavor=flavor, progress=False)
         out[flavor] = root / flavor
     return out
 
 
 def _eager(checkpoint):
-    from attrimeter.engine.interpreter import load_interpreter
+    from attrimeter.engine.interpreter_checkpoint import load_interpreter
 
     ck = load_interpreter(checkpoint)
-    return ox.ExportGraph(ck.model), ck.image_size
+    return ExportGraph(ck.model), ck.image_size
 
 
 def _rel(a, b):
@@ -59,21 +60,21 @@ def test_portable_graph_names_and_dynamic_batch(exports, tiny_interpreter):
 
 def test_manifest_describes_the_export(exports, tiny_interpreter):
     m = load_manifest(exports["portable"])
-    from attrimeter.engine.interpreter import load_interpreter
+    from attrimeter.engine.interpreter_checkpoint import load_interpreter
 
     ck = load_interpreter(tiny_interpreter)
     M, C = ck.model.num_attributes, ck.model.num_features
-    assert m["flavor"] == "portable" and m["dtype"] == "float32" and m["opset"] == 18
-    assert m["inputs"]["images"]["shape"] == ["batch", 3, *ck.image_size]
-    assert m["outputs"]["attr_embeddings"]["shape"] == ["batch", M, C]
-    assert [a["name"] for a in m["attributes"]] == ck.attribute_names
-    assert all(a["title"] and len(a["meanings"]) == 2 for a in m["attributes"])
-    assert m["pooling"] == {"p": ck.model.p, "eps": ck.model.eps, "p_int": integer_exponent(ck.model.p)}
-    assert len(m["normalization"]["mean"]) == 3 and m["normalization"]["inside_graph"]
-    assert set(m["files"]) == {"model.onnx"}
-    assert [r["batch"] for r in m["verification"]["parity"]] == [1, 7]
-    assert max(max(r["relative_error"].values()) for r in m["verification"]["parity"]) < 1e-4
-    assert m["versions"]["torch"] == torch.__version__
+    assert m.flavor == "portable" and m.dtype == "float32" and m.opset == 18
+    assert m.inputs["images"].shape == ("batch", 3, *ck.image_size)
+    assert m.outputs["attr_embeddings"].shape == ("batch", M, C)
+    assert list(m.attribute_names) == ck.attribute_names
+    assert all(a.title and len(a.meanings) == 2 for a in m.attributes)
+    assert (m.pooling.p, m.pooling.eps, m.pooling.p_int) == (ck.model.p, ck.model.eps, integer_exponent(ck.model.p))
+    assert m.normalization.mean is not None and len(m.normalization.mean) == 3 and m.normalization.inside_graph
+    assert set(m.files) == {"model.onnx"}
+    assert [r.batch for r in m.verification.parity] == [1, 7]
+    assert m.verification.worst_error < 1e-4
+    assert m.versions["torch"] == torch.__version__
 
 
 def test_plugin_graph_has_exactly_one_custom_node(exports, tiny_interpreter):
@@ -119,7 +120,7 @@ def test_numpy_twin_matches_the_torch_reference():
             assert _rel(o, r.numpy()) < 1e-5
 
 
-@pytest.mark.parametrize("flavor", ox.FLAVORS)
+@pytest.mark.parametrize("flavor", FLAVORS)
 def test_fp16_export_keeps_retrieval(tiny_interpreter, tiny_data, tmp_path, flavor):
     m = ox.export_onnx(tiny_interpreter, tmp_path / "fp16", flavor=flavor, fp16=True, data=tiny_data, progress=False)
     model = onnx.load(str(tmp_path / "fp16" / "model.onnx"))
@@ -127,16 +128,17 @@ def test_fp16_export_keeps_retrieval(tiny_interpreter, tiny_data, tmp_path, flav
     assert dtypes == {onnx.TensorProto.FLOAT16}, "convolution weights are fp16 in an fp16 graph"
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in model.graph.output)
-    r = m["verification"]["retrieval"]
-    assert m["dtype"] == "float16" and m["verification"]["tolerance"] == ox.FP16_TOLERANCE
+    r = m.verification.retrieval
+    assert r is not None
+    assert m.dtype == "float16" and m.verification.tolerance == ox.FP16_TOLERANCE
     # The reference evaluator would take minutes: a plugin graph's retrieval runs on its portable twin.
-    assert r.get("graph") == ("portable twin" if flavor == "plugin" else None)
+    assert r.graph == ("portable twin" if flavor == "plugin" else None)
     assert [p.name for p in (tmp_path / "fp16").iterdir()] == ["manifest.json", "model.onnx"]
     for key in ("d_mAP", "d_hat_mAP"):
-        assert abs(r["export"][key] - r["eager_fp32"][key]) <= ox.FP16_MAP_TOLERANCE
+        assert abs(r.export[key] - r.eager_fp32[key]) <= ox.FP16_MAP_TOLERANCE
     # fp16 really rounds: not bit-identical to fp32, but close.
-    worst = max(max(p["relative_error"].values()) for p in m["verification"]["parity"])
-    assert 1e-6 < worst < 5e-2
+    assert 1e-6 < m.verification.worst_error < 5e-2
+    assert load_manifest(tmp_path / "fp16") == m  # the retrieval record reads back as written
 
 
 def test_tampered_or_missing_files_are_refused(exports, tmp_path):
@@ -180,14 +182,14 @@ def test_a_new_export_replaces_the_old_one(exports, tiny_interpreter, tmp_path):
     folder = tmp_path / "export"
     shutil.copytree(exports["plugin"], folder)
     ox.export_onnx(tiny_interpreter, folder, flavor="portable", progress=False)
-    assert load_manifest(folder)["flavor"] == "portable"
+    assert load_manifest(folder).flavor == "portable"
     assert [p.name for p in tmp_path.iterdir()] == ["export"], "neither staging nor backup is left behind"
 
 
 def test_opset(tiny_interpreter, tmp_path):
     m = ox.export_onnx(tiny_interpreter, tmp_path / "o20", opset=20, progress=False)
     model = onnx.load(str(tmp_path / "o20" / "model.onnx"))
-    assert m["opset"] == 20 == next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    assert m.opset == 20 == next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     with pytest.raises(ValueError, match=">= 18"):
         ox.export_onnx(tiny_interpreter, tmp_path / "o17", opset=17)
 
@@ -231,8 +233,8 @@ def test_cli_export_and_tensorrt_message(tiny_interpreter, tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["export", "--checkpoint", str(tiny_interpreter), "--out", str(out), "--targets", "none", "-q"]) == 0
     assert "worst relative error" in capsys.readouterr().out
-    assert load_manifest(out)["flavor"] == "portable"
-    from attrimeter.export.tensorrt_engine import tensorrt_available
+    assert load_manifest(out).flavor == "portable"
+    from attrimeter.artefact.device import tensorrt_available
 
     if tensorrt_available() is not None:
         rc = main(["export", "--checkpoint", str(tiny_interpreter), "--out", str(tmp_path / "trt"),
@@ -250,12 +252,13 @@ def test_no_triton_means_no_kernels_by_default(tiny_interpreter, tmp_path, monke
     real = importlib.util.find_spec
     monkeypatch.setattr(build.importlib.util, "find_spec", lambda name: None if name == "triton" else real(name))
     manifest = build.export(tiny_interpreter, tmp_path / "x", progress=False)
-    assert "Triton is not installed" in manifest["kernels"]["note"]
+    assert manifest.kernels is not None and "Triton is not installed" in (manifest.kernels.note or "")
+    assert manifest.kernels.index is None and load_manifest(tmp_path / "x") == manifest
     assert not (tmp_path / "x" / "kernels").exists()
 
 
 def test_map_classifier_exports(tiny_target, tmp_path):
-    from attrimeter.engine.interpreter import save_interpreter
+    from attrimeter.engine.interpreter_checkpoint import save_interpreter
     from attrimeter.engine.target import load_target
     from attrimeter.models.interpreter import AttriMeter
 
@@ -266,8 +269,8 @@ def test_map_classifier_exports(tiny_target, tmp_path):
     save_interpreter(model, target, ck, {"schema": "market1501", "attributes": list(_market_names()),
                                          "image_size": [64, 32]})
     m = ox.export_onnx(ck, tmp_path / "map", progress=False)
-    assert m["classifier"] == "map"
-    assert max(max(r["relative_error"].values()) for r in m["verification"]["parity"]) < 1e-4
+    assert m.classifier == "map"
+    assert m.verification.worst_error < 1e-4
 
 
 def _market_names():

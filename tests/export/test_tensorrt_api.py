@@ -1,6 +1,7 @@
-"""TensorRT engine build (export/tensorrt_engine.py).
+"""TensorRT engine build (export/tensorrt_engine.py) and the TensorRT logger it shares with the runtime
+(attrimeter/artefact/device.py).
 
-TensorRT cannot be installed on the CPU machines, so every TensorRT name the module uses is checked here against the
+TensorRT cannot be installed on the CPU machines, so every TensorRT name the modules use is checked here against the
 ``tensorrt-stubs`` type stubs (text-scanned: their tensorrt.pyi has a syntax error that stops ``ast`` and mypy). The
 builds themselves run where TensorRT and a CUDA GPU are.
 """
@@ -15,9 +16,13 @@ from pathlib import Path
 import pytest
 from api_names import NOT_IN_STUBS, Stubs, load_stubs, name_problems, tensorrt_chains
 
+from attrimeter.artefact import device
+from attrimeter.export import plugin_kernel as pk
 from attrimeter.export import tensorrt_engine as te
 
 MODULE = Path(te.__file__)
+# Every module whose TensorRT calls are checked: the engine build, and the logger the export and the runtime share.
+MODULES = (MODULE, Path(device.__file__))
 
 # Variables of export/tensorrt_engine.py whose TensorRT class is known: every attribute read on them is checked.
 TYPED_NAMES = {
@@ -73,16 +78,20 @@ def _problems(stubs: Stubs, source: str) -> list[str]:
 
 
 def test_every_tensorrt_name_exists_in_the_stubs(stubs):
-    source = MODULE.read_text()
-    chains = {".".join([root, *chain]) for root, chain, _ in tensorrt_chains(ast.parse(source))}
-    # The collector must see the API the module is built on, or the check below proves nothing.
+    sources = {path.name: path.read_text() for path in MODULES}
+    chains = set()
+    for name, source in sources.items():
+        chains |= {".".join([root, *chain]) for root, chain, _ in tensorrt_chains(ast.parse(source))}
+        assert _problems(stubs, source) == [], f"{name}: names missing from tensorrt-stubs {stubs.version}"
+    # The collector must see the API the modules are built on, or the check above proves nothing.
     assert {"tensorrt.Builder", "tensorrt.OnnxParser", "tensorrt.NetworkDefinitionCreationFlag.STRONGLY_TYPED",
-            "tensorrt.MemoryPoolType.WORKSPACE", "tensorrt.plugin.aot_impl"} <= chains, sorted(chains)
-    assert _problems(stubs, source) == [], f"names missing from tensorrt-stubs {stubs.version}"
+            "tensorrt.MemoryPoolType.WORKSPACE", "tensorrt.plugin.aot_impl", "tensorrt.ILogger",
+            "tensorrt.ILogger.Severity.ERROR", "tensorrt.ILogger.Severity.WARNING"} <= chains, sorted(chains)
     for cls, member in EXPLICIT_MEMBERS:
         assert member in stubs.members(cls), f"{cls}.{member} not in tensorrt-stubs {stubs.version}"
-        assert re.search(rf"\b{member}\b", source), f"{member} no longer used: drop it from EXPLICIT_MEMBERS"
-    used = {node.id for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Name)}
+        assert any(re.search(rf"\b{member}\b", source) for source in sources.values()), \
+            f"{member} no longer used: drop it from EXPLICIT_MEMBERS"
+    used = {node.id for node in ast.walk(ast.parse(sources[MODULE.name])) if isinstance(node, ast.Name)}
     assert set(TYPED_NAMES) <= used, f"TYPED_NAMES not used by the module: {set(TYPED_NAMES) - used}"
 
 
@@ -110,7 +119,7 @@ def test_stubs_version_and_plugin_coverage(stubs):
 
 
 def test_no_api_removed_in_tensorrt_11():
-    chains = [chain for _, chain, _ in tensorrt_chains(ast.parse(MODULE.read_text()))]
+    chains = [chain for path in MODULES for _, chain, _ in tensorrt_chains(ast.parse(path.read_text()))]
     assert not [c for c in chains if REMOVED_IN_11 & set(c)]
 
 
@@ -146,7 +155,7 @@ def _ptx(symbol: str = "_masked_gem_pool_fwd_kernel", target: str = "sm_90a", re
 
 
 def _cubin_header(cc: int) -> bytes:
-    """The 64-byte ELF header of a cubin for sm_{cc} (all that aot.load_kernel reads of a cubin)."""
+    """The 64-byte ELF header of a cubin for sm_{cc} (all that artefact.kernels.load_kernel reads of a cubin)."""
     abi = 8 if cc >= 90 else 7  # the CUDA ELF ABI version moves the SM from e_flags' low byte to the next one
     flags = cc << 8 if abi >= 8 else cc
     ident = b"\x7fELF" + bytes([2, 1, 1, 0x33, abi]) + bytes(7)
@@ -175,7 +184,7 @@ def _write_kernel(root: Path, cc: int, *, target: str | None = None, shared: int
 
 
 def test_kernel_drops_triton_hidden_parameters(tmp_path):
-    kernel = te.load_plugin_kernel(_write_kernel(tmp_path, 90))
+    kernel = pk.load_plugin_kernel(_write_kernel(tmp_path, 90))
     entry = re.search(r"\.entry\s+_masked_gem_pool_fwd_kernel\s*\(([^)]*)\)", kernel.ptx)
     assert entry is not None
     declared = [p.split()[-1] for p in entry.group(1).split(",")]
@@ -187,7 +196,7 @@ def test_kernel_drops_triton_hidden_parameters(tmp_path):
 
 def test_kernel_that_reads_its_scratch_pointer_is_refused(tmp_path):
     with pytest.raises(ValueError, match="reads its hidden parameter"):
-        te.load_plugin_kernel(_write_kernel(tmp_path, 90, read_hidden=True))
+        pk.load_plugin_kernel(_write_kernel(tmp_path, 90, read_hidden=True))
 
 
 @pytest.mark.parametrize("bad", [
@@ -197,7 +206,7 @@ def test_kernel_that_reads_its_scratch_pointer_is_refused(tmp_path):
 def test_kernel_params_trt_cannot_pass_are_refused(tmp_path, bad):
     params = [{"name": n, "type": "*fp32"} for n in ("f", "z", "s", "t", "g", "k")] + [bad]
     with pytest.raises(ValueError):
-        te.load_plugin_kernel(_write_kernel(tmp_path, 90, params=params))
+        pk.load_plugin_kernel(_write_kernel(tmp_path, 90, params=params))
 
 
 def test_spec_that_disagrees_with_the_kernel_is_refused_before_tensorrt(tmp_path):
@@ -208,18 +217,18 @@ def test_spec_that_disagrees_with_the_kernel_is_refused_before_tensorrt(tmp_path
 
 def test_kernel_json_for_device(tmp_path):
     exact = _write_kernel(tmp_path, 90)
-    assert te.kernel_json_for_device(tmp_path, 90) == exact
+    assert pk.kernel_json_for_device(tmp_path, 90) == exact
     # sm_80 PTX (plain .target) is forward compatible: an sm_86 GPU may JIT it, if the shared memory fits.
     ampere = _write_kernel(tmp_path, 80, target="sm_80", shared=65536)
-    assert te.kernel_json_for_device(tmp_path, 86) == ampere
+    assert pk.kernel_json_for_device(tmp_path, 86) == ampere
     with pytest.raises(ValueError, match="shared memory"):
-        te.kernel_json_for_device(tmp_path, 86, max_shared_bytes=49152)
+        pk.kernel_json_for_device(tmp_path, 86, max_shared_bytes=49152)
     # Triton's sm_100a PTX is arch-specific: never for sm_103.
     _write_kernel(tmp_path, 100)
     with pytest.raises(ValueError, match=r"arch-specific.*--targets sm_103"):
-        te.kernel_json_for_device(tmp_path, 103)
+        pk.kernel_json_for_device(tmp_path, 103)
     with pytest.raises(ValueError, match=r"available: sm_80, sm_90, sm_100.*--targets sm_75"):
-        te.kernel_json_for_device(tmp_path, 75)
+        pk.kernel_json_for_device(tmp_path, 75)
 
 
 # --------------------------------------------------------------------------------------------------- availability
@@ -346,7 +355,7 @@ def _toy_plugin(tmp_path: Path, c: int, m: int, h: int, w: int) -> te.PluginSpec
             + [{"name": f"scratch{i}", "type": "scratch", "size": 0, "align": 1} for i in range(hidden)],
             "grid": {"x": ["B", 1], "y": [1], "z": [1]}, "constants": constants}
     (folder / "masked_gem_pool.json").write_text(json.dumps(meta))
-    return te.PluginSpec(kernel_json=te.kernel_json_for_device(tmp_path, target.arch), num_attributes=m, channels=c,
+    return te.PluginSpec(kernel_json=pk.kernel_json_for_device(tmp_path, target.arch), num_attributes=m, channels=c,
                          height=h, width=w)
 
 
@@ -402,41 +411,40 @@ def test_plugin_engine_runs_the_aot_kernel(trt, tmp_path):
 
 @pytest.mark.parametrize("flavor", ["portable", "plugin"])
 def test_export_tensorrt_end_to_end(trt, tiny_interpreter, tmp_path, flavor):
+    from attrimeter.artefact.manifest import load_manifest
     from attrimeter.export.build import ENGINE_FP32_TOLERANCE, export
-    from attrimeter.export.manifest import load_manifest
 
     out = tmp_path / flavor
     manifest = export(tiny_interpreter, out, output_format="tensorrt", flavor=flavor, targets=(), max_batch=16,
                       opt_batch=4, progress=False)
-    assert load_manifest(out)["files"]["model.engine"]
-    engine = manifest["tensorrt"]
-    assert engine["engine"] == "model.engine" and engine["timing_cache"] == "timing.cache"
+    assert load_manifest(out) == manifest and manifest.files["model.engine"]
+    engine = manifest.tensorrt
+    assert engine is not None and engine.engine == "model.engine" and engine.timing_cache == "timing.cache"
     assert (out / "timing.cache").is_file()
-    parity = engine["verification"]["parity"]
-    assert [r["batch"] for r in parity] == [1, 7]
-    assert max(max(r["relative_error"].values()) for r in parity) <= ENGINE_FP32_TOLERANCE
+    assert [r.batch for r in engine.verification.parity] == [1, 7]
+    assert engine.verification.worst_error <= ENGINE_FP32_TOLERANCE
     if flavor == "plugin":
-        assert engine["plugin"]["kernel_json"].startswith("kernels/sm_")
-        assert manifest["kernels"]["pool_max_shared"] == 48 * 1024
+        assert engine.plugin is not None and engine.plugin.kernel_json.startswith("kernels/sm_")
+        assert manifest.kernels is not None and manifest.kernels.pool_max_shared == 48 * 1024
 
 
 def test_ptx_isa_and_driver_versions():
     # PTX ISA -> oldest CUDA driver that JIT-compiles it, and back (the check before a plugin engine is built).
-    assert [te.ptx_driver(isa) for isa in ("8.0", "8.4", "8.5", "8.6", "8.8", "9.0", "9.4")] == \
+    assert [pk.ptx_driver(isa) for isa in ("8.0", "8.4", "8.5", "8.6", "8.8", "9.0", "9.4")] == \
         [12000, 12040, 12050, 12070, 12090, 13000, 13040]
-    assert [te.driver_ptx(d) for d in (12000, 12040, 12060, 12080, 12090, 13000, 13020)] == \
+    assert [pk.driver_ptx(d) for d in (12000, 12040, 12060, 12080, 12090, 13000, 13020)] == \
         ["8.0", "8.4", "8.5", "8.7", "8.8", "9.0", "9.2"]
-    assert te.driver_ptx(11080) is None
+    assert pk.driver_ptx(11080) is None
 
 
 def test_plugin_ptx_version_follows_the_driver():
-    assert te.plugin_ptx_version(None, 12040) == "8.4"
-    assert te.plugin_ptx_version(None, 13040) == "9.0"  # capped: enough for every target, assembled by Triton's ptxas
-    assert te.plugin_ptx_version("8.2", 12040) == "8.2"
+    assert pk.plugin_ptx_version(None, 12040) == "8.4"
+    assert pk.plugin_ptx_version(None, 13040) == "9.0"  # capped: enough for every target, assembled by Triton's ptxas
+    assert pk.plugin_ptx_version("8.2", 12040) == "8.2"
     with pytest.raises(ValueError, match="newer than this driver"):
-        te.plugin_ptx_version("8.8", 12040)
+        pk.plugin_ptx_version("8.8", 12040)
     with pytest.raises(ValueError, match="older than CUDA 12.0"):
-        te.plugin_ptx_version(None, 11080)
+        pk.plugin_ptx_version(None, 11080)
 
 
 def test_plugin_kernel_roles_must_be_inputs_then_outputs(tmp_path):
@@ -446,4 +454,4 @@ def test_plugin_kernel_roles_must_be_inputs_then_outputs(tmp_path):
         {"name": "global_scratch", "type": "scratch", "size": 0, "align": 1},
         {"name": "profile_scratch", "type": "scratch", "size": 0, "align": 1}]
     with pytest.raises(ValueError, match="4 inputs then 2 outputs"):
-        te.load_plugin_kernel(_write_kernel(tmp_path, 90, params=params))
+        pk.load_plugin_kernel(_write_kernel(tmp_path, 90, params=params))

@@ -1,4 +1,4 @@
-"""Fused masked GeM pooling kernel vs float64 references (DESIGN §3 "Key identity", §4.1).
+"""Fused masked GeM pooling kernel vs float64 references (docs/architecture.md §3, factorised pooling, §4).
 
 Compiled on a CUDA GPU when one is present; otherwise conftest.py has set TRITON_INTERPRET=1 before this module
 imports the kernels, and the same kernels run in Triton's interpreter (hence the small shapes).

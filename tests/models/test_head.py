@@ -1,4 +1,4 @@
-"""GeM, BN-neck, input normalisation and the folded eval-mode head (DESIGN §3)."""
+"""GeM, BN-neck, input normalisation and the folded eval-mode head (docs/architecture.md §3)."""
 
 import numpy as np
 import pytest

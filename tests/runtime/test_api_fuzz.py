@@ -17,7 +17,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from attrimeter.runtime.runtime import Runtime
+from attrimeter.runtime.runtime import Runtime, RuntimeConfig
 from attrimeter.runtime.server import RuntimeServer, ServerLimits
 
 # Requests per operation and mode: positive data fits the schema (some of it gets past the strict validation to the
@@ -31,7 +31,8 @@ POSITIVE_CHECKS = [schemathesis.checks.not_a_server_error, status_code_conforman
 @pytest.fixture(scope="module")
 def server(tiny_export, tiny_data, tmp_path_factory):
     images = sorted((tiny_data / "bounding_box_test").glob("*.jpg"))[:8]
-    with Runtime(tiny_export, tmp_path_factory.mktemp("fuzz") / "gallery", create_gallery=True, threads=1) as rt:
+    gallery = tmp_path_factory.mktemp("fuzz") / "gallery"
+    with Runtime(tiny_export, gallery, RuntimeConfig(create_gallery=True, threads=1)) as rt:
         rt.add(images)
         with RuntimeServer(rt, port=0, limits=ServerLimits(max_images=8, max_k=50, max_body_bytes=1 << 20)) as srv:
             yield srv

@@ -1,12 +1,13 @@
 """Backends on one export: ONNX Runtime against the torch backend (and eager PyTorch), and backend selection."""
 
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from attrimeter.export.contract import OUTPUT_NAMES
-from attrimeter.export.manifest import load_manifest
+from attrimeter.artefact.contract import OUTPUT_NAMES
+from attrimeter.artefact.manifest import Source, load_manifest
 from attrimeter.runtime.backends import BackendError, OnnxRuntimeBackend, TorchBackend, open_backend
 
 
@@ -23,7 +24,7 @@ def test_onnxruntime_and_torch_backends_agree(tiny_export, rng, device):
         pytest.skip("needs a CUDA GPU (benchmarks/gpu_check.py)")
     tol = 1e-4 if device == "cpu" else 2e-3
     manifest = load_manifest(tiny_export)
-    h, w = manifest["image_size"]
+    h, w = manifest.image_size
     ort_backend = open_backend(tiny_export, manifest, "auto")
     assert ort_backend.name == "onnxruntime" and ort_backend.device == "cpu"
     torch_backend = open_backend(tiny_export, manifest, "torch", device=device)
@@ -45,11 +46,11 @@ def test_backend_errors_say_why(tiny_export, tmp_path):
     with pytest.raises(BackendError, match="no TensorRT engine"):
         open_backend(tiny_export, manifest, "tensorrt")
     with pytest.raises(BackendError, match="needs TensorRT"):
-        OnnxRuntimeBackend(tiny_export, {**manifest, "flavor": "plugin"})
+        OnnxRuntimeBackend(tiny_export, replace(manifest, flavor="plugin"))
     with pytest.raises(BackendError, match="does not exist"):
-        TorchBackend({**manifest, "source": {**manifest["source"], "checkpoint": str(tmp_path / "gone.pt")}})
+        TorchBackend(replace(manifest, source=Source(str(tmp_path / "gone.pt"), manifest.source.sha256)))
     other = tmp_path / "other.pt"
-    shutil.copy(manifest["source"]["checkpoint"], other)
+    shutil.copy(manifest.source.checkpoint, other)
     with other.open("ab") as f:
         f.write(b"x")
     with pytest.raises(BackendError, match="not the checkpoint"):

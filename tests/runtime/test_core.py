@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from attrimeter.runtime.batching import DynamicBatcher
+from attrimeter.runtime.decompose import check_weights, explain_rows, weighted_scan
 from attrimeter.runtime.errors import InputError, OverloadedError
-from attrimeter.runtime.explain import check_weights, explain_rows, weighted_scan
 from attrimeter.runtime.images import as_sources, load_image, to_input
 
 # ------------------------------------------------------------------------------------------------ images ----------
@@ -79,7 +79,7 @@ def test_missing_and_truncated_files(tmp_path, rng):
 
 
 def _reference(q, g, weights=None):
-    """float64 direct differences, the definition (DESIGN §3)."""
+    """float64 direct differences, the definition (docs/architecture.md §3)."""
     diff = q[:, None].astype(np.float64) - g.astype(np.float64)
     dist = np.sqrt((diff**2).sum(-1))
     d, d_k = dist[..., 0], dist[..., 1:]
@@ -245,7 +245,7 @@ def test_shipped_cast_graph_is_the_recipe_and_exact(rng):
     import onnx
     from onnx import TensorProto, helper
 
-    from attrimeter.runtime import explain
+    from attrimeter.runtime import decompose
 
     dims = ["n", "m", "c"]
     recipe = helper.make_model(
@@ -256,10 +256,10 @@ def test_shipped_cast_graph_is_the_recipe_and_exact(rng):
     onnx.checker.check_model(recipe, full_check=True)
     from importlib import resources
 
-    assert (resources.files("attrimeter.runtime") / explain.CAST_MODEL).read_bytes() == recipe.SerializeToString()
+    assert (resources.files("attrimeter.runtime") / decompose.CAST_MODEL).read_bytes() == recipe.SerializeToString()
     x = (rng.standard_normal((50, 4, 9)) * 100).astype(np.float16)
-    np.testing.assert_array_equal(explain._to_float32(x), x.astype(np.float32))
-    assert explain._cast_session() is not None  # the fast path ran, not the numpy fallback
+    np.testing.assert_array_equal(decompose._to_float32(x), x.astype(np.float32))
+    assert decompose._cast_session() is not None  # the fast path ran, not the numpy fallback
 
 
 def test_a_failing_batch_does_not_kill_the_inference_thread():

@@ -1,18 +1,30 @@
 """Gallery store: round trips, exact search, id gathers, bad input, crash safety under SIGKILL, corruption, refresh."""
 
 import json
+import mmap
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from attrimeter.runtime.errors import GalleryError, InputError, UnknownIdError
+from attrimeter.runtime.errors import (
+    CorruptGalleryError,
+    GalleryError,
+    InputError,
+    LockedGalleryError,
+    StorageError,
+    UnknownIdError,
+    UnsafeGalleryPathError,
+)
 from attrimeter.runtime.gallery import MANIFEST_NAME, Gallery
+from attrimeter.runtime.store_format import JOURNAL_NAME, parse_journal, parse_journal_header, parse_manifest
 
 pytest.importorskip("faiss")
 
@@ -55,24 +67,35 @@ while True:
     g.append(e, a, p, meta, aam=m)
 """
 
-# One append or compaction that stops the process (os._exit, like a kill) at a chosen point of the publishing protocol.
+# One append or compaction that stops the process (os._exit, like a kill) at a chosen point of the publishing protocol:
+# before/after the segment folder's rename, the journal's add record (pwrite; "torn": half of it written) or the
+# first/second os.replace of a compaction (gallery.json, then the new journal).
 CHILD_CRASH = GENERATOR + """
 import os, sys
 from attrimeter.runtime.gallery import Gallery
 
 point, action = sys.argv[2:]
-g = Gallery.open(sys.argv[1], writable=True, verify=False, progress=False)
-real = {"rename": os.rename, "replace": os.replace}
+g = Gallery.open(sys.argv[1], writable=True, verify=False, progress=False, auto_compact=None)
 op, when = point.split("-")
+name = op.rstrip("2")
+real = getattr(os, name)
+calls = []
 
 
-def crash(*args):
+def crash(*args, **kwargs):
+    if name == "pwrite" and b'"op":"add"' not in args[1]:
+        return real(*args, **kwargs)
+    calls.append(1)
+    if op.endswith("2") and len(calls) < 2:
+        return real(*args, **kwargs)
     if when == "after":
-        real[op](*args)
+        real(*args, **kwargs)
+    elif when == "torn":
+        real(args[0], args[1][:len(args[1]) // 2], args[2])
     os._exit(3)
 
 
-setattr(os, op, crash)
+setattr(os, name, crash)
 if action == "compact":
     g.compact(progress=False)
 else:
@@ -122,9 +145,24 @@ def _check_generated(g):
     assert g.meta(ids) == [{"id": int(i), **r[4]} for i, r in zip(ids, rows, strict=True)]
 
 
+def _is_mapped(a):
+    while isinstance(a, (np.ndarray, memoryview)):
+        a = a.base if isinstance(a, np.ndarray) else a.obj
+    return isinstance(a, mmap.mmap)
+
+
 def _listed(path):
-    doc = json.loads((Path(path) / MANIFEST_NAME).read_text())
-    return {s["name"] for s in doc["segments"]}
+    """Names of the published segments: gallery.json's, then the add records of a journal of its generation."""
+    manifest = parse_manifest((Path(path) / MANIFEST_NAME).read_bytes(), "")
+    names = {s.name for s in manifest.segments}
+    journal = Path(path) / JOURNAL_NAME
+    if journal.exists():
+        raw = journal.read_bytes()
+        generation, start = parse_journal_header(raw, "")
+        if generation == manifest.generation:
+            names |= {s.name for s in parse_journal(raw[start:], "", spec=manifest.spec, start=start, seq=0,
+                                                    first_id=manifest.count, names=names).added}
+    return names
 
 
 def _on_disk(path):
@@ -219,7 +257,7 @@ def test_large_segment_is_memory_mapped_and_gallery_without_aam(tmp_path, rng):
     g.close()
     with Gallery.open(tmp_path / "g") as r:
         chunks = dict(r.attr_chunks(1000))
-        assert not isinstance(chunks[0], np.memmap) and isinstance(chunks[3], np.memmap)
+        assert not _is_mapped(chunks[0]) and _is_mapped(chunks[3])  # scans map large files, small ones are in memory
         assert len(chunks[3]) == 600 and not chunks[3].flags.writeable
         assert r.aam([0, 602]) is None
         ids = rng.permutation(603)
@@ -469,7 +507,7 @@ def test_sigkill_during_appends_loses_nothing_published(tmp_path, rng):
         assert ids[0, 0] == len(g) - 1
 
 
-@pytest.mark.parametrize("point", ["rename-before", "rename-after", "replace-before", "replace-after"])
+@pytest.mark.parametrize("point", ["rename-before", "rename-after", "pwrite-before", "pwrite-torn", "pwrite-after"])
 def test_crash_at_each_publishing_step(tmp_path, point):
     path = tmp_path / "g"
     with _gen_gallery(path) as g:
@@ -479,14 +517,14 @@ def test_crash_at_each_publishing_step(tmp_path, point):
     manifest_before = (path / MANIFEST_NAME).read_bytes()
     result = _run_child(CHILD_CRASH, path, point, "append")
     assert result.returncode == 3, result.stderr
-    published = point == "replace-after"
+    published = point == "pwrite-after"
+    assert (path / MANIFEST_NAME).read_bytes() == manifest_before  # an append only appends to the journal
     leftovers = _on_disk(path) - _listed(path)
     if published:
         assert not leftovers
     else:  # a half-written or unpublished segment folder is on disk, yet invisible
         assert len(leftovers) == 1 and (next(iter(leftovers)).startswith(".") == (point == "rename-before"))
-        assert (path / MANIFEST_NAME).read_bytes() == manifest_before
-    with Gallery.open(path, verify=True, progress=False) as r:
+    with Gallery.open(path, verify=True, progress=False) as r:  # a torn journal record is ignored
         assert len(r) == before + (GEN["batch_size"](before) if published else 0)
         _check_generated(r)
     with Gallery.open(path, writable=True, progress=False) as w:
@@ -494,9 +532,11 @@ def test_crash_at_each_publishing_step(tmp_path, point):
         (e, a, p, m), meta = GEN["batch"](len(w))
         w.append(e, a, p, meta, aam=m)
         _check_generated(w)
+    with Gallery.open(path, verify=True, progress=False) as r:
+        _check_generated(r)
 
 
-@pytest.mark.parametrize("point", ["rename-after", "replace-before", "replace-after"])
+@pytest.mark.parametrize("point", ["rename-after", "replace-before", "replace-after", "replace2-after"])
 def test_crash_during_compaction(tmp_path, point):
     path = tmp_path / "g"
     with _gen_gallery(path) as g:
@@ -507,7 +547,9 @@ def test_crash_during_compaction(tmp_path, point):
     result = _run_child(CHILD_CRASH, path, point, "compact")
     assert result.returncode == 3, result.stderr
     after = _listed(path)
-    assert len(after) == (1 if point == "replace-after" else 4) and (after == before) != (point == "replace-after")
+    published = point in ("replace-after", "replace2-after")  # gallery.json names the merged segment
+    assert len(after) == (1 if published else 4) and (after == before) != published
+    assert _on_disk(path) > after  # the old or the merged folders are still there
     with Gallery.open(path, verify=True, progress=False) as r:  # old or merged segments, all entries either way
         _check_generated(r)
     with Gallery.open(path, writable=True, progress=False) as w:
@@ -522,11 +564,16 @@ def test_failed_publish_in_process_rolls_back(filled, rng, monkeypatch):
     manifest = g.path / MANIFEST_NAME
     before, folders = manifest.read_bytes(), _on_disk(g.path)
 
-    def fail(*args):
-        raise OSError(28, "No space left on device")
+    real_pwrite = os.pwrite
 
-    monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(GalleryError, match="nothing was published"):
+    def fail(fd, data, offset):
+        if b'"op":"add"' in data:  # the disk fills up just as the add record is written: half of it lands
+            real_pwrite(fd, data[:len(data) // 2], offset)
+            raise OSError(28, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", fail)
+    with pytest.raises(StorageError, match="nothing was published"):
         g.append(**_batch(rng, 4))
     monkeypatch.undo()
     assert manifest.read_bytes() == before and _on_disk(g.path) == folders
@@ -675,20 +722,31 @@ def test_compact_keeps_ids_and_readers_working(tmp_path, rng):
 
 @pytest.mark.parametrize("op", ["append", "compact"])
 def test_interrupt_right_after_publishing_keeps_the_published_segment(filled, rng, monkeypatch, op):
-    """Ctrl-C landing just after os.replace published gallery.json must not delete what it lists."""
+    """Ctrl-C landing just after the journal record or gallery.json was written must not delete what they list."""
     g, data = filled
     extra = _batch(rng, 3)
-    real_replace = os.replace
+    real_pwrite, real_replace = os.pwrite, os.replace
 
-    def replace_then_interrupt(src, dst):
-        real_replace(src, dst)
+    def pwrite_then_interrupt(fd, line, offset):
+        done = real_pwrite(fd, line, offset)
+        if b'"op":"add"' in line:
+            raise KeyboardInterrupt
+        return done
+
+    def replace_then_interrupt(src, dst, **kwargs):
+        real_replace(src, dst, **kwargs)
         if str(dst).endswith(MANIFEST_NAME):
             raise KeyboardInterrupt
 
+    monkeypatch.setattr(os, "pwrite", pwrite_then_interrupt)
     monkeypatch.setattr(os, "replace", replace_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         g.append(**extra) if op == "append" else g.compact(progress=False)
-    monkeypatch.setattr(os, "replace", real_replace)
+    monkeypatch.undo()
+    if op == "append":  # the same handle goes on from what was published
+        one = _batch(rng, 1)
+        np.testing.assert_array_equal(g.append(**one), [len(data["meta"]) + 3])
+        extra = _concat([extra, one])
     path = g.path
     g.close()
     assert _listed(path) <= _on_disk(path)
@@ -697,15 +755,416 @@ def test_interrupt_right_after_publishing_keeps_the_published_segment(filled, rn
 
 
 def test_a_failed_write_is_a_storage_error(filled, rng, monkeypatch):
-    from attrimeter.runtime import gallery as gallery_module
-    from attrimeter.runtime.errors import StorageError
-
     g, data = filled
+    folders = _on_disk(g.path)
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(gallery_module, "_write_segment", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(StorageError, match="nothing was published"):
         g.append(**_batch(rng, 2))
+    with pytest.raises(StorageError, match="nothing was published"):
+        g.compact(progress=False)
+    monkeypatch.undo()
     _assert_holds(g, data)
+    assert _on_disk(g.path) == folders
+
+
+# ---------------------------------------------------------------------- the writer lock (a second writer never gets in)
+
+
+def test_removing_the_lock_file_lets_no_second_writer_in(tmp_path):
+    path = tmp_path / "g"
+    _gen_gallery(path).close()
+    proc = subprocess.Popen([sys.executable, "-c", CHILD_LOOP, str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        (path / ".lock").unlink()  # what an outside attack did: the old lock was only this file's flock
+        with pytest.raises(LockedGalleryError, match="locked by another writer"):
+            Gallery.open(path, writable=True)
+        other = _run_child("import sys\nfrom attrimeter.runtime.gallery import Gallery\n"
+                           "Gallery.open(sys.argv[1], writable=True)", path)
+        assert other.returncode != 0 and "LockedGalleryError" in other.stderr
+        time.sleep(0.3)  # the writer keeps appending meanwhile
+    finally:
+        proc.kill()
+        proc.wait()
+    with Gallery.open(path, writable=True, progress=False) as w:  # nothing of the first writer's was deleted
+        assert _on_disk(path) == _listed(path) and len(w) > 1
+        _check_generated(w)
+
+
+def test_a_format_1_writer_holding_dot_lock_keeps_new_writers_out(tmp_path):
+    import fcntl
+
+    path = tmp_path / "g"
+    shutil.copytree(V1_FIXTURE, path)
+    fd = os.open(path / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as an older runtime's writer does
+        with pytest.raises(LockedGalleryError, match="older runtime"):
+            Gallery.open(path, writable=True)
+    finally:
+        os.close(fd)
+    Gallery.open(path, writable=True).close()
+
+
+def test_a_writer_deletes_only_what_the_published_state_names_as_garbage(filled, rng, caplog):
+    g, data = filled
+    path = g.path
+    g.close()
+    strays = {"000000000007-0badc0de", ".tmp-000000000007-feedf00d", "notes"}  # e.g. another writer's folders
+    for name in strays:
+        (path / "segments" / name).mkdir()
+        (path / "segments" / name / "embedding.npy").write_bytes(b"not ours")
+    with caplog.at_level("WARNING", logger="attrimeter.runtime.store"):
+        with Gallery.open(path, writable=True, auto_compact=None) as w:
+            w.append(**_batch(rng, 2))
+            w.compact(progress=False)
+            assert w.segments == 1
+    assert _on_disk(path) == _listed(path) | strays
+    assert all((path / "segments" / name / "embedding.npy").read_bytes() == b"not ours" for name in strays)
+    assert any("left in place" in r.getMessage() and "0badc0de" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------- symbolic links (nothing outside is touched)
+
+
+def _outside(tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "000000000099-00000000").mkdir(parents=True)
+    for f in ("precious.txt", "000000000099-00000000/embedding.npy"):
+        (outside / f).write_text("keep")
+    return outside
+
+
+def _untouched(outside):
+    return sorted(str(p.relative_to(outside)) for p in outside.rglob("*")) == [
+        "000000000099-00000000", "000000000099-00000000/embedding.npy", "precious.txt"] and all(
+        p.read_text() == "keep" for p in outside.rglob("*") if p.is_file())
+
+
+def test_a_symlinked_segments_folder_is_refused_by_writers(filled, tmp_path):
+    g, data = filled
+    g.close()
+    outside = _outside(tmp_path)
+    for name in os.listdir(g.path / "segments"):
+        shutil.move(g.path / "segments" / name, outside / name)
+    (g.path / "segments").rmdir()
+    os.symlink(outside, g.path / "segments")
+    with Gallery.open(g.path, verify=True) as r:  # reading through it harms nothing
+        _assert_holds(r, data)
+    with pytest.raises(UnsafeGalleryPathError, match="segments: a symbolic link"):
+        Gallery.open(g.path, writable=True)
+    new = tmp_path / "new"
+    new.mkdir()
+    os.symlink(outside, new / "segments")
+    with pytest.raises(UnsafeGalleryPathError, match="segments: a symbolic link"):
+        Gallery.create(new, dim=24, attributes=ATTRS, aam_shape=None, model="m")
+    for name in os.listdir(g.path / "segments"):  # remove what the gallery moved there: the rest stays as it was
+        if name not in ("precious.txt", "000000000099-00000000"):
+            shutil.rmtree(outside / name)
+    assert _untouched(outside)
+
+
+@pytest.mark.parametrize("where", ["garbage", "journal", "lock"])
+def test_links_where_a_writer_deletes_or_writes_are_refused(filled, tmp_path, where):
+    g, data = filled
+    g.close()
+    outside = _outside(tmp_path)
+    manifest = g.path / MANIFEST_NAME
+    if where == "garbage":  # a manifest naming a link as garbage: deleting it must not delete what it points to
+        doc = json.loads(manifest.read_text())
+        manifest.write_text(json.dumps({**doc, "garbage": ["000000000099-00000000"]}))
+        os.symlink(outside / "000000000099-00000000", g.path / "segments" / "000000000099-00000000")
+    elif where == "journal":
+        (g.path / JOURNAL_NAME).unlink()
+        os.symlink(outside / "precious.txt", g.path / JOURNAL_NAME)
+    else:
+        (g.path / ".lock").unlink()
+        os.symlink(outside / "precious.txt", g.path / ".lock")
+    with pytest.raises(UnsafeGalleryPathError, match="symbolic link"):
+        Gallery.open(g.path, writable=True)
+    assert _untouched(outside)
+
+
+# ---------------------------------------------------------------------- append cost and compaction while serving
+
+
+def test_an_append_writes_one_journal_record_whatever_the_number_of_segments(tmp_path, rng):
+    g = Gallery.create(tmp_path / "g", dim=24, attributes=ATTRS, aam_shape=(8, 4), model="m", auto_compact=None)
+    manifest, journal = g.path / MANIFEST_NAME, g.path / JOURNAL_NAME
+    before = (manifest.stat().st_ino, manifest.read_bytes())
+    growth = []
+    for _ in range(60):
+        size = journal.stat().st_size
+        g.append(**_batch(rng, 1))
+        growth.append(journal.stat().st_size - size)
+    # gallery.json is never rewritten by an append, and each append adds two records of the same size (ids and
+    # sequence numbers aside), at 10 segments as at 60
+    assert (manifest.stat().st_ino, manifest.read_bytes()) == before
+    assert abs(growth[-1] - growth[10]) <= 4 and growth[-1] < 1500
+    g.close()
+    assert json.loads(manifest.read_text())["count"] == 60  # folded on close
+
+
+def test_compaction_on_the_writers_handle_while_readers_search(tmp_path, rng):
+    path = tmp_path / "g"
+    writer = Gallery.create(path, dim=256, attributes=ATTRS, aam_shape=(8, 4), model="m", auto_compact=None)
+    batches = [_batch(rng, 600, dim=256)] + [_batch(rng, int(n), dim=256) for n in rng.integers(1, 5, size=8)]
+    for b in batches:  # one large segment (files kept open, read by position) and small ones (in memory)
+        writer.append(**b)
+    data = _concat(batches)
+    reader = Gallery.open(path)  # another handle, as another process would hold
+    n = len(data["meta"])
+    errors, stop = [], threading.Event()
+
+    def search(g, seed):
+        r = np.random.default_rng(seed)
+        try:
+            while not stop.is_set():
+                ids = r.integers(n, size=5)
+                d, hits = g.search(data["embedding"][ids], 1)
+                assert (hits[:, 0] == ids).all() and (d[:, 0] == 0).all()
+                np.testing.assert_array_equal(g.attr_embeddings(ids), data["attr_embeddings"][ids].astype(np.float16))
+                assert [m["key"] for m in g.meta(ids)] == [data["meta"][i]["key"] for i in ids]
+        except Exception as e:  # reported below: an assertion in a thread would otherwise be lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=search, args=(g, i)) for i, g in enumerate((writer, reader, reader))]
+    for t in threads:
+        t.start()
+    old = _on_disk(path)
+    writer.compact(progress=False)
+    extra = _batch(rng, 3, dim=256)
+    writer.append(**extra)
+    time.sleep(0.2)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert writer.segments == 2 and not (old & _on_disk(path))  # the old folders are gone from disk
+    assert reader.segments == len(batches)  # ... yet the reader still answers from what it opened
+    _assert_holds(reader, data)
+    assert reader.refresh() == n + 3 and reader.segments == 2
+    _assert_holds(reader, _concat([data, extra]))
+    reader.close()
+    writer.close()
+
+
+def test_a_writer_merges_its_small_segments_as_it_appends(tmp_path, rng):
+    g = Gallery.create(tmp_path / "g", dim=24, attributes=ATTRS, aam_shape=(8, 4), model="m", auto_compact=4)
+    reader = Gallery.open(g.path)
+    batches = []
+    for _ in range(40):
+        batches.append(_batch(rng, 1))
+        g.append(**batches[-1])
+        assert g.segments < 4  # one-entry appends are merged by fours, then the merged ones by fours
+    data = _concat(batches)
+    _assert_holds(g, data)
+    assert _on_disk(g.path) == _listed(g.path)
+    assert reader.refresh() == 40
+    _assert_holds(reader, data)
+    reader.close()
+    g.close()
+    with pytest.raises(InputError, match="auto_compact"):
+        Gallery.open(g.path, writable=True, auto_compact=1)
+    Gallery.open(g.path, writable=True).close()  # the refused handle released its lock
+
+
+def test_cli_compact_on_a_gallery_a_server_writes_says_what_to_do(filled, capsys):
+    from attrimeter.cli import main
+
+    g, _ = filled
+    with pytest.raises(SystemExit) as info:
+        main(["compact", "--gallery", str(g.path), "-q"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "locked by another writer" in err and "Only the gallery's writer can compact it" in err
+    g.compact(progress=False)  # what it says: the writer's own handle compacts
+    assert g.segments == 1
+
+
+# ---------------------------------------------------------------------- malformed manifest and journal
+
+
+def _journal_line(body):
+    text = json.dumps(body, separators=(",", ":")).encode()
+    return b"%08x %s\n" % (zlib.crc32(text), text)
+
+
+def _bad_manifests(good):
+    seg = good["segments"][0]
+    yield "deep", b"[" * 100_000 + b"]" * 100_000
+    yield "deep field", json.dumps({**good, "dim": {"a": [[[]]]}})
+    yield "NUL name", json.dumps({**good, "segments": [{**seg, "name": "seg\x00ment"}] + good["segments"][1:]})
+    yield "escaping name", json.dumps({**good, "segments": [{**seg, "name": "../../outside"}] + good["segments"][1:]})
+    yield "count string", json.dumps({**good, "count": str(good["count"])})
+    yield "dim bool", json.dumps({**good, "dim": True})
+    yield "attributes string", json.dumps({**good, "attributes": "abcd"})
+    yield "aam_shape dict", json.dumps({**good, "aam_shape": {"h": 8}})
+    yield "segments dict", json.dumps({**good, "segments": {"a": 1}})
+    yield "files list", json.dumps({**good, "segments": [{**seg, "files": []}] + good["segments"][1:]})
+    yield "negative size", json.dumps({**good, "segments": [{**seg, "sizes": {**seg["sizes"], "meta.jsonl": -1}}]
+                                       + good["segments"][1:]})
+    yield "huge count", json.dumps({**good, "count": 10**30})
+    yield "NaN", json.dumps({**good, "generation": float("nan")})
+    yield "garbage path", json.dumps({**good, "garbage": ["a/b"]})
+    yield "extra field", json.dumps({**good, "extra": 1})
+    yield "not UTF-8", b"\xff\xfe{}"
+    yield "a list", b"[]"
+
+
+def test_a_malformed_manifest_is_a_corrupt_gallery_error(filled):
+    g, _ = filled
+    g.close()
+    manifest = g.path / MANIFEST_NAME
+    good = json.loads(manifest.read_text())
+    for label, text in _bad_manifests(good):
+        manifest.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(CorruptGalleryError) as info:
+            Gallery.open(g.path, verify=False)
+            pytest.fail(label)
+        assert MANIFEST_NAME in str(info.value), label
+
+
+def test_a_malformed_journal_is_a_corrupt_gallery_error_and_a_torn_tail_is_ignored(tmp_path, rng):
+    g = Gallery.create(tmp_path / "g", dim=24, attributes=ATTRS, aam_shape=(8, 4), model="m", auto_compact=None)
+    batches = [_batch(rng, 2) for _ in range(3)]
+    for b in batches:
+        g.append(**b)
+    data = _concat(batches)
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(g.path, snapshot, ignore=shutil.ignore_patterns(".lock"))  # a journal with six records
+    g.close()
+    good = (snapshot / JOURNAL_NAME).read_bytes()
+    header, *records = good.splitlines(keepends=True)
+    last = json.loads(records[-1][9:])
+    cases = {
+        "deep JSON": header + b"".join(records) + b"%08x %s\n" % (zlib.crc32(b"[" * 50_000 + b"]" * 50_000),
+                                                                   b"[" * 50_000 + b"]" * 50_000),
+        "NUL name": header + b"".join(records) + _journal_line({"seq": 7, "op": "begin", "name": "a\x00b"}),
+        "escaping name": header + b"".join(records) + _journal_line({"seq": 7, "op": "begin", "name": "../../x"}),
+        "count string": header + b"".join(records[:-1]) + _journal_line(
+            {**last, "segment": {**last["segment"], "count": "2"}}),
+        "out of sequence": header + b"".join(records) + records[-1],
+        "reused name": header + b"".join(records) + _journal_line(
+            {**last, "seq": 7, "segment": {**last["segment"], "first_id": 6}}),
+        "unknown op": header + b"".join(records) + _journal_line({"seq": 7, "op": "drop", "name": "x"}),
+        "damaged middle": header + records[0][:20] + b"X" + records[0][21:] + b"".join(records[1:]),
+        "bad header": b"0000000 " + header[8:] + b"".join(records),
+        "header only garbage": b"{}\n",
+    }
+    for label, raw in cases.items():
+        (snapshot / JOURNAL_NAME).write_bytes(raw)
+        with pytest.raises(CorruptGalleryError) as info:
+            Gallery.open(snapshot, verify=False)
+            pytest.fail(label)
+        assert JOURNAL_NAME in str(info.value), label
+    torn = {"half a record": good + _journal_line({"seq": 7, "op": "begin", "name": "x"})[:30],
+            "bad checksum at the end": good + b"deadbeef " + _journal_line({"seq": 7, "op": "begin", "name": "x"})[9:],
+            "two torn lines": good + b"0\n1\n"}
+    for label, raw in torn.items():
+        (snapshot / JOURNAL_NAME).write_bytes(raw)
+        with Gallery.open(snapshot, verify=True) as r:
+            _assert_holds(r, data)
+        with Gallery.open(snapshot, writable=True) as w:  # the writer folds it away
+            _assert_holds(w, data)
+        assert (snapshot / JOURNAL_NAME).read_bytes().count(b"\n") == 1, label
+
+
+# ---------------------------------------------------------------------- format 1 and reading rows by position
+
+
+V1_FIXTURE = Path(__file__).parent / "data" / "gallery_v1"  # written by the format-1 store (commit f4db7f6)
+
+
+def _v1_rows(first, n):
+    i = np.arange(first, first + n, dtype=np.float32)
+    return (i[:, None] + np.linspace(0, 1, 4, dtype=np.float32),
+            (i[:, None, None] + np.linspace(0, 1, 8, dtype=np.float32).reshape(2, 4)) / 8,
+            np.stack([i / 10, 1 - i / 10], 1).astype(np.float32),
+            np.broadcast_to((i / 10)[:, None, None, None], (n, 2, 2, 2)).astype(np.float32),
+            [{"key": f"e{int(j)}", "camera": int(j) % 2} for j in i])
+
+
+def _check_v1(g, n):
+    emb, attr, probs, aam, meta = _v1_rows(0, n)
+    ids = np.arange(n)
+    np.testing.assert_array_equal(g.embeddings(ids), emb)
+    np.testing.assert_array_equal(g.attr_embeddings(ids), attr.astype(np.float16))
+    np.testing.assert_array_equal(g.probs(ids), probs)
+    np.testing.assert_array_equal(g.aam(ids), aam.astype(np.float16))
+    assert g.meta(ids) == [{"id": int(i), **m} for i, m in zip(ids, meta, strict=True)]
+
+
+def test_a_format_1_gallery_opens_and_a_writer_upgrades_it(tmp_path):
+    path = tmp_path / "g"
+    shutil.copytree(V1_FIXTURE, path)
+    manifest = path / MANIFEST_NAME
+    v1 = manifest.read_bytes()
+    assert json.loads(v1)["version"] == 1
+    with Gallery.open(path, verify=True) as r:
+        assert (len(r), r.segments, r.model) == (5, 2, "v1-fixture")
+        _check_v1(r, 5)
+        assert r.search(r.embeddings([3]), 1)[1][0, 0] == 3
+    assert manifest.read_bytes() == v1 and not (path / JOURNAL_NAME).exists()  # reading changes nothing
+    with Gallery.open(path, writable=True) as w:
+        assert json.loads(manifest.read_text())["version"] == 2 and (path / JOURNAL_NAME).exists()
+        emb, attr, probs, aam, meta = _v1_rows(5, 2)
+        w.append(emb, attr, probs, meta, aam=aam)
+    with Gallery.open(path, verify=True) as r:
+        _check_v1(r, 7)
+
+
+def test_hit_rows_are_read_without_mapping_the_store(tmp_path, rng):
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/self/maps (Linux)")
+    g = Gallery.create(tmp_path / "g", dim=256, attributes=ATTRS, aam_shape=(8, 4), model="m")
+    b = _batch(rng, 700, dim=256)  # every array file of the segment but probs.npy is over 1 MiB
+    g.append(**b)
+    g.close()
+    segments = str(g.path / "segments")
+    with Gallery.open(g.path) as r:
+        for _ in range(20):
+            d, ids = r.search(rng.standard_normal((2, 256)).astype(np.float32), 10)
+            flat = ids.ravel()
+            np.testing.assert_array_equal(r.attr_embeddings(flat), b["attr_embeddings"][flat].astype(np.float16))
+            np.testing.assert_array_equal(r.aam(flat), b["aam"][flat].astype(np.float16))
+            np.testing.assert_array_equal(r.embeddings(flat[::-1]), b["embedding"][flat[::-1]])
+            assert [m["key"] for m in r.meta(flat)] == [b["meta"][i]["key"] for i in flat]
+        assert segments not in maps.read_text()  # positioned reads: no page of the store is mapped
+        chunks = list(r.attr_chunks(256))  # a scan maps the file while it holds the views ...
+        assert segments in maps.read_text()
+        np.testing.assert_array_equal(np.concatenate([c for _, c in chunks]), b["attr_embeddings"].astype(np.float16))
+        del chunks
+        assert segments not in maps.read_text()  # ... and not after
+
+
+def test_a_reader_that_saw_a_failed_appends_begin_record_reads_on(filled, rng, monkeypatch):
+    """A failed append's begin record is cut off the journal again; a reader that read it must not lose its place."""
+    g, data = filled
+    reader = Gallery.open(g.path)
+    real_fsync = os.fsync
+    calls = []
+
+    def read_then_fail(fd):
+        calls.append(fd)
+        if len(calls) == 1:  # the first file of the new segment: its begin record is in the journal now
+            assert reader.refresh() == len(data["meta"])
+            raise OSError(5, "Input/output error")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", read_then_fail)
+    with pytest.raises(StorageError, match="nothing was published"):
+        g.append(**_batch(rng, 2))
+    monkeypatch.undo()
+    extra = [_batch(rng, 3), _batch(rng, 1)]  # records now where the cut one was
+    for b in extra:
+        g.append(**b)
+    assert reader.refresh() == len(data["meta"]) + 4
+    _assert_holds(reader, _concat([data, *extra]))
+    reader.close()

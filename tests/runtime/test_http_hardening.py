@@ -18,7 +18,7 @@ from http_helpers import b64, call, health, health_ok, raw_exchange
 import attrimeter.runtime.app as app_module
 from attrimeter.cli import main
 from attrimeter.runtime.errors import InputError
-from attrimeter.runtime.runtime import MAX_KEY_CHARS, Runtime
+from attrimeter.runtime.runtime import MAX_KEY_CHARS, Runtime, RuntimeConfig
 from attrimeter.runtime.server import RuntimeServer, ServerLimits
 
 
@@ -29,7 +29,8 @@ def images(tiny_data):
 
 @pytest.fixture(scope="module")
 def runtime(tiny_export, images, tmp_path_factory):
-    rt = Runtime(tiny_export, tmp_path_factory.mktemp("hardening") / "gallery", create_gallery=True, threads=1)
+    rt = Runtime(tiny_export, tmp_path_factory.mktemp("hardening") / "gallery",
+                 RuntimeConfig(create_gallery=True, threads=1))
     rt.add(images[:6], keys=[p.name for p in images[:6]])
     yield rt
     rt.close()
@@ -224,10 +225,10 @@ def _corrupt_rows(gallery_dir, rows):
 
 def test_corrupt_stored_rows_are_named_and_health_degrades(tiny_export, images, tmp_path):
     gallery = tmp_path / "gallery"
-    with Runtime(tiny_export, gallery, create_gallery=True, threads=1) as rt:
+    with Runtime(tiny_export, gallery, RuntimeConfig(create_gallery=True, threads=1)) as rt:
         rt.add(images[:6])
     _corrupt_rows(gallery, [2])
-    with Runtime(tiny_export, gallery, threads=1) as rt, RuntimeServer(rt, port=0) as srv:
+    with Runtime(tiny_export, gallery, RuntimeConfig(threads=1)) as rt, RuntimeServer(rt, port=0) as srv:
         health_ok(srv)
         data = b64(images[2].read_bytes())
         status, _, body = call(srv, "POST", "/search", {"images": [data], "k": 6})
@@ -246,7 +247,7 @@ def test_corrupt_stored_rows_are_named_and_health_degrades(tiny_export, images, 
 ])
 def test_a_malformed_manifest_leaves_searches_served_and_health_degraded(tiny_export, images, tmp_path, manifest):
     gallery = tmp_path / "gallery"
-    with Runtime(tiny_export, gallery, create_gallery=True, threads=1) as rt:
+    with Runtime(tiny_export, gallery, RuntimeConfig(create_gallery=True, threads=1)) as rt:
         rt.add(images[:4])
     path = gallery / "gallery.json"
     good = path.read_bytes()
@@ -254,7 +255,7 @@ def test_a_malformed_manifest_leaves_searches_served_and_health_degraded(tiny_ex
         doc = json.loads(good)
         doc["segments"][0]["name"] = "seg\x00ment"
         manifest = json.dumps(doc).encode()
-    with Runtime(tiny_export, gallery, threads=1, refresh_s=0.0) as rt, RuntimeServer(rt, port=0) as srv:
+    with Runtime(tiny_export, gallery, RuntimeConfig(threads=1, refresh_s=0.0)) as rt, RuntimeServer(rt, port=0) as srv:
         path.write_bytes(manifest)
         data = b64(images[1].read_bytes())
         status, _, body = call(srv, "POST", "/search", {"images": [data], "k": 2})

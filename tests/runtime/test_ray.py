@@ -27,11 +27,12 @@ from attrimeter.runtime.distributed.manifest import read_manifest, shard_of
 from attrimeter.runtime.distributed.sharded import ShardedGallery
 from attrimeter.runtime.errors import GalleryError, ShardUnavailableError
 from attrimeter.runtime.gallery import Gallery
-from attrimeter.runtime.runtime import Runtime
+from attrimeter.runtime.runtime import Runtime, RuntimeConfig
 
 ray = pytest.importorskip("ray")
 
 ACTORS = {"num_cpus": 0.25}  # four shard actors on a 2-CPU cluster
+ONE_THREAD = RuntimeConfig(threads=1)
 CLI = Path(sys.executable).with_name("attrimeter")
 
 
@@ -56,8 +57,8 @@ def stores(tiny_export, cluster, tmp_path_factory):
 def test_shard_actors_answer_like_one_store(stores, tiny_export, tiny_data, rng):
     sharded, single, parts, identity = stores
     emb = queries(rng, parts, identity)
-    with (Runtime(tiny_export, ShardedGallery.open(sharded, mode="ray", actor_options=ACTORS), threads=1) as rt,
-          Runtime(tiny_export, single, threads=1) as one):
+    with (Runtime(tiny_export, ShardedGallery.open(sharded, mode="ray", actor_options=ACTORS), ONE_THREAD) as rt,
+          Runtime(tiny_export, single, ONE_THREAD) as one):
         assert len(rt.gallery.actors) == 4
         weights = {name: float(rng.uniform(0, 3)) for name in rt.attributes[::2]}
         for k in (1, 7, 500):
@@ -66,8 +67,9 @@ def test_shard_actors_answer_like_one_store(stores, tiny_export, tiny_data, rng)
                 assert_same_results(got, want)
         query = sorted((tiny_data / "query").glob("*.jpg"))[0]
         assert_same_results([rt.explain(query, [117, 3, 50])], [one.explain(query, [117, 3, 50])])
-        got = rt.search(query, k=4, overlays=2)[0].matches
-        assert all(len(m.overlays) == 2 for m in got)  # the maps came back with the rows
+        got, want = rt.search(query, k=4, overlays=2)[0].matches, one.search(query, k=4, overlays=2)[0].matches
+        for a, b in zip(got, want, strict=True):  # the maps came back with the rows
+            assert a.gallery_aam is not None and np.array_equal(a.gallery_aam, b.gallery_aam)
 
 
 def test_a_shard_that_cannot_open_is_named(stores, tmp_path, rng):
@@ -87,7 +89,7 @@ def test_a_dead_shard_actor_is_named_or_left_out(stores, tiny_export, tmp_path, 
     rest, global_ids = rest_store(tmp_path / "rest", parts, identity, skip=2)
     want = global_ids[rest.search(emb.embedding, 5)[1]]
     sg = ShardedGallery.open(sharded, mode="ray", actor_options=ACTORS)
-    with Runtime(tiny_export, sg, threads=1) as rt:
+    with Runtime(tiny_export, sg, ONE_THREAD) as rt:
         ray.kill(sg.actors[2], no_restart=True)
         with pytest.raises(ShardUnavailableError, match="shard-002: ActorDiedError") as e:
             rt.search_embeddings(emb, k=5)
@@ -172,7 +174,7 @@ def test_index_ray_stores_what_index_stores_and_serve_ray_serves_it(cluster, tin
     out = tmp_path / "sharded"
     report = index_sharded(tiny_export, images, out, shards=3, batch_size=16, segment=20, progress=False)
     assert (report.added, report.already, report.skipped, report.passes, sum(report.counts)) == (n, 0, [], 1, n)
-    with Runtime(tiny_export, tmp_path / "one", create_gallery=True, threads=1) as rt:
+    with Runtime(tiny_export, tmp_path / "one", RuntimeConfig(create_gallery=True, threads=1)) as rt:
         rt.index_folder(images, progress=False)
     sharded_rows = {k: v for folder in sorted(out.glob("shard-*")) for k, v in _rows_by_key(folder).items()}
     one_rows = _rows_by_key(tmp_path / "one")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from http_helpers import b64, call
 
-from attrimeter.runtime.runtime import Runtime
+from attrimeter.runtime.runtime import Runtime, RuntimeConfig
 from attrimeter.runtime.server import RuntimeServer
 
 
@@ -38,7 +38,7 @@ def _start(args, timeout=120):
 
 def test_cli_serve_options_viewer_and_sigterm(tiny_export, tiny_data, tmp_path):
     gallery = tmp_path / "gallery"
-    with Runtime(tiny_export, gallery, create_gallery=True, threads=1) as rt:
+    with Runtime(tiny_export, gallery, RuntimeConfig(create_gallery=True, threads=1)) as rt:
         rt.index_folder(tiny_data / "query", progress=False)
     proc, url, _ = _start(["--export", str(tiny_export), "--gallery", str(gallery), "--writable", "--port", "0",
                            "--threads", "1", "--max-connections", "8", "--backlog", "256", "--queue-timeout", "0.5",
@@ -70,7 +70,7 @@ def test_cli_serve_refuses_bad_limits(bad):
 
 def test_stopping_finishes_the_answer_in_progress(tiny_export, tiny_data, monkeypatch):
     image = b64(next((tiny_data / "query").glob("*.jpg")).read_bytes())
-    with Runtime(tiny_export, threads=1) as rt:
+    with Runtime(tiny_export, config=RuntimeConfig(threads=1)) as rt:
         embed = rt.embed
         entered = threading.Event()
 

@@ -22,9 +22,8 @@ import pytest
 from http_helpers import b64, call, health_ok, raw_exchange
 from PIL import Image
 
-from attrimeter.runtime import gallery as gallery_module
 from attrimeter.runtime.errors import OverloadedError
-from attrimeter.runtime.runtime import Runtime
+from attrimeter.runtime.runtime import Runtime, RuntimeConfig
 from attrimeter.runtime.server import RuntimeServer, ServerLimits, serve
 
 MAX_IMAGES = 6
@@ -85,8 +84,8 @@ def files(tiny_data):
 
 @pytest.fixture(scope="module")
 def runtime(tiny_export, files, tmp_path_factory):
-    rt = Runtime(tiny_export, tmp_path_factory.mktemp("served") / "gallery", create_gallery=True, max_wait_ms=1.0,
-                 threads=1)
+    rt = Runtime(tiny_export, tmp_path_factory.mktemp("served") / "gallery",
+                 RuntimeConfig(create_gallery=True, max_wait_ms=1.0, threads=1))
     rt.add(files["gallery"], keys=[p.name for p in files["gallery"]], cameras=[int(p.name.split("_")[1][1])
                                                                               for p in files["gallery"]])
     yield rt
@@ -103,7 +102,7 @@ def server(runtime):
 @pytest.fixture(scope="module")
 def bare(tiny_export):
     """A server whose runtime has no gallery."""
-    rt = Runtime(tiny_export, threads=1)
+    rt = Runtime(tiny_export, config=RuntimeConfig(threads=1))
     with RuntimeServer(rt, port=0) as srv:
         yield srv
     rt.close()
@@ -117,7 +116,7 @@ def test_health(server, runtime):
     assert body["backend"] == runtime.backend.name == "onnxruntime"
     assert body["device"] == runtime.backend.device
     assert body["gallery"] == len(runtime.gallery) >= 12
-    assert body["model"] and runtime.manifest["source"]["sha256"].startswith(body["model"])
+    assert body["model"] and runtime.manifest.source.sha256.startswith(body["model"])
 
 
 # --------------------------------------------------------------------------------------------------------- metrics
@@ -168,7 +167,7 @@ def parse_metrics(text):
     return samples, types
 
 
-def test_metrics_parse_and_count(server, files):
+def test_metrics_parse_and_count(server, runtime, files):
     status, resp, text = call(server, "GET", "/metrics")
     assert status == 200 and resp.getheader("Content-Type").startswith("text/plain; version=0.0.4")
     before, types = parse_metrics(text)
@@ -177,14 +176,25 @@ def test_metrics_parse_and_count(server, files):
     assert types["attrimeter_gallery_entries"] == types["attrimeter_runtime_queue_depth"] == "gauge"
     assert types["attrimeter_runtime_images_total"] == "counter"
 
+    assert types["attrimeter_runtime_errors_total"] == "counter"
+
     n = int(np.random.default_rng().integers(1, 4))
     status, _, _ = call(server, "POST", "/embed", {"images": [b64(p.read_bytes()) for p in files["queries"][:n]]})
     assert status == 200
-    assert call(server, "POST", "/embed", {"images": 3})[0] == 400
+    assert call(server, "POST", "/embed", {"images": 3})[0] == 400  # refused before any runtime call
+    zero = dict.fromkeys(runtime.attributes, 0.0)  # the runtime refuses it: a search error
+    query = b64(files["queries"][0].read_bytes())
+    assert call(server, "POST", "/search", {"images": [query], "weights": zero})[0] == 400
     after, _ = parse_metrics(call(server, "GET", "/metrics")[2])
 
     def get(samples, name, **labels):
         return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    for op, errors in (("embed", 0), ("search", 1)):  # the server times each runtime call and counts its errors
+        assert (get(after, "attrimeter_runtime_latency_seconds_count", op=op)
+                == get(before, "attrimeter_runtime_latency_seconds_count", op=op) + 1), op
+        assert (get(after, "attrimeter_runtime_errors_total", op=op)
+                == get(before, "attrimeter_runtime_errors_total", op=op) + errors), op
 
     ok = {"endpoint": "/embed", "method": "POST", "code": "200"}
     bad = {**ok, "code": "400"}
@@ -473,7 +483,7 @@ def test_overload_is_503_disk_failure_507_and_crashes_500(server, runtime, files
     def disk_full(*args, **kwargs):  # where a real disk would fail: the gallery turns it into a StorageError
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(gallery_module, "_write_segment", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full)
     with caplog.at_level(logging.ERROR, logger="attrimeter.runtime.app"):
         status, _, body = call(server, "POST", "/gallery/add", {"images": [ok]})
     assert status == 507 and "No space left" in body["error"] and body["status"] == 507
@@ -503,7 +513,7 @@ def test_limits_are_checked():
 
 
 def test_serve_stops_on_signal_and_closes_runtime(tiny_export, files, caplog):
-    rt = Runtime(tiny_export, threads=1)
+    rt = Runtime(tiny_export, config=RuntimeConfig(threads=1))
     closed = threading.Event()
     close = rt.close
     rt.close = lambda: (closed.set(), close())

@@ -26,8 +26,10 @@ from attrimeter.runtime.distributed.shard import ShardServer
 from attrimeter.runtime.distributed.sharded import ShardedGallery
 from attrimeter.runtime.errors import GalleryError, InputError, ShardUnavailableError, UnknownIdError
 from attrimeter.runtime.gallery import Gallery
-from attrimeter.runtime.runtime import Runtime
+from attrimeter.runtime.runtime import Runtime, RuntimeConfig
 from attrimeter.runtime.server import RuntimeServer
+
+ONE_THREAD = RuntimeConfig(threads=1)
 
 
 @pytest.fixture(scope="module", params=["l2", "ip"])
@@ -42,7 +44,7 @@ def stores(request, tiny_export, tmp_path_factory):
 @pytest.fixture(scope="module")
 def runtimes(tiny_export, stores):
     sharded, single = stores[:2]
-    with Runtime(tiny_export, sharded, threads=1) as a, Runtime(tiny_export, single, threads=1) as b:
+    with Runtime(tiny_export, sharded, ONE_THREAD) as a, Runtime(tiny_export, single, ONE_THREAD) as b:
         yield a, b
 
 
@@ -114,14 +116,14 @@ def test_a_failing_shard_is_named_or_left_out_with_partial(stores, tiny_export, 
     rest, global_ids = rest_store(tmp_path / "rest", parts, identity, skip=2)
     monkeypatch.setattr(ShardServer, "top_k", _failing("shard-002"))
     emb = queries(rng, parts, identity)
-    with Runtime(tiny_export, ShardedGallery.open(sharded), threads=1) as rt:
+    with Runtime(tiny_export, ShardedGallery.open(sharded), ONE_THREAD) as rt:
         with pytest.raises(ShardUnavailableError, match="shard-002: OSError: disk gone") as e:
             rt.search_embeddings(emb, k=5)
         assert e.value.missing == ("shard-002",)
     with ShardedGallery.open(sharded, partial=True) as sg:
         with pytest.raises(ShardUnavailableError):  # (d, ids) cannot say what is missing: never partial
             sg.search(emb.embedding, 5)
-        with Runtime(tiny_export, sg, threads=1) as rt:
+        with Runtime(tiny_export, sg, ONE_THREAD) as rt:
             results = rt.search_embeddings(emb, k=5)
     d, ids = rest.search(emb.embedding, 5)
     for r, row in zip(results, ids, strict=True):
@@ -135,7 +137,7 @@ def test_http_answers_503_or_names_the_missing_shards(stores, tiny_export, tiny_
     monkeypatch.setattr(ShardServer, "top_k", _failing("shard-000"))
     image = b64(sorted((tiny_data / "query").glob("*.jpg"))[0].read_bytes())
     for partial in (False, True):
-        with (Runtime(tiny_export, ShardedGallery.open(sharded, partial=partial), threads=1) as rt,
+        with (Runtime(tiny_export, ShardedGallery.open(sharded, partial=partial), ONE_THREAD) as rt,
               RuntimeServer(rt, port=0) as srv):
             status, resp, body = call(srv, "POST", "/search", {"images": [image], "k": 3})
             if partial:
@@ -180,10 +182,10 @@ def test_open_refuses_inconsistent_shards(stores, tiny_export, tmp_path, rng):
 def test_read_only_refresh_and_model_check(stores, tiny_export, tmp_path, rng):
     sharded, _, _, identity = stores
     with pytest.raises(GalleryError, match="read-only"):
-        Runtime(tiny_export, sharded, writable=True, threads=1)
+        Runtime(tiny_export, sharded, RuntimeConfig(writable=True, threads=1))
     copy = tmp_path / "copy"
     shutil.copytree(sharded, copy)
-    with Runtime(tiny_export, copy, threads=1, refresh_s=None) as rt:
+    with Runtime(tiny_export, copy, RuntimeConfig(threads=1, refresh_s=None)) as rt:
         assert rt.refresh() == len(rt.gallery)
         with pytest.raises(GalleryError, match="read-only"):
             rt.add(rng.uniform(0, 1, (64, 32, 3)))
@@ -202,7 +204,7 @@ def test_read_only_refresh_and_model_check(stores, tiny_export, tmp_path, rng):
         doc = json.loads((copy / name / "gallery.json").read_text())
         (copy / name / "gallery.json").write_text(json.dumps({**doc, "model": "f" * 64}))
     with pytest.raises(GalleryError, match="another model"):
-        Runtime(tiny_export, copy, threads=1, verify=False)
+        Runtime(tiny_export, copy, RuntimeConfig(threads=1, verify=False))
 
 
 def test_shard_assignment_is_stable_across_processes_and_balanced():

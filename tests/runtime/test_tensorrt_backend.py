@@ -1,5 +1,5 @@
 """TensorRT backend and the cuda-python launcher of the AOT explain kernels (runtime/tensorrt_backend.py,
-runtime/cuda_kernels.py).
+runtime/cuda_kernels.py, runtime/explain_kernels.py).
 
 The CPU machines have neither a GPU nor TensorRT, so:
 
@@ -26,12 +26,14 @@ import numpy as np
 import pytest
 from api_names import Stubs, attribute_chains, load_stubs, name_problems, tensorrt_chains
 
-from attrimeter.export import tensorrt_engine as te
+from attrimeter.artefact.device import cuda_device, tensorrt_available
+from attrimeter.artefact.kernels import KernelIndex, KernelIndexEntry
 from attrimeter.runtime import cuda_kernels as ck
+from attrimeter.runtime import explain_kernels as ek
 from attrimeter.runtime import tensorrt_backend as tb
 from attrimeter.runtime.backends import BackendError
+from attrimeter.runtime.decompose import Decomposition, explain_rows
 from attrimeter.runtime.errors import GalleryError, InputError, UnknownIdError
-from attrimeter.runtime.explain import explain_rows
 
 try:
     from cuda.bindings import driver as drv
@@ -49,6 +51,7 @@ def stubs() -> Stubs:
 
 BACKEND = Path(tb.__file__)
 LAUNCHER = Path(ck.__file__)
+KERNEL_ARGUMENTS = Path(ek.__file__)  # packs cuLaunchKernel's parameters
 # Variables of runtime/tensorrt_backend.py whose TensorRT class is known: every attribute read on them is checked.
 TYPED_NAMES = {"runtime": "Runtime", "engine": "ICudaEngine", "context": "IExecutionContext"}
 
@@ -113,7 +116,7 @@ def _cuda_problems(source: str) -> list[str]:
 def test_every_cuda_python_name_exists():
     version = importlib.metadata.version("cuda-bindings")
     used = set()
-    for path in (BACKEND, LAUNCHER):
+    for path in (BACKEND, LAUNCHER, KERNEL_ARGUMENTS):
         source = path.read_text()
         assert _cuda_problems(source) == [], f"{path.name}: names missing from cuda-bindings {version}"
         used |= {chain[0] for _, chain, _ in _cuda_chains(source)}
@@ -393,19 +396,17 @@ def aot_export(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("aot_export")
     aot.compile_kernels(out / "kernels", aot.kernel_specs(C, 8, M, 3.0, 1e-6, "float32")[1:], ("sm_80",))
-    manifest = {"feature_map": [C, 4, 2], "attributes": [{"name": f"attr{i}"} for i in range(M)],
-                "kernels": {"index": "kernels/index.json"}}
-    return out, manifest
+    return out
 
 
 @pytest.fixture
 def explainer(aot_export, fake_cuda):
-    out, manifest = aot_export
+    out = aot_export
     fake_cuda.shape = (M, C)
-    for name in ck.EXPLAIN_KERNELS:
-        meta = ck.load_explain_kernel(out / "kernels" / "sm_80" / f"{name}.json")
+    for name in ek.EXPLAIN_KERNELS:
+        meta = ek.load_explain_kernel(out / "kernels" / "sm_80" / f"{name}.json")
         fake_cuda.module_params[meta.cubin] = [p for p, _ in meta.params]
-    explainer = ck.CudaExplainer(out, manifest)
+    explainer = ck.CudaExplainer(out / "kernels" / "index.json", C, M)
     yield explainer
     explainer.close()
 
@@ -415,10 +416,10 @@ def _gallery(rng, n: int) -> np.ndarray:
 
 
 def test_launch_geometry_and_parameters(explainer, fake_cuda, aot_export, rng):
-    out, _ = aot_export
+    out = aot_export
     assert explainer.target == "sm_80"  # an sm_86 device runs the sm_80 cubins
     assert sorted(fake_cuda.modules.values()) == sorted(
-        (out / "kernels" / "sm_80" / f"{name}.cubin").read_bytes() for name in ck.EXPLAIN_KERNELS)
+        (out / "kernels" / "sm_80" / f"{name}.cubin").read_bytes() for name in ek.EXPLAIN_KERNELS)
     assert fake_cuda.attributes == []  # 32 B of shared memory: no opt-in
     gallery = _gallery(rng, 37)
     explainer.set_gallery(gallery)
@@ -448,9 +449,13 @@ def test_launch_geometry_and_parameters(explainer, fake_cuda, aot_export, rng):
     assert len({p for n, p in pointers.items() if "scratch" not in n}) == 9  # distinct buffers
 
     ref = explain_rows(q, gallery[ids])
-    for key in ("d", "d_k", "shares", "d_hat", "scores"):
-        assert result[key].dtype == np.float32
-        np.testing.assert_allclose(result[key], getattr(ref, key), rtol=1e-5, atol=1e-6, err_msg=key)
+    assert isinstance(result, Decomposition)  # the device-index protocol's one result type
+    for key in Decomposition._fields:
+        assert getattr(result, key).dtype == np.float32
+        np.testing.assert_allclose(getattr(result, key), getattr(ref, key), rtol=1e-5, atol=1e-6, err_msg=key)
+    assert not explainer.can_rank(False, "l2") and not explainer.can_rank(True, "l2")  # FAISS ranks
+    with pytest.raises(NotImplementedError, match="does not rank"):
+        explainer.search(q, 4, None)
     assert fake_cuda.ctx_depth == 0  # every push popped
 
 
@@ -465,8 +470,8 @@ def test_weighted_explain_passes_the_weights(explainer, fake_cuda, rng):
     names = [name for name, _, _ in fake_cuda.launches[-1]["params"]]
     assert names[3] == "w_ptr" and len(names) == 15
     ref = explain_rows(q, gallery[ids], weights.astype(np.float32))
-    np.testing.assert_allclose(result["scores"], ref.scores, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(result["d"], ref.d, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.scores, ref.scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.d, ref.d, rtol=1e-5, atol=1e-6)
     with pytest.raises(InputError, match="all zero"):
         explainer.explain(q, ids, weights=np.zeros(M))
 
@@ -479,7 +484,7 @@ def test_append_keeps_earlier_rows(explainer, rng):
     gallery = np.concatenate([first, second])
     q = rng.normal(size=(2, M + 1, C)).astype(np.float32)
     ids = np.array([[0, 2, 3, 302], [1, 150, 0, 0]])
-    np.testing.assert_allclose(explainer.explain(q, ids)["d_k"], explain_rows(q, gallery[ids]).d_k, rtol=1e-5)
+    np.testing.assert_allclose(explainer.explain(q, ids).d_k, explain_rows(q, gallery[ids]).d_k, rtol=1e-5)
     explainer.set_gallery(second[:5])  # replaces
     assert len(explainer) == 5
 
@@ -515,7 +520,7 @@ def test_non_finite_gallery_row_is_named_and_the_counter_resets(explainer, rng):
         explainer.explain(q, np.array([[1, 5, 2]]))
     # The error counter is zeroed before every launch: a clean request afterwards passes.
     result = explainer.explain(q, np.array([[1, 2]]))
-    np.testing.assert_allclose(result["d"], explain_rows(q, gallery[[[1, 2]]]).d, rtol=1e-5)
+    np.testing.assert_allclose(result.d, explain_rows(q, gallery[[[1, 2]]]).d, rtol=1e-5)
 
 
 def test_close_releases_everything_once(explainer, fake_cuda, rng):
@@ -531,10 +536,9 @@ def test_close_releases_everything_once(explainer, fake_cuda, rng):
 
 
 def test_cuda_errors_name_the_call_and_leak_nothing(aot_export, fake_cuda):
-    out, manifest = aot_export
     fake_cuda.fail["cuStreamCreate"] = drv.CUresult.CUDA_ERROR_OUT_OF_MEMORY
     with pytest.raises(RuntimeError, match=r"cuStreamCreate failed: CUDA_ERROR_OUT_OF_MEMORY \(2\)"):
-        ck.CudaExplainer(out, manifest)
+        ck.CudaExplainer(aot_export / "kernels" / "index.json", C, M)
     assert fake_cuda.modules == {} and fake_cuda.retained == 0 and fake_cuda.ctx_depth == 0
 
 
@@ -542,13 +546,12 @@ def test_large_shared_memory_is_opted_into(aot_export, fake_cuda, tmp_path):
     import json
     import shutil
 
-    out, manifest = aot_export
-    shutil.copytree(out / "kernels", tmp_path / "kernels")
+    shutil.copytree(aot_export / "kernels", tmp_path / "kernels")
     path = tmp_path / "kernels" / "sm_80" / "explain.json"
     meta = json.loads(path.read_text())
     meta["shared_bytes"] = 64 * 1024
     path.write_text(json.dumps(meta))
-    explainer = ck.CudaExplainer(tmp_path, manifest)
+    explainer = ck.CudaExplainer(tmp_path / "kernels" / "index.json", C, M)
     try:
         (function, attrib, value), = fake_cuda.attributes
         assert attrib == drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES and value == 65536
@@ -556,38 +559,37 @@ def test_large_shared_memory_is_opted_into(aot_export, fake_cuda, tmp_path):
         explainer.close()
     fake_cuda.optin = 48 * 1024 + 512  # e.g. a smaller GPU: the kernel cannot run there
     with pytest.raises(ValueError, match=r"needs 65536 \+ 0 B of shared memory per block, this device allows"):
-        ck.CudaExplainer(tmp_path, manifest)
+        ck.CudaExplainer(tmp_path / "kernels" / "index.json", C, M)
     assert fake_cuda.modules == {} and fake_cuda.retained == 0
 
 
 def test_kernels_for_other_shapes_are_refused(aot_export, fake_cuda):
-    out, manifest = aot_export
     with pytest.raises(ValueError, match="compiled for .*'C': 24.*C=32"):
-        ck.CudaExplainer(out, {**manifest, "feature_map": [32, 4, 2]})
-    with pytest.raises(ValueError, match="has no AOT kernels"):
-        ck.CudaExplainer(out, {**manifest, "kernels": None})
+        ck.CudaExplainer(aot_export / "kernels" / "index.json", 32, M)
+    with pytest.raises(ValueError, match=r"kernel index .*nowhere\.json is unreadable"):
+        ck.CudaExplainer(aot_export / "kernels" / "nowhere.json", C, M)
 
 
-def _index(**shared: int) -> dict:
-    return {"targets": {t: {k: {"json": f"{t}/{k}.json", "shared_bytes": s} for k in ck.EXPLAIN_KERNELS}
-                        for t, s in shared.items()}}
+def _index(**shared: int) -> KernelIndex:
+    return KernelIndex({t: {k: KernelIndexEntry(f"{t}/{k}.json", "_explain_kernel", s, 128) for k in ek.EXPLAIN_KERNELS}
+                        for t, s in shared.items()})
 
 
 def test_target_choice_follows_the_c_launcher():
     index = _index(sm_80=32, sm_86=32, sm_90=32)
-    assert ck.choose_target(index, 90, 232448) == "sm_90"
-    assert ck.choose_target(index, 86, 101376) == "sm_86"
-    assert ck.choose_target(index, 89, 101376) == "sm_86"  # the highest lower minor of the same major
-    assert ck.choose_target(_index(sm_80=120_000, sm_86=32), 87, 166912) == "sm_86"
+    assert ek.choose_target(index, 90, 232448) == "sm_90"
+    assert ek.choose_target(index, 86, 101376) == "sm_86"
+    assert ek.choose_target(index, 89, 101376) == "sm_86"  # the highest lower minor of the same major
+    assert ek.choose_target(_index(sm_80=120_000, sm_86=32), 87, 166912) == "sm_86"
     with pytest.raises(ValueError, match=r"sm_80 \(needs 120000 B shared memory.*--targets sm_86"):
-        ck.choose_target(_index(sm_80=120_000), 86, 101376)
+        ek.choose_target(_index(sm_80=120_000), 86, 101376)
     with pytest.raises(ValueError, match="arch-specific sm_90a"):
-        ck.choose_target(_index(sm_90=32), 91, 232448)  # hypothetical 9.1: sm_90a cubins run on 9.0 only
+        ek.choose_target(_index(sm_90=32), 91, 232448)  # hypothetical 9.1: sm_90a cubins run on 9.0 only
     with pytest.raises(ValueError, match="compiled for: sm_80, sm_86, sm_90.*--targets sm_75"):
-        ck.choose_target(index, 75, 65536)
-    incomplete = {"targets": {"sm_80": {"explain": {"json": "x", "shared_bytes": 32}}}}
+        ek.choose_target(index, 75, 65536)
+    incomplete = KernelIndex({"sm_80": {"explain": KernelIndexEntry("x", "_explain_kernel", 32, 128)}})
     with pytest.raises(ValueError, match="compiled for: none"):
-        ck.choose_target(incomplete, 80, 166912)
+        ek.choose_target(incomplete, 80, 166912)
 
 
 # --------------------------------------------------------------------------------------------------- backend (CPU)
@@ -689,13 +691,12 @@ def trt_export(tmp_path, fake_cuda, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(fake_cuda, record))
     monkeypatch.setattr(tb, "tensorrt_available", lambda: None)
     (tmp_path / "model.engine").write_bytes(b"engine")
-    manifest = {"image_size": [H, W], "max_batch": 32, "tensorrt": {"engine": "model.engine", "max_batch": 16}}
-    return tmp_path, manifest, record
+    return tmp_path / "model.engine", record
 
 
 def test_backend_splits_batches_and_routes_rows(trt_export, fake_cuda, rng):
-    folder, manifest, record = trt_export
-    backend = tb.TensorRTBackend(folder, manifest)
+    engine, record = trt_export
+    backend = tb.TensorRTBackend(engine, (H, W), 16)
     try:
         assert (backend.name, backend.device, backend.max_batch) == ("tensorrt", "cuda:0", PROFILE_MAX)
         # Buffers come once, for the largest batch: one device and one pinned buffer per I/O tensor.
@@ -727,22 +728,22 @@ def test_backend_splits_batches_and_routes_rows(trt_export, fake_cuda, rng):
 
 
 def test_backend_reports_a_bad_engine(trt_export, fake_cuda):
-    folder, manifest, _ = trt_export
-    (folder / "model.engine").write_bytes(b"not an engine")
+    engine, _ = trt_export
+    engine.write_bytes(b"not an engine")
     with pytest.raises(BackendError, match="(?s)cannot deserialize.*magic tag mismatch"):
-        tb.TensorRTBackend(folder, manifest)
-    with pytest.raises(BackendError, match="no TensorRT engine"):
-        tb.TensorRTBackend(folder, {**manifest, "tensorrt": None})
-    (folder / "model.engine").write_bytes(b"engine")
+        tb.TensorRTBackend(engine, (H, W), 16)
+    with pytest.raises(BackendError, match="absent.engine is missing"):
+        tb.TensorRTBackend(engine.with_name("absent.engine"), (H, W), 16)
+    engine.write_bytes(b"engine")
     with pytest.raises(BackendError, match=r"takes images \[3, 8, 4\], the manifest says \[3, 4, 8\]"):
-        tb.TensorRTBackend(folder, {**manifest, "image_size": [W, H]})
+        tb.TensorRTBackend(engine, (W, H), 16)
 
 
 def test_backend_cuda_failure_names_the_call_and_frees_the_rest(trt_export, fake_cuda):
-    folder, manifest, _ = trt_export
+    engine, _ = trt_export
     fake_cuda.fail["cudaMalloc"] = cudart.cudaError_t.cudaErrorMemoryAllocation
     with pytest.raises(RuntimeError, match="cudaMalloc failed: cudaErrorMemoryAllocation"):
-        tb.TensorRTBackend(folder, manifest)
+        tb.TensorRTBackend(engine, (H, W), 16)
     assert fake_cuda.device == {} and fake_cuda.pinned == {} and fake_cuda.streams == set()
 
 
@@ -751,7 +752,7 @@ def test_backend_cuda_failure_names_the_call_and_frees_the_rest(trt_export, fake
 
 @pytest.fixture(scope="session")  # session scope: decided before the session fixtures that train a model
 def real_tensorrt():
-    missing = te.tensorrt_available()
+    missing = tensorrt_available()
     if missing is not None:
         pytest.skip(missing)
     missing = ck.cuda_available()
@@ -767,19 +768,20 @@ def _relative(a: np.ndarray, b: np.ndarray) -> float:
 def test_backend_matches_onnxruntime(real_tensorrt, tiny_interpreter, tiny_export, tmp_path, flavor, rng):
     import onnxruntime as ort
 
+    from attrimeter.artefact.manifest import load_manifest
     from attrimeter.export.build import ENGINE_FP32_TOLERANCE, export
-    from attrimeter.export.manifest import load_manifest
 
     out = tmp_path / flavor
     export(tiny_interpreter, out, output_format="tensorrt", flavor=flavor, targets=(), max_batch=4, opt_batch=2,
            progress=False)
     manifest = load_manifest(out)
     session = ort.InferenceSession(str(tiny_export / "model.onnx"), providers=["CPUExecutionProvider"])
-    backend = tb.TensorRTBackend(out, manifest)
+    assert manifest.tensorrt is not None
+    backend = tb.TensorRTBackend(out / manifest.tensorrt.engine, manifest.image_size, manifest.tensorrt.max_batch)
     try:
         assert backend.max_batch == 4
         for batch in (1, 9):  # 9: split into 4 + 4 + 1
-            images = rng.random((batch, 3, *manifest["image_size"]), dtype=np.float32)
+            images = rng.random((batch, 3, *manifest.image_size), dtype=np.float32)
             got = backend.run(images)
             want = dict(zip(("embedding", "attr_embeddings", "aam", "attr_logits"),
                             session.run(["embedding", "attr_embeddings", "aam", "attr_logits"], {"images": images}),
@@ -798,15 +800,13 @@ def test_explainer_matches_numpy(tmp_path, rng):
     pytest.importorskip("triton", reason="the AOT kernels are compiled with Triton")
     from attrimeter.export import aot
 
-    device = te.cuda_device()
+    device = cuda_device()
     assert device is not None
     target = f"sm_{device.cc}"
     if target not in aot.TARGETS:
         pytest.skip(f"no AOT target is defined for this {target} GPU")
     aot.compile_kernels(tmp_path / "kernels", aot.kernel_specs(C, 8, M, 3.0, 1e-6, "float32")[1:], (target,))
-    manifest = {"feature_map": [C, 4, 2], "attributes": [{"name": f"attr{i}"} for i in range(M)],
-                "kernels": {"index": "kernels/index.json"}}
-    with ck.CudaExplainer(tmp_path, manifest) as explainer:
+    with ck.CudaExplainer(tmp_path / "kernels" / "index.json", C, M) as explainer:
         gallery = _gallery(rng, 1000)
         gallery[7] = gallery[3]  # a zero distance: shares fall back to 1/M
         explainer.set_gallery(gallery[:600])
@@ -819,8 +819,8 @@ def test_explainer_matches_numpy(tmp_path, rng):
         for w in (None, weights):
             got = explainer.explain(q, ids, weights=w)
             ref = explain_rows(q, gallery[ids], w)
-            for key in ("d", "d_k", "shares", "d_hat", "scores"):
-                np.testing.assert_allclose(got[key], getattr(ref, key), rtol=1e-5, atol=1e-5, err_msg=key)
-        np.testing.assert_allclose(got["shares"][0, :2], 1.0 / M)
+            for key in Decomposition._fields:
+                np.testing.assert_allclose(getattr(got, key), getattr(ref, key), rtol=1e-5, atol=1e-5, err_msg=key)
+        np.testing.assert_allclose(got.shares[0, :2], 1.0 / M)
         with pytest.raises(UnknownIdError):
             explainer.explain(q, np.full((5, 1), 1000))

@@ -1,4 +1,4 @@
-"""The runtime in a virtual environment without torch and triton: import, index, search, CLI (DESIGN §2, §6).
+"""The runtime in a virtual environment without torch and triton: import, index, search, CLI (architecture §2, §6).
 
 The environment gets only the runtime's own dependencies (numpy, Pillow, onnxruntime, faiss-cpu, tqdm, PyYAML and the
 HTTP server's FastAPI, uvicorn and prometheus_client, at the versions of the test environment, so pip takes them from
@@ -24,20 +24,22 @@ SCRIPT = textwrap.dedent("""
     import importlib.util, json, sys
     assert importlib.util.find_spec("torch") is None, "torch is installed here"
     assert importlib.util.find_spec("triton") is None, "triton is installed here"
-    from attrimeter.runtime import Runtime
+    from attrimeter.runtime import Runtime, RuntimeConfig
     import urllib.request
     from attrimeter.runtime.server import RuntimeServer  # the HTTP server too
     export, gallery, images, query = sys.argv[1:5]
-    with Runtime(export, gallery, create_gallery=True) as rt:
+    with Runtime(export, gallery, RuntimeConfig(create_gallery=True)) as rt:
         added = rt.index_folder(images, progress=False).added
         result = rt.search(query, k=3, overlays=1)[0]
         emb = rt.embed(query)
         backend = rt.backend.name
+    doc, text = result.to_dict(overlays=1), result.to_text()  # the result type's JSON, PNG overlays and text
     with Runtime(export, gallery) as rt, RuntimeServer(rt, port=0) as server:
         health = json.loads(urllib.request.urlopen(server.url + "/health", timeout=60).read())
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "triton"))
     print(json.dumps({"added": added, "backend": backend, "loaded": loaded, "health": health,
                       "ids": [m.id for m in result.matches], "d": [m.d for m in result.matches],
+                      "overlays": [len(m["overlays"]) for m in doc["matches"]], "lines": len(text.splitlines()),
                       "shares": [m.shares.tolist() for m in result.matches],
                       "embedding": emb.embedding[0].tolist()}))
 """)
@@ -57,7 +59,7 @@ def bare_venv(tmp_path_factory):
 
 
 def test_runtime_runs_without_torch_and_triton(bare_venv, tiny_export, tiny_data, tmp_path):
-    from attrimeter.runtime import Runtime
+    from attrimeter.runtime import Runtime, RuntimeConfig
 
     images = tiny_data / "bounding_box_test"
     query = sorted((tiny_data / "query").glob("*.jpg"))[0]
@@ -67,11 +69,12 @@ def test_runtime_runs_without_torch_and_triton(bare_venv, tiny_export, tiny_data
     assert run.returncode == 0, run.stderr[-3000:]
     bare = json.loads(run.stdout.splitlines()[-1])
     assert bare["loaded"] == [] and bare["backend"] == "onnxruntime"
+    assert bare["overlays"] == [1, 1, 1] and bare["lines"] >= 6  # a header and the shares per hit, at least
     assert bare["health"]["status"] == "ok" and bare["health"]["gallery"] == bare["added"]
     assert bare["added"] == len(list(images.glob("*.jpg")))
 
     # The same work here (torch installed) gives the same answer.
-    with Runtime(tiny_export, tmp_path / "g2", create_gallery=True) as rt:
+    with Runtime(tiny_export, tmp_path / "g2", RuntimeConfig(create_gallery=True)) as rt:
         rt.index_folder(images, progress=False)
         here = rt.search(query, k=3)[0]
         emb = rt.embed(query)

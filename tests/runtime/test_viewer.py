@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from http_helpers import b64, call
 
-from attrimeter.runtime.runtime import Runtime
+from attrimeter.runtime.runtime import Runtime, RuntimeConfig
 from attrimeter.runtime.server import RuntimeServer
 
 CHROMIUM = next((path for path in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser"))
@@ -25,7 +25,8 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (De
 @pytest.fixture(scope="module")
 def server(tiny_export, tiny_data, tmp_path_factory):
     images = sorted((tiny_data / "bounding_box_test").glob("*.jpg"))
-    with Runtime(tiny_export, tmp_path_factory.mktemp("viewer") / "gallery", create_gallery=True, threads=1) as rt:
+    gallery = tmp_path_factory.mktemp("viewer") / "gallery"
+    with Runtime(tiny_export, gallery, RuntimeConfig(create_gallery=True, threads=1)) as rt:
         rt.index_folder(tiny_data / "bounding_box_test", progress=False)
         assert len(rt.gallery) == len(images) > 2 * K
         with RuntimeServer(rt, port=0) as srv:

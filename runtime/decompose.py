@@ -1,4 +1,4 @@
-"""Numpy twins of the attr_distance kernels (DESIGN §3, §4.2): explain gathered rows; exact attribute-weighted scan.
+"""Numpy twins of the attr_distance kernels: explain gathered rows; exact weighted scan (docs/architecture.md §3, §4).
 
 Embeddings use the kernels' layout ``[.., M+1, C]``: row 0 the target's global embedding f, rows 1..M the f_k.
 """

@@ -1,0 +1,84 @@
+"""The search index over a gallery's global embeddings: the seam where other index kinds plug in.
+
+:class:`~attrimeter.runtime.gallery.Gallery` keeps one index per open gallery, adds every entry's embedding to it in
+id order (so index row i is gallery id i) and asks it for candidate ids; it then recomputes the exact distances from
+the stored vectors itself. Any class with the :class:`GalleryIndex` shape serves (an approximate IVF or HNSW index,
+say); :class:`ExactIndex` is FAISS's exact flat index.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from attrimeter.runtime.errors import InputError
+
+__all__ = ["ExactIndex", "GalleryIndex"]
+
+_GPU_MAX_K = 2048  # faiss-gpu's largest k
+
+
+class GalleryIndex(Protocol):
+    """What a gallery needs of its search index."""
+
+    @property
+    def ntotal(self) -> int:
+        """Number of vectors added."""
+
+    def add(self, vectors: np.ndarray) -> None:
+        """Add the next gallery entries' embeddings (float32 [n, C], raw, in id order)."""
+
+    def search(self, queries: np.ndarray, k: int) -> np.ndarray:
+        """Ids (int64 [Q, k], best first) of the ``k`` nearest of ``queries`` (float32 [Q, C]); ``k <= ntotal``."""
+
+
+class ExactIndex:
+    """Exact search with FAISS (``IndexFlatL2``, or ``IndexFlatIP`` over unit vectors), on all GPUs FAISS sees.
+
+    Args:
+        dim: Embedding width C.
+        metric: ``"l2"`` ranks by Euclidean distance, ``"ip"`` by cosine similarity.
+    """
+
+    def __init__(self, dim: int, metric: str):
+        faiss = _faiss()
+        self._metric = metric
+        index = faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
+        self._gpu = faiss.get_num_gpus() > 0
+        self._index = faiss.index_cpu_to_all_gpus(index) if self._gpu else index
+
+    @property
+    def ntotal(self) -> int:
+        """Number of vectors added."""
+        return int(self._index.ntotal)
+
+    def add(self, vectors: np.ndarray) -> None:
+        """Add embeddings float32 [n, C] (normalised here for ``"ip"``)."""
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        self._index.add(x if self._metric == "l2" else _unit(x))
+
+    def search(self, queries: np.ndarray, k: int) -> np.ndarray:
+        """Ids int64 [Q, k] of the nearest entries, best first.
+
+        Raises:
+            InputError: ``k`` above what a GPU index answers.
+        """
+        if k > _GPU_MAX_K and self._gpu:
+            raise InputError(f"k must be at most {_GPU_MAX_K} on a GPU index, got {k}")
+        _, ids = self._index.search(queries, k)  # for "ip", q·(x/|x|) ranks like the cosine: q needs no normalising
+        return ids.astype(np.int64)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), float32 C-contiguous."""
+    norms = np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float32)
+
+
+def _faiss() -> Any:
+    try:
+        import faiss
+    except ImportError as e:
+        raise ImportError("gallery search needs FAISS: pip install faiss-cpu (or faiss-gpu on a CUDA box)") from e
+    return faiss
