@@ -42,8 +42,9 @@ from attrimeter.runtime.errors import GalleryError, InputError, ShardUnavailable
 __all__ = ["MODES", "ShardedGallery", "actor_error"]
 
 MODES = ("local", "ray")
-# Shard actors: one CPU each for scheduling (FAISS uses the node's threads), spread over the nodes, restarted when
-# they die; a few calls at once (searches are thread-safe, and waiting on one slow call should not block the rest).
+# Shard actors: one CPU each (Ray sets OMP_NUM_THREADS to it: FAISS searches a shard on that many threads), spread
+# over the nodes, restarted when they die; a few calls at once (searches are thread-safe, and one slow call should
+# not hold up the others).
 DEFAULT_ACTOR_OPTIONS: dict[str, Any] = {"num_cpus": 1, "scheduling_strategy": "SPREAD", "max_restarts": -1,
                                          "max_task_retries": 0, "max_concurrency": 4}
 # Errors of the request itself: every shard would say the same, so they are raised rather than counted as missing.
