@@ -41,13 +41,9 @@ def _seconds(text: str) -> float:
 
 
 def _cpus(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value < float("inf"):
+    if not text.replace(".", "", 1).isdigit():  # digits with at most one point: no sign, nan or inf
         raise argparse.ArgumentTypeError(f"expected a number of CPUs >= 0, got {text!r}")
-    return value
+    return float(text)
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:

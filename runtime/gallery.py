@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from attrimeter.runtime.errors import GalleryError, InputError, UnknownIdError
-from attrimeter.runtime.gallery_index import ExactIndex, GalleryIndex
+from attrimeter.runtime.gallery_index import ExactIndex, GalleryIndex, exact_keys, settled
 from attrimeter.runtime.store import SegmentStore, StoreState
 from attrimeter.runtime.store_format import DTYPES, FORMAT, MANIFEST_NAME, META, METRICS, VERSION, make_spec
 
@@ -453,22 +453,15 @@ class Gallery:
     def rank(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`search` with its ranking keys: the top k by exact key, ties to the lower id.
 
-        The index proposes candidates by its float32 scores; they are re-ranked by exact keys recomputed row by row
-        from the stored vectors (an entry's key does not depend on where it is stored, so shards of a gallery rank
-        like the whole, docs/architecture.md §11), and more candidates are fetched until the index's rounding cannot
-        have left out an entry that belongs to the k best or ties with the k-th (FAISS's own pick among equal inner
-        products is arbitrary). Exact for :class:`~attrimeter.runtime.gallery_index.ExactIndex`.
-
-        Args:
-            queries: float32 [Q, C], finite.
-            k: Neighbours per query (> 0).
+        The index proposes candidates; they are re-ranked by keys recomputed from the stored vectors
+        (:func:`~attrimeter.runtime.gallery_index.exact_keys`: the same for an entry wherever it is stored, so shards
+        rank like the whole, docs/architecture.md §11), and more are fetched until the index's float32 rounding cannot
+        have left out one of the k best or an entry tied with the k-th (FAISS's own pick among equal inner products is
+        arbitrary). Exact with :class:`~attrimeter.runtime.gallery_index.ExactIndex`.
 
         Returns:
             ``(keys float64 [Q, k'] ascending: the distance for "l2", −cosine for "ip"; distances float32 [Q, k'];
-            ids int64 [Q, k'])``.
-
-        Raises:
-            InputError: Bad queries or ``k``.
+            ids int64 [Q, k'])``; arguments and errors as :meth:`search`'s.
         """
         self._check_open()
         q = _check_queries(queries, self.dim)
@@ -485,43 +478,16 @@ class Gallery:
             with self._index_lock:
                 ids = self._ensure_index().search(q, fetch)
             # ids only ever grow (compaction keeps them), so the gathers may run outside the index lock
-            keys, dist = self._exact_keys(q, ids)
+            keys, dist = np.empty(ids.shape), np.empty(ids.shape, np.float32)
+            rows = max(1, _GATHER_BYTES // (fetch * self.dim * 4))
+            for a in range(0, len(q), rows):
+                x = self.embeddings(ids[a:a + rows].ravel()).reshape(-1, fetch, self.dim)
+                keys[a:a + rows], dist[a:a + rows] = exact_keys(q[a:a + rows], x, self.metric)
             order = np.lexsort((ids, keys), axis=1)
             keys, dist, ids = (np.take_along_axis(a, order, 1) for a in (keys, dist, ids))
-            if fetch == cap or self._settled(q, keys[:, kk - 1], keys[:, -1]):
+            if fetch == cap or settled(q, keys[:, kk - 1], keys[:, -1], self.metric):
                 return keys[:, :kk], dist[:, :kk], ids[:, :kk]
             fetch = min(cap, 2 * fetch)
-
-    def _exact_keys(self, q: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(ranking keys float64, Euclidean distances float32) of candidates ``ids`` [Q, n].
-
-        Only reductions along each row: an entry's key does not depend on the batch it is computed in.
-        """
-        keys, dist = np.empty(ids.shape), np.empty(ids.shape, np.float32)
-        n = ids.shape[1]
-        rows = max(1, _GATHER_BYTES // (n * self.dim * 4))
-        for a in range(0, len(q), rows):
-            x = self.embeddings(ids[a:a + rows].ravel()).reshape(-1, n, self.dim)
-            dist[a:a + rows] = np.linalg.norm(x - q[a:a + rows, None], axis=2)
-            if self.metric == "ip":
-                x64, q64 = x.astype(np.float64), q[a:a + rows, None].astype(np.float64)
-                norms = np.sqrt((x64 * x64).sum(-1)) * np.sqrt((q64 * q64).sum(-1))
-                keys[a:a + rows] = -(x64 * q64).sum(-1) / np.maximum(norms, 1e-300)
-        return (dist.astype(np.float64) if self.metric == "l2" else keys), dist
-
-    def _settled(self, q: np.ndarray, kth: np.ndarray, last: np.ndarray) -> bool:
-        """Whether no candidate the index did not return can rank before or tie with each query's k-th exact key.
-
-        The index ranked every unreturned entry at or after the last returned one by its float32 score, whose error
-        is at most ``γ = 4·C·ε`` relative (of ``|q|² + |x|²`` for a squared distance, of ``|q|`` for an inner product
-        with a unit vector); ``last`` is the exact key of the last returned candidate.
-        """
-        gamma = 4 * self.dim * float(np.finfo(np.float32).eps)
-        if self.metric == "l2":  # with |x|² ≤ 2|q|² + 2d²: an unreturned d'² ≥ (last²(1 − 2γ) − 6γ|q|²) / (1 + 2γ)
-            q_sq = (q.astype(np.float64) ** 2).sum(1)
-            bound = (last * last * (1 - 2 * gamma) - 6 * gamma * q_sq) / (1 + 2 * gamma)
-            return bool((kth * kth * (1 + gamma) < bound).all())
-        return bool((kth < last - 4 * gamma).all())  # −cos: an unreturned cos' ≤ cos(last) + 4γ
 
     def _ensure_index(self) -> GalleryIndex:
         """The search index, built from all entries on first use (call under ``_index_lock``)."""
