@@ -40,6 +40,12 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _cpus(text: str) -> float:
+    if not text.replace(".", "", 1).isdigit():  # digits with at most one point: no sign, nan or inf
+        raise argparse.ArgumentTypeError(f"expected a number of CPUs >= 0, got {text!r}")
+    return float(text)
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from attrimeter.data.synth import SynthConfig, generate
 
@@ -206,9 +212,43 @@ def _runtime(args: argparse.Namespace, gallery: Path | None, **config: Any) -> R
                                                        max_batch=args.max_batch, verify=not args.no_verify, **config))
 
 
+def _connect_ray(address: str) -> None:
+    """Connect to a Ray cluster (``""``: RAY_ADDRESS, else the one ``ray start`` made here, else a new local one)."""
+    import logging
+
+    try:
+        import ray
+    except ModuleNotFoundError:
+        raise ValueError("--ray needs Ray: pip install 'attrimeter[distributed]'") from None
+    ray.init(address=address or None, logging_level=logging.WARNING)
+
+
+def _cmd_index_ray(args: argparse.Namespace) -> int:
+    if args.shards is None:
+        raise ValueError("--ray needs --shards N (the number of gallery shards)")
+    _connect_ray(args.ray)
+    from attrimeter.explanation import printable
+    from attrimeter.runtime.distributed.indexing import index_sharded
+
+    report = index_sharded(args.export, args.images, args.out, shards=args.shards, backend=args.backend,
+                           device=args.device, threads=args.threads or 1, max_batch=args.max_batch,
+                           workers=args.workers, batch_size=args.batch_size, segment=args.segment, metric=args.metric,
+                           verify=not args.no_verify, progress=not args.quiet)
+    for path, reason in report.skipped:
+        print(f"skipped {printable(path)}: {printable(reason)}", file=sys.stderr)
+    print(f"{args.out}: added {report.added} images, {report.already} were already there, skipped "
+          f"{len(report.skipped)}; {len(report.counts)} shards hold {sum(report.counts)} entries "
+          f"({', '.join(map(str, report.counts))})")
+    return 0
+
+
 def _cmd_index(args: argparse.Namespace) -> int:
     from attrimeter.explanation import printable
 
+    if args.ray is not None:
+        return _cmd_index_ray(args)
+    if args.shards is not None or args.workers is not None:
+        raise ValueError("--shards and --workers need --ray (distributed indexing)")
     with _runtime(args, args.out, create_gallery=True, metric=args.metric) as rt:
         report = rt.index_folder(args.images, segment=args.segment, progress=not args.quiet)
         for path, reason in report.skipped:
@@ -295,8 +335,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     limits = ServerLimits(max_body_bytes=args.max_body_mb * 1024 * 1024, max_images=args.max_images,
                           request_timeout_s=args.request_timeout, decode_workers=args.decode_workers,
                           max_connections=args.max_connections, backlog=args.backlog)
-    rt = _runtime(args, args.gallery, writable=args.writable, max_wait_ms=args.max_wait_ms,
-                  queue_timeout_s=args.queue_timeout)
+    sharded = None
+    if args.ray is not None or args.partial_shards:
+        from attrimeter.runtime.distributed import sharded_root
+        from attrimeter.runtime.distributed.sharded import ShardedGallery
+
+        if args.gallery is None or sharded_root(args.gallery) is None:
+            raise ValueError("--ray and --partial-shards need --gallery with a sharded gallery (index --ray)")
+        if args.ray is not None:
+            _connect_ray(args.ray)
+        sharded = ShardedGallery.open(args.gallery, mode="local" if args.ray is None else "ray",
+                                      verify=not args.no_verify, partial=args.partial_shards,
+                                      timeout_s=args.shard_timeout, actor_options={"num_cpus": args.shard_cpus})
+    try:
+        rt = _runtime(args, args.gallery if sharded is None else sharded, writable=args.writable,
+                      max_wait_ms=args.max_wait_ms, queue_timeout_s=args.queue_timeout)
+    except BaseException:
+        if sharded is not None:  # the runtime closes the gallery it was given, once it exists
+            sharded.close()
+        raise
     try:
         serve(rt, args.host, args.port, limits)
     except OSError as e:  # e.g. the port is taken: a message, not a traceback (serve has closed the runtime)
@@ -449,10 +506,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-batch", type=_positive, default=32, help="images per engine call (default 32)")
         p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of export and gallery files")
 
-    p = add("index", _cmd_index, "Embed an image folder into a gallery store (created or appended; resumable).")
+    def add_ray_option(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                       help=f"{what} on a Ray cluster: ADDRESS (e.g. 10.0.0.1:6379), or none for RAY_ADDRESS / the "
+                            "cluster `ray start` made on this machine / a new local one")
+
+    p = add("index", _cmd_index, "Embed an image folder into a gallery store (created or appended; resumable), or "
+                                 "with --ray into a sharded gallery on a Ray cluster.")
     add_runtime_options(p)
-    p.add_argument("--images", required=True, type=Path, help="image folder (searched recursively)")
+    p.add_argument("--images", required=True, type=Path,
+                   help="image folder (searched recursively); with --ray also a text file listing one image per line")
     p.add_argument("--out", required=True, type=Path, help="gallery folder")
+    add_ray_option(p, "index into a sharded gallery (SHARDS stores + shards.json)")
+    p.add_argument("--shards", type=_positive, help="with --ray: number of gallery shards")
+    p.add_argument("--workers", type=_positive,
+                   help="with --ray: most embedding workers (default: one per GPU, else half the CPUs / threads)")
+    p.add_argument("--batch-size", type=_positive, default=64,
+                   help="with --ray: images per Ray Data batch (default 64)")
     p.add_argument("--segment", type=_positive, default=4096, help="images per crash-safe segment (default 4096)")
     p.add_argument("--metric", choices=["l2", "ip"], default="l2",
                    help="a new gallery's search metric: l2 (the target distance d, default) or ip (cosine)")
@@ -474,8 +544,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("serve", _cmd_serve, "Serve embed / search / explain / add over HTTP (JSON, OpenAPI at /openapi.json) "
                                  "with Prometheus metrics, and the explanation viewer at /viewer/.")
     add_runtime_options(p)
-    p.add_argument("--gallery", type=Path, help="gallery folder")
+    p.add_argument("--gallery", type=Path, help="gallery folder, or a sharded gallery's folder (index --ray)")
     p.add_argument("--writable", action="store_true", help="allow POST /gallery/add (takes the gallery's writer lock)")
+    add_ray_option(p, "serve a sharded gallery with one Ray actor per shard")
+    p.add_argument("--partial-shards", action="store_true",
+                   help="sharded gallery: answer from the shards that answer, naming the missing ones in "
+                        "missing_shards (default: 503)")
+    p.add_argument("--shard-timeout", type=_seconds, default=30.0,
+                   help="with --ray: how long a search waits for the shards (default 30 s)")
+    p.add_argument("--shard-cpus", type=_cpus, default=1.0,
+                   help="with --ray: CPUs Ray reserves for each shard's actor (default 1)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="dynamic batching wait (default 2 ms)")

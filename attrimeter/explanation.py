@@ -348,12 +348,15 @@ class QueryResult:
         query_probs: The query's predicted attribute probabilities ``[M]``.
         attributes: Attribute names ``[M]``.
         meanings: The meaning of label 0 and 1 of each attribute.
+        missing_shards: Shards of a sharded gallery that did not answer this partial search (their entries are
+            absent from the matches); empty for a complete answer.
     """
 
     matches: list[Explanation]
     query_probs: np.ndarray
     attributes: tuple[str, ...]
     meanings: tuple[tuple[str, str], ...]
+    missing_shards: tuple[str, ...] = ()
 
     def to_dict(self, overlays: int = 0) -> dict[str, Any]:
         """JSON-ready (the HTTP API's ``QueryResultBody``): the query's predicted attributes and every match.
@@ -362,10 +365,14 @@ class QueryResult:
             overlays: Overlays per match (see :meth:`Explanation.to_dict`).
 
         Returns:
-            ``{"query": {name: {"value", "prob"}}, "matches": [...]}``.
+            ``{"query": {name: {"value", "prob"}}, "matches": [...]}``, and ``"missing_shards"`` for a partial answer
+            of a sharded gallery.
         """
-        return {"query": predictions(self.attributes, self.meanings, self.query_probs),
-                "matches": [m.to_dict(overlays) for m in self.matches]}
+        out = {"query": predictions(self.attributes, self.meanings, self.query_probs),
+               "matches": [m.to_dict(overlays) for m in self.matches]}
+        if self.missing_shards:
+            out["missing_shards"] = list(self.missing_shards)
+        return out
 
     def to_text(self, top: int = 3, differing: int = 3, score: bool = False) -> str:
         """Every match's :meth:`Explanation.to_text`, one after the other."""

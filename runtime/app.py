@@ -15,9 +15,9 @@ Endpoints (images are base64 JPEG/PNG/BMP bytes; the OpenAPI schema is at ``/ope
 
 Every error is ``{"error": message, "status": code}``: 400 malformed input (JSON, base64, image, NaN, shape, a
 field of the wrong type), 404 unknown endpoint or gallery id, 405 wrong method, 408 body too slow, 409 no gallery,
-411 no length, 413 body too large or too many images, 503 overloaded (with ``Retry-After``), 507 the gallery's disk
-failed, 500 the gallery holds corrupt rows (named; ``/health`` then says degraded) or an unexpected failure (logged
-with its traceback, answered with a generic message).
+411 no length, 413 body too large or too many images, 503 overloaded or shards of a sharded gallery not answering
+(with ``Retry-After``), 507 the gallery's disk failed, 500 the gallery holds corrupt rows (named; ``/health`` then
+says degraded) or an unexpected failure (logged with its traceback, answered with a generic message).
 
 Gallery ids: an id that is not a JSON integer is malformed (400); any integer the gallery does not hold (negative,
 beyond int64, or past the end) is unknown (404).
@@ -59,6 +59,7 @@ from attrimeter.runtime.errors import (
     GalleryError,
     InputError,
     OverloadedError,
+    ShardUnavailableError,
     StorageError,
     UnknownIdError,
 )
@@ -86,7 +87,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": schemas.ErrorBody, "description": text} for code, text in (
         (400, "malformed input"), (404, "unknown gallery id"), (408, "body not received in time"),
         (409, "no gallery"), (411, "no Content-Length"), (413, "body too large or too many images"),
-        (500, "corrupt gallery rows"), (503, "overloaded: retry after Retry-After seconds"),
+        (500, "corrupt gallery rows"), (503, "overloaded, or shards not answering: retry after Retry-After seconds"),
         (507, "the gallery's disk failed"))}
 
 
@@ -211,6 +212,9 @@ class _Api:
         except CorruptGalleryError as e:
             log.error("%s", e)
             raise HttpError(500, str(e)) from None
+        except ShardUnavailableError as e:
+            log.error("%s", e)
+            raise HttpError(503, str(e), headers={"Retry-After": "1"}) from None
         except GalleryError as e:
             raise HttpError(409, str(e)) from None
         except OverloadedError as e:

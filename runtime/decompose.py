@@ -154,7 +154,9 @@ def weighted_scan(q: np.ndarray, chunks: Iterable[tuple[int, np.ndarray]], weigh
         best_scores = np.concatenate([best_scores, scores.astype(np.float32)], axis=1)
         best_ids = np.concatenate([best_ids, ids], axis=1)
         if best_scores.shape[1] > k:
-            keep = np.argpartition(best_scores, k - 1, axis=1)[:, :k]
+            # a sort, not a partition: of entries tied at the k-th score, the lower ids stay (a sharded gallery's
+            # merge keeps the same ones)
+            keep = np.lexsort((best_ids, best_scores), axis=1)[:, :k]
             best_scores = np.take_along_axis(best_scores, keep, 1)
             best_ids = np.take_along_axis(best_ids, keep, 1)
     order = np.lexsort((best_ids, best_scores), axis=1)  # ascending score, ties by the lower id

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 __all__ = [
-    "CorruptGalleryError", "GalleryError", "InputError", "LockedGalleryError", "OverloadedError", "StorageError",
-    "UnknownIdError", "UnsafeGalleryPathError",
+    "CorruptGalleryError", "GalleryError", "InputError", "LockedGalleryError", "OverloadedError",
+    "ShardUnavailableError", "StorageError", "UnknownIdError", "UnsafeGalleryPathError",
 ]
 
 
@@ -44,6 +44,21 @@ class UnsafeGalleryPathError(GalleryError):
 
     The store never follows a link where it writes or deletes, so nothing outside the gallery folder is ever touched.
     """
+
+
+class ShardUnavailableError(GalleryError):
+    """Shards of a sharded gallery did not answer (actor dead, node lost, no answer in time); names them.
+
+    Attributes:
+        missing: The names of the shards that did not answer.
+    """
+
+    def __init__(self, message: str, missing: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+    def __reduce__(self) -> tuple[type, tuple[str, tuple[str, ...]]]:  # picklable (Ray ships errors between processes)
+        return type(self), (str(self), self.missing)
 
 
 class OverloadedError(RuntimeError):

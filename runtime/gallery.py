@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from attrimeter.runtime.errors import GalleryError, InputError, UnknownIdError
-from attrimeter.runtime.gallery_index import ExactIndex, GalleryIndex
+from attrimeter.runtime.gallery_index import ExactIndex, GalleryIndex, exact_keys, settled
 from attrimeter.runtime.store import SegmentStore, StoreState
 from attrimeter.runtime.store_format import DTYPES, FORMAT, MANIFEST_NAME, META, METRICS, VERSION, make_spec
 
@@ -41,6 +41,10 @@ _SIZE_CLASSES = (1 << 20, 16 << 20)
 _FP16_MAX = float(np.finfo(np.float16).max)
 _INDEX_ROWS = 1 << 16  # rows per index add: bounds the temporary float32 copies
 _GATHER_BYTES = 64 << 20  # bytes of gathered embeddings per step when recomputing search distances
+# Candidates beyond k a search asks the index for first: usually enough for the exact re-ranking to settle the k-th
+# place; and the most it asks for (faiss-gpu's largest k) unless k itself is larger.
+_RANK_MARGIN = 8
+_FETCH_CAP = 2048
 
 
 class Gallery:
@@ -431,6 +435,7 @@ class Gallery:
         Metric ``"l2"`` ranks by Euclidean distance; ``"ip"`` ranks by cosine similarity. Either way the distances
         returned are the Euclidean distances between the raw query and gallery vectors, recomputed from the stored
         vectors: FAISS's ``|q|² + |x|² - 2 q·x`` loses the small distances of near-duplicates to cancellation.
+        See :meth:`rank` for the order and its ties.
 
         Args:
             queries: float32 [Q, C], finite.
@@ -442,26 +447,47 @@ class Gallery:
         Raises:
             InputError: Bad queries or ``k``.
         """
+        _, dist, ids = self.rank(queries, k)
+        return dist, ids
+
+    def rank(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`search` with its ranking keys: the top k by exact key, ties to the lower id.
+
+        The index proposes candidates; they are re-ranked by keys recomputed from the stored vectors
+        (:func:`~attrimeter.runtime.gallery_index.exact_keys`: the same for an entry wherever it is stored, so shards
+        rank like the whole, docs/architecture.md §11), and more are fetched until the index's float32 rounding cannot
+        have left out one of the k best or an entry tied with the k-th (FAISS's own pick among equal inner products is
+        arbitrary). Exact with :class:`~attrimeter.runtime.gallery_index.ExactIndex`.
+
+        Returns:
+            ``(keys float64 [Q, k'] ascending: the distance for "l2", −cosine for "ip"; distances float32 [Q, k'];
+            ids int64 [Q, k'])``; arguments and errors as :meth:`search`'s.
+        """
         self._check_open()
         q = _check_queries(queries, self.dim)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise InputError(f"k must be a positive integer, got {k!r}")
         with self._index_lock:
-            index = self._ensure_index()
-            kk = min(int(k), index.ntotal)
-            if kk == 0 or len(q) == 0:
-                return np.zeros((len(q), kk), np.float32), np.zeros((len(q), kk), np.int64)
-            ids = index.search(q, kk)
-        # ids only ever grow (compaction keeps them), so the gather may run outside the index lock
-        dist = np.empty(ids.shape, np.float32)
-        rows = max(1, _GATHER_BYTES // (kk * self.dim * 4))
-        for a in range(0, len(q), rows):
-            x = self.embeddings(ids[a:a + rows].ravel()).reshape(-1, kk, self.dim)
-            dist[a:a + rows] = np.linalg.norm(x - q[a:a + rows, None], axis=2)
-        if self.metric == "l2":  # exact distances may reorder the index's near-ties
-            order = np.argsort(dist, axis=1, kind="stable")
-            dist, ids = np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
-        return dist, ids
+            total = self._ensure_index().ntotal
+        kk = min(int(k), total)
+        if kk == 0 or len(q) == 0:
+            return np.zeros((len(q), kk)), np.zeros((len(q), kk), np.float32), np.zeros((len(q), kk), np.int64)
+        cap = total if kk > _FETCH_CAP else min(total, _FETCH_CAP)
+        fetch = min(cap, kk + _RANK_MARGIN)
+        while True:
+            with self._index_lock:
+                ids = self._ensure_index().search(q, fetch)
+            # ids only ever grow (compaction keeps them), so the gathers may run outside the index lock
+            keys, dist = np.empty(ids.shape), np.empty(ids.shape, np.float32)
+            rows = max(1, _GATHER_BYTES // (fetch * self.dim * 4))
+            for a in range(0, len(q), rows):
+                x = self.embeddings(ids[a:a + rows].ravel()).reshape(-1, fetch, self.dim)
+                keys[a:a + rows], dist[a:a + rows] = exact_keys(q[a:a + rows], x, self.metric)
+            order = np.lexsort((ids, keys), axis=1)
+            keys, dist, ids = (np.take_along_axis(a, order, 1) for a in (keys, dist, ids))
+            if fetch == cap or settled(q, keys[:, kk - 1], keys[:, -1], self.metric):
+                return keys[:, :kk], dist[:, :kk], ids[:, :kk]
+            fetch = min(cap, 2 * fetch)
 
     def _ensure_index(self) -> GalleryIndex:
         """The search index, built from all entries on first use (call under ``_index_lock``)."""

@@ -14,7 +14,7 @@ import numpy as np
 
 from attrimeter.runtime.errors import InputError
 
-__all__ = ["ExactIndex", "GalleryIndex"]
+__all__ = ["ExactIndex", "GalleryIndex", "exact_keys", "settled"]
 
 _GPU_MAX_K = 2048  # faiss-gpu's largest k
 
@@ -68,6 +68,52 @@ class ExactIndex:
             raise InputError(f"k must be at most {_GPU_MAX_K} on a GPU index, got {k}")
         _, ids = self._index.search(queries, k)  # for "ip", q·(x/|x|) ranks like the cosine: q needs no normalising
         return ids.astype(np.int64)
+
+
+def exact_keys(q: np.ndarray, x: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Exact ranking keys of gathered candidates.
+
+    Reductions along each row only: an entry's key does not depend on the batch it is computed in, nor on where it is
+    stored, so shards of a gallery rank like the whole (docs/architecture.md §11).
+
+    Args:
+        q: Queries float32 [Q, C].
+        x: Their candidates' stored embeddings float32 [Q, n, C].
+        metric: ``"l2"`` or ``"ip"``.
+
+    Returns:
+        ``(keys float64 [Q, n] ascending: the distance for "l2", −cosine for "ip"; distances float32 [Q, n])``.
+    """
+    dist = np.linalg.norm(x - q[:, None], axis=2)
+    if metric == "l2":
+        return dist.astype(np.float64), dist
+    x64, q64 = x.astype(np.float64), q[:, None].astype(np.float64)
+    norms = np.sqrt((x64 * x64).sum(-1)) * np.sqrt((q64 * q64).sum(-1))
+    return -(x64 * q64).sum(-1) / np.maximum(norms, 1e-300), dist
+
+
+def settled(q: np.ndarray, kth: np.ndarray, last: np.ndarray, metric: str) -> bool:
+    """Whether no candidate an exact index did not return can rank before or tie with each query's k-th exact key.
+
+    The index ranked every unreturned entry at or after the last returned one by its float32 score, whose error is at
+    most ``γ = 4·C·ε`` relative (of ``|q|² + |x|²`` for a squared distance, of ``|q|`` for an inner product with a
+    unit vector).
+
+    Args:
+        q: Queries float32 [Q, C].
+        kth: Each query's k-th exact key [Q].
+        last: The exact key of each query's last returned candidate [Q].
+        metric: ``"l2"`` or ``"ip"``.
+
+    Returns:
+        True when the k best (and every entry tied with the k-th) are among the returned candidates.
+    """
+    gamma = 4 * q.shape[1] * float(np.finfo(np.float32).eps)
+    if metric == "l2":  # with |x|² ≤ 2|q|² + 2d²: an unreturned d'² ≥ (last²(1 − 2γ) − 6γ|q|²) / (1 + 2γ)
+        q_sq = (q.astype(np.float64) ** 2).sum(1)
+        bound = (last * last * (1 - 2 * gamma) - 6 * gamma * q_sq) / (1 + 2 * gamma)
+        return bool((kth * kth * (1 + gamma) < bound).all())
+    return bool((kth < last - 4 * gamma).all())  # −cos: an unreturned cos' ≤ cos(last) + 4γ
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

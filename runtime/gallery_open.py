@@ -11,6 +11,8 @@ from pathlib import Path
 
 from attrimeter.artefact.manifest import Manifest
 from attrimeter.runtime.config import RuntimeConfig
+from attrimeter.runtime.distributed.manifest import sharded_root
+from attrimeter.runtime.distributed.sharded import ShardedGallery
 from attrimeter.runtime.errors import GalleryError
 from attrimeter.runtime.gallery import MANIFEST_NAME as GALLERY_MANIFEST
 from attrimeter.runtime.gallery import Gallery
@@ -18,7 +20,7 @@ from attrimeter.runtime.gallery import Gallery
 __all__ = ["check_model", "open_gallery"]
 
 
-def check_model(store: Gallery, manifest: Manifest) -> None:
+def check_model(store: Gallery | ShardedGallery, manifest: Manifest) -> None:
     """Refuse a gallery indexed by another model than the export's, or with other attributes or embedding size.
 
     Args:
@@ -35,11 +37,14 @@ def check_model(store: Gallery, manifest: Manifest) -> None:
         raise GalleryError(f"{store.path}: its attributes/embedding size do not match the export's")
 
 
-def open_gallery(source: str | Path | Gallery, manifest: Manifest, config: RuntimeConfig) -> Gallery:
+def open_gallery(source: str | Path | Gallery | ShardedGallery, manifest: Manifest,
+                 config: RuntimeConfig) -> Gallery | ShardedGallery:
     """The gallery for an export: an open one checked, a folder opened (or created, with ``create_gallery``).
 
     Args:
-        source: A gallery folder (``attrimeter index``) or an open :class:`Gallery` (the caller keeps owning it).
+        source: A gallery folder (``attrimeter index``), a sharded gallery's folder or ``shards.json`` (``attrimeter
+            index --ray``; its shards opened in this process), or an open :class:`Gallery` or
+            :class:`~attrimeter.runtime.distributed.sharded.ShardedGallery` (the caller keeps owning it).
         manifest: The export's manifest (model id, attributes, feature map of a new gallery).
         config: ``verify``, ``writable``, ``create_gallery`` and ``metric`` are read.
 
@@ -50,8 +55,13 @@ def open_gallery(source: str | Path | Gallery, manifest: Manifest, config: Runti
         GalleryError: A missing, corrupt or locked gallery, or one indexed with another model (a gallery opened here
             is closed again first).
     """
-    if isinstance(source, Gallery):
+    store: Gallery | ShardedGallery
+    if isinstance(source, (Gallery, ShardedGallery)):
         store = source
+    elif sharded_root(source) is not None:
+        if config.opens_writable:
+            raise GalleryError(f"{source}: a sharded gallery is read-only here; grow it with `attrimeter index --ray`")
+        store = ShardedGallery.open(source, verify=config.verify)
     else:
         path = Path(source)
         if config.create_gallery and not (path / GALLERY_MANIFEST).exists():

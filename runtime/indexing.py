@@ -20,7 +20,7 @@ from attrimeter.runtime.errors import InputError
 from attrimeter.runtime.gallery import Gallery
 from attrimeter.runtime.images import load_image
 
-__all__ = ["IMAGE_SUFFIXES", "IndexReport", "index_folder"]
+__all__ = ["IMAGE_SUFFIXES", "IndexReport", "image_entry", "index_folder"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -37,11 +37,19 @@ class IndexReport(NamedTuple):
     skipped: list[tuple[str, str]]
 
 
-def _entry(path: Path, folder: Path) -> dict[str, Any]:
-    """Gallery metadata of an indexed file: key relative to the folder, resolved path, identity and camera."""
+def image_entry(path: Path, key: str) -> dict[str, Any]:
+    """Gallery metadata of an indexed file: its key, resolved path, and identity and camera when its name says.
+
+    Args:
+        path: The image file.
+        key: Its key (the path relative to the indexed folder; ``attrimeter index --ray``: also a list's line).
+
+    Returns:
+        ``{"key", "path", "camera"}``, and ``"pid"`` when the name follows the Market-1501/DukeMTMC pattern.
+    """
     from attrimeter.data.formats import DataFormatError, parse_image_name
 
-    entry: dict[str, Any] = {"key": path.relative_to(folder).as_posix(), "path": str(path.resolve()), "camera": None}
+    entry: dict[str, Any] = {"key": key, "path": str(path.resolve()), "camera": None}
     for style in ("market1501", "dukemtmc"):
         try:
             pid, cam = parse_image_name(path, style)
@@ -117,7 +125,7 @@ def index_folder(folder: str | Path, gallery: Gallery, embedder: Embedder,
             out = {k: v[finite] for k, v in out.items()}
         if not paths:
             continue
-        append(out, [_entry(p, folder) for p in paths])
+        append(out, [image_entry(p, p.relative_to(folder).as_posix()) for p in paths])
         added += len(paths)
     bar.close()
     return IndexReport(added=added, skipped=skipped)

@@ -31,10 +31,12 @@ import numpy as np
 
 from attrimeter.artefact.manifest import Manifest, load_manifest
 from attrimeter.explanation import QueryResult, explanations, predictions
-from attrimeter.runtime.backends import Backend
+from attrimeter.runtime.backends import Backend, BackendError
 from attrimeter.runtime.config import RuntimeConfig
 from attrimeter.runtime.decompose import Decomposition, check_weights, explain_rows, weighted_scan
 from attrimeter.runtime.device_index import DeviceIndex, open_device_index
+from attrimeter.runtime.distributed.hits import RowSet
+from attrimeter.runtime.distributed.sharded import ShardedGallery
 from attrimeter.runtime.embedder import Embedder
 from attrimeter.runtime.errors import CorruptGalleryError, GalleryError, InputError
 from attrimeter.runtime.gallery import Gallery
@@ -99,7 +101,9 @@ class Runtime:
 
     Args:
         export_dir: The export folder (``attrimeter export``); its manifest and file hashes are checked.
-        gallery: A gallery folder (``attrimeter index``), an open :class:`Gallery`, or None.
+        gallery: A gallery folder (``attrimeter index``), a sharded gallery's folder or ``shards.json``
+            (``attrimeter index --ray``; opened in this process), an open :class:`Gallery` or
+            :class:`~attrimeter.runtime.distributed.sharded.ShardedGallery` (e.g. on Ray), or None.
         config: How it runs (backend, batching, gallery opening, device search); default :class:`RuntimeConfig`.
 
     Raises:
@@ -108,7 +112,7 @@ class Runtime:
         GalleryError: A missing, corrupt or locked gallery, or one indexed with another model.
     """
 
-    def __init__(self, export_dir: str | Path, gallery: str | Path | Gallery | None = None,
+    def __init__(self, export_dir: str | Path, gallery: str | Path | Gallery | ShardedGallery | None = None,
                  config: RuntimeConfig | None = None) -> None:
         self.config = config or RuntimeConfig()
         self.export_dir = Path(export_dir)
@@ -118,19 +122,25 @@ class Runtime:
         self.meanings: tuple[tuple[str, str], ...] = tuple(a.meanings for a in self.manifest.attributes)
         self.image_size: tuple[int, int] = self.manifest.image_size
         self.model_id: str = self.manifest.model_id
-        self.gallery: Gallery | None = None
+        self.gallery: Gallery | ShardedGallery | None = None
         self._live: LiveGallery | None = None
         self._corrupt: str | None = None  # corrupt stored rows met by a search: reported until restart
         self._embedder = Embedder(self.export_dir, self.manifest, self.config)
         try:
             if gallery is not None:
                 self.gallery = open_gallery(gallery, self.manifest, self.config)
-                device = open_device_index(self.backend, self.gallery, self.export_dir, self.manifest,
-                                           self.config.fused)
+                device = self._device_index()
                 self._live = LiveGallery(self.gallery, device, self.config.refresh_s)
         except BaseException:
             self.close()
             raise
+
+    def _device_index(self) -> DeviceIndex | None:
+        if not isinstance(self.gallery, ShardedGallery):
+            return open_device_index(self.backend, self.gallery, self.export_dir, self.manifest, self.config.fused)
+        if self.config.fused:  # each shard searches where it lives: there is no whole gallery to copy to a device
+            raise BackendError("fused search needs the whole gallery on one device; not with a sharded gallery")
+        return None
 
     @property
     def backend(self) -> Backend:
@@ -158,7 +168,7 @@ class Runtime:
             raise GalleryError("no gallery is open (Runtime(export, gallery=...))")
         return self._live
 
-    def _need_gallery(self) -> Gallery:
+    def _need_gallery(self) -> Gallery | ShardedGallery:
         return self._need_live().store
 
     def refresh(self) -> int:
@@ -225,8 +235,10 @@ class Runtime:
         return check_weights(weights, len(self.attributes))
 
     def _explain(self, emb: Embeddings, pixels: np.ndarray | None, ids: np.ndarray, weights: np.ndarray | None,
-                 overlays: int, dec: Decomposition | None = None) -> list[QueryResult]:
-        gallery = self._need_gallery()
+                 overlays: int, dec: Decomposition | None = None, stored: RowSet | None = None,
+                 missing: tuple[str, ...] = ()) -> list[QueryResult]:
+        """Explain hits ``ids`` [Q, k]; their stored rows come from ``stored`` (a sharded search's) or the gallery."""
+        gallery: Gallery | ShardedGallery | RowSet = self._need_gallery() if stored is None else stored
         q, k = len(ids), ids.shape[1]
         flat = ids.reshape(-1)
         device = self._device  # once: a failed append may drop it meanwhile
@@ -266,8 +278,8 @@ class Runtime:
         rows = explanations(dec, attributes=self.attributes, titles=self.titles, meanings=self.meanings,
                             query_probs=emb.probs, gallery_probs=probs, query_aam=emb.aam, query_images=pixels,
                             gallery_aam=g_aam, gallery_images=crops, hits=hits)
-        return [QueryResult(matches=row, query_probs=emb.probs[i], attributes=self.attributes, meanings=self.meanings)
-                for i, row in enumerate(rows)]
+        return [QueryResult(matches=row, query_probs=emb.probs[i], attributes=self.attributes, meanings=self.meanings,
+                            missing_shards=missing) for i, row in enumerate(rows)]
 
     def _check_finite(self, ids: np.ndarray, dec: Decomposition, probs: np.ndarray, g_aam: np.ndarray | None) -> None:
         """Stored rows with NaN/inf (files that match their checksums, but no model wrote them) are named, not served.
@@ -314,6 +326,11 @@ class Runtime:
                 overlays: int) -> list[QueryResult]:
         gallery = self._need_gallery()
         device = self._device
+        if isinstance(gallery, ShardedGallery):  # one fan-out: the shards' top-k come back with their rows
+            drawn = min(int(overlays), len(self.attributes))
+            hits = (gallery.search_rows(emb.embedding, int(k), aam=drawn > 0) if w is None
+                    else gallery.weighted_search_rows(emb.attr_embeddings, w, int(k), aam=drawn > 0))
+            return self._explain(emb, pixels, hits.ids, w, drawn, stored=hits.rows, missing=hits.missing)
         if device is not None and device.can_rank(w is not None, gallery.metric):
             ids, dec = device.search(emb.stacked(), int(k), w)
             return self._explain(emb, pixels, ids, w, min(int(overlays), len(self.attributes)), dec)

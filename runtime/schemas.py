@@ -188,6 +188,9 @@ class QueryResultBody(BaseModel):
 
     query: dict[str, PredictedAttribute]
     matches: list[MatchBody]
+    missing_shards: list[str] | None = Field(
+        None, description="a partial answer of a sharded gallery (served with --partial-shards): the shards that did "
+                          "not answer, whose entries are absent")
 
 
 class SearchResponse(BaseModel):

@@ -121,6 +121,19 @@ def test_weighted_scan_is_exact(rng):
     assert ids.shape == (2, 3)
 
 
+def test_weighted_scan_keeps_the_lower_ids_of_entries_tied_at_the_kth_place(rng):
+    m, c = 4, 8
+    g = rng.standard_normal((60, m, c)).astype(np.float16)
+    g[[7, 19, 40, 41, 55]] = g[3]  # six equal entries, in several chunks
+    q = rng.standard_normal((3, m, c)).astype(np.float32)
+    q[0] = g[3]  # tied at score 0 for query 0
+    w = np.ones(m, np.float32)
+    chunks = [(s, g[s:s + 16]) for s in range(0, 60, 16)]
+    for k in (1, 2, 4):  # the cut falls inside the tie: the lower ids stay, whatever the chunking
+        scores, ids = weighted_scan(q, chunks, w, k)
+        assert ids[0].tolist() == [3, 7, 19, 40][:k] and (scores[0] == 0).all()
+
+
 @pytest.mark.parametrize(("weights", "message"), [
     ([1, 2], "one value per attribute"), ([1, -1, 0], ">= 0"), ([0, 0, 0], "all zero"),
     ([1, float("nan"), 1], "finite"), (["a", 1, 1], "numbers"), ([1e39, 1, 1], "<= 1e"),

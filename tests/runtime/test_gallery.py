@@ -317,6 +317,29 @@ def test_search_matches_brute_force_across_segments(tmp_path, rng, metric):
         np.testing.assert_allclose(d, expected[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_ties_go_to_the_lower_id_whatever_k(tmp_path, rng, metric):
+    # FAISS's own pick among equal inner products at the k-th place is arbitrary: rank re-ranks exactly and fetches
+    # past the tie, so a search's hits are the first k of a longer one's.
+    g = Gallery.create(tmp_path / "g", dim=24, attributes=ATTRS, aam_shape=None, model="m", metric=metric)
+    b = _batch(rng, 60, aam=None)
+    del b["aam"]
+    for key in ("embedding", "attr_embeddings", "probs"):
+        b[key][[5, 17, 33, 34, 59]] = b[key][2]  # six copies of entry 2
+    g.append(**b)
+    q = rng.standard_normal((25, 24)).astype(np.float32)  # >= 20 queries: FAISS's BLAS path
+    q[0] = b["embedding"][2]
+    keys, dist, ids = g.rank(q, 60)
+    assert ids[0, :6].tolist() == [2, 5, 17, 33, 34, 59] and (dist[0, :6] == 0).all()
+    assert ((np.diff(keys, axis=1) > 0) | ((np.diff(keys, axis=1) == 0) & (np.diff(ids, axis=1) > 0))).all()
+    for k in (1, 3, 6, 7, 20):
+        k_keys, k_dist, k_ids = g.rank(q, k)
+        np.testing.assert_array_equal(k_ids, ids[:, :k])
+        np.testing.assert_array_equal(k_keys, keys[:, :k])
+        np.testing.assert_array_equal(g.search(q, k)[1], k_ids)
+    g.close()
+
+
 def test_search_rejects_bad_queries_and_k(filled):
     g, _ = filled
     good = np.zeros((2, 24), np.float32)
