@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import json
 import os
 import platform
@@ -46,6 +45,7 @@ import faiss
 import lance_scenarios
 import numpy as np
 from lance_store import LanceStore
+from machine import cpu_name, git_commit, utc_now
 
 from attrimeter.runtime.gallery import Gallery
 
@@ -271,17 +271,9 @@ def scenarios(work: Path, seed: int) -> list[dict[str, Any]]:
 
 
 def stamp(command: str) -> str:
-    cpu = platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    root = Path(__file__).resolve().parents[1]
-    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    cpu, commit = cpu_name(), git_commit()
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; commit {commit}; {cpu}, "
+    return (f"{utc_now()}; commit {commit}; {cpu}, "
             f"{os.cpu_count()} CPUs shared with other sessions (load average at the end {load}); Python "
             f"{platform.python_version()}, numpy {np.__version__}, pylance {version('pylance')}, pyarrow "
             f"{version('pyarrow')}, faiss-cpu {version('faiss-cpu')}. Command: `{command}`.")

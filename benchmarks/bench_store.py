@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import hashlib
 import inspect
 import json
@@ -38,6 +37,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+from machine import ROOT, cpu_name, git_commit, utc_now
 
 from attrimeter.runtime.gallery import Gallery
 
@@ -192,15 +192,7 @@ def rss_rows(work: Path, entries: int, searches: int) -> list[dict]:
 
 def stamp(runtime_from: str | None) -> dict[str, str]:
     """Commit, machine, versions and date for every row."""
-    cpu = platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    root = Path(__file__).resolve().parents[1]
-    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    cpu, commit, root = cpu_name(), git_commit(), ROOT
     dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "runtime"], capture_output=True,
                            text=True).stdout.strip()
     if runtime_from:
@@ -210,7 +202,7 @@ def stamp(runtime_from: str | None) -> dict[str, str]:
     load = os.getloadavg()[0]
     return {"commit": commit, "machine": f"{cpu}, {os.cpu_count()} CPUs shared (load average {load:.1f} at the end)",
             "numpy": np.__version__, "faiss": version("faiss-cpu"), "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "date": utc_now()}
 
 
 def write_report(rows: list[dict], out: Path) -> str:
