@@ -3,7 +3,14 @@
 import base64
 import http.client
 import json
+import re
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
 
 
 def b64(data: bytes) -> str:
@@ -46,3 +53,21 @@ def raw_exchange(server, data: bytes):
         resp = http.client.HTTPResponse(sock, method="POST")
         resp.begin()
         return resp.status, resp, json.loads(resp.read())
+
+
+def start_serve(args, timeout=120):
+    """Run ``attrimeter serve ARGS`` and wait for its "serving at" line: (process, URL, stderr lines so far)."""
+    cli = Path(sys.executable).with_name("attrimeter")
+    proc = subprocess.Popen([str(cli), "serve", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        match = re.search(r"serving at (http://[\d.]+:\d+)", line)
+        if match:
+            return proc, match.group(1), lines
+    proc.kill()
+    pytest.fail(f"attrimeter serve {' '.join(map(str, args))} did not start:\n" + "".join(lines))

@@ -6,7 +6,6 @@ import errno
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from http_helpers import b64
+from http_helpers import b64, start_serve
 from sharded_helpers import assert_same_results, build, identity_of, queries, random_rows, rest_store
 
 from attrimeter.runtime.distributed.indexing import index_sharded, writer_actor_name
@@ -190,11 +189,9 @@ def test_index_ray_stores_what_index_stores_and_serve_ray_serves_it(cluster, tin
     with pytest.raises(GalleryError, match="into 3 shards"):
         index_sharded(tiny_export, images, out, shards=4, progress=False)
 
-    server = subprocess.Popen([str(CLI), "serve", "--ray", cluster, "--export", str(tiny_export), "--gallery",
-                               str(out), "--port", "0", "--threads", "1", "--shard-cpus", "0.25"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server, url, _ = start_serve(["--ray", cluster, "--export", str(tiny_export), "--gallery", str(out), "--port", "0",
+                                  "--threads", "1", "--shard-cpus", "0.25"])
     try:
-        url = _serving_url(server)
         body = json.dumps({"images": [b64(sorted(images.glob("*.jpg"))[5].read_bytes())], "k": 3}).encode()
         request = urllib.request.Request(f"{url}/search", data=body, headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as answer:
@@ -205,20 +202,6 @@ def test_index_ray_stores_what_index_stores_and_serve_ray_serves_it(cluster, tin
     finally:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=60)
-
-
-def _serving_url(proc, timeout=120):
-    lines, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        match = re.search(r"serving at (http://[\d.]+:\d+)", line)
-        if match:
-            return match.group(1)
-    proc.kill()
-    pytest.fail("attrimeter serve --ray did not start:\n" + "".join(lines))
 
 
 class Gate:

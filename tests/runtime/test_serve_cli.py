@@ -2,7 +2,6 @@
 SIGTERM that finishes the answer in progress."""
 
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -13,34 +12,17 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from http_helpers import b64, call
+from http_helpers import b64, call, start_serve
 
 from attrimeter.runtime.runtime import Runtime, RuntimeConfig
 from attrimeter.runtime.server import RuntimeServer
-
-
-def _start(args, timeout=120):
-    cli = Path(sys.executable).with_name("attrimeter")
-    proc = subprocess.Popen([str(cli), "serve", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lines = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        match = re.search(r"serving at (http://[\d.]+:\d+)", line)
-        if match:
-            return proc, match.group(1), lines
-    proc.kill()
-    pytest.fail("attrimeter serve did not start:\n" + "".join(lines))
 
 
 def test_cli_serve_options_viewer_and_sigterm(tiny_export, tiny_data, tmp_path):
     gallery = tmp_path / "gallery"
     with Runtime(tiny_export, gallery, RuntimeConfig(create_gallery=True, threads=1)) as rt:
         rt.index_folder(tiny_data / "query", progress=False)
-    proc, url, _ = _start(["--export", str(tiny_export), "--gallery", str(gallery), "--writable", "--port", "0",
+    proc, url, _ = start_serve(["--export", str(tiny_export), "--gallery", str(gallery), "--writable", "--port", "0",
                            "--threads", "1", "--max-connections", "8", "--backlog", "256", "--queue-timeout", "0.5",
                            "--request-timeout", "5", "--decode-workers", "1", "--max-images", "2"])
     try:
