@@ -2,6 +2,9 @@
 
 import pytest
 from cuda_fakes import FakeCuda, cudart, drv
+from gallery_helpers import ATTRS, batch_of, concat_batches
+
+from attrimeter.runtime.gallery import Gallery
 
 
 @pytest.fixture
@@ -17,4 +20,15 @@ def fake_cuda(monkeypatch):
                 if hasattr(module, name):
                     monkeypatch.setattr(module, name, getattr(fake, name))  # raising: the real API has the name
     return fake
+
+
+@pytest.fixture
+def filled(tmp_path, rng):
+    """A writable l2 gallery of four segments of random sizes, and what was appended."""
+    g = Gallery.create(tmp_path / "g", dim=24, attributes=ATTRS, aam_shape=(8, 4), model="m")
+    batches = [batch_of(rng, int(n)) for n in rng.integers(1, 9, size=4)]
+    for b in batches:
+        g.append(**b)
+    yield g, concat_batches(batches)
+    g.close()
 
