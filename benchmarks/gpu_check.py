@@ -106,6 +106,7 @@ STEPS = (
 PYTEST_PATHS = {
     "tests_kernels": ["tests/kernels"],
     "tests_gpu": ["tests/export/test_clib.py", "tests/export/test_aot.py", "tests/runtime/test_tensorrt_backend.py",
+                  "tests/runtime/test_cuda_kernels.py",
                   "tests/runtime/test_runtime.py::test_fused_triton_search_agrees_with_the_cpu_path",
                   "tests/runtime/test_backends.py::test_onnxruntime_and_torch_backends_agree",
                   "tests/engine/test_gpu_training.py"],
@@ -113,7 +114,7 @@ PYTEST_PATHS = {
 # Tests that must pass (not skip) on the GPU: the paths this machine cannot run.
 REQUIRED = {
     "tests_gpu": ["test_clib::test_program_against_reference", "test_clib::test_ctest",
-                  "test_tensorrt_backend::test_explainer_matches_numpy",
+                  "test_cuda_kernels::test_explainer_matches_numpy",
                   "test_runtime::test_fused_triton_search_agrees_with_the_cpu_path",
                   "test_backends::test_onnxruntime_and_torch_backends_agree[cuda]",
                   "test_gpu_training::test_cuda_loss_and_gradients_match_the_cpu",

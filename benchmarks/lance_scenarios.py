@@ -1,7 +1,7 @@
 """The gallery store's crash, concurrency, tampering and link scenarios, run on the own store and on Lance.
 
-The scenarios are those of ``tests/runtime/test_gallery.py`` (main, and the i16-store branch's lock and link tests),
-driven through one small adapter per contender so that both run the same code:
+The scenarios are those of ``tests/runtime/test_store_durability.py`` and ``test_store_writers.py`` (the lock and
+link tests), driven through one small adapter per contender so that both run the same code:
 
 * crash: a writer process appends until it is SIGKILLed at a random moment (5 rounds); the store must hold exactly a
   prefix of the appends, every acknowledged one included, each entry exactly what was appended;

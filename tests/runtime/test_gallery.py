@@ -1,213 +1,38 @@
-"""Gallery store: round trips, exact search, id gathers, bad input, crash safety under SIGKILL, corruption, refresh."""
+"""Gallery store: round trips, exact search, id gathers, bad input, refresh, format 1 and reading rows by position.
+
+Crash safety and corruption are tested in test_store_durability.py; compaction, the writer lock and links in
+test_store_writers.py.
+"""
 
 import json
-import mmap
 import os
 import shutil
-import subprocess
-import sys
 import threading
-import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-from attrimeter.runtime.errors import (
-    CorruptGalleryError,
-    GalleryError,
-    InputError,
-    LockedGalleryError,
-    StorageError,
-    UnknownIdError,
-    UnsafeGalleryPathError,
+from gallery_helpers import (
+    ATTRS,
+    CHILD_APPEND,
+    GEN,
+    V1_FIXTURE,
+    M,
+    assert_holds,
+    batch_of,
+    check_generated,
+    concat_batches,
+    gen_gallery,
+    is_mapped,
+    on_disk,
+    run_child,
 )
+
+from attrimeter.runtime.errors import GalleryError, InputError, StorageError, UnknownIdError
 from attrimeter.runtime.gallery import MANIFEST_NAME, Gallery
-from attrimeter.runtime.store_format import JOURNAL_NAME, parse_journal, parse_journal_header, parse_manifest
+from attrimeter.runtime.store_format import JOURNAL_NAME
 
 pytest.importorskip("faiss")
-
-ATTRS = ("gender", "hat", "backpack", "upper_red")
-M = len(ATTRS)
-
-# Deterministic content, shared with the child processes: entry i is drawn from a generator seeded by i, and the batch
-# that starts at id `first` has batch_size(first) entries, so any published prefix can be checked entry by entry.
-GENERATOR = """
-import numpy as np
-
-C, M, AAM = 24, 4, (8, 4)
-
-
-def batch_size(first):
-    return 1 + (first * 7 + 3) % 6
-
-
-def entry(i):
-    r = np.random.default_rng(i)
-    return (r.standard_normal(C).astype(np.float32), r.standard_normal((M, C)).astype(np.float32),
-            r.random(M).astype(np.float32), r.random((M, *AAM)).astype(np.float32), {"key": f"e{i}", "camera": i % 3})
-
-
-def batch(first):
-    rows = [entry(i) for i in range(first, first + batch_size(first))]
-    return [np.stack([row[k] for row in rows]) for k in range(4)], [row[4] for row in rows]
-"""
-GEN: dict = {}
-exec(GENERATOR, GEN)
-
-CHILD_LOOP = GENERATOR + """
-import sys
-from attrimeter.runtime.gallery import Gallery
-
-g = Gallery.open(sys.argv[1], writable=True, verify=False, progress=False)
-print("ready", flush=True)
-while True:
-    (e, a, p, m), meta = batch(len(g))
-    g.append(e, a, p, meta, aam=m)
-"""
-
-# One append or compaction that stops the process (os._exit, like a kill) at a chosen point of the publishing protocol:
-# before/after the segment folder's rename, the journal's add record (pwrite; "torn": half of it written) or the
-# first/second os.replace of a compaction (gallery.json, then the new journal).
-CHILD_CRASH = GENERATOR + """
-import os, sys
-from attrimeter.runtime.gallery import Gallery
-
-point, action = sys.argv[2:]
-g = Gallery.open(sys.argv[1], writable=True, verify=False, progress=False, auto_compact=None)
-op, when = point.split("-")
-name = op.rstrip("2")
-real = getattr(os, name)
-calls = []
-
-
-def crash(*args, **kwargs):
-    if name == "pwrite" and b'"op":"add"' not in args[1]:
-        return real(*args, **kwargs)
-    calls.append(1)
-    if op.endswith("2") and len(calls) < 2:
-        return real(*args, **kwargs)
-    if when == "after":
-        real(*args, **kwargs)
-    elif when == "torn":
-        real(args[0], args[1][:len(args[1]) // 2], args[2])
-    os._exit(3)
-
-
-setattr(os, name, crash)
-if action == "compact":
-    g.compact(progress=False)
-else:
-    (e, a, p, m), meta = batch(len(g))
-    g.append(e, a, p, meta, aam=m)
-"""
-
-CHILD_APPEND = GENERATOR + """
-import sys
-from attrimeter.runtime.gallery import Gallery
-
-with Gallery.open(sys.argv[1], writable=True, progress=False) as g:
-    (e, a, p, m), meta = batch(len(g))
-    g.append(e, a, p, meta, aam=m)
-"""
-
-
-def _run_child(code, *args, timeout=60):
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def _gen_gallery(path):
-    return Gallery.create(path, dim=GEN["C"], attributes=ATTRS, aam_shape=GEN["AAM"], model="gen", metric="l2")
-
-
-def _prefix_sums(limit):
-    sums, first = [0], 0
-    while first <= limit:
-        first += GEN["batch_size"](first)
-        sums.append(first)
-    return sums
-
-
-def _check_generated(g):
-    """The gallery holds whole batches, each entry exactly what the generator gives for its id."""
-    n = len(g)
-    assert n in _prefix_sums(n)
-    if n == 0:
-        return
-    ids = np.arange(n)
-    rows = [GEN["entry"](i) for i in ids]
-    np.testing.assert_array_equal(g.embeddings(ids), np.stack([r[0] for r in rows]))
-    np.testing.assert_array_equal(g.attr_embeddings(ids), np.stack([r[1] for r in rows]).astype(np.float16))
-    np.testing.assert_array_equal(g.probs(ids), np.stack([r[2] for r in rows]))
-    np.testing.assert_array_equal(g.aam(ids), np.stack([r[3] for r in rows]).astype(np.float16))
-    assert g.meta(ids) == [{"id": int(i), **r[4]} for i, r in zip(ids, rows, strict=True)]
-
-
-def _is_mapped(a):
-    while isinstance(a, (np.ndarray, memoryview)):
-        a = a.base if isinstance(a, np.ndarray) else a.obj
-    return isinstance(a, mmap.mmap)
-
-
-def _listed(path):
-    """Names of the published segments: gallery.json's, then the add records of a journal of its generation."""
-    manifest = parse_manifest((Path(path) / MANIFEST_NAME).read_bytes(), "")
-    names = {s.name for s in manifest.segments}
-    journal = Path(path) / JOURNAL_NAME
-    if journal.exists():
-        raw = journal.read_bytes()
-        generation, start = parse_journal_header(raw, "")
-        if generation == manifest.generation:
-            names |= {s.name for s in parse_journal(raw[start:], "", spec=manifest.spec, start=start, seq=0,
-                                                    first_id=manifest.count, names=names).added}
-    return names
-
-
-def _on_disk(path):
-    return set(os.listdir(Path(path) / "segments"))
-
-
-def _batch(rng, n, dim=24, aam=(8, 4)):
-    return {
-        "embedding": rng.standard_normal((n, dim)).astype(np.float32),
-        "attr_embeddings": rng.standard_normal((n, M, dim)).astype(np.float32),
-        "probs": rng.random((n, M)).astype(np.float32),
-        "meta": [{"key": f"k{rng.integers(1 << 30)}", "camera": int(rng.integers(6)), "path": None} for _ in range(n)],
-        "aam": None if aam is None else rng.random((n, M, *aam)).astype(np.float32),
-    }
-
-
-def _concat(batches):
-    out = {k: np.concatenate([b[k] for b in batches]) for k in ("embedding", "attr_embeddings", "probs", "aam")}
-    out["meta"] = [m for b in batches for m in b["meta"]]
-    return out
-
-
-def _assert_holds(g, data):
-    ids = np.arange(len(data["meta"]))
-    assert len(g) == len(ids)
-    np.testing.assert_array_equal(g.embeddings(ids), data["embedding"])
-    np.testing.assert_array_equal(g.attr_embeddings(ids), data["attr_embeddings"].astype(np.float16))
-    np.testing.assert_array_equal(g.probs(ids), data["probs"])
-    np.testing.assert_array_equal(g.aam(ids), data["aam"].astype(np.float16))
-    assert g.meta(ids) == [{"id": int(i), **m} for i, m in zip(ids, data["meta"], strict=True)]
-    chunks = list(g.attr_chunks(7))
-    assert [c[0] for c in chunks] == sorted(c[0] for c in chunks) and chunks[0][0] == 0
-    assert all(c.dtype == np.float16 and len(c) <= 7 for _, c in chunks)
-    np.testing.assert_array_equal(np.concatenate([c for _, c in chunks]), data["attr_embeddings"].astype(np.float16))
-
-
-@pytest.fixture
-def filled(tmp_path, rng):
-    """A writable l2 gallery of four segments of random sizes, and what was appended."""
-    g = Gallery.create(tmp_path / "g", dim=24, attributes=ATTRS, aam_shape=(8, 4), model="m")
-    batches = [_batch(rng, int(n)) for n in rng.integers(1, 9, size=4)]
-    for b in batches:
-        g.append(**b)
-    yield g, _concat(batches)
-    g.close()
 
 
 # ---------------------------------------------------------------------- round trip
@@ -219,15 +44,15 @@ def test_roundtrip_and_reopen(tmp_path, rng):
     assert len(g) == 0 and g.segments == 0 and g.writable
     batches, start = [], 0
     for n in rng.integers(1, 12, size=5):
-        b = _batch(rng, int(n))
+        b = batch_of(rng, int(n))
         b["attr_embeddings"] = b["attr_embeddings"].astype(np.float64)  # any float dtype; stored float16
         ids = g.append(**b)
         assert ids.dtype == np.int64
         np.testing.assert_array_equal(ids, np.arange(start, start + n))
         start += int(n)
         batches.append(b)
-    data = _concat(batches)
-    _assert_holds(g, data)
+    data = concat_batches(batches)
+    assert_holds(g, data)
     assert g.segments == 5
     g.close()
     with pytest.raises(GalleryError, match="closed"):
@@ -235,9 +60,9 @@ def test_roundtrip_and_reopen(tmp_path, rng):
     with Gallery.open(path, verify=True) as r:
         assert (r.dim, r.attributes, r.aam_shape, r.model, r.metric) == (24, ATTRS, (8, 4), "sha-x", "l2")
         assert not r.writable
-        _assert_holds(r, data)
+        assert_holds(r, data)
         with pytest.raises(GalleryError, match="read-only"):
-            r.append(**_batch(rng, 1))
+            r.append(**batch_of(rng, 1))
     doc = json.loads((path / MANIFEST_NAME).read_text())
     assert doc["format"] == "attrimeter-gallery" and doc["count"] == len(data["meta"])
     seg = path / "segments" / doc["segments"][0]["name"]
@@ -247,7 +72,7 @@ def test_roundtrip_and_reopen(tmp_path, rng):
 
 def test_large_segment_is_memory_mapped_and_gallery_without_aam(tmp_path, rng):
     g = Gallery.create(tmp_path / "g", dim=256, attributes=ATTRS, aam_shape=None, model="m", metric="ip")
-    small, big = _batch(rng, 3, dim=256, aam=None), _batch(rng, 600, dim=256, aam=None)  # big attr.npy: 1.2 MB
+    small, big = batch_of(rng, 3, dim=256, aam=None), batch_of(rng, 600, dim=256, aam=None)  # big attr.npy: 1.2 MB
     big["meta"] = [dict(m, path="x" * 2000) for m in big["meta"]]  # meta.jsonl > 1 MiB: read line by line
     with pytest.raises(InputError, match="no activation maps"):
         g.append(**dict(small, aam=np.zeros((3, M, 2, 2), np.float32)))
@@ -257,7 +82,7 @@ def test_large_segment_is_memory_mapped_and_gallery_without_aam(tmp_path, rng):
     g.close()
     with Gallery.open(tmp_path / "g") as r:
         chunks = dict(r.attr_chunks(1000))
-        assert not _is_mapped(chunks[0]) and _is_mapped(chunks[3])  # scans map large files, small ones are in memory
+        assert not is_mapped(chunks[0]) and is_mapped(chunks[3])  # scans map large files, small ones are in memory
         assert len(chunks[3]) == 600 and not chunks[3].flags.writeable
         assert r.aam([0, 602]) is None
         ids = rng.permutation(603)
@@ -290,7 +115,7 @@ def test_search_matches_brute_force_across_segments(tmp_path, rng, metric):
     assert d.shape == ids.shape == (25, 0) and ids.dtype == np.int64
     xs = []
     for n in (7, 1, 30, 12):
-        b = _batch(rng, n, aam=None)
+        b = batch_of(rng, n, aam=None)
         b["embedding"] *= rng.uniform(0.5, 3.0, size=(n, 1)).astype(np.float32)  # norms differ: ip is not l2
         del b["aam"]
         g.append(**b)
@@ -322,7 +147,7 @@ def test_ties_go_to_the_lower_id_whatever_k(tmp_path, rng, metric):
     # FAISS's own pick among equal inner products at the k-th place is arbitrary: rank re-ranks exactly and fetches
     # past the tie, so a search's hits are the first k of a longer one's.
     g = Gallery.create(tmp_path / "g", dim=24, attributes=ATTRS, aam_shape=None, model="m", metric=metric)
-    b = _batch(rng, 60, aam=None)
+    b = batch_of(rng, 60, aam=None)
     del b["aam"]
     for key in ("embedding", "attr_embeddings", "probs"):
         b[key][[5, 17, 33, 34, 59]] = b[key][2]  # six copies of entry 2
@@ -359,12 +184,12 @@ def test_search_rejects_bad_queries_and_k(filled):
 
 def test_concurrent_search_while_appending(tmp_path, rng):
     g = Gallery.create(tmp_path / "g", dim=24, attributes=ATTRS, aam_shape=None, model="m")
-    first = _batch(rng, 5, aam=None)
+    first = batch_of(rng, 5, aam=None)
     del first["aam"]
     g.append(**first)
     batches = []
     for n in rng.integers(1, 6, size=20):
-        b = _batch(rng, int(n), aam=None)
+        b = batch_of(rng, int(n), aam=None)
         del b["aam"]
         batches.append(b)
     errors, stop = [], threading.Event()
@@ -417,7 +242,7 @@ def test_unknown_and_malformed_ids(filled):
 
 
 def _bad_inputs(rng):
-    b = _batch(rng, 3)
+    b = batch_of(rng, 3)
     yield "nan", dict(b, embedding=np.where(np.eye(3, 24, dtype=bool), np.nan, b["embedding"]).astype(np.float32))
     yield "inf attr", dict(b, attr_embeddings=np.full((3, M, 24), np.inf, np.float32))
     yield "fp16 overflow", dict(b, attr_embeddings=np.full((3, M, 24), 1e5, np.float32))
@@ -442,16 +267,16 @@ def _bad_inputs(rng):
 def test_bad_input_leaves_the_store_untouched(filled, rng):
     g, data = filled
     manifest = g.path / MANIFEST_NAME
-    before, folders = manifest.read_bytes(), _on_disk(g.path)
+    before, folders = manifest.read_bytes(), on_disk(g.path)
     for label, kwargs in _bad_inputs(rng):
         with pytest.raises(InputError):
             g.append(**kwargs)
             pytest.fail(label)
         assert manifest.read_bytes() == before, label
-        assert _on_disk(g.path) == folders, label
+        assert on_disk(g.path) == folders, label
     assert len(g) == len(data["meta"])
-    _assert_holds(g, data)
-    ok = _batch(rng, 2)
+    assert_holds(g, data)
+    ok = batch_of(rng, 2)
     ok["meta"] = [{"camera": np.int64(3), "score": np.float32(0.5)}, {}]  # numpy scalars are fine
     np.testing.assert_array_equal(g.append(**ok), [len(data["meta"]), len(data["meta"]) + 1])
     assert g.meta([len(g) - 2])[0] == {"id": len(g) - 2, "camera": 3, "score": 0.5}
@@ -474,611 +299,29 @@ def test_create_and_open_refuse_bad_arguments(tmp_path):
         Gallery.open(tmp_path / "missing")
 
 
-# ---------------------------------------------------------------------- crash safety
-
-
-def test_sigkill_during_appends_loses_nothing_published(tmp_path, rng):
-    path = tmp_path / "g"
-    _gen_gallery(path).close()
-    counts = []
-    for _ in range(5):
-        proc = subprocess.Popen([sys.executable, "-c", CHILD_LOOP, str(path)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        try:
-            line = proc.stdout.readline()
-            assert line.strip() == "ready", proc.stderr.read() if proc.poll() is not None else line
-            with pytest.raises(GalleryError, match="locked by another writer"):
-                Gallery.open(path, writable=True)
-            time.sleep(float(rng.uniform(0.05, 0.5)))
-        finally:
-            proc.kill()
-            proc.wait()
-        with Gallery.open(path, verify=True, progress=False) as g:
-            _check_generated(g)
-        with Gallery.open(path, writable=True, progress=False) as w:  # the dead writer's lock is gone
-            assert _on_disk(path) == _listed(path)  # and what it left half-written is removed
-            (e, a, p, m), meta = GEN["batch"](len(w))
-            w.append(e, a, p, meta, aam=m)
-            counts.append(len(w))
-    with Gallery.open(path, verify=True, progress=False) as g:
-        _check_generated(g)
-        assert len(g) == counts[-1] and len(g) > 5
-        d, ids = g.search(g.embeddings([len(g) - 1]), 1)
-        assert ids[0, 0] == len(g) - 1
-
-
-@pytest.mark.parametrize("point", ["rename-before", "rename-after", "pwrite-before", "pwrite-torn", "pwrite-after"])
-def test_crash_at_each_publishing_step(tmp_path, point):
-    path = tmp_path / "g"
-    with _gen_gallery(path) as g:
-        (e, a, p, m), meta = GEN["batch"](0)
-        g.append(e, a, p, meta, aam=m)
-        before = len(g)
-    manifest_before = (path / MANIFEST_NAME).read_bytes()
-    result = _run_child(CHILD_CRASH, path, point, "append")
-    assert result.returncode == 3, result.stderr
-    published = point == "pwrite-after"
-    assert (path / MANIFEST_NAME).read_bytes() == manifest_before  # an append only appends to the journal
-    leftovers = _on_disk(path) - _listed(path)
-    if published:
-        assert not leftovers
-    else:  # a half-written or unpublished segment folder is on disk, yet invisible
-        assert len(leftovers) == 1 and (next(iter(leftovers)).startswith(".") == (point == "rename-before"))
-    with Gallery.open(path, verify=True, progress=False) as r:  # a torn journal record is ignored
-        assert len(r) == before + (GEN["batch_size"](before) if published else 0)
-        _check_generated(r)
-    with Gallery.open(path, writable=True, progress=False) as w:
-        assert _on_disk(path) == _listed(path) and not (path / (MANIFEST_NAME + ".tmp")).exists()
-        (e, a, p, m), meta = GEN["batch"](len(w))
-        w.append(e, a, p, meta, aam=m)
-        _check_generated(w)
-    with Gallery.open(path, verify=True, progress=False) as r:
-        _check_generated(r)
-
-
-@pytest.mark.parametrize("point", ["rename-after", "replace-before", "replace-after", "replace2-after"])
-def test_crash_during_compaction(tmp_path, point):
-    path = tmp_path / "g"
-    with _gen_gallery(path) as g:
-        for _ in range(4):
-            (e, a, p, m), meta = GEN["batch"](len(g))
-            g.append(e, a, p, meta, aam=m)
-    before = _listed(path)
-    result = _run_child(CHILD_CRASH, path, point, "compact")
-    assert result.returncode == 3, result.stderr
-    after = _listed(path)
-    published = point in ("replace-after", "replace2-after")  # gallery.json names the merged segment
-    assert len(after) == (1 if published else 4) and (after == before) != published
-    assert _on_disk(path) > after  # the old or the merged folders are still there
-    with Gallery.open(path, verify=True, progress=False) as r:  # old or merged segments, all entries either way
-        _check_generated(r)
-    with Gallery.open(path, writable=True, progress=False) as w:
-        assert _on_disk(path) == _listed(path)
-        w.compact(progress=False)
-        assert w.segments == 1
-        _check_generated(w)
-
-
-def test_failed_publish_in_process_rolls_back(filled, rng, monkeypatch):
-    g, data = filled
-    manifest = g.path / MANIFEST_NAME
-    before, folders = manifest.read_bytes(), _on_disk(g.path)
-
-    real_pwrite = os.pwrite
-
-    def fail(fd, data, offset):
-        if b'"op":"add"' in data:  # the disk fills up just as the add record is written: half of it lands
-            real_pwrite(fd, data[:len(data) // 2], offset)
-            raise OSError(28, "No space left on device")
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", fail)
-    with pytest.raises(StorageError, match="nothing was published"):
-        g.append(**_batch(rng, 4))
-    monkeypatch.undo()
-    assert manifest.read_bytes() == before and _on_disk(g.path) == folders
-    assert not (g.path / (MANIFEST_NAME + ".tmp")).exists()
-    _assert_holds(g, data)
-    b = _batch(rng, 2)
-    np.testing.assert_array_equal(g.append(**b), [len(data["meta"]), len(data["meta"]) + 1])
-    with Gallery.open(g.path, verify=True) as r:
-        _assert_holds(r, _concat([data, b]))
-
-
-# ---------------------------------------------------------------------- corruption and locking
-
-
-def _segment_file(path, name, index=0):
-    doc = json.loads((Path(path) / MANIFEST_NAME).read_text())
-    return Path(path) / "segments" / doc["segments"][index]["name"] / name
-
-
-@pytest.mark.parametrize("name", ["embedding.npy", "attr.npy", "probs.npy", "aam.npy", "meta.jsonl"])
-def test_flipped_byte_is_caught_by_verify(filled, rng, name):
-    g, _ = filled
-    g.close()
-    file = _segment_file(g.path, name, int(rng.integers(4)))
-    raw = bytearray(file.read_bytes())
-    raw[-2] ^= 0x10  # a data byte (the last byte of meta.jsonl is its newline)
-    file.write_bytes(bytes(raw))
-    with pytest.raises(GalleryError, match=name):
-        Gallery.open(g.path, verify=True)
-    with Gallery.open(g.path, verify=False) as r:  # sizes and headers are intact
-        with pytest.raises(GalleryError, match=name):
-            r.verify()
-
-
-@pytest.mark.parametrize("name", ["embedding.npy", "attr.npy", "aam.npy", "meta.jsonl"])
-def test_truncated_or_missing_file_is_caught_without_verify(filled, name):
-    g, _ = filled
-    g.close()
-    file = _segment_file(g.path, name, 1)
-    raw = file.read_bytes()
-    file.write_bytes(raw[:-3])
-    with pytest.raises(GalleryError, match=f"{name}.*truncated"):
-        Gallery.open(g.path, verify=False)
-    file.unlink()
-    with pytest.raises(GalleryError, match=f"{name}: missing"):
-        Gallery.open(g.path, verify=False)
-
-
-def test_wrong_array_header_is_caught_without_verify(filled):
-    g, _ = filled
-    g.close()
-    file = _segment_file(g.path, "embedding.npy")
-    arr = np.load(file)
-    np.save(file, np.ascontiguousarray(arr.T))  # same size, transposed shape
-    with pytest.raises(GalleryError, match=r"embedding.npy: holds float32 \[24, "):
-        Gallery.open(g.path, verify=False)
-
-
-def test_foreign_or_malformed_manifest(filled):
-    g, _ = filled
-    g.close()
-    manifest = g.path / MANIFEST_NAME
-    good = json.loads(manifest.read_text())
-    cases = {
-        "not an AttriMeter gallery": json.dumps({"format": "attrimeter-export", "version": 1}),
-        "not a gallery manifest": "\x00garbage{",
-        "version 7": json.dumps({**good, "version": 7}),
-        "count": json.dumps({**good, "count": good["count"] + 1}),
-        "segment 1 is malformed": json.dumps({**good, "segments": [good["segments"][0], good["segments"][2]]}),
-        "bad gallery identity": json.dumps({**good, "metric": "hamming"}),
-    }
-    for message, text in cases.items():
-        manifest.write_text(text)
-        with pytest.raises(GalleryError, match=message) as info:
-            Gallery.open(g.path, verify=False)
-        assert MANIFEST_NAME in str(info.value)
-
-
-def test_one_writer_at_a_time(filled):
-    g, data = filled
-    with pytest.raises(GalleryError, match="locked by another writer"):
-        Gallery.open(g.path, writable=True)
-    with Gallery.open(g.path) as reader:  # readers take no lock
-        assert len(reader) == len(data["meta"])
-    g.close()
-    with Gallery.open(g.path, writable=True) as w:
-        assert w.writable
-        with pytest.raises(GalleryError, match="locked by another writer"):
-            Gallery.open(g.path, writable=True)
-    assert not w.writable
-
-
-# ---------------------------------------------------------------------- refresh and compaction
+# ---------------------------------------------------------------------- refresh
 
 
 def test_refresh_sees_another_process_append(tmp_path, rng):
     path = tmp_path / "g"
-    with _gen_gallery(path) as g:
+    with gen_gallery(path) as g:
         (e, a, p, m), meta = GEN["batch"](0)
         g.append(e, a, p, meta, aam=m)
     with Gallery.open(path) as r:
         n0 = len(r)
         r.search(rng.standard_normal((1, GEN["C"])).astype(np.float32), 2)  # index built before the append
-        result = _run_child(CHILD_APPEND, path)
+        result = run_child(CHILD_APPEND, path)
         assert result.returncode == 0, result.stderr
         assert len(r) == n0
         n1 = r.refresh()
         assert n1 == len(r) == n0 + GEN["batch_size"](n0)
-        _check_generated(r)
+        check_generated(r)
         d, ids = r.search(r.embeddings(np.arange(n0, n1)), 1)
         np.testing.assert_array_equal(ids[:, 0], np.arange(n0, n1))
         assert r.refresh() == n1
 
 
-def test_compact_keeps_ids_and_readers_working(tmp_path, rng):
-    g = Gallery.create(tmp_path / "g", dim=24, attributes=ATTRS, aam_shape=(8, 4), model="m", metric="ip")
-    batches = [_batch(rng, int(n)) for n in (5, 300, 1, 9)]
-    batches[1]["meta"] = [dict(m, path="p" * 4000) for m in batches[1]["meta"]]  # a large, lazily read meta file
-    for b in batches:
-        g.append(**b)
-    data = _concat(batches)
-    q = rng.standard_normal((4, 24)).astype(np.float32)
-    expected = g.search(q, 6)
-    reader = Gallery.open(g.path)
-    old = _on_disk(g.path)
-    g.compact(progress=False)
-    assert g.segments == 1 and _on_disk(g.path) == _listed(g.path) and not (_on_disk(g.path) & old)
-    _assert_holds(g, data)
-    np.testing.assert_array_equal(g.search(q, 6)[1], expected[1])
-    # the reader still has the old segments open: arrays are memory-mapped or in memory, meta refreshes itself
-    assert reader.segments == 4
-    ids = rng.permutation(len(data["meta"]))[:50]
-    np.testing.assert_array_equal(reader.embeddings(ids), data["embedding"][ids])
-    assert reader.meta(ids) == [{"id": int(i), **data["meta"][i]} for i in ids]
-    assert reader.refresh() == len(data["meta"]) and reader.segments == 1
-    _assert_holds(reader, data)
-    reader.close()
-    b = _batch(rng, 3)
-    g.append(**b)
-    g.compact(progress=False)
-    g.close()
-    with Gallery.open(g.path, verify=True) as r:
-        assert r.segments == 1
-        _assert_holds(r, _concat([data, b]))
-
-
-@pytest.mark.parametrize("op", ["append", "compact"])
-def test_interrupt_right_after_publishing_keeps_the_published_segment(filled, rng, monkeypatch, op):
-    """Ctrl-C landing just after the journal record or gallery.json was written must not delete what they list."""
-    g, data = filled
-    extra = _batch(rng, 3)
-    real_pwrite, real_replace = os.pwrite, os.replace
-
-    def pwrite_then_interrupt(fd, line, offset):
-        done = real_pwrite(fd, line, offset)
-        if b'"op":"add"' in line:
-            raise KeyboardInterrupt
-        return done
-
-    def replace_then_interrupt(src, dst, **kwargs):
-        real_replace(src, dst, **kwargs)
-        if str(dst).endswith(MANIFEST_NAME):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(os, "pwrite", pwrite_then_interrupt)
-    monkeypatch.setattr(os, "replace", replace_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        g.append(**extra) if op == "append" else g.compact(progress=False)
-    monkeypatch.undo()
-    if op == "append":  # the same handle goes on from what was published
-        one = _batch(rng, 1)
-        np.testing.assert_array_equal(g.append(**one), [len(data["meta"]) + 3])
-        extra = _concat([extra, one])
-    path = g.path
-    g.close()
-    assert _listed(path) <= _on_disk(path)
-    with Gallery.open(path, verify=True) as reopened:
-        _assert_holds(reopened, _concat([data, extra]) if op == "append" else data)
-
-
-def test_a_failed_write_is_a_storage_error(filled, rng, monkeypatch):
-    g, data = filled
-    folders = _on_disk(g.path)
-
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "fsync", disk_full)
-    with pytest.raises(StorageError, match="nothing was published"):
-        g.append(**_batch(rng, 2))
-    with pytest.raises(StorageError, match="nothing was published"):
-        g.compact(progress=False)
-    monkeypatch.undo()
-    _assert_holds(g, data)
-    assert _on_disk(g.path) == folders
-
-
-# ---------------------------------------------------------------------- the writer lock (a second writer never gets in)
-
-
-def test_removing_the_lock_file_lets_no_second_writer_in(tmp_path):
-    path = tmp_path / "g"
-    _gen_gallery(path).close()
-    proc = subprocess.Popen([sys.executable, "-c", CHILD_LOOP, str(path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-        (path / ".lock").unlink()  # what an outside attack did: the old lock was only this file's flock
-        with pytest.raises(LockedGalleryError, match="locked by another writer"):
-            Gallery.open(path, writable=True)
-        other = _run_child("import sys\nfrom attrimeter.runtime.gallery import Gallery\n"
-                           "Gallery.open(sys.argv[1], writable=True)", path)
-        assert other.returncode != 0 and "LockedGalleryError" in other.stderr
-        time.sleep(0.3)  # the writer keeps appending meanwhile
-    finally:
-        proc.kill()
-        proc.wait()
-    with Gallery.open(path, writable=True, progress=False) as w:  # nothing of the first writer's was deleted
-        assert _on_disk(path) == _listed(path) and len(w) > 1
-        _check_generated(w)
-
-
-def test_a_format_1_writer_holding_dot_lock_keeps_new_writers_out(tmp_path):
-    import fcntl
-
-    path = tmp_path / "g"
-    shutil.copytree(V1_FIXTURE, path)
-    fd = os.open(path / ".lock", os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as an older runtime's writer does
-        with pytest.raises(LockedGalleryError, match="older runtime"):
-            Gallery.open(path, writable=True)
-    finally:
-        os.close(fd)
-    Gallery.open(path, writable=True).close()
-
-
-def test_a_writer_deletes_only_what_the_published_state_names_as_garbage(filled, rng, caplog):
-    g, data = filled
-    path = g.path
-    g.close()
-    strays = {"000000000007-0badc0de", ".tmp-000000000007-feedf00d", "notes"}  # e.g. another writer's folders
-    for name in strays:
-        (path / "segments" / name).mkdir()
-        (path / "segments" / name / "embedding.npy").write_bytes(b"not ours")
-    with caplog.at_level("WARNING", logger="attrimeter.runtime.store"):
-        with Gallery.open(path, writable=True, auto_compact=None) as w:
-            w.append(**_batch(rng, 2))
-            w.compact(progress=False)
-            assert w.segments == 1
-    assert _on_disk(path) == _listed(path) | strays
-    assert all((path / "segments" / name / "embedding.npy").read_bytes() == b"not ours" for name in strays)
-    assert any("left in place" in r.getMessage() and "0badc0de" in r.getMessage() for r in caplog.records)
-
-
-# ---------------------------------------------------------------------- symbolic links (nothing outside is touched)
-
-
-def _outside(tmp_path):
-    outside = tmp_path / "outside"
-    (outside / "000000000099-00000000").mkdir(parents=True)
-    for f in ("precious.txt", "000000000099-00000000/embedding.npy"):
-        (outside / f).write_text("keep")
-    return outside
-
-
-def _untouched(outside):
-    return sorted(str(p.relative_to(outside)) for p in outside.rglob("*")) == [
-        "000000000099-00000000", "000000000099-00000000/embedding.npy", "precious.txt"] and all(
-        p.read_text() == "keep" for p in outside.rglob("*") if p.is_file())
-
-
-def test_a_symlinked_segments_folder_is_refused_by_writers(filled, tmp_path):
-    g, data = filled
-    g.close()
-    outside = _outside(tmp_path)
-    for name in os.listdir(g.path / "segments"):
-        shutil.move(g.path / "segments" / name, outside / name)
-    (g.path / "segments").rmdir()
-    os.symlink(outside, g.path / "segments")
-    with Gallery.open(g.path, verify=True) as r:  # reading through it harms nothing
-        _assert_holds(r, data)
-    with pytest.raises(UnsafeGalleryPathError, match="segments: a symbolic link"):
-        Gallery.open(g.path, writable=True)
-    new = tmp_path / "new"
-    new.mkdir()
-    os.symlink(outside, new / "segments")
-    with pytest.raises(UnsafeGalleryPathError, match="segments: a symbolic link"):
-        Gallery.create(new, dim=24, attributes=ATTRS, aam_shape=None, model="m")
-    for name in os.listdir(g.path / "segments"):  # remove what the gallery moved there: the rest stays as it was
-        if name not in ("precious.txt", "000000000099-00000000"):
-            shutil.rmtree(outside / name)
-    assert _untouched(outside)
-
-
-@pytest.mark.parametrize("where", ["garbage", "journal", "lock"])
-def test_links_where_a_writer_deletes_or_writes_are_refused(filled, tmp_path, where):
-    g, data = filled
-    g.close()
-    outside = _outside(tmp_path)
-    manifest = g.path / MANIFEST_NAME
-    if where == "garbage":  # a manifest naming a link as garbage: deleting it must not delete what it points to
-        doc = json.loads(manifest.read_text())
-        manifest.write_text(json.dumps({**doc, "garbage": ["000000000099-00000000"]}))
-        os.symlink(outside / "000000000099-00000000", g.path / "segments" / "000000000099-00000000")
-    elif where == "journal":
-        (g.path / JOURNAL_NAME).unlink()
-        os.symlink(outside / "precious.txt", g.path / JOURNAL_NAME)
-    else:
-        (g.path / ".lock").unlink()
-        os.symlink(outside / "precious.txt", g.path / ".lock")
-    with pytest.raises(UnsafeGalleryPathError, match="symbolic link"):
-        Gallery.open(g.path, writable=True)
-    assert _untouched(outside)
-
-
-# ---------------------------------------------------------------------- append cost and compaction while serving
-
-
-def test_an_append_writes_one_journal_record_whatever_the_number_of_segments(tmp_path, rng):
-    g = Gallery.create(tmp_path / "g", dim=24, attributes=ATTRS, aam_shape=(8, 4), model="m", auto_compact=None)
-    manifest, journal = g.path / MANIFEST_NAME, g.path / JOURNAL_NAME
-    before = (manifest.stat().st_ino, manifest.read_bytes())
-    growth = []
-    for _ in range(60):
-        size = journal.stat().st_size
-        g.append(**_batch(rng, 1))
-        growth.append(journal.stat().st_size - size)
-    # gallery.json is never rewritten by an append, and each append adds two records of the same size (ids and
-    # sequence numbers aside), at 10 segments as at 60
-    assert (manifest.stat().st_ino, manifest.read_bytes()) == before
-    assert abs(growth[-1] - growth[10]) <= 4 and growth[-1] < 1500
-    g.close()
-    assert json.loads(manifest.read_text())["count"] == 60  # folded on close
-
-
-def test_compaction_on_the_writers_handle_while_readers_search(tmp_path, rng):
-    path = tmp_path / "g"
-    writer = Gallery.create(path, dim=256, attributes=ATTRS, aam_shape=(8, 4), model="m", auto_compact=None)
-    batches = [_batch(rng, 600, dim=256)] + [_batch(rng, int(n), dim=256) for n in rng.integers(1, 5, size=8)]
-    for b in batches:  # one large segment (files kept open, read by position) and small ones (in memory)
-        writer.append(**b)
-    data = _concat(batches)
-    reader = Gallery.open(path)  # another handle, as another process would hold
-    n = len(data["meta"])
-    errors, stop = [], threading.Event()
-
-    def search(g, seed):
-        r = np.random.default_rng(seed)
-        try:
-            while not stop.is_set():
-                ids = r.integers(n, size=5)
-                d, hits = g.search(data["embedding"][ids], 1)
-                assert (hits[:, 0] == ids).all() and (d[:, 0] == 0).all()
-                np.testing.assert_array_equal(g.attr_embeddings(ids), data["attr_embeddings"][ids].astype(np.float16))
-                assert [m["key"] for m in g.meta(ids)] == [data["meta"][i]["key"] for i in ids]
-        except Exception as e:  # reported below: an assertion in a thread would otherwise be lost
-            errors.append(e)
-
-    threads = [threading.Thread(target=search, args=(g, i)) for i, g in enumerate((writer, reader, reader))]
-    for t in threads:
-        t.start()
-    old = _on_disk(path)
-    writer.compact(progress=False)
-    extra = _batch(rng, 3, dim=256)
-    writer.append(**extra)
-    time.sleep(0.2)
-    stop.set()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    assert writer.segments == 2 and not (old & _on_disk(path))  # the old folders are gone from disk
-    assert reader.segments == len(batches)  # ... yet the reader still answers from what it opened
-    _assert_holds(reader, data)
-    assert reader.refresh() == n + 3 and reader.segments == 2
-    _assert_holds(reader, _concat([data, extra]))
-    reader.close()
-    writer.close()
-
-
-def test_a_writer_merges_its_small_segments_as_it_appends(tmp_path, rng):
-    g = Gallery.create(tmp_path / "g", dim=24, attributes=ATTRS, aam_shape=(8, 4), model="m", auto_compact=4)
-    reader = Gallery.open(g.path)
-    batches = []
-    for _ in range(40):
-        batches.append(_batch(rng, 1))
-        g.append(**batches[-1])
-        assert g.segments < 4  # one-entry appends are merged by fours, then the merged ones by fours
-    data = _concat(batches)
-    _assert_holds(g, data)
-    assert _on_disk(g.path) == _listed(g.path)
-    assert reader.refresh() == 40
-    _assert_holds(reader, data)
-    reader.close()
-    g.close()
-    with pytest.raises(InputError, match="auto_compact"):
-        Gallery.open(g.path, writable=True, auto_compact=1)
-    Gallery.open(g.path, writable=True).close()  # the refused handle released its lock
-
-
-def test_cli_compact_on_a_gallery_a_server_writes_says_what_to_do(filled, capsys):
-    from attrimeter.cli import main
-
-    g, _ = filled
-    with pytest.raises(SystemExit) as info:
-        main(["compact", "--gallery", str(g.path), "-q"])
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert "locked by another writer" in err and "Only the gallery's writer can compact it" in err
-    g.compact(progress=False)  # what it says: the writer's own handle compacts
-    assert g.segments == 1
-
-
-# ---------------------------------------------------------------------- malformed manifest and journal
-
-
-def _journal_line(body):
-    text = json.dumps(body, separators=(",", ":")).encode()
-    return b"%08x %s\n" % (zlib.crc32(text), text)
-
-
-def _bad_manifests(good):
-    seg = good["segments"][0]
-    yield "deep", b"[" * 100_000 + b"]" * 100_000
-    yield "deep field", json.dumps({**good, "dim": {"a": [[[]]]}})
-    yield "NUL name", json.dumps({**good, "segments": [{**seg, "name": "seg\x00ment"}] + good["segments"][1:]})
-    yield "escaping name", json.dumps({**good, "segments": [{**seg, "name": "../../outside"}] + good["segments"][1:]})
-    yield "count string", json.dumps({**good, "count": str(good["count"])})
-    yield "dim bool", json.dumps({**good, "dim": True})
-    yield "attributes string", json.dumps({**good, "attributes": "abcd"})
-    yield "aam_shape dict", json.dumps({**good, "aam_shape": {"h": 8}})
-    yield "segments dict", json.dumps({**good, "segments": {"a": 1}})
-    yield "files list", json.dumps({**good, "segments": [{**seg, "files": []}] + good["segments"][1:]})
-    yield "negative size", json.dumps({**good, "segments": [{**seg, "sizes": {**seg["sizes"], "meta.jsonl": -1}}]
-                                       + good["segments"][1:]})
-    yield "huge count", json.dumps({**good, "count": 10**30})
-    yield "NaN", json.dumps({**good, "generation": float("nan")})
-    yield "garbage path", json.dumps({**good, "garbage": ["a/b"]})
-    yield "extra field", json.dumps({**good, "extra": 1})
-    yield "not UTF-8", b"\xff\xfe{}"
-    yield "a list", b"[]"
-
-
-def test_a_malformed_manifest_is_a_corrupt_gallery_error(filled):
-    g, _ = filled
-    g.close()
-    manifest = g.path / MANIFEST_NAME
-    good = json.loads(manifest.read_text())
-    for label, text in _bad_manifests(good):
-        manifest.write_bytes(text if isinstance(text, bytes) else text.encode())
-        with pytest.raises(CorruptGalleryError) as info:
-            Gallery.open(g.path, verify=False)
-            pytest.fail(label)
-        assert MANIFEST_NAME in str(info.value), label
-
-
-def test_a_malformed_journal_is_a_corrupt_gallery_error_and_a_torn_tail_is_ignored(tmp_path, rng):
-    g = Gallery.create(tmp_path / "g", dim=24, attributes=ATTRS, aam_shape=(8, 4), model="m", auto_compact=None)
-    batches = [_batch(rng, 2) for _ in range(3)]
-    for b in batches:
-        g.append(**b)
-    data = _concat(batches)
-    snapshot = tmp_path / "snapshot"
-    shutil.copytree(g.path, snapshot, ignore=shutil.ignore_patterns(".lock"))  # a journal with six records
-    g.close()
-    good = (snapshot / JOURNAL_NAME).read_bytes()
-    header, *records = good.splitlines(keepends=True)
-    last = json.loads(records[-1][9:])
-    cases = {
-        "deep JSON": header + b"".join(records) + b"%08x %s\n" % (zlib.crc32(b"[" * 50_000 + b"]" * 50_000),
-                                                                   b"[" * 50_000 + b"]" * 50_000),
-        "NUL name": header + b"".join(records) + _journal_line({"seq": 7, "op": "begin", "name": "a\x00b"}),
-        "escaping name": header + b"".join(records) + _journal_line({"seq": 7, "op": "begin", "name": "../../x"}),
-        "count string": header + b"".join(records[:-1]) + _journal_line(
-            {**last, "segment": {**last["segment"], "count": "2"}}),
-        "out of sequence": header + b"".join(records) + records[-1],
-        "reused name": header + b"".join(records) + _journal_line(
-            {**last, "seq": 7, "segment": {**last["segment"], "first_id": 6}}),
-        "unknown op": header + b"".join(records) + _journal_line({"seq": 7, "op": "drop", "name": "x"}),
-        "damaged middle": header + records[0][:20] + b"X" + records[0][21:] + b"".join(records[1:]),
-        "bad header": b"0000000 " + header[8:] + b"".join(records),
-        "header only garbage": b"{}\n",
-    }
-    for label, raw in cases.items():
-        (snapshot / JOURNAL_NAME).write_bytes(raw)
-        with pytest.raises(CorruptGalleryError) as info:
-            Gallery.open(snapshot, verify=False)
-            pytest.fail(label)
-        assert JOURNAL_NAME in str(info.value), label
-    torn = {"half a record": good + _journal_line({"seq": 7, "op": "begin", "name": "x"})[:30],
-            "bad checksum at the end": good + b"deadbeef " + _journal_line({"seq": 7, "op": "begin", "name": "x"})[9:],
-            "two torn lines": good + b"0\n1\n"}
-    for label, raw in torn.items():
-        (snapshot / JOURNAL_NAME).write_bytes(raw)
-        with Gallery.open(snapshot, verify=True) as r:
-            _assert_holds(r, data)
-        with Gallery.open(snapshot, writable=True) as w:  # the writer folds it away
-            _assert_holds(w, data)
-        assert (snapshot / JOURNAL_NAME).read_bytes().count(b"\n") == 1, label
-
-
 # ---------------------------------------------------------------------- format 1 and reading rows by position
-
-
-V1_FIXTURE = Path(__file__).parent / "data" / "gallery_v1"  # written by the format-1 store (commit f4db7f6)
 
 
 def _v1_rows(first, n):
@@ -1124,7 +367,7 @@ def test_hit_rows_are_read_without_mapping_the_store(tmp_path, rng):
     if not maps.exists():
         pytest.skip("needs /proc/self/maps (Linux)")
     g = Gallery.create(tmp_path / "g", dim=256, attributes=ATTRS, aam_shape=(8, 4), model="m")
-    b = _batch(rng, 700, dim=256)  # every array file of the segment but probs.npy is over 1 MiB
+    b = batch_of(rng, 700, dim=256)  # every array file of the segment but probs.npy is over 1 MiB
     g.append(**b)
     g.close()
     segments = str(g.path / "segments")
@@ -1160,11 +403,11 @@ def test_a_reader_that_saw_a_failed_appends_begin_record_reads_on(filled, rng, m
 
     monkeypatch.setattr(os, "fsync", read_then_fail)
     with pytest.raises(StorageError, match="nothing was published"):
-        g.append(**_batch(rng, 2))
+        g.append(**batch_of(rng, 2))
     monkeypatch.undo()
-    extra = [_batch(rng, 3), _batch(rng, 1)]  # records now where the cut one was
+    extra = [batch_of(rng, 3), batch_of(rng, 1)]  # records now where the cut one was
     for b in extra:
         g.append(**b)
     assert reader.refresh() == len(data["meta"]) + 4
-    _assert_holds(reader, _concat([data, *extra]))
+    assert_holds(reader, concat_batches([data, *extra]))
     reader.close()
