@@ -24,6 +24,7 @@ import numpy as np
 
 from attrimeter.runtime.errors import GalleryError, InputError, UnknownIdError
 from attrimeter.runtime.gallery_index import ExactIndex, GalleryIndex
+from attrimeter.runtime.segment import squared_norms
 from attrimeter.runtime.store import SegmentStore, StoreState
 from attrimeter.runtime.store_format import DTYPES, FORMAT, MANIFEST_NAME, META, METRICS, VERSION, make_spec
 
@@ -271,6 +272,7 @@ class Gallery:
             if not np.isfinite(out).all():
                 raise InputError(f"{name} overflows {out.dtype.name} (largest magnitude {_FP16_MAX:g})")
             arrays[key] = out
+        arrays["norms"] = squared_norms(arrays["attr"])
         if ((arrays["probs"] < 0) | (arrays["probs"] > 1)).any():
             raise InputError("probs must lie in [0, 1]")
         if isinstance(meta, (str, bytes)) or not isinstance(meta, Sequence):
@@ -403,6 +405,24 @@ class Gallery:
         if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
             raise InputError(f"chunk must be a positive integer, got {chunk!r}")
         return _chunks(self._state, int(chunk))  # checked now, walked lazily over this snapshot
+
+    def scan_chunks(self, chunk: int) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+        """:meth:`attr_chunks` with each row's stored squared attribute norms, the input of ``weighted_scan``.
+
+        Args:
+            chunk: Most entries per chunk (chunks do not cross segments).
+
+        Returns:
+            An iterator of ``(first id, float16 view [n, M, C], float32 view [n, M] of ‖g_k‖² or None)``: None for
+            segments written before ``norms.npy`` existed (the scan computes them).
+
+        Raises:
+            InputError: ``chunk`` is not a positive integer.
+        """
+        self._check_open()
+        if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+            raise InputError(f"chunk must be a positive integer, got {chunk!r}")
+        return _chunks(self._state, int(chunk), norms=True)
 
     def _gather(self, ids: Any, key: str) -> np.ndarray:
         """Rows of ``key`` at ``ids`` as float32, read by position (only those rows are read)."""
@@ -580,11 +600,16 @@ def _add_to_index(index: GalleryIndex, state: StoreState, start: int) -> None:
             index.add(embedding.block(a, min(a + _INDEX_ROWS, segment.count)))
 
 
-def _chunks(state: StoreState, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
+def _chunks(state: StoreState, chunk: int, norms: bool = False) -> Iterator[tuple[Any, ...]]:
     for segment in state.segments:
         attr = segment.arrays["attr"].view()
+        if not norms:
+            for a in range(0, segment.count, chunk):
+                yield segment.first_id + a, attr[a:a + chunk]
+            continue
+        sq = segment.arrays["norms"].view() if "norms" in segment.arrays else None
         for a in range(0, segment.count, chunk):
-            yield segment.first_id + a, attr[a:a + chunk]
+            yield segment.first_id + a, attr[a:a + chunk], None if sq is None else sq[a:a + chunk]
 
 
 def _json_default(obj: Any) -> Any:

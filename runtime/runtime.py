@@ -337,7 +337,7 @@ class Runtime:
         if w is None:
             _, ids = gallery.search(emb.embedding, int(k))
         else:
-            _, ids = weighted_scan(emb.attr_embeddings, gallery.attr_chunks(4096), w, int(k))
+            _, ids = weighted_scan(emb.attr_embeddings, gallery.scan_chunks(4096), w, int(k))
         return self._explain(emb, pixels, ids, w, min(int(overlays), len(self.attributes)))
 
     def search(self, images: ImageSource | Sequence[ImageSource], k: int = 10,
