@@ -505,25 +505,31 @@ class Gallery:
         fetch = min(cap, kk + _RANK_MARGIN)
         while True:
             with self._index_lock:
-                ids = self._ensure_index().search(q, fetch)
+                index = self._ensure_index()
+                ids = index.search(q, fetch)
+                # under the lock: an add may move the index's memory; only when the copy stays small
+                held = index.vectors(ids.reshape(-1)) if ids.size * self.dim * 4 <= _GATHER_BYTES else None
             # ids only ever grow (compaction keeps them), so the gathers may run outside the index lock
-            keys, dist = self._exact_keys(q, ids)
+            keys, dist = self._exact_keys(q, ids, held)
             order = np.lexsort((ids, keys), axis=1)
             keys, dist, ids = (np.take_along_axis(a, order, 1) for a in (keys, dist, ids))
             if fetch == cap or self._settled(q, keys[:, kk - 1], keys[:, -1]):
                 return keys[:, :kk], dist[:, :kk], ids[:, :kk]
             fetch = min(cap, 2 * fetch)
 
-    def _exact_keys(self, q: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _exact_keys(self, q: np.ndarray, ids: np.ndarray,
+                    held: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ranking keys float64, Euclidean distances float32) of candidates ``ids`` [Q, n].
 
+        ``held``: their embeddings [Q·n, C] as the index holds them (equal to the stored ones), or None to read them.
         Only reductions along each row: an entry's key does not depend on the batch it is computed in.
         """
         keys, dist = np.empty(ids.shape), np.empty(ids.shape, np.float32)
         n = ids.shape[1]
         rows = max(1, _GATHER_BYTES // (n * self.dim * 4))
         for a in range(0, len(q), rows):
-            x = self.embeddings(ids[a:a + rows].ravel()).reshape(-1, n, self.dim)
+            x = (self.embeddings(ids[a:a + rows].ravel()) if held is None
+                 else held[a * n:(a + rows) * n]).reshape(-1, n, self.dim)
             dist[a:a + rows] = np.linalg.norm(x - q[a:a + rows, None], axis=2)
             if self.metric == "ip":
                 x64, q64 = x.astype(np.float64), q[a:a + rows, None].astype(np.float64)

@@ -55,6 +55,12 @@ class GalleryIndex(Protocol):
     def search(self, queries: np.ndarray, k: int) -> np.ndarray:
         """Ids (int64 [Q, k], best first) of the ``k`` nearest of ``queries`` (float32 [Q, C]); ``k <= ntotal``."""
 
+    def vectors(self, ids: np.ndarray) -> np.ndarray | None:
+        """The embeddings at ``ids`` (int64 [n]) exactly as added (float32 [n, C]), or None.
+
+        None when the index does not hold them so: the gallery then reads them from its store.
+        """
+
 
 class ExactIndex:
     """Exact search with FAISS (``IndexFlatL2``, or ``IndexFlatIP`` over unit vectors), on all GPUs FAISS sees.
@@ -93,6 +99,16 @@ class ExactIndex:
             self._faiss.omp_set_num_threads(_threads)  # per calling thread: see set_search_threads
         _, ids = self._index.search(queries, k)  # for "ip", q·(x/|x|) ranks like the cosine: q needs no normalising
         return ids.astype(np.int64)
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray | None:
+        """The raw embeddings at ``ids`` from the flat index's memory ("l2" on the CPU; "ip" holds unit vectors).
+
+        A copy of a few rows in memory: re-ranking a search's candidates this way costs microseconds, where reading
+        them from the store costs a positioned read each.
+        """
+        if self._gpu or self._metric != "l2":
+            return None
+        return self._index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

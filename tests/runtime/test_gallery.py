@@ -1198,3 +1198,16 @@ def test_segments_without_stored_norms_still_open_scan_and_gain_them_when_compac
         got = weighted_scan(q, g.scan_chunks(100), w, 4)
     np.testing.assert_array_equal(got[1], want[1])
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+
+
+def test_l2_search_re_ranks_from_the_index_memory_without_reading_the_store(tmp_path, rng, monkeypatch):
+    data = _batch(rng, 50, aam=None)
+    with Gallery.create(tmp_path / "g", dim=24, attributes=ATTRS, aam_shape=None, model="m") as g:
+        g.append(**data)
+        q = rng.standard_normal((3, 24)).astype(np.float32)
+        want = np.linalg.norm(data["embedding"][None] - q[:, None], axis=2)
+        g.load_index()
+        monkeypatch.setattr(g, "embeddings", lambda ids: pytest.fail("read the store to re-rank"))
+        dist, ids = g.search(q, 5)
+        np.testing.assert_array_equal(ids, np.argsort(want, axis=1, kind="stable")[:, :5])
+        np.testing.assert_allclose(dist, np.take_along_axis(want, ids, 1), rtol=1e-6)
