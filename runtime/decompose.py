@@ -127,7 +127,8 @@ def _cast_session() -> Any:
 # Bytes per block of the weighted scan: a block's active attribute rows in float32 stay in the CPU's cache.
 _SCAN_BLOCK_BYTES = 1 << 20
 # Rounding bound of the norm expansion: |fl(‖q‖² + ‖g‖² − 2 q·g) − ‖q − g‖²| <= (C + 2)·u·(‖q‖ + ‖g‖)² in float32
-# (u = 2^-24, each dot product of C terms within C·u·‖q‖‖g‖); doubled for margin.
+# (u = 2^-24, each dot product of C terms within C·u·‖q‖‖g‖); doubled for margin, which also covers the float32
+# rounding of the weighted sums (A·u relative, orders of magnitude below the bound's square root).
 _ROUNDING = 2.0 * 2.0 ** -24
 
 
@@ -180,6 +181,8 @@ def weighted_scan(q: np.ndarray, chunks: Iterable[tuple[int, np.ndarray, np.ndar
         if n >= k:  # k entries of this chunk score at most their k-th expanded score + B
             kth = np.minimum(kth, np.partition(approx, k - 1, axis=1)[:, k - 1] + bound)
         cand_q, cand_n = np.nonzero(approx <= (kth + bound)[:, None])
+        if len(cand_q) == 0:
+            continue
         g = np.asarray(rows[cand_n][:, active], dtype=np.float32)
         exact = _direct_scores(q32[cand_q], g, w)
         best_scores, best_ids = _merge(best_scores, best_ids, cand_q, exact, first + cand_n, k)
