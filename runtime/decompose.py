@@ -124,40 +124,91 @@ def _cast_session() -> Any:
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def weighted_scan(q: np.ndarray, chunks: Iterable[tuple[int, np.ndarray]], weights: np.ndarray,
+# Bytes per block of the weighted scan: a block's active attribute rows in float32 stay in the CPU's cache.
+_SCAN_BLOCK_BYTES = 1 << 20
+# Rounding bound of the norm expansion: |fl(‖q‖² + ‖g‖² − 2 q·g) − ‖q − g‖²| <= (C + 2)·u·(‖q‖ + ‖g‖)² in float32
+# (u = 2^-24, each dot product of C terms within C·u·‖q‖‖g‖); doubled for margin, which also covers the float32
+# rounding of the weighted sums (A·u relative, orders of magnitude below the bound's square root).
+_ROUNDING = 2.0 * 2.0 ** -24
+
+
+def weighted_scan(q: np.ndarray, chunks: Iterable[tuple[int, np.ndarray, np.ndarray | None]], weights: np.ndarray,
                   k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by the attribute-weighted score ``Σ_k w_k d_k`` over a whole gallery, chunk by chunk.
 
-    Per chunk: ``d_k² = ‖q_k‖² + ‖g_k‖² − 2 q_k·g_k`` in float32 (clamped at 0 before the square root); a running
-    top-k keeps memory at one chunk. The cost is one read and conversion of every stored attribute row (the
-    ``[N, M, C]`` layout serves the gathers of explanation), so it grows with N·M·C whatever the weights. Near-ties
-    may order differently from direct differences, so callers re-score the winners with :func:`explain_rows`.
+    Only the attributes with a non-zero weight are read. Candidates are found with the norm expansion
+    ``d_k² = ‖q_k‖² + ‖g_k‖² − 2 q_k·g_k`` (float32 matrix products over small blocks converted from float16, with
+    the stored ``‖g_k‖²``), then scored exactly by direct differences like :func:`explain_rows`. A candidate is
+    rescored when its expanded score is within the expansion's rounding bound B of the k-th exact score so far, so
+    no entry of the exact top k (or tied with its k-th) is missed: the result equals an exact scan by direct
+    differences, ties to the lower id (a sharded gallery's merge keeps the same ones).
 
     Args:
         q: Query attribute embeddings ``[Q, M, C]``.
-        chunks: ``(first id, rows [n, M, C])`` covering the gallery (e.g. ``Gallery.attr_chunks``), float16/32.
+        chunks: ``(first id, rows [n, M, C], ‖rows‖² [n, M] float32 or None)`` covering the gallery in id order
+            (e.g. ``Gallery.scan_chunks``); rows float16/32; None computes the norms.
         weights: Checked weights ``[M]``.
         k: How many (>= 1).
 
     Returns:
         ``(scores [Q, k'], ids [Q, k'] int64)`` ascending by score, ``k' = min(k, N)``.
     """
-    q32 = np.ascontiguousarray(q, dtype=np.float32)
-    q_sq = np.einsum("qac,qac->qa", q32, q32)[:, None, :]  # [Q, 1, M]
-    best_scores = np.empty((len(q), 0), np.float32)
-    best_ids = np.empty((len(q), 0), np.int64)
-    for first, rows in chunks:
-        g = _to_float32(rows)
-        sq = q_sq + np.einsum("nac,nac->na", g, g)[None] - 2.0 * np.einsum("nac,qac->qna", g, q32)  # [Q, n, M]
-        scores = np.sqrt(np.maximum(sq, 0.0)) @ weights  # [Q, n]
-        ids = np.broadcast_to(np.arange(first, first + scores.shape[1], dtype=np.int64), scores.shape)
-        best_scores = np.concatenate([best_scores, scores.astype(np.float32)], axis=1)
-        best_ids = np.concatenate([best_ids, ids], axis=1)
-        if best_scores.shape[1] > k:
-            # a sort, not a partition: of entries tied at the k-th score, the lower ids stay (a sharded gallery's
-            # merge keeps the same ones)
-            keep = np.lexsort((best_ids, best_scores), axis=1)[:, :k]
-            best_scores = np.take_along_axis(best_scores, keep, 1)
-            best_ids = np.take_along_axis(best_ids, keep, 1)
-    order = np.lexsort((best_ids, best_scores), axis=1)  # ascending score, ties by the lower id
-    return np.take_along_axis(best_scores, order, 1), np.take_along_axis(best_ids, order, 1)
+    active = np.flatnonzero(weights)
+    w = np.ascontiguousarray(weights[active], dtype=np.float32)
+    q32 = np.ascontiguousarray(np.asarray(q, dtype=np.float32)[:, active])  # [Q, A, C]
+    q_t = np.ascontiguousarray(q32.transpose(1, 2, 0))  # [A, C, Q]: one matrix product per attribute
+    q_sq = np.einsum("qac,qac->qa", q32, q32)  # [Q, A]
+    q_norm = np.sqrt(q_sq)
+    root_gamma = np.float32(np.sqrt(_ROUNDING * (q32.shape[2] + 2)))
+    nq = len(q32)
+    best_scores = np.full((nq, 0), np.inf, np.float32)
+    best_ids = np.empty((nq, 0), np.int64)
+    block = max(16, _SCAN_BLOCK_BYTES // (4 * max(1, q32.shape[1] * q32.shape[2])))
+    for first, rows, norms in chunks:
+        n = len(rows)
+        approx = np.empty((nq, n), np.float32)
+        g_max = np.zeros(len(active), np.float32)
+        for a in range(0, n, block):
+            g16 = rows[a:a + block]
+            g = _to_float32(g16 if len(active) == rows.shape[1] else g16[:, active])  # [b, A, C]
+            g_sq = (np.einsum("nac,nac->na", g, g) if norms is None
+                    else np.asarray(norms[a:a + block][:, active], dtype=np.float32))  # [b, A]
+            np.maximum(g_max, g_sq.max(0), out=g_max)
+            sq = q_sq[:, None, :] + g_sq[None] - 2.0 * np.matmul(g.transpose(1, 0, 2), q_t).transpose(2, 1, 0)
+            approx[:, a:a + block] = np.sqrt(np.maximum(sq, 0.0)) @ w  # [Q, b]
+        bound = root_gamma * ((q_norm + np.sqrt(g_max)[None]) @ w)  # [Q]: B for this chunk's largest norms
+        kth = best_scores[:, k - 1] if best_scores.shape[1] >= k else np.full(nq, np.inf, np.float32)
+        if n >= k:  # k entries of this chunk score at most their k-th expanded score + B
+            kth = np.minimum(kth, np.partition(approx, k - 1, axis=1)[:, k - 1] + bound)
+        cand_q, cand_n = np.nonzero(approx <= (kth + bound)[:, None])
+        if len(cand_q) == 0:
+            continue
+        g = np.asarray(rows[cand_n][:, active], dtype=np.float32)
+        exact = _direct_scores(q32[cand_q], g, w)
+        best_scores, best_ids = _merge(best_scores, best_ids, cand_q, exact, first + cand_n, k)
+    finite = np.isfinite(best_scores).all(0)  # columns some queries did not fill (fewer than k entries seen)
+    return best_scores[:, finite], best_ids[:, finite]
+
+
+def _direct_scores(q: np.ndarray, g: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``Σ_k w_k ‖q_k − g_k‖`` by direct differences in float32 for pairs ``q [P, A, C]``, ``g [P, A, C]``."""
+    diff = q - g
+    return np.sqrt(np.einsum("pac,pac->pa", diff, diff)) @ w
+
+
+def _merge(best_scores: np.ndarray, best_ids: np.ndarray, cand_q: np.ndarray, scores: np.ndarray,
+           ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of each query's running best and its new ``(score, id)`` candidates, ascending, ties by lower id."""
+    nq = len(best_scores)
+    counts = np.bincount(cand_q, minlength=nq)
+    width = best_scores.shape[1] + int(counts.max())
+    all_scores = np.full((nq, width), np.inf, np.float32)
+    all_ids = np.full((nq, width), np.iinfo(np.int64).max, np.int64)
+    all_scores[:, :best_scores.shape[1]] = best_scores
+    all_ids[:, :best_ids.shape[1]] = best_ids
+    order = np.argsort(cand_q, kind="stable")
+    col = best_scores.shape[1] + np.arange(len(cand_q)) - np.repeat(np.cumsum(counts) - counts, counts)
+    all_scores[cand_q[order], col] = scores[order]
+    all_ids[cand_q[order], col] = ids[order]
+    keep = np.lexsort((all_ids, all_scores), axis=1)[:, :k]
+    return np.take_along_axis(all_scores, keep, 1), np.take_along_axis(all_ids, keep, 1)

@@ -24,6 +24,7 @@ import numpy as np
 
 from attrimeter.runtime.errors import GalleryError, InputError, UnknownIdError
 from attrimeter.runtime.gallery_index import ExactIndex, GalleryIndex, exact_keys, settled
+from attrimeter.runtime.segment import squared_norms
 from attrimeter.runtime.store import SegmentStore, StoreState
 from attrimeter.runtime.store_format import DTYPES, FORMAT, MANIFEST_NAME, META, METRICS, VERSION, make_spec
 
@@ -42,8 +43,10 @@ _FP16_MAX = float(np.finfo(np.float16).max)
 _INDEX_ROWS = 1 << 16  # rows per index add: bounds the temporary float32 copies
 _GATHER_BYTES = 64 << 20  # bytes of gathered embeddings per step when recomputing search distances
 # Candidates beyond k a search asks the index for first: usually enough for the exact re-ranking to settle the k-th
-# place; and the most it asks for (faiss-gpu's largest k) unless k itself is larger.
-_RANK_MARGIN = 8
+# place; and the most it asks for (faiss-gpu's largest k) unless k itself is larger. Each unsettled round is another
+# full index search: at 10^5 entries of resampled demo embeddings, a margin of 8 needed 2.1 searches per query, 32
+# needed 1.005 (re-ranking 32 more rows costs far less than a search).
+_RANK_MARGIN = 32
 _FETCH_CAP = 2048
 
 
@@ -271,6 +274,7 @@ class Gallery:
             if not np.isfinite(out).all():
                 raise InputError(f"{name} overflows {out.dtype.name} (largest magnitude {_FP16_MAX:g})")
             arrays[key] = out
+        arrays["norms"] = squared_norms(arrays["attr"])
         if ((arrays["probs"] < 0) | (arrays["probs"] > 1)).any():
             raise InputError("probs must lie in [0, 1]")
         if isinstance(meta, (str, bytes)) or not isinstance(meta, Sequence):
@@ -404,6 +408,24 @@ class Gallery:
             raise InputError(f"chunk must be a positive integer, got {chunk!r}")
         return _chunks(self._state, int(chunk))  # checked now, walked lazily over this snapshot
 
+    def scan_chunks(self, chunk: int) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+        """:meth:`attr_chunks` with each row's stored squared attribute norms, the input of ``weighted_scan``.
+
+        Args:
+            chunk: Most entries per chunk (chunks do not cross segments).
+
+        Returns:
+            An iterator of ``(first id, float16 view [n, M, C], float32 view [n, M] of ‖g_k‖² or None)``: None for
+            segments written before ``norms.npy`` existed (the scan computes them).
+
+        Raises:
+            InputError: ``chunk`` is not a positive integer.
+        """
+        self._check_open()
+        if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+            raise InputError(f"chunk must be a positive integer, got {chunk!r}")
+        return _chunks(self._state, int(chunk), norms=True)
+
     def _gather(self, ids: Any, key: str) -> np.ndarray:
         """Rows of ``key`` at ``ids`` as float32, read by position (only those rows are read)."""
         state, idx, seg, local = self._locate(ids)
@@ -476,12 +498,16 @@ class Gallery:
         fetch = min(cap, kk + _RANK_MARGIN)
         while True:
             with self._index_lock:
-                ids = self._ensure_index().search(q, fetch)
+                index = self._ensure_index()
+                ids = index.search(q, fetch)
+                # under the lock: an add may move the index's memory; only when the copy stays small
+                held = index.vectors(ids.reshape(-1)) if ids.size * self.dim * 4 <= _GATHER_BYTES else None
             # ids only ever grow (compaction keeps them), so the gathers may run outside the index lock
             keys, dist = np.empty(ids.shape), np.empty(ids.shape, np.float32)
             rows = max(1, _GATHER_BYTES // (fetch * self.dim * 4))
             for a in range(0, len(q), rows):
-                x = self.embeddings(ids[a:a + rows].ravel()).reshape(-1, fetch, self.dim)
+                x = (self.embeddings(ids[a:a + rows].ravel()) if held is None
+                     else held[a * fetch:(a + rows) * fetch]).reshape(-1, fetch, self.dim)
                 keys[a:a + rows], dist[a:a + rows] = exact_keys(q[a:a + rows], x, self.metric)
             order = np.lexsort((ids, keys), axis=1)
             keys, dist, ids = (np.take_along_axis(a, order, 1) for a in (keys, dist, ids))
@@ -546,11 +572,16 @@ def _add_to_index(index: GalleryIndex, state: StoreState, start: int) -> None:
             index.add(embedding.block(a, min(a + _INDEX_ROWS, segment.count)))
 
 
-def _chunks(state: StoreState, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
+def _chunks(state: StoreState, chunk: int, norms: bool = False) -> Iterator[tuple[Any, ...]]:
     for segment in state.segments:
         attr = segment.arrays["attr"].view()
+        if not norms:
+            for a in range(0, segment.count, chunk):
+                yield segment.first_id + a, attr[a:a + chunk]
+            continue
+        sq = segment.arrays["norms"].view() if "norms" in segment.arrays else None
         for a in range(0, segment.count, chunk):
-            yield segment.first_id + a, attr[a:a + chunk]
+            yield segment.first_id + a, attr[a:a + chunk], None if sq is None else sq[a:a + chunk]
 
 
 def _json_default(obj: Any) -> Any:

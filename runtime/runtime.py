@@ -40,6 +40,7 @@ from attrimeter.runtime.distributed.sharded import ShardedGallery
 from attrimeter.runtime.embedder import Embedder
 from attrimeter.runtime.errors import CorruptGalleryError, GalleryError, InputError
 from attrimeter.runtime.gallery import Gallery
+from attrimeter.runtime.gallery_index import set_search_threads
 from attrimeter.runtime.gallery_open import open_gallery
 from attrimeter.runtime.images import ImageSource, as_sources, load_image
 from attrimeter.runtime.indexing import IndexReport, index_folder
@@ -115,6 +116,7 @@ class Runtime:
     def __init__(self, export_dir: str | Path, gallery: str | Path | Gallery | ShardedGallery | None = None,
                  config: RuntimeConfig | None = None) -> None:
         self.config = config or RuntimeConfig()
+        set_search_threads(self.config.search_threads)
         self.export_dir = Path(export_dir)
         self.manifest: Manifest = load_manifest(self.export_dir, verify=self.config.verify)
         self.attributes: tuple[str, ...] = self.manifest.attribute_names
@@ -337,7 +339,7 @@ class Runtime:
         if w is None:
             _, ids = gallery.search(emb.embedding, int(k))
         else:
-            _, ids = weighted_scan(emb.attr_embeddings, gallery.attr_chunks(4096), w, int(k))
+            _, ids = weighted_scan(emb.attr_embeddings, gallery.scan_chunks(4096), w, int(k))
         return self._explain(emb, pixels, ids, w, min(int(overlays), len(self.attributes)))
 
     def search(self, images: ImageSource | Sequence[ImageSource], k: int = 10,

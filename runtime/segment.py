@@ -30,7 +30,8 @@ import numpy as np
 from attrimeter.runtime.errors import CorruptGalleryError, UnsafeGalleryPathError
 from attrimeter.runtime.store_format import DTYPES, META, GallerySpec, SegmentRecord
 
-__all__ = ["MissingSegmentFile", "Segment", "open_segment", "remove_folder", "segment_chunks", "write_segment"]
+__all__ = ["MissingSegmentFile", "Segment", "open_segment", "remove_folder", "segment_chunks", "squared_norms",
+           "write_segment"]
 
 # Files below this size are read into memory: a large file keeps one descriptor open, and a served gallery of many
 # one-image segments would otherwise exhaust them.
@@ -217,7 +218,8 @@ def open_segment(segments_fd: int, folder: Path, record: SegmentRecord, spec: Ga
                 files[name] = _open_file(dir_fd, folder / name, size)
         finally:
             os.close(dir_fd)
-        arrays = {key: _array(files[f"{key}.npy"], key, shape) for key, shape in spec.shapes(record.count).items()}
+        arrays = {key: _array(files[f"{key}.npy"], key, shape) for key, shape in spec.shapes(record.count).items()
+                  if f"{key}.npy" in files}  # an OPTIONAL file a segment lacks is recomputed by its readers
     except BaseException:
         _close([f.fd for f in files.values() if f.fd is not None])
         raise
@@ -278,14 +280,32 @@ def write_segment(segments_fd: int, name: str, shapes: Mapping[str, tuple[int, .
 
 
 def segment_chunks(segments: Sequence[Segment]) -> Iterator[tuple[str, Any]]:
-    """The contents of ``segments``, in order, as bounded chunks for :func:`write_segment`."""
+    """The contents of ``segments``, in order, as bounded chunks for :func:`write_segment` (norms added if missing)."""
     for segment in segments:
         for key, array in segment.arrays.items():
             rows = max(1, _COPY_BYTES // array.row_bytes)
             for a in range(0, segment.count, rows):
                 yield key, array.block(a, min(a + rows, segment.count))
+        if "norms" not in segment.arrays:  # written before norms.npy existed
+            attr = segment.arrays["attr"]
+            rows = max(1, _COPY_BYTES // attr.row_bytes)
+            for a in range(0, segment.count, rows):
+                yield "norms", squared_norms(attr.block(a, min(a + rows, segment.count)))
         for data in segment.meta_chunks():
             yield META, data
+
+
+def squared_norms(attr: np.ndarray) -> np.ndarray:
+    """Each attribute row's squared norm ``‖g_k‖²`` in float32, the content of ``norms.npy``.
+
+    Args:
+        attr: Attribute embeddings ``[n, M, C]`` (float16 as stored, or float32).
+
+    Returns:
+        float32 ``[n, M]``.
+    """
+    g = np.asarray(attr, dtype=np.float32)
+    return np.einsum("nac,nac->na", g, g)
 
 
 def remove_folder(segments_fd: int, name: str, where: Path) -> None:

@@ -9,7 +9,9 @@ A gallery folder holds::
                        of segment folders that are garbage (merged away by a compaction, not yet deleted)
     gallery.journal    one header line naming the generation it continues, then one checksummed line per record:
                        ``begin`` (a writer starts a segment folder of that name) and ``add`` (a segment is published)
-    segments/<name>/   embedding.npy, attr.npy, probs.npy, aam.npy (only with ``aam_shape``), meta.jsonl
+    segments/<name>/   embedding.npy, attr.npy, probs.npy, aam.npy (only with ``aam_shape``), norms.npy (each
+                       attribute row's squared norm, for weighted scans; segments written before it lack it),
+                       meta.jsonl
     .lock              locked as well by writers, for writers of format 1 (which lock only this file)
 
 The published gallery is the base's segments followed by the ``add`` records of a journal of the same generation. A
@@ -38,7 +40,8 @@ import numpy as np
 from attrimeter.runtime.errors import CorruptGalleryError, GalleryError, InputError
 
 __all__ = [
-    "DTYPES", "FORMAT", "JOURNAL_FORMAT", "JOURNAL_NAME", "MANIFEST_NAME", "META", "METRICS", "SEGMENTS", "VERSION",
+    "DTYPES", "FORMAT", "JOURNAL_FORMAT", "JOURNAL_NAME", "MANIFEST_NAME", "META", "METRICS", "OPTIONAL", "SEGMENTS",
+    "VERSION",
     "GallerySpec", "Journal", "Manifest", "SegmentRecord", "encode_journal_header", "encode_manifest", "encode_record",
     "is_segment_name", "make_spec", "parse_journal", "parse_journal_header", "parse_manifest",
 ]
@@ -51,7 +54,10 @@ JOURNAL_NAME = "gallery.journal"
 SEGMENTS = "segments"
 META = "meta.jsonl"
 METRICS = ("l2", "ip")
-DTYPES = {"embedding": np.dtype("<f4"), "attr": np.dtype("<f2"), "probs": np.dtype("<f4"), "aam": np.dtype("<f2")}
+DTYPES = {"embedding": np.dtype("<f4"), "attr": np.dtype("<f2"), "probs": np.dtype("<f4"), "aam": np.dtype("<f2"),
+          "norms": np.dtype("<f4")}
+# Files a segment may lack: written since a later runtime, derived from the others (readers recompute them).
+OPTIONAL = frozenset({"norms"})
 
 _MAX = 1 << 62  # bound on counts, ids, sizes and dims: keeps all arithmetic on them inside int64
 _NAME = re.compile(r"[0-9A-Za-z][0-9A-Za-z_-]{0,99}")  # what writers name segments: no dots, separators, controls
@@ -77,11 +83,17 @@ class GallerySpec:
         out = {"embedding": (n, self.dim), "attr": (n, m, self.dim), "probs": (n, m)}
         if self.aam_shape is not None:
             out["aam"] = (n, m, *self.aam_shape)
+        out["norms"] = (n, m)  # ‖attr row‖² in float32 (of the stored float16 values)
         return out
 
     def files(self) -> set[str]:
-        """The names of a segment's files."""
+        """The names of a segment's files (as written now; see :data:`OPTIONAL`)."""
         return {f"{key}.npy" for key in self.shapes(0)} | {META}
+
+    def accepts(self, names: Set[str]) -> bool:
+        """Whether ``names`` are the files of a segment: :meth:`files`, less any of the :data:`OPTIONAL` ones."""
+        required = self.files() - {f"{key}.npy" for key in OPTIONAL}
+        return required <= names <= self.files()
 
     def header(self) -> dict[str, Any]:
         """The identity fields of the manifest."""
@@ -348,12 +360,11 @@ def _journal_record(body: Any, spec: GallerySpec, seq: int, first_id: int,
 
 def _segment_record(entry: Any, spec: GallerySpec, first_id: int) -> SegmentRecord | None:
     """A checked segment entry starting at ``first_id``, or None if it is malformed in any way."""
-    expected = spec.files()
     ok = (isinstance(entry, dict) and set(entry) == _SEGMENT_KEYS and is_segment_name(entry["name"])
           and _is_int(entry["count"], 1) and entry["first_id"] == first_id and _is_int(entry["first_id"])
-          and isinstance(entry["files"], dict) and set(entry["files"]) == expected
+          and isinstance(entry["files"], dict) and spec.accepts(set(entry["files"]))
           and all(isinstance(h, str) and _SHA256.fullmatch(h) for h in entry["files"].values())
-          and isinstance(entry["sizes"], dict) and set(entry["sizes"]) == expected
+          and isinstance(entry["sizes"], dict) and set(entry["sizes"]) == set(entry["files"])
           and all(_is_int(s) for s in entry["sizes"].values()) and _is_int(entry["bytes"])
           and entry["bytes"] == sum(entry["sizes"].values())
           and first_id + entry["count"] < _MAX)

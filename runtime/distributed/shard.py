@@ -98,7 +98,7 @@ class ShardServer:
         Returns:
             ``{"keys": scan scores [Q, k'] ascending, "d": None, "ids": shard-local ids [Q, k'], "rows": ...}``.
         """
-        scores, ids = weighted_scan(attr_queries, self.gallery.attr_chunks(SCAN_CHUNK), weights, k)
+        scores, ids = weighted_scan(attr_queries, self.gallery.scan_chunks(SCAN_CHUNK), weights, k)
         return {"keys": scores, "d": None, "ids": ids, "rows": self.rows(np.unique(ids), aam)}
 
     def rows(self, ids: np.ndarray, aam: bool = False) -> dict[str, Any]:

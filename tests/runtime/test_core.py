@@ -111,13 +111,13 @@ def test_weighted_scan_is_exact(rng):
     q = rng.standard_normal((2, m, c)).astype(np.float32)
     g = rng.standard_normal((n, m, c)).astype(np.float16)
     w = np.array([1, 0, 2, 0, 0.5, 1], np.float32)
-    chunks = [(s, g[s:s + 128]) for s in range(0, n, 128)]
+    chunks = [(s, g[s:s + 128], None) for s in range(0, n, 128)]
     scores, ids = weighted_scan(q, chunks, w, 7)
     ref = np.sqrt(((q[:, None].astype(np.float64) - g.astype(np.float64)) ** 2).sum(-1)) @ w
     want = np.argsort(ref, axis=1, kind="stable")[:, :7]
     np.testing.assert_array_equal(ids, want)
     np.testing.assert_allclose(scores, np.take_along_axis(ref, want, 1), rtol=1e-4)
-    scores, ids = weighted_scan(q, [(0, g[:3])], w, 10)  # fewer entries than k
+    scores, ids = weighted_scan(q, [(0, g[:3], None)], w, 10)  # fewer entries than k
     assert ids.shape == (2, 3)
 
 
@@ -128,10 +128,29 @@ def test_weighted_scan_keeps_the_lower_ids_of_entries_tied_at_the_kth_place(rng)
     q = rng.standard_normal((3, m, c)).astype(np.float32)
     q[0] = g[3]  # tied at score 0 for query 0
     w = np.ones(m, np.float32)
-    chunks = [(s, g[s:s + 16]) for s in range(0, 60, 16)]
+    chunks = [(s, g[s:s + 16], None) for s in range(0, 60, 16)]
     for k in (1, 2, 4):  # the cut falls inside the tie: the lower ids stay, whatever the chunking
         scores, ids = weighted_scan(q, chunks, w, k)
         assert ids[0].tolist() == [3, 7, 19, 40][:k] and (scores[0] == 0).all()
+
+
+def test_weighted_scan_ranks_near_duplicates_by_direct_differences(rng):
+    # near-duplicates of the query: the norm expansion alone loses their distances to cancellation
+    m, c, n = 5, 64, 3000
+    base = rng.standard_normal((m, c)).astype(np.float32) * 8
+    g = (base + rng.standard_normal((n, m, c)) * np.geomspace(1e-3, 1.0, n)[:, None, None]).astype(np.float16)
+    g = g[rng.permutation(n)]
+    q = base[None] + np.float32(1e-4)
+    w = np.array([1, 0, 3, 0.25, 0], np.float32)
+    norms = np.einsum("nac,nac->na", g.astype(np.float32), g.astype(np.float32))
+    diff = q[:, None].astype(np.float64) - g.astype(np.float32).astype(np.float64)
+    ref = np.sqrt((diff ** 2).sum(-1)) @ w
+    want = np.argsort(ref, axis=1, kind="stable")[:, :20]
+    for stored in (None, norms):
+        chunks = [(s, g[s:s + 500], None if stored is None else stored[s:s + 500]) for s in range(0, n, 500)]
+        scores, ids = weighted_scan(q, chunks, w, 20)
+        np.testing.assert_array_equal(ids, want)
+        np.testing.assert_allclose(scores, np.take_along_axis(ref, want, 1), rtol=1e-5)
 
 
 @pytest.mark.parametrize(("weights", "message"), [

@@ -411,3 +411,46 @@ def test_a_reader_that_saw_a_failed_appends_begin_record_reads_on(filled, rng, m
     assert reader.refresh() == len(data["meta"]) + 4
     assert_holds(reader, concat_batches([data, *extra]))
     reader.close()
+
+
+def test_segments_without_stored_norms_still_open_scan_and_gain_them_when_compacted(tmp_path, rng):
+    from attrimeter.runtime.decompose import weighted_scan
+
+    path = tmp_path / "g"
+    data = [batch_of(rng, 5, aam=None), batch_of(rng, 6, aam=None)]
+    with Gallery.create(path, dim=24, attributes=ATTRS, aam_shape=None, model="m", auto_compact=None) as g:
+        for b in data:
+            g.append(**b)
+        stored = [norms.copy() for _, _, norms in g.scan_chunks(100)]
+    attr = np.concatenate([b["attr_embeddings"] for b in data]).astype(np.float16).astype(np.float32)
+    np.testing.assert_allclose(np.concatenate(stored), (attr ** 2).sum(-1), rtol=1e-5)
+    doc = json.loads((path / MANIFEST_NAME).read_text())  # make it a gallery written before norms.npy existed
+    for seg in doc["segments"]:
+        (path / "segments" / seg["name"] / "norms.npy").unlink()
+        seg["bytes"] -= seg["sizes"].pop("norms.npy")
+        del seg["files"]["norms.npy"]
+    (path / MANIFEST_NAME).write_text(json.dumps(doc))
+    q, w = rng.standard_normal((2, M, 24)).astype(np.float32), np.array([1, 0, 2, 1], np.float32)
+    with Gallery.open(path, progress=False) as old:
+        assert [norms for _, _, norms in old.scan_chunks(100)] == [None, None]
+        want = weighted_scan(q, old.scan_chunks(100), w, 4)
+    with Gallery.open(path, writable=True, progress=False) as g:
+        g.compact(progress=False)
+        (_, _, norms), = g.scan_chunks(100)
+        np.testing.assert_array_equal(norms, np.concatenate(stored))
+        got = weighted_scan(q, g.scan_chunks(100), w, 4)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+
+
+def test_l2_search_re_ranks_from_the_index_memory_without_reading_the_store(tmp_path, rng, monkeypatch):
+    data = batch_of(rng, 50, aam=None)
+    with Gallery.create(tmp_path / "g", dim=24, attributes=ATTRS, aam_shape=None, model="m") as g:
+        g.append(**data)
+        q = rng.standard_normal((3, 24)).astype(np.float32)
+        want = np.linalg.norm(data["embedding"][None] - q[:, None], axis=2)
+        g.load_index()
+        monkeypatch.setattr(g, "embeddings", lambda ids: pytest.fail("read the store to re-rank"))
+        dist, ids = g.search(q, 5)
+        np.testing.assert_array_equal(ids, np.argsort(want, axis=1, kind="stable")[:, :5])
+        np.testing.assert_allclose(dist, np.take_along_axis(want, ids, 1), rtol=1e-6)

@@ -301,13 +301,39 @@ def test_cli_compact(tiny_export, tiny_data, tmp_path, capsys):
         assert rt.gallery.segments == 1 and len(rt.gallery) == len(list((tiny_data / "bounding_box_test").glob("*")))
 
 
-@pytest.mark.parametrize(("field", "value"), [("max_batch", 0), ("threads", 0), ("queue_size", 1.5),
+@pytest.mark.parametrize(("field", "value"), [("max_batch", 0), ("threads", 0), ("search_threads", 0),
+                                              ("queue_size", 1.5),
                                               ("metric", "cos"), ("backend", "tflite"), ("queue_timeout_s", -1.0),
                                               ("refresh_s", float("nan")), ("max_wait_ms", True)])
 def test_config_names_a_bad_value(field, value):
     with pytest.raises(ValueError, match=rf"RuntimeConfig\.{field} must be"):
         RuntimeConfig(**{field: value})
     assert RuntimeConfig(refresh_s=None, threads=None).refresh_s is None  # None: "only on refresh()", "its choice"
+
+
+def test_search_threads_apply_in_the_searching_thread():
+    faiss = pytest.importorskip("faiss")
+    from attrimeter.runtime.gallery_index import ExactIndex, set_search_threads
+
+    index = ExactIndex(8, "l2")
+    index.add(np.eye(8, dtype=np.float32))
+    seen = []
+
+    def search() -> None:  # OpenMP keeps the thread count per thread: a server thread must get the setting too
+        faiss.omp_set_num_threads(2)
+        index.search(np.ones((1, 8), np.float32), 1)
+        seen.append(faiss.omp_get_max_threads())
+
+    try:
+        set_search_threads(1)
+        worker = threading.Thread(target=search)
+        worker.start()
+        worker.join()
+        assert seen == [1]
+        with pytest.raises(ValueError, match="search threads"):
+            set_search_threads(0)
+    finally:
+        set_search_threads(RuntimeConfig().search_threads)
 
 
 def test_device_index_follows_the_backend_and_the_export(tiny_export, indexed):

@@ -1,0 +1,236 @@
+"""Single-machine search costs at 10^5 entries (issue 17 item 8): plain FAISS, explained search, weighted search.
+
+The gallery is ``--entries`` entries resampled with 5 % noise from a real demo gallery's embeddings (the demo model's
+``--source`` gallery; see ``bench_runtime.fill_gallery``). Every timed call gets a different query (resampled from
+the source with noise of its own), and the contenders are alternated call by call in one process, so load on the
+shared machine hits them alike:
+
+* plain FAISS ``IndexFlatL2`` (1 thread, the runtime's default ``search_threads``) vs ``Runtime.search_embeddings``;
+* the weighted search ranking by ``Σ_k w_k d_k``: the previous exact scan (every attribute, whole chunks converted
+  to float32; kept here as the reference) vs :func:`~attrimeter.runtime.decompose.weighted_scan`, for all 26 weights
+  non-zero and for 6 non-zero, plus the new scan's memory-bandwidth floor: a numpy sum over exactly the bytes it
+  reads (the active attribute rows and their stored norms);
+* resident memory (VmRSS, VmHWM) of a process serving the gallery through ``Runtime`` after 1,000 varied searches,
+  against a process with only an ONNX Runtime session of the export and a FAISS index of the same embeddings.
+
+    python benchmarks/bench_search_costs.py --export /work/exp/demo_run/export --source /work/exp/demo_run/gallery
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from bench_runtime import _percentiles, fill_gallery, stamp, write_report
+
+from attrimeter.runtime.decompose import check_weights, weighted_scan
+from attrimeter.runtime.gallery import Gallery
+from attrimeter.runtime.runtime import Embeddings, Runtime, RuntimeConfig
+
+
+def old_weighted_scan(q: np.ndarray, chunks, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The scan before this change (commit 6632633): every attribute, whole chunks converted to float32."""
+    from attrimeter.runtime.decompose import _to_float32
+
+    q32 = np.ascontiguousarray(q, dtype=np.float32)
+    q_sq = np.einsum("qac,qac->qa", q32, q32)[:, None, :]
+    best_scores, best_ids = np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
+    for first, rows in chunks:
+        g = _to_float32(rows)
+        sq = q_sq + np.einsum("nac,nac->na", g, g)[None] - 2.0 * np.einsum("nac,qac->qna", g, q32)
+        scores = np.sqrt(np.maximum(sq, 0.0)) @ weights
+        ids = np.broadcast_to(np.arange(first, first + scores.shape[1], dtype=np.int64), scores.shape)
+        best_scores = np.concatenate([best_scores, scores.astype(np.float32)], axis=1)
+        best_ids = np.concatenate([best_ids, ids], axis=1)
+        if best_scores.shape[1] > k:
+            keep = np.lexsort((best_ids, best_scores), axis=1)[:, :k]
+            best_scores, best_ids = np.take_along_axis(best_scores, keep, 1), np.take_along_axis(best_ids, keep, 1)
+    order = np.lexsort((best_ids, best_scores), axis=1)
+    return np.take_along_axis(best_scores, order, 1), np.take_along_axis(best_ids, order, 1)
+
+
+def floor_read(gallery: Gallery, active: np.ndarray) -> float:
+    """Read exactly the bytes the new scan reads (active attribute rows, their norms) with a numpy sum."""
+    total = 0
+    for _, rows, norms in gallery.scan_chunks(4096):
+        words = rows.view(np.uint64)  # [n, M, C/4]: a sum over 64-bit words runs at memory speed
+        for a in active:
+            total += int(words[:, a].sum(dtype=np.uint64)) + int(norms[:, a].view(np.uint32).sum(dtype=np.uint64))
+    return float(total)
+
+
+def queries(source: Gallery, n: int, seed: int) -> list[Embeddings]:
+    """``n`` distinct one-image queries: source rows with 5 % noise of their own."""
+    rng = np.random.default_rng(seed)
+    real = np.arange(len(source))
+    f, fk, p = source.embeddings(real), source.attr_embeddings(real), source.probs(real)
+    out = []
+    for i in rng.choice(real, n):
+        e = f[i:i + 1] + 0.05 * f.std() * rng.standard_normal((1, f.shape[1]), dtype=np.float32)
+        ek = fk[i:i + 1] + 0.05 * fk.std() * rng.standard_normal((1, *fk.shape[1:]), dtype=np.float32)
+        out.append(Embeddings(e, ek, p[i:i + 1], np.zeros((1, fk.shape[1], 1, 1), np.float32)))
+    return out
+
+
+def timing_rows(export: Path, gallery_path: Path, source: Gallery, repeats: int) -> list[dict]:
+    import faiss
+
+    rows = []
+    with Runtime(export, gallery_path, RuntimeConfig(verify=False)) as rt:
+        g = rt.gallery
+        n, m = len(g), len(rt.attributes)
+        plain = faiss.IndexFlatL2(g.dim)
+        plain.add(g.embeddings(np.arange(n)))
+        qs = queries(source, 2 * repeats + 2, seed=1)
+        all_w = check_weights(np.ones(m), m)
+        few_w = check_weights(np.r_[np.ones(6), np.zeros(m - 6)], m) if m > 6 else all_w
+        rt.search_embeddings(qs[-1], k=10)  # builds the index
+        rt.search_embeddings(qs[-2], k=10, weights=all_w.tolist())
+        t = {key: [] for key in ("faiss", "explained", "old26", "new26", "old6", "new6", "floor26", "floor6",
+                                 "rt_weighted6")}
+        mismatches = 0
+
+        def clock(key: str, fn, *args) -> object:
+            t0 = time.perf_counter()
+            out = fn(*args)
+            t[key].append(time.perf_counter() - t0)
+            return out
+
+        for i in range(repeats):  # alternated: one call of each per round, each with its own query
+            qa, qb = qs[2 * i], qs[2 * i + 1]
+            faiss.omp_set_num_threads(1)
+            clock("faiss", plain.search, qa.embedding, 10)
+            clock("explained", rt.search_embeddings, qb, 10)
+            if i < max(repeats // 10, 5):
+                for w, tag, active in ((all_w, "26", np.arange(m)), (few_w, "6", np.flatnonzero(few_w))):
+                    _, old = clock("old" + tag, old_weighted_scan, qa.attr_embeddings, g.attr_chunks(4096), w, 10)
+                    _, new = clock("new" + tag, weighted_scan, qa.attr_embeddings, g.scan_chunks(4096), w, 10)
+                    mismatches += int(not np.array_equal(old, new))
+                    clock("floor" + tag, floor_read, g, active)
+                clock("rt_weighted6", rt.search_embeddings, qb, 10, few_w.tolist())
+        p50_faiss = _percentiles(t["faiss"])[0]
+        names = {"faiss": "plain FAISS IndexFlatL2, 1 thread (search only)",
+                 "explained": "Runtime.search_embeddings (search + explain)",
+                 "old26": "weighted scan, previous (all 26 weights non-zero)",
+                 "new26": "weighted scan, new (all 26 weights non-zero)",
+                 "floor26": "memory floor of the new scan (26 attributes + norms)",
+                 "old6": "weighted scan, previous (6 weights non-zero)",
+                 "new6": "weighted scan, new (6 weights non-zero)",
+                 "floor6": "memory floor of the new scan (6 attributes + norms)",
+                 "rt_weighted6": "Runtime.search_embeddings with 6 weights non-zero (scan + explain)"}
+        for key, name in names.items():
+            p50, p99, mean = _percentiles(t[key])
+            note = f"{len(t[key])} varied queries"
+            if key.startswith("new"):
+                note += (f"; ids differ from the previous scan in {mismatches} of {2 * len(t[key])} queries "
+                         "(both weight sets)")
+            rows.append({"benchmark": "search k=10", "setting": f"{name}; {n} entries", "value": p50,
+                         "unit": "ms p50", "p99_ms": p99, "mean_ms": mean, "ratio_to_faiss_p50": p50 / p50_faiss,
+                         "note": note})
+    return rows
+
+
+_SERVE = """
+import sys, numpy as np
+from pathlib import Path
+sys.argv = sys.argv[:1]
+from bench_search_costs import queries
+from attrimeter.runtime.gallery import Gallery
+source = Gallery.open({source!r}, progress=False)
+qs = queries(source, 1000, seed=2)
+if {kind!r} == "runtime":
+    from attrimeter.runtime.runtime import Runtime, RuntimeConfig
+    rt = Runtime({export!r}, {gallery!r}, RuntimeConfig(verify=False))
+    for q in qs:
+        rt.search_embeddings(q, k=10)
+else:
+    import faiss, onnxruntime as ort
+    session = ort.InferenceSession({model!r}, providers=["CPUExecutionProvider"])
+    g = Gallery.open({gallery!r}, progress=False)
+    index = faiss.IndexFlatL2(g.dim)
+    index.add(g.embeddings(np.arange(len(g))))
+    g.close()
+    faiss.omp_set_num_threads(1)
+    shape = [d if isinstance(d, int) else 1 for d in session.get_inputs()[0].shape]
+    session.run(None, {{session.get_inputs()[0].name: np.zeros(shape, np.float32)}})
+    for q in qs:
+        index.search(q.embedding, 10)
+status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+print(status["VmRSS"].split()[0], status["VmHWM"].split()[0])
+"""
+
+
+def rss_rows(export: Path, gallery: Path, source: Path) -> list[dict]:
+    """VmRSS / VmHWM (MiB) of a runtime process and of a plain ONNX Runtime + FAISS one, each after 1,000 searches."""
+    out = {}
+    for kind in ("runtime", "plain"):
+        code = _SERVE.format(kind=kind, export=str(export), gallery=str(gallery), source=str(source),
+                             model=str(export / "model.onnx"))
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent)
+        rss, hwm = (int(v) / 1024 for v in done.stdout.split()[-2:])
+        out[kind] = (rss, hwm)
+    ratio = out["runtime"][0] / out["plain"][0]
+    return [{"benchmark": "serving memory", "setting": f"{name}, after 1,000 varied searches", "value": out[k][0],
+             "unit": "MiB VmRSS", "note": f"VmHWM {out[k][1]:.0f} MiB" + (f"; {ratio:.2f}× plain" if k == "runtime"
+                                                                          else "")}
+            for k, name in (("runtime", "Runtime process (model loaded, gallery open)"),
+                            ("plain", "ONNX Runtime session + FAISS IndexFlatL2 process"))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--export", type=Path, required=True)
+    parser.add_argument("--source", type=Path, required=True, help="a real gallery made by the export's model")
+    parser.add_argument("--entries", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=300)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    load = os.getloadavg()[0]
+    with Gallery.open(args.source, progress=False) as source, tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "gallery"
+        fill_gallery(path, source, args.entries)
+        rows = timing_rows(args.export, path, source, args.repeats)
+        rows += rss_rows(args.export, path, args.source)
+    stamped = stamp("cpu", "onnxruntime", os.cpu_count() or 1)
+    what = (f"{args.entries} entries resampled with 5 % noise from the demo gallery's real embeddings; every query "
+            f"distinct (source rows with noise), contenders alternated call by call in one process. Load average "
+            f"{load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end (machine shared).")
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    text = write_report(rows, stamped, args.out, "search_costs_cpu", what, command)
+    text = text.replace("# Runtime,", "# Single-machine search costs,", 1) + "\n" + targets(rows) + "\n"
+    (args.out / "search_costs_cpu.md").write_text(text)
+    print(text)
+
+
+def targets(rows: list[dict]) -> str:
+    """The issue's targets, checked against the measured p50s."""
+    value = {r["setting"].split(";")[0]: r["value"] for r in rows}
+    explained = value["Runtime.search_embeddings (search + explain)"] / value[
+        "plain FAISS IndexFlatL2, 1 thread (search only)"]
+    floor26 = value["weighted scan, new (all 26 weights non-zero)"] / value[
+        "memory floor of the new scan (26 attributes + norms)"]
+    floor6 = value["weighted scan, new (6 weights non-zero)"] / value[
+        "memory floor of the new scan (6 attributes + norms)"]
+    speed26 = value["weighted scan, previous (all 26 weights non-zero)"] / value[
+        "weighted scan, new (all 26 weights non-zero)"]
+    speed6 = value["weighted scan, previous (6 weights non-zero)"] / value["weighted scan, new (6 weights non-zero)"]
+    rss = rows[-2]["value"] / rows[-1]["value"]
+    met = {True: "met", False: "NOT met"}
+    return "\n".join([
+        "## Targets", "",
+        f"- explained / plain FAISS p50 {explained:.2f}× (target <= 1.10×): {met[explained <= 1.10]}",
+        f"- weighted scan: {speed26:.2f}× faster with 26 weights, {speed6:.2f}× with 6; {floor26:.2f}× and "
+        f"{floor6:.2f}× its memory floor",
+        f"- serving RSS {rss:.2f}× a plain ONNX Runtime + FAISS process (target <= 2×): {met[rss <= 2]}"])
+
+
+if __name__ == "__main__":
+    main()
