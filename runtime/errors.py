@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 __all__ = [
-    "CorruptGalleryError", "GalleryError", "InputError", "LockedGalleryError", "OverloadedError", "StorageError",
-    "UnknownIdError", "UnsafeGalleryPathError",
+    "AnnIndexError", "CodecError", "CorruptGalleryError", "GalleryError", "InputError", "LockedGalleryError",
+    "OverloadedError", "StorageError", "UnknownIdError", "UnsafeGalleryPathError",
 ]
 
 
@@ -43,6 +43,21 @@ class UnsafeGalleryPathError(GalleryError):
     """A path the gallery store would write or delete through is a symbolic link or names something outside the gallery.
 
     The store never follows a link where it writes or deletes, so nothing outside the gallery folder is ever touched.
+    """
+
+
+class CodecError(ValueError):
+    """A storage codec cannot do what it was asked (:mod:`attrimeter.runtime.codecs`).
+
+    Bad parameters or trained state, rows of the wrong shape or with values the codec cannot hold (NaN, inf, out of
+    range), stored arrays that do not match the codec, an untrained codec, or rows that the codec does not store.
+    """
+
+
+class AnnIndexError(ValueError):
+    """An approximate search index cannot do what it was asked (:mod:`attrimeter.runtime.ann`).
+
+    Bad parameters, too few vectors to train on, use before training, or saved files that do not match.
     """
 
 
