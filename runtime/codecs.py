@@ -25,6 +25,7 @@ Kinds (``CODEC_KINDS``; measured on the demo's model in ``benchmarks/results/sto
   store must then keep a way to the crop, and the runtime a path that re-embeds it); decoding raises CodecError.
 
 Every codec validates what it is given and raises :class:`~attrimeter.runtime.errors.CodecError` naming the problem.
+(One module of ~650 lines: the interface and its kinds are read together; each kind is a short class.)
 
 How it plugs into the store (not wired yet; the store is ``store_format.py`` / ``segment.py`` / ``gallery.py``):
 
@@ -352,10 +353,11 @@ class _Trained(Codec):
         if len(x) == 0:
             raise CodecError(f"the {self.kind} codec needs training rows, got none")
         mean = x.mean(0, dtype=np.float64)
-        pooled = (x - mean).reshape(-1, self.shape[1])
-        if len(pooled) > _FIT_ROWS:  # a fixed seed: the same rows give the same codec
-            pooled = pooled[np.sort(np.random.default_rng(0).choice(len(pooled), _FIT_ROWS, replace=False))]
-        return pooled, mean.astype(np.float32)
+        pick = np.arange(x.shape[0] * x.shape[1])
+        if len(pick) > _FIT_ROWS:  # sampled before any float64 copy; a fixed seed: the same rows give the same codec
+            pick = np.sort(np.random.default_rng(0).choice(len(pick), _FIT_ROWS, replace=False))
+        entry, attribute = np.divmod(pick, x.shape[1])
+        return x[entry, attribute] - mean[attribute], mean.astype(np.float32)
 
     def _arrays(self, state: Mapping[str, np.ndarray], shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
         """The state arrays ``shapes`` names, checked (float32 unless the name is ``bits``)."""
@@ -396,7 +398,7 @@ class PQCodec(_Trained):
 
     def state(self) -> dict[str, np.ndarray]:
         self._check_fitted()
-        return {"mean": self._mean, "centroids": self._centroids}
+        return {"mean": self._mean.copy(), "centroids": self._centroids.copy()}
 
     def _load_state(self, state: Mapping[str, np.ndarray]) -> None:
         sub = (self.m, 1 << _PQ_BITS, self.shape[1] // self.m)
@@ -467,7 +469,7 @@ class PCAQCodec(_Trained):
 
     def state(self) -> dict[str, np.ndarray]:
         self._check_fitted()
-        return {"mean": self._mean, "rotation": self._rotation, "bits": self._bits}
+        return {"mean": self._mean.copy(), "rotation": self._rotation.copy(), "bits": self._bits.copy()}
 
     def _load_state(self, state: Mapping[str, np.ndarray]) -> None:
         d = self.shape[1]
@@ -541,10 +543,25 @@ class PCAQCodec(_Trained):
     def _set_bits(self, bits: np.ndarray) -> None:
         self._bits = bits.astype(np.int64)
         self._active = np.flatnonzero(self._bits)  # the stored groups
-        axes = np.concatenate([np.arange(self._edges[g], self._edges[g + 1]) for g in self._active] or [[]])
-        self._axes = axes.astype(np.int64)
+        sizes = np.diff(self._edges)[self._active]
+        widths = self._bits[self._active]
+        self._axes = np.concatenate([np.arange(self._edges[g], self._edges[g + 1]) for g in self._active] or [[]])
+        self._axes = self._axes.astype(np.int64)
         self._basis_t = np.ascontiguousarray(self._rotation[:, self._axes].T)  # [stored axes, D]
-        self._code_bits = int((np.diff(self._edges)[self._active] * self._bits[self._active]).sum())
+        self._code_bits = int((sizes * widths).sum())
+        # Decoding reads runs of consecutive groups of one width as one block of the bit stream: (first bit, first
+        # stored axis, axes, width); each stored axis then takes its group's offset and scale.
+        self._runs: list[tuple[int, int, int, int]] = []
+        bit, axis = 0, 0
+        for size, width in zip(sizes.tolist(), widths.tolist(), strict=True):
+            if self._runs and self._runs[-1][3] == width:
+                first_bit, first_axis, axes, _ = self._runs[-1]
+                self._runs[-1] = (first_bit, first_axis, axes + size, width)
+            else:
+                self._runs.append((bit, axis, size, width))
+            bit, axis = bit + size * width, axis + size
+        self._group_of_axis = np.repeat(np.arange(len(self._active)), sizes)
+        self._offset_of_axis = np.repeat((1 << (widths - 1)) - 1, sizes).astype(np.float32)
 
     def _layout(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         m = self.shape[0]
@@ -569,18 +586,16 @@ class PCAQCodec(_Trained):
         return {"codes": packed, "scales": np.stack(scales, axis=-1)}
 
     def _decode(self, stored: dict[str, np.ndarray]) -> np.ndarray:
-        codes, scales = stored["codes"], stored["scales"].astype(np.float32)
+        codes = stored["codes"]
         n = len(codes)
         bits = np.unpackbits(codes, axis=-1, count=self._code_bits, bitorder="little")
         y = np.empty((n, self.shape[0], len(self._axes)), np.float32)
-        at, col = 0, 0
-        for i, g in enumerate(self._active):
-            width, size = int(self._bits[g]), int(self._edges[g + 1] - self._edges[g])
-            lim = (1 << (width - 1)) - 1
-            part = bits[..., at:at + size * width].reshape(n, self.shape[0], size, width)
-            values = part @ (1 << np.arange(width)).astype(np.float32)
-            y[..., col:col + size] = (values - lim) * scales[..., i:i + 1]
-            at, col = at + size * width, col + size
+        for first_bit, first_axis, axes, width in self._runs:
+            part = bits[..., first_bit:first_bit + axes * width].reshape(n, self.shape[0], axes, width)
+            y[..., first_axis:first_axis + axes] = part @ (1 << np.arange(width)).astype(np.float32)
+        y -= self._offset_of_axis
+        y *= stored["scales"].astype(np.float32)[..., self._group_of_axis]
+        # 2-D product: numpy's stacked matmul does not reach BLAS
         return (y.reshape(-1, len(self._axes)) @ self._basis_t).reshape(n, *self.shape) + self._mean
 
 
