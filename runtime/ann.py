@@ -1,4 +1,4 @@
-"""Search indexes over the global embeddings: exact, IVF and HNSW, each re-ranked exactly (architecture §10).
+"""Search indexes over the global embeddings: exact, IVF and HNSW, re-ranked exactly (docs/architecture.md §10).
 
 Three kinds (``ANN_KINDS``), one class each, all with the shape of
 :class:`~attrimeter.runtime.gallery_index.GalleryIndex` (``ntotal``, ``add``, ``search`` returning ids):

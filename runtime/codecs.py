@@ -1,4 +1,4 @@
-"""Compact codecs for a gallery entry's explanation rows: attribute embeddings and attention maps (architecture §10).
+"""Compact codecs for a gallery entry's explanation rows, attribute embeddings and maps (docs/architecture.md §10).
 
 An entry holds M rows of D values: its M attribute embeddings (D = C), or its M attention maps flattened (D = h·w).
 A codec turns rows ``[N, M, D]`` into the arrays a store writes (each with N leading, one file per array) and decodes
