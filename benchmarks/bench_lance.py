@@ -45,7 +45,7 @@ import faiss
 import lance_scenarios
 import numpy as np
 from lance_store import LanceStore
-from machine import cpu_name, git_commit, utc_now
+from run_stamp import cpu_name, git_commit, utc_now
 
 from attrimeter.runtime.gallery import Gallery
 

@@ -37,7 +37,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
-from machine import ROOT, cpu_name, git_commit, utc_now
+from run_stamp import ROOT, cpu_name, git_commit, utc_now
 
 from attrimeter.runtime.gallery import Gallery
 

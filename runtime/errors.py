@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 __all__ = [
-    "CorruptGalleryError", "GalleryError", "InputError", "LockedGalleryError", "OverloadedError",
-    "ShardUnavailableError", "StorageError", "UnknownIdError", "UnsafeGalleryPathError",
+    "AnnIndexError", "CodecError", "CorruptGalleryError", "GalleryError", "InputError", "LockedGalleryError",
+    "OverloadedError", "ShardUnavailableError", "StorageError", "UnknownIdError", "UnsafeGalleryPathError",
 ]
 
 
@@ -59,6 +59,21 @@ class ShardUnavailableError(GalleryError):
 
     def __reduce__(self) -> tuple[type, tuple[str, tuple[str, ...]]]:  # picklable (Ray ships errors between processes)
         return type(self), (str(self), self.missing)
+
+
+class CodecError(ValueError):
+    """A storage codec cannot do what it was asked (:mod:`attrimeter.runtime.codecs`).
+
+    Bad parameters or trained state, rows of the wrong shape or with values the codec cannot hold (NaN, inf, out of
+    range), stored arrays that do not match the codec, an untrained codec, or rows that the codec does not store.
+    """
+
+
+class AnnIndexError(ValueError):
+    """An approximate search index cannot do what it was asked (:mod:`attrimeter.runtime.ann`).
+
+    Bad parameters, too few vectors to train on, use before training, or saved files that do not match.
+    """
 
 
 class OverloadedError(RuntimeError):
