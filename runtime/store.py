@@ -524,11 +524,7 @@ class SegmentStore:
     def _publish_base(self, manifest: Manifest) -> bytes:
         """Write ``gallery.json`` atomically and durably; return its bytes."""
         raw = encode_manifest(manifest)
-        write_new_file(self._fds["root"], _MANIFEST_TMP, raw)
-        os.replace(_MANIFEST_TMP, MANIFEST_NAME, src_dir_fd=self._fds["root"], dst_dir_fd=self._fds["root"])
-        os.fsync(self._fds["root"])
-        fd = os.open(MANIFEST_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._fds["root"])
-        self._swap_fd("base", fd)
+        fd = self._replace(_MANIFEST_TMP, MANIFEST_NAME, raw, "base", os.O_RDONLY)
         self._base_stat = self._stat_of(fd)
         self._base_raw = b""
         return raw
@@ -536,12 +532,18 @@ class SegmentStore:
     def _new_journal(self, generation: int) -> None:
         """Start an empty journal continuing base ``generation``, atomically and durably."""
         header = encode_journal_header(generation)
-        write_new_file(self._fds["root"], _JOURNAL_TMP, header)
-        os.replace(_JOURNAL_TMP, JOURNAL_NAME, src_dir_fd=self._fds["root"], dst_dir_fd=self._fds["root"])
-        os.fsync(self._fds["root"])
-        fd = os.open(JOURNAL_NAME, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._fds["root"])
-        self._swap_fd("journal", fd)
+        self._replace(_JOURNAL_TMP, JOURNAL_NAME, header, "journal", os.O_RDWR)
         self._position = _Position(generation, 0, len(header))
+
+    def _replace(self, tmp: str, name: str, data: bytes, key: str, mode: int) -> int:
+        """Put ``data`` at ``name`` through ``tmp`` (written, renamed, folder fsynced); hold it open as ``key``."""
+        root = self._fds["root"]
+        write_new_file(root, tmp, data)
+        os.replace(tmp, name, src_dir_fd=root, dst_dir_fd=root)
+        os.fsync(root)
+        fd = os.open(name, mode | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root)
+        self._swap_fd(key, fd)
+        return fd
 
     def _base_is(self, raw: bytes | None) -> bool:
         try:
