@@ -8,8 +8,10 @@ shared machine hits them alike:
 * plain FAISS ``IndexFlatL2`` (1 thread, the runtime's default ``search_threads``) vs ``Runtime.search_embeddings``;
 * the weighted search ranking by ``Σ_k w_k d_k``: the previous exact scan (every attribute, whole chunks converted
   to float32; kept here as the reference) vs :func:`~attrimeter.runtime.decompose.weighted_scan`, for all 26 weights
-  non-zero and for 6 non-zero, plus the new scan's memory-bandwidth floor: a numpy sum over exactly the bytes it
-  reads (the active attribute rows and their stored norms);
+  non-zero and for 6 non-zero, against two floors of what it reads (the active attribute rows and their stored
+  norms): the *read floor*, a numpy sum over exactly those strided bytes of the store's mapped files, and the
+  *bandwidth floor*, those bytes at the speed this machine streams the same mapped files contiguously (a sum over every
+  byte of them, scaled by the share of bytes the scan needs): what a fused kernel reading only those bytes would take;
 * resident memory (VmRSS, VmHWM) of a process serving the gallery through ``Runtime`` after 1,000 varied searches,
   against a process with only an ONNX Runtime session of the export and a FAISS index of the same embeddings.
 
@@ -66,6 +68,15 @@ def floor_read(gallery: Gallery, active: np.ndarray) -> float:
     return float(total)
 
 
+def bandwidth_read(gallery: Gallery) -> float:
+    """Sum every byte of the mapped attribute rows and norms contiguously (64-bit words): the streaming read speed."""
+    total = 0
+    for _, rows, norms in gallery.scan_chunks(1 << 30):
+        total += int(rows.reshape(-1).view(np.uint64).sum(dtype=np.uint64))
+        total += int(norms.reshape(-1).view(np.uint32).sum(dtype=np.uint64))
+    return float(total)
+
+
 def queries(source: Gallery, n: int, seed: int) -> list[Embeddings]:
     """``n`` distinct one-image queries: source rows with 5 % noise of their own."""
     rng = np.random.default_rng(seed)
@@ -94,7 +105,7 @@ def timing_rows(export: Path, gallery_path: Path, source: Gallery, repeats: int)
         rt.search_embeddings(qs[-1], k=10)  # builds the index
         rt.search_embeddings(qs[-2], k=10, weights=all_w.tolist())
         t = {key: [] for key in ("faiss", "explained", "old26", "new26", "old6", "new6", "floor26", "floor6",
-                                 "rt_weighted6")}
+                                 "bw26", "bw6", "rt_weighted6")}
         mismatches = 0
 
         def clock(key: str, fn, *args) -> object:
@@ -114,16 +125,23 @@ def timing_rows(export: Path, gallery_path: Path, source: Gallery, repeats: int)
                     _, new = clock("new" + tag, weighted_scan, qa.attr_embeddings, g.scan_chunks(4096), w, 10)
                     mismatches += int(not np.array_equal(old, new))
                     clock("floor" + tag, floor_read, g, active)
+                t0 = time.perf_counter()
+                bandwidth_read(g)
+                whole = time.perf_counter() - t0
+                t["bw26"].append(whole)
+                t["bw6"].append(whole * 6 / m)  # rows and norms alike: each attribute is the same share of the bytes
                 clock("rt_weighted6", rt.search_embeddings, qb, 10, few_w.tolist())
         p50_faiss = _percentiles(t["faiss"])[0]
         names = {"faiss": "plain FAISS IndexFlatL2, 1 thread (search only)",
                  "explained": "Runtime.search_embeddings (search + explain)",
                  "old26": "weighted scan, previous (all 26 weights non-zero)",
                  "new26": "weighted scan, new (all 26 weights non-zero)",
-                 "floor26": "memory floor of the new scan (26 attributes + norms)",
+                 "floor26": "read floor of the new scan (numpy sum over its strided bytes, 26 attributes + norms)",
+                 "bw26": "bandwidth floor of the new scan (its bytes at the contiguous read speed, 26 attributes)",
                  "old6": "weighted scan, previous (6 weights non-zero)",
                  "new6": "weighted scan, new (6 weights non-zero)",
-                 "floor6": "memory floor of the new scan (6 attributes + norms)",
+                 "floor6": "read floor of the new scan (numpy sum over its strided bytes, 6 attributes + norms)",
+                 "bw6": "bandwidth floor of the new scan (its bytes at the contiguous read speed, 6 attributes)",
                  "rt_weighted6": "Runtime.search_embeddings with 6 weights non-zero (scan + explain)"}
         for key, name in names.items():
             p50, p99, mean = _percentiles(t[key])
@@ -215,10 +233,12 @@ def targets(rows: list[dict]) -> str:
     value = {r["setting"].split(";")[0]: r["value"] for r in rows}
     explained = value["Runtime.search_embeddings (search + explain)"] / value[
         "plain FAISS IndexFlatL2, 1 thread (search only)"]
-    floor26 = value["weighted scan, new (all 26 weights non-zero)"] / value[
-        "memory floor of the new scan (26 attributes + norms)"]
-    floor6 = value["weighted scan, new (6 weights non-zero)"] / value[
-        "memory floor of the new scan (6 attributes + norms)"]
+    new26 = value["weighted scan, new (all 26 weights non-zero)"]
+    new6 = value["weighted scan, new (6 weights non-zero)"]
+    read26 = new26 / value["read floor of the new scan (numpy sum over its strided bytes, 26 attributes + norms)"]
+    read6 = new6 / value["read floor of the new scan (numpy sum over its strided bytes, 6 attributes + norms)"]
+    bw26 = new26 / value["bandwidth floor of the new scan (its bytes at the contiguous read speed, 26 attributes)"]
+    bw6 = new6 / value["bandwidth floor of the new scan (its bytes at the contiguous read speed, 6 attributes)"]
     speed26 = value["weighted scan, previous (all 26 weights non-zero)"] / value[
         "weighted scan, new (all 26 weights non-zero)"]
     speed6 = value["weighted scan, previous (6 weights non-zero)"] / value["weighted scan, new (6 weights non-zero)"]
@@ -227,8 +247,10 @@ def targets(rows: list[dict]) -> str:
     return "\n".join([
         "## Targets", "",
         f"- explained / plain FAISS p50 {explained:.2f}× (target <= 1.10×): {met[explained <= 1.10]}",
-        f"- weighted scan: {speed26:.2f}× faster with 26 weights, {speed6:.2f}× with 6; {floor26:.2f}× and "
-        f"{floor6:.2f}× its memory floor",
+        f"- weighted scan: {speed26:.2f}× faster than the previous scan with 26 weights, {speed6:.2f}× with 6",
+        f"- weighted scan vs its bandwidth floor (target <= 2×): {bw26:.2f}× with 26 weights "
+        f"({met[bw26 <= 2]}), {bw6:.2f}× with 6 ({met[bw6 <= 2]}); vs its numpy read floor {read26:.2f}× and "
+        f"{read6:.2f}×",
         f"- serving RSS {rss:.2f}× a plain ONNX Runtime + FAISS process (target <= 2×): {met[rss <= 2]}"])
 
 

@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 
 from attrimeter.runtime.errors import GalleryError, InputError, UnknownIdError
-from attrimeter.runtime.gallery_index import ExactIndex, GalleryIndex, exact_keys, settled
+from attrimeter.runtime.gallery_index import (
+    ExactIndex,
+    GalleryIndex,
+    HalfExactIndex,
+    HalfRangeError,
+    exact_keys,
+    settled,
+)
 from attrimeter.runtime.segment import squared_norms
 from attrimeter.runtime.store import SegmentStore, StoreState
 from attrimeter.runtime.store_format import DTYPES, FORMAT, MANIFEST_NAME, META, METRICS, VERSION, make_spec
@@ -499,7 +506,8 @@ class Gallery:
         while True:
             with self._index_lock:
                 index = self._ensure_index()
-                ids = index.search(q, fetch)
+                bounded = getattr(index, "search_floor", None)  # a bound on what it left out (HalfExactIndex)
+                ids, floor = bounded(q, fetch) if bounded is not None else (index.search(q, fetch), None)
                 # under the lock: an add may move the index's memory; only when the copy stays small
                 held = index.vectors(ids.reshape(-1)) if ids.size * self.dim * 4 <= _GATHER_BYTES else None
             # ids only ever grow (compaction keeps them), so the gathers may run outside the index lock
@@ -511,16 +519,16 @@ class Gallery:
                 keys[a:a + rows], dist[a:a + rows] = exact_keys(q[a:a + rows], x, self.metric)
             order = np.lexsort((ids, keys), axis=1)
             keys, dist, ids = (np.take_along_axis(a, order, 1) for a in (keys, dist, ids))
-            if fetch == cap or settled(q, keys[:, kk - 1], keys[:, -1], self.metric):
+            done = (keys[:, kk - 1] < floor).all() if floor is not None else settled(q, keys[:, kk - 1], keys[:, -1],
+                                                                                       self.metric)
+            if fetch == cap or done:
                 return keys[:, :kk], dist[:, :kk], ids[:, :kk]
             fetch = min(cap, 2 * fetch)
 
     def _ensure_index(self) -> GalleryIndex:
         """The search index, built from all entries on first use (call under ``_index_lock``)."""
         if self._index is None:
-            index = ExactIndex(self.dim, self.metric)
-            _add_to_index(index, self._state, 0)
-            self._index = index
+            self._index = _build_index(self.dim, self.metric, self._state)
         return self._index
 
     # ------------------------------------------------------------------ state
@@ -529,7 +537,10 @@ class Gallery:
         """Swap in a published state and extend the search index to it, atomically for searches."""
         with self._index_lock:
             if self._index is not None and new.count > self._index.ntotal:
-                _add_to_index(self._index, new, self._index.ntotal)
+                try:
+                    _add_to_index(self._index, new, self._index.ntotal)
+                except HalfRangeError:  # the new entries have no float16 copy: search them all in float32
+                    self._index = _build_index(self.dim, self.metric, new, half=False)
             self._state = new
 
     def _check_open(self) -> None:
@@ -562,6 +573,20 @@ def _check_auto_compact(value: Any) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
         raise InputError(f"auto_compact must be an integer >= 2 or None, got {value!r}")
     return value
+
+
+def _build_index(dim: int, metric: str, state: StoreState, half: bool = True) -> GalleryIndex:
+    """An exact index of every entry of ``state``: over a float16 copy where it can be (``"l2"`` on the CPU)."""
+    if half and metric == "l2" and not ExactIndex.on_gpu():
+        index: GalleryIndex = HalfExactIndex(dim)
+        try:
+            _add_to_index(index, state, 0)
+            return index
+        except HalfRangeError:
+            pass
+    index = ExactIndex(dim, metric)
+    _add_to_index(index, state, 0)
+    return index
 
 
 def _add_to_index(index: GalleryIndex, state: StoreState, start: int) -> None:

@@ -30,6 +30,7 @@ from gallery_helpers import (
 
 from attrimeter.runtime.errors import GalleryError, InputError, StorageError, UnknownIdError
 from attrimeter.runtime.gallery import MANIFEST_NAME, Gallery
+from attrimeter.runtime.gallery_index import ExactIndex, HalfExactIndex
 from attrimeter.runtime.store_format import JOURNAL_NAME
 
 pytest.importorskip("faiss")
@@ -443,14 +444,36 @@ def test_segments_without_stored_norms_still_open_scan_and_gain_them_when_compac
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
 
 
-def test_l2_search_re_ranks_from_the_index_memory_without_reading_the_store(tmp_path, rng, monkeypatch):
-    data = batch_of(rng, 50, aam=None)
+def test_l2_search_over_the_float16_copy_is_exact_where_rounding_would_misorder(tmp_path, rng):
+    # 200 entries within float16's resolution of one point: their rounded copies tie or swap, their float32 rows not
+    base = rng.standard_normal(24).astype(np.float32) * 3
+    data = batch_of(rng, 200, aam=None)
+    data["embedding"] = base + rng.standard_normal((200, 24)).astype(np.float32) * np.float32(2e-4)
     with Gallery.create(tmp_path / "g", dim=24, attributes=ATTRS, aam_shape=None, model="m") as g:
         g.append(**data)
-        q = rng.standard_normal((3, 24)).astype(np.float32)
-        want = np.linalg.norm(data["embedding"][None] - q[:, None], axis=2)
         g.load_index()
-        monkeypatch.setattr(g, "embeddings", lambda ids: pytest.fail("read the store to re-rank"))
+        assert isinstance(g._index, HalfExactIndex)
+        q = base + rng.standard_normal((4, 24)).astype(np.float32) * np.float32(1e-4)
+        want = np.linalg.norm(data["embedding"][None] - q[:, None], axis=2)
         dist, ids = g.search(q, 5)
         np.testing.assert_array_equal(ids, np.argsort(want, axis=1, kind="stable")[:, :5])
         np.testing.assert_allclose(dist, np.take_along_axis(want, ids, 1), rtol=1e-6)
+
+
+def test_embeddings_beyond_float16_are_searched_in_float32(tmp_path, rng):
+    data = [batch_of(rng, 20, aam=None) for _ in range(2)]
+    data[1]["embedding"][3, 5] = 1e6  # no float16 copy: the index turns float32 when this batch arrives
+    with Gallery.create(tmp_path / "g", dim=24, attributes=ATTRS, aam_shape=None, model="m") as g:
+        g.append(**data[0])
+        g.load_index()
+        assert isinstance(g._index, HalfExactIndex)
+        g.append(**data[1])
+        q = rng.standard_normal((3, 24)).astype(np.float32)
+        dist, ids = g.search(q, 40)
+        assert isinstance(g._index, ExactIndex)
+        x = np.concatenate([d["embedding"] for d in data])
+        want = np.linalg.norm(x[None] - q[:, None], axis=2)
+        np.testing.assert_array_equal(ids, np.argsort(want, axis=1, kind="stable"))
+    with Gallery.open(tmp_path / "g", progress=False) as g:  # and so from the start when reopened
+        g.load_index()
+        assert isinstance(g._index, ExactIndex)
