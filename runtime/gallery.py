@@ -300,7 +300,8 @@ class Gallery:
             layout = self._store.spec.layout(n)
             for stem, array in zip(self._store.spec.storage.stems(key), stored.values(), strict=True):
                 arrays[stem] = array.reshape(layout[stem][1])
-        arrays["norms"] = squared_norms(decoded_attr)
+        if self._store.spec.storage.stores_norms:
+            arrays["norms"] = squared_norms(decoded_attr)
         if ((arrays["probs"] < 0) | (arrays["probs"] > 1)).any():
             raise InputError("probs must lie in [0, 1]")
         if isinstance(meta, (str, bytes)) or not isinstance(meta, Sequence):
@@ -386,7 +387,9 @@ class Gallery:
         return self._gather(ids, "probs")
 
     def aam(self, ids: Any) -> np.ndarray | None:
-        """Attribute activation maps of gallery entries (stored float16), or ``None`` when the gallery has none.
+        """Attribute activation maps of gallery entries, or ``None`` when the gallery stores none.
+
+        None also when its storage drops them (map codec ``none``): they are recomputed from the entries' crops.
 
         Args:
             ids: Gallery ids.
@@ -397,9 +400,9 @@ class Gallery:
         if self.aam_shape is None:
             self._locate(ids)  # still refuse unknown ids
             return None
-        if not self.keeps_maps:
-            raise GalleryError(f"{self.path}: maps are not stored (storage {self.storage.mode!r}): recompute them from "
-                               "the entries' crops (the Runtime does)")
+        if not self.keeps_maps:  # dropped: the Runtime recomputes them from the crops (docs/architecture.md §10)
+            self._locate(ids)
+            return None
         return self._decoded(ids, "aam")
 
     def meta(self, ids: Any) -> list[dict[str, Any]]:
@@ -438,14 +441,15 @@ class Gallery:
         return _chunks(self._state, self._store, int(chunk))  # checked now, walked lazily over this snapshot
 
     def scan_chunks(self, chunk: int) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
-        """:meth:`attr_chunks` with each row's stored squared attribute norms, the input of ``weighted_scan``.
+        """:meth:`attr_chunks` with each row's squared attribute norms, the input of ``weighted_scan``.
 
         Args:
             chunk: Most entries per chunk (chunks do not cross segments).
 
         Returns:
-            An iterator of ``(first id, rows [n, M, C] as :meth:`attr_chunks` gives them, float32 view [n, M] of
-            ‖g_k‖² or None)``: None for segments written before ``norms.npy`` existed (the scan computes them).
+            An iterator of ``(first id, rows [n, M, C] as :meth:`attr_chunks` gives them, float32 [n, M] of ‖g_k‖² or
+            None)``: the stored view with float16 storage (None for segments written before ``norms.npy`` existed:
+            the scan computes them), else computed from the decoded rows.
 
         Raises:
             InputError: ``chunk`` is not a positive integer.
@@ -652,7 +656,8 @@ def _chunks(state: StoreState, store: SegmentStore, chunk: int, norms: bool = Fa
             b = min(a + chunk, segment.count)
             rows = attr[a:b] if float16 else _decode(store, "attr", segment, None, (a, b))
             if norms:
-                yield segment.first_id + a, rows, None if sq is None else sq[a:b]
+                yield segment.first_id + a, rows, (squared_norms(rows) if not float16 else
+                                                   None if sq is None else sq[a:b])
             else:
                 yield segment.first_id + a, rows
 

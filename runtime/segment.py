@@ -288,7 +288,7 @@ def segment_chunks(segments: Sequence[Segment]) -> Iterator[tuple[str, Any]]:
             rows = max(1, _COPY_BYTES // array.row_bytes)
             for a in range(0, segment.count, rows):
                 yield key, array.block(a, min(a + rows, segment.count))
-        if "norms" not in segment.arrays:  # written before norms.npy existed
+        if "norms" not in segment.arrays and "attr" in segment.arrays:  # float16, written before norms.npy existed
             attr = segment.arrays["attr"]
             rows = max(1, _COPY_BYTES // attr.row_bytes)
             for a in range(0, segment.count, rows):

@@ -34,13 +34,16 @@ import numpy as np
 from attrimeter.runtime.codecs import STORAGE_MODES, Codec, codec_from_json, make_codec
 from attrimeter.runtime.errors import CodecError, CorruptGalleryError, InputError
 
-__all__ = ["DEFAULT_MODE", "FIT_MIN_ENTRIES", "STATE_NAME", "Storage", "StorageCodecs", "describe", "encode_state",
-           "fit_storage", "float16_storage", "load_codecs", "parse_storage", "storage_codecs"]
+__all__ = ["DEFAULT_MODE", "FALLBACK_MODE", "FIT_MIN_ENTRIES", "STATE_NAME", "STORAGE_MODES", "Storage",
+           "StorageCodecs", "describe", "encode_state", "fit_storage", "float16_storage", "load_codecs",
+           "parse_storage", "storage_codecs"]
 
 STATE_NAME = "codecs.npz"
 # What ``attrimeter index`` stores by default: the smallest mode that keeps the shares within 1e-2 and the explanation
 # metrics within 0.005 of float32 (benchmarks/results/storage_cpu.md).
 DEFAULT_MODE = "compact"
+# What ``attrimeter index`` stores when a new gallery has too few images to fit DEFAULT_MODE: untrained, 2x smaller.
+FALLBACK_MODE = "int8"
 # Fewest entries a trained codec is fitted on: fewer rows than the codec has axes would fit noise.
 FIT_MIN_ENTRIES = 64
 KEYS = ("attr", "aam")
@@ -95,6 +98,15 @@ class Storage:
     def doc(self, key: str) -> dict[str, Any] | None:
         """The codec document of ``key``, or None."""
         return next((json.loads(d) for k, d in self.docs if k == key), None)
+
+    @property
+    def stores_norms(self) -> bool:
+        """Whether segments hold ``norms.npy``: with float16 rows, which scans read as they are stored.
+
+        Decoded rows' norms are computed with the decoding (at ~no cost next to it), which saves their 4·M bytes
+        per entry.
+        """
+        return json.loads(dict(self.docs)["attr"])["kind"] == "float16"
 
     def stems(self, key: str) -> list[str]:
         """The array stems of ``key`` (``attr`` or ``aam``)."""

@@ -13,8 +13,8 @@ A gallery folder holds::
     codecs.npz         the trained state of the storage codecs (format 3, trained modes only; written once at creation)
     segments/<name>/   embedding.npy, the attribute rows (attr.npy in float16, else one attr.<array>.npy per stored
                        codec array), probs.npy, the maps likewise (aam.npy..., only with ``aam_shape``), norms.npy
-                       (each decoded attribute row's squared norm, for weighted scans; segments written before it
-                       lack it), meta.jsonl
+                       (each float16 attribute row's squared norm, for weighted scans; segments written before it
+                       lack it; not stored with decoded rows, whose norms come with the decoding), meta.jsonl
     .lock              locked as well by writers, for writers of format 1 (which lock only this file)
 
 The published gallery is the base's segments followed by the ``add`` records of a journal of the same generation. A
@@ -102,7 +102,8 @@ class GallerySpec:
         out.update({stem: v for stem, v in stored.items() if stem.startswith("attr")})
         out["probs"] = (DTYPES["probs"], (n, m))
         out.update({stem: v for stem, v in stored.items() if stem.startswith("aam")})
-        out["norms"] = (DTYPES["norms"], (n, m))
+        if self.storage.stores_norms:
+            out["norms"] = (DTYPES["norms"], (n, m))
         return out
 
     def files(self) -> set[str]:
