@@ -233,7 +233,7 @@ def _cmd_index_ray(args: argparse.Namespace) -> int:
     report = index_sharded(args.export, args.images, args.out, shards=args.shards, backend=args.backend,
                            device=args.device, threads=args.threads or 1, max_batch=args.max_batch,
                            workers=args.workers, batch_size=args.batch_size, segment=args.segment, metric=args.metric,
-                           verify=not args.no_verify, progress=not args.quiet)
+                           verify=not args.no_verify, progress=not args.quiet, storage=args.storage)
     for path, reason in report.skipped:
         print(f"skipped {printable(path)}: {printable(reason)}", file=sys.stderr)
     print(f"{args.out}: added {report.added} images, {report.already} were already there, skipped "
@@ -244,15 +244,15 @@ def _cmd_index_ray(args: argparse.Namespace) -> int:
 
 def _storage_mode(args: argparse.Namespace, images: int) -> str:
     """The storage of a new gallery: ``--storage``, else the default mode (int8 below the images a fit needs)."""
-    from attrimeter.runtime.storage import DEFAULT_MODE, FALLBACK_MODE, FIT_MIN_ENTRIES
+    from attrimeter.runtime.storage import DEFAULT_MODE, FIT_MIN_ENTRIES, default_mode
 
     if args.storage is not None:
         return args.storage
-    if images < FIT_MIN_ENTRIES:
+    mode = default_mode(images)
+    if mode != DEFAULT_MODE:
         print(f"{args.out}: {images} images are too few to fit the {DEFAULT_MODE!r} storage codecs (at least "
-              f"{FIT_MIN_ENTRIES}): storing {FALLBACK_MODE!r}", file=sys.stderr)
-        return FALLBACK_MODE
-    return DEFAULT_MODE
+              f"{FIT_MIN_ENTRIES}): storing {mode!r}", file=sys.stderr)
+    return mode
 
 
 def _create_gallery(args: argparse.Namespace) -> None:

@@ -35,7 +35,7 @@ from attrimeter.runtime.codecs import STORAGE_MODES, Codec, codec_from_json, mak
 from attrimeter.runtime.errors import CodecError, CorruptGalleryError, InputError
 
 __all__ = ["DEFAULT_MODE", "FALLBACK_MODE", "FIT_MIN_ENTRIES", "STATE_NAME", "STORAGE_MODES", "Storage",
-           "StorageCodecs", "describe", "encode_state", "fit_storage", "float16_storage", "load_codecs",
+           "StorageCodecs", "default_mode", "describe", "encode_state", "fit_storage", "float16_storage", "load_codecs",
            "parse_storage", "storage_codecs"]
 
 STATE_NAME = "codecs.npz"
@@ -117,6 +117,11 @@ class Storage:
         return {"mode": self.mode, "attr": self.doc("attr"), "aam": self.doc("aam"),
                 "arrays": {stem: [dtype.str, list(shape)] for stem, dtype, shape in self.arrays},
                 "codecs": None if self.state is None else {"sha256": self.state[0], "size": self.state[1]}}
+
+
+def default_mode(images: int) -> str:
+    """The mode a new gallery of ``images`` images is stored in when none is asked for (``attrimeter index``)."""
+    return DEFAULT_MODE if images >= FIT_MIN_ENTRIES else FALLBACK_MODE
 
 
 def storage_codecs(mode: str, dim: int, attributes: int, aam_shape: tuple[int, int] | None) -> StorageCodecs:

@@ -4,13 +4,17 @@ and codecs.npz."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 from gallery_helpers import ATTRS, batch_of, concat_batches
 
-from attrimeter.runtime.errors import CorruptGalleryError, InputError
+from attrimeter.cli import main
+from attrimeter.runtime.errors import CorruptGalleryError, GalleryError, InputError
 from attrimeter.runtime.gallery import MANIFEST_NAME, Gallery
+from attrimeter.runtime.runtime import Runtime, RuntimeConfig
 from attrimeter.runtime.segment import squared_norms
 from attrimeter.runtime.storage import FIT_MIN_ENTRIES, STATE_NAME, fit_storage, storage_codecs
 
@@ -194,3 +198,53 @@ def test_a_malformed_storage_field_is_named(what, compact_gallery):
     manifest.write_text(json.dumps(doc))
     with pytest.raises(CorruptGalleryError, match=MANIFEST_NAME):
         Gallery.open(compact_gallery)
+
+
+# ---------------------------------------------------------------------- attrimeter index --storage, dropped maps
+
+
+def _index(tiny_export, images, out, *extra):
+    return main(["index", "--export", str(tiny_export), "-q", "--threads", "1", "--images", str(images),
+                 "--out", str(out), *extra])
+
+
+def test_cli_index_storage_modes_and_dropped_maps_recomputed(tiny_export, tiny_data, tmp_path, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(tiny_data / "bounding_box_test", images)  # a copy: one crop is changed below
+    files = sorted(images.glob("*.jpg"))
+    assert len(files) >= FIT_MIN_ENTRIES  # the default mode fits its codecs on these
+    for mode, extra in (("compact", ()), ("compact-nomaps", ("--storage", "compact-nomaps"))):
+        assert _index(tiny_export, images, tmp_path / mode, *extra) == 0
+        with Gallery.open(tmp_path / mode) as g:
+            assert g.storage.mode == mode and len(g) == len(files) and (tmp_path / mode / STATE_NAME).is_file()
+            assert all(len(m["sha256"]) == 64 for m in g.meta(np.arange(len(g))))
+    with pytest.raises(SystemExit) as e:  # an existing gallery keeps its storage
+        _index(tiny_export, images, tmp_path / "compact", "--storage", "int8")
+    assert e.value.code == 2 and "stores 'compact'" in capsys.readouterr().err
+    few = tmp_path / "few"
+    few.mkdir()
+    for f in files[:5]:
+        shutil.copy(f, few)
+    assert _index(tiny_export, few, tmp_path / "small") == 0  # too few to fit: the documented fallback
+    assert "storing 'int8'" in capsys.readouterr().err
+    with Gallery.open(tmp_path / "small") as g:
+        assert g.storage.mode == "int8" and len(g) == 5
+
+    query = files[3].read_bytes()  # in memory: the top hit is this file, which is changed and deleted below
+    with Runtime(tiny_export, tmp_path / "compact", RuntimeConfig(threads=1)) as kept, \
+            Runtime(tiny_export, tmp_path / "compact-nomaps", RuntimeConfig(threads=1)) as dropped:
+        want = kept.search(query, k=3, overlays=2)[0].matches
+        got = dropped.search(query, k=3, overlays=2)[0].matches
+        assert [m.id for m in got] == [m.id for m in want]
+        for a, b in zip(got, want, strict=True):  # maps recomputed from the crop; stored ones are uint8-coded
+            assert a.gallery_aam is not None and a.gallery_aam.shape == b.gallery_aam.shape
+            np.testing.assert_allclose(a.gallery_aam, b.gallery_aam, atol=2e-3 * float(b.gallery_aam.max()) + 1e-6)
+        assert dropped.search(query, k=3)[0].matches[0].gallery_aam is None  # no overlays: nothing recomputed
+        hit = Path(got[0].path)
+        hit.write_bytes(hit.read_bytes() + b"\0")  # the crop changed since it was indexed
+        with pytest.raises(GalleryError, match="changed since it was indexed"):
+            dropped.search(query, k=3, overlays=1)
+        hit.unlink()
+        with pytest.raises(GalleryError, match="unreadable"):
+            dropped.search(query, k=3, overlays=1)
+        assert [m.id for m in dropped.search(query, k=3)[0].matches] == [m.id for m in want]  # shares need no maps
