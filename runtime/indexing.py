@@ -25,7 +25,8 @@ from attrimeter.runtime.storage import StorageCodecs, fit_storage, storage_codec
 if TYPE_CHECKING:
     from attrimeter.runtime.runtime import Embeddings
 
-__all__ = ["FIT_SAMPLE", "IMAGE_SUFFIXES", "IndexReport", "image_entry", "image_files", "index_folder", "new_storage"]
+__all__ = ["FIT_SAMPLE", "IMAGE_SUFFIXES", "IndexReport", "image_entry", "image_files", "index_folder", "new_storage",
+           "read_crop"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 # Images a new gallery's trained codecs are fitted on: the first of those indexed (pcaq samples 2^17 rows anyway).
@@ -44,25 +45,23 @@ class IndexReport(NamedTuple):
     skipped: list[tuple[str, str]]
 
 
-def image_entry(path: Path, key: str) -> dict[str, Any]:
+def image_entry(path: Path, key: str, sha256: str | None = None) -> dict[str, Any]:
     """Gallery metadata of an indexed file: its key, resolved path, and identity and camera when its name says.
 
     Args:
         path: The image file.
         key: Its key (the path relative to the indexed folder; ``attrimeter index --ray``: also a list's line).
+        sha256: The sha256 of the bytes embedded (:func:`read_crop`), or None when not known yet.
 
     Returns:
-        ``{"key", "path", "sha256", "camera"}`` (the sha256 of the file: a gallery that drops its maps recomputes
-        them from the crop, and refuses a crop that changed since), and ``"pid"`` when the name follows the
-        Market-1501/DukeMTMC pattern.
-
-    Raises:
-        OSError: The file cannot be read.
+        ``{"key", "path", "camera"}``, ``"sha256"`` when given (a gallery that drops its maps recomputes them from the
+        crop and refuses one that changed since) and ``"pid"`` when the name follows the Market-1501/DukeMTMC pattern.
     """
     from attrimeter.data.formats import DataFormatError, parse_image_name
 
-    entry: dict[str, Any] = {"key": key, "path": str(path.resolve()),
-                             "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "camera": None}
+    entry: dict[str, Any] = {"key": key, "path": str(path.resolve()), "camera": None}
+    if sha256 is not None:
+        entry["sha256"] = sha256
     for style in ("market1501", "dukemtmc"):
         try:
             pid, cam = parse_image_name(path, style)
@@ -71,6 +70,26 @@ def image_entry(path: Path, key: str) -> dict[str, Any]:
         entry.update(pid=pid, camera=cam + 1)  # as the file name writes it: c1 → 1
         break
     return entry
+
+
+def read_crop(path: str | Path, size: tuple[int, int]) -> tuple[np.ndarray, str]:
+    """Decode an image file and hash its bytes, read once: the hash is of exactly what is embedded.
+
+    Args:
+        path: The image file.
+        size: The export's input ``(height, width)``.
+
+    Returns:
+        ``(uint8 pixels [height, width, 3], sha256 of the file)``.
+
+    Raises:
+        InputError: The file cannot be read or decoded (the message names it).
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the image ({e.strerror or e})") from e
+    return load_image(raw, size, str(path)), hashlib.sha256(raw).hexdigest()
 
 
 def image_files(folder: str | Path) -> list[Path]:
@@ -115,10 +134,12 @@ def index_folder(folder: str | Path, gallery: Gallery, embedder: Embedder,
     bar = tqdm(total=len(todo), desc="index", unit="img", disable=not progress)
     size, step = embedder.image_size, embedder.max_batch
     added, skipped = 0, []
+    hashes: dict[Path, str] = {}
 
     def decode(path: Path) -> np.ndarray | None:
         try:
-            return load_image(path, size, str(path))
+            pixels, hashes[path] = read_crop(path, size)
+            return pixels
         except Exception as e:  # whatever is wrong with one file, the others still get indexed
             skipped.append((str(path), str(e) or type(e).__name__))
             return None
@@ -149,7 +170,7 @@ def index_folder(folder: str | Path, gallery: Gallery, embedder: Embedder,
             out = {k: v[finite] for k, v in out.items()}
         if not paths:
             continue
-        append(out, [image_entry(p, p.relative_to(folder).as_posix()) for p in paths])
+        append(out, [image_entry(p, p.relative_to(folder).as_posix(), hashes.pop(p)) for p in paths])
         added += len(paths)
     bar.close()
     return IndexReport(added=added, skipped=skipped)

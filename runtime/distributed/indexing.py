@@ -38,8 +38,7 @@ from attrimeter.runtime.distributed.manifest import (
 from attrimeter.runtime.distributed.sharded import actor_error
 from attrimeter.runtime.errors import GalleryError, InputError
 from attrimeter.runtime.gallery import MANIFEST_NAME, Gallery
-from attrimeter.runtime.images import load_image
-from attrimeter.runtime.indexing import new_storage
+from attrimeter.runtime.indexing import new_storage, read_crop
 from attrimeter.runtime.storage import StorageCodecs, default_mode, storage_codecs
 
 __all__ = ["ShardWriter", "ShardedIndexReport", "index_sharded", "list_images", "writer_actor_name"]
@@ -198,17 +197,22 @@ class ShardWriter:
 
 
 def _decode(batch: Mapping[str, np.ndarray], size: tuple[int, int]) -> dict[str, np.ndarray]:
-    """Ray Data task: read and decode a batch of images (unreadable ones marked, not raised)."""
+    """Ray Data task: read and decode a batch of images (unreadable ones marked, not raised).
+
+    The metadata gains each file's sha256 (of the bytes embedded: a gallery without maps recomputes them from the file).
+    """
     n = len(batch["key"])
     pixels = np.zeros((n, size[0], size[1], 3), np.uint8)
     ok = np.ones(n, bool)
     reason = np.full(n, "", dtype=object)
+    meta = np.array(batch["meta"], dtype=object)
     for i, path in enumerate(batch["path"]):
         try:
-            pixels[i] = load_image(str(path), size, str(path))
+            pixels[i], sha256 = read_crop(str(path), size)
+            meta[i] = json.dumps({**json.loads(str(meta[i])), "sha256": sha256})
         except Exception as e:  # whatever is wrong with one file, the others still get indexed
             ok[i], reason[i] = False, str(e) or type(e).__name__
-    return {"key": batch["key"], "path": batch["path"], "shard": batch["shard"], "meta": batch["meta"],
+    return {"key": batch["key"], "path": batch["path"], "shard": batch["shard"], "meta": meta,
             "pixels": pixels, "ok": ok, "reason": reason}
 
 
