@@ -7,7 +7,9 @@ the writer lock, publishing and compaction are :mod:`attrimeter.runtime.store`'s
 
 Within a process, searches and reads may run while another thread appends, refreshes or compacts: the published
 state and the search index are swapped together under a lock, so a search sees either the old or the new gallery,
-and a state a reader still holds keeps answering after a compaction deleted its folders.
+and a state a reader still holds keeps answering after a compaction deleted its folders. (The module runs a little
+over 600 lines: appends, reads and searches share the state snapshot and its locks, so they stay one class; how rows
+are encoded lives in :mod:`attrimeter.runtime.storage`.)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 from attrimeter.runtime.errors import CodecError, GalleryError, InputError, UnknownIdError
 from attrimeter.runtime.gallery_index import ExactIndex, GalleryIndex, exact_keys, settled
 from attrimeter.runtime.segment import squared_norms
-from attrimeter.runtime.storage import StorageCodecs, describe, encode_state, storage_codecs
+from attrimeter.runtime.storage import StorageCodecs, check_codecs, decode_rows, describe, encode_state
 from attrimeter.runtime.store import SegmentStore, StoreState
 from attrimeter.runtime.store_format import DTYPES, FORMAT, MANIFEST_NAME, META, METRICS, VERSION, make_spec
 
@@ -101,7 +103,7 @@ class Gallery:
             UnsafeGalleryPathError: ``segments`` or ``.lock`` in the folder is a symbolic link.
         """
         spec = make_spec(dim, attributes, aam_shape, model, metric)
-        codecs = _check_codecs(storage, spec.dim, len(spec.attributes), spec.aam_shape)
+        codecs = check_codecs(storage, spec.dim, len(spec.attributes), spec.aam_shape)
         state = encode_state(codecs)
         spec = replace(spec, storage=describe(codecs, spec.aam_shape, state))
         return cls(SegmentStore.create(Path(path), spec, codecs, state), auto_compact=_check_auto_compact(auto_compact))
@@ -198,11 +200,11 @@ class Gallery:
 
         Args:
             embedding: Global embeddings, floating [n, C] (stored float32).
-            attr_embeddings: Per-attribute embeddings, floating [n, M, C] (stored float16).
+            attr_embeddings: Per-attribute embeddings, floating [n, M, C] (stored by the gallery's attribute codec).
             probs: Predicted P(label 1), floating [n, M] in [0, 1] (stored float32).
             meta: One JSON-able mapping per entry (e.g. key, path, camera); ``"id"`` is added by the store.
-            aam: Attribute activation maps, floating [n, M, h, w] (stored float16); required exactly when the gallery
-                has an ``aam_shape``.
+            aam: Attribute activation maps, floating [n, M, h, w] (stored by its map codec, or dropped with ``none``:
+                recomputed from the crop); required exactly when the gallery has an ``aam_shape``.
             progress: Show a progress bar while writing.
 
         Returns:
@@ -365,7 +367,7 @@ class Gallery:
         return self._gather(ids, "embedding")
 
     def attr_embeddings(self, ids: Any) -> np.ndarray:
-        """Per-attribute embeddings of gallery entries (stored float16): float32 [len(ids), M, C].
+        """Per-attribute embeddings of gallery entries, decoded: float32 [len(ids), M, C].
 
         Args:
             ids: Gallery ids.
@@ -474,7 +476,9 @@ class Gallery:
         out = np.empty((len(idx), *self._store.spec.shapes(0)[key][1:]), np.float32)
         for s in np.unique(seg):
             where = seg == s
-            out[where] = _decode(self._store, key, state.segments[s], local[where]).reshape(-1, *out.shape[1:])
+            rows = decode_rows(self._store.codecs.get(key), self._store.spec.storage.stems(key),
+                               state.segments[s].arrays, local[where])
+            out[where] = rows.reshape(-1, *out.shape[1:])
         return out
 
     def _locate(self, ids: Any) -> tuple[StoreState, np.ndarray, np.ndarray, np.ndarray]:
@@ -614,38 +618,6 @@ def _add_to_index(index: GalleryIndex, state: StoreState, start: int) -> None:
             index.add(embedding.block(a, min(a + _INDEX_ROWS, segment.count)))
 
 
-def _check_codecs(storage: Any, dim: int, m: int, aam_shape: tuple[int, int] | None) -> StorageCodecs:
-    """The codecs a new gallery stores with: a mode of untrained codecs, or fitted codecs of the gallery's shapes."""
-    if isinstance(storage, str):
-        codecs = storage_codecs(storage, dim, m, aam_shape)
-    elif isinstance(storage, StorageCodecs):
-        codecs = storage
-    else:
-        raise InputError(f"storage must be a mode name or StorageCodecs, got {type(storage).__name__}")
-    shapes = {"attr": (m, dim), "aam": None if aam_shape is None else (m, aam_shape[0] * aam_shape[1])}
-    for key, shape in shapes.items():
-        codec = codecs.get(key)
-        if (codec is None) != (shape is None) or (codec is not None and codec.shape != shape):
-            raise InputError(f"storage: the {key} codec must have shape {shape}, got "
-                             f"{None if codec is None else codec.shape}")
-        if codec is not None and not codec.fitted:
-            raise InputError(f"storage mode {codecs.mode!r} trains a {codec.kind} codec: fit it first "
-                             "(attrimeter.runtime.storage.fit_storage)")
-    return codecs
-
-
-def _decode(store: SegmentStore, key: str, segment: Any, local: np.ndarray | None,
-            block: tuple[int, int] | None = None) -> np.ndarray:
-    """Decoded float32 rows ``[n, M, D]`` of ``key`` of one segment: at positions ``local``, or rows ``[a, b)``."""
-    codec = store.codecs.get(key)
-    stored = {}
-    for stem, name in zip(store.spec.storage.stems(key), codec.layout(), strict=True):
-        array = segment.arrays[stem]
-        rows = array.rows(local) if block is None else array.block(*block)
-        stored[name] = rows.reshape(len(rows), *codec.layout()[name][1])
-    return codec.decode(stored)
-
-
 def _chunks(state: StoreState, store: SegmentStore, chunk: int, norms: bool = False) -> Iterator[tuple[Any, ...]]:
     """Attribute rows by chunks of a segment: float16 views for float16 storage, else decoded chunk by chunk."""
     float16 = store.codecs.attr.kind == "float16"
@@ -654,7 +626,8 @@ def _chunks(state: StoreState, store: SegmentStore, chunk: int, norms: bool = Fa
         sq = segment.arrays["norms"].view() if norms and "norms" in segment.arrays else None
         for a in range(0, segment.count, chunk):
             b = min(a + chunk, segment.count)
-            rows = attr[a:b] if float16 else _decode(store, "attr", segment, None, (a, b))
+            rows = attr[a:b] if float16 else decode_rows(store.codecs.attr, store.spec.storage.stems("attr"),
+                                                         segment.arrays, None, (a, b))
             if norms:
                 yield segment.first_id + a, rows, (squared_norms(rows) if not float16 else
                                                    None if sq is None else sq[a:b])

@@ -35,8 +35,8 @@ from attrimeter.runtime.codecs import STORAGE_MODES, Codec, codec_from_json, mak
 from attrimeter.runtime.errors import CodecError, CorruptGalleryError, InputError
 
 __all__ = ["DEFAULT_MODE", "FALLBACK_MODE", "FIT_MIN_ENTRIES", "STATE_NAME", "STORAGE_MODES", "Storage",
-           "StorageCodecs", "default_mode", "describe", "encode_state", "fit_storage", "float16_storage", "load_codecs",
-           "parse_storage", "storage_codecs"]
+           "StorageCodecs", "check_codecs", "decode_rows", "default_mode", "describe", "encode_state", "fit_storage",
+           "float16_storage", "load_codecs", "parse_storage", "storage_codecs"]
 
 STATE_NAME = "codecs.npz"
 # What ``attrimeter index`` stores by default: the smallest mode that keeps the shares within 1e-2 and the explanation
@@ -177,6 +177,50 @@ def fit_storage(mode: str, attr_rows: np.ndarray, aam_rows: np.ndarray | None) -
         except CodecError as e:
             raise InputError(f"storage mode {mode!r}: {e}") from e
     return codecs
+
+
+def check_codecs(storage: str | StorageCodecs, dim: int, attributes: int,
+                 aam_shape: tuple[int, int] | None) -> StorageCodecs:
+    """The codecs a new gallery stores with: a mode of untrained codecs, or fitted codecs of the gallery's shapes.
+
+    Raises:
+        InputError: An unknown mode, codecs of other shapes, or a trained codec not fitted.
+    """
+    if isinstance(storage, str):
+        codecs = storage_codecs(storage, dim, attributes, aam_shape)
+    elif isinstance(storage, StorageCodecs):
+        codecs = storage
+    else:
+        raise InputError(f"storage must be a mode name or StorageCodecs, got {type(storage).__name__}")
+    maps = None if aam_shape is None else (attributes, aam_shape[0] * aam_shape[1])
+    shapes = {"attr": (attributes, dim), "aam": maps}
+    for key, shape in shapes.items():
+        codec = codecs.get(key)
+        if (codec is None) != (shape is None) or (codec is not None and codec.shape != shape):
+            raise InputError(f"storage: the {key} codec must have shape {shape}, got "
+                             f"{None if codec is None else codec.shape}")
+        if codec is not None and not codec.fitted:
+            raise InputError(f"storage mode {codecs.mode!r} trains a {codec.kind} codec: fit it first "
+                             "(attrimeter.runtime.storage.fit_storage)")
+    return codecs
+
+
+def decode_rows(codec: Codec, stems: list[str], arrays: Mapping[str, Any], local: np.ndarray | None,
+                block: tuple[int, int] | None = None) -> np.ndarray:
+    """Decoded float32 rows ``[n, M, D]`` of one segment's stored arrays: at positions ``local``, or rows ``[a, b)``.
+
+    Args:
+        codec: The key's codec.
+        stems: The key's array stems (:meth:`Storage.stems`), in the codec's layout order.
+        arrays: The segment's arrays by stem (each with ``rows(local)`` and ``block(a, b)``).
+        local: Segment-local positions, or None with ``block``.
+        block: ``(a, b)``, read when ``local`` is None.
+    """
+    stored = {}
+    for stem, (name, (_, shape)) in zip(stems, codec.layout().items(), strict=True):
+        rows = arrays[stem].rows(local) if block is None else arrays[stem].block(*block)
+        stored[name] = rows.reshape(len(rows), *shape)
+    return codec.decode(stored)
 
 
 def describe(codecs: StorageCodecs, aam_shape: tuple[int, int] | None, state: bytes | None) -> Storage:
