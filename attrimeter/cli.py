@@ -233,7 +233,7 @@ def _cmd_index_ray(args: argparse.Namespace) -> int:
     report = index_sharded(args.export, args.images, args.out, shards=args.shards, backend=args.backend,
                            device=args.device, threads=args.threads or 1, max_batch=args.max_batch,
                            workers=args.workers, batch_size=args.batch_size, segment=args.segment, metric=args.metric,
-                           verify=not args.no_verify, progress=not args.quiet)
+                           verify=not args.no_verify, progress=not args.quiet, storage=args.storage)
     for path, reason in report.skipped:
         print(f"skipped {printable(path)}: {printable(reason)}", file=sys.stderr)
     print(f"{args.out}: added {report.added} images, {report.already} were already there, skipped "
@@ -242,14 +242,47 @@ def _cmd_index_ray(args: argparse.Namespace) -> int:
     return 0
 
 
+def _storage_mode(args: argparse.Namespace, images: int) -> str:
+    """The storage of a new gallery: ``--storage``, else the default mode (int8 below the images a fit needs)."""
+    from attrimeter.runtime.storage import DEFAULT_MODE, FIT_MIN_ENTRIES, default_mode
+
+    if args.storage is not None:
+        return args.storage
+    mode = default_mode(images)
+    if mode != DEFAULT_MODE:
+        print(f"{args.out}: {images} images are too few to fit the {DEFAULT_MODE!r} storage codecs (at least "
+              f"{FIT_MIN_ENTRIES}): storing {mode!r}", file=sys.stderr)
+    return mode
+
+
+def _create_gallery(args: argparse.Namespace) -> None:
+    """Create ``--out`` with the storage codecs fitted once on the first images (docs/architecture.md §10)."""
+    from attrimeter.runtime.gallery import Gallery
+    from attrimeter.runtime.indexing import image_files, new_storage
+
+    files = image_files(args.images)
+    with _runtime(args, None) as rt:
+        manifest = rt.manifest
+        codecs = new_storage(_storage_mode(args, len(files)), files, rt.embed, rt.image_size, dim=manifest.channels,
+                             attributes=len(rt.attributes), aam_shape=manifest.aam_shape, batch=rt.config.max_batch)
+    Gallery.create(args.out, dim=manifest.channels, attributes=manifest.attribute_names, aam_shape=manifest.aam_shape,
+                   model=manifest.model_id, metric=args.metric, storage=codecs).close()
+
+
 def _cmd_index(args: argparse.Namespace) -> int:
     from attrimeter.explanation import printable
+    from attrimeter.runtime.gallery import MANIFEST_NAME
 
     if args.ray is not None:
         return _cmd_index_ray(args)
     if args.shards is not None or args.workers is not None:
         raise ValueError("--shards and --workers need --ray (distributed indexing)")
+    if not (args.out / MANIFEST_NAME).exists():
+        _create_gallery(args)
     with _runtime(args, args.out, create_gallery=True, metric=args.metric) as rt:
+        if args.storage is not None and rt.gallery.storage.mode != args.storage:
+            raise ValueError(f"{args.out} stores {rt.gallery.storage.mode!r} (fixed when it was created), not "
+                             f"--storage {args.storage}; index into a new folder to change it")
         report = rt.index_folder(args.images, segment=args.segment, progress=not args.quiet)
         for path, reason in report.skipped:
             print(f"skipped {printable(path)}: {printable(reason)}", file=sys.stderr)
@@ -400,6 +433,8 @@ def _runtime_errors() -> tuple[type[Exception], ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command (exposed for documentation and tests)."""
+    from attrimeter.runtime.storage import DEFAULT_MODE, FALLBACK_MODE, FIT_MIN_ENTRIES, STORAGE_MODES
+
     parser = argparse.ArgumentParser(prog="attrimeter", description="Explainable person re-identification.")
     parser.add_argument("--version", action="version", version=f"attrimeter {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -526,6 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment", type=_positive, default=4096, help="images per crash-safe segment (default 4096)")
     p.add_argument("--metric", choices=["l2", "ip"], default="l2",
                    help="a new gallery's search metric: l2 (the target distance d, default) or ip (cosine)")
+    p.add_argument("--storage", choices=list(STORAGE_MODES),
+                   help=f"how a new gallery stores attribute embeddings and maps: {DEFAULT_MODE} (default: 3x smaller "
+                        f"than float16, fitted on the first images; {FALLBACK_MODE} below {FIT_MIN_ENTRIES} images), "
+                        "int8, float16, or compact-nomaps (maps recomputed from the crop for overlays); an existing "
+                        "gallery keeps its own")
 
     p = add("compact", _cmd_compact, "Merge a gallery's segments into one (ids kept; crash-safe, like appends; "
                                       "readers keep answering). A running writer compacts through its own handle.")

@@ -27,7 +27,7 @@ Kinds (``CODEC_KINDS``; measured on the demo's model in ``benchmarks/results/sto
 Every codec validates what it is given and raises :class:`~attrimeter.runtime.errors.CodecError` naming the problem.
 (One module of ~650 lines: the interface and its kinds are read together; each kind is a short class.)
 
-How it plugs into the store (not wired yet; the store is ``store_format.py`` / ``segment.py`` / ``gallery.py``):
+How it plugs into the store (wired by :mod:`attrimeter.runtime.storage`, format 3 of ``gallery.json``):
 
 - Manifest: the gallery identity gains ``"storage": {"mode": MODE, "attr": codec.to_json(), "aam": codec.to_json()}``
   (format 3). A trained codec's :meth:`Codec.state` is saved once, as ``codecs.npz`` beside ``gallery.json``, listed
@@ -64,6 +64,8 @@ STORAGE_MODES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "float16": ({"kind": "float16"}, {"kind": "float16"}),
     "int8": ({"kind": "int8"}, {"kind": "uint8"}),
     "compact": ({"kind": "pcaq", "bytes_per_row": 128}, {"kind": "uint8"}),
+    # maps recomputed from the entry's crop for the few hits drawn as overlays (docs/architecture.md §10)
+    "compact-nomaps": ({"kind": "pcaq", "bytes_per_row": 128}, {"kind": "none"}),
 }
 
 

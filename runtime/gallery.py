@@ -7,7 +7,9 @@ the writer lock, publishing and compaction are :mod:`attrimeter.runtime.store`'s
 
 Within a process, searches and reads may run while another thread appends, refreshes or compacts: the published
 state and the search index are swapped together under a lock, so a search sees either the old or the new gallery,
-and a state a reader still holds keeps answering after a compaction deleted its folders.
+and a state a reader still holds keeps answering after a compaction deleted its folders. (The module runs a little
+over 600 lines: appends, reads and searches share the state snapshot and its locks, so they stay one class; how rows
+are encoded lives in :mod:`attrimeter.runtime.storage`.)
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import logging
 import operator
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from attrimeter.runtime.errors import GalleryError, InputError, UnknownIdError
+from attrimeter.runtime.errors import CodecError, GalleryError, InputError, UnknownIdError
 from attrimeter.runtime.gallery_index import (
     ExactIndex,
     GalleryIndex,
@@ -32,6 +35,7 @@ from attrimeter.runtime.gallery_index import (
     settled,
 )
 from attrimeter.runtime.segment import squared_norms
+from attrimeter.runtime.storage import StorageCodecs, check_codecs, decode_rows, describe, encode_state
 from attrimeter.runtime.store import SegmentStore, StoreState
 from attrimeter.runtime.store_format import DTYPES, FORMAT, MANIFEST_NAME, META, METRICS, VERSION, make_spec
 
@@ -46,7 +50,6 @@ GALLERY_VERSION = VERSION
 # rewrites more than 16 × 16 MiB.
 DEFAULT_AUTO_COMPACT = 16
 _SIZE_CLASSES = (1 << 20, 16 << 20)
-_FP16_MAX = float(np.finfo(np.float16).max)
 _INDEX_ROWS = 1 << 16  # rows per index add: bounds the temporary float32 copies
 _GATHER_BYTES = 64 << 20  # bytes of gathered embeddings per step when recomputing search distances
 # Candidates beyond k a search asks the index for first: usually enough for the exact re-ranking to settle the k-th
@@ -80,7 +83,8 @@ class Gallery:
 
     @classmethod
     def create(cls, path: str | Path, *, dim: int, attributes: Sequence[str], aam_shape: tuple[int, int] | None,
-               model: str, metric: str = "l2", auto_compact: int | None = DEFAULT_AUTO_COMPACT) -> Gallery:
+               model: str, metric: str = "l2", auto_compact: int | None = DEFAULT_AUTO_COMPACT,
+               storage: str | StorageCodecs = "float16") -> Gallery:
         """Create an empty gallery in a new or empty folder and open it writable.
 
         Args:
@@ -92,18 +96,24 @@ class Gallery:
             metric: ``"l2"`` (Euclidean) or ``"ip"`` (cosine ranking).
             auto_compact: Merge the newest segments after an append once this many are of one small size class
                 (see :data:`DEFAULT_AUTO_COMPACT`); ``None``: only :meth:`compact` merges.
+            storage: How attribute rows and maps are stored: a mode of untrained codecs (``"float16"``, ``"int8"``)
+                or fitted codecs (:func:`~attrimeter.runtime.storage.fit_storage`, e.g. for ``"compact"``), fixed
+                for the gallery's life (docs/architecture.md §10).
 
         Returns:
             The writable, empty gallery.
 
         Raises:
-            InputError: A bad argument.
+            InputError: A bad argument (codecs of other shapes, an unfitted trained codec).
             GalleryError: The folder already holds something.
             LockedGalleryError: Another writer holds its lock.
             UnsafeGalleryPathError: ``segments`` or ``.lock`` in the folder is a symbolic link.
         """
         spec = make_spec(dim, attributes, aam_shape, model, metric)
-        return cls(SegmentStore.create(Path(path), spec), auto_compact=_check_auto_compact(auto_compact))
+        codecs = check_codecs(storage, spec.dim, len(spec.attributes), spec.aam_shape)
+        state = encode_state(codecs)
+        spec = replace(spec, storage=describe(codecs, spec.aam_shape, state))
+        return cls(SegmentStore.create(Path(path), spec, codecs, state), auto_compact=_check_auto_compact(auto_compact))
 
     @classmethod
     def open(cls, path: str | Path, *, verify: bool = True, writable: bool = False, progress: bool = True,
@@ -160,6 +170,16 @@ class Gallery:
         return self._store.spec.metric
 
     @property
+    def storage(self) -> StorageCodecs:
+        """The codecs attribute rows and maps are stored with (its ``mode`` names them)."""
+        return self._store.codecs
+
+    @property
+    def keeps_maps(self) -> bool:
+        """Whether activation maps are stored (False: none, or, with an ``aam_shape``, recomputed from the crop)."""
+        return self._store.codecs.keeps_maps
+
+    @property
     def writable(self) -> bool:
         """Whether this handle holds the writer lock."""
         return self._store.writable and not self._closed
@@ -187,11 +207,11 @@ class Gallery:
 
         Args:
             embedding: Global embeddings, floating [n, C] (stored float32).
-            attr_embeddings: Per-attribute embeddings, floating [n, M, C] (stored float16).
+            attr_embeddings: Per-attribute embeddings, floating [n, M, C] (stored by the gallery's attribute codec).
             probs: Predicted P(label 1), floating [n, M] in [0, 1] (stored float32).
             meta: One JSON-able mapping per entry (e.g. key, path, camera); ``"id"`` is added by the store.
-            aam: Attribute activation maps, floating [n, M, h, w] (stored float16); required exactly when the gallery
-                has an ``aam_shape``.
+            aam: Attribute activation maps, floating [n, M, h, w] (stored by its map codec, or dropped with ``none``:
+                recomputed from the crop); required exactly when the gallery has an ``aam_shape``.
             progress: Show a progress bar while writing.
 
         Returns:
@@ -267,7 +287,7 @@ class Gallery:
             given["aam"] = aam
         elif aam is not None:
             raise InputError("this gallery stores no activation maps (created with aam_shape=None): pass aam=None")
-        arrays = {}
+        arrays, decoded_attr = {}, None
         for key, value in given.items():
             name, shape = names[key], shapes[key]
             if not isinstance(value, np.ndarray) or value.dtype.kind != "f":
@@ -276,12 +296,21 @@ class Gallery:
                 raise InputError(f"{name} must have shape {list(shape)}, got {list(value.shape)}")
             if not np.isfinite(value).all():
                 raise InputError(f"{name} holds NaN or infinite values")
-            with np.errstate(over="ignore"):  # overflow is reported just below, by name
-                out = np.ascontiguousarray(value, dtype=DTYPES[key])
-            if not np.isfinite(out).all():
-                raise InputError(f"{name} overflows {out.dtype.name} (largest magnitude {_FP16_MAX:g})")
-            arrays[key] = out
-        arrays["norms"] = squared_norms(arrays["attr"])
+            codec = self.storage.get(key)
+            if codec is None:
+                arrays[key] = np.ascontiguousarray(value, dtype=DTYPES[key])
+                continue
+            try:
+                stored = codec.encode(value.reshape(n, *codec.shape))
+            except CodecError as e:
+                raise InputError(f"{name}: {e}") from e
+            if key == "attr":  # norms of the values the scans and explanations will read back
+                decoded_attr = codec.decode(stored)
+            layout = self._store.spec.layout(n)
+            for stem, array in zip(self._store.spec.storage.stems(key), stored.values(), strict=True):
+                arrays[stem] = array.reshape(layout[stem][1])
+        if self._store.spec.storage.stores_norms:
+            arrays["norms"] = squared_norms(decoded_attr)
         if ((arrays["probs"] < 0) | (arrays["probs"] > 1)).any():
             raise InputError("probs must lie in [0, 1]")
         if isinstance(meta, (str, bytes)) or not isinstance(meta, Sequence):
@@ -345,7 +374,7 @@ class Gallery:
         return self._gather(ids, "embedding")
 
     def attr_embeddings(self, ids: Any) -> np.ndarray:
-        """Per-attribute embeddings of gallery entries (stored float16): float32 [len(ids), M, C].
+        """Per-attribute embeddings of gallery entries, decoded: float32 [len(ids), M, C].
 
         Args:
             ids: Gallery ids.
@@ -353,7 +382,7 @@ class Gallery:
         Returns:
             float32 [len(ids), M, C].
         """
-        return self._gather(ids, "attr")
+        return self._decoded(ids, "attr")
 
     def probs(self, ids: Any) -> np.ndarray:
         """Predicted P(label 1) per attribute of gallery entries: float32 [len(ids), M].
@@ -367,7 +396,9 @@ class Gallery:
         return self._gather(ids, "probs")
 
     def aam(self, ids: Any) -> np.ndarray | None:
-        """Attribute activation maps of gallery entries (stored float16), or ``None`` when the gallery has none.
+        """Attribute activation maps of gallery entries, or ``None`` when the gallery stores none.
+
+        None also when its storage drops them (map codec ``none``): they are recomputed from the entries' crops.
 
         Args:
             ids: Gallery ids.
@@ -378,7 +409,10 @@ class Gallery:
         if self.aam_shape is None:
             self._locate(ids)  # still refuse unknown ids
             return None
-        return self._gather(ids, "aam")
+        if not self.keeps_maps:  # dropped: the Runtime recomputes them from the crops (docs/architecture.md §10)
+            self._locate(ids)
+            return None
+        return self._decoded(ids, "aam")
 
     def meta(self, ids: Any) -> list[dict[str, Any]]:
         """Metadata of gallery entries, each with its ``"id"``.
@@ -404,8 +438,8 @@ class Gallery:
             chunk: Most entries per chunk (chunks do not cross segments).
 
         Returns:
-            An iterator of ``(first id, float16 view [n, M, C])`` over consecutive entries (read-only views; a large
-            segment is memory-mapped while its views are held).
+            An iterator of ``(first id, rows [n, M, C])`` over consecutive entries: float16 read-only views with
+            float16 storage (a large segment is memory-mapped while its views are held), else the decoded float32.
 
         Raises:
             InputError: ``chunk`` is not a positive integer.
@@ -413,17 +447,18 @@ class Gallery:
         self._check_open()
         if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
             raise InputError(f"chunk must be a positive integer, got {chunk!r}")
-        return _chunks(self._state, int(chunk))  # checked now, walked lazily over this snapshot
+        return _chunks(self._state, self._store, int(chunk))  # checked now, walked lazily over this snapshot
 
     def scan_chunks(self, chunk: int) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
-        """:meth:`attr_chunks` with each row's stored squared attribute norms, the input of ``weighted_scan``.
+        """:meth:`attr_chunks` with each row's squared attribute norms, the input of ``weighted_scan``.
 
         Args:
             chunk: Most entries per chunk (chunks do not cross segments).
 
         Returns:
-            An iterator of ``(first id, float16 view [n, M, C], float32 view [n, M] of ‖g_k‖² or None)``: None for
-            segments written before ``norms.npy`` existed (the scan computes them).
+            An iterator of ``(first id, rows [n, M, C] as :meth:`attr_chunks` gives them, float32 [n, M] of ‖g_k‖² or
+            None)``: the stored view with float16 storage (None for segments written before ``norms.npy`` existed:
+            the scan computes them), else computed from the decoded rows.
 
         Raises:
             InputError: ``chunk`` is not a positive integer.
@@ -431,7 +466,7 @@ class Gallery:
         self._check_open()
         if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
             raise InputError(f"chunk must be a positive integer, got {chunk!r}")
-        return _chunks(self._state, int(chunk), norms=True)
+        return _chunks(self._state, self._store, int(chunk), norms=True)
 
     def _gather(self, ids: Any, key: str) -> np.ndarray:
         """Rows of ``key`` at ``ids`` as float32, read by position (only those rows are read)."""
@@ -440,6 +475,17 @@ class Gallery:
         for s in np.unique(seg):
             where = seg == s
             out[where] = state.segments[s].arrays[key].rows(local[where])
+        return out
+
+    def _decoded(self, ids: Any, key: str) -> np.ndarray:
+        """Rows of ``key`` (``attr`` or ``aam``) at ``ids``, decoded to float32 (only those rows are read)."""
+        state, idx, seg, local = self._locate(ids)
+        out = np.empty((len(idx), *self._store.spec.shapes(0)[key][1:]), np.float32)
+        for s in np.unique(seg):
+            where = seg == s
+            rows = decode_rows(self._store.codecs.get(key), self._store.spec.storage.stems(key),
+                               state.segments[s].arrays, local[where])
+            out[where] = rows.reshape(-1, *out.shape[1:])
         return out
 
     def _locate(self, ids: Any) -> tuple[StoreState, np.ndarray, np.ndarray, np.ndarray]:
@@ -597,16 +643,21 @@ def _add_to_index(index: GalleryIndex, state: StoreState, start: int) -> None:
             index.add(embedding.block(a, min(a + _INDEX_ROWS, segment.count)))
 
 
-def _chunks(state: StoreState, chunk: int, norms: bool = False) -> Iterator[tuple[Any, ...]]:
+def _chunks(state: StoreState, store: SegmentStore, chunk: int, norms: bool = False) -> Iterator[tuple[Any, ...]]:
+    """Attribute rows by chunks of a segment: float16 views for float16 storage, else decoded chunk by chunk."""
+    float16 = store.codecs.attr.kind == "float16"
     for segment in state.segments:
-        attr = segment.arrays["attr"].view()
-        if not norms:
-            for a in range(0, segment.count, chunk):
-                yield segment.first_id + a, attr[a:a + chunk]
-            continue
-        sq = segment.arrays["norms"].view() if "norms" in segment.arrays else None
+        attr = segment.arrays["attr"].view() if float16 else None
+        sq = segment.arrays["norms"].view() if norms and "norms" in segment.arrays else None
         for a in range(0, segment.count, chunk):
-            yield segment.first_id + a, attr[a:a + chunk], None if sq is None else sq[a:a + chunk]
+            b = min(a + chunk, segment.count)
+            rows = attr[a:b] if float16 else decode_rows(store.codecs.attr, store.spec.storage.stems("attr"),
+                                                         segment.arrays, None, (a, b))
+            if norms:
+                yield segment.first_id + a, rows, (squared_norms(rows) if not float16 else
+                                                   None if sq is None else sq[a:b])
+            else:
+                yield segment.first_id + a, rows
 
 
 def _json_default(obj: Any) -> Any:

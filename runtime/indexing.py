@@ -7,10 +7,11 @@ skipped and reported, so one bad file never blocks the rest (docs/architecture.m
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -19,10 +20,17 @@ from attrimeter.runtime.embedder import Embedder
 from attrimeter.runtime.errors import InputError
 from attrimeter.runtime.gallery import Gallery
 from attrimeter.runtime.images import load_image
+from attrimeter.runtime.storage import StorageCodecs, fit_storage, storage_codecs
 
-__all__ = ["IMAGE_SUFFIXES", "IndexReport", "image_entry", "index_folder"]
+if TYPE_CHECKING:
+    from attrimeter.runtime.runtime import Embeddings
+
+__all__ = ["FIT_SAMPLE", "IMAGE_SUFFIXES", "IndexReport", "image_entry", "image_files", "index_folder", "new_storage",
+           "read_crop"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+# Images a new gallery's trained codecs are fitted on: the first of those indexed (pcaq samples 2^17 rows anyway).
+FIT_SAMPLE = 2048
 
 
 class IndexReport(NamedTuple):
@@ -37,19 +45,23 @@ class IndexReport(NamedTuple):
     skipped: list[tuple[str, str]]
 
 
-def image_entry(path: Path, key: str) -> dict[str, Any]:
+def image_entry(path: Path, key: str, sha256: str | None = None) -> dict[str, Any]:
     """Gallery metadata of an indexed file: its key, resolved path, and identity and camera when its name says.
 
     Args:
         path: The image file.
         key: Its key (the path relative to the indexed folder; ``attrimeter index --ray``: also a list's line).
+        sha256: The sha256 of the bytes embedded (:func:`read_crop`), or None when not known yet.
 
     Returns:
-        ``{"key", "path", "camera"}``, and ``"pid"`` when the name follows the Market-1501/DukeMTMC pattern.
+        ``{"key", "path", "camera"}``, ``"sha256"`` when given (a gallery that drops its maps recomputes them from the
+        crop and refuses one that changed since) and ``"pid"`` when the name follows the Market-1501/DukeMTMC pattern.
     """
     from attrimeter.data.formats import DataFormatError, parse_image_name
 
     entry: dict[str, Any] = {"key": key, "path": str(path.resolve()), "camera": None}
+    if sha256 is not None:
+        entry["sha256"] = sha256
     for style in ("market1501", "dukemtmc"):
         try:
             pid, cam = parse_image_name(path, style)
@@ -58,6 +70,39 @@ def image_entry(path: Path, key: str) -> dict[str, Any]:
         entry.update(pid=pid, camera=cam + 1)  # as the file name writes it: c1 → 1
         break
     return entry
+
+
+def read_crop(path: str | Path, size: tuple[int, int]) -> tuple[np.ndarray, str]:
+    """Decode an image file and hash its bytes, read once: the hash is of exactly what is embedded.
+
+    Args:
+        path: The image file.
+        size: The export's input ``(height, width)``.
+
+    Returns:
+        ``(uint8 pixels [height, width, 3], sha256 of the file)``.
+
+    Raises:
+        InputError: The file cannot be read or decoded (the message names it).
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the image ({e.strerror or e})") from e
+    return load_image(raw, size, str(path)), hashlib.sha256(raw).hexdigest()
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The images under a folder, recursively, sorted: what :func:`index_folder` indexes, in its order.
+
+    Raises:
+        InputError: No images in the folder.
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    return files
 
 
 def index_folder(folder: str | Path, gallery: Gallery, embedder: Embedder,
@@ -83,18 +128,18 @@ def index_folder(folder: str | Path, gallery: Gallery, embedder: Embedder,
         InputError: No images in the folder.
     """
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    files = image_files(folder)
     known = {m.get("path") for m in gallery.meta(np.arange(len(gallery)))} if len(gallery) else set()
     todo = [p for p in files if str(p.resolve()) not in known]
     bar = tqdm(total=len(todo), desc="index", unit="img", disable=not progress)
     size, step = embedder.image_size, embedder.max_batch
     added, skipped = 0, []
+    hashes: dict[Path, str] = {}
 
     def decode(path: Path) -> np.ndarray | None:
         try:
-            return load_image(path, size, str(path))
+            pixels, hashes[path] = read_crop(path, size)
+            return pixels
         except Exception as e:  # whatever is wrong with one file, the others still get indexed
             skipped.append((str(path), str(e) or type(e).__name__))
             return None
@@ -125,7 +170,64 @@ def index_folder(folder: str | Path, gallery: Gallery, embedder: Embedder,
             out = {k: v[finite] for k, v in out.items()}
         if not paths:
             continue
-        append(out, [image_entry(p, p.relative_to(folder).as_posix()) for p in paths])
+        append(out, [image_entry(p, p.relative_to(folder).as_posix(), hashes.pop(p)) for p in paths])
         added += len(paths)
     bar.close()
     return IndexReport(added=added, skipped=skipped)
+
+
+def new_storage(mode: str, images: list[Path], embed: Callable[[list[np.ndarray]], Embeddings],
+                image_size: tuple[int, int], *, dim: int, attributes: int, aam_shape: tuple[int, int] | None,
+                sample: int = FIT_SAMPLE, batch: int = 32) -> StorageCodecs:
+    """The codecs of a new gallery: a mode's, trained kinds fitted on the first ``sample`` readable images.
+
+    The codecs are fitted once, when the gallery is created, and never again: later appends use them as they are
+    (docs/architecture.md §10).
+
+    Args:
+        mode: One of :data:`~attrimeter.runtime.codecs.STORAGE_MODES`.
+        images: The images to be indexed, in indexing order (only the first readable ones are read).
+        embed: Embeds decoded images (e.g. ``Runtime.embed``).
+        image_size: The export's input ``(height, width)``.
+        dim: Embedding width C.
+        attributes: Number of attributes M.
+        aam_shape: ``(h, w)`` of the maps, or None.
+        sample: Most images fitted on.
+        batch: Images per ``embed`` call.
+
+    Returns:
+        The (fitted) codecs.
+
+    Raises:
+        InputError: An unknown mode, or fewer readable images than a trained codec needs
+            (:data:`~attrimeter.runtime.storage.FIT_MIN_ENTRIES`).
+    """
+    codecs = storage_codecs(mode, dim, attributes, aam_shape)
+    if not any(c is not None and c.trainable for c in codecs[1:]):
+        return codecs
+    attr, maps = [], []
+    pending: list[np.ndarray] = []
+
+    def flush() -> None:
+        try:
+            emb = embed(pending)
+        except InputError:  # the model gives NaN/inf for one of them: not fitted on (index_folder skips it too)
+            return
+        attr.append(emb.attr_embeddings)
+        maps.append(emb.aam)
+
+    for path in images:
+        if sum(len(a) for a in attr) + len(pending) >= sample:
+            break
+        try:
+            pending.append(load_image(path, image_size, str(path)))
+        except Exception:  # unreadable files are index_folder's to report
+            continue
+        if len(pending) == batch:
+            flush()
+            pending = []
+    if pending:
+        flush()
+    rows = np.concatenate(attr) if attr else np.zeros((0, attributes, dim), np.float32)
+    return fit_storage(mode, rows, None if aam_shape is None else
+                       (np.concatenate(maps) if maps else np.zeros((0, attributes, *aam_shape), np.float32)))

@@ -22,6 +22,7 @@ The parts, one job each: :class:`~attrimeter.runtime.config.RuntimeConfig` (how 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,7 +273,7 @@ class Runtime:
         m = len(self.attributes)
         probs = gallery.probs(flat) if k else np.empty((0, m), np.float32)
         meta = gallery.meta(flat) if k else []
-        g_aam = gallery.aam(flat) if overlays and k else None
+        g_aam = self._hit_maps(gallery, flat, meta) if overlays and k else None
         self._check_finite(ids, dec, probs.reshape(q, k, m), g_aam)
         hits = [{"id": int(i), "key": str(entry.get("key") or f"entry-{i}"), "path": entry.get("path"),
                  "camera": entry.get("camera")} for i, entry in zip(flat, meta, strict=True)]
@@ -308,6 +309,33 @@ class Runtime:
             return load_image(path, self.image_size)
         except InputError:
             return None
+
+    def _hit_maps(self, gallery: Gallery | ShardedGallery | RowSet, ids: np.ndarray,
+                  meta: list[dict[str, Any]]) -> np.ndarray | None:
+        """The hits' maps: as stored, or recomputed from their crops where the gallery dropped them.
+
+        A gallery stored without maps (e.g. ``compact-nomaps``, docs/architecture.md §10) keeps each crop's path and
+        sha256 in its metadata; the crop is embedded again only for the hits drawn as overlays.
+
+        Raises:
+            GalleryError: A crop that is missing or changed since it was indexed (its maps would be another image's).
+        """
+        stored = gallery.aam(ids)
+        if stored is not None or not all(entry.get("sha256") and entry.get("path") for entry in meta):
+            return stored
+        pixels = []
+        for entry in meta:
+            try:
+                raw = Path(entry["path"]).read_bytes()
+            except OSError as e:
+                raise GalleryError(f"gallery entry {entry['id']}: its crop {entry['path']} is unreadable ({e}); its "
+                                   "maps are not stored and cannot be recomputed") from e
+            if hashlib.sha256(raw).hexdigest() != entry["sha256"]:
+                raise GalleryError(f"gallery entry {entry['id']}: its crop {entry['path']} changed since it was "
+                                   "indexed (sha256 differs); its maps are not stored and cannot be recomputed: index "
+                                   "it again")
+            pixels.append(load_image(raw, self.image_size, str(entry["path"])))
+        return self._infer(np.stack(pixels)).aam
 
     def _check_k(self, k: int, overlays: int, queries: int = 1, hits: int | None = None) -> None:
         """Check k and overlays; ``hits`` is how many matches come back per query (default: up to k)."""

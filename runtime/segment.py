@@ -1,6 +1,7 @@
 """One segment of a gallery store: written durably, opened and checked, read row by row (docs/architecture.md §10).
 
-A segment is a folder of five files (``embedding.npy``, ``attr.npy``, ``probs.npy``, ``aam.npy``, ``meta.jsonl``).
+A segment is a folder of array files (``embedding.npy``, the attribute rows, ``probs.npy``, the maps, ``norms.npy``; see
+:meth:`GallerySpec.layout`) and ``meta.jsonl``.
 Small files are read into memory when the segment is opened; large ones stay open and are read with positioned reads
 (``preadv``), so a process holds in memory only the rows it asked for, not the pages a memory map would fault in
 around them. Either way an opened segment keeps answering after a compaction deleted its folder: the descriptors and
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from attrimeter.runtime.errors import CorruptGalleryError, UnsafeGalleryPathError
-from attrimeter.runtime.store_format import DTYPES, META, GallerySpec, SegmentRecord
+from attrimeter.runtime.store_format import META, GallerySpec, SegmentRecord
 
 __all__ = ["MissingSegmentFile", "Segment", "open_segment", "remove_folder", "segment_chunks", "squared_norms",
            "write_segment"]
@@ -218,8 +219,9 @@ def open_segment(segments_fd: int, folder: Path, record: SegmentRecord, spec: Ga
                 files[name] = _open_file(dir_fd, folder / name, size)
         finally:
             os.close(dir_fd)
-        arrays = {key: _array(files[f"{key}.npy"], key, shape) for key, shape in spec.shapes(record.count).items()
-                  if f"{key}.npy" in files}  # an OPTIONAL file a segment lacks is recomputed by its readers
+        # an OPTIONAL file a segment lacks is recomputed by its readers
+        arrays = {key: _array(files[f"{key}.npy"], dtype, shape)
+                  for key, (dtype, shape) in spec.layout(record.count).items() if f"{key}.npy" in files}
     except BaseException:
         _close([f.fd for f in files.values() if f.fd is not None])
         raise
@@ -229,14 +231,14 @@ def open_segment(segments_fd: int, folder: Path, record: SegmentRecord, spec: Ga
     return segment
 
 
-def write_segment(segments_fd: int, name: str, shapes: Mapping[str, tuple[int, ...]],
+def write_segment(segments_fd: int, name: str, layout: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
                   chunks: Iterable[tuple[str, Any]], bar: Any) -> tuple[dict[str, str], dict[str, int]]:
     """Create folder ``name`` and write a segment's files into it, fsynced, from ``(file stem or META, data)`` chunks.
 
     Args:
         segments_fd: Descriptor of the gallery's ``segments`` folder.
         name: The new folder (must not exist).
-        shapes: Shape of each array, by file stem.
+        layout: Dtype and shape of each array, by file stem (:meth:`GallerySpec.layout`).
         chunks: Rows of arrays (by stem) or bytes of ``meta.jsonl`` (by :data:`META`), in order per file.
         bar: A progress bar (``update(bytes)``).
 
@@ -250,9 +252,9 @@ def write_segment(segments_fd: int, name: str, shapes: Mapping[str, tuple[int, .
     folder_fd = os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=segments_fd)
     writers: dict[str, _HashingFile] = {}
     try:
-        for key, shape in shapes.items():
+        for key, (dtype, shape) in layout.items():
             writers[key] = _HashingFile(folder_fd, f"{key}.npy", bar)
-            header = {"descr": np.lib.format.dtype_to_descr(DTYPES[key]), "fortran_order": False, "shape": shape}
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
             np.lib.format.write_array_header_1_0(writers[key], header)
         writers[META] = _HashingFile(folder_fd, META, bar)
         for key, data in chunks:
@@ -262,8 +264,8 @@ def write_segment(segments_fd: int, name: str, shapes: Mapping[str, tuple[int, .
                 writer.write(data)
             else:
                 writer.rows += len(data)
-                writer.write(np.ascontiguousarray(data, dtype=DTYPES[key]))
-        n = next(iter(shapes.values()))[0]
+                writer.write(np.ascontiguousarray(data, dtype=layout[key][0]))
+        n = next(iter(layout.values()))[1][0]
         short = [name for name, w in writers.items() if w.rows != n]
         if short:
             raise RuntimeError(f"segment writer got the wrong number of rows for {', '.join(short)}")
@@ -286,7 +288,7 @@ def segment_chunks(segments: Sequence[Segment]) -> Iterator[tuple[str, Any]]:
             rows = max(1, _COPY_BYTES // array.row_bytes)
             for a in range(0, segment.count, rows):
                 yield key, array.block(a, min(a + rows, segment.count))
-        if "norms" not in segment.arrays:  # written before norms.npy existed
+        if "norms" not in segment.arrays and "attr" in segment.arrays:  # float16, written before norms.npy existed
             attr = segment.arrays["attr"]
             rows = max(1, _COPY_BYTES // attr.row_bytes)
             for a in range(0, segment.count, rows):
@@ -393,7 +395,7 @@ def _open_file(dir_fd: int, path: Path, size: int) -> _File:
     return _File(path, size, bytes(raw), None)
 
 
-def _array(file: _File, key: str, shape: tuple[int, ...]) -> _Array:
+def _array(file: _File, expected: np.dtype, shape: tuple[int, ...]) -> _Array:
     """Check a ``.npy`` file's header against the expected dtype and shape."""
     head = file.read(0, min(file.size, 4096))
     try:
@@ -409,7 +411,6 @@ def _array(file: _File, key: str, shape: tuple[int, ...]) -> _Array:
         found, fortran, dtype = read(stream)
     except (ValueError, KeyError, EOFError, SyntaxError, TypeError) as e:
         raise CorruptGalleryError(f"{file.path}: not a .npy array the store wrote ({type(e).__name__})") from e
-    expected = DTYPES[key]
     if dtype != expected or tuple(found) != shape or fortran:
         raise CorruptGalleryError(f"{file.path}: holds {dtype} {list(found)}, expected {expected} {list(shape)}")
     offset = stream.tell()

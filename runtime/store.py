@@ -51,6 +51,7 @@ from attrimeter.runtime.segment import (
     segment_chunks,
     write_segment,
 )
+from attrimeter.runtime.storage import STATE_NAME, StorageCodecs, load_codecs
 from attrimeter.runtime.store_files import (
     LOCK_NAME,
     close_fds,
@@ -67,7 +68,6 @@ from attrimeter.runtime.store_files import (
     write_new_file,
 )
 from attrimeter.runtime.store_format import (
-    DTYPES,
     JOURNAL_NAME,
     MANIFEST_NAME,
     SEGMENTS,
@@ -122,11 +122,12 @@ class _Position:
 class SegmentStore:
     """One gallery folder on disk: its published state, and with the writer lock, appends and compactions."""
 
-    def __init__(self, root: Path, spec: GallerySpec, fds: dict[str, int], *, writable: bool, verify: bool,
-                 progress: bool):
+    def __init__(self, root: Path, spec: GallerySpec, codecs: StorageCodecs, fds: dict[str, int], *, writable: bool,
+                 verify: bool, progress: bool):
         """Use :meth:`create` or :meth:`open`."""
         self.path = root
         self.spec = spec
+        self.codecs = codecs  # rebuilt from spec.storage and codecs.npz; never changes (codes are never re-encoded)
         self.writable = writable
         self.state = _EMPTY
         self._fds = fds  # root, segments, lock (writers), base and journal (what the state was read from)
@@ -141,8 +142,14 @@ class SegmentStore:
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def create(cls, path: Path, spec: GallerySpec) -> SegmentStore:
+    def create(cls, path: Path, spec: GallerySpec, codecs: StorageCodecs, state: bytes | None) -> SegmentStore:
         """Create an empty store in a new or empty folder and open it writable.
+
+        Args:
+            path: The folder.
+            spec: The gallery's identity (its storage describes ``codecs`` and ``state``).
+            codecs: The fitted codecs.
+            state: The bytes of ``codecs.npz`` (written once, before the manifest), or None.
 
         Raises:
             GalleryError: The folder holds something already, or cannot be created.
@@ -158,7 +165,9 @@ class SegmentStore:
             take_writer_lock(path, fds)
             if exists(fds["root"], MANIFEST_NAME):
                 raise GalleryError(f"{path / MANIFEST_NAME}: the folder already holds a gallery")
-            others = sorted(set(os.listdir(fds["root"])) - {LOCK_NAME, SEGMENTS, _MANIFEST_TMP, _JOURNAL_TMP})
+            # a codecs.npz without a manifest: a creation cut short (it is written again)
+            others = sorted(set(os.listdir(fds["root"])) - {LOCK_NAME, SEGMENTS, _MANIFEST_TMP, _JOURNAL_TMP,
+                                                            STATE_NAME})
             if SEGMENTS in os.listdir(fds["root"]) and not os.path.islink(path / SEGMENTS):
                 others += [f"{SEGMENTS}/{name}" for name in os.listdir(path / SEGMENTS)]
             if others:
@@ -168,11 +177,13 @@ class SegmentStore:
             except FileExistsError:
                 pass
             fds["segments"] = open_segments(path, fds["root"], writable=True)
-            store = cls(path, spec, fds, writable=True, verify=True, progress=True)
+            store = cls(path, spec, codecs, fds, writable=True, verify=True, progress=True)
         except BaseException:
             close_fds(fds)
             raise
         try:
+            if state is not None:  # before the manifest that lists it (whose publication fsyncs the folder)
+                write_new_file(fds["root"], STATE_NAME, state)
             store._publish_base(Manifest(spec, VERSION, 1, 0, (), ()))
             store._new_journal(1)
         except BaseException as e:
@@ -200,8 +211,9 @@ class SegmentStore:
             if writable:
                 take_writer_lock(path, fds)
             fds["segments"] = open_segments(path, fds["root"], writable=writable)
-            spec = read_manifest(path, fds["root"])[1].spec
-            store = cls(path, spec, fds, writable=writable, verify=verify, progress=progress)
+            spec = read_manifest(path, fds["root"], keep=False)[1].spec
+            store = cls(path, spec, _load_codecs(path, fds["root"], spec), fds, writable=writable, verify=verify,
+                        progress=progress)
         except BaseException:
             close_fds(fds)
             raise
@@ -467,9 +479,10 @@ class SegmentStore:
         line = b""
         try:
             self._append_journal(encode_record(self._position.seq + 1, begin=name), sync=False)
-            total = sum(int(np.prod(s)) * DTYPES[k].itemsize for k, s in self.spec.shapes(n).items())
+            layout = self.spec.layout(n)
+            total = sum(int(np.prod(s)) * d.itemsize for d, s in layout.values())
             with self._bar(total if progress else 0, f"{desc} {self.path.name}") as bar:
-                files, sizes = write_segment(segments_fd, tmp, self.spec.shapes(n), chunks, bar)
+                files, sizes = write_segment(segments_fd, tmp, layout, chunks, bar)
             os.rename(tmp, name, src_dir_fd=segments_fd, dst_dir_fd=segments_fd)
             renamed = True
             os.fsync(segments_fd)
@@ -636,6 +649,25 @@ class SegmentStore:
     def _check_open(self) -> None:
         if self._closed:
             raise GalleryError(f"{self.path}: the gallery is closed")
+
+
+def _load_codecs(path: Path, root_fd: int, spec: GallerySpec) -> StorageCodecs:
+    """The codecs ``spec`` describes, with ``codecs.npz`` read (never through a link) when it lists one."""
+    state = None
+    if spec.storage.state is not None:
+        try:
+            fd = os.open(STATE_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
+        except FileNotFoundError:
+            fd = None
+        except OSError as e:
+            raise CorruptGalleryError(f"{path / STATE_NAME}: unreadable ({e})") from e
+        if fd is not None:
+            try:
+                state = pread(fd, spec.storage.state[1] + 1, 0, path / STATE_NAME)  # one byte more: a longer file
+            finally:
+                os.close(fd)
+    return load_codecs(spec.storage, state, aam_shape=spec.aam_shape, manifest=str(path / MANIFEST_NAME),
+                       state_where=str(path / STATE_NAME))
 
 
 def _suppress(fn: Any, *args: Any) -> bool:

@@ -4,14 +4,17 @@ docs/architecture.md §10 describes the store as a whole.
 
 A gallery folder holds::
 
-    gallery.json       base manifest: identity (dim, attributes, aam_shape, model, metric), count, the segments folded
-                       into it (name, count, first id, sha256 and size of every file), its generation, and the names
-                       of segment folders that are garbage (merged away by a compaction, not yet deleted)
+    gallery.json       base manifest: identity (dim, attributes, aam_shape, model, metric, storage), count, the
+                       segments folded into it (name, count, first id, sha256 and size of every file), its
+                       generation, and the names of segment folders that are garbage (merged away by a compaction,
+                       not yet deleted)
     gallery.journal    one header line naming the generation it continues, then one checksummed line per record:
                        ``begin`` (a writer starts a segment folder of that name) and ``add`` (a segment is published)
-    segments/<name>/   embedding.npy, attr.npy, probs.npy, aam.npy (only with ``aam_shape``), norms.npy (each
-                       attribute row's squared norm, for weighted scans; segments written before it lack it),
-                       meta.jsonl
+    codecs.npz         the trained state of the storage codecs (format 3, trained modes only; written once at creation)
+    segments/<name>/   embedding.npy, the attribute rows (attr.npy in float16, else one attr.<array>.npy per stored
+                       codec array), probs.npy, the maps likewise (aam.npy..., only with ``aam_shape``), norms.npy
+                       (each float16 attribute row's squared norm, for weighted scans; segments written before it
+                       lack it; not stored with decoded rows, whose norms come with the decoding), meta.jsonl
     .lock              locked as well by writers, for writers of format 1 (which lock only this file)
 
 The published gallery is the base's segments followed by the ``add`` records of a journal of the same generation. A
@@ -21,8 +24,9 @@ crc32 of its JSON (8 hex digits), a space, the JSON and a newline. Lines after t
 (or an unfinished last line) are a torn tail, a write cut short: ignored. A line whose checksum holds but whose record
 is malformed or out of sequence, or an intact line after a damaged one, is corruption.
 
-Format 1 (runtimes before the journal) had no journal, generation or garbage; it is still read, and a writer upgrades
-it to format 2 when it opens it. Everything read here is checked field by field: what does not parse into exactly this
+Format 1 (runtimes before the journal) had no journal, generation or garbage; format 2 no storage field (its rows
+and maps are float16, :mod:`attrimeter.runtime.storage`). Both are still read, and a writer upgrades them to format 3
+when it opens them. Everything read here is checked field by field: what does not parse into exactly this
 shape is a :class:`CorruptGalleryError` naming the file, never another exception.
 """
 
@@ -32,30 +36,32 @@ import json
 import re
 import zlib
 from collections.abc import Mapping, Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from attrimeter.runtime.errors import CorruptGalleryError, GalleryError, InputError
+from attrimeter.runtime.storage import Storage, float16_storage, parse_storage
 
 __all__ = [
-    "DTYPES", "FORMAT", "JOURNAL_FORMAT", "JOURNAL_NAME", "MANIFEST_NAME", "META", "METRICS", "OPTIONAL", "SEGMENTS",
-    "VERSION",
+    "DTYPES", "FORMAT", "JOURNAL_FORMAT", "JOURNAL_NAME", "JOURNAL_VERSION", "MANIFEST_NAME", "META", "METRICS",
+    "OPTIONAL", "SEGMENTS", "VERSION",
     "GallerySpec", "Journal", "Manifest", "SegmentRecord", "encode_journal_header", "encode_manifest", "encode_record",
     "is_segment_name", "make_spec", "parse_journal", "parse_journal_header", "parse_manifest",
 ]
 
 FORMAT = "attrimeter-gallery"
 JOURNAL_FORMAT = "attrimeter-gallery-journal"
-VERSION = 2  # written; 1 is still read
+VERSION = 3  # written; 1 and 2 (float16 storage, no "storage" field) are still read
+JOURNAL_VERSION = 2  # the journal's own format: unchanged by format 3
 MANIFEST_NAME = "gallery.json"
 JOURNAL_NAME = "gallery.journal"
 SEGMENTS = "segments"
 META = "meta.jsonl"
 METRICS = ("l2", "ip")
-DTYPES = {"embedding": np.dtype("<f4"), "attr": np.dtype("<f2"), "probs": np.dtype("<f4"), "aam": np.dtype("<f2"),
-          "norms": np.dtype("<f4")}
+# The arrays every segment holds whatever its storage (attribute rows and maps: :class:`Storage`'s arrays).
+DTYPES = {"embedding": np.dtype("<f4"), "probs": np.dtype("<f4"), "norms": np.dtype("<f4")}
 # Files a segment may lack: written since a later runtime, derived from the others (readers recompute them).
 OPTIONAL = frozenset({"norms"})
 
@@ -64,6 +70,7 @@ _NAME = re.compile(r"[0-9A-Za-z][0-9A-Za-z_-]{0,99}")  # what writers name segme
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MANIFEST_KEYS = {1: {"format", "version", "dim", "attributes", "aam_shape", "model", "metric", "count", "segments"}}
 _MANIFEST_KEYS[2] = _MANIFEST_KEYS[1] | {"generation", "garbage"}
+_MANIFEST_KEYS[3] = _MANIFEST_KEYS[2] | {"storage"}
 _SEGMENT_KEYS = {"name", "count", "first_id", "files", "sizes", "bytes"}
 
 
@@ -76,19 +83,32 @@ class GallerySpec:
     aam_shape: tuple[int, int] | None
     model: str
     metric: str
+    storage: Storage  # how attribute rows and maps are stored (format 3; float16 before)
 
     def shapes(self, n: int) -> dict[str, tuple[int, ...]]:
-        """The shape of each array file of a segment of ``n`` entries, keyed by file stem."""
+        """The shape of each array of ``n`` entries as the gallery reads and appends them (decoded), by name."""
         m = len(self.attributes)
         out = {"embedding": (n, self.dim), "attr": (n, m, self.dim), "probs": (n, m)}
         if self.aam_shape is not None:
             out["aam"] = (n, m, *self.aam_shape)
-        out["norms"] = (n, m)  # ‖attr row‖² in float32 (of the stored float16 values)
+        out["norms"] = (n, m)  # ‖attr row‖² in float32 (of the decoded stored values)
+        return out
+
+    def layout(self, n: int) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """The dtype and shape of each array file of a segment of ``n`` entries, keyed by file stem."""
+        m = len(self.attributes)
+        out = {"embedding": (DTYPES["embedding"], (n, self.dim))}
+        stored = {stem: (dtype, (n, *shape)) for stem, dtype, shape in self.storage.arrays}
+        out.update({stem: v for stem, v in stored.items() if stem.startswith("attr")})
+        out["probs"] = (DTYPES["probs"], (n, m))
+        out.update({stem: v for stem, v in stored.items() if stem.startswith("aam")})
+        if self.storage.stores_norms:
+            out["norms"] = (DTYPES["norms"], (n, m))
         return out
 
     def files(self) -> set[str]:
         """The names of a segment's files (as written now; see :data:`OPTIONAL`)."""
-        return {f"{key}.npy" for key in self.shapes(0)} | {META}
+        return {f"{key}.npy" for key in self.layout(0)} | {META}
 
     def accepts(self, names: Set[str]) -> bool:
         """Whether ``names`` are the files of a segment: :meth:`files`, less any of the :data:`OPTIONAL` ones."""
@@ -99,7 +119,7 @@ class GallerySpec:
         """The identity fields of the manifest."""
         return {"dim": self.dim, "attributes": list(self.attributes),
                 "aam_shape": None if self.aam_shape is None else list(self.aam_shape), "model": self.model,
-                "metric": self.metric}
+                "metric": self.metric, "storage": self.storage.to_json()}
 
 
 @dataclass(frozen=True)
@@ -157,7 +177,8 @@ class Journal:
     torn: bool
 
 
-def make_spec(dim: Any, attributes: Any, aam_shape: Any, model: Any, metric: Any) -> GallerySpec:
+def make_spec(dim: Any, attributes: Any, aam_shape: Any, model: Any, metric: Any,
+              storage: Storage | None = None) -> GallerySpec:
     """Check a gallery's identity.
 
     Args:
@@ -166,6 +187,7 @@ def make_spec(dim: Any, attributes: Any, aam_shape: Any, model: Any, metric: Any
         aam_shape: ``(h, w)`` of positive integers, or ``None``.
         model: Identity of the embedding model.
         metric: One of :data:`METRICS`.
+        storage: How rows and maps are stored (checked by its maker); None: float16 (formats 1 and 2).
 
     Returns:
         The spec.
@@ -189,7 +211,9 @@ def make_spec(dim: Any, attributes: Any, aam_shape: Any, model: Any, metric: Any
         raise InputError(f"model must be a string (the export's source sha256), got {type(model).__name__}")
     if metric not in METRICS:
         raise InputError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    return GallerySpec(int(dim), tuple(attributes), aam_shape, model, metric)
+    if storage is None:
+        storage = float16_storage(int(dim), len(attributes), aam_shape)
+    return GallerySpec(int(dim), tuple(attributes), aam_shape, model, metric, storage)
 
 
 def is_segment_name(name: Any) -> bool:
@@ -242,6 +266,9 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
                          doc["model"], doc["metric"])
     except InputError as e:
         raise CorruptGalleryError(f"{where}: bad gallery identity ({e})") from e
+    if version >= 3:
+        spec = replace(spec, storage=parse_storage(doc["storage"], where, dim=spec.dim,
+                                                   attributes=len(spec.attributes), aam_shape=spec.aam_shape))
     if not isinstance(doc["attributes"], list):
         raise CorruptGalleryError(f"{where}: bad gallery identity (attributes must be a list)")
     if not _is_int(doc["count"]) or not isinstance(doc["segments"], list):
@@ -271,7 +298,7 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
 
 def encode_journal_header(generation: int) -> bytes:
     """The first line of a journal that continues base generation ``generation``."""
-    return _line({"format": JOURNAL_FORMAT, "version": VERSION, "generation": generation})
+    return _line({"format": JOURNAL_FORMAT, "version": JOURNAL_VERSION, "generation": generation})
 
 
 def encode_record(seq: int, *, begin: str | None = None, add: SegmentRecord | None = None) -> bytes:
@@ -292,7 +319,7 @@ def parse_journal_header(raw: bytes, where: str) -> tuple[int, int]:
     nl = raw.find(b"\n")
     header = _record(raw[:nl], where, 0) if nl >= 0 else None
     if (not isinstance(header, dict) or set(header) != {"format", "version", "generation"}
-            or header["format"] != JOURNAL_FORMAT or header["version"] != VERSION
+            or header["format"] != JOURNAL_FORMAT or header["version"] != JOURNAL_VERSION
             or not _is_int(header["generation"], 1)):
         raise CorruptGalleryError(f"{where}: malformed journal header")
     return header["generation"], nl + 1

@@ -30,8 +30,9 @@ def random_rows(rng, n, identity):
             "aam": rng.uniform(0, 2, (n, m, h, w)).astype(np.float16).astype(np.float32)}
 
 
-def build(root: Path, identity, rng, sizes=SHARD_SIZES):
-    """``root/sharded`` (shards of ``sizes`` entries, some rows copied across shards) and ``root/single``."""
+def build(root: Path, identity, rng, sizes=SHARD_SIZES, storage="float16"):
+    """``root/sharded`` (shards of ``sizes`` entries, some rows copied across shards) and ``root/single``, all stored
+    with ``storage`` (a mode or fitted codecs: the same state everywhere)."""
     parts = [random_rows(rng, n, identity) for n in sizes]
     donors = [i for i, n in enumerate(sizes) if n]
     for dst in donors[1:]:  # exact duplicates of shard 0's first rows in every other shard: ties across shards
@@ -42,7 +43,8 @@ def build(root: Path, identity, rng, sizes=SHARD_SIZES):
     sharded, single = root / "sharded", root / "single"
     sharded.mkdir(parents=True)
     store = Gallery.create(single, dim=identity["dim"], attributes=identity["attributes"],
-                           aam_shape=tuple(identity["aam_shape"]), model=identity["model"], metric=identity["metric"])
+                           aam_shape=tuple(identity["aam_shape"]), model=identity["model"], metric=identity["metric"],
+                           storage=storage)
     names = []
     for s, rows in enumerate(parts):
         names.append(f"shard-{s:03d}")
@@ -50,7 +52,7 @@ def build(root: Path, identity, rng, sizes=SHARD_SIZES):
         meta = [{"key": f"s{s}/img{i:03d}.jpg", "path": None, "camera": s} for i in range(n)]
         with Gallery.create(sharded / names[-1], dim=identity["dim"], attributes=identity["attributes"],
                             aam_shape=tuple(identity["aam_shape"]), model=identity["model"],
-                            metric=identity["metric"]) as g:
+                            metric=identity["metric"], storage=storage) as g:
             if n:
                 g.append(rows["embedding"], rows["attr"], rows["probs"], meta, aam=rows["aam"])
         if n:

@@ -26,7 +26,7 @@ class RowSet:
     Attributes:
         ids: Global ids, sorted, unique, int64 ``[n]``.
         embedding: float32 ``[n, C]``.
-        attr: float16 ``[n, M, C]`` (as stored).
+        attr: ``[n, M, C]``: float16 as stored, or decoded float32 (compact storage).
         probs_rows: float32 ``[n, M]``.
         meta_rows: Metadata, ``"id"`` the global id.
         maps: float16 ``[n, M, h, w]``, or None when not fetched or not stored.

@@ -38,7 +38,8 @@ from attrimeter.runtime.distributed.manifest import (
 from attrimeter.runtime.distributed.sharded import actor_error
 from attrimeter.runtime.errors import GalleryError, InputError
 from attrimeter.runtime.gallery import MANIFEST_NAME, Gallery
-from attrimeter.runtime.images import load_image
+from attrimeter.runtime.indexing import new_storage, read_crop
+from attrimeter.runtime.storage import StorageCodecs, default_mode, storage_codecs
 
 __all__ = ["ShardWriter", "ShardedIndexReport", "index_sharded", "list_images", "writer_actor_name"]
 
@@ -196,17 +197,22 @@ class ShardWriter:
 
 
 def _decode(batch: Mapping[str, np.ndarray], size: tuple[int, int]) -> dict[str, np.ndarray]:
-    """Ray Data task: read and decode a batch of images (unreadable ones marked, not raised)."""
+    """Ray Data task: read and decode a batch of images (unreadable ones marked, not raised).
+
+    The metadata gains each file's sha256 (of the bytes embedded: a gallery without maps recomputes them from the file).
+    """
     n = len(batch["key"])
     pixels = np.zeros((n, size[0], size[1], 3), np.uint8)
     ok = np.ones(n, bool)
     reason = np.full(n, "", dtype=object)
+    meta = np.array(batch["meta"], dtype=object)
     for i, path in enumerate(batch["path"]):
         try:
-            pixels[i] = load_image(str(path), size, str(path))
+            pixels[i], sha256 = read_crop(str(path), size)
+            meta[i] = json.dumps({**json.loads(str(meta[i])), "sha256": sha256})
         except Exception as e:  # whatever is wrong with one file, the others still get indexed
             ok[i], reason[i] = False, str(e) or type(e).__name__
-    return {"key": batch["key"], "path": batch["path"], "shard": batch["shard"], "meta": batch["meta"],
+    return {"key": batch["key"], "path": batch["path"], "shard": batch["shard"], "meta": meta,
             "pixels": pixels, "ok": ok, "reason": reason}
 
 
@@ -263,7 +269,8 @@ class _Embedder:
 def index_sharded(export_dir: str | Path, images: str | Path, out: str | Path, *, shards: int,
                   backend: str = "auto", device: str | None = None, threads: int = 1, max_batch: int = 32,
                   workers: int | None = None, batch_size: int = 64, segment: int = 4096, metric: str = "l2",
-                  verify: bool = True, progress: bool = True, max_passes: int = 3) -> ShardedIndexReport:
+                  verify: bool = True, progress: bool = True, max_passes: int = 3,
+                  storage: str | None = None) -> ShardedIndexReport:
     """Embed images into a sharded gallery on the connected Ray cluster (created, or resumed/extended).
 
     Args:
@@ -282,14 +289,18 @@ def index_sharded(export_dir: str | Path, images: str | Path, out: str | Path, *
         verify: Check the export's file hashes in every worker.
         progress: Show a progress bar.
         max_passes: Most pipeline passes (passes after the first embed rows that killed writers lost).
+        storage: A new sharded gallery's storage mode (None: :func:`~attrimeter.runtime.storage.default_mode`).
+            Trained codecs are fitted once, here on the driver, on the first images by key, and every shard stores
+            with that same state, so that the shards answer like one store would (docs/architecture.md §10, §11).
+            An existing one keeps its own (another mode asked for is refused).
 
     Returns:
         A :class:`ShardedIndexReport`.
 
     Raises:
         InputError: Bad arguments or no images.
-        GalleryError: ``out`` holds something else, another model's or metric's gallery, another number of shards,
-            or another run is writing it; or rows were still missing after ``max_passes``.
+        GalleryError: ``out`` holds something else, another model's or metric's gallery, another number of shards
+            or another storage mode, or another run is writing it; or rows were still missing after ``max_passes``.
     """
     import ray
 
@@ -307,7 +318,11 @@ def index_sharded(export_dir: str | Path, images: str | Path, out: str | Path, *
     size = manifest.image_size
     entries = list_images(images)
     root = Path(out).absolute()
-    names, before = _prepare(root, shards, identity)
+    codecs = None
+    if not (root / SHARDS_NAME).is_file():
+        config = {"backend": backend, "device": device, "threads": threads, "max_batch": max_batch, "verify": verify}
+        codecs = _fit_storage(export_dir, [p for _, p in entries], storage or default_mode(len(entries)), config)
+    names, before = _prepare(root, shards, identity, codecs, storage)
     if not ray.is_initialized():
         ray.init()
     writers = _start_writers(root, names, segment)
@@ -357,8 +372,25 @@ def _meta(path: Path, key: str) -> dict[str, Any]:
     return image_entry(path, key)
 
 
-def _prepare(root: Path, shards: int, identity: dict[str, Any]) -> tuple[list[str], list[int]]:
+def _fit_storage(export_dir: str | Path, images: list[Path], mode: str, config: Mapping[str, Any]) -> StorageCodecs:
+    """A new sharded gallery's codecs, fitted once on the driver (every shard gets the same state)."""
+    from attrimeter.artefact.manifest import load_manifest
+    from attrimeter.runtime.runtime import Runtime, RuntimeConfig
+
+    manifest = load_manifest(export_dir, verify=False)  # checked by the caller
+    if not any(c is not None and c.trainable
+               for c in storage_codecs(mode, manifest.channels, len(manifest.attribute_names), manifest.aam_shape)[1:]):
+        return storage_codecs(mode, manifest.channels, len(manifest.attribute_names), manifest.aam_shape)
+    with Runtime(export_dir, None, RuntimeConfig(**config)) as rt:
+        return new_storage(mode, images, rt.embed, rt.image_size, dim=manifest.channels,
+                           attributes=len(rt.attributes), aam_shape=manifest.aam_shape, batch=rt.config.max_batch)
+
+
+def _prepare(root: Path, shards: int, identity: dict[str, Any], codecs: StorageCodecs | None,
+             mode: str | None) -> tuple[list[str], list[int]]:
     """Create or check the sharded gallery folder and publish its manifest with the current counts.
+
+    New shards are created with ``codecs``; existing ones must store in ``mode`` when it is given.
 
     Returns:
         The shard names and their entry counts now.
@@ -382,7 +414,7 @@ def _prepare(root: Path, shards: int, identity: dict[str, Any]) -> tuple[list[st
             raise GalleryError(f"{root}: not empty and not a sharded gallery ({', '.join(others[:3])}); index into a "
                                "new folder")
     root.mkdir(parents=True, exist_ok=True)
-    counts = []
+    held: dict[str, int] = {}
     for name in names:
         folder = root / name
         if (folder / MANIFEST_NAME).is_file():
@@ -392,12 +424,18 @@ def _prepare(root: Path, shards: int, identity: dict[str, Any]) -> tuple[list[st
                          "metric": g.metric}
                 if found != identity:
                     raise GalleryError(f"{folder}: a gallery of another model or metric; index into a new folder")
-                counts.append(len(g))
-        else:
-            Gallery.create(folder, dim=identity["dim"], attributes=identity["attributes"],
+                if mode is not None and g.storage.mode != mode:
+                    raise GalleryError(f"{folder} stores {g.storage.mode!r} (fixed when it was created), not {mode!r}; "
+                                       "index into a new folder to change it")
+                held[name] = len(g)
+                codecs = codecs or g.storage  # a shard made again stores like the others
+    for name in names:
+        if name not in held:
+            Gallery.create(root / name, dim=identity["dim"], attributes=identity["attributes"],
                            aam_shape=tuple(identity["aam_shape"]), model=identity["model"],
-                           metric=identity["metric"]).close()
-            counts.append(0)
+                           metric=identity["metric"], storage=codecs or "float16").close()
+            held[name] = 0
+    counts = [held[name] for name in names]
     write_manifest(root, manifest_for(identity, names, counts))  # N and the model are fixed from now on
     return names, counts
 

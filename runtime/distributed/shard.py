@@ -106,16 +106,20 @@ class ShardServer:
 
         Args:
             ids: Shard-local ids, sorted and unique.
-            aam: Also return their attention maps (None when the store keeps none).
+            aam: Also return their attention maps (None when the store keeps none: the runtime recomputes them).
 
         Returns:
-            ``{"ids", "embedding" float32 [n, C], "attr" float16 [n, M, C] (as stored: half the bytes to ship),
-            "probs" float32 [n, M], "meta" (list of dicts, shard-local ``"id"``), "aam" float16 [n, M, h, w] or None}``.
+            ``{"ids", "embedding" float32 [n, C], "attr" [n, M, C], "probs" float32 [n, M], "meta" (list of dicts,
+            shard-local ``"id"``), "aam" [n, M, h, w] or None}``: attr and aam float16 with float16 storage (as stored:
+            half the bytes to ship), else decoded float32 (float16 would round them: sharded results must equal one
+            store's, docs/architecture.md §11).
         """
         g = self.gallery
-        maps = g.aam(ids) if aam else None
-        return {"ids": ids, "embedding": g.embeddings(ids), "attr": g.attr_embeddings(ids).astype(np.float16),
-                "probs": g.probs(ids), "meta": g.meta(ids), "aam": None if maps is None else maps.astype(np.float16)}
+        maps = g.aam(ids) if aam and g.keeps_maps else None
+        attr_dtype = np.float16 if g.storage.attr.kind == "float16" else np.float32
+        aam_dtype = np.float16 if g.storage.aam is not None and g.storage.aam.kind == "float16" else np.float32
+        return {"ids": ids, "embedding": g.embeddings(ids), "attr": g.attr_embeddings(ids).astype(attr_dtype),
+                "probs": g.probs(ids), "meta": g.meta(ids), "aam": None if maps is None else maps.astype(aam_dtype)}
 
     def close(self) -> None:
         """Release the store (idempotent)."""

@@ -356,7 +356,8 @@ def test_a_format_1_gallery_opens_and_a_writer_upgrades_it(tmp_path):
         assert r.search(r.embeddings([3]), 1)[1][0, 0] == 3
     assert manifest.read_bytes() == v1 and not (path / JOURNAL_NAME).exists()  # reading changes nothing
     with Gallery.open(path, writable=True) as w:
-        assert json.loads(manifest.read_text())["version"] == 2 and (path / JOURNAL_NAME).exists()
+        # upgraded to the format written now (3: float16 storage recorded)
+        assert json.loads(manifest.read_text())["version"] == 3 and (path / JOURNAL_NAME).exists()
         emb, attr, probs, aam, meta = _v1_rows(5, 2)
         w.append(emb, attr, probs, meta, aam=aam)
     with Gallery.open(path, verify=True) as r:

@@ -184,6 +184,10 @@ def test_index_ray_stores_what_index_stores_and_serve_ray_serves_it(cluster, tin
         np.testing.assert_allclose(probs, probs1, rtol=1e-4, atol=1e-4)
         assert meta == meta1  # key, path, identity and camera from the file name
     _assert_each_once(out, sharded_rows.keys(), 3)
+    # the default storage (n >= 64 images): fitted once on the driver, the same state in every shard
+    states = [dict(np.load(folder / "codecs.npz")) for folder in sorted(out.glob("shard-*"))]
+    assert len(states) == 3 and all(s.keys() == states[0].keys() for s in states)
+    assert all(np.array_equal(s[k], states[0][k]) for s in states for k in s)
     again = index_sharded(tiny_export, images, out, shards=3, progress=False)  # nothing left to embed
     assert (again.added, again.already, again.passes) == (0, n, 0)
     with pytest.raises(GalleryError, match="into 3 shards"):

@@ -28,6 +28,7 @@ from attrimeter.runtime.errors import GalleryError, InputError, ShardUnavailable
 from attrimeter.runtime.gallery import Gallery
 from attrimeter.runtime.runtime import Runtime, RuntimeConfig
 from attrimeter.runtime.server import RuntimeServer
+from attrimeter.runtime.storage import fit_storage
 
 ONE_THREAD = RuntimeConfig(threads=1)
 
@@ -70,6 +71,23 @@ def test_search_equals_one_store_exactly(runtimes, stores, k, rng):
         assert [m.d for m in top] == [0.0, 0.0, 0.0]
         ids = [m.id for m in top]
         assert ids == sorted(ids)
+
+
+def test_compact_storage_sharded_equals_one_store_with_the_same_codecs(tiny_export, tmp_path, rng):
+    """Shards and the single store share one fitted codec state: decoded rows, and so results, are identical."""
+    identity = identity_of(tiny_export)
+    sample = random_rows(rng, 200, identity)
+    codecs = fit_storage("compact", sample["attr"], sample["aam"])
+    sharded, single, parts = build(tmp_path, identity, rng, storage=codecs)
+    with Runtime(tiny_export, sharded, ONE_THREAD) as a, Runtime(tiny_export, single, ONE_THREAD) as b:
+        assert b.gallery.storage.mode == "compact"
+        emb = queries(rng, parts, identity)
+        for weights in (None, _weights(a, rng)):
+            assert_same_results(a.search_embeddings(emb, k=9, weights=weights),
+                                b.search_embeddings(emb, k=9, weights=weights))
+        ids = np.arange(len(b.gallery))
+        np.testing.assert_array_equal(a.gallery.attr_embeddings(ids), b.gallery.attr_embeddings(ids))
+        np.testing.assert_array_equal(a.gallery.aam(ids), b.gallery.aam(ids))
 
 
 def test_gallery_read_api_by_global_id(stores, tiny_data, runtimes):
