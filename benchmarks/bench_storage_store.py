@@ -8,7 +8,8 @@ entries in each storage mode (``Gallery.create(storage=fit_storage(mode, trainin
 * share error: max |p_k(stored) − p_k(float32)| over the queries' top-k hits;
 * latency, p50 / p99 over the queries: plain search (``Gallery.search`` → read the hits' global and attribute rows,
   decoded → ``explain_rows``), the same with the hits' maps read (overlays; ``compact-nomaps`` recomputes them with
-  the model, not measured here), and the attribute-weighted search (``weighted_scan`` over ``scan_chunks`` → explain).
+  the model, not measured here), and the attribute-weighted search (``Gallery.weighted_search``, the codec-aware
+  scan → explain).
 
 Entries are the demo gallery's rows resampled with small noise (so no two are equal); codecs are fitted on the demo's
 training split.
@@ -29,7 +30,7 @@ import faiss
 import numpy as np
 from run_stamp import stamp, stamp_line, write_csv
 
-from attrimeter.runtime.decompose import explain_rows, weighted_scan
+from attrimeter.runtime.decompose import explain_rows
 from attrimeter.runtime.gallery import Gallery
 from attrimeter.runtime.storage import fit_storage
 
@@ -83,7 +84,7 @@ def measure(g: Gallery, data: dict[str, np.ndarray], queries: np.ndarray, weight
         if i >= weighted_queries:
             continue
         t0 = time.perf_counter()
-        _, ids = weighted_scan(q1[:, 1:], g.scan_chunks(4096), weights, K)
+        _, ids = g.weighted_search(q1[:, 1:], weights, K)
         flat = ids.ravel()
         rows = np.concatenate([g.embeddings(flat)[:, None], g.attr_embeddings(flat)], axis=1)
         explain_rows(q1, rows[None], weights)
@@ -133,9 +134,9 @@ def main() -> None:
              f"queries ({args.weighted_queries} for the weighted search), k = {K}; codecs fitted on the demo's "
              "training split. Bytes: every segment array file "
              "(headers included, metadata left out). Latency p50 / p99 in ms: search → read the hits' rows "
-             "(decoded) → `explain_rows`; + maps: also reading the hits' maps (overlays); weighted: `weighted_scan` "
-             "over `scan_chunks` (13 of 26 attributes weighted) → explain. Share error: max |Δp_k| against the float32 "
-             "rows over the queries' hits.", "",
+             "(decoded) → `explain_rows`; + maps: also reading the hits' maps (overlays); weighted: "
+             "`Gallery.weighted_search` (13 of 26 attributes weighted) → explain. Share error: max |Δp_k| against "
+             "the float32 rows over the queries' hits.", "",
              "| mode | bytes / entry | fewer than float16 | share err max | search + explain | + maps | weighted "
              "search + explain | fit s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:

@@ -126,33 +126,90 @@ class Codec(ABC):
         return {name: np.concatenate([p[name] for p in parts]) if parts else np.zeros((0, *shape), dtype)
                 for name, (dtype, shape) in self.layout().items()}
 
-    def decode(self, stored: Mapping[str, np.ndarray], ids: np.ndarray | None = None) -> np.ndarray:
+    def decode(self, stored: Mapping[str, np.ndarray], ids: np.ndarray | None = None,
+               attributes: np.ndarray | None = None) -> np.ndarray:
         """Decode the rows of some entries.
 
         Args:
             stored: The stored arrays (as :meth:`encode` returned them, or memory-mapped files).
             ids: Entry positions in ``stored`` (any integer shape, flattened), or None for all entries.
+            attributes: Decode only these rows of each entry (indices into M, in this order), or None for all.
 
         Returns:
-            float32 ``[len(ids), M, D]``.
+            float32 ``[len(ids), M or len(attributes), D]``.
 
         Raises:
-            CodecError: Stored arrays that do not match the codec, ids out of range, an untrained codec, or a codec
-                that stores nothing.
+            CodecError: Stored arrays that do not match the codec, ids or attributes out of range, an untrained codec,
+                or a codec that stores nothing.
         """
+        picked, attrs = self._pick(stored, ids, attributes)
+        return self._decode(picked, attrs)
+
+    def coordinates(self, stored: Mapping[str, np.ndarray], attributes: np.ndarray) -> np.ndarray:
+        """Some rows of every entry in the coordinates a scan compares them in (see :meth:`scan_space`).
+
+        For most kinds the decoded rows themselves; ``pcaq`` gives its rotated coordinates, skipping the rotation
+        back (a ``D × D`` product per row): ``‖q − decode(g)‖² = ‖q' − y‖² + rest`` for ``(q', rest)`` from
+        :meth:`scan_space`, up to :meth:`coordinate_slack`.
+
+        Args:
+            stored: The stored arrays of the entries (all M rows each).
+            attributes: Which rows (indices into M).
+
+        Returns:
+            float32 ``[N, len(attributes), S]``.
+        """
+        picked, attrs = self._pick(stored, None, attributes)
+        return self._coordinates(picked, attrs)
+
+    def scan_space(self, queries: np.ndarray, attributes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Query rows in :meth:`coordinates`' space.
+
+        Args:
+            queries: float32 ``[Q, len(attributes), D]``.
+            attributes: The rows they are (indices into M).
+
+        Returns:
+            ``(q' float32 [Q, A, S], rest float32 [Q, A])``: the part of ``‖q − decode(g)‖²`` that does not depend
+            on the entry (``‖q'‖² + rest = ‖q‖²`` in these coordinates' origin).
+        """
+        q = np.asarray(queries, dtype=np.float32)
+        return q, np.zeros(q.shape[:2], np.float32)
+
+    def coordinate_slack(self, coordinate_norms: np.ndarray, attributes: np.ndarray) -> np.ndarray:
+        """How far a distance from :meth:`coordinates` may lie from the one from :meth:`decode`'s float32 rows.
+
+        Args:
+            coordinate_norms: The largest ``‖y‖`` of the entries scanned, per attribute ``[A]``.
+            attributes: The attributes (indices into M).
+
+        Returns:
+            float64 ``[A]``: a bound per attribute (0 where the coordinates are the decoded rows).
+        """
+        return np.zeros(len(coordinate_norms))
+
+    def _pick(self, stored: Mapping[str, np.ndarray], ids: np.ndarray | None,
+              attributes: np.ndarray | None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """Checked stored arrays gathered at ``ids`` and ``attributes``, and the attribute indices (or None)."""
         self._check_fitted()
         n = self._check_stored(stored)
-        if ids is None:
-            picked = {name: np.asarray(stored[name]) for name in self.layout()}
-        else:
+        picked = {name: np.asarray(stored[name]) for name in self.layout()}
+        if ids is not None:
             idx = np.asarray(ids)
             if idx.dtype == bool or not np.issubdtype(idx.dtype, np.integer):
                 raise CodecError(f"ids must be integers, got dtype {idx.dtype}")
             idx = idx.reshape(-1).astype(np.int64)
             if idx.size and (idx.min() < 0 or idx.max() >= n):
                 raise CodecError(f"ids must be in [0, {n}), got values from {idx.min()} to {idx.max()}")
-            picked = {name: np.asarray(stored[name])[idx] for name in self.layout()}
-        return self._decode(picked)
+            picked = {name: arr[idx] for name, arr in picked.items()}
+        if attributes is None:
+            return picked, None
+        attrs = np.asarray(attributes)
+        if attrs.ndim != 1 or attrs.dtype == bool or not np.issubdtype(attrs.dtype, np.integer) or (
+                attrs.size and (attrs.min() < 0 or attrs.max() >= self.shape[0])):
+            raise CodecError(f"attributes must be indices in [0, {self.shape[0]}), got {attrs!r}")
+        attrs = attrs.astype(np.int64)
+        return {name: arr[:, attrs] for name, arr in picked.items()}, attrs
 
     # ------------------------------------------------------------------ serialisation
 
@@ -179,8 +236,11 @@ class Codec(ABC):
         """Encode checked float32 rows [n, M, D]."""
 
     @abstractmethod
-    def _decode(self, stored: dict[str, np.ndarray]) -> np.ndarray:
-        """Decode gathered stored arrays to float32 [n, M, D]."""
+    def _decode(self, stored: dict[str, np.ndarray], attributes: np.ndarray | None) -> np.ndarray:
+        """Decode gathered stored arrays (of ``attributes`` only, when not None) to float32 [n, M or A, D]."""
+
+    def _coordinates(self, stored: dict[str, np.ndarray], attributes: np.ndarray) -> np.ndarray:
+        return self._decode(stored, attributes)
 
     # ------------------------------------------------------------------ checks
 
@@ -250,7 +310,7 @@ class _Float(Codec):
             raise CodecError(f"values up to {float(np.abs(x).max()):.4g} overflow {self.dtype} (|value| <= {limit:g})")
         return {"rows": x.astype(self.dtype)}
 
-    def _decode(self, stored: dict[str, np.ndarray]) -> np.ndarray:
+    def _decode(self, stored: dict[str, np.ndarray], attributes: np.ndarray | None) -> np.ndarray:
         return stored["rows"].astype(np.float32)
 
 
@@ -280,7 +340,7 @@ class Int8Codec(Codec):
         q, s = _quantise(x, 127)
         return {"codes": q.astype(np.int8), "scales": s}
 
-    def _decode(self, stored: dict[str, np.ndarray]) -> np.ndarray:
+    def _decode(self, stored: dict[str, np.ndarray], attributes: np.ndarray | None) -> np.ndarray:
         return stored["codes"].astype(np.float32) * stored["scales"].astype(np.float32)[..., None]
 
 
@@ -301,7 +361,7 @@ class UInt8Codec(Codec):
             q = np.where(s32 > 0, np.rint(x / s32), 0.0)
         return {"codes": np.clip(q, 0, 255).astype(np.uint8), "scales": s}
 
-    def _decode(self, stored: dict[str, np.ndarray]) -> np.ndarray:
+    def _decode(self, stored: dict[str, np.ndarray], attributes: np.ndarray | None) -> np.ndarray:
         return stored["codes"].astype(np.float32) * stored["scales"].astype(np.float32)[..., None]
 
 
@@ -316,15 +376,16 @@ class NoneCodec(Codec):
     def _encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
         return {}
 
-    def decode(self, stored: Mapping[str, np.ndarray], ids: np.ndarray | None = None) -> np.ndarray:
+    def decode(self, stored: Mapping[str, np.ndarray], ids: np.ndarray | None = None,
+               attributes: np.ndarray | None = None) -> np.ndarray:
         """Refuse: nothing was stored.
 
         Raises:
             CodecError: Always, naming the recompute path.
         """
-        return self._decode({})
+        return self._decode({}, None)
 
-    def _decode(self, stored: dict[str, np.ndarray]) -> np.ndarray:
+    def _decode(self, stored: dict[str, np.ndarray], attributes: np.ndarray | None) -> np.ndarray:
         raise CodecError("these rows are not stored (codec 'none'): recompute them from the entry's image")
 
 
@@ -433,10 +494,11 @@ class PQCodec(_Trained):
         codes = self._pq.compute_codes(np.ascontiguousarray((x - self._mean).reshape(-1, self.shape[1])))
         return {"codes": codes.reshape(len(x), self.shape[0], self.m)}
 
-    def _decode(self, stored: dict[str, np.ndarray]) -> np.ndarray:
-        codes = stored["codes"]  # [n, M, m]
-        parts = self._centroids[np.arange(self.m), codes]  # [n, M, m, D/m]
-        return parts.reshape(len(codes), *self.shape) + self._mean
+    def _decode(self, stored: dict[str, np.ndarray], attributes: np.ndarray | None) -> np.ndarray:
+        codes = stored["codes"]  # [n, M or A, m]
+        parts = self._centroids[np.arange(self.m), codes]  # [n, M or A, m, D/m]
+        mean = self._mean if attributes is None else self._mean[attributes]
+        return parts.reshape(*codes.shape[:2], self.shape[1]) + mean
 
 
 class PCAQCodec(_Trained):
@@ -550,6 +612,8 @@ class PCAQCodec(_Trained):
         self._axes = np.concatenate([np.arange(self._edges[g], self._edges[g + 1]) for g in self._active] or [[]])
         self._axes = self._axes.astype(np.int64)
         self._basis_t = np.ascontiguousarray(self._rotation[:, self._axes].T)  # [stored axes, D]
+        gram = self._basis_t.astype(np.float64) @ self._basis_t.T.astype(np.float64)
+        self._orthogonality_error = float(np.abs(gram - np.eye(len(self._axes))).sum(1).max(initial=0.0))
         self._code_bits = int((sizes * widths).sum())
         # Each stored axis's code is ``width`` bits from bit ``start`` of its row's stream, inside the 16-bit window of
         # bytes (start // 8, start // 8 + 1) as widths are at most 8: decoding reads all axes at once with two gathers.
@@ -582,19 +646,48 @@ class PCAQCodec(_Trained):
         packed = np.packbits(np.concatenate(bits, axis=-1).astype(np.uint8), axis=-1, bitorder="little")
         return {"codes": packed, "scales": np.stack(scales, axis=-1)}
 
-    def _decode(self, stored: dict[str, np.ndarray]) -> np.ndarray:
+    def _decode(self, stored: dict[str, np.ndarray], attributes: np.ndarray | None) -> np.ndarray:
+        mean = self._mean if attributes is None else self._mean[attributes]
+        y = self._coordinates(stored, attributes)
+        # 2-D product: numpy's stacked matmul does not reach BLAS
+        return (y.reshape(-1, len(self._axes)) @ self._basis_t).reshape(*y.shape[:2], self.shape[1]) + mean
+
+    def _coordinates(self, stored: dict[str, np.ndarray], attributes: np.ndarray | None) -> np.ndarray:
+        """The stored axes' values ``y`` (float32 ``[n, M or A, S]``): the codes unpacked and scaled, not rotated."""
         codes = stored["codes"]
-        n = len(codes)
         if not len(self._axes):
-            return np.broadcast_to(self._mean, (n, *self.shape)).astype(np.float32)
+            return np.zeros((*codes.shape[:2], 0), np.float32)
         # the window's second byte stays in the row: a code in the last byte ends there, and the mask drops the rest
         second = np.minimum(self._byte + 1, codes.shape[-1] - 1)
         window = codes[..., self._byte].astype(np.uint16) | (codes[..., second].astype(np.uint16) << 8)
         y = ((window >> self._shift) & self._mask).astype(np.float32)
         y -= self._offset_of_axis
         y *= stored["scales"].astype(np.float32)[..., self._group_of_axis]
-        # 2-D product: numpy's stacked matmul does not reach BLAS
-        return (y.reshape(-1, len(self._axes)) @ self._basis_t).reshape(n, *self.shape) + self._mean
+        return y
+
+    def scan_space(self, queries: np.ndarray, attributes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``q' = (q − mean) B`` on the stored axes ``B``, and ``rest = ‖q − mean‖² − ‖q'‖²`` (the axes not stored).
+
+        ``rest`` is not clipped at 0: with ``‖q' − y‖²`` it adds up to the squared distance, whatever the basis'
+        rounding.
+        """
+        self._check_fitted()
+        centred = np.asarray(queries, np.float64) - self._mean[np.asarray(attributes, np.int64)]
+        projected = centred @ self._basis_t.T.astype(np.float64)
+        rest = (centred ** 2).sum(-1) - (projected ** 2).sum(-1)
+        return projected.astype(np.float32), rest.astype(np.float32)
+
+    def coordinate_slack(self, coordinate_norms: np.ndarray, attributes: np.ndarray) -> np.ndarray:
+        """A bound from decoding's float32 rounding and the basis' departure from orthonormality.
+
+        Decoding (``S`` products and the mean per value) moves a row by at most ``2(S + 1)u(√D‖y‖ + ‖mean‖)``, and a
+        basis ``B`` with ``‖BᵀB − I‖ <= e`` moves a distance by at most ``√e‖y‖``.
+        """
+        self._check_fitted()
+        u, d, s = float(np.finfo(np.float32).eps) / 2, self.shape[1], len(self._axes)
+        mean = np.linalg.norm(self._mean[np.asarray(attributes, np.int64)].astype(np.float64), axis=-1)
+        per_norm = 2 * (s + 1) * u * math.sqrt(d) + math.sqrt(self._orthogonality_error)
+        return per_norm * np.asarray(coordinate_norms, np.float64) + 2 * (s + 1) * u * mean
 
 
 CODEC_KINDS: dict[str, type[Codec]] = {cls.kind: cls for cls in (

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from attrimeter.runtime.codecs import Codec
 from attrimeter.runtime.errors import InputError
 
 __all__ = ["CAST_MODEL", "MAX_WEIGHT", "Decomposition", "check_weights", "explain_rows", "weighted_scan"]
@@ -132,8 +133,8 @@ _SCAN_BLOCK_BYTES = 1 << 20
 _ROUNDING = 2.0 * 2.0 ** -24
 
 
-def weighted_scan(q: np.ndarray, chunks: Iterable[tuple[int, np.ndarray, np.ndarray | None]], weights: np.ndarray,
-                  k: int) -> tuple[np.ndarray, np.ndarray]:
+def weighted_scan(q: np.ndarray, chunks: Iterable[tuple[int, Any, np.ndarray | None]], weights: np.ndarray,
+                  k: int, codec: Codec | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by the attribute-weighted score ``Σ_k w_k d_k`` over a whole gallery, chunk by chunk.
 
     Only the attributes with a non-zero weight are read. Candidates are found with the norm expansion
@@ -141,14 +142,20 @@ def weighted_scan(q: np.ndarray, chunks: Iterable[tuple[int, np.ndarray, np.ndar
     the stored ``‖g_k‖²``), then scored exactly by direct differences like :func:`explain_rows`. A candidate is
     rescored when its expanded score is within the expansion's rounding bound B of the k-th exact score so far, so
     no entry of the exact top k (or tied with its k-th) is missed: the result equals an exact scan by direct
-    differences, ties to the lower id (a sharded gallery's merge keeps the same ones).
+    differences of the decoded rows, ties to the lower id (a sharded gallery's merge keeps the same ones).
+
+    With a ``codec`` the chunks hold its stored arrays: candidates are found in :meth:`Codec.coordinates`' space
+    (``pcaq``: the rotated coordinates, never rotated back) with B widened by :meth:`Codec.coordinate_slack`, and
+    only the candidates are decoded and scored.
 
     Args:
         q: Query attribute embeddings ``[Q, M, C]``.
-        chunks: ``(first id, rows [n, M, C], ‖rows‖² [n, M] float32 or None)`` covering the gallery in id order
-            (e.g. ``Gallery.scan_chunks``); rows float16/32; None computes the norms.
+        chunks: ``(first id, rows, ‖rows‖² [n, M] float32 or None)`` covering the gallery in id order
+            (``Gallery.scan_chunks``): rows float16/32 ``[n, M, C]`` (None norms are computed), or with ``codec``
+            the stored arrays of ``n`` entries by name (norms None).
         weights: Checked weights ``[M]``.
         k: How many (>= 1).
+        codec: The codec of the stored arrays, or None for float rows.
 
     Returns:
         ``(scores [Q, k'], ids [Q, k'] int64)`` ascending by score, ``k' = min(k, N)``.
@@ -156,34 +163,43 @@ def weighted_scan(q: np.ndarray, chunks: Iterable[tuple[int, np.ndarray, np.ndar
     active = np.flatnonzero(weights)
     w = np.ascontiguousarray(weights[active], dtype=np.float32)
     q32 = np.ascontiguousarray(np.asarray(q, dtype=np.float32)[:, active])  # [Q, A, C]
-    q_t = np.ascontiguousarray(q32.transpose(1, 2, 0))  # [A, C, Q]: one matrix product per attribute
-    q_sq = np.einsum("qac,qac->qa", q32, q32)  # [Q, A]
-    q_norm = np.sqrt(q_sq)
-    root_gamma = np.float32(np.sqrt(_ROUNDING * (q32.shape[2] + 2)))
+    qc, rest = (q32, np.zeros(q32.shape[:2], np.float32)) if codec is None else codec.scan_space(q32, active)
+    q_t = np.ascontiguousarray(qc.transpose(1, 2, 0))  # [A, S, Q]: one matrix product per attribute
+    q_sq = np.einsum("qac,qac->qa", qc, qc) + rest  # [Q, A]: ‖q‖² in the scan's coordinates
+    q_norm = np.sqrt(np.maximum(q_sq, 0.0))
+    root_gamma = np.float32(np.sqrt(_ROUNDING * (qc.shape[2] + 2)))
     nq = len(q32)
     best_scores = np.full((nq, 0), np.inf, np.float32)
     best_ids = np.empty((nq, 0), np.int64)
-    block = max(16, _SCAN_BLOCK_BYTES // (4 * max(1, q32.shape[1] * q32.shape[2])))
+    block = max(16, _SCAN_BLOCK_BYTES // (4 * max(1, qc.shape[1] * qc.shape[2])))
     for first, rows, norms in chunks:
-        n = len(rows)
+        n = len(rows) if codec is None else len(next(iter(rows.values())))
         approx = np.empty((nq, n), np.float32)
         g_max = np.zeros(len(active), np.float32)
         for a in range(0, n, block):
-            g16 = rows[a:a + block]
-            g = _to_float32(g16 if len(active) == rows.shape[1] else g16[:, active])  # [b, A, C]
-            g_sq = (np.einsum("nac,nac->na", g, g) if norms is None
-                    else np.asarray(norms[a:a + block][:, active], dtype=np.float32))  # [b, A]
+            if codec is None:
+                g16 = rows[a:a + block]
+                g = _to_float32(g16 if len(active) == rows.shape[1] else g16[:, active])  # [b, A, C]
+                g_sq = (np.einsum("nac,nac->na", g, g) if norms is None
+                        else np.asarray(norms[a:a + block][:, active], dtype=np.float32))  # [b, A]
+            else:
+                g = codec.coordinates({name: arr[a:a + block] for name, arr in rows.items()}, active)  # [b, A, S]
+                g_sq = np.einsum("nac,nac->na", g, g)
             np.maximum(g_max, g_sq.max(0), out=g_max)
             sq = q_sq[:, None, :] + g_sq[None] - 2.0 * np.matmul(g.transpose(1, 0, 2), q_t).transpose(2, 1, 0)
             approx[:, a:a + block] = np.sqrt(np.maximum(sq, 0.0)) @ w  # [Q, b]
         bound = root_gamma * ((q_norm + np.sqrt(g_max)[None]) @ w)  # [Q]: B for this chunk's largest norms
+        if codec is not None:
+            bound = bound + np.float32(codec.coordinate_slack(np.sqrt(g_max), active) @ w)
         kth = best_scores[:, k - 1] if best_scores.shape[1] >= k else np.full(nq, np.inf, np.float32)
         if n >= k:  # k entries of this chunk score at most their k-th expanded score + B
             kth = np.minimum(kth, np.partition(approx, k - 1, axis=1)[:, k - 1] + bound)
         cand_q, cand_n = np.nonzero(approx <= (kth + bound)[:, None])
         if len(cand_q) == 0:
             continue
-        g = np.asarray(rows[cand_n][:, active], dtype=np.float32)
+        # a codec decodes the candidates' every row, as the gallery's reads do: the same products, the same bits
+        g = (np.asarray(rows[cand_n][:, active], dtype=np.float32) if codec is None
+             else codec.decode(rows, cand_n)[:, active])
         exact = _direct_scores(q32[cand_q], g, w)
         best_scores, best_ids = _merge(best_scores, best_ids, cand_q, exact, first + cand_n, k)
     finite = np.isfinite(best_scores).all(0)  # columns some queries did not fill (fewer than k entries seen)

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from attrimeter.runtime.decompose import weighted_scan
 from attrimeter.runtime.errors import CodecError, GalleryError, InputError, UnknownIdError
 from attrimeter.runtime.gallery_index import (
     ExactIndex,
@@ -58,6 +59,7 @@ _GATHER_BYTES = 64 << 20  # bytes of gathered embeddings per step when recomputi
 # needed 1.005 (re-ranking 32 more rows costs far less than a search).
 _RANK_MARGIN = 32
 _FETCH_CAP = 2048
+_SCAN_CHUNK = 4096  # entries per chunk of a weighted scan
 
 
 class Gallery:
@@ -468,6 +470,27 @@ class Gallery:
             raise InputError(f"chunk must be a positive integer, got {chunk!r}")
         return _chunks(self._state, self._store, int(chunk), norms=True)
 
+    def weighted_search(self, attr_queries: np.ndarray, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k by the attribute-weighted score ``Σ_k w_k d_k`` (a scan of the weighted attributes' rows).
+
+        Float16 storage is scanned as stored; other storage in its codec's coordinates, decoding only the candidates
+        (``pcaq``: no rotation per row), see :func:`~attrimeter.runtime.decompose.weighted_scan`.
+
+        Args:
+            attr_queries: Per-attribute query embeddings float32 ``[Q, M, C]``.
+            weights: Checked attribute weights ``[M]`` (:func:`~attrimeter.runtime.decompose.check_weights`).
+            k: Hits per query (>= 1).
+
+        Returns:
+            ``(scores [Q, k'], ids int64 [Q, k'])`` ascending, ``k' = min(k, len(self))``.
+        """
+        self._check_open()
+        codec = self._store.codecs.attr
+        if codec.kind == "float16":
+            return weighted_scan(attr_queries, self.scan_chunks(_SCAN_CHUNK), weights, k)
+        return weighted_scan(attr_queries, _stored_chunks(self._state, self._store, _SCAN_CHUNK), weights, k,
+                             codec=codec)
+
     def _gather(self, ids: Any, key: str) -> np.ndarray:
         """Rows of ``key`` at ``ids`` as float32, read by position (only those rows are read)."""
         state, idx, seg, local = self._locate(ids)
@@ -658,6 +681,16 @@ def _chunks(state: StoreState, store: SegmentStore, chunk: int, norms: bool = Fa
                                                    None if sq is None else sq[a:b])
             else:
                 yield segment.first_id + a, rows
+
+
+def _stored_chunks(state: StoreState, store: SegmentStore, chunk: int) -> Iterator[tuple[int, dict, None]]:
+    """The attribute codec's stored arrays by chunks of a segment, as read-only views (mapped while held)."""
+    names = list(store.codecs.attr.layout())
+    stems = store.spec.storage.stems("attr")
+    for segment in state.segments:
+        views = {name: segment.arrays[stem].view() for name, stem in zip(names, stems, strict=True)}
+        for a in range(0, segment.count, chunk):
+            yield segment.first_id + a, {name: v[a:a + chunk] for name, v in views.items()}, None
 
 
 def _json_default(obj: Any) -> Any:

@@ -34,7 +34,7 @@ from attrimeter.artefact.manifest import Manifest, load_manifest
 from attrimeter.explanation import QueryResult, explanations, predictions
 from attrimeter.runtime.backends import Backend, BackendError
 from attrimeter.runtime.config import RuntimeConfig
-from attrimeter.runtime.decompose import Decomposition, check_weights, explain_rows, weighted_scan
+from attrimeter.runtime.decompose import Decomposition, check_weights, explain_rows
 from attrimeter.runtime.device_index import DeviceIndex, open_device_index
 from attrimeter.runtime.distributed.hits import RowSet
 from attrimeter.runtime.distributed.sharded import ShardedGallery
@@ -367,7 +367,7 @@ class Runtime:
         if w is None:
             _, ids = gallery.search(emb.embedding, int(k))
         else:
-            _, ids = weighted_scan(emb.attr_embeddings, gallery.scan_chunks(4096), w, int(k))
+            _, ids = gallery.weighted_search(emb.attr_embeddings, w, int(k))
         return self._explain(emb, pixels, ids, w, min(int(overlays), len(self.attributes)))
 
     def search(self, images: ImageSource | Sequence[ImageSource], k: int = 10,

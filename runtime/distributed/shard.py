@@ -18,14 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from attrimeter.runtime.decompose import weighted_scan
 from attrimeter.runtime.errors import GalleryError
 from attrimeter.runtime.gallery import Gallery
 
-__all__ = ["SCAN_CHUNK", "ShardServer"]
-
-# Entries per chunk of the exact weighted scan: the single-store runtime's chunk, so both compute the same scores.
-SCAN_CHUNK = 4096
+__all__ = ["ShardServer"]
 
 
 class ShardServer:
@@ -98,7 +94,7 @@ class ShardServer:
         Returns:
             ``{"keys": scan scores [Q, k'] ascending, "d": None, "ids": shard-local ids [Q, k'], "rows": ...}``.
         """
-        scores, ids = weighted_scan(attr_queries, self.gallery.scan_chunks(SCAN_CHUNK), weights, k)
+        scores, ids = self.gallery.weighted_search(attr_queries, weights, k)
         return {"keys": scores, "d": None, "ids": ids, "rows": self.rows(np.unique(ids), aam)}
 
     def rows(self, ids: np.ndarray, aam: bool = False) -> dict[str, Any]:

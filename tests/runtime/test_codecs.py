@@ -268,3 +268,26 @@ def test_storage_modes_name_real_codecs():
         for spec in (attr, aam):
             params = {k: v for k, v in spec.items() if k != "kind"}
             assert make_codec(spec["kind"], (26, 256), **params).kind == spec["kind"]
+
+
+@pytest.mark.parametrize("kind", ["float16", "int8", "pq", "pcaq"])
+def test_scan_coordinates_give_the_decoded_rows_distances_within_the_slack(kind):
+    rng = np.random.default_rng(5)
+    shape = (5, 32)
+    params = {"pq": {"m": 8}, "pcaq": {"bytes_per_row": 20, "group": 8}}.get(kind, {})
+    codec = _fitted(kind, shape, _rows(rng, 300, shape), **params) if kind in ("pq", "pcaq") else make_codec(
+        kind, shape)
+    stored = codec.encode(_rows(rng, 40, shape))
+    active = np.array([4, 1, 2])
+    decoded = codec.decode(stored)
+    np.testing.assert_allclose(codec.decode(stored, attributes=active), decoded[:, active], rtol=1e-5, atol=1e-5)
+    q = _rows(rng, 3, shape)[:, active]
+    y = codec.coordinates(stored, active)  # [40, 3, S]
+    qc, rest = codec.scan_space(q, active)
+    got = np.sqrt(((qc[:, None].astype(np.float64) - y[None]) ** 2).sum(-1) + rest[:, None])
+    want = np.sqrt(((q[:, None].astype(np.float64) - decoded[None][:, :, active]) ** 2).sum(-1))
+    slack = codec.coordinate_slack(np.linalg.norm(y, axis=-1).max(0), active)
+    assert (np.abs(got - want) <= slack + 1e-5 * want).all()
+    assert (slack == 0).all() == (kind != "pcaq")
+    with pytest.raises(CodecError, match="attributes"):
+        codec.coordinates(stored, np.array([5]))

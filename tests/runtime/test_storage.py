@@ -12,6 +12,7 @@ import pytest
 from gallery_helpers import ATTRS, batch_of, concat_batches
 
 from attrimeter.cli import main
+from attrimeter.runtime.decompose import check_weights
 from attrimeter.runtime.errors import CorruptGalleryError, GalleryError, InputError
 from attrimeter.runtime.gallery import MANIFEST_NAME, Gallery
 from attrimeter.runtime.runtime import Runtime, RuntimeConfig
@@ -248,3 +249,27 @@ def test_cli_index_storage_modes_and_dropped_maps_recomputed(tiny_export, tiny_d
         with pytest.raises(GalleryError, match="unreadable"):
             dropped.search(query, k=3, overlays=1)
         assert [m.id for m in dropped.search(query, k=3)[0].matches] == [m.id for m in want]  # shares need no maps
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_weighted_search_equals_a_scan_of_the_decoded_rows(mode, tmp_path, rng):
+    codecs = _codecs(mode, rng)
+    batches = [batch_of(rng, n, dim=DIM, aam=AAM) for n in (300, 57)]
+    batches[1]["attr_embeddings"][:5] = batches[0]["attr_embeddings"][:5]  # duplicates: ties to the lower id
+    with Gallery.create(tmp_path / "g", dim=DIM, attributes=ATTRS, aam_shape=AAM, model="m", storage=codecs,
+                        auto_compact=None) as g:
+        for batch in batches:
+            g.append(**batch)
+        attr = g.attr_embeddings(np.arange(len(g)))
+        q = rng.standard_normal((3, len(ATTRS), DIM)).astype(np.float32)
+        q[0] = attr[3] + np.float32(1e-3) * rng.standard_normal((len(ATTRS), DIM)).astype(np.float32)
+        q[1] = attr[301]  # exactly an entry that has a duplicate
+        for weights in (np.r_[1.0, 0.0, 2.0, np.zeros(len(ATTRS) - 3)], np.ones(len(ATTRS))):
+            w = check_weights(weights, len(ATTRS))
+            scores, ids = g.weighted_search(q, w, 7)
+            act = np.flatnonzero(w)
+            diff = q[:, None, act].astype(np.float64) - attr[None, :, act]  # float64: duplicates tie exactly
+            want = np.sqrt((diff ** 2).sum(-1)) @ w[act].astype(np.float64)
+            order = np.lexsort((np.broadcast_to(np.arange(len(attr)), want.shape), want), axis=1)[:, :7]
+            np.testing.assert_array_equal(ids, order)
+            np.testing.assert_allclose(scores, np.take_along_axis(want, order, 1), rtol=1e-6)
