@@ -212,6 +212,38 @@ def _runtime(args: argparse.Namespace, gallery: Path | None, **config: Any) -> R
                                                        max_batch=args.max_batch, verify=not args.no_verify, **config))
 
 
+def _index_choice(args: argparse.Namespace) -> Any:
+    """``--index KIND --index-param NAME=VALUE ...`` as an IndexChoice, or None when ``--index`` is not given."""
+    from attrimeter.runtime.gallery_index import IndexChoice
+
+    if args.index is None:
+        if args.index_param:
+            raise ValueError("--index-param needs --index")
+        return None
+    return IndexChoice.parse(args.index, args.index_param or [])
+
+
+def _save_index(args: argparse.Namespace) -> None:
+    """Build ``--index`` for the gallery (every shard of a sharded one) and save it beside the entries."""
+    from attrimeter.runtime.distributed import sharded_root
+    from attrimeter.runtime.distributed.manifest import read_manifest
+    from attrimeter.runtime.gallery import Gallery
+
+    choice = _index_choice(args)
+    if choice is None:
+        return
+    root = sharded_root(args.out)
+    if root is None:
+        folders = [args.out]
+    else:
+        manifest = read_manifest(root)[0]
+        folders = [manifest.folder(root, i) for i in range(len(manifest.shards))]
+    for folder in folders:
+        with Gallery.open(folder, writable=True, verify=False, progress=not args.quiet, index=choice) as gallery:
+            gallery.save_index()
+        print(f"{folder}: saved its {choice.kind} search index")
+
+
 def _connect_ray(address: str) -> None:
     """Connect to a Ray cluster (``""``: RAY_ADDRESS, else the one ``ray start`` made here, else a new local one)."""
     import logging
@@ -239,6 +271,7 @@ def _cmd_index_ray(args: argparse.Namespace) -> int:
     print(f"{args.out}: added {report.added} images, {report.already} were already there, skipped "
           f"{len(report.skipped)}; {len(report.counts)} shards hold {sum(report.counts)} entries "
           f"({', '.join(map(str, report.counts))})")
+    _save_index(args)
     return 0
 
 
@@ -273,6 +306,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
     from attrimeter.explanation import printable
     from attrimeter.runtime.gallery import MANIFEST_NAME
 
+    _index_choice(args)  # a bad --index is refused before any work
     if args.ray is not None:
         return _cmd_index_ray(args)
     if args.shards is not None or args.workers is not None:
@@ -288,6 +322,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
             print(f"skipped {printable(path)}: {printable(reason)}", file=sys.stderr)
         print(f"{args.out}: added {report.added} images ({rt.backend.name} on {rt.backend.device}), skipped "
               f"{len(report.skipped)} unreadable; the gallery holds {len(rt.gallery)} entries")
+    _save_index(args)
     return 0
 
 
@@ -334,7 +369,7 @@ def _search_weights(groups: dict[str, list[str]], ignore: str | None,
 def _cmd_search(args: argparse.Namespace) -> int:
     from attrimeter.explanation import printable
 
-    with _runtime(args, args.gallery) as rt:
+    with _runtime(args, args.gallery, index=_index_choice(args)) as rt:
         groups: dict[str, list[str]] = {}
         for a in rt.manifest.attributes:
             groups.setdefault(a.group or a.name, []).append(a.name)
@@ -379,10 +414,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             _connect_ray(args.ray)
         sharded = ShardedGallery.open(args.gallery, mode="local" if args.ray is None else "ray",
                                       verify=not args.no_verify, partial=args.partial_shards,
-                                      timeout_s=args.shard_timeout, actor_options={"num_cpus": args.shard_cpus})
+                                      timeout_s=args.shard_timeout, actor_options={"num_cpus": args.shard_cpus},
+                                      index=_index_choice(args))
     try:
         rt = _runtime(args, args.gallery if sharded is None else sharded, writable=args.writable,
-                      max_wait_ms=args.max_wait_ms, queue_timeout_s=args.queue_timeout)
+                      max_wait_ms=args.max_wait_ms, queue_timeout_s=args.queue_timeout, index=_index_choice(args))
     except BaseException:
         if sharded is not None:  # the runtime closes the gallery it was given, once it exists
             sharded.close()
@@ -541,6 +577,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-batch", type=_positive, default=32, help="images per engine call (default 32)")
         p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of export and gallery files")
 
+    def add_index_options(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--index", choices=["flat", "ivf", "hnsw"],
+                       help=f"{what}: flat (exact), ivf (FAISS IVF-PQ) or hnsw, candidates re-ranked exactly "
+                            "(benchmarks/results/ann_cpu.md)")
+        p.add_argument("--index-param", action="append", metavar="NAME=VALUE",
+                       help="a parameter of --index, e.g. nlist=1024, nprobe=16, pq_m=32, m=32, ef_search=64, "
+                            "rerank=10 (repeatable)")
+
     def add_ray_option(p: argparse.ArgumentParser, what: str) -> None:
         p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                        help=f"{what} on a Ray cluster: ADDRESS (e.g. 10.0.0.1:6379), or none for RAY_ADDRESS / the "
@@ -566,6 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"than float16, fitted on the first images; {FALLBACK_MODE} below {FIT_MIN_ENTRIES} images), "
                         "int8, float16, or compact-nomaps (maps recomputed from the crop for overlays); an existing "
                         "gallery keeps its own")
+    add_index_options(p, "build and save this search index with the gallery (every shard's with --ray); searches "
+                         "and servers load it")
 
     p = add("compact", _cmd_compact, "Merge a gallery's segments into one (ids kept; crash-safe, like appends; "
                                       "readers keep answering). A running writer compacts through its own handle.")
@@ -580,12 +626,14 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(e.g. 'upper-body colour,lower-body colour')")
     p.add_argument("--weight", action="append", metavar="NAME=W", help="weight of one attribute in the ranking")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_index_options(p, "search index (default: the one saved with the gallery, else flat)")
 
     p = add("serve", _cmd_serve, "Serve embed / search / explain / add over HTTP (JSON, OpenAPI at /openapi.json) "
                                  "with Prometheus metrics, and the explanation viewer at /viewer/.")
     add_runtime_options(p)
     p.add_argument("--gallery", type=Path, help="gallery folder, or a sharded gallery's folder (index --ray)")
     p.add_argument("--writable", action="store_true", help="allow POST /gallery/add (takes the gallery's writer lock)")
+    add_index_options(p, "search index (default: the one saved with the gallery, else flat)")
     add_ray_option(p, "serve a sharded gallery with one Ray actor per shard")
     p.add_argument("--partial-shards", action="store_true",
                    help="sharded gallery: answer from the shards that answer, naming the missing ones in "

@@ -15,17 +15,13 @@ from a *row source*, a function from ids to float32 ``[n, C]`` (``Gallery.embedd
 approximate index keeps only its codes. A query that got fewer than ``k`` candidates (an IVF whose visited cells hold
 fewer) is answered by an exact scan of the rows.
 
-How it plugs into the gallery (not wired yet):
-
-- ``Gallery._ensure_index`` makes ``make_index(kind, dim, rows=self.embeddings, metric=self.metric, **params)``; when
-  ``index.needs_training`` it trains on a sample of the stored embeddings (``train_size`` rows; an IVF needs at least
-  ``nlist`` of them), then adds the entries in id order as today (``_add_to_index``).
-- The writer saves it with :meth:`AnnIndex.save` into ``GALLERY/index/`` (``index.json`` with the kind, parameters,
-  ``ntotal`` and the sha256 of ``index.faiss``); readers :func:`load_index` it and add the entries appended since
-  (ids ``ntotal..count``). The gallery manifest records ``"index": index.to_json()``.
-- CLI: ``attrimeter index|serve --index flat|ivf|hnsw`` with ``--index-param nprobe=32`` style overrides (search-time
-  ones through :meth:`AnnIndex.configure`); ``flat`` stays the default (exact). Measured in
-  ``benchmarks/results/ann_cpu.md``.
+How the gallery uses it (:class:`~attrimeter.runtime.gallery_index.IndexChoice`, docs/architecture.md §10):
+``Gallery.open(..., index=IndexChoice("ivf", ...))`` builds one (trained on a sample of the stored embeddings, the
+entries added in id order) or loads the one a writer saved (``Gallery.save_index``: :meth:`AnnIndex.serialize` as
+``index.json`` and ``index.faiss`` in the gallery folder, written through its descriptor; readers check the sha256
+and add the entries appended since). ``flat`` in the gallery is its own exact index (``gallery_index``);
+:class:`FlatIndex` here is the benchmarks' baseline. CLI: ``attrimeter index|search|serve --index ivf
+--index-param nlist=1024``. Measured in ``benchmarks/results/ann_cpu.md``.
 
 FAISS's thread count is the process's (``faiss.omp_set_num_threads``); nothing here changes it.
 """
@@ -155,12 +151,17 @@ class AnnIndex(ABC):
         rows = max(1, _GATHER_BYTES // (8 * n * self.dim))
         for a in range(0, len(q), rows):
             keys[a:a + rows] = self._keys(q[a:a + rows], cand[a:a + rows])
+        cand = np.where((cand >= 0) & (cand < self.ntotal), cand, -1)
         order = np.lexsort((np.where(cand < 0, np.iinfo(np.int64).max, cand), keys), axis=1)[:, :k]
         ids = np.take_along_axis(cand, order, 1).astype(np.int64)
         short = np.flatnonzero((ids < 0).any(axis=1))
         if short.size:  # too few candidates: those queries scan every row
             ids[short] = self._exact(q[short], k)
         return ids
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray | None:
+        """None: the index keeps codes, not the rows (the gallery reads those from its store)."""
+        return None
 
     # ------------------------------------------------------------------ parameters and files
 
@@ -185,19 +186,25 @@ class AnnIndex(ABC):
         """``{"kind", "dim", "metric", "params"}``."""
         return {"kind": self.kind, "dim": self.dim, "metric": self.metric, "params": self.params()}
 
+    def serialize(self) -> tuple[bytes, bytes]:
+        """``(index.json, index.faiss)`` bytes.
+
+        The description (with the FAISS file's sha256) and the FAISS index (empty for ``flat``: rebuilt from the rows).
+        """
+        doc: dict[str, Any] = {"format": ANN_FORMAT, "version": ANN_VERSION, **self.to_json(), "ntotal": self.ntotal}
+        data = _faiss().serialize_index(self._index).tobytes() if self._persists else b""
+        doc["sha256"] = hashlib.sha256(data).hexdigest()
+        return (json.dumps(doc, indent=1) + "\n").encode(), data
+
     def save(self, folder: str | Path) -> None:
-        """Write ``index.json`` (and ``index.faiss``, except for ``flat``, rebuilt from the rows) into ``folder``."""
+        """Write ``index.json`` and ``index.faiss`` (:meth:`serialize`) into ``folder``."""
         path = Path(folder)
         path.mkdir(parents=True, exist_ok=True)
-        doc: dict[str, Any] = {"format": ANN_FORMAT, "version": ANN_VERSION, **self.to_json(), "ntotal": self.ntotal}
-        if self._persists:
-            tmp = path / (_FAISS + ".tmp")
-            _faiss().write_index(self._index, str(tmp))
-            doc["sha256"] = _sha256(tmp)
-            os.replace(tmp, path / _FAISS)
-        tmp = path / (_JSON + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, path / _JSON)
+        doc, data = self.serialize()
+        for name, raw in ((_FAISS, data), (_JSON, doc)):
+            tmp = path / (name + ".tmp")
+            tmp.write_bytes(raw)
+            os.replace(tmp, path / name)
 
     # ------------------------------------------------------------------ per kind
 
@@ -246,7 +253,7 @@ class AnnIndex(ABC):
 
     def _keys(self, q: np.ndarray, cand: np.ndarray) -> np.ndarray:
         """Exact float64 keys ``[Q, n]`` of candidates (``inf`` where FAISS returned none)."""
-        valid = cand >= 0
+        valid = (cand >= 0) & (cand < self.ntotal)  # -1: no candidate; beyond ntotal: never from a sound index
         x = np.zeros((*cand.shape, self.dim))
         x[valid] = self._fetch(cand[valid])
         q64 = q.astype(np.float64)[:, None]
@@ -444,7 +451,7 @@ def load_index(folder: str | Path, rows: RowSource) -> AnnIndex:
     """An index saved by :meth:`AnnIndex.save` (a flat index is rebuilt from the rows).
 
     Args:
-        folder: The folder holding ``index.json`` (and ``index.faiss``).
+        folder: The folder holding ``index.json`` and ``index.faiss``.
         rows: The row source; for ``flat`` it must serve ids ``0..ntotal-1``.
 
     Raises:
@@ -452,35 +459,49 @@ def load_index(folder: str | Path, rows: RowSource) -> AnnIndex:
     """
     path = Path(folder)
     try:
-        doc = json.loads((path / _JSON).read_text())
-    except (OSError, ValueError) as e:
-        raise AnnIndexError(f"{path / _JSON}: cannot read the index description ({e})") from e
+        doc, data = (path / _JSON).read_bytes(), (path / _FAISS).read_bytes()
+    except OSError as e:
+        raise AnnIndexError(f"{path}: cannot read the saved index ({e})") from e
+    return deserialize_index(doc, data, rows, where=str(path))
+
+
+def deserialize_index(doc_bytes: bytes, data: bytes, rows: RowSource, where: str = "saved index") -> AnnIndex:
+    """The index :meth:`AnnIndex.serialize` gave these bytes of.
+
+    Args:
+        doc_bytes: ``index.json``.
+        data: ``index.faiss``.
+        rows: The row source; for ``flat`` it must serve ids ``0..ntotal-1``.
+        where: Names the files in errors.
+
+    Raises:
+        AnnIndexError: Malformed bytes, or a FAISS index that does not match its description.
+    """
+    try:
+        doc = json.loads(doc_bytes)
+    except (ValueError, RecursionError) as e:
+        raise AnnIndexError(f"{where}: the index description is not JSON ({type(e).__name__})") from e
     if (not isinstance(doc, dict) or doc.get("format") != ANN_FORMAT or doc.get("version") != ANN_VERSION
-            or not isinstance(doc.get("params"), dict) or not isinstance(doc.get("ntotal"), int)):
-        raise AnnIndexError(f"{path / _JSON}: not an {ANN_FORMAT} version {ANN_VERSION} description")
+            or not isinstance(doc.get("params"), dict) or not isinstance(doc.get("ntotal"), int)
+            or isinstance(doc.get("ntotal"), bool) or doc["ntotal"] < 0):
+        raise AnnIndexError(f"{where}: not an {ANN_FORMAT} version {ANN_VERSION} description")
+    if hashlib.sha256(data).hexdigest() != doc.get("sha256"):
+        raise AnnIndexError(f"{where}: the FAISS file is not the one its description names (sha256 differs)")
     index = make_index(doc.get("kind"), doc.get("dim"), rows, doc.get("metric"), **doc["params"])
     if not index._persists:
         for a in range(0, doc["ntotal"], _BLOCK):
             index.add(np.asarray(rows(np.arange(a, min(a + _BLOCK, doc["ntotal"]))), dtype=np.float32))
         return index
-    file = path / _FAISS
-    if not file.is_file() or _sha256(file) != doc.get("sha256"):
-        raise AnnIndexError(f"{file}: missing, or not the file {path / _JSON} describes (sha256 differs)")
-    loaded = _faiss().read_index(str(file))
+    try:
+        loaded = _faiss().deserialize_index(np.frombuffer(data, np.uint8))
+    except RuntimeError as e:  # FAISS's own reader refused the bytes
+        raise AnnIndexError(f"{where}: not a FAISS index ({str(e).splitlines()[0][:200]})") from e
     try:
         index._check_loaded(loaded, doc["ntotal"])
     except AnnIndexError as e:
-        raise AnnIndexError(f"{file}: {e}") from None
+        raise AnnIndexError(f"{where}: {e}") from None
     index._index = loaded
     return index
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _faiss() -> Any:

@@ -2,7 +2,8 @@
 
 Endpoints (images are base64 JPEG/PNG/BMP bytes; the OpenAPI schema is at ``/openapi.json``)::
 
-    GET  /health              {"status": "ok" | "degraded", "problem"?, "backend", "device", "gallery", "model"}
+    GET  /health              {"status": "ok" | "degraded", "problem"?, "backend", "device", "gallery", "index",
+                               "model"}
     GET  /metrics             Prometheus text exposition (prometheus_client)
     POST /embed               {"images"}                                -> {"embeddings": [...]}
     POST /search              {"images", "k", "weights", "overlays"}    -> {"results": [QueryResult, ...]}
@@ -294,7 +295,7 @@ class _Api:
         gallery = stats.get("gallery_size")
         return JsonResponse({"status": "degraded" if problem else "ok", "problem": problem,
                              "backend": runtime.backend.name, "device": runtime.backend.device, "gallery": gallery,
-                             "model": runtime.model_id[:12]})
+                             "index": stats.get("gallery_index"), "model": runtime.model_id[:12]})
 
     async def prometheus(self, request: Request) -> Response:
         """Prometheus metrics (text format 0.0.4 unless the scraper asks for another)."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from attrimeter.runtime.backends import BACKENDS
 from attrimeter.runtime.gallery import METRICS
+from attrimeter.runtime.gallery_index import IndexChoice
 
 __all__ = ["RuntimeConfig"]
 
@@ -47,6 +48,9 @@ class RuntimeConfig:
             only); None: when the torch backend runs on a GPU.
         refresh_s: A read-only gallery looks for entries another process appended (``attrimeter index``) before a
             search or explain at most this often, in seconds (None: only on ``Runtime.refresh``).
+        index: The gallery's search index (every shard's for a sharded gallery): None, the one saved with it
+            (``attrimeter index --index``), else exact; or an
+            :class:`~attrimeter.runtime.gallery_index.IndexChoice` (``flat``, ``ivf``, ``hnsw`` and parameters).
     """
 
     backend: str = "auto"
@@ -65,10 +69,13 @@ class RuntimeConfig:
     metric: str = "l2"
     fused: bool | None = None
     refresh_s: float | None = 1.0
+    index: IndexChoice | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"RuntimeConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.index is not None and not isinstance(self.index, IndexChoice):
+            raise ValueError(f"RuntimeConfig.index must be an IndexChoice or None, got {type(self.index).__name__}")
         if self.metric not in METRICS:
             raise ValueError(f"RuntimeConfig.metric must be one of {METRICS}, got {self.metric!r}")
         for name in ("max_batch", "queue_size", "decode_workers", *(["threads"] if self.threads is not None else []),

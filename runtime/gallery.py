@@ -24,14 +24,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from attrimeter.runtime.ann import AnnIndex, deserialize_index
 from attrimeter.runtime.decompose import weighted_scan
-from attrimeter.runtime.errors import CodecError, GalleryError, InputError, UnknownIdError
+from attrimeter.runtime.errors import AnnIndexError, CodecError, GalleryError, InputError, UnknownIdError
 from attrimeter.runtime.gallery_index import (
+    INDEX_FAISS,
+    INDEX_JSON,
     ExactIndex,
     GalleryIndex,
     HalfExactIndex,
     HalfRangeError,
+    IndexChoice,
     exact_keys,
     settled,
 )
@@ -52,6 +57,7 @@ GALLERY_VERSION = VERSION
 DEFAULT_AUTO_COMPACT = 16
 _SIZE_CLASSES = (1 << 20, 16 << 20)
 _INDEX_ROWS = 1 << 16  # rows per index add: bounds the temporary float32 copies
+_BAR_ROWS = 1 << 18  # adding this many rows to an index shows progress (an HNSW index takes minutes per 10^6)
 _GATHER_BYTES = 64 << 20  # bytes of gathered embeddings per step when recomputing search distances
 # Candidates beyond k a search asks the index for first: usually enough for the exact re-ranking to settle the k-th
 # place; and the most it asks for (faiss-gpu's largest k) unless k itself is larger. Each unsettled round is another
@@ -70,7 +76,7 @@ class Gallery:
     :meth:`close`; readers take no lock and see another process's appends and compactions after :meth:`refresh`.
     """
 
-    def __init__(self, store: SegmentStore, *, auto_compact: int | None):
+    def __init__(self, store: SegmentStore, *, auto_compact: int | None, index: IndexChoice | None = None):
         """Use :meth:`create` or :meth:`open`."""
         self.path = store.path
         self._store = store
@@ -79,6 +85,7 @@ class Gallery:
         self._lock = threading.Lock()  # appends, refreshes, compaction
         self._index_lock = threading.Lock()  # the search index and the state swap
         self._index: GalleryIndex | None = None
+        self._index_choice = index
         self._closed = False
 
     # ------------------------------------------------------------------ opening
@@ -119,7 +126,7 @@ class Gallery:
 
     @classmethod
     def open(cls, path: str | Path, *, verify: bool = True, writable: bool = False, progress: bool = True,
-             auto_compact: int | None = DEFAULT_AUTO_COMPACT) -> Gallery:
+             auto_compact: int | None = DEFAULT_AUTO_COMPACT, index: IndexChoice | None = None) -> Gallery:
         """Open a gallery, checking every segment file's size, dtype and shape (and with ``verify`` its sha256).
 
         Args:
@@ -129,6 +136,9 @@ class Gallery:
                 what crashed writers left and folds the journal into ``gallery.json`` (upgrading a format-1 gallery).
             progress: Show progress bars for large galleries.
             auto_compact: For a writable gallery, as in :meth:`create`.
+            index: The search index: None, the one saved in the folder (:meth:`save_index`) if any, else exact;
+                ``IndexChoice("flat")`` exact; ``IndexChoice("ivf" | "hnsw", params)`` approximate (the saved one
+                when it was built with these parameters, else built now; docs/architecture.md §10).
 
         Returns:
             The gallery.
@@ -141,8 +151,10 @@ class Gallery:
             UnsafeGalleryPathError: ``writable`` and a path the writer would use is a symbolic link.
         """
         auto_compact = _check_auto_compact(auto_compact)
+        if index is not None and not isinstance(index, IndexChoice):
+            raise InputError(f"index must be an IndexChoice or None, got {type(index).__name__}")
         return cls(SegmentStore.open(Path(path), writable=writable, verify=verify, progress=progress),
-                   auto_compact=auto_compact)
+                   auto_compact=auto_compact, index=index)
 
     # ------------------------------------------------------------------ properties
 
@@ -555,7 +567,8 @@ class Gallery:
         (:func:`~attrimeter.runtime.gallery_index.exact_keys`: the same for an entry wherever it is stored, so shards
         rank like the whole, docs/architecture.md §11), and more are fetched until the index's float32 rounding cannot
         have left out one of the k best or an entry tied with the k-th (FAISS's own pick among equal inner products is
-        arbitrary). Exact with :class:`~attrimeter.runtime.gallery_index.ExactIndex`.
+        arbitrary). Exact with the exact indexes; with an approximate one (``ivf``, ``hnsw``) the k best of its
+        candidates, their distances exact (recall in ``benchmarks/results/ann_cpu.md``).
 
         Returns:
             ``(keys float64 [Q, k'] ascending: the distance for "l2", −cosine for "ip"; distances float32 [Q, k'];
@@ -571,7 +584,9 @@ class Gallery:
         if kk == 0 or len(q) == 0:
             return np.zeros((len(q), kk)), np.zeros((len(q), kk), np.float32), np.zeros((len(q), kk), np.int64)
         cap = total if kk > _FETCH_CAP else min(total, _FETCH_CAP)
-        fetch = min(cap, kk + _RANK_MARGIN)
+        with self._index_lock:
+            approximate = isinstance(self._ensure_index(), AnnIndex)  # re-ranks its own candidates: one round
+        fetch = kk if approximate else min(cap, kk + _RANK_MARGIN)
         while True:
             with self._index_lock:
                 index = self._ensure_index()
@@ -590,15 +605,70 @@ class Gallery:
             keys, dist, ids = (np.take_along_axis(a, order, 1) for a in (keys, dist, ids))
             done = (keys[:, kk - 1] < floor).all() if floor is not None else settled(q, keys[:, kk - 1], keys[:, -1],
                                                                                        self.metric)
-            if fetch == cap or done:
+            if approximate or fetch == cap or done:
                 return keys[:, :kk], dist[:, :kk], ids[:, :kk]
             fetch = min(cap, 2 * fetch)
 
     def _ensure_index(self) -> GalleryIndex:
-        """The search index, built from all entries on first use (call under ``_index_lock``)."""
+        """The search index, loaded or built from all entries on first use (call under ``_index_lock``)."""
         if self._index is None:
-            self._index = _build_index(self.dim, self.metric, self._state)
+            choice = self._index_choice
+            index = None if choice is not None and choice.kind == "flat" else self._saved_index(choice)
+            if index is None and choice is not None and choice.kind != "flat":
+                index = choice.build(self.dim, self.metric, self.embeddings, self._state.count)
+            if index is None:
+                index = _build_index(self.dim, self.metric, self._state)
+            elif index.ntotal < self._state.count:
+                _add_to_index(index, self._state, index.ntotal)
+            self._index = index
         return self._index
+
+    def _saved_index(self, choice: IndexChoice | None) -> AnnIndex | None:
+        """The approximate index :meth:`save_index` left, when it fits this gallery (and ``choice``), else None."""
+        doc, data = (self._store.read_derived(name) for name in (INDEX_JSON, INDEX_FAISS))
+        if doc is None or data is None:
+            return None
+        try:
+            index = deserialize_index(doc, data, self.embeddings, where=str(self.path / INDEX_JSON))
+            if index.dim != self.dim or index.metric != self.metric or index.ntotal > self._state.count:
+                raise AnnIndexError(f"{self.path / INDEX_JSON}: built for another gallery (width {index.dim}, "
+                                    f"metric {index.metric}, {index.ntotal} entries)")
+            if choice is not None and not choice.matches(index):
+                return None  # built with other parameters: the caller builds the one asked for
+        except AnnIndexError as e:  # derived data: searched without it, and rebuilt by the next save_index
+            log.warning("%s: the saved search index is not used: %s", self.path, e)
+            return None
+        if choice is not None:
+            choice.configure(index)
+        return index
+
+    def save_index(self) -> None:
+        """Save the search index in the gallery folder (writers), so that readers load it instead of building it.
+
+        An approximate index is saved as ``index.json`` and ``index.faiss`` (derived data: readers check its sha256,
+        and add the entries appended since); an exact one is rebuilt on open, so saving it removes a saved index.
+
+        Raises:
+            GalleryError: A read-only or closed gallery.
+            StorageError: Writing failed.
+        """
+        self._check_open()
+        with self._lock, self._index_lock:
+            index = self._ensure_index()
+            if isinstance(index, AnnIndex):
+                doc, data = index.serialize()
+                self._store.write_derived(INDEX_FAISS, data)
+                self._store.write_derived(INDEX_JSON, doc)
+            else:
+                self._store.delete_derived(INDEX_JSON)
+                self._store.delete_derived(INDEX_FAISS)
+
+    @property
+    def index_kind(self) -> str | None:
+        """The search index's kind: ``"flat"`` (exact), ``"ivf"`` or ``"hnsw"``; None before it is loaded."""
+        with self._index_lock:
+            index = self._index
+        return None if index is None else index.kind if isinstance(index, AnnIndex) else "flat"
 
     # ------------------------------------------------------------------ state
 
@@ -659,11 +729,15 @@ def _build_index(dim: int, metric: str, state: StoreState, half: bool = True) ->
 
 
 def _add_to_index(index: GalleryIndex, state: StoreState, start: int) -> None:
-    """Add the embeddings of ids [start, state.count) to ``index``, read in bounded blocks."""
-    for segment in state.segments:
-        embedding = segment.arrays["embedding"]
-        for a in range(max(start - segment.first_id, 0), segment.count, _INDEX_ROWS):
-            index.add(embedding.block(a, min(a + _INDEX_ROWS, segment.count)))
+    """Add the embeddings of ids [start, state.count) to ``index``, read in bounded blocks (a bar for many)."""
+    with tqdm(total=state.count - start, desc="search index", unit="entry", disable=state.count - start < _BAR_ROWS,
+              leave=False) as bar:
+        for segment in state.segments:
+            embedding = segment.arrays["embedding"]
+            for a in range(max(start - segment.first_id, 0), segment.count, _INDEX_ROWS):
+                block = embedding.block(a, min(a + _INDEX_ROWS, segment.count))
+                index.add(block)
+                bar.update(len(block))
 
 
 def _chunks(state: StoreState, store: SegmentStore, chunk: int, norms: bool = False) -> Iterator[tuple[Any, ...]]:

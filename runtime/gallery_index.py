@@ -9,14 +9,23 @@ copy (the CPU default for ``"l2"`` galleries: half the bytes scanned per query, 
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from attrimeter.runtime.errors import InputError
+from attrimeter.runtime.ann import ANN_KINDS, AnnIndex, make_index
+from attrimeter.runtime.errors import AnnIndexError, InputError
 
-__all__ = ["ExactIndex", "GalleryIndex", "HalfExactIndex", "HalfRangeError", "exact_keys", "set_search_threads",
-           "settled"]
+__all__ = ["INDEX_FAISS", "INDEX_JSON", "ExactIndex", "GalleryIndex", "HalfExactIndex", "HalfRangeError", "IndexChoice",
+           "exact_keys", "set_search_threads", "settled"]
+
+# A saved approximate index in the gallery folder (derived data, written by a writer: Gallery.save_index).
+INDEX_JSON = "index.json"
+INDEX_FAISS = "index.faiss"
+INDEX_KINDS = ("flat", "ivf", "hnsw")
 
 _GPU_MAX_K = 2048  # faiss-gpu's largest k
 _FP16_MAX = float(np.finfo(np.float16).max)
@@ -118,6 +127,94 @@ class ExactIndex:
         if self._gpu or self._metric != "l2":
             return None
         return self._index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class IndexChoice:
+    """Which search index a gallery is searched with: ``flat`` (exact) or an approximate kind and its parameters.
+
+    ``ivf`` and ``hnsw`` are :mod:`attrimeter.runtime.ann`'s (FAISS IVF-PQ and HNSW; their candidates re-ranked
+    exactly); parameters are those of its classes (build-time ones, e.g. ``nlist``, and search-time ones, e.g.
+    ``nprobe``, which a saved index takes on without being rebuilt).
+
+    Attributes:
+        kind: ``"flat"``, ``"ivf"`` or ``"hnsw"``.
+        params: ``(name, value)`` pairs.
+    """
+
+    kind: str = "flat"
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in INDEX_KINDS:
+            raise InputError(f"index kind must be one of {', '.join(INDEX_KINDS)}, got {self.kind!r}")
+        names = [name for name, _ in self.params]
+        if not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+            raise InputError(f"index parameters must have distinct names, got {names}")
+        if self.kind == "flat" and self.params:
+            raise InputError("the flat (exact) index has no parameters")
+        if self.kind != "flat":
+            known = set(inspect.signature(ANN_KINDS[self.kind]).parameters) - {"dim", "rows", "metric"}
+            unknown = sorted(set(names) - known)
+            if unknown:
+                raise InputError(f"unknown {self.kind} index parameters {unknown}; known: {sorted(known)}")
+
+    @classmethod
+    def parse(cls, kind: str, items: Sequence[str] = ()) -> IndexChoice:
+        """A choice from the command line: ``kind`` and ``name=value`` items (integers, numbers, or words).
+
+        Raises:
+            InputError: An unknown kind, a malformed item or a bad parameter.
+        """
+        params = []
+        for item in items:
+            name, sep, text = item.partition("=")
+            if not sep or not name:
+                raise InputError(f"an index parameter is name=value, got {item!r}")
+            value: Any = text
+            for convert in (int, float):
+                try:
+                    value = convert(text)
+                    break
+                except ValueError:
+                    continue
+            params.append((name, value))
+        return cls(kind, tuple(params))
+
+    def build(self, dim: int, metric: str, rows: Callable[[np.ndarray], np.ndarray], count: int) -> AnnIndex:
+        """A new approximate index, trained on a sample of the gallery's ``count`` entries (read through ``rows``).
+
+        Raises:
+            AnnIndexError: Too few entries to train it, or a bad parameter.
+        """
+        index = make_index(self.kind, dim, rows, metric, **dict(self.params))
+        if index.needs_training:
+            n = min(count, index.train_size)
+            pick = np.sort(np.random.default_rng(index.seed).choice(count, n, replace=False))
+            index.train(np.asarray(rows(pick), np.float32))
+        return index
+
+    def matches(self, index: AnnIndex) -> bool:
+        """Whether a saved index was built as this choice builds (search-time parameters aside)."""
+        if index.kind != self.kind:
+            return False
+        fresh = make_index(self.kind, index.dim, _no_rows, index.metric, **dict(self.params))
+        search = set(type(index)._SEARCH_PARAMS)
+        return ({k: v for k, v in fresh.params().items() if k not in search}
+                == {k: v for k, v in index.params().items() if k not in search})
+
+    def configure(self, index: AnnIndex) -> None:
+        """Set this choice's search-time parameters on a loaded index."""
+        params = self._search_params(type(index))
+        if params:
+            index.configure(**params)
+
+    def _search_params(self, cls: type[AnnIndex]) -> dict[str, Any]:
+        return {k: v for k, v in self.params if k in cls._SEARCH_PARAMS}
+
+
+def _no_rows(ids: np.ndarray) -> np.ndarray:
+    raise AnnIndexError("no rows: a throwaway index")
 
 
 class HalfRangeError(ValueError):

@@ -46,7 +46,7 @@ def open_gallery(source: str | Path | Gallery | ShardedGallery, manifest: Manife
             index --ray``; its shards opened in this process), or an open :class:`Gallery` or
             :class:`~attrimeter.runtime.distributed.sharded.ShardedGallery` (the caller keeps owning it).
         manifest: The export's manifest (model id, attributes, feature map of a new gallery).
-        config: ``verify``, ``writable``, ``create_gallery`` and ``metric`` are read.
+        config: ``verify``, ``writable``, ``create_gallery``, ``metric`` and ``index`` are read.
 
     Returns:
         The gallery, its search index loaded (steady latency from the first request).
@@ -61,14 +61,14 @@ def open_gallery(source: str | Path | Gallery | ShardedGallery, manifest: Manife
     elif sharded_root(source) is not None:
         if config.opens_writable:
             raise GalleryError(f"{source}: a sharded gallery is read-only here; grow it with `attrimeter index --ray`")
-        store = ShardedGallery.open(source, verify=config.verify)
+        store = ShardedGallery.open(source, verify=config.verify, index=config.index)
     else:
         path = Path(source)
         if config.create_gallery and not (path / GALLERY_MANIFEST).exists():
             store = Gallery.create(path, dim=manifest.channels, attributes=manifest.attribute_names,
                                    aam_shape=manifest.aam_shape, model=manifest.model_id, metric=config.metric)
             return store  # empty, of this model by construction
-        store = Gallery.open(path, verify=config.verify, writable=config.opens_writable)
+        store = Gallery.open(path, verify=config.verify, writable=config.opens_writable, index=config.index)
     try:
         check_model(store, manifest)
     except GalleryError:

@@ -520,6 +520,7 @@ class Runtime:
         """
         self._check_open()
         return {**self._embedder.stats(), "gallery_size": None if self.gallery is None else len(self.gallery),
+                "gallery_index": None if self.gallery is None else self.gallery.index_kind,
                 "gallery_refresh_error": None if self._live is None else self._live.refresh_error,
                 "gallery_problem": self._corrupt}
 

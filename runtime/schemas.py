@@ -116,6 +116,9 @@ class Health(BaseModel):
     backend: str
     device: str
     gallery: int | None = Field(description="entries in the gallery, null without one")
+    index: str | None = Field(None, description="the gallery's search index: flat (exact), ivf or hnsw; a sharded "
+                                                "gallery's kinds joined by commas; null without a gallery or when not "
+                                                "known (shards on Ray)")
     model: str = Field(description="the first 12 hex digits of the source checkpoint's sha256")
 
 

@@ -449,6 +449,51 @@ class SegmentStore:
         self._delete(garbage)
         return self.state
 
+    def write_derived(self, name: str, data: bytes) -> None:
+        """Replace a file derived from the entries (a saved search index) in the gallery folder, durably.
+
+        Written through a temporary file and renamed (never through a link); readers check what they read.
+
+        Raises:
+            GalleryError: The handle is not a writer.
+            StorageError: Writing failed (the previous file, if any, stays).
+        """
+        self._check_open()
+        if not self.writable:
+            raise GalleryError(f"{self.path}: read-only handle; open it writable to save {name}")
+        try:
+            write_new_file(self._fds["root"], name + ".tmp", data)
+            os.replace(name + ".tmp", name, src_dir_fd=self._fds["root"], dst_dir_fd=self._fds["root"])
+            os.fsync(self._fds["root"])
+        except OSError as e:
+            raise StorageError(f"{self.path / name}: cannot be written ({e})") from e
+
+    def delete_derived(self, name: str) -> None:
+        """Remove a derived file (writers; nothing when there is none; a link is removed, never followed)."""
+        self._check_open()
+        if not self.writable:
+            raise GalleryError(f"{self.path}: read-only handle; open it writable to remove {name}")
+        try:
+            os.unlink(name, dir_fd=self._fds["root"])
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise StorageError(f"{self.path / name}: cannot be removed ({e})") from e
+
+    def read_derived(self, name: str) -> bytes | None:
+        """A derived file's bytes (never through a link), or None when there is none or it cannot be read."""
+        self._check_open()
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._fds["root"])
+        except OSError:
+            return None
+        try:
+            return read_all(fd, self.path / name)
+        except (OSError, GalleryError):
+            return None
+        finally:
+            os.close(fd)
+
     def close(self) -> None:
         """Fold the journal into ``gallery.json`` (writers; best effort), then release the lock and descriptors."""
         if self._closed:

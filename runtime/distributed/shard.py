@@ -20,6 +20,7 @@ import numpy as np
 
 from attrimeter.runtime.errors import GalleryError
 from attrimeter.runtime.gallery import Gallery
+from attrimeter.runtime.gallery_index import IndexChoice
 
 __all__ = ["ShardServer"]
 
@@ -39,10 +40,11 @@ class ShardServer:
             shard).
     """
 
-    def __init__(self, folder: str, name: str, identity: Mapping[str, Any], count: int, verify: bool = True) -> None:
+    def __init__(self, folder: str, name: str, identity: Mapping[str, Any], count: int, verify: bool = True,
+                 index: IndexChoice | None = None) -> None:
         self.name = name
         try:
-            self.gallery = Gallery.open(folder, verify=verify, progress=False)
+            self.gallery = Gallery.open(folder, verify=verify, progress=False, index=index)
         except GalleryError as e:
             raise GalleryError(f"shard {name}: {e}") from e
         g = self.gallery

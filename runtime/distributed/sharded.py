@@ -38,6 +38,7 @@ from attrimeter.runtime.distributed.hits import RowSet, ShardedHits
 from attrimeter.runtime.distributed.manifest import ShardedManifest, read_manifest, sharded_root
 from attrimeter.runtime.distributed.shard import ShardServer
 from attrimeter.runtime.errors import GalleryError, InputError, ShardUnavailableError, UnknownIdError
+from attrimeter.runtime.gallery_index import IndexChoice
 
 __all__ = ["MODES", "ShardedGallery", "actor_error"]
 
@@ -78,7 +79,7 @@ class ShardedGallery:
     @classmethod
     def open(cls, path: str | Path, *, mode: str = "local", verify: bool = True, partial: bool = False,
              timeout_s: float = 30.0, open_timeout_s: float = 600.0,
-             actor_options: Mapping[str, Any] | None = None) -> ShardedGallery:
+             actor_options: Mapping[str, Any] | None = None, index: IndexChoice | None = None) -> ShardedGallery:
         """Open a sharded gallery: every shard's store is opened and checked against the manifest.
 
         Args:
@@ -92,6 +93,8 @@ class ShardedGallery:
             open_timeout_s: How long opening waits for the shard actors to load their stores (Ray mode).
             actor_options: Ray options of the shard actors, over :data:`DEFAULT_ACTOR_OPTIONS` (e.g.
                 ``{"num_cpus": 0.5}`` or ``{"resources": {"gallery": 1}}``).
+            index: Every shard's search index (see :meth:`Gallery.open <attrimeter.runtime.gallery.Gallery.open>`;
+                None: each shard's saved one, else exact).
 
         Returns:
             The open gallery.
@@ -110,12 +113,20 @@ class ShardedGallery:
             raise GalleryError(f"{path}: not a sharded gallery (no shards.json)")
         root = root.absolute()  # shard actors may run in another folder
         manifest, raw = read_manifest(root)
-        args = [(str(manifest.folder(root, i)), s.name, manifest.identity(), s.count, verify)
+        args = [(str(manifest.folder(root, i)), s.name, manifest.identity(), s.count, verify, index)
                 for i, s in enumerate(manifest.shards)]
         servers = _open_local(args) if mode == "local" else _open_actors(args, actor_options, open_timeout_s)
         return cls(root, manifest, raw, servers, mode=mode, partial=partial, timeout_s=timeout_s)
 
     # ------------------------------------------------------------------ properties (Gallery's)
+
+    @property
+    def index_kind(self) -> str | None:
+        """The shards' search index kinds, joined by commas (local shards; None on Ray, where actors hold them)."""
+        if self._pool is None:
+            return None
+        kinds = sorted({kind for server in self._servers if (kind := server.gallery.index_kind) is not None})
+        return ",".join(kinds) or None
 
     @property
     def dim(self) -> int:

@@ -136,7 +136,7 @@ def test_damaged_or_mismatched_files_are_named(tmp_path):
     with pytest.raises(AnnIndexError, match="holds 400 vectors"):
         load_index(tmp_path, rows)
     (tmp_path / "index.json").write_text("{")
-    with pytest.raises(AnnIndexError, match="cannot read"):
+    with pytest.raises(AnnIndexError, match="not JSON"):
         load_index(tmp_path, rows)
     with pytest.raises(AnnIndexError, match="cannot read"):
         load_index(tmp_path / "missing", rows)
@@ -190,3 +190,153 @@ def test_misuse_is_named():
     with pytest.raises(AnnIndexError, match="row source returned"):
         bad.search(x[:1], 1)
     assert sorted(ANN_KINDS) == ["flat", "hnsw", "ivf"]
+
+
+# ---------------------------------------------------------------------- wired into the gallery
+
+
+def _gallery(tmp_path, rng, n=600, dim=DIM):
+    from gallery_helpers import ATTRS, batch_of
+
+    from attrimeter.runtime.gallery import Gallery
+
+    data = batch_of(rng, n, dim=dim, aam=None)
+    data["embedding"] = _clustered(rng, n, dim)
+    with Gallery.create(tmp_path / "g", dim=dim, attributes=ATTRS, aam_shape=None, model="m") as g:
+        g.append(**data)
+    return tmp_path / "g", data["embedding"]
+
+
+@pytest.mark.parametrize("kind, params", [("ivf", ["nlist=16", "pq_m=0", "nprobe=4", "rerank=4"]),
+                                          ("hnsw", ["m=8", "ef_search=32"])])
+def test_a_gallery_searched_through_an_approximate_index_returns_exact_distances(tmp_path, rng, kind, params):
+    from attrimeter.runtime.gallery import Gallery
+    from attrimeter.runtime.gallery_index import IndexChoice
+
+    path, x = _gallery(tmp_path, rng)
+    q = x[rng.choice(len(x), 20)] + rng.normal(0, 0.3, (20, DIM)).astype(np.float32)
+    with Gallery.open(path, index=IndexChoice.parse(kind, params), progress=False) as g:
+        dist, ids = g.search(q, 10)
+        assert g.index_kind == kind
+    want = _exact(x, q, 10, "l2")
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, want, strict=True)])
+    assert recall >= 0.9
+    np.testing.assert_allclose(dist, np.linalg.norm(x[ids] - q[:, None], axis=2), rtol=1e-6)
+    assert (np.diff(dist, axis=1) >= 0).all()
+
+
+def test_a_saved_index_is_loaded_extended_and_replaced_or_ignored_when_damaged(tmp_path, rng, caplog):
+    from gallery_helpers import batch_of
+
+    from attrimeter.runtime.gallery import Gallery
+    from attrimeter.runtime.gallery_index import INDEX_FAISS, INDEX_JSON, IndexChoice
+
+    path, x = _gallery(tmp_path, rng)
+    choice = IndexChoice.parse("ivf", ["nlist=16", "pq_m=0", "nprobe=16"])
+    with Gallery.open(path, writable=True, index=choice, progress=False) as g:
+        g.save_index()
+        more = batch_of(rng, 7, dim=DIM, aam=None)
+        g.append(**more)  # appended after the save: readers add them to the loaded index
+    assert (path / INDEX_JSON).exists() and (path / INDEX_FAISS).exists()
+    x = np.concatenate([x, more["embedding"]])
+    with Gallery.open(path, progress=False) as g:  # no choice: the saved index
+        dist, ids = g.search(more["embedding"][:3], 1)
+        assert g.index_kind == "ivf" and g._index.ntotal == len(x) and g._index.nprobe == 16
+        np.testing.assert_array_equal(ids[:, 0], np.arange(600, 603))
+    with Gallery.open(path, index=IndexChoice.parse("ivf", ["nlist=16", "pq_m=0", "nprobe=2"]),
+                      progress=False) as g:
+        g.load_index()  # same build parameters: loaded, with the asked nprobe
+        assert g._index.nprobe == 2 and g._index.ntotal == len(x)
+    data = bytearray((path / INDEX_FAISS).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (path / INDEX_FAISS).write_bytes(bytes(data))
+    with Gallery.open(path, progress=False) as g, caplog.at_level("WARNING"):
+        dist, ids = g.search(x[:2], 1)  # searched exactly instead, and said so
+        assert g.index_kind == "flat" and "not used" in caplog.text
+        np.testing.assert_array_equal(ids[:, 0], [0, 1])
+    with Gallery.open(path, writable=True, index=IndexChoice("flat"), progress=False) as g:
+        g.save_index()  # an exact index is rebuilt on open: saving it removes the approximate one
+    assert not (path / INDEX_JSON).exists() and not (path / INDEX_FAISS).exists()
+
+
+def test_a_tampered_saved_index_cannot_return_ids_outside_the_gallery(tmp_path, rng):
+    from attrimeter.runtime.gallery import Gallery
+    from attrimeter.runtime.gallery_index import INDEX_FAISS, INDEX_JSON, IndexChoice
+
+    path, x = _gallery(tmp_path, rng, n=300)
+    with Gallery.open(path, writable=True, index=IndexChoice.parse("ivf", ["nlist=8", "pq_m=0"]),
+                      progress=False) as g:
+        g.save_index()
+    import faiss
+
+    index = faiss.read_index(str(path / INDEX_FAISS))
+    invlists = faiss.extract_index_ivf(index).invlists
+    for cell in range(invlists.nlist):  # every stored id shifted out of the gallery
+        size = invlists.list_size(cell)
+        if size:
+            ids = faiss.rev_swig_ptr(invlists.get_ids(cell), size)
+            ids += 10_000
+    faiss.write_index(index, str(path / INDEX_FAISS))
+    import hashlib
+    import json
+
+    doc = json.loads((path / INDEX_JSON).read_text())
+    doc["sha256"] = hashlib.sha256((path / INDEX_FAISS).read_bytes()).hexdigest()
+    (path / INDEX_JSON).write_text(json.dumps(doc))
+    with Gallery.open(path, progress=False) as g:
+        dist, ids = g.search(x[:5], 3)
+    assert ((ids >= 0) & (ids < len(x))).all()
+    np.testing.assert_allclose(dist, np.linalg.norm(x[ids] - x[:5, None], axis=2), rtol=1e-6)
+
+
+def test_index_choices_are_checked():
+    from attrimeter.runtime.errors import InputError
+    from attrimeter.runtime.gallery_index import IndexChoice
+
+    for kind, items, match in (("annoy", [], "kind must be one of"), ("ivf", ["nlst=3"], "unknown ivf"),
+                               ("ivf", ["nlist"], "name=value"), ("flat", ["m=3"], "no parameters")):
+        with pytest.raises(InputError, match=match):
+            IndexChoice.parse(kind, items)
+    assert IndexChoice.parse("hnsw", ["m=16", "storage=flat"]).params == (("m", 16), ("storage", "flat"))
+
+
+def test_cli_index_saves_the_index_that_search_and_the_runtime_load(tiny_export, tiny_data, tmp_path, capsys):
+    from attrimeter.cli import main
+    from attrimeter.runtime.gallery_index import INDEX_JSON
+    from attrimeter.runtime.runtime import Runtime, RuntimeConfig
+
+    images = tiny_data / "bounding_box_test"
+    out = tmp_path / "g"
+    args = ["index", "--export", str(tiny_export), "-q", "--threads", "1", "--images", str(images), "--out", str(out),
+            "--storage", "float16"]
+    assert main([*args, "--index", "ivf", "--index-param", "nlist=4", "--index-param", "pq_m=0"]) == 0
+    assert "saved its ivf search index" in capsys.readouterr().out and (out / INDEX_JSON).is_file()
+    with Runtime(tiny_export, out, RuntimeConfig(threads=1)) as rt:
+        assert rt.stats()["gallery_index"] == "ivf"
+        query = sorted(images.glob("*.jpg"))[2]
+        top = rt.search(str(query), k=1)[0].matches[0]
+        assert top.d < 1e-3  # the query itself
+    assert main(["search", "--export", str(tiny_export), "--threads", "1", "--gallery", str(out), "--json",
+                 "--index", "flat", str(query)]) == 0
+    assert '"d": 0' in capsys.readouterr().out.replace('"d": 0.0', '"d": 0')
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--index-param", "nlist=4"])
+    assert e.value.code == 2 and "--index-param needs --index" in capsys.readouterr().err
+
+
+def test_every_shard_opens_the_index_asked_for(tiny_export, tmp_path, rng):
+    from sharded_helpers import build, identity_of
+
+    from attrimeter.runtime.distributed.sharded import ShardedGallery
+    from attrimeter.runtime.gallery_index import IndexChoice
+
+    identity = identity_of(tiny_export)
+    sharded, _, parts = build(tmp_path, identity, rng, sizes=(300, 260))
+    x = np.concatenate([p["embedding"] for p in parts])
+    choice = IndexChoice.parse("hnsw", ["m=8", "ef_search=64", "rerank=4"])
+    with ShardedGallery.open(sharded, index=choice) as g:
+        q = x[[3, 400]]
+        hits = g.search_rows(q, 3)
+        assert g.index_kind == "hnsw"
+    np.testing.assert_allclose(hits.d, np.linalg.norm(x[hits.ids] - q[:, None], axis=2), rtol=1e-6)
+    assert (hits.d[:, 0] == 0).all()
