@@ -252,11 +252,12 @@ def report(m: dict[str, float]) -> str:
         "## With IVF-PQ and compact storage (measured at 10^6 entries; not wired yet)", "",
         *future, "",
         "## Reading the tables", "",
-        f"- Today's runtime costs {m['runtime_p50_ms'] / m['faiss_p50_ms']:.1f}× plain FAISS per 10^6-entry shard "
-        "(assumption 3), so at 10^6 sharding one machine made explained search faster, not slower (scale_cpu.md: "
-        "smaller stores settle their re-ranking with fewer repeated searches) and the few milliseconds of Ray "
-        "fan-out were lost in that spread; they are taken from sharded_cpu.md at 10^5 instead. A re-ranking that "
-        "settles in one search would bring the flat rows close to plain FAISS (about a third of the shard search).",
+        f"- Today's runtime costs {m['runtime_p50_ms'] / m['faiss_p50_ms']:.1f}× plain FAISS per 10^6-entry store "
+        "(assumption 3); a re-ranking that settled in one search would bring the flat rows' shard search close to "
+        "plain FAISS's.",
+        "- At 10^6 on this machine the sharded layouts answered faster than one store (scale_cpu.md): their shards "
+        "search in parallel on its 2 cores, one store on one FAISS thread. The few milliseconds of Ray fan-out are "
+        "lost in that, so they are taken from sharded_cpu.md at 10^5.",
         "- With exact flat search the shard search dominates until shards hold ~10^6 entries; beyond that the "
         "fan-out overhead grows with every shard, so p99 has a minimum near the headline's shard count.",
         "- With IVF-PQ the per-shard search is under a millisecond per 10^6 entries, so fewer, larger shards are "
