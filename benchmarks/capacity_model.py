@@ -154,7 +154,7 @@ def table(m: dict[str, float], index: str, storage: str) -> tuple[list[str], dic
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for d in rows:
         weighted = f"{d['weighted_p50'] / 1000:.1f} s" if storage == "today" else "not measured"
-        lines.append(f"| {d['shards']} | {d['per_shard']:.2g} | {d['nodes']} | {d['ram_gib']:.0f} GiB | "
+        lines.append(f"| {d['shards']} | {d['per_shard']:,.0f} | {d['nodes']} | {d['ram_gib']:.0f} GiB | "
                      f"{d['disk_tb']:.2f} TB | {d['search_p50']:.1f} / {d['search_p99']:.1f} ms | "
                      f"{d['fan_p50']:.0f} / {d['fan_p99']:.0f} ms | {d['net']:.1f} ms | "
                      f"**{d['p50']:.0f} / {d['p99']:.0f} ms** | {d['qps']:.0f} | {weighted} |")
@@ -178,12 +178,13 @@ def report(m: dict[str, float]) -> str:
         "search + explain of the 10 hits. No GPU figure: none was measured.", "",
         "## Headline", "",
         f"- **Today's code** (exact flat search, float16 store): {best_today['shards']} shards of "
-        f"{best_today['per_shard']:.2g} entries on **{best_today['nodes']} nodes** of {NODE_CORES} cores / "
+        f"{best_today['per_shard']:,.0f} entries on **{best_today['nodes']} nodes** of {NODE_CORES} cores / "
         f"{NODE_RAM_GIB} GiB: **{best_today['ram_gib']:.0f} GiB RAM, {best_today['disk_tb']:.2f} TB disk, p99 ≈ "
         f"{best_today['p99']:.0f} ms** (p50 ≈ {best_today['p50']:.0f} ms).",
         f"- **With the approximate index and compact storage** (IVF-PQ nprobe 16 + exact re-ranking, recall@10 "
         f"{m['ivf_recall']:.3f} at 10^6; pcaq-128 + uint8 maps; both measured, being wired): {best_future['shards']} "
-        f"shards on **{best_future['nodes']} node(s)**: **{best_future['ram_gib']:.0f} GiB RAM, "
+        f"shards on **{best_future['nodes']} node{'s' if best_future['nodes'] > 1 else ''}**: "
+        f"**{best_future['ram_gib']:.0f} GiB RAM, "
         f"{best_future['disk_tb']:.2f} TB disk, p99 ≈ {best_future['p99']:.0f} ms**, dominated by the Ray fan-out "
         "(extrapolated).",
         f"- **Indexing** is bounded by embedding: {embed_core:.0f} images/s per CPU core measured "
