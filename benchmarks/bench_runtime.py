@@ -22,7 +22,6 @@ import argparse
 import base64
 import csv
 import datetime
-import itertools
 import json
 import platform
 import shutil
@@ -33,15 +32,12 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from resampling import fill_gallery
 
-from attrimeter.runtime.gallery import Gallery
 from attrimeter.runtime.runtime import Runtime, RuntimeConfig
 
 
@@ -76,34 +72,6 @@ def _embed_rows(export: Path, files: list[Path], backend: str, threads: int) -> 
         rows.append({"benchmark": "embed", "setting": f"8 concurrent callers, 1 JPEG per call, {label}",
                      "value": rate, "unit": "images/s", "note": f"mean batch {mean_batch:.1f}"})
     return rows
-
-
-def fill_gallery(path: Path, source: Gallery, entries: int, chunk: int = 8192, workers: int = 4) -> None:
-    """``entries`` entries resampled from a real gallery's embeddings with 5 % noise (fp16 attribute rows).
-
-    The source rows are read once; chunks are drawn by ``workers`` threads (numpy's generators release the GIL) and
-    appended in order, at most ``workers + 1`` chunks in memory. Chunk ``s`` uses its own seeded generator, so the
-    gallery is the same for any ``workers``.
-    """
-    real = np.arange(len(source))
-    f_src, fk_src, p_src = source.embeddings(real), source.attr_embeddings(real), source.probs(real)
-    f_std, fk_std = 0.05 * f_src.std(), 0.05 * fk_src.std()
-
-    def draw(s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        rng = np.random.default_rng((0, s))
-        pick = rng.choice(real, min(chunk, entries - s))
-        f = f_src[pick] + f_std * rng.standard_normal((len(pick), f_src.shape[1]), dtype=np.float32)
-        fk = fk_src[pick] + fk_std * rng.standard_normal((len(pick), *fk_src.shape[1:]), dtype=np.float32)
-        return f, fk, p_src[pick]
-
-    g = Gallery.create(path, dim=source.dim, attributes=source.attributes, aam_shape=None, model=source.model)
-    starts = iter(range(0, entries, chunk))
-    with g, ThreadPoolExecutor(workers) as pool:
-        pending = deque(pool.submit(draw, s) for s in itertools.islice(starts, workers + 1))
-        for s in tqdm(range(0, entries, chunk), desc="fill gallery", unit="chunk"):
-            f, fk, probs = pending.popleft().result()
-            pending.extend(pool.submit(draw, t) for t in itertools.islice(starts, 1))
-            g.append(f, fk, probs, [{"key": f"synthetic-{s + i}"} for i in range(len(f))])
 
 
 def search_rows(export: Path, gallery: Path, queries: list[Path], backend: str, threads: int, repeats: int,

@@ -1,7 +1,7 @@
 """Single-machine search costs at 10^5 entries (issue 17 item 8): plain FAISS, explained search, weighted search.
 
 The gallery is ``--entries`` entries resampled with 5 % noise from a real demo gallery's embeddings (the demo model's
-``--source`` gallery; see ``bench_runtime.fill_gallery``). Every timed call gets a different query (resampled from
+``--source`` gallery; see ``resampling.fill_gallery``). Every timed call gets a different query (resampled from
 the source with noise of its own), and the contenders are alternated call by call in one process, so load on the
 shared machine hits them alike:
 
@@ -30,11 +30,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_runtime import _percentiles, fill_gallery, stamp, write_report
+from bench_runtime import _percentiles, stamp, write_report
+from resampling import fill_gallery, queries
 
 from attrimeter.runtime.decompose import check_weights, weighted_scan
 from attrimeter.runtime.gallery import Gallery
-from attrimeter.runtime.runtime import Embeddings, Runtime, RuntimeConfig
+from attrimeter.runtime.runtime import Runtime, RuntimeConfig
 
 
 def old_weighted_scan(q: np.ndarray, chunks, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -75,19 +76,6 @@ def bandwidth_read(gallery: Gallery) -> float:
         total += int(rows.reshape(-1).view(np.uint64).sum(dtype=np.uint64))
         total += int(norms.reshape(-1).view(np.uint32).sum(dtype=np.uint64))
     return float(total)
-
-
-def queries(source: Gallery, n: int, seed: int) -> list[Embeddings]:
-    """``n`` distinct one-image queries: source rows with 5 % noise of their own."""
-    rng = np.random.default_rng(seed)
-    real = np.arange(len(source))
-    f, fk, p = source.embeddings(real), source.attr_embeddings(real), source.probs(real)
-    out = []
-    for i in rng.choice(real, n):
-        e = f[i:i + 1] + 0.05 * f.std() * rng.standard_normal((1, f.shape[1]), dtype=np.float32)
-        ek = fk[i:i + 1] + 0.05 * fk.std() * rng.standard_normal((1, *fk.shape[1:]), dtype=np.float32)
-        out.append(Embeddings(e, ek, p[i:i + 1], np.zeros((1, fk.shape[1], 1, 1), np.float32)))
-    return out
 
 
 def timing_rows(export: Path, gallery_path: Path, source: Gallery, repeats: int) -> list[dict]:
@@ -159,7 +147,7 @@ _SERVE = """
 import sys, numpy as np
 from pathlib import Path
 sys.argv = sys.argv[:1]
-from bench_search_costs import queries
+from resampling import queries
 from attrimeter.runtime.gallery import Gallery
 source = Gallery.open({source!r}, progress=False)
 qs = queries(source, 1000, seed=2)

@@ -1,7 +1,7 @@
 """What sharding a gallery costs per query on one machine: explained search on one store against the same entries in
 1, 2 and 4 shards, opened in-process and held by Ray actors (docs/architecture.md §11).
 
-The gallery: ``--entries`` entries resampled with noise from a real gallery (``bench_runtime.fill_gallery``), split by
+The gallery: ``--entries`` entries resampled with noise from a real gallery (``resampling.fill_gallery``), split by
 the indexing rule (``shard_of(key, N)``) into N gallery stores and a ``shards.json``. Each setting answers the same
 queries (real gallery rows with noise) through ``Runtime.search_embeddings`` at k = 10: plain (FAISS on every shard,
 merge, explain the final 10) and attribute-weighted (exact scan on every shard). Every sharded answer is checked
@@ -34,7 +34,7 @@ from importlib.metadata import version  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from bench_runtime import fill_gallery  # noqa: E402
+from resampling import fill_gallery  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from attrimeter.runtime.distributed.manifest import manifest_for, shard_of, write_manifest  # noqa: E402

@@ -28,6 +28,7 @@ from typing import Any
 import bench_kernels as bk
 import bench_runtime as br
 import torch
+from resampling import fill_gallery
 
 # The sizes the kernel issue (4) and the runtime issue (6) named, and their targets.
 POOL_SHAPE = {"B": (256,), "C": (2048,), "HW": (192,), "M": (26,)}
@@ -213,7 +214,7 @@ def step_prep_runtime(work: Path, out: Path) -> dict[str, Any]:
     with Runtime(root / "export", root / "real", RuntimeConfig(create_gallery=True)) as rt:
         rt.index_folder(root / "data" / "bounding_box_test", progress=False)
         model_s = time.perf_counter() - t0
-        br.fill_gallery(root / "large", rt.gallery, GALLERY_ENTRIES, workers=8)
+        fill_gallery(root / "large", rt.gallery, GALLERY_ENTRIES, workers=8)
     fill_s = time.perf_counter() - t0 - model_s
     return {"figures": [figure("data, model, export and real gallery", model_s, "s"),
                         figure(f"gallery of {GALLERY_ENTRIES} entries filled", fill_s, "s")], "notes": []}
