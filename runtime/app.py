@@ -291,7 +291,9 @@ class _Api:
         """Whether the server can answer, with its backend, device, gallery size and model."""
         runtime = self.runtime
         stats = await self._run(runtime.stats)
-        problem = stats.get("gallery_problem") or stats.get("gallery_refresh_error")
+        missing = stats.get("gallery_missing_shards")
+        problem = (stats.get("gallery_problem") or stats.get("gallery_refresh_error")
+                   or (f"shards {', '.join(missing)} did not answer the last search" if missing else None))
         gallery = stats.get("gallery_size")
         return JsonResponse({"status": "degraded" if problem else "ok", "problem": problem,
                              "backend": runtime.backend.name, "device": runtime.backend.device, "gallery": gallery,

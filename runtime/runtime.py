@@ -515,14 +515,16 @@ class Runtime:
         """What a monitor wants to know now: backend, gallery size, the engine's queue and counters, and problems.
 
         ``gallery_refresh_error``: why entries another process appended could not be read (the old ones stay in use);
-        ``gallery_problem``: corrupt stored rows a search met. Either makes a server's ``/health`` say degraded.
+        ``gallery_problem``: corrupt stored rows a search met; ``gallery_missing_shards``: the shards of a sharded
+        gallery that did not answer its last search. Any of them makes a server's ``/health`` say degraded.
         Latency and error counts are the HTTP server's (:class:`attrimeter.runtime.metrics.ServerMetrics`).
         """
         self._check_open()
         return {**self._embedder.stats(), "gallery_size": None if self.gallery is None else len(self.gallery),
                 "gallery_index": None if self.gallery is None else self.gallery.index_kind,
                 "gallery_refresh_error": None if self._live is None else self._live.refresh_error,
-                "gallery_problem": self._corrupt}
+                "gallery_problem": self._corrupt,
+                "gallery_missing_shards": list(getattr(self.gallery, "missing_shards", ()))}
 
     def close(self) -> None:
         """Finish queued requests, then release the engine, the device copy and the gallery (also one passed in).

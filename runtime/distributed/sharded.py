@@ -75,6 +75,7 @@ class ShardedGallery:
         self._pool = ThreadPoolExecutor(min(len(servers), 8), thread_name_prefix="attrimeter-shard") \
             if mode == "local" else None
         self._closed = False
+        self._missing: tuple[str, ...] = ()
 
     @classmethod
     def open(cls, path: str | Path, *, mode: str = "local", verify: bool = True, partial: bool = False,
@@ -119,6 +120,11 @@ class ShardedGallery:
         return cls(root, manifest, raw, servers, mode=mode, partial=partial, timeout_s=timeout_s)
 
     # ------------------------------------------------------------------ properties (Gallery's)
+
+    @property
+    def missing_shards(self) -> tuple[str, ...]:
+        """The shards that did not answer the last fan-out (empty when all did, or before the first)."""
+        return self._missing
 
     @property
     def index_kind(self) -> str | None:
@@ -356,6 +362,7 @@ class ShardedGallery:
         else:
             answers, failures = self._call_actors(method, args)
         missing = tuple(self.manifest.shards[i].name for i in sorted(failures))
+        self._missing = missing  # what /health reports until the next fan-out
         if failures:
             detail = "; ".join(f"{self.manifest.shards[i].name}: {failures[i]}" for i in sorted(failures))
             if not partial or not answers:

@@ -161,6 +161,8 @@ def test_http_answers_503_or_names_the_missing_shards(stores, tiny_export, tiny_
             if partial:
                 assert status == 200 and body["results"][0]["missing_shards"] == ["shard-000"]
                 assert len(body["results"][0]["matches"]) == 3
+                status, _, health = call(srv, "GET", "/health")  # degraded until the shard answers again
+                assert status == 200 and health["status"] == "degraded" and "shard-000" in health["problem"]
             else:
                 assert status == 503 and "shard-000" in body["error"] and resp.getheader("Retry-After") == "1"
 
