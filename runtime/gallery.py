@@ -7,9 +7,10 @@ the writer lock, publishing and compaction are :mod:`attrimeter.runtime.store`'s
 
 Within a process, searches and reads may run while another thread appends, refreshes or compacts: the published
 state and the search index are swapped together under a lock, so a search sees either the old or the new gallery,
-and a state a reader still holds keeps answering after a compaction deleted its folders. (The module runs a little
-over 600 lines: appends, reads and searches share the state snapshot and its locks, so they stay one class; how rows
-are encoded lives in :mod:`attrimeter.runtime.storage`.)
+and a state a reader still holds keeps answering after a compaction deleted its folders. (The module runs to ~750
+lines: appends, reads and searches share the state snapshot and its locks, so they stay one class; how rows are
+encoded lives in :mod:`attrimeter.runtime.storage`, how the search index is made in
+:mod:`attrimeter.runtime.index_open`.)
 """
 
 from __future__ import annotations
@@ -24,22 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from attrimeter.runtime.ann import AnnIndex, deserialize_index
+from attrimeter.runtime.ann import AnnIndex
 from attrimeter.runtime.decompose import weighted_scan
-from attrimeter.runtime.errors import AnnIndexError, CodecError, GalleryError, InputError, UnknownIdError
-from attrimeter.runtime.gallery_index import (
-    INDEX_FAISS,
-    INDEX_JSON,
-    ExactIndex,
-    GalleryIndex,
-    HalfExactIndex,
-    HalfRangeError,
-    IndexChoice,
-    exact_keys,
-    settled,
-)
+from attrimeter.runtime.errors import CodecError, GalleryError, InputError, UnknownIdError
+from attrimeter.runtime.gallery_index import INDEX_FAISS, INDEX_JSON, GalleryIndex, IndexChoice, exact_keys, settled
+from attrimeter.runtime.index_open import extend_index, open_index
 from attrimeter.runtime.segment import squared_norms
 from attrimeter.runtime.storage import StorageCodecs, check_codecs, decode_rows, describe, encode_state
 from attrimeter.runtime.store import SegmentStore, StoreState
@@ -56,8 +47,6 @@ GALLERY_VERSION = VERSION
 # rewrites more than 16 × 16 MiB.
 DEFAULT_AUTO_COMPACT = 16
 _SIZE_CLASSES = (1 << 20, 16 << 20)
-_INDEX_ROWS = 1 << 16  # rows per index add: bounds the temporary float32 copies
-_BAR_ROWS = 1 << 18  # adding this many rows to an index shows progress (an HNSW index takes minutes per 10^6)
 _GATHER_BYTES = 64 << 20  # bytes of gathered embeddings per step when recomputing search distances
 # Candidates beyond k a search asks the index for first: usually enough for the exact re-ranking to settle the k-th
 # place; and the most it asks for (faiss-gpu's largest k) unless k itself is larger. Each unsettled round is another
@@ -612,35 +601,9 @@ class Gallery:
     def _ensure_index(self) -> GalleryIndex:
         """The search index, loaded or built from all entries on first use (call under ``_index_lock``)."""
         if self._index is None:
-            choice = self._index_choice
-            index = None if choice is not None and choice.kind == "flat" else self._saved_index(choice)
-            if index is None and choice is not None and choice.kind != "flat":
-                index = choice.build(self.dim, self.metric, self.embeddings, self._state.count)
-            if index is None:
-                index = _build_index(self.dim, self.metric, self._state)
-            elif index.ntotal < self._state.count:
-                _add_to_index(index, self._state, index.ntotal)
-            self._index = index
+            self._index = open_index(self._index_choice, self.dim, self.metric, self._state, self.embeddings,
+                                     self._store.read_derived, self.path)
         return self._index
-
-    def _saved_index(self, choice: IndexChoice | None) -> AnnIndex | None:
-        """The approximate index :meth:`save_index` left, when it fits this gallery (and ``choice``), else None."""
-        doc, data = (self._store.read_derived(name) for name in (INDEX_JSON, INDEX_FAISS))
-        if doc is None or data is None:
-            return None
-        try:
-            index = deserialize_index(doc, data, self.embeddings, where=str(self.path / INDEX_JSON))
-            if index.dim != self.dim or index.metric != self.metric or index.ntotal > self._state.count:
-                raise AnnIndexError(f"{self.path / INDEX_JSON}: built for another gallery (width {index.dim}, "
-                                    f"metric {index.metric}, {index.ntotal} entries)")
-            if choice is not None and not choice.matches(index):
-                return None  # built with other parameters: the caller builds the one asked for
-        except AnnIndexError as e:  # derived data: searched without it, and rebuilt by the next save_index
-            log.warning("%s: the saved search index is not used: %s", self.path, e)
-            return None
-        if choice is not None:
-            choice.configure(index)
-        return index
 
     def save_index(self) -> None:
         """Save the search index in the gallery folder (writers), so that readers load it instead of building it.
@@ -676,10 +639,7 @@ class Gallery:
         """Swap in a published state and extend the search index to it, atomically for searches."""
         with self._index_lock:
             if self._index is not None and new.count > self._index.ntotal:
-                try:
-                    _add_to_index(self._index, new, self._index.ntotal)
-                except HalfRangeError:  # the new entries have no float16 copy: search them all in float32
-                    self._index = _build_index(self.dim, self.metric, new, half=False)
+                self._index = extend_index(self._index, self.dim, self.metric, new)
             self._state = new
 
     def _check_open(self) -> None:
@@ -712,32 +672,6 @@ def _check_auto_compact(value: Any) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
         raise InputError(f"auto_compact must be an integer >= 2 or None, got {value!r}")
     return value
-
-
-def _build_index(dim: int, metric: str, state: StoreState, half: bool = True) -> GalleryIndex:
-    """An exact index of every entry of ``state``: over a float16 copy where it can be (``"l2"`` on the CPU)."""
-    if half and metric == "l2" and not ExactIndex.on_gpu():
-        index: GalleryIndex = HalfExactIndex(dim)
-        try:
-            _add_to_index(index, state, 0)
-            return index
-        except HalfRangeError:
-            pass
-    index = ExactIndex(dim, metric)
-    _add_to_index(index, state, 0)
-    return index
-
-
-def _add_to_index(index: GalleryIndex, state: StoreState, start: int) -> None:
-    """Add the embeddings of ids [start, state.count) to ``index``, read in bounded blocks (a bar for many)."""
-    with tqdm(total=state.count - start, desc="search index", unit="entry", disable=state.count - start < _BAR_ROWS,
-              leave=False) as bar:
-        for segment in state.segments:
-            embedding = segment.arrays["embedding"]
-            for a in range(max(start - segment.first_id, 0), segment.count, _INDEX_ROWS):
-                block = embedding.block(a, min(a + _INDEX_ROWS, segment.count))
-                index.add(block)
-                bar.update(len(block))
 
 
 def _chunks(state: StoreState, store: SegmentStore, chunk: int, norms: bool = False) -> Iterator[tuple[Any, ...]]:
