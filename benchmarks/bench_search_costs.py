@@ -35,6 +35,7 @@ from resampling import fill_gallery, queries
 
 from attrimeter.runtime.decompose import check_weights, weighted_scan
 from attrimeter.runtime.gallery import Gallery
+from attrimeter.runtime.gallery_index import IndexChoice
 from attrimeter.runtime.runtime import Runtime, RuntimeConfig
 
 
@@ -78,11 +79,12 @@ def bandwidth_read(gallery: Gallery) -> float:
     return float(total)
 
 
-def timing_rows(export: Path, gallery_path: Path, source: Gallery, repeats: int, weighted: bool = True) -> list[dict]:
+def timing_rows(export: Path, gallery_path: Path, source: Gallery, repeats: int, weighted: bool = True,
+                index: IndexChoice | None = None) -> list[dict]:
     import faiss
 
     rows = []
-    with Runtime(export, gallery_path, RuntimeConfig(verify=False)) as rt:
+    with Runtime(export, gallery_path, RuntimeConfig(verify=False, index=index)) as rt:
         g = rt.gallery
         n, m = len(g), len(rt.attributes)
         plain = faiss.IndexFlatL2(g.dim)
@@ -103,11 +105,14 @@ def timing_rows(export: Path, gallery_path: Path, source: Gallery, repeats: int,
             t[key].append(time.perf_counter() - t0)
             return out
 
+        hits = 0
         for i in range(repeats):  # alternated: one call of each per round, each with its own query
             qa, qb = qs[2 * i], qs[2 * i + 1]
             faiss.omp_set_num_threads(1)
             clock("faiss", plain.search, qa.embedding, 10)
-            clock("explained", rt.search_embeddings, qb, 10)
+            got = clock("explained", rt.search_embeddings, qb, 10)
+            if index is not None:  # recall@10 against the exact top 10 of the same query
+                hits += len({m.id for m in got[0].matches} & set(plain.search(qb.embedding, 10)[1][0].tolist()))
             if weighted and i < max(repeats // 10, 5):
                 for w, tag, active in ((all_w, "26", np.arange(m)), (few_w, "6", np.flatnonzero(few_w))):
                     _, old = clock("old" + tag, old_weighted_scan, qa.attr_embeddings, g.attr_chunks(4096), w, 10)
@@ -138,7 +143,8 @@ def timing_rows(export: Path, gallery_path: Path, source: Gallery, repeats: int,
             p50, p99, mean = _percentiles(t[key])
             note = f"{len(t[key])} varied queries"
             if key == "explained":
-                note += f"; {searches() / repeats:.3f} index searches per query ({type(g._index).__name__})"
+                note += f"; {searches() / repeats:.3f} index searches per query ({type(g._index).__name__}"
+                note += f" {dict(index.params)}, recall@10 {hits / (10 * repeats):.4f})" if index is not None else ")"
             if key.startswith("new"):
                 note += (f"; ids differ from the previous scan in {mismatches} of {2 * len(t[key])} queries "
                          "(both weight sets)")
@@ -221,12 +227,15 @@ def main() -> None:
     parser.add_argument("--plain-only", action="store_true",
                         help="only plain vs explained search (no weighted scans, no memory): for large galleries")
     parser.add_argument("--name", default="search_costs_cpu", help="results file stem (default search_costs_cpu)")
+    parser.add_argument("--index", choices=["flat", "ivf", "hnsw"], help="the runtime's search index (default flat)")
+    parser.add_argument("--index-param", action="append", default=[], metavar="NAME=VALUE")
     args = parser.parse_args()
     load = os.getloadavg()[0]
     with Gallery.open(args.source, progress=False) as source, tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "gallery"
         fill_gallery(path, source, args.entries)
-        rows = timing_rows(args.export, path, source, args.repeats, weighted=not args.plain_only)
+        index = None if args.index is None else IndexChoice.parse(args.index, args.index_param)
+        rows = timing_rows(args.export, path, source, args.repeats, weighted=not args.plain_only, index=index)
         if not args.plain_only:
             rows += rss_rows(args.export, path, args.source)
     stamped = stamp("cpu", "onnxruntime", os.cpu_count() or 1)
