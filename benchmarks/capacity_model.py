@@ -92,8 +92,10 @@ def measured(results: Path) -> dict[str, float]:
             held.append(entries / int(r["shards"]))
             anon.append(float(r["RssAnon"]) * 2**20)
     m["actor_base_b"], m["actor_per_entry_b"] = fit(held, anon)
-    if m["actor_per_entry_b"] < float(next(r for r in ann if r["index"] == "flat")["index_bytes"]) / 1e6:
-        raise ValueError(f"shard actor memory grows by {m['actor_per_entry_b']:.0f} B per entry, less than its flat "
+    # the exact index (gallery_index.HalfExactIndex) holds a float16 copy: half the float32 flat index's bytes
+    exact_index_b = float(next(r for r in ann if r["index"] == "flat")["index_bytes"]) / 1e6 / 2
+    if m["actor_per_entry_b"] < exact_index_b:
+        raise ValueError(f"shard actor memory grows by {m['actor_per_entry_b']:.0f} B per entry, less than its exact "
                          "index alone: the memory rows of scale_cpu.csv do not fit the model")
     writes = [r for r in scale if r["section"] == "write"]
     m["disk_per_entry_b"] = float(np.mean([int(r["disk_bytes"]) / int(r["entries"]) for r in writes]))
@@ -108,6 +110,7 @@ def measured(results: Path) -> dict[str, float]:
     m["ivf_recall"] = float(ivf["recall_at_10"])
     m["ivf_index_b"] = float(ivf["index_bytes"]) / m["ann_entries"]
     m["flat_index_b"] = float(flat["index_bytes"]) / m["ann_entries"]
+    m["exact_index_b"] = m["flat_index_b"] / 2  # the float16 copy of the exact index
     payload = {(r["attr_codec"], r["map_codec"]): float(r["entry_bytes"]) for r in storage}
     m["payload_today_b"], m["payload_compact_b"] = payload[TODAY], payload[COMPACT]
     return m
@@ -118,13 +121,13 @@ def design(m: dict[str, float], shards: int, index: str, storage: str) -> dict[s
     per_shard = ENTRIES / shards
     if index == "flat":  # today's runtime measured on a store of m["entries"]: search, exact re-ranking, explanation
         scale = per_shard / m["entries"]  # taken as linear in a shard's entries
-        search50, search99, index_b = m["runtime_p50_ms"] * scale, m["runtime_p99_ms"] * scale, m["flat_index_b"]
+        search50, search99, index_b = m["runtime_p50_ms"] * scale, m["runtime_p99_ms"] * scale, m["exact_index_b"]
     else:
         scale = per_shard / m["ann_entries"]  # linear: conservative for IVF-PQ, whose lists grow slower with nlist
         search50 = m["ivf_p50_ms"] * scale + m["explain_p50_ms"]
         search99, index_b = m["ivf_p99_ms"] * scale + m["explain_p99_ms"], m["ivf_index_b"]
-    # The actor's memory without its flat index (what the store itself keeps per entry), plus the chosen index.
-    ram_b = shards * m["actor_base_b"] + ENTRIES * (m["actor_per_entry_b"] - m["flat_index_b"] + index_b)
+    # The actor's memory without its exact index (what the store itself keeps per entry), plus the chosen index.
+    ram_b = shards * m["actor_base_b"] + ENTRIES * (m["actor_per_entry_b"] - m["exact_index_b"] + index_b)
     overhead = m["disk_per_entry_b"] - m["payload_today_b"]  # metadata, norms, file headers: kept in compact mode
     disk_b = ENTRIES * ((m["payload_today_b"] if storage == "today" else m["payload_compact_b"]) + overhead)
     row_b = m["payload_today_b"] if storage == "today" else m["payload_compact_b"]
@@ -177,12 +180,12 @@ def report(m: dict[str, float]) -> str:
         "(C = 256, M = 26 attributes, 8×4 maps); a larger model scales the bytes with C. One query at a time, k = 10, "
         "search + explain of the 10 hits. No GPU figure: none was measured.", "",
         "## Headline", "",
-        f"- **Today's code** (exact flat search, float16 store): {best_today['shards']} shards of "
+        f"- **Exact search, float16 store** (`attrimeter index --storage float16`): {best_today['shards']} shards of "
         f"{best_today['per_shard']:,.0f} entries on **{best_today['nodes']} nodes** of {NODE_CORES} cores / "
         f"{NODE_RAM_GIB} GiB: **{best_today['ram_gib']:.0f} GiB RAM, {best_today['disk_tb']:.2f} TB disk, p99 ≈ "
         f"{best_today['p99']:.0f} ms** (p50 ≈ {best_today['p50']:.0f} ms).",
-        f"- **With the approximate index and compact storage** (IVF-PQ nprobe 16 + exact re-ranking, recall@10 "
-        f"{m['ivf_recall']:.3f} at 10^6; pcaq-128 + uint8 maps; both measured, being wired): {best_future['shards']} "
+        f"- **With the approximate index and compact storage** (`--index ivf --storage compact`: IVF-PQ nprobe 16 + "
+        f"exact re-ranking, recall@10 {m['ivf_recall']:.3f} at 10^6; pcaq-128 + uint8 maps): {best_future['shards']} "
         f"shards on **{best_future['nodes']} node{'s' if best_future['nodes'] > 1 else ''}**: "
         f"**{best_future['ram_gib']:.0f} GiB RAM, "
         f"{best_future['disk_tb']:.2f} TB disk, p99 ≈ {best_future['p99']:.0f} ms**, dominated by the Ray fan-out "
@@ -205,8 +208,9 @@ def report(m: dict[str, float]) -> str:
         f"{m['flat_p99_ms']:.1f} ms | ann_cpu (measured) |",
         f"| IVF-PQ nprobe 16 + re-rank, 1 thread, 10^6 entries, p50 / p99 | {m['ivf_p50_ms']:.2f} / "
         f"{m['ivf_p99_ms']:.2f} ms | ann_cpu (measured) |",
-        f"| index bytes per entry: flat / IVF-PQ | {m['flat_index_b']:.0f} / {m['ivf_index_b']:.0f} B | ann_cpu "
-        "(measured) |",
+        f"| index bytes per entry: float32 flat / exact float16 copy / IVF-PQ | {m['flat_index_b']:.0f} / "
+        f"{m['exact_index_b']:.0f} / {m['ivf_index_b']:.0f} B | ann_cpu (measured; the float16 copy is half the "
+        "flat index) |",
         f"| explaining the 10 hits (runtime − plain FAISS at 10^5 entries), p50 / p99 | {m['explain_p50_ms']:.1f} / "
         f"{m['explain_p99_ms']:.1f} ms | search_costs_cpu (measured) |",
         f"| Ray fan-out (Ray actors − in-process shards, 10^5 entries), p50 | {m['fanout_p50_a']:.1f} + "
@@ -228,10 +232,8 @@ def report(m: dict[str, float]) -> str:
         "3. A shard's cost is linear in its entries, from the 10^6-entry figures: today's runtime as measured on "
         "one store of 10^6 (the 100-shard row needs no scaling); IVF-PQ from ann_cpu (conservative: its lists grow "
         "more slowly when nlist grows with the shard) plus the explanation's cost. **Extrapolated** elsewhere. "
-        "Today's runtime costs about 3.5× plain FAISS at 10^6 resampled entries: its exact re-ranking repeats the "
-        "FAISS search with twice the candidates while the k-th place is not settled (2.6 searches per query, "
-        "profiled at 4·10^5), and the resampled galleries hold ~330 near-copies of each real entry, so they "
-        "exaggerate this against a real gallery of that size.",
+        "The exact runtime searches a float16 copy of the embeddings and re-ranks exactly, one index search per "
+        "query (benchmarks/results/search_costs_1e6_cpu.md), so at 10^6 it answers faster than plain float32 FAISS.",
         f"4. The Ray fan-out cost grows linearly with the shard count, fitted on 1–{m['fanout_max_shards']:.0f} "
         "shards (Ray actors minus in-process shards) whose actors shared 2 cores with the driver: **extrapolated "
         "far beyond the measured range**; with a core per actor the per-shard slope should be smaller, with the "
@@ -239,27 +241,27 @@ def report(m: dict[str, float]) -> str:
         "5. p99 = shard p99 + fan-out p99 + network: a sum of tails (pessimistic for one query), measured on a "
         "shared VM whose load (see the stamps) widens every tail; the maximum over many shards' latencies is not "
         "modelled beyond that.",
-        "6. RAM: per shard actor the measured base, plus per entry the measured actor bytes with the flat index "
+        "6. RAM: per shard actor the measured base, plus per entry the measured actor bytes with the exact index "
         "replaced by the chosen index (hit rows are read from disk with positioned reads, so the store's files "
         "need no RAM beyond the page cache). Disk: the chosen payload plus the measured per-entry overhead "
         "(metadata, norms, file headers); no replicas.",
         "7. Weighted search: the exact scan at its measured per-entry cost with the attribute rows in the page "
         "cache, one core per shard; from NVMe it reads every entry's attribute rows (page-granular) and is slower "
-        "still. Compact rows were not measured in the scan.",
+        "still. Compact rows scan about 5× slower than float16 ones (storage_store_cpu.md, 10^4 entries), not "
+        "modelled here.",
         "8. Indexing: embedding rate proportional to cores (measured on 2 shared cores); writers are not the "
         "bottleneck (measured ≥ 10× faster than embedding per process).", "",
-        "## Today: exact flat search, float16 store", "",
+        "## Exact search, float16 store", "",
         *today, "",
-        "## With IVF-PQ and compact storage (measured at 10^6 entries; not wired yet)", "",
+        "## With IVF-PQ and compact storage (`--index ivf --storage compact`)", "",
         *future, "",
         "## Reading the tables", "",
-        f"- Today's runtime costs {m['runtime_p50_ms'] / m['faiss_p50_ms']:.1f}× plain FAISS per 10^6-entry store "
-        "(assumption 3); a re-ranking that settled in one search would bring the flat rows' shard search close to "
-        "plain FAISS's.",
+        f"- The exact runtime costs {m['runtime_p50_ms'] / m['faiss_p50_ms']:.2f}× plain float32 FAISS per "
+        "10^6-entry store (assumption 3): its float16 copy halves the bytes a query reads.",
         "- At 10^6 on this machine the sharded layouts answered faster than one store (scale_cpu.md): their shards "
         "search in parallel on its 2 cores, one store on one FAISS thread. The few milliseconds of Ray fan-out are "
         "lost in that, so they are taken from sharded_cpu.md at 10^5.",
-        "- With exact flat search the shard search dominates until shards hold ~10^6 entries; beyond that the "
+        "- With exact search the shard search dominates until shards hold ~10^6 entries; beyond that the "
         "fan-out overhead grows with every shard, so p99 has a minimum near the headline's shard count.",
         "- With IVF-PQ the per-shard search is under a millisecond per 10^6 entries, so fewer, larger shards are "
         "better: the fan-out overhead is the whole latency. A fan-out that sends only ids and scores first and "
@@ -267,7 +269,8 @@ def report(m: dict[str, float]) -> str:
         "to k.",
         "- Queries/s ceiling: every shard works on every query, so the cluster answers at most 1000 / (shard "
         "search p50 in ms) queries per second, whatever its size; more throughput needs replicas of the shards.",
-        "- Weighted search with compact rows: the scan over pcaq codes was not measured, so it is not modelled.", ""])
+        "- Weighted search with compact rows scans about 5× slower than float16 rows (storage_store_cpu.md at 10^4 "
+        "entries); it is not modelled here.", ""])
 
 
 def main() -> None:
