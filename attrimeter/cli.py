@@ -241,7 +241,10 @@ def _save_index(args: argparse.Namespace) -> None:
     for folder in folders:
         with Gallery.open(folder, writable=True, verify=False, progress=not args.quiet, index=choice) as gallery:
             gallery.save_index()
-        print(f"{folder}: saved its {choice.kind} search index")
+            kind, count = gallery.index_kind, len(gallery)
+        print(f"{folder}: saved its {kind} search index" if kind == choice.kind else
+              f"{folder}: {count} entries are too few to train a {choice.kind} index: it is searched exactly "
+              "(index it again with --index once it holds more)")
 
 
 def _connect_ray(address: str) -> None:

@@ -99,6 +99,11 @@ class AnnIndex(ABC):
         """Whether :meth:`train` must run before :meth:`add`."""
         return not self._index.is_trained
 
+    @property
+    def min_training(self) -> int:
+        """Fewest training vectors :meth:`train` accepts (0 when the kind needs none)."""
+        return self._min_training() if self.needs_training else 0
+
     def train(self, sample: np.ndarray) -> None:
         """Train the index (cells, codebooks) on a sample of embeddings float32 ``[n, C]``.
 
@@ -146,12 +151,12 @@ class AnnIndex(ABC):
         if k > self.ntotal:
             raise AnnIndexError(f"k must be at most the number of vectors ({self.ntotal}), got {k}")
         n = min(self.ntotal, k * self.rerank)
-        _, cand = self._index.search(self._for_faiss(q), n, params=self._faiss_params(n))
+        _, found = self._index.search(self._for_faiss(q), n, params=self._faiss_params(n))
+        cand = _proposals(found, self.ntotal)
         keys = np.full(cand.shape, np.inf)
         rows = max(1, _GATHER_BYTES // (8 * n * self.dim))
         for a in range(0, len(q), rows):
             keys[a:a + rows] = self._keys(q[a:a + rows], cand[a:a + rows])
-        cand = np.where((cand >= 0) & (cand < self.ntotal), cand, -1)
         order = np.lexsort((np.where(cand < 0, np.iinfo(np.int64).max, cand), keys), axis=1)[:, :k]
         ids = np.take_along_axis(cand, order, 1).astype(np.int64)
         short = np.flatnonzero((ids < 0).any(axis=1))
@@ -253,7 +258,7 @@ class AnnIndex(ABC):
 
     def _keys(self, q: np.ndarray, cand: np.ndarray) -> np.ndarray:
         """Exact float64 keys ``[Q, n]`` of candidates (``inf`` where FAISS returned none)."""
-        valid = (cand >= 0) & (cand < self.ntotal)  # -1: no candidate; beyond ntotal: never from a sound index
+        valid = cand >= 0  # -1: no candidate
         x = np.zeros((*cand.shape, self.dim))
         x[valid] = self._fetch(cand[valid])
         q64 = q.astype(np.float64)[:, None]
@@ -420,6 +425,21 @@ class HnswIndex(AnnIndex):
             raise AnnIndexError(f"the saved HNSW index has storage {storage!r} and m {links}, its index.json says "
                                 f"{self.storage!r} and {self.m}")
         index.hnsw.efConstruction = self.ef_construction
+
+
+def _proposals(found: np.ndarray, ntotal: int) -> np.ndarray:
+    """FAISS's candidate ids, those a sound index never gives turned into -1 ("no candidate").
+
+    That is ids outside ``[0, ntotal)`` and the repeats of an id in a query's row (the first is kept): what a damaged
+    or hostile saved index could propose.
+    """
+    cand = np.where((found >= 0) & (found < ntotal), found, -1).astype(np.int64)
+    order = np.argsort(cand, axis=1, kind="stable")
+    ranked = np.take_along_axis(cand, order, 1)
+    repeat = np.zeros(cand.shape, bool)
+    repeat[:, 1:] = (ranked[:, 1:] == ranked[:, :-1]) & (ranked[:, 1:] >= 0)
+    np.put_along_axis(cand, order, np.where(repeat, -1, ranked), 1)
+    return cand
 
 
 ANN_KINDS: dict[str, type[AnnIndex]] = {cls.kind: cls for cls in (FlatIndex, IvfIndex, HnswIndex)}

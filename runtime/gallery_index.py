@@ -181,13 +181,19 @@ class IndexChoice:
             params.append((name, value))
         return cls(kind, tuple(params))
 
-    def build(self, dim: int, metric: str, rows: Callable[[np.ndarray], np.ndarray], count: int) -> AnnIndex:
+    def build(self, dim: int, metric: str, rows: Callable[[np.ndarray], np.ndarray], count: int) -> AnnIndex | None:
         """A new approximate index, trained on a sample of the gallery's ``count`` entries (read through ``rows``).
 
+        Returns:
+            The index, or None when the gallery holds too few entries to train it (a new or small gallery: it is
+            searched exactly until it is opened again with enough).
+
         Raises:
-            AnnIndexError: Too few entries to train it, or a bad parameter.
+            AnnIndexError: A bad parameter.
         """
         index = make_index(self.kind, dim, rows, metric, **dict(self.params))
+        if count < index.min_training:
+            return None
         if index.needs_training:
             n = min(count, index.train_size)
             pick = np.sort(np.random.default_rng(index.seed).choice(count, n, replace=False))

@@ -52,13 +52,17 @@ def open_index(choice: IndexChoice | None, dim: int, metric: str, state: StoreSt
         where: The gallery folder, for messages.
 
     Raises:
-        AnnIndexError: An approximate index asked for that cannot be built (too few entries to train it).
+        AnnIndexError: A bad parameter of the index asked for (one the gallery is too small to train is logged, and
+            the gallery searched exactly).
     """
     if choice is not None and choice.kind == "flat":
         return exact_index(dim, metric, state)
     index = _saved(choice, dim, metric, state.count, rows, read_derived, where)
     if index is None and choice is not None:
         index = choice.build(dim, metric, rows, state.count)
+        if index is None:
+            log.warning("%s: %d entries are too few to train the %s index asked for: searched exactly", where,
+                        state.count, choice.kind)
     if index is None:
         return exact_index(dim, metric, state)
     add_entries(index, state, index.ntotal)

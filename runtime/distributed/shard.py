@@ -67,6 +67,10 @@ class ShardServer:
         """The number of entries (a cheap liveness check)."""
         return len(self.gallery)
 
+    def index_kind(self) -> str | None:
+        """The kind of the store's search index (``flat``, ``ivf``, ``hnsw``)."""
+        return self.gallery.index_kind
+
     def top_k(self, queries: np.ndarray, k: int, aam: bool = False) -> dict[str, Any]:
         """Exact top-k by the store's metric, with the rows of the hits.
 

@@ -128,11 +128,22 @@ class ShardedGallery:
 
     @property
     def index_kind(self) -> str | None:
-        """The shards' search index kinds, joined by commas (local shards; None on Ray, where actors hold them)."""
-        if self._pool is None:
-            return None
-        kinds = sorted({kind for server in self._servers if (kind := server.gallery.index_kind) is not None})
-        return ",".join(kinds) or None
+        """The shards' search index kinds, joined by commas (None when no shard answers)."""
+        if self._pool is not None:
+            found = [server.index_kind() for server in self._servers]
+        else:
+            import ray
+            from ray.exceptions import GetTimeoutError, RayError
+
+            refs = [server.index_kind.remote() for server in self._servers]
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=min(self.timeout_s, 5.0))
+            found = []
+            for ref in ready:
+                try:
+                    found.append(ray.get(ref))
+                except (RayError, GetTimeoutError):  # a shard that does not answer has no kind to report
+                    continue
+        return ",".join(sorted({kind for kind in found if kind is not None})) or None
 
     @property
     def dim(self) -> int:

@@ -287,6 +287,17 @@ def test_a_tampered_saved_index_cannot_return_ids_outside_the_gallery(tmp_path, 
         dist, ids = g.search(x[:5], 3)
     assert ((ids >= 0) & (ids < len(x))).all()
     np.testing.assert_allclose(dist, np.linalg.norm(x[ids] - x[:5, None], axis=2), rtol=1e-6)
+    for cell in range(invlists.nlist):  # now every stored id is 7: a row of repeats
+        size = invlists.list_size(cell)
+        if size:
+            faiss.rev_swig_ptr(invlists.get_ids(cell), size)[:] = 7
+    faiss.write_index(index, str(path / INDEX_FAISS))
+    doc["sha256"] = hashlib.sha256((path / INDEX_FAISS).read_bytes()).hexdigest()
+    (path / INDEX_JSON).write_text(json.dumps(doc))
+    with Gallery.open(path, progress=False) as g:
+        dist, ids = g.search(x[:5], 3)
+    assert all(len(set(row)) == 3 for row in ids.tolist())  # never one entry twice
+    np.testing.assert_array_equal(ids[:, 0], np.arange(5))  # the short rows are scanned exactly
 
 
 def test_index_choices_are_checked():
@@ -340,3 +351,15 @@ def test_every_shard_opens_the_index_asked_for(tiny_export, tmp_path, rng):
         assert g.index_kind == "hnsw"
     np.testing.assert_allclose(hits.d, np.linalg.norm(x[hits.ids] - q[:, None], axis=2), rtol=1e-6)
     assert (hits.d[:, 0] == 0).all()
+
+
+def test_a_gallery_too_small_to_train_the_index_asked_for_is_searched_exactly(tmp_path, rng, caplog):
+    from attrimeter.runtime.gallery import Gallery
+    from attrimeter.runtime.gallery_index import IndexChoice
+
+    path, x = _gallery(tmp_path, rng, n=100)
+    with Gallery.open(path, index=IndexChoice.parse("ivf", ["nlist=256", "pq_m=0"]), progress=False) as g, \
+            caplog.at_level("WARNING"):
+        dist, ids = g.search(x[:3], 2)
+        assert g.index_kind == "flat" and "too few to train the ivf index" in caplog.text
+    np.testing.assert_array_equal(ids[:, 0], np.arange(3))

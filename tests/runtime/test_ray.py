@@ -59,6 +59,7 @@ def test_shard_actors_answer_like_one_store(stores, tiny_export, tiny_data, rng)
     with (Runtime(tiny_export, ShardedGallery.open(sharded, mode="ray", actor_options=ACTORS), ONE_THREAD) as rt,
           Runtime(tiny_export, single, ONE_THREAD) as one):
         assert len(rt.gallery.actors) == 4
+        assert rt.stats()["gallery_index"] == "flat"  # asked of every shard actor
         weights = {name: float(rng.uniform(0, 3)) for name in rt.attributes[::2]}
         for k in (1, 7, 500):
             for w in (None, weights):
