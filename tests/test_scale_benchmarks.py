@@ -49,7 +49,8 @@ def test_fill_gallery_writes_entries_without_maps_and_they_cannot_be_resampled_w
 
 def _measured(**changes: float) -> dict[str, float]:
     m = {"entries": 1e6, "ann_entries": 1e6, "runtime_p50_ms": 100.0, "runtime_p99_ms": 200.0, "ivf_p50_ms": 1.0,
-         "ivf_p99_ms": 2.0, "explain_p50_ms": 2.0, "explain_p99_ms": 5.0, "flat_index_b": 1024.0, "ivf_index_b": 40.0,
+         "ivf_p99_ms": 2.0, "explain_p50_ms": 2.0, "explain_p99_ms": 5.0, "flat_index_b": 1024.0,
+         "exact_index_b": 512.0, "ivf_index_b": 40.0,
          "actor_base_b": 100 * 2**20, "actor_per_entry_b": 1200.0, "disk_per_entry_b": 16400.0,
          "payload_today_b": 16100.0, "payload_compact_b": 5300.0, "fanout_p50_a": 2.0, "fanout_p50_b": 1.5,
          "fanout_p99_a": 3.0, "fanout_p99_b": 0.5, "weighted_p50_ms": 2000.0}
