@@ -40,7 +40,8 @@ import numpy as np
 
 from attrimeter.runtime.errors import AnnIndexError
 
-__all__ = ["ANN_KINDS", "AnnIndex", "FlatIndex", "HnswIndex", "IvfIndex", "RowSource", "load_index", "make_index"]
+__all__ = ["ANN_KINDS", "AnnIndex", "FlatIndex", "HnswIndex", "IvfIndex", "RowSource", "deserialize_index",
+           "faiss_module", "load_index", "make_index"]
 
 ANN_FORMAT = "attrimeter-ann"
 ANN_VERSION = 1
@@ -197,7 +198,7 @@ class AnnIndex(ABC):
         The description (with the FAISS file's sha256) and the FAISS index (empty for ``flat``: rebuilt from the rows).
         """
         doc: dict[str, Any] = {"format": ANN_FORMAT, "version": ANN_VERSION, **self.to_json(), "ntotal": self.ntotal}
-        data = _faiss().serialize_index(self._index).tobytes() if self._persists else b""
+        data = faiss_module().serialize_index(self._index).tobytes() if self._persists else b""
         doc["sha256"] = hashlib.sha256(data).hexdigest()
         return (json.dumps(doc, indent=1) + "\n").encode(), data
 
@@ -299,7 +300,7 @@ class FlatIndex(AnnIndex):
     def __init__(self, dim: int, rows: RowSource, metric: str = "l2", rerank: int = 1, train_size: int = 65536,
                  seed: int = 0):
         super().__init__(dim, rows, metric, rerank, train_size, seed)
-        faiss = _faiss()
+        faiss = faiss_module()
         self._index = faiss.IndexFlatL2(self.dim) if metric == "l2" else faiss.IndexFlatIP(self.dim)
 
     def _min_training(self) -> int:
@@ -330,7 +331,7 @@ class IvfIndex(AnnIndex):
         if self.pq_m and self.dim % self.pq_m:
             raise AnnIndexError(f"pq_m must divide the embedding width {self.dim} (or be 0), got {pq_m}")
         self._set_search_param("nprobe", min(16, self.nlist) if nprobe is None else nprobe)
-        faiss = _faiss()
+        faiss = faiss_module()
         metric_type = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
         quantizer = faiss.IndexFlatL2(self.dim) if metric == "l2" else faiss.IndexFlatIP(self.dim)
         if self.pq_m:
@@ -355,13 +356,13 @@ class IvfIndex(AnnIndex):
         return max(self.nlist, 256 if self.pq_m else 0)  # k-means: one vector per cell; PQ: one per centroid
 
     def _faiss_params(self, n: int) -> Any:
-        params = _faiss().SearchParametersIVF()
+        params = faiss_module().SearchParametersIVF()
         params.nprobe = self.nprobe
         return params
 
     def _check_loaded(self, index: Any, ntotal: int) -> None:
         super()._check_loaded(index, ntotal)
-        ivf = _faiss().extract_index_ivf(index)
+        ivf = faiss_module().extract_index_ivf(index)
         pq_m = int(index.pq.M) if hasattr(index, "pq") else 0
         if ivf.nlist != self.nlist or pq_m != self.pq_m:
             raise AnnIndexError(f"the saved IVF index has nlist {ivf.nlist} and pq_m {pq_m}, its index.json says "
@@ -391,7 +392,7 @@ class HnswIndex(AnnIndex):
         if storage not in ("sq8", "flat"):
             raise AnnIndexError(f"storage must be 'sq8' or 'flat', got {storage!r}")
         self.storage = storage
-        faiss = _faiss()
+        faiss = faiss_module()
         metric_type = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
         if storage == "sq8":
             self._index = faiss.IndexHNSWSQ(self.dim, faiss.ScalarQuantizer.QT_8bit, self.m, metric_type)
@@ -413,7 +414,7 @@ class HnswIndex(AnnIndex):
         return 1  # the scalar quantiser's per-dimension range
 
     def _faiss_params(self, n: int) -> Any:
-        params = _faiss().SearchParametersHNSW()
+        params = faiss_module().SearchParametersHNSW()
         params.efSearch = max(self.ef_search, n)  # HNSW returns at most efSearch results
         return params
 
@@ -513,7 +514,7 @@ def deserialize_index(doc_bytes: bytes, data: bytes, rows: RowSource, where: str
             index.add(np.asarray(rows(np.arange(a, min(a + _BLOCK, doc["ntotal"]))), dtype=np.float32))
         return index
     try:
-        loaded = _faiss().deserialize_index(np.frombuffer(data, np.uint8))
+        loaded = faiss_module().deserialize_index(np.frombuffer(data, np.uint8))
     except RuntimeError as e:  # FAISS's own reader refused the bytes
         raise AnnIndexError(f"{where}: not a FAISS index ({str(e).splitlines()[0][:200]})") from e
     try:
@@ -524,9 +525,14 @@ def deserialize_index(doc_bytes: bytes, data: bytes, rows: RowSource, where: str
     return index
 
 
-def _faiss() -> Any:
+def faiss_module() -> Any:
+    """The ``faiss`` module, imported on first use (gallery search, approximate indexes, the pq codec need it).
+
+    Raises:
+        ImportError: FAISS is not installed, saying what to install.
+    """
     try:
         import faiss
     except ImportError as e:
-        raise ImportError("approximate search needs FAISS: pip install faiss-cpu") from e
+        raise ImportError("gallery search needs FAISS: pip install faiss-cpu (or faiss-gpu on a CUDA box)") from e
     return faiss

@@ -49,6 +49,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from attrimeter.runtime.ann import faiss_module
 from attrimeter.runtime.errors import CodecError
 
 __all__ = ["CODEC_KINDS", "STORAGE_MODES", "Codec", "codec_from_json", "make_codec"]
@@ -478,9 +479,9 @@ class PQCodec(_Trained):
         if len(pooled) < 1 << _PQ_BITS:
             raise CodecError(f"pq needs at least {1 << _PQ_BITS} training rows (entries x attributes), got "
                              f"{len(pooled)}")
-        pq = _faiss().ProductQuantizer(self.shape[1], self.m, _PQ_BITS)
+        pq = faiss_module().ProductQuantizer(self.shape[1], self.m, _PQ_BITS)
         pq.train(np.ascontiguousarray(pooled, dtype=np.float32))
-        self._centroids = _faiss().vector_to_array(pq.centroids).reshape(self.m, 1 << _PQ_BITS, -1)
+        self._centroids = faiss_module().vector_to_array(pq.centroids).reshape(self.m, 1 << _PQ_BITS, -1)
         self._mean, self._pq = mean, pq
 
     def _layout(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
@@ -488,7 +489,7 @@ class PQCodec(_Trained):
 
     def _encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
         if self._pq is None:  # decoding needs no FAISS: only encoding builds its quantiser
-            faiss = _faiss()
+            faiss = faiss_module()
             self._pq = faiss.ProductQuantizer(self.shape[1], self.m, _PQ_BITS)
             faiss.copy_array_to_vector(np.ascontiguousarray(self._centroids).ravel(), self._pq.centroids)
         codes = self._pq.compute_codes(np.ascontiguousarray((x - self._mean).reshape(-1, self.shape[1])))
@@ -732,11 +733,3 @@ def codec_from_json(doc: Mapping[str, Any], state: Mapping[str, np.ndarray] | No
         raise CodecError(f"a {codec.kind} codec needs its trained state")
     codec._load_state(state or {})
     return codec
-
-
-def _faiss() -> Any:
-    try:
-        import faiss
-    except ImportError as e:
-        raise ImportError("the pq codec needs FAISS: pip install faiss-cpu") from e
-    return faiss

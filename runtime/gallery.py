@@ -568,13 +568,12 @@ class Gallery:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise InputError(f"k must be a positive integer, got {k!r}")
         with self._index_lock:
-            total = self._ensure_index().ntotal
+            index = self._ensure_index()
+            total, approximate = index.ntotal, isinstance(index, AnnIndex)  # approximate: re-ranks its own, one round
         kk = min(int(k), total)
         if kk == 0 or len(q) == 0:
             return np.zeros((len(q), kk)), np.zeros((len(q), kk), np.float32), np.zeros((len(q), kk), np.int64)
         cap = total if kk > _FETCH_CAP else min(total, _FETCH_CAP)
-        with self._index_lock:
-            approximate = isinstance(self._ensure_index(), AnnIndex)  # re-ranks its own candidates: one round
         fetch = kk if approximate else min(cap, kk + _RANK_MARGIN)
         while True:
             with self._index_lock:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from attrimeter.runtime.ann import ANN_KINDS, AnnIndex, make_index
+from attrimeter.runtime.ann import ANN_KINDS, AnnIndex, faiss_module, make_index
 from attrimeter.runtime.errors import AnnIndexError, InputError
 
 __all__ = ["INDEX_FAISS", "INDEX_JSON", "ExactIndex", "GalleryIndex", "HalfExactIndex", "HalfRangeError", "IndexChoice",
@@ -84,7 +84,7 @@ class ExactIndex:
     """
 
     def __init__(self, dim: int, metric: str):
-        faiss = self._faiss = _faiss()
+        faiss = self._faiss = faiss_module()
         self._metric = metric
         index = faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
         self._gpu = self.on_gpu()
@@ -93,7 +93,7 @@ class ExactIndex:
     @staticmethod
     def on_gpu() -> bool:
         """Whether FAISS sees a GPU (an exact index then lives there)."""
-        return _faiss().get_num_gpus() > 0
+        return faiss_module().get_num_gpus() > 0
 
     @property
     def ntotal(self) -> int:
@@ -231,19 +231,19 @@ class HalfExactIndex:
     """Exact ``"l2"`` search over a float16 copy of the embeddings (FAISS ``IndexScalarQuantizer``, ``QT_fp16``).
 
     A flat search reads every stored vector once per query, so its time is the bytes it reads: a float16 copy halves
-    them (measured at 10^5 entries of C = 256 on the 2-core CPU: 2.7 ms against 5.6 ms for ``IndexFlatL2``, one
-    thread), and the index's memory with them. The search is still exact: :meth:`search_floor` returns, with the
-    candidates, a lower bound on the exact distance of every entry it did not return, from FAISS's float32 sum of
-    ``(q_i − x̃_i)²`` over the rounded copy ``x̃`` and the largest rounding ``Δ = max ‖x − x̃‖`` of any entry added;
-    :meth:`~attrimeter.runtime.gallery.Gallery.rank` re-ranks the candidates from the stored float32 rows and fetches
-    more until the k-th exact distance lies below that bound.
+    them, and the index's memory with them (an explained search at 10^6 entries costs 0.57× a plain ``IndexFlatL2``
+    search, ``benchmarks/results/search_costs_1e6_cpu.md``). The search is still exact: :meth:`search_floor` returns,
+    with the candidates, a lower bound on the exact distance of every entry it did not return, from FAISS's float32
+    sum of ``(q_i − x̃_i)²`` over the rounded copy ``x̃`` and the largest rounding ``Δ = max ‖x − x̃‖`` of any entry
+    added; :meth:`~attrimeter.runtime.gallery.Gallery.rank` re-ranks the candidates from the stored float32 rows and
+    fetches more until the k-th exact distance lies below that bound.
 
     Args:
         dim: Embedding width C.
     """
 
     def __init__(self, dim: int):
-        faiss = self._faiss = _faiss()
+        faiss = self._faiss = faiss_module()
         self._index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
         self._delta = 0.0  # Δ: the largest ‖x − x̃‖ added
         # FAISS's float32 sum of C squared differences (each rounded once): relative error at most (C + 3)·u; doubled
@@ -343,11 +343,3 @@ def _unit(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (zero rows stay zero), float32 C-contiguous."""
     norms = np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
     return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float32)
-
-
-def _faiss() -> Any:
-    try:
-        import faiss
-    except ImportError as e:
-        raise ImportError("gallery search needs FAISS: pip install faiss-cpu (or faiss-gpu on a CUDA box)") from e
-    return faiss
