@@ -7,9 +7,9 @@ shared machine hits them alike:
 
 * plain FAISS ``IndexFlatL2`` (1 thread, the runtime's default ``search_threads``) vs ``Runtime.search_embeddings``;
 * the weighted search ranking by ``Σ_k w_k d_k``: the previous exact scan (every attribute, whole chunks converted
-  to float32; kept here as the reference) vs :func:`~attrimeter.runtime.decompose.weighted_scan`, for all 26 weights
-  non-zero and for 6 non-zero, against two floors of what it reads (the active attribute rows and their stored
-  norms): the *read floor*, a numpy sum over exactly those strided bytes of the store's mapped files, and the
+  to float32 by numpy; kept here as the reference) vs :func:`~attrimeter.runtime.decompose.weighted_scan`, for all
+  26 weights non-zero and for 6 non-zero, against two floors of what it reads (the active attribute rows and their
+  stored norms): the *read floor*, a numpy sum over exactly those strided bytes of the store's mapped files, and the
   *bandwidth floor*, those bytes at the speed this machine streams the same mapped files contiguously (a sum over every
   byte of them, scaled by the share of bytes the scan needs): what a fused kernel reading only those bytes would take;
 * resident memory (VmRSS, VmHWM) of a process serving the gallery through ``Runtime`` after 1,000 varied searches,
@@ -40,14 +40,12 @@ from attrimeter.runtime.runtime import Runtime, RuntimeConfig
 
 
 def old_weighted_scan(q: np.ndarray, chunks, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The scan before this change (commit 6632633): every attribute, whole chunks converted to float32."""
-    from attrimeter.runtime.decompose import _to_float32
-
+    """The scan before commit 6632633: every attribute, whole chunks converted to float32 (here by numpy)."""
     q32 = np.ascontiguousarray(q, dtype=np.float32)
     q_sq = np.einsum("qac,qac->qa", q32, q32)[:, None, :]
     best_scores, best_ids = np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
     for first, rows in chunks:
-        g = _to_float32(rows)
+        g = np.asarray(rows, dtype=np.float32)
         sq = q_sq + np.einsum("nac,nac->na", g, g)[None] - 2.0 * np.einsum("nac,qac->qna", g, q32)
         scores = np.sqrt(np.maximum(sq, 0.0)) @ weights
         ids = np.broadcast_to(np.arange(first, first + scores.shape[1], dtype=np.int64), scores.shape)

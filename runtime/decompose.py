@@ -5,20 +5,17 @@ Embeddings use the kernels' layout ``[.., M+1, C]``: row 0 the target's global e
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Sequence
-from importlib import resources
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from attrimeter.runtime.codecs import Codec
 from attrimeter.runtime.errors import InputError
+from attrimeter.runtime.scan_kernel import expanded_scores
 
-__all__ = ["CAST_MODEL", "MAX_WEIGHT", "Decomposition", "check_weights", "explain_rows", "weighted_scan"]
+__all__ = ["MAX_WEIGHT", "Decomposition", "check_weights", "explain_rows", "weighted_scan"]
 
-# Shipped beside this module (package data), made by tests/runtime/test_core.py's recipe with onnx.helper.
-CAST_MODEL = "cast_fp16.onnx"
 # Largest attribute weight: float32 scores Σ w_k d_k stay finite for any realistic distance.
 MAX_WEIGHT = 1e6
 
@@ -96,36 +93,11 @@ def _decompose(dist: np.ndarray, weights: np.ndarray | None) -> Decomposition:
     total = d_k.sum(-1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         shares = np.where(total > 0, d_k / total, np.float32(1.0 / m)).astype(np.float32)
-    scores = d if weights is None else d_k @ weights
+    scores = d if weights is None else _weighted_sum(d_k, weights)
     return Decomposition(d=d, d_k=d_k, shares=shares, d_hat=d_k.mean(-1), scores=scores.astype(np.float32))
 
 
-def _to_float32(rows: np.ndarray) -> np.ndarray:
-    """float16 → float32 for the scan, through ONNX Runtime's vectorised Cast where installed.
-
-    Measured on the 2-core CPU for 46 M values: 16 ms against 148 ms for numpy's ``astype``.
-    """
-    session = _cast_session() if rows.dtype == np.float16 else None
-    if session is not None:
-        return session.run(None, {"x": np.ascontiguousarray(rows)})[0]
-    return np.asarray(rows, dtype=np.float32)
-
-
-@functools.cache
-def _cast_session() -> Any:
-    """ONNX Runtime on the shipped one-node graph (``cast_fp16.onnx``: x float16 → y float32), or None without it."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return None
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1  # memory-bound: one thread converts as fast and leaves the cores to the engine
-    model = (resources.files("attrimeter.runtime") / CAST_MODEL).read_bytes()
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-
-
-# Bytes per block of the weighted scan: a block's active attribute rows in float32 stay in the CPU's cache.
+# Bytes per block of the weighted scan over a codec's coordinates: a block's decoded rows stay in the CPU's cache.
 _SCAN_BLOCK_BYTES = 1 << 20
 # Rounding bound of the norm expansion: |fl(‖q‖² + ‖g‖² − 2 q·g) − ‖q − g‖²| <= (C + 2)·u·(‖q‖ + ‖g‖)² in float32
 # (u = 2^-24, each dot product of C terms within C·u·‖q‖‖g‖); doubled for margin, which also covers the float32
@@ -138,11 +110,12 @@ def weighted_scan(q: np.ndarray, chunks: Iterable[tuple[int, Any, np.ndarray | N
     """Exact top-k by the attribute-weighted score ``Σ_k w_k d_k`` over a whole gallery, chunk by chunk.
 
     Only the attributes with a non-zero weight are read. Candidates are found with the norm expansion
-    ``d_k² = ‖q_k‖² + ‖g_k‖² − 2 q_k·g_k`` (float32 matrix products over small blocks converted from float16, with
-    the stored ``‖g_k‖²``), then scored exactly by direct differences like :func:`explain_rows`. A candidate is
-    rescored when its expanded score is within the expansion's rounding bound B of the k-th exact score so far, so
-    no entry of the exact top k (or tied with its k-th) is missed: the result equals an exact scan by direct
-    differences of the decoded rows, ties to the lower id (a sharded gallery's merge keeps the same ones).
+    ``d_k² = ‖q_k‖² + ‖g_k‖² − 2 q_k·g_k`` (float rows: the compiled
+    :func:`~attrimeter.runtime.scan_kernel.expanded_scores` over the stored float16 and ``‖g_k‖²``), then scored
+    exactly by direct differences like :func:`explain_rows`. A candidate is rescored when its expanded score is within
+    the expansion's rounding bound B of the k-th exact score so far, so no entry of the exact top k (or tied with its
+    k-th) is missed: the result equals an exact scan by direct differences of the decoded rows, ties to the lower id
+    (a sharded gallery's merge keeps the same ones).
 
     With a ``codec`` the chunks hold its stored arrays: candidates are found in :meth:`Codec.coordinates`' space
     (``pcaq``: the rotated coordinates, never rotated back) with B widened by :meth:`Codec.coordinate_slack`, and
@@ -164,35 +137,22 @@ def weighted_scan(q: np.ndarray, chunks: Iterable[tuple[int, Any, np.ndarray | N
     w = np.ascontiguousarray(weights[active], dtype=np.float32)
     q32 = np.ascontiguousarray(np.asarray(q, dtype=np.float32)[:, active])  # [Q, A, C]
     qc, rest = (q32, np.zeros(q32.shape[:2], np.float32)) if codec is None else codec.scan_space(q32, active)
-    q_t = np.ascontiguousarray(qc.transpose(1, 2, 0))  # [A, S, Q]: one matrix product per attribute
     q_sq = np.einsum("qac,qac->qa", qc, qc) + rest  # [Q, A]: ‖q‖² in the scan's coordinates
     q_norm = np.sqrt(np.maximum(q_sq, 0.0))
     root_gamma = np.float32(np.sqrt(_ROUNDING * (qc.shape[2] + 2)))
     nq = len(q32)
     best_scores = np.full((nq, 0), np.inf, np.float32)
     best_ids = np.empty((nq, 0), np.int64)
-    block = max(16, _SCAN_BLOCK_BYTES // (4 * max(1, qc.shape[1] * qc.shape[2])))
     for first, rows, norms in chunks:
-        n = len(rows) if codec is None else len(next(iter(rows.values())))
-        approx = np.empty((nq, n), np.float32)
-        g_max = np.zeros(len(active), np.float32)
-        for a in range(0, n, block):
-            if codec is None:
-                g16 = rows[a:a + block]
-                g = _to_float32(g16 if len(active) == rows.shape[1] else g16[:, active])  # [b, A, C]
-                g_sq = (np.einsum("nac,nac->na", g, g) if norms is None
-                        else np.asarray(norms[a:a + block][:, active], dtype=np.float32))  # [b, A]
-            else:
-                g = codec.coordinates({name: arr[a:a + block] for name, arr in rows.items()}, active)  # [b, A, S]
-                g_sq = np.einsum("nac,nac->na", g, g)
-            np.maximum(g_max, g_sq.max(0), out=g_max)
-            sq = q_sq[:, None, :] + g_sq[None] - 2.0 * np.matmul(g.transpose(1, 0, 2), q_t).transpose(2, 1, 0)
-            approx[:, a:a + block] = np.sqrt(np.maximum(sq, 0.0)) @ w  # [Q, b]
+        if codec is None:  # compiled: float16 read in place, never copied to float32 (scan_kernel)
+            approx, g_max = expanded_scores(rows, norms, active, qc, q_sq, w)
+        else:
+            approx, g_max = _coordinate_scores(rows, codec, active, qc, q_sq, w)
         bound = root_gamma * ((q_norm + np.sqrt(g_max)[None]) @ w)  # [Q]: B for this chunk's largest norms
         if codec is not None:
             bound = bound + np.float32(codec.coordinate_slack(np.sqrt(g_max), active) @ w)
         kth = best_scores[:, k - 1] if best_scores.shape[1] >= k else np.full(nq, np.inf, np.float32)
-        if n >= k:  # k entries of this chunk score at most their k-th expanded score + B
+        if approx.shape[1] >= k:  # k entries of this chunk score at most their k-th expanded score + B
             kth = np.minimum(kth, np.partition(approx, k - 1, axis=1)[:, k - 1] + bound)
         cand_q, cand_n = np.nonzero(approx <= (kth + bound)[:, None])
         if len(cand_q) == 0:
@@ -206,10 +166,36 @@ def weighted_scan(q: np.ndarray, chunks: Iterable[tuple[int, Any, np.ndarray | N
     return best_scores[:, finite], best_ids[:, finite]
 
 
+def _coordinate_scores(stored: dict[str, np.ndarray], codec: Codec, active: np.ndarray, qc: np.ndarray,
+                       q_sq: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Expanded weighted scores ``[Q, n]`` of a chunk of codec arrays in the codec's coordinates, and its ``g_max``."""
+    n = len(next(iter(stored.values())))
+    q_t = np.ascontiguousarray(qc.transpose(1, 2, 0))  # [A, S, Q]: one matrix product per attribute
+    block = max(16, _SCAN_BLOCK_BYTES // (4 * max(1, qc.shape[1] * qc.shape[2])))
+    approx = np.empty((len(qc), n), np.float32)
+    g_max = np.zeros(len(active), np.float32)
+    for a in range(0, n, block):
+        g = codec.coordinates({name: arr[a:a + block] for name, arr in stored.items()}, active)  # [b, A, S]
+        g_sq = np.einsum("nac,nac->na", g, g)
+        np.maximum(g_max, g_sq.max(0, initial=0.0), out=g_max)
+        sq = q_sq[:, None, :] + g_sq[None] - 2.0 * np.matmul(g.transpose(1, 0, 2), q_t).transpose(2, 1, 0)
+        approx[:, a:a + block] = np.sqrt(np.maximum(sq, 0.0)) @ w  # [Q, b]
+    return approx, g_max
+
+
 def _direct_scores(q: np.ndarray, g: np.ndarray, w: np.ndarray) -> np.ndarray:
     """``Σ_k w_k ‖q_k − g_k‖`` by direct differences in float32 for pairs ``q [P, A, C]``, ``g [P, A, C]``."""
     diff = q - g
-    return np.sqrt(np.einsum("pac,pac->pa", diff, diff)) @ w
+    return _weighted_sum(np.sqrt(np.einsum("pac,pac->pa", diff, diff)), w)
+
+
+def _weighted_sum(d_k: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``Σ_k w_k d_k`` over the last axis, each row's bits independent of the batch around it.
+
+    A BLAS product (``d_k @ w``) sums some rows in another order than others depending on the batch's size, and equal
+    entries scored in different batches (another chunk, another shard) must tie exactly.
+    """
+    return (d_k * w).sum(-1, dtype=np.float32)
 
 
 def _merge(best_scores: np.ndarray, best_ids: np.ndarray, cand_q: np.ndarray, scores: np.ndarray,

@@ -11,6 +11,7 @@ from attrimeter.runtime.batching import DynamicBatcher
 from attrimeter.runtime.decompose import check_weights, explain_rows, weighted_scan
 from attrimeter.runtime.errors import InputError, OverloadedError
 from attrimeter.runtime.images import as_sources, load_image, to_input
+from attrimeter.runtime.scan_kernel import expanded_scores
 
 # ------------------------------------------------------------------------------------------------ images ----------
 
@@ -259,26 +260,53 @@ def test_batches_wait_for_company_but_not_forever():
     assert calls == [5]  # submitted within the wait: one engine call
 
 
-def test_shipped_cast_graph_is_the_recipe_and_exact(rng):
-    """runtime/cast_fp16.onnx (package data) is exactly this onnx.helper recipe, and converts exactly."""
-    import onnx
-    from onnx import TensorProto, helper
+def test_weighted_scores_of_a_row_do_not_depend_on_its_batch(rng):
+    """Equal entries scored in batches of different sizes (chunks, shards) tie exactly: no BLAS product's order."""
+    q = rng.standard_normal((1, 14, 8)).astype(np.float32)
+    g = rng.standard_normal((1, 40, 14, 8)).astype(np.float16)
+    w = rng.random(13).astype(np.float32)
+    full = explain_rows(q, g, w).scores[0]
+    for p in range(1, 40):
+        np.testing.assert_array_equal(explain_rows(q, g[:, :p], w).scores[0], full[:p])
 
-    from attrimeter.runtime import decompose
 
-    dims = ["n", "m", "c"]
-    recipe = helper.make_model(
-        helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)], "cast_fp16_to_fp32",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT16, dims)],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)]),
-        opset_imports=[helper.make_opsetid("", 13)], producer_name="attrimeter", ir_version=8)
-    onnx.checker.check_model(recipe, full_check=True)
-    from importlib import resources
+@pytest.mark.parametrize("c", [1, 7, 16, 33, 256])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("with_norms", [True, False])
+def test_expanded_scores_match_numpy(rng, c, dtype, with_norms):
+    """The compiled scan against the expansion in float64, on odd widths, a strided view and a block-crossing n."""
+    m, n = 5, 300  # n > the kernel's block of 256 rows
+    base = rng.standard_normal((n, m + 2, c)) * 3
+    base[0, :, 0] = 6.0e-8  # float16 subnormals widen exactly
+    rows = base.astype(dtype)[:, 1:-1]  # a strided view, as a memory map's slice would be
+    active = np.array([4, 0, 2])
+    q = rng.standard_normal((2, len(active), c)).astype(np.float32)
+    g = rows.astype(np.float64)[:, active]
+    g_sq = (g ** 2).sum(-1)
+    norms = np.einsum("nmc,nmc->nm", rows.astype(np.float32), rows.astype(np.float32)) if with_norms else None
+    q_sq = np.einsum("qac,qac->qa", q, q)
+    w = np.array([1.0, 0.5, 2.0], np.float32)
+    scores, g_max = expanded_scores(rows, norms, active, q, q_sq, w)
+    sq = q_sq[:, None].astype(np.float64) + g_sq[None] - 2 * np.einsum("nac,qac->qna", g, q.astype(np.float64))
+    want = np.sqrt(np.maximum(sq, 0)) @ w
+    assert scores.shape == (2, n) and scores.dtype == np.float32
+    np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(g_max, g_sq.max(0), rtol=1e-5)
+    with pytest.raises(TypeError, match="float16 or float32"):
+        expanded_scores(rows.astype(np.float64), norms, active, q, q_sq, w)
 
-    assert (resources.files("attrimeter.runtime") / decompose.CAST_MODEL).read_bytes() == recipe.SerializeToString()
-    x = (rng.standard_normal((50, 4, 9)) * 100).astype(np.float16)
-    np.testing.assert_array_equal(decompose._to_float32(x), x.astype(np.float32))
-    assert decompose._cast_session() is not None  # the fast path ran, not the numpy fallback
+
+def test_expanded_scores_run_concurrently_and_agree(rng):
+    """nogil: threads scanning at once get what one thread gets."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = rng.standard_normal((2000, 4, 32)).astype(np.float16)
+    q = rng.standard_normal((1, 4, 32)).astype(np.float32)
+    args = (rows, None, np.arange(4), q, np.einsum("qac,qac->qa", q, q), np.ones(4, np.float32))
+    want = expanded_scores(*args)[0]
+    with ThreadPoolExecutor(4) as pool:
+        for got in pool.map(lambda _: expanded_scores(*args)[0], range(8)):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_a_failing_batch_does_not_kill_the_inference_thread():
