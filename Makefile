@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS := train,kernels,export,runtime,serve,distributed,dev
+EXTRAS := train,kernels,export,runtime,scan,serve,distributed,dev
 OUT ?= runs/demo
 
 .PHONY: demo test lint venv clean gpu-check

@@ -6,9 +6,9 @@ stored ``‖g_j‖²``. The loops run over blocks of rows and, inside a block, a
 query row stays in registers while the same attribute of consecutive rows streams past (a fixed stride that the
 hardware prefetcher follows).
 
-Compiled with Numba (``nogil``: concurrent searches run in parallel), once per embedding width ``C`` so the inner
-product has a constant trip count, and cached on disk. Measured at 10^5 entries on the 2-core CPU
-(``benchmarks/results/search_costs_cpu.md``).
+Compiled with Numba (the ``scan`` extra; ``nogil``: concurrent searches run in parallel), once per embedding
+width ``C`` so the inner product has a constant trip count, and cached on disk. Measured at 10^5
+entries on the 2-core CPU (``benchmarks/results/search_costs_cpu.md``).
 """
 
 from __future__ import annotations
@@ -83,7 +83,10 @@ def _widen() -> Callable:
 @functools.cache
 def _kernel(c: int) -> Callable:
     """The scan compiled for embedding width ``c`` (a constant of the inner loop)."""
-    from numba import njit
+    try:
+        from numba import njit
+    except ImportError:
+        raise ImportError('attribute-weighted search needs Numba: pip install "attrimeter[scan]"') from None
 
     widen = _widen()
     block = _BLOCK
