@@ -8,10 +8,11 @@ shared machine hits them alike:
 * plain FAISS ``IndexFlatL2`` (1 thread, the runtime's default ``search_threads``) vs ``Runtime.search_embeddings``;
 * the weighted search ranking by ``Σ_k w_k d_k``: the previous exact scan (every attribute, whole chunks converted
   to float32 by numpy; kept here as the reference) vs :func:`~attrimeter.runtime.decompose.weighted_scan`, for all
-  26 weights non-zero and for 6 non-zero, against two floors of what it reads (the active attribute rows and their
-  stored norms): the *read floor*, a numpy sum over exactly those strided bytes of the store's mapped files, and the
-  *bandwidth floor*, those bytes at the speed this machine streams the same mapped files contiguously (a sum over every
-  byte of them, scaled by the share of bytes the scan needs): what a fused kernel reading only those bytes would take;
+  26 weights non-zero and for 6 non-zero, against two floors of what it reads (the active attribute rows of the
+  segments' copy attribute by attribute, and their stored norms): the *read floor*, a numpy sum over exactly those
+  bytes of the store's mapped files, and the *bandwidth floor*, those bytes at the speed this machine streams the same
+  mapped files contiguously (a sum over every byte of them, scaled by the share of bytes the scan needs): what a fused
+  kernel reading only those bytes would take;
 * resident memory (VmRSS, VmHWM) of a process serving the gallery through ``Runtime`` after 1,000 varied searches,
   against a process with only an ONNX Runtime session of the export and a FAISS index of the same embeddings.
 
@@ -62,7 +63,7 @@ def floor_read(gallery: Gallery, active: np.ndarray) -> float:
     """Read exactly the bytes the new scan reads (active attribute rows, their norms) with a numpy sum."""
     total = 0
     for _, rows, norms in gallery.scan_chunks(4096):
-        words = rows.view(np.uint64)  # [n, M, C/4]: a sum over 64-bit words runs at memory speed
+        words = rows.view(np.uint64)  # [n, M, C/4], rows[:, a] contiguous: 64-bit words sum at memory speed
         for a in active:
             total += int(words[:, a].sum(dtype=np.uint64)) + int(norms[:, a].view(np.uint32).sum(dtype=np.uint64))
     return float(total)
@@ -72,7 +73,7 @@ def bandwidth_read(gallery: Gallery) -> float:
     """Sum every byte of the mapped attribute rows and norms contiguously (64-bit words): the streaming read speed."""
     total = 0
     for _, rows, norms in gallery.scan_chunks(1 << 30):
-        total += int(rows.reshape(-1).view(np.uint64).sum(dtype=np.uint64))
+        total += int(np.ravel(rows, order="K").view(np.uint64).sum(dtype=np.uint64))  # in memory order: no copy
         total += int(norms.reshape(-1).view(np.uint32).sum(dtype=np.uint64))
     return float(total)
 
@@ -128,11 +129,11 @@ def timing_rows(export: Path, gallery_path: Path, source: Gallery, repeats: int,
                  "explained": "Runtime.search_embeddings (search + explain)",
                  "old26": "weighted scan, previous (all 26 weights non-zero)",
                  "new26": "weighted scan, new (all 26 weights non-zero)",
-                 "floor26": "read floor of the new scan (numpy sum over its strided bytes, 26 attributes + norms)",
+                 "floor26": "read floor of the new scan (numpy sum over its bytes, 26 attributes + norms)",
                  "bw26": "bandwidth floor of the new scan (its bytes at the contiguous read speed, 26 attributes)",
                  "old6": "weighted scan, previous (6 weights non-zero)",
                  "new6": "weighted scan, new (6 weights non-zero)",
-                 "floor6": "read floor of the new scan (numpy sum over its strided bytes, 6 attributes + norms)",
+                 "floor6": "read floor of the new scan (numpy sum over its bytes, 6 attributes + norms)",
                  "bw6": "bandwidth floor of the new scan (its bytes at the contiguous read speed, 6 attributes)",
                  "rt_weighted6": "Runtime.search_embeddings with 6 weights non-zero (scan + explain)"}
         for key, name in names.items():
@@ -258,8 +259,8 @@ def targets(rows: list[dict]) -> str:
         return "\n".join(["## Targets", "", line])
     new26 = value["weighted scan, new (all 26 weights non-zero)"]
     new6 = value["weighted scan, new (6 weights non-zero)"]
-    read26 = new26 / value["read floor of the new scan (numpy sum over its strided bytes, 26 attributes + norms)"]
-    read6 = new6 / value["read floor of the new scan (numpy sum over its strided bytes, 6 attributes + norms)"]
+    read26 = new26 / value["read floor of the new scan (numpy sum over its bytes, 26 attributes + norms)"]
+    read6 = new6 / value["read floor of the new scan (numpy sum over its bytes, 6 attributes + norms)"]
     bw26 = new26 / value["bandwidth floor of the new scan (its bytes at the contiguous read speed, 26 attributes)"]
     bw6 = new6 / value["bandwidth floor of the new scan (its bytes at the contiguous read speed, 6 attributes)"]
     speed26 = value["weighted scan, previous (all 26 weights non-zero)"] / value[

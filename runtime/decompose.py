@@ -158,7 +158,7 @@ def weighted_scan(q: np.ndarray, chunks: Iterable[tuple[int, Any, np.ndarray | N
         if len(cand_q) == 0:
             continue
         # a codec decodes the candidates' every row, as the gallery's reads do: the same products, the same bits
-        g = (np.asarray(rows[cand_n][:, active], dtype=np.float32) if codec is None
+        g = (np.asarray(rows[cand_n[:, None], active], dtype=np.float32) if codec is None  # only the rows needed
              else codec.decode(rows, cand_n)[:, active])
         exact = _direct_scores(q32[cand_q], g, w)
         best_scores, best_ids = _merge(best_scores, best_ids, cand_q, exact, first + cand_n, k)

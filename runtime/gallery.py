@@ -54,7 +54,7 @@ _GATHER_BYTES = 64 << 20  # bytes of gathered embeddings per step when recomputi
 # needed 1.005 (re-ranking 32 more rows costs far less than a search).
 _RANK_MARGIN = 32
 _FETCH_CAP = 2048
-_SCAN_CHUNK = 4096  # entries per chunk of a weighted scan
+_SCAN_CHUNK = 16384  # entries per chunk of a weighted scan
 
 
 class Gallery:
@@ -674,10 +674,16 @@ def _check_auto_compact(value: Any) -> int | None:
 
 
 def _chunks(state: StoreState, store: SegmentStore, chunk: int, norms: bool = False) -> Iterator[tuple[Any, ...]]:
-    """Attribute rows by chunks of a segment: float16 views for float16 storage, else decoded chunk by chunk."""
+    """Attribute rows by chunks of a segment: float16 views for float16 storage, else decoded chunk by chunk.
+
+    Scans (``norms``) read a segment's copy attribute by attribute where it has one: only the weighted attributes'
+    bytes are streamed (``scan_kernel``).
+    """
     float16 = store.codecs.attr.kind == "float16"
     for segment in state.segments:
-        attr = segment.arrays["attr"].view() if float16 else None
+        attr = None
+        if float16:
+            attr = (segment.planes.get("attr", segment.arrays["attr"]) if norms else segment.arrays["attr"]).view()
         sq = segment.arrays["norms"].view() if norms and "norms" in segment.arrays else None
         for a in range(0, segment.count, chunk):
             b = min(a + chunk, segment.count)

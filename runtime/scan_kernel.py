@@ -2,9 +2,11 @@
 
 For each gallery row ``g`` and one query ``q`` it computes ``Σ_j w_j √max(‖q_j‖² + ‖g_j‖² − 2 q_j·g_j, 0)`` over the
 active attributes ``j``, reading each stored value once, float16 widened in registers (no float32 copy), with the
-stored ``‖g_j‖²``. The loops run over blocks of rows and, inside a block, attribute by attribute: each attribute's
-query row stays in registers while the same attribute of consecutive rows streams past (a fixed stride that the
-hardware prefetcher follows).
+stored ``‖g_j‖²``. Rows stored attribute by attribute (a format 4 segment's scan copy: each attribute's rows of all
+entries together) are scanned two attribute planes per pass, contiguous streams of only the weighted attributes'
+bytes (two streams in flight run at the read floor; one measured ~1.3x it). Rows stored entry by entry (segments
+without the copy) are scanned in blocks of rows and, inside a block, attribute by attribute: each attribute's query
+row stays in registers while the same attribute of consecutive rows streams past.
 
 Compiled with Numba (the ``scan`` extra; ``nogil``: concurrent searches run in parallel), once per embedding
 width ``C`` so the inner product has a constant trip count, and cached on disk. Measured at 10^5
@@ -20,8 +22,8 @@ import numpy as np
 
 __all__ = ["expanded_scores"]
 
-# Rows per block: a block's rows of one attribute are read in one pass before the next attribute (64..512 rows
-# measured within a few per cent of each other at C = 256, M = 26).
+# Rows per block of entry-major rows: a block's rows of one attribute are read in one pass before the next attribute
+# (64..512 rows measured within a few per cent of each other at C = 256, M = 26).
 _BLOCK = 256
 
 
@@ -31,7 +33,9 @@ def expanded_scores(rows: np.ndarray, norms: np.ndarray | None, active: np.ndarr
 
     Args:
         rows: Stored attribute rows ``[n, M, C]``, float16 or float32, read in place (a memory map too). Any strides
-            work, but only C-contiguous rows compile to vector code: a transposed view runs several times slower.
+            work, but only two layouts compile to vector code: C-contiguous rows (entry by entry), and rows whose
+            attribute planes ``rows[:, a]`` are each C-contiguous (stored by attribute, as format 4 segments are);
+            other views run several times slower.
         norms: Their squared norms ``[n, M]`` float32, or None to compute them from ``rows``.
         active: The attributes to score ``[A]`` (indices into M).
         q: Queries' active attribute rows ``[Q, A, C]`` float32.
@@ -49,13 +53,25 @@ def expanded_scores(rows: np.ndarray, norms: np.ndarray | None, active: np.ndarr
     n = len(rows)
     active = np.ascontiguousarray(active, np.int64)
     have_norms = norms is not None
-    norms = np.zeros((0, rows.shape[1]), np.float32) if norms is None else norms
-    scores = np.empty((len(q), n), np.float32)
+    norms = np.zeros((n, rows.shape[1]), np.float32) if norms is None else norms
+    scores = np.zeros((len(q), n), np.float32)
     g_max = np.zeros(len(active), np.float32)
-    kernel = _kernel(rows.shape[2])
+    block_kernel, plane_kernel = _kernels(rows.shape[2])
+    planes = rows.transpose(1, 0, 2)  # [M, n, C]: each attribute's rows, contiguous when stored by attribute
+    by_attribute = rows.shape[1] > 1 and all(planes[a].flags.c_contiguous for a in active)
+    if by_attribute:  # the norms' columns, read once: read in place, each plane's pass would stream all of them
+        columns = np.ascontiguousarray(norms[:, active].T)  # [A, n]
+    w32 = np.ascontiguousarray(w, np.float32)
     for p in range(len(q)):  # one pass per query: requests carry one query, rarely more
-        kernel(rows, norms, have_norms, active, np.ascontiguousarray(q[p], np.float32),
-               np.ascontiguousarray(q_sq[p], np.float32), np.ascontiguousarray(w, np.float32), scores[p], g_max)
+        qp = np.ascontiguousarray(q[p], np.float32)  # [A, C]
+        q_sq_p = np.ascontiguousarray(q_sq[p], np.float32)
+        if by_attribute:  # two planes per pass: two streams in flight run at the read floor, one at ~1.3x it
+            for j in range(0, len(active), 2):
+                pair = j + 1 < len(active)
+                plane_kernel(planes[active[j]], planes[active[j + int(pair)]], pair, columns, have_norms, qp, q_sq_p,
+                             w32, scores[p], g_max, j)
+        else:
+            block_kernel(rows, norms, have_norms, active, qp, q_sq_p, w32, scores[p], g_max)
     return scores, g_max
 
 
@@ -82,8 +98,8 @@ def _widen() -> Callable:
 
 
 @functools.cache
-def _kernel(c: int) -> Callable:
-    """The scan compiled for embedding width ``c`` (a constant of the inner loop)."""
+def _kernels(c: int) -> tuple[Callable, Callable]:
+    """The scans compiled for embedding width ``c`` (a constant of the inner loop): rows entry by entry, one plane."""
     try:
         from numba import njit
     except ImportError:
@@ -95,28 +111,53 @@ def _kernel(c: int) -> Callable:
     # reassoc: the inner products may be summed in any order (vectorised); the rounding bound of weighted_scan holds
     # for every order. No other fast-math flag: NaN, inf and signed zeros keep their meaning.
     @njit(fastmath={"reassoc", "contract"}, boundscheck=False, nogil=True, cache=True)
-    def scan(rows, norms, have_norms, active, q, q_sq, w, out, g_max):
+    def dot(row, q):
+        acc = np.float32(0.0)
+        for x in range(c):
+            acc += q[x] * widen(row[x])
+        return acc
+
+    @njit(fastmath={"reassoc", "contract"}, boundscheck=False, nogil=True, cache=True)
+    def squared(row):
+        acc = np.float32(0.0)
+        for x in range(c):
+            v = widen(row[x])
+            acc += v * v
+        return acc
+
+    @njit(fastmath={"reassoc", "contract"}, boundscheck=False, nogil=True, cache=True)
+    def scan_blocks(rows, norms, have_norms, active, q, q_sq, w, out, g_max):
         n = rows.shape[0]
         for lo in range(0, n, block):
             hi = min(n, lo + block)
-            for i in range(lo, hi):
-                out[i] = 0.0
             for j in range(active.shape[0]):
                 a = active[j]
                 for i in range(lo, hi):
-                    dot = np.float32(0.0)
-                    if have_norms:
-                        g_sq = norms[i, a]
-                        for x in range(c):
-                            dot += q[j, x] * widen(rows[i, a, x])
-                    else:
-                        g_sq = np.float32(0.0)
-                        for x in range(c):
-                            v = widen(rows[i, a, x])
-                            dot += q[j, x] * v
-                            g_sq += v * v
+                    g_sq = norms[i, a] if have_norms else squared(rows[i, a])
                     g_max[j] = max(g_max[j], g_sq)
-                    sq = q_sq[j] + g_sq - np.float32(2.0) * dot
+                    sq = q_sq[j] + g_sq - np.float32(2.0) * dot(rows[i, a], q[j])
                     out[i] += w[j] * np.sqrt(max(sq, np.float32(0.0)))
 
-    return scan
+    @njit(fastmath={"reassoc", "contract"}, boundscheck=False, nogil=True, cache=True)
+    def scan_planes(first, second, pair, norms, have_norms, q, q_sq, w, out, g_max, j):
+        """Active attributes ``j`` (plane ``first`` [n, C]) and, with ``pair``, ``j + 1`` (``second``)."""
+        k = j + 1 if pair else j
+        q0, q1, n0, n1 = q[j], q[k], norms[j], norms[k]
+        s0, s1, w0, w1 = q_sq[j], q_sq[k], w[j], w[k]
+        top0, top1 = g_max[j], g_max[k]
+        for i in range(first.shape[0]):
+            x0 = first[i]
+            g0 = n0[i] if have_norms else squared(x0)
+            top0 = max(top0, g0)
+            term = w0 * np.sqrt(max(s0 + g0 - np.float32(2.0) * dot(x0, q0), np.float32(0.0)))
+            if pair:
+                x1 = second[i]
+                g1 = n1[i] if have_norms else squared(x1)
+                top1 = max(top1, g1)
+                term += w1 * np.sqrt(max(s1 + g1 - np.float32(2.0) * dot(x1, q1), np.float32(0.0)))
+            out[i] += term
+        g_max[j] = top0
+        if pair:
+            g_max[k] = top1
+
+    return scan_blocks, scan_planes

@@ -5,8 +5,9 @@ A segment is a folder of array files (``embedding.npy``, the attribute rows, ``p
 Small files are read into memory when the segment is opened; large ones stay open and are read with positioned reads
 (``preadv``), so a process holds in memory only the rows it asked for, not the pages a memory map would fault in
 around them. Either way an opened segment keeps answering after a compaction deleted its folder: the descriptors and
-copies it holds keep the data. Whole-array scans (:meth:`Segment.view`) map a large file only for as long as the
-caller holds the view.
+copies it holds keep the data. Whole-array scans (:meth:`_Array.view`) map a large file only for as long as the
+caller holds the view; float16 attribute rows also have a copy attribute by attribute for them (format 4,
+:class:`_Planes`).
 
 Everything here works relative to directory descriptors and never follows a symbolic link where it writes or deletes.
 """
@@ -22,7 +23,7 @@ import os
 import stat
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ _COPY_BYTES = 64 << 20  # bytes per chunk when compacting
 _FEW_ROWS = 64  # gathers up to this many rows read row by row, larger ones in runs of consecutive rows
 _MAX_HEADER = 1 << 20  # a .npy header longer than this is not one the store wrote
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_REWRITE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC  # written, then read to hash
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
@@ -113,14 +115,39 @@ class _Array:
         return np.frombuffer(mapped, self.dtype, count=int(np.prod(self.shape)), offset=self.offset).reshape(self.shape)
 
 
-class Segment:
-    """One published segment: its arrays and metadata lines, read by position within the segment."""
+class _Planes:
+    """A ``.npy`` file of rows ``[n, M, ...]`` stored attribute by attribute, ``[M, n, ...]`` (a scan copy)."""
 
-    def __init__(self, record: SegmentRecord, folder: Path, files: dict[str, _File], arrays: dict[str, _Array]):
+    def __init__(self, file: _File, shape: tuple[int, ...], dtype: np.dtype, offset: int):
+        self.file, self.shape, self.dtype, self.offset = file, shape, dtype, offset
+        self.stored = (shape[1], shape[0], *shape[2:])
+
+    def view(self) -> np.ndarray:
+        """The rows ``[n, M, ...]``, read-only: a transposed view of the planes, each ``view()[:, a]`` contiguous.
+
+        In memory, or mapped for as long as the caller holds the view.
+        """
+        count = int(np.prod(self.shape))
+        buffer = self.file.raw if self.file.raw is not None else mmap.mmap(self.file.fd, 0, access=mmap.ACCESS_READ)
+        planes = np.frombuffer(buffer, self.dtype, count=count, offset=self.offset).reshape(self.stored)
+        return planes.transpose(1, 0, *range(2, planes.ndim))
+
+
+class Segment:
+    """One published segment: its arrays and metadata lines, read by position within the segment.
+
+    Attributes:
+        arrays: Its arrays by layout key (:meth:`GallerySpec.layout`).
+        planes: The scan copies attribute by attribute by layout key (float16 ``attr`` from format 4; absent before).
+    """
+
+    def __init__(self, record: SegmentRecord, folder: Path, files: dict[str, _File], arrays: dict[str, _Array],
+                 planes: dict[str, _Planes]):
         """Use :func:`open_segment`."""
         self.record = record
         self.folder = folder
         self.arrays = arrays
+        self.planes = planes
         self._files = files
         self._meta = files[META]
         self._offsets: np.ndarray | None = None
@@ -219,26 +246,36 @@ def open_segment(segments_fd: int, folder: Path, record: SegmentRecord, spec: Ga
                 files[name] = _open_file(dir_fd, folder / name, size)
         finally:
             os.close(dir_fd)
-        # an OPTIONAL file a segment lacks is recomputed by its readers
-        arrays = {key: _array(files[f"{key}.npy"], dtype, shape)
-                  for key, (dtype, shape) in spec.layout(record.count).items() if f"{key}.npy" in files}
+        # an OPTIONAL file a segment lacks is recomputed by its readers (norms), or they read another (planes)
+        layout = spec.layout(record.count)
+        arrays = {key: _Array(files[f"{key}.npy"], shape, dtype, _header(files[f"{key}.npy"], dtype, shape))
+                  for key, (dtype, shape) in layout.items() if f"{key}.npy" in files}
+        planes = {}
+        for key in spec.by_attribute:
+            dtype, shape = layout[key]
+            file = files.get(spec.scan_file(key))
+            if file is not None:
+                planes[key] = _Planes(file, shape, dtype, _header(file, dtype, (shape[1], shape[0], *shape[2:])))
     except BaseException:
         _close([f.fd for f in files.values() if f.fd is not None])
         raise
-    segment = Segment(record, folder, files, arrays)
+    segment = Segment(record, folder, files, arrays, planes)
     if files[META].raw is not None:
         segment.offsets()  # cheap for small files: check the line count now
     return segment
 
 
-def write_segment(segments_fd: int, name: str, layout: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
-                  chunks: Iterable[tuple[str, Any]], bar: Any) -> tuple[dict[str, str], dict[str, int]]:
+def write_segment(segments_fd: int, name: str, spec: GallerySpec, n: int, chunks: Iterable[tuple[str, Any]],
+                  bar: Any) -> tuple[dict[str, str], dict[str, int]]:
     """Create folder ``name`` and write a segment's files into it, fsynced, from ``(file stem or META, data)`` chunks.
+
+    The arrays of :attr:`GallerySpec.by_attribute` are written twice: entry by entry and attribute by attribute.
 
     Args:
         segments_fd: Descriptor of the gallery's ``segments`` folder.
         name: The new folder (must not exist).
-        layout: Dtype and shape of each array, by file stem (:meth:`GallerySpec.layout`).
+        spec: The gallery's identity (its :meth:`GallerySpec.layout` of ``n`` entries is what is written).
+        n: Entries in the segment.
         chunks: Rows of arrays (by stem) or bytes of ``meta.jsonl`` (by :data:`META`), in order per file.
         bar: A progress bar (``update(bytes)``).
 
@@ -248,34 +285,40 @@ def write_segment(segments_fd: int, name: str, layout: Mapping[str, tuple[np.dty
     Raises:
         OSError: Writing failed (the caller removes the folder).
     """
+    layout = spec.layout(n)
     os.mkdir(name, 0o755, dir_fd=segments_fd)
     folder_fd = os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=segments_fd)
     writers: dict[str, _HashingFile] = {}
+    copies: dict[str, _PlanesFile] = {}
     try:
         for key, (dtype, shape) in layout.items():
             writers[key] = _HashingFile(folder_fd, f"{key}.npy", bar)
             header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
             np.lib.format.write_array_header_1_0(writers[key], header)
+            if key in spec.by_attribute:
+                copies[key] = _PlanesFile(folder_fd, spec.scan_file(key), dtype, shape, bar)
         writers[META] = _HashingFile(folder_fd, META, bar)
         for key, data in chunks:
             writer = writers[key]
             if key == META:
                 writer.rows += data.count(b"\n")
                 writer.write(data)
-            else:
-                writer.rows += len(data)
-                writer.write(np.ascontiguousarray(data, dtype=layout[key][0]))
-        n = next(iter(layout.values()))[1][0]
-        short = [name for name, w in writers.items() if w.rows != n]
+                continue
+            rows = np.ascontiguousarray(data, dtype=layout[key][0])
+            writer.rows += len(rows)
+            writer.write(rows)
+            if key in copies:
+                copies[key].append(rows)
+        short = [w.name for w in [*writers.values(), *copies.values()] if w.rows != n]
         if short:
             raise RuntimeError(f"segment writer got the wrong number of rows for {', '.join(short)}")
         files, sizes = {}, {}
-        for writer in writers.values():
+        for writer in [*writers.values(), *copies.values()]:
             files[writer.name] = writer.finish()
             sizes[writer.name] = writer.size
         os.fsync(folder_fd)
     finally:
-        for writer in writers.values():
+        for writer in [*writers.values(), *copies.values()]:
             writer.close()
         os.close(folder_fd)
     return files, sizes
@@ -373,6 +416,59 @@ class _HashingFile:
         self._fh.close()
 
 
+class _PlanesFile:
+    """A new ``.npy`` file of rows ``[n, M, ...]`` stored as ``[M, n, ...]``.
+
+    Each chunk of rows is written at M places (the file is sized first), and the file is hashed in a second pass once
+    complete (from the page cache); ``finish`` fsyncs it.
+    """
+
+    def __init__(self, dir_fd: int, name: str, dtype: np.dtype, shape: tuple[int, ...], bar: Any):
+        self.name = name
+        self._fd = os.open(name, _REWRITE_FLAGS, 0o644, dir_fd=dir_fd)
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                      "fortran_order": False,
+                                                      "shape": (shape[1], shape[0], *shape[2:])})
+        self._head = len(header.getvalue())
+        self._n, self._part = shape[0], int(np.prod(shape[2:], dtype=np.int64)) * dtype.itemsize
+        self.size = self._head + shape[1] * self._n * self._part
+        self._bar = bar
+        self.rows = 0
+        os.ftruncate(self._fd, self.size)
+        _pwrite_all(self._fd, header.getvalue(), 0)
+
+    def append(self, rows: np.ndarray) -> None:
+        """Write rows ``[b, M, ...]`` after those written, one attribute plane at a time."""
+        if self.rows + len(rows) > self._n:
+            raise RuntimeError(f"segment writer got more than {self._n} rows for {self.name}")
+        for m in range(rows.shape[1]):
+            offset = self._head + (m * self._n + self.rows) * self._part
+            _pwrite_all(self._fd, np.ascontiguousarray(rows[:, m]), offset)
+        self.rows += len(rows)
+        self._bar.update(rows.nbytes)
+
+    def finish(self) -> str:
+        digest = hashlib.sha256()
+        buf = bytearray(min(_CHUNK, self.size))
+        for offset in range(0, self.size, _CHUNK):
+            view = memoryview(buf)[:min(_CHUNK, self.size - offset)]
+            _pread_into(self._fd, view, offset, Path(self.name))
+            digest.update(view)
+        os.fsync(self._fd)
+        return digest.hexdigest()
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _pwrite_all(fd: int, data: Any, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 def _open_file(dir_fd: int, path: Path, size: int) -> _File:
     try:
         fd = os.open(path.name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -395,8 +491,8 @@ def _open_file(dir_fd: int, path: Path, size: int) -> _File:
     return _File(path, size, bytes(raw), None)
 
 
-def _array(file: _File, expected: np.dtype, shape: tuple[int, ...]) -> _Array:
-    """Check a ``.npy`` file's header against the expected dtype and shape."""
+def _header(file: _File, expected: np.dtype, shape: tuple[int, ...]) -> int:
+    """Check a ``.npy`` file's header against the expected dtype and shape; returns where its data starts."""
     head = file.read(0, min(file.size, 4096))
     try:
         if len(head) >= 12 and head[:6] == b"\x93NUMPY" and head[6] in (2, 3):
@@ -416,7 +512,7 @@ def _array(file: _File, expected: np.dtype, shape: tuple[int, ...]) -> _Array:
     offset = stream.tell()
     if offset + int(np.prod(shape, dtype=np.int64)) * expected.itemsize != file.size:
         raise CorruptGalleryError(f"{file.path}: its size does not match its header")
-    return _Array(file, shape, expected, offset)
+    return offset
 
 
 def _pread_into(fd: int | None, buf: memoryview, offset: int, path: Path) -> None:

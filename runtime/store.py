@@ -525,9 +525,10 @@ class SegmentStore:
         try:
             self._append_journal(encode_record(self._position.seq + 1, begin=name), sync=False)
             layout = self.spec.layout(n)
-            total = sum(int(np.prod(s)) * d.itemsize for d, s in layout.values())
+            total = sum(int(np.prod(s)) * d.itemsize * (1 + (key in self.spec.by_attribute))  # + the scan copies
+                        for key, (d, s) in layout.items())
             with self._bar(total if progress else 0, f"{desc} {self.path.name}") as bar:
-                files, sizes = write_segment(segments_fd, tmp, layout, chunks, bar)
+                files, sizes = write_segment(segments_fd, tmp, self.spec, n, chunks, bar)
             os.rename(tmp, name, src_dir_fd=segments_fd, dst_dir_fd=segments_fd)
             renamed = True
             os.fsync(segments_fd)

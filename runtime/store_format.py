@@ -14,7 +14,9 @@ A gallery folder holds::
     segments/<name>/   embedding.npy, the attribute rows (attr.npy in float16, else one attr.<array>.npy per stored
                        codec array), probs.npy, the maps likewise (aam.npy..., only with ``aam_shape``), norms.npy
                        (each float16 attribute row's squared norm, for weighted scans; segments written before it
-                       lack it; not stored with decoded rows, whose norms come with the decoding), meta.jsonl
+                       lack it; not stored with decoded rows, whose norms come with the decoding),
+                       attr_by_attribute.npy (float16 only, format 4: the same rows attribute by attribute, [M, n, C],
+                       which weighted scans stream; segments written before lack it), meta.jsonl
     .lock              locked as well by writers, for writers of format 1 (which lock only this file)
 
 The published gallery is the base's segments followed by the ``add`` records of a journal of the same generation. A
@@ -25,8 +27,10 @@ crc32 of its JSON (8 hex digits), a space, the JSON and a newline. Lines after t
 is malformed or out of sequence, or an intact line after a damaged one, is corruption.
 
 Format 1 (runtimes before the journal) had no journal, generation or garbage; format 2 no storage field (its rows
-and maps are float16, :mod:`attrimeter.runtime.storage`). Both are still read, and a writer upgrades them to format 3
-when it opens them. Everything read here is checked field by field: what does not parse into exactly this
+and maps are float16, :mod:`attrimeter.runtime.storage`); format 3 no ``attr_by_attribute.npy`` (the scan copy of
+float16 rows, docs/architecture.md §10: a weighted scan then reads ``attr.npy``). All are still read, a writer
+upgrades the manifest to format 4 when it opens it, and a compaction writes the scan copy of the segments it merges.
+Everything read here is checked field by field: what does not parse into exactly this
 shape is a :class:`CorruptGalleryError` naming the file, never another exception.
 """
 
@@ -53,8 +57,8 @@ __all__ = [
 
 FORMAT = "attrimeter-gallery"
 JOURNAL_FORMAT = "attrimeter-gallery-journal"
-VERSION = 3  # written; 1 and 2 (float16 storage, no "storage" field) are still read
-JOURNAL_VERSION = 2  # the journal's own format: unchanged by format 3
+VERSION = 4  # written; 1, 2 (float16 storage, no "storage" field) and 3 (no scan copy) are still read
+JOURNAL_VERSION = 2  # the journal's own format: unchanged by formats 3 and 4
 MANIFEST_NAME = "gallery.json"
 JOURNAL_NAME = "gallery.journal"
 SEGMENTS = "segments"
@@ -62,8 +66,9 @@ META = "meta.jsonl"
 METRICS = ("l2", "ip")
 # The arrays every segment holds whatever its storage (attribute rows and maps: :class:`Storage`'s arrays).
 DTYPES = {"embedding": np.dtype("<f4"), "probs": np.dtype("<f4"), "norms": np.dtype("<f4")}
-# Files a segment may lack: written since a later runtime, derived from the others (readers recompute them).
-OPTIONAL = frozenset({"norms"})
+# Files a segment may lack: written since a later runtime, derived from the others (readers recompute them, or
+# read the others instead).
+OPTIONAL = frozenset({"norms.npy", "attr_by_attribute.npy"})
 
 _MAX = 1 << 62  # bound on counts, ids, sizes and dims: keeps all arithmetic on them inside int64
 _NAME = re.compile(r"[0-9A-Za-z][0-9A-Za-z_-]{0,99}")  # what writers name segments: no dots, separators, controls
@@ -71,6 +76,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MANIFEST_KEYS = {1: {"format", "version", "dim", "attributes", "aam_shape", "model", "metric", "count", "segments"}}
 _MANIFEST_KEYS[2] = _MANIFEST_KEYS[1] | {"generation", "garbage"}
 _MANIFEST_KEYS[3] = _MANIFEST_KEYS[2] | {"storage"}
+_MANIFEST_KEYS[4] = _MANIFEST_KEYS[3]  # same fields; float16 segments gain the scan copy of their attribute rows
 _SEGMENT_KEYS = {"name", "count", "first_id", "files", "sizes", "bytes"}
 
 
@@ -106,14 +112,28 @@ class GallerySpec:
             out["norms"] = (DTYPES["norms"], (n, m))
         return out
 
+    @property
+    def by_attribute(self) -> frozenset[str]:
+        """The arrays that segments also hold attribute by attribute (format 4): float16 attribute rows.
+
+        The copy, ``<key>_by_attribute.npy`` holding ``[M, n, C]``, is what weighted scans stream (only the attributes
+        they weigh, contiguously); hits are read from ``<key>.npy``, one read per entry.
+        """
+        return frozenset({"attr"}) if self.storage.stores_norms else frozenset()
+
+    @staticmethod
+    def scan_file(key: str) -> str:
+        """The file name of array ``key``'s copy attribute by attribute."""
+        return f"{key}_by_attribute.npy"
+
     def files(self) -> set[str]:
         """The names of a segment's files (as written now; see :data:`OPTIONAL`)."""
-        return {f"{key}.npy" for key in self.layout(0)} | {META}
+        return ({f"{key}.npy" for key in self.layout(0)} | {self.scan_file(key) for key in self.by_attribute}
+                | {META})
 
     def accepts(self, names: Set[str]) -> bool:
         """Whether ``names`` are the files of a segment: :meth:`files`, less any of the :data:`OPTIONAL` ones."""
-        required = self.files() - {f"{key}.npy" for key in OPTIONAL}
-        return required <= names <= self.files()
+        return self.files() - OPTIONAL <= names <= self.files()
 
     def header(self) -> dict[str, Any]:
         """The identity fields of the manifest."""

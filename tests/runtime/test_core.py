@@ -273,12 +273,18 @@ def test_weighted_scores_of_a_row_do_not_depend_on_its_batch(rng):
 @pytest.mark.parametrize("c", [1, 7, 16, 33, 256])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("with_norms", [True, False])
-def test_expanded_scores_match_numpy(rng, c, dtype, with_norms):
-    """The compiled scan against the expansion in float64, on odd widths, a strided view and a block-crossing n."""
+@pytest.mark.parametrize("by_attribute", [False, True])
+def test_expanded_scores_match_numpy(rng, c, dtype, with_norms, by_attribute):
+    """The compiled scan against the expansion in float64, on odd widths, a strided view and a block-crossing n, with
+    rows stored entry by entry or attribute by attribute (format 4: a transposed view of [M, n, C] planes)."""
     m, n = 5, 300  # n > the kernel's block of 256 rows
-    base = rng.standard_normal((n, m + 2, c)) * 3
-    base[0, :, 0] = 6.0e-8  # float16 subnormals widen exactly
-    rows = base.astype(dtype)[:, 1:-1]  # a strided view, as a memory map's slice would be
+    base = rng.standard_normal((n + 3, m + 2, c)) * 3
+    base[1, :, 0] = 6.0e-8  # float16 subnormals widen exactly
+    if by_attribute:  # a chunk of a segment's planes, as Gallery.scan_chunks gives them: planes stay contiguous
+        rows = np.ascontiguousarray(base.astype(dtype).transpose(1, 0, 2)).transpose(1, 0, 2)[1:-2, 1:-1]
+        assert all(rows[:, a].flags.c_contiguous for a in range(m)) and not rows.flags.c_contiguous
+    else:
+        rows = base.astype(dtype)[1:-2, 1:-1]  # a strided view, as a memory map's slice would be
     active = np.array([4, 0, 2])
     q = rng.standard_normal((2, len(active), c)).astype(np.float32)
     g = rows.astype(np.float64)[:, active]

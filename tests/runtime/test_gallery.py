@@ -67,7 +67,11 @@ def test_roundtrip_and_reopen(tmp_path, rng):
     doc = json.loads((path / MANIFEST_NAME).read_text())
     assert doc["format"] == "attrimeter-gallery" and doc["count"] == len(data["meta"])
     seg = path / "segments" / doc["segments"][0]["name"]
-    assert np.load(seg / "attr.npy", mmap_mode="r").dtype == np.float16
+    count = doc["segments"][0]["count"]
+    rows, planes = np.load(seg / "attr.npy"), np.load(seg / "attr_by_attribute.npy")  # format 4: a scan copy too
+    assert rows.dtype == planes.dtype == np.float16 and planes.shape == (M, count, 24)
+    np.testing.assert_array_equal(rows, data["attr_embeddings"][:count].astype(np.float16))
+    np.testing.assert_array_equal(planes.transpose(1, 0, 2), rows)
     assert len((seg / "meta.jsonl").read_text().splitlines()) == doc["segments"][0]["count"]
 
 
@@ -356,8 +360,8 @@ def test_a_format_1_gallery_opens_and_a_writer_upgrades_it(tmp_path):
         assert r.search(r.embeddings([3]), 1)[1][0, 0] == 3
     assert manifest.read_bytes() == v1 and not (path / JOURNAL_NAME).exists()  # reading changes nothing
     with Gallery.open(path, writable=True) as w:
-        # upgraded to the format written now (3: float16 storage recorded)
-        assert json.loads(manifest.read_text())["version"] == 3 and (path / JOURNAL_NAME).exists()
+        # upgraded to the format written now (4: float16 storage recorded, rows written attribute by attribute)
+        assert json.loads(manifest.read_text())["version"] == 4 and (path / JOURNAL_NAME).exists()
         emb, attr, probs, aam, meta = _v1_rows(5, 2)
         w.append(emb, attr, probs, meta, aam=aam)
     with Gallery.open(path, verify=True) as r:

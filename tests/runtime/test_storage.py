@@ -18,6 +18,7 @@ from attrimeter.runtime.gallery import MANIFEST_NAME, Gallery
 from attrimeter.runtime.runtime import Runtime, RuntimeConfig
 from attrimeter.runtime.segment import squared_norms
 from attrimeter.runtime.storage import FIT_MIN_ENTRIES, STATE_NAME, fit_storage, storage_codecs
+from attrimeter.runtime.store_format import GallerySpec
 
 pytest.importorskip("faiss")
 
@@ -79,13 +80,14 @@ def test_each_mode_round_trips_through_append_compact_reopen_refresh(mode, tmp_p
             reader.refresh()
             _check(reader, codecs, concat_batches(batches))
         files = {p.name for p in (path / "segments").rglob("*.npy")}
-        assert ("attr.npy" in files) == (mode == "float16") and ("aam.npy" in files) == (mode == "float16")
+        float16 = mode == "float16"  # rows, their scan copy and maps
+        assert ("attr.npy" in files) == ("attr_by_attribute.npy" in files) == ("aam.npy" in files) == float16
         assert not any(f.startswith("aam") for f in files) or mode != "compact-nomaps"
         g.compact()  # copies the codes: reads are bit-identical, codecs.npz untouched
         _check(g, codecs, concat_batches(batches))
     assert ((path / STATE_NAME).read_bytes() if state is not None else None) == state
     doc = json.loads((path / MANIFEST_NAME).read_text())
-    assert doc["version"] == 3 and doc["storage"]["mode"] == mode
+    assert doc["version"] == 4 and doc["storage"]["mode"] == mode
     with Gallery.open(path, verify=True) as g:
         assert g.segments == 1
         _check(g, codecs, concat_batches(batches))
@@ -139,7 +141,7 @@ def test_a_format_2_gallery_opens_as_float16_and_a_writer_upgrades_it(tmp_path, 
     with Gallery.open(path) as g:
         _check(g, codecs, data)
     with Gallery.open(path, writable=True) as g:
-        assert json.loads((path / MANIFEST_NAME).read_text())["version"] == 3
+        assert json.loads((path / MANIFEST_NAME).read_text())["version"] == 4
         more = batch_of(rng, 3, dim=DIM, aam=AAM)
         g.append(**more)
     with Gallery.open(path, verify=True) as g:
@@ -266,10 +268,65 @@ def test_weighted_search_equals_a_scan_of_the_decoded_rows(mode, tmp_path, rng):
         q[1] = attr[301]  # exactly an entry that has a duplicate
         for weights in (np.r_[1.0, 0.0, 2.0, np.zeros(len(ATTRS) - 3)], np.ones(len(ATTRS))):
             w = check_weights(weights, len(ATTRS))
-            scores, ids = g.weighted_search(q, w, 7)
-            act = np.flatnonzero(w)
-            diff = q[:, None, act].astype(np.float64) - attr[None, :, act]  # float64: duplicates tie exactly
-            want = np.sqrt((diff ** 2).sum(-1)) @ w[act].astype(np.float64)
-            order = np.lexsort((np.broadcast_to(np.arange(len(attr)), want.shape), want), axis=1)[:, :7]
-            np.testing.assert_array_equal(ids, order)
-            np.testing.assert_allclose(scores, np.take_along_axis(want, order, 1), rtol=1e-6)
+            _assert_weighted_search(g, q, w, attr, 7)
+
+
+def _assert_weighted_search(g, q, w, attr, k):
+    """``g.weighted_search`` equals a float64 scan of the decoded rows ``attr``, ties to the lower id."""
+    scores, ids = g.weighted_search(q, w, k)
+    act = np.flatnonzero(w)
+    diff = q[:, None, act].astype(np.float64) - attr[None, :, act]  # float64: duplicates tie exactly
+    want = np.sqrt((diff ** 2).sum(-1)) @ w[act].astype(np.float64)
+    order = np.lexsort((np.broadcast_to(np.arange(len(attr)), want.shape), want), axis=1)[:, :k]
+    np.testing.assert_array_equal(ids, order)
+    np.testing.assert_allclose(scores, np.take_along_axis(want, order, 1), rtol=1e-6)
+
+
+def test_format_3_segments_are_read_and_scanned_and_a_compaction_adds_the_scan_copy(tmp_path, rng, monkeypatch):
+    """Float16 segments without the copy attribute by attribute (format 3) beside ones with it (format 4): reads and
+    weighted scans agree across both, and a compaction writes the copy."""
+    path, m = tmp_path / "g", len(ATTRS)
+    batches = [batch_of(rng, n, dim=256, aam=None) for n in (600, 40, 700)]  # 600 rows: > 1 MiB, read from disk
+    attr = np.concatenate([b["attr_embeddings"] for b in batches]).astype(np.float16).astype(np.float32)
+
+    def files():
+        return sorted(p.name for p in (path / "segments").rglob("attr*.npy"))
+
+    with monkeypatch.context() as patch:  # a format 3 writer
+        patch.setattr(GallerySpec, "by_attribute", property(lambda self: frozenset()))
+        with Gallery.create(path, dim=256, attributes=ATTRS, aam_shape=None, model="m", auto_compact=None) as g:
+            for batch in batches[:2]:
+                g.append(**{k: v for k, v in batch.items() if k != "aam"})
+    assert files() == ["attr.npy"] * 2
+    q = rng.standard_normal((2, m, 256)).astype(np.float32)
+    q[0] = attr[620]
+    weights = [check_weights(np.r_[1.0, 0.0, 2.0, np.zeros(m - 3)], m), check_weights(np.ones(m), m)]
+    with Gallery.open(path, writable=True, auto_compact=None) as g:
+        g.append(**{k: v for k, v in batches[2].items() if k != "aam"})
+        assert files() == ["attr.npy"] * 3 + ["attr_by_attribute.npy"]
+        for compacted in (False, True):
+            if compacted:
+                g.compact()
+            ids = rng.permutation(len(attr))
+            np.testing.assert_array_equal(g.attr_embeddings(ids), attr[ids])
+            np.testing.assert_array_equal(np.concatenate([c for _, c in g.attr_chunks(512)]), attr.astype(np.float16))
+            for w in weights:
+                _assert_weighted_search(g, q, w, attr, 5)
+        assert files() == ["attr.npy", "attr_by_attribute.npy"] and g.segments == 1
+    with Gallery.open(path, verify=True) as g:
+        np.testing.assert_array_equal(g.attr_embeddings([0, 1339, 700]), attr[[0, 1339, 700]])
+        _assert_weighted_search(g, q, weights[0], attr, 5)
+
+
+def test_rows_in_the_wrong_order_for_their_file_name_are_refused(tmp_path, rng):
+    path = tmp_path / "g"
+    with Gallery.create(path, dim=DIM, attributes=ATTRS, aam_shape=None, model="m") as g:
+        g.append(**{k: v for k, v in batch_of(rng, 30, dim=DIM, aam=None).items() if k != "aam"})
+    file = next((path / "segments").rglob("attr_by_attribute.npy"))
+    np.save(file, np.load(file).transpose(1, 0, 2))  # same bytes per row, entry by entry: not what the name says
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    m = len(ATTRS)
+    with pytest.raises(CorruptGalleryError, match=rf"attr_by_attribute.npy: holds float16 \[30, {m}, {DIM}\], "
+                                                  rf"expected float16 \[{m}, 30, {DIM}\]"):
+        Gallery.open(path, verify=False)
+    assert json.loads((path / MANIFEST_NAME).read_text()) == manifest

@@ -153,7 +153,8 @@ def _segment_file(path, name, index=0):
     return Path(path) / "segments" / doc["segments"][index]["name"] / name
 
 
-@pytest.mark.parametrize("name", ["embedding.npy", "attr.npy", "probs.npy", "aam.npy", "meta.jsonl"])
+@pytest.mark.parametrize("name", ["embedding.npy", "attr.npy", "attr_by_attribute.npy", "probs.npy",
+                                  "aam.npy", "meta.jsonl"])
 def test_flipped_byte_is_caught_by_verify(filled, rng, name):
     g, _ = filled
     g.close()
@@ -168,7 +169,8 @@ def test_flipped_byte_is_caught_by_verify(filled, rng, name):
             r.verify()
 
 
-@pytest.mark.parametrize("name", ["embedding.npy", "attr.npy", "aam.npy", "meta.jsonl"])
+@pytest.mark.parametrize("name", ["embedding.npy", "attr.npy", "attr_by_attribute.npy", "aam.npy",
+                                  "meta.jsonl"])
 def test_truncated_or_missing_file_is_caught_without_verify(filled, name):
     g, _ = filled
     g.close()
