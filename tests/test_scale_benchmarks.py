@@ -61,7 +61,7 @@ def test_capacity_model_sums_the_parts_and_takes_the_tightest_resource():
     with load_script("capacity_model") as model:
         d = model.design(_measured(), 100, "flat", "today")
         assert d["per_shard"] == 1e6 and d["search_p50"] == pytest.approx(100.0)
-        assert d["disk_tb"] == pytest.approx(model.ENTRIES * 16400 / 1e12)
+        assert d["disk_tb"] == pytest.approx(model.ENTRIES * (16400 + model.SCAN_COPY_B) / 1e12)  # + format 4's copy
         ram = 100 * 100 * 2**20 + model.ENTRIES * 1200
         assert d["ram_gib"] == pytest.approx(ram / 2**30)
         assert d["nodes"] == max(-(-100 // model.NODE_CORES),
