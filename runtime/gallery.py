@@ -459,9 +459,11 @@ class Gallery:
             chunk: Most entries per chunk (chunks do not cross segments).
 
         Returns:
-            An iterator of ``(first id, rows [n, M, C] as :meth:`attr_chunks` gives them, float32 [n, M] of ‖g_k‖² or
-            None)``: the stored view with float16 storage (None for segments written before ``norms.npy`` existed:
-            the scan computes them), else computed from the decoded rows.
+            An iterator of ``(first id, rows [n, M, C], float32 [n, M] of ‖g_k‖² or None)``. Rows as
+            :meth:`attr_chunks` gives them, except that float16 segments with a scan copy (format 4) give a view of
+            it: the same values, each attribute's rows ``rows[:, a]`` contiguous. Norms: the stored view with float16
+            storage (None for segments written before ``norms.npy`` existed: the scan computes them), else computed
+            from the decoded rows.
 
         Raises:
             InputError: ``chunk`` is not a positive integer.
