@@ -45,14 +45,14 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
 from attrimeter.runtime.ann import faiss_module
 from attrimeter.runtime.errors import CodecError
 
-__all__ = ["CODEC_KINDS", "STORAGE_MODES", "Codec", "codec_from_json", "make_codec"]
+__all__ = ["CODEC_KINDS", "STORAGE_MODES", "BitTables", "Codec", "codec_from_json", "make_codec"]
 
 _FP16_MAX = float(np.finfo(np.float16).max)
 _ENCODE_ENTRIES = 4096  # entries per encoding step: bounds the float64 / bit temporaries
@@ -68,6 +68,21 @@ STORAGE_MODES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # maps recomputed from the entry's crop for the few hits drawn as overlays (docs/architecture.md §10)
     "compact-nomaps": ({"kind": "pcaq", "bytes_per_row": 128}, {"kind": "none"}),
 }
+
+
+class BitTables(NamedTuple):
+    """Where each stored coordinate ``s`` of a row lies in its packed ``codes`` (``pcaq``), for compiled scans.
+
+    ``y_s = (((codes[first_s] | codes[second_s] << 8) >> shift_s) & mask_s − offset_s) · scales[group_s]``, in
+    float32 like :meth:`Codec.coordinates`.
+    """
+
+    first: np.ndarray  # int64 [S]
+    second: np.ndarray  # int64 [S]
+    shift: np.ndarray  # int64 [S]
+    mask: np.ndarray  # int64 [S]
+    offset: np.ndarray  # float32 [S]
+    group: np.ndarray  # int64 [S]: index into the row's scales
 
 
 class Codec(ABC):
@@ -176,6 +191,10 @@ class Codec(ABC):
         """
         q = np.asarray(queries, dtype=np.float32)
         return q, np.zeros(q.shape[:2], np.float32)
+
+    def bit_tables(self) -> BitTables | None:
+        """How :meth:`coordinates` unpacks a row's codes, for a compiled scan; None for kinds it does not cover."""
+        return None
 
     def coordinate_slack(self, coordinate_norms: np.ndarray, attributes: np.ndarray) -> np.ndarray:
         """How far a distance from :meth:`coordinates` may lie from the one from :meth:`decode`'s float32 rows.
@@ -665,6 +684,13 @@ class PCAQCodec(_Trained):
         y -= self._offset_of_axis
         y *= stored["scales"].astype(np.float32)[..., self._group_of_axis]
         return y
+
+    def bit_tables(self) -> BitTables:
+        self._check_fitted()
+        bytes_per_row = math.ceil(self._code_bits / 8)
+        return BitTables(self._byte.astype(np.int64), np.minimum(self._byte + 1, max(bytes_per_row - 1, 0)),
+                         self._shift.astype(np.int64), self._mask.astype(np.int64), self._offset_of_axis.copy(),
+                         self._group_of_axis.astype(np.int64))
 
     def scan_space(self, queries: np.ndarray, attributes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``q' = (q − mean) B`` on the stored axes ``B``, and ``rest = ‖q − mean‖² − ‖q'‖²`` (the axes not stored).

@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-__all__ = ["expanded_scores"]
+if TYPE_CHECKING:
+    from attrimeter.runtime.codecs import BitTables
+
+__all__ = ["coded_scores", "expanded_scores"]
 
 # Rows per block of entry-major rows: a block's rows of one attribute are read in one pass before the next attribute
 # (64..512 rows measured within a few per cent of each other at C = 256, M = 26).
@@ -73,6 +77,77 @@ def expanded_scores(rows: np.ndarray, norms: np.ndarray | None, active: np.ndarr
         else:
             block_kernel(rows, norms, have_norms, active, qp, q_sq_p, w32, scores[p], g_max)
     return scores, g_max
+
+
+def coded_scores(codes: np.ndarray, scales: np.ndarray, tables: BitTables, active: np.ndarray, q: np.ndarray,
+                 q_sq: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`expanded_scores` over packed codes (``pcaq``) in their coordinates, each code unpacked in registers.
+
+    Args:
+        codes: Packed codes ``[n, M, B]`` uint8 (a stored chunk, read in place).
+        scales: Their groups' scales ``[n, M, G]`` float16.
+        tables: Where each coordinate's bits lie (:meth:`Codec.bit_tables`).
+        active: The attributes to score ``[A]``.
+        q: Queries in the codec's coordinates ``[Q, A, S]`` float32 (:meth:`Codec.scan_space`).
+        q_sq: Their ``‖q'‖² + rest`` ``[Q, A]`` float32.
+        w: Weights of the active attributes ``[A]`` float32.
+
+    Returns:
+        ``(scores [Q, n] float32, g_max [A] float32)``: ``g_max[j]`` is the largest ``‖y_j‖²``.
+
+    Raises:
+        ValueError: Arrays that do not match the tables (a code or scale outside the row).
+    """
+    s = len(tables.first)
+    if codes.dtype != np.uint8 or scales.dtype != np.float16 or codes.ndim != 3 or scales.shape[:2] != codes.shape[:2]:
+        raise ValueError(f"codes must be uint8 [n, M, B] and scales float16 [n, M, G], got {codes.dtype} "
+                         f"{list(codes.shape)} and {scales.dtype} {list(scales.shape)}")
+    if s and (max(tables.first.max(), tables.second.max()) >= codes.shape[2] or tables.group.max() >= scales.shape[2]
+              or q.shape[2] != s):
+        raise ValueError("the bit tables do not match the stored codes, scales or queries")
+    scores = np.zeros((len(q), len(codes)), np.float32)
+    g_max = np.zeros(len(active), np.float32)
+    kernel = _code_kernel()
+    for p in range(len(q)):
+        kernel(codes, scales.view(np.uint16), np.ascontiguousarray(active, np.int64), *tables,
+               np.ascontiguousarray(q[p], np.float32), np.ascontiguousarray(q_sq[p], np.float32),
+               np.ascontiguousarray(w, np.float32), scores[p], g_max)
+    return scores, g_max
+
+
+@functools.cache
+def _code_kernel() -> Callable:
+    """The scan over packed codes (generic in the number of coordinates: it varies with the learned widths)."""
+    try:
+        from numba import njit
+    except ImportError:
+        raise ImportError('attribute-weighted search needs Numba: pip install "attrimeter[scan]"') from None
+
+    widen = _widen()
+
+    # reassoc as in _kernels: the bound of weighted_scan holds for any summation order
+    @njit(fastmath={"reassoc", "contract"}, boundscheck=False, nogil=True, cache=True)
+    def scan_codes(codes, scales, active, first, second, shift, mask, offset, group, q, q_sq, w, out, g_max):
+        scale = np.empty(scales.shape[2], np.float32)
+        for i in range(codes.shape[0]):
+            total = np.float32(0.0)
+            for j in range(active.shape[0]):
+                a = active[j]
+                row = codes[i, a]
+                for g in range(scale.shape[0]):
+                    scale[g] = widen(scales[i, a, g])
+                dot = np.float32(0.0)
+                sq = np.float32(0.0)
+                for s in range(first.shape[0]):
+                    window = np.int64(row[first[s]]) | (np.int64(row[second[s]]) << 8)
+                    y = (np.float32((window >> shift[s]) & mask[s]) - offset[s]) * scale[group[s]]
+                    dot += q[j, s] * y
+                    sq += y * y
+                g_max[j] = max(g_max[j], sq)
+                total += w[j] * np.sqrt(max(q_sq[j] + sq - np.float32(2.0) * dot, np.float32(0.0)))
+            out[i] = total
+
+    return scan_codes
 
 
 @functools.cache

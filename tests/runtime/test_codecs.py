@@ -291,3 +291,32 @@ def test_scan_coordinates_give_the_decoded_rows_distances_within_the_slack(kind)
     assert (slack == 0).all() == (kind != "pcaq")
     with pytest.raises(CodecError, match="attributes"):
         codec.coordinates(stored, np.array([5]))
+
+
+@pytest.mark.parametrize("bytes_per_row,group", [(20, 8), (37, 5), (64, 16)])
+def test_compiled_scan_of_packed_codes_matches_their_coordinates(bytes_per_row, group):
+    """``coded_scores`` unpacks pcaq codes in registers: the expansion of ``codec.coordinates`` in float64, on odd
+    group sizes and budgets (codes crossing bytes), and its checks refuse arrays the tables do not fit."""
+    from attrimeter.runtime.scan_kernel import coded_scores
+
+    rng = np.random.default_rng(bytes_per_row)
+    shape = (5, 40)
+    codec = _fitted("pcaq", shape, _rows(rng, 400, shape), bytes_per_row=bytes_per_row, group=group)
+    crossing = len(set(codec.bits.tolist()) - {0, 2, 4, 8}) > 0  # widths whose codes cross bytes
+    assert crossing == (bytes_per_row < 64)  # the full budget stores every axis at 8 bits
+    stored = codec.encode(_rows(rng, 70, shape))
+    active = np.array([4, 0, 2])
+    w = np.array([1.0, 0.5, 2.0], np.float32)
+    qc, rest = codec.scan_space(_rows(rng, 2, shape)[:, active], active)
+    q_sq = np.einsum("qas,qas->qa", qc, qc) + rest
+    tables = codec.bit_tables()
+    scores, g_max = coded_scores(stored["codes"], stored["scales"], tables, active, qc, q_sq, w)
+    y = codec.coordinates(stored, active).astype(np.float64)  # [70, 3, S]
+    g_sq = (y ** 2).sum(-1)
+    sq = q_sq[:, None].astype(np.float64) + g_sq[None] - 2 * np.einsum("nas,qas->qna", y, qc.astype(np.float64))
+    np.testing.assert_allclose(scores, np.sqrt(np.maximum(sq, 0)) @ w, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(g_max, g_sq.max(0), rtol=1e-5)
+    with pytest.raises(ValueError, match="do not match"):
+        coded_scores(stored["codes"][..., :1], stored["scales"], tables, active, qc, q_sq, w)
+    with pytest.raises(ValueError, match="uint8"):
+        coded_scores(stored["codes"].astype(np.int16), stored["scales"], tables, active, qc, q_sq, w)
