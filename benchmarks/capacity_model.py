@@ -255,8 +255,10 @@ def report(m: dict[str, float]) -> str:
         "(metadata, norms, file headers); no replicas.",
         "7. Weighted search: the exact scan at its measured per-entry cost with the attribute rows in the page "
         "cache, one core per shard; from NVMe it reads every entry's attribute rows (page-granular) and is slower "
-        "still. Compact rows scan about 5× slower than float16 ones (storage_store_cpu.md, 10^4 entries), not "
-        "modelled here.",
+        "still. scale_cpu measured it before the compiled scans and float16's scan copy (gallery format 4), which "
+        "made it several times faster (search_costs_cpu.md: 77 ms for 26 weights at 10^5 entries), so the column "
+        "is pessimistic. Compact rows scan about 10× slower than float16 ones (storage_store_cpu.md, 10^4 "
+        "entries), not modelled here.",
         "8. Indexing: embedding rate proportional to cores (measured on 2 shared cores); writers are not the "
         "bottleneck (measured ≥ 10× faster than embedding per process).", "",
         "## Exact search, float16 store", "",
@@ -277,8 +279,8 @@ def report(m: dict[str, float]) -> str:
         "to k.",
         "- Queries/s ceiling: every shard works on every query, so the cluster answers at most 1000 / (shard "
         "search p50 in ms) queries per second, whatever its size; more throughput needs replicas of the shards.",
-        "- Weighted search with compact rows scans about 5× slower than float16 rows (storage_store_cpu.md at 10^4 "
-        "entries); it is not modelled here.", ""])
+        "- Weighted search with compact rows scans about 10× slower than float16 rows (storage_store_cpu.md at "
+        "10^4 entries); it is not modelled here.", ""])
 
 
 def main() -> None:
