@@ -6,7 +6,8 @@ stored ``‖g_j‖²``. Rows stored attribute by attribute (a format 4 segment's
 entries together) are scanned two attribute planes per pass, contiguous streams of only the weighted attributes'
 bytes (two streams in flight run at the read floor; one measured ~1.3x it). Rows stored entry by entry (segments
 without the copy) are scanned in blocks of rows and, inside a block, attribute by attribute: each attribute's query
-row stays in registers while the same attribute of consecutive rows streams past.
+row stays in registers while the same attribute of consecutive rows streams past. Packed ``pcaq`` codes are scanned
+in the codec's coordinates, each code unpacked in registers (:func:`coded_scores`).
 
 Compiled with Numba (the ``scan`` extra; ``nogil``: concurrent searches run in parallel), once per embedding
 width ``C`` so the inner product has a constant trip count, and cached on disk. Measured at 10^5
@@ -55,7 +56,7 @@ def expanded_scores(rows: np.ndarray, norms: np.ndarray | None, active: np.ndarr
     elif rows.dtype != np.float32:
         raise TypeError(f"rows must be float16 or float32, got {rows.dtype}")
     n = len(rows)
-    active = np.ascontiguousarray(active, np.int64)
+    active = _checked(active, rows.shape[1], q)
     have_norms = norms is not None
     norms = np.zeros((n, rows.shape[1]), np.float32) if norms is None else norms
     scores = np.zeros((len(q), n), np.float32)
@@ -105,14 +106,24 @@ def coded_scores(codes: np.ndarray, scales: np.ndarray, tables: BitTables, activ
     if s and (max(tables.first.max(), tables.second.max()) >= codes.shape[2] or tables.group.max() >= scales.shape[2]
               or q.shape[2] != s):
         raise ValueError("the bit tables do not match the stored codes, scales or queries")
+    active = _checked(active, codes.shape[1], q)
     scores = np.zeros((len(q), len(codes)), np.float32)
     g_max = np.zeros(len(active), np.float32)
     kernel = _code_kernel()
     for p in range(len(q)):
-        kernel(codes, scales.view(np.uint16), np.ascontiguousarray(active, np.int64), *tables,
+        kernel(codes, scales.view(np.uint16), active, *tables,
                np.ascontiguousarray(q[p], np.float32), np.ascontiguousarray(q_sq[p], np.float32),
                np.ascontiguousarray(w, np.float32), scores[p], g_max)
     return scores, g_max
+
+
+def _checked(active: np.ndarray, m: int, q: np.ndarray) -> np.ndarray:
+    """``active`` as int64, each in ``[0, m)`` and one per query row: the kernels do not check their indices."""
+    active = np.ascontiguousarray(active, np.int64)
+    if active.ndim != 1 or (len(active) and (active.min() < 0 or active.max() >= m)) or q.shape[1] != len(active):
+        raise ValueError(f"active must be attribute indices in [0, {m}), one per query row, got {active.tolist()} "
+                         f"for queries of shape {list(q.shape)}")
+    return active
 
 
 @functools.cache

@@ -320,3 +320,5 @@ def test_compiled_scan_of_packed_codes_matches_their_coordinates(bytes_per_row, 
         coded_scores(stored["codes"][..., :1], stored["scales"], tables, active, qc, q_sq, w)
     with pytest.raises(ValueError, match="uint8"):
         coded_scores(stored["codes"].astype(np.int16), stored["scales"], tables, active, qc, q_sq, w)
+    with pytest.raises(ValueError, match=r"active must be attribute indices in \[0, 5\)"):
+        coded_scores(stored["codes"], stored["scales"], tables, np.array([4, 0, 5]), qc, q_sq, w)

@@ -300,6 +300,8 @@ def test_expanded_scores_match_numpy(rng, c, dtype, with_norms, by_attribute):
     np.testing.assert_allclose(g_max, g_sq.max(0), rtol=1e-5)
     with pytest.raises(TypeError, match="float16 or float32"):
         expanded_scores(rows.astype(np.float64), norms, active, q, q_sq, w)
+    with pytest.raises(ValueError, match="active must be attribute indices"):  # the kernels do not check indices
+        expanded_scores(rows, norms, np.array([4, 0, m]), q, q_sq, w)
 
 
 def test_expanded_scores_run_concurrently_and_agree(rng):
