@@ -51,6 +51,7 @@ import numpy as np
 
 from attrimeter.runtime.ann import faiss_module
 from attrimeter.runtime.errors import CodecError
+from attrimeter.runtime.scan_kernel import coded_scores, scaled_scores
 
 __all__ = ["CODEC_KINDS", "STORAGE_MODES", "BitTables", "Codec", "codec_from_json", "make_codec"]
 
@@ -192,8 +193,22 @@ class Codec(ABC):
         q = np.asarray(queries, dtype=np.float32)
         return q, np.zeros(q.shape[:2], np.float32)
 
-    def bit_tables(self) -> BitTables | None:
-        """How :meth:`coordinates` unpacks a row's codes, for a compiled scan; None for kinds it does not cover."""
+    def compiled_scan(self, stored: Mapping[str, np.ndarray], attributes: np.ndarray, queries: np.ndarray,
+                      query_sq: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """The weighted scan's expanded scores of a chunk in :meth:`coordinates`' space, compiled; None: not covered.
+
+        Args:
+            stored: The chunk's stored arrays.
+            attributes: The weighted attributes ``[A]``.
+            queries: Queries in :meth:`scan_space` ``[Q, A, S]``.
+            query_sq: Their ``‖q'‖² + rest`` ``[Q, A]``.
+            weights: The attributes' weights ``[A]``.
+
+        Returns:
+            ``(scores [Q, n], largest ‖y‖² per attribute [A])`` like
+            :func:`~attrimeter.runtime.scan_kernel.expanded_scores`, or None when the kind has no compiled scan (the
+            caller decodes its coordinates in numpy).
+        """
         return None
 
     def coordinate_slack(self, coordinate_norms: np.ndarray, attributes: np.ndarray) -> np.ndarray:
@@ -363,6 +378,10 @@ class Int8Codec(Codec):
     def _decode(self, stored: dict[str, np.ndarray], attributes: np.ndarray | None) -> np.ndarray:
         return stored["codes"].astype(np.float32) * stored["scales"].astype(np.float32)[..., None]
 
+    def compiled_scan(self, stored: Mapping[str, np.ndarray], attributes: np.ndarray, queries: np.ndarray,
+                      query_sq: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return scaled_scores(stored["codes"], stored["scales"], attributes, queries, query_sq, weights)
+
 
 class UInt8Codec(Codec):
     """uint8 codes of non-negative rows (attention maps) with one float16 scale per row: error at most ``max / 510``."""
@@ -383,6 +402,10 @@ class UInt8Codec(Codec):
 
     def _decode(self, stored: dict[str, np.ndarray], attributes: np.ndarray | None) -> np.ndarray:
         return stored["codes"].astype(np.float32) * stored["scales"].astype(np.float32)[..., None]
+
+    def compiled_scan(self, stored: Mapping[str, np.ndarray], attributes: np.ndarray, queries: np.ndarray,
+                      query_sq: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return scaled_scores(stored["codes"], stored["scales"], attributes, queries, query_sq, weights)
 
 
 class NoneCodec(Codec):
@@ -685,7 +708,13 @@ class PCAQCodec(_Trained):
         y *= stored["scales"].astype(np.float32)[..., self._group_of_axis]
         return y
 
+    def compiled_scan(self, stored: Mapping[str, np.ndarray], attributes: np.ndarray, queries: np.ndarray,
+                      query_sq: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return coded_scores(stored["codes"], stored["scales"], self.bit_tables(), attributes, queries, query_sq,
+                            weights)
+
     def bit_tables(self) -> BitTables:
+        """Where each stored coordinate's code lies in a row's packed codes (:func:`coded_scores` unpacks them)."""
         self._check_fitted()
         bytes_per_row = math.ceil(self._code_bits / 8)
         return BitTables(self._byte.astype(np.int64), np.minimum(self._byte + 1, max(bytes_per_row - 1, 0)),

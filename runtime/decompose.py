@@ -12,7 +12,7 @@ import numpy as np
 
 from attrimeter.runtime.codecs import Codec
 from attrimeter.runtime.errors import InputError
-from attrimeter.runtime.scan_kernel import coded_scores, expanded_scores
+from attrimeter.runtime.scan_kernel import expanded_scores
 
 __all__ = ["MAX_WEIGHT", "Decomposition", "check_weights", "explain_rows", "weighted_scan"]
 
@@ -170,12 +170,12 @@ def _coordinate_scores(stored: dict[str, np.ndarray], codec: Codec, active: np.n
                        q_sq: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Expanded weighted scores ``[Q, n]`` of a chunk of codec arrays in the codec's coordinates, and its ``g_max``.
 
-    Packed codes (``pcaq``) are unpacked in registers by the compiled :func:`coded_scores`; other codecs' coordinates
-    are decoded by blocks in numpy.
+    Kinds with a compiled scan (:meth:`Codec.compiled_scan`: ``int8``, ``pcaq``) decode each value in registers;
+    others' coordinates are decoded by blocks in numpy.
     """
-    tables = codec.bit_tables()
-    if tables is not None:
-        return coded_scores(stored["codes"], stored["scales"], tables, active, qc, q_sq, w)
+    compiled = codec.compiled_scan(stored, active, qc, q_sq, w)
+    if compiled is not None:
+        return compiled
     n = len(next(iter(stored.values())))
     q_t = np.ascontiguousarray(qc.transpose(1, 2, 0))  # [A, S, Q]: one matrix product per attribute
     block = max(16, _SCAN_BLOCK_BYTES // (4 * max(1, qc.shape[1] * qc.shape[2])))

@@ -7,7 +7,8 @@ entries together) are scanned two attribute planes per pass, contiguous streams 
 bytes (two streams in flight run at the read floor; one measured ~1.3x it). Rows stored entry by entry (segments
 without the copy) are scanned in blocks of rows and, inside a block, attribute by attribute: each attribute's query
 row stays in registers while the same attribute of consecutive rows streams past. Packed ``pcaq`` codes are scanned
-in the codec's coordinates, each code unpacked in registers (:func:`coded_scores`).
+in the codec's coordinates, each code unpacked in registers (:func:`coded_scores`); ``int8`` codes with a scale per
+row are widened and scaled in registers (:func:`scaled_scores`).
 
 Compiled with Numba (the ``scan`` extra; ``nogil``: concurrent searches run in parallel), once per embedding
 width ``C`` so the inner product has a constant trip count, and cached on disk. Measured at 10^5
@@ -25,7 +26,7 @@ import numpy as np
 if TYPE_CHECKING:
     from attrimeter.runtime.codecs import BitTables
 
-__all__ = ["coded_scores", "expanded_scores"]
+__all__ = ["coded_scores", "expanded_scores", "scaled_scores"]
 
 # Rows per block of entry-major rows: a block's rows of one attribute are read in one pass before the next attribute
 # (64..512 rows measured within a few per cent of each other at C = 256, M = 26).
@@ -117,6 +118,38 @@ def coded_scores(codes: np.ndarray, scales: np.ndarray, tables: BitTables, activ
     return scores, g_max
 
 
+def scaled_scores(codes: np.ndarray, scales: np.ndarray, active: np.ndarray, q: np.ndarray, q_sq: np.ndarray,
+                  w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`expanded_scores` over ``int8`` codes with one scale per row: ``y = code · scale`` in float32, as decoded.
+
+    Args:
+        codes: Codes ``[n, M, C]`` int8 (a stored chunk, read in place).
+        scales: Each row's scale ``[n, M]`` float16.
+        active: The attributes to score ``[A]``.
+        q: Queries' active attribute rows ``[Q, A, C]`` float32.
+        q_sq: ``‖q_j‖²`` ``[Q, A]`` float32.
+        w: Weights of the active attributes ``[A]`` float32.
+
+    Returns:
+        ``(scores [Q, n] float32, g_max [A] float32)`` as :func:`expanded_scores`.
+
+    Raises:
+        ValueError: Arrays of other dtypes or shapes.
+    """
+    if codes.dtype != np.int8 or scales.dtype != np.float16 or codes.ndim != 3 or scales.shape != codes.shape[:2] \
+            or q.ndim != 3 or q.shape[2] != codes.shape[2]:
+        raise ValueError(f"codes must be int8 [n, M, C] with float16 scales [n, M] and queries [Q, A, C], got "
+                         f"{codes.dtype} {list(codes.shape)}, {scales.dtype} {list(scales.shape)} and {list(q.shape)}")
+    active = _checked(active, codes.shape[1], q)
+    scores = np.zeros((len(q), len(codes)), np.float32)
+    g_max = np.zeros(len(active), np.float32)
+    kernel = _scaled_kernel(codes.shape[2])
+    for p in range(len(q)):
+        kernel(codes, scales.view(np.uint16), active, np.ascontiguousarray(q[p], np.float32),
+               np.ascontiguousarray(q_sq[p], np.float32), np.ascontiguousarray(w, np.float32), scores[p], g_max)
+    return scores, g_max
+
+
 def _checked(active: np.ndarray, m: int, q: np.ndarray) -> np.ndarray:
     """``active`` as int64, each in ``[0, m)`` and one per query row: the kernels do not check their indices."""
     active = np.ascontiguousarray(active, np.int64)
@@ -159,6 +192,40 @@ def _code_kernel() -> Callable:
             out[i] = total
 
     return scan_codes
+
+
+@functools.cache
+def _scaled_kernel(c: int) -> Callable:
+    """The scan over int8 codes with row scales, compiled for width ``c``: blocks of rows, attribute by attribute."""
+    try:
+        from numba import njit
+    except ImportError:
+        raise ImportError('attribute-weighted search needs Numba: pip install "attrimeter[scan]"') from None
+
+    widen = _widen()
+    block = _BLOCK
+
+    @njit(fastmath={"reassoc", "contract"}, boundscheck=False, nogil=True, cache=True)
+    def scan_scaled(codes, scales, active, q, q_sq, w, out, g_max):
+        n = codes.shape[0]
+        for lo in range(0, n, block):
+            hi = min(n, lo + block)
+            for j in range(active.shape[0]):
+                a = active[j]
+                qj = q[j]
+                for i in range(lo, hi):
+                    scale = widen(scales[i, a])
+                    row = codes[i, a]
+                    dot = np.float32(0.0)
+                    sq = np.float32(0.0)
+                    for x in range(c):
+                        y = np.float32(row[x]) * scale  # the decoded value's float32 bits
+                        dot += qj[x] * y
+                        sq += y * y
+                    g_max[j] = max(g_max[j], sq)
+                    out[i] += w[j] * np.sqrt(max(q_sq[j] + sq - np.float32(2.0) * dot, np.float32(0.0)))
+
+    return scan_scaled
 
 
 @functools.cache

@@ -310,7 +310,7 @@ def test_compiled_scan_of_packed_codes_matches_their_coordinates(bytes_per_row, 
     qc, rest = codec.scan_space(_rows(rng, 2, shape)[:, active], active)
     q_sq = np.einsum("qas,qas->qa", qc, qc) + rest
     tables = codec.bit_tables()
-    scores, g_max = coded_scores(stored["codes"], stored["scales"], tables, active, qc, q_sq, w)
+    scores, g_max = codec.compiled_scan(stored, active, qc, q_sq, w)
     y = codec.coordinates(stored, active).astype(np.float64)  # [70, 3, S]
     g_sq = (y ** 2).sum(-1)
     sq = q_sq[:, None].astype(np.float64) + g_sq[None] - 2 * np.einsum("nas,qas->qna", y, qc.astype(np.float64))
@@ -322,3 +322,29 @@ def test_compiled_scan_of_packed_codes_matches_their_coordinates(bytes_per_row, 
         coded_scores(stored["codes"].astype(np.int16), stored["scales"], tables, active, qc, q_sq, w)
     with pytest.raises(ValueError, match=r"active must be attribute indices in \[0, 5\)"):
         coded_scores(stored["codes"], stored["scales"], tables, np.array([4, 0, 5]), qc, q_sq, w)
+
+
+def test_compiled_scan_of_int8_codes_matches_their_decoded_rows():
+    """``scaled_scores`` (int8 codes widened and scaled in registers) against the expansion of the decoded rows in
+    float64, through :meth:`Codec.compiled_scan` as the weighted scan calls it; other shapes are refused."""
+    from attrimeter.runtime.scan_kernel import scaled_scores
+
+    rng = np.random.default_rng(8)
+    shape = (5, 33)
+    codec = make_codec("int8", shape)
+    stored = codec.encode(_rows(rng, 300, shape))
+    active = np.array([3, 1])
+    w = np.array([0.5, 2.0], np.float32)
+    q = _rows(rng, 2, shape)[:, active]
+    q_sq = np.einsum("qac,qac->qa", q, q)
+    scores, g_max = codec.compiled_scan(stored, active, q, q_sq, w)
+    y = codec.coordinates(stored, active).astype(np.float64)
+    g_sq = (y ** 2).sum(-1)
+    sq = q_sq[:, None].astype(np.float64) + g_sq[None] - 2 * np.einsum("nac,qac->qna", y, q.astype(np.float64))
+    np.testing.assert_allclose(scores, np.sqrt(np.maximum(sq, 0)) @ w, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(g_max, g_sq.max(0), rtol=1e-5)
+    assert make_codec("float16", shape).compiled_scan(codec.encode(_rows(rng, 3, shape)), active, q, q_sq, w) is None
+    with pytest.raises(ValueError, match="int8"):
+        scaled_scores(stored["codes"].astype(np.uint8), stored["scales"], active, q, q_sq, w)
+    with pytest.raises(ValueError, match="active must be attribute indices"):
+        scaled_scores(stored["codes"], stored["scales"], np.array([3, 9]), q, q_sq, w)
