@@ -458,8 +458,11 @@ class Runtime:
             keys: A name per image, at most :data:`MAX_KEY_CHARS` characters (default: its path, else
                 ``"entry-<id>"``).
             cameras: A camera id per image (or None).
-            paths: An image file per image, kept for overlays (default: the source when it is a path).
-            extra: More JSON-able metadata per image (e.g. ``{"pid": 12}``).
+            paths: An image file per image, kept for overlays (default: the source when it is a path). With an
+                encoded source (a file or bytes), the sha256 of the bytes embedded is kept too: a gallery that drops
+                its maps recomputes a hit's maps from that file only while it still holds those bytes.
+            extra: More JSON-able metadata per image (e.g. ``{"pid": 12}``; a ``sha256`` of its own is dropped: only
+                the bytes embedded here are vouched for).
 
         Returns:
             The new gallery ids.
@@ -477,13 +480,26 @@ class Runtime:
         for i, key in enumerate(keys or ()):
             if not isinstance(key, str) or len(key) > MAX_KEY_CHARS:
                 raise InputError(f"keys[{i}] must be a string of at most {MAX_KEY_CHARS} characters")
+        given = list(sources)
+        digests: list[str | None] = [None] * n
+        for i, src in enumerate(given):  # a file is read once: its hash is of exactly the bytes embedded
+            if isinstance(src, (str, Path)):
+                try:
+                    sources[i] = Path(src).read_bytes()
+                except OSError as e:
+                    raise InputError(f"images[{i}] ({src}): cannot read the image ({e.strerror or e})") from e
+            if isinstance(sources[i], (bytes, bytearray, memoryview)):
+                digests[i] = hashlib.sha256(sources[i]).hexdigest()
         emb = self._infer(self._pixels(sources))
         meta = []
-        for i, src in enumerate(sources):
+        for i, src in enumerate(given):
             path = paths[i] if paths is not None else (str(src) if isinstance(src, (str, Path)) else None)
             entry: dict[str, Any] = dict(extra[i]) if extra is not None else {}
+            entry.pop("sha256", None)
             entry.update(key=keys[i] if keys is not None else path, path=path,
                          camera=None if cameras is None or cameras[i] is None else int(cameras[i]))
+            if path is not None and digests[i] is not None:
+                entry["sha256"] = digests[i]
             meta.append(entry)
         return self._append(emb, meta)
 

@@ -3,6 +3,7 @@ and codecs.npz."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ from attrimeter.cli import main
 from attrimeter.runtime.decompose import check_weights
 from attrimeter.runtime.errors import CorruptGalleryError, GalleryError, InputError
 from attrimeter.runtime.gallery import MANIFEST_NAME, Gallery
+from attrimeter.runtime.images import load_image
 from attrimeter.runtime.runtime import Runtime, RuntimeConfig
 from attrimeter.runtime.segment import squared_norms
 from attrimeter.runtime.storage import FIT_MIN_ENTRIES, STATE_NAME, fit_storage, storage_codecs
@@ -251,6 +253,20 @@ def test_cli_index_storage_modes_and_dropped_maps_recomputed(tiny_export, tiny_d
         with pytest.raises(GalleryError, match="unreadable"):
             dropped.search(query, k=3, overlays=1)
         assert [m.id for m in dropped.search(query, k=3)[0].matches] == [m.id for m in want]  # shares need no maps
+    added = tmp_path / "added.jpg"  # images added at run time keep the hash of the bytes embedded
+    shutil.copy(files[5], added)
+    raw = added.read_bytes()
+    with Runtime(tiny_export, tmp_path / "compact-nomaps", RuntimeConfig(threads=1, writable=True)) as rt:
+        pixels = load_image(raw, rt.image_size, "pixels")
+        ids = rt.add([added, raw], paths=[str(added)] * 2, extra=[{}, {"sha256": "0" * 64}])
+        later = rt.add(pixels, paths=[str(added)], extra=[{"sha256": "0" * 64}])  # pixels: no bytes to vouch for
+        digest = hashlib.sha256(raw).hexdigest()
+        assert [m.get("sha256") for m in rt.gallery.meta([*ids, *later])] == [digest, digest, None]
+        hits = rt.search(raw, k=3, overlays=2)[0].matches  # files[5] itself, then the two added (equal, lower ids)
+        assert [h.id for h in hits] == [5, *ids] and all(h.gallery_aam is not None for h in hits)
+        added.write_bytes(raw + b"\0")
+        with pytest.raises(GalleryError, match="changed since it was indexed"):
+            rt.search(raw, k=3, overlays=1)
 
 
 @pytest.mark.parametrize("mode", MODES)
