@@ -162,15 +162,11 @@ def _checked(active: np.ndarray, m: int, q: np.ndarray) -> np.ndarray:
 @functools.cache
 def _code_kernel() -> Callable:
     """The scan over packed codes (generic in the number of coordinates: it varies with the learned widths)."""
-    try:
-        from numba import njit
-    except ImportError:
-        raise ImportError('attribute-weighted search needs Numba: pip install "attrimeter[scan]"') from None
+    jit = _jit()
 
     widen = _widen()
 
-    # reassoc as in _kernels: the bound of weighted_scan holds for any summation order
-    @njit(fastmath={"reassoc", "contract"}, boundscheck=False, nogil=True, cache=True)
+    @jit
     def scan_codes(codes, scales, active, first, second, shift, mask, offset, group, q, q_sq, w, out, g_max):
         scale = np.empty(scales.shape[2], np.float32)
         for i in range(codes.shape[0]):
@@ -197,15 +193,12 @@ def _code_kernel() -> Callable:
 @functools.cache
 def _scaled_kernel(c: int) -> Callable:
     """The scan over int8 codes with row scales, compiled for width ``c``: blocks of rows, attribute by attribute."""
-    try:
-        from numba import njit
-    except ImportError:
-        raise ImportError('attribute-weighted search needs Numba: pip install "attrimeter[scan]"') from None
+    jit = _jit()
 
     widen = _widen()
     block = _BLOCK
 
-    @njit(fastmath={"reassoc", "contract"}, boundscheck=False, nogil=True, cache=True)
+    @jit
     def scan_scaled(codes, scales, active, q, q_sq, w, out, g_max):
         n = codes.shape[0]
         for lo in range(0, n, block):
@@ -226,6 +219,19 @@ def _scaled_kernel(c: int) -> Callable:
                     out[i] += w[j] * np.sqrt(max(q_sq[j] + sq - np.float32(2.0) * dot, np.float32(0.0)))
 
     return scan_scaled
+
+
+def _jit() -> Callable:
+    """Numba's ``njit`` as every scan compiles: cached on disk, ``nogil``, no bounds checks (indices checked before).
+
+    Fast-math is limited to ``reassoc`` / ``contract``: the products may be summed in any order (vectorised), and the
+    rounding bound of ``weighted_scan`` holds for every order; NaN, inf and signed zeros keep their meaning.
+    """
+    try:
+        from numba import njit
+    except ImportError:
+        raise ImportError('attribute-weighted search needs Numba: pip install "attrimeter[scan]"') from None
+    return njit(fastmath={"reassoc", "contract"}, boundscheck=False, nogil=True, cache=True)
 
 
 @functools.cache
@@ -253,24 +259,19 @@ def _widen() -> Callable:
 @functools.cache
 def _kernels(c: int) -> tuple[Callable, Callable]:
     """The scans compiled for embedding width ``c`` (a constant of the inner loop): rows entry by entry, one plane."""
-    try:
-        from numba import njit
-    except ImportError:
-        raise ImportError('attribute-weighted search needs Numba: pip install "attrimeter[scan]"') from None
+    jit = _jit()
 
     widen = _widen()
     block = _BLOCK
 
-    # reassoc: the inner products may be summed in any order (vectorised); the rounding bound of weighted_scan holds
-    # for every order. No other fast-math flag: NaN, inf and signed zeros keep their meaning.
-    @njit(fastmath={"reassoc", "contract"}, boundscheck=False, nogil=True, cache=True)
+    @jit
     def dot(row, q):
         acc = np.float32(0.0)
         for x in range(c):
             acc += q[x] * widen(row[x])
         return acc
 
-    @njit(fastmath={"reassoc", "contract"}, boundscheck=False, nogil=True, cache=True)
+    @jit
     def squared(row):
         acc = np.float32(0.0)
         for x in range(c):
@@ -278,7 +279,7 @@ def _kernels(c: int) -> tuple[Callable, Callable]:
             acc += v * v
         return acc
 
-    @njit(fastmath={"reassoc", "contract"}, boundscheck=False, nogil=True, cache=True)
+    @jit
     def scan_blocks(rows, norms, have_norms, active, q, q_sq, w, out, g_max):
         n = rows.shape[0]
         for lo in range(0, n, block):
@@ -291,7 +292,7 @@ def _kernels(c: int) -> tuple[Callable, Callable]:
                     sq = q_sq[j] + g_sq - np.float32(2.0) * dot(rows[i, a], q[j])
                     out[i] += w[j] * np.sqrt(max(sq, np.float32(0.0)))
 
-    @njit(fastmath={"reassoc", "contract"}, boundscheck=False, nogil=True, cache=True)
+    @jit
     def scan_planes(first, second, pair, norms, have_norms, q, q_sq, w, out, g_max, j):
         """Active attributes ``j`` (plane ``first`` [n, C]) and, with ``pair``, ``j + 1`` (``second``)."""
         k = j + 1 if pair else j
