@@ -401,8 +401,9 @@ class SegmentStore:
     def compact(self, runs: Sequence[tuple[int, int]], *, progress: bool) -> StoreState:
         """Merge each run ``[a, b)`` of consecutive segments into one; ids and contents stay the same.
 
-        The merged-away folders are deleted after the new state is published; readers that opened them keep
-        answering from what they hold.
+        A run of one segment is rewritten only when it lacks a file the current format writes (``norms.npy``, the
+        float16 scan copy): that is how older segments gain them. The merged-away folders are deleted after the new
+        state is published; readers that opened them keep answering from what they hold.
 
         Raises:
             StorageError: The disk failed (the old segments stay published).
@@ -410,7 +411,7 @@ class SegmentStore:
         """
         self._check_for_write()
         state = self.state
-        runs = [(a, b) for a, b in runs if b - a > 1]
+        runs = [(a, b) for a, b in runs if b - a > 1 or not self.spec.files() <= set(state.segments[a].record.files)]
         if not runs:
             return state
         merged: dict[int, Segment] = {}

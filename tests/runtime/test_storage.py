@@ -332,6 +332,20 @@ def test_format_3_segments_are_read_and_scanned_and_a_compaction_adds_the_scan_c
     with Gallery.open(path, verify=True) as g:
         np.testing.assert_array_equal(g.attr_embeddings([0, 1339, 700]), attr[[0, 1339, 700]])
         _assert_weighted_search(g, q, weights[0], attr, 5)
+    lone = tmp_path / "lone"  # one format 3 segment: nothing to merge, but compacting it writes the copy
+    with monkeypatch.context() as patch:
+        patch.setattr(GallerySpec, "by_attribute", property(lambda self: frozenset()))
+        with Gallery.create(lone, dim=256, attributes=ATTRS, aam_shape=None, model="m") as g:
+            g.append(**{k: v for k, v in batches[1].items() if k != "aam"})
+    with Gallery.open(lone, writable=True) as g:
+        before = g._state.segments[0].name
+        g.compact()
+        after = g._state.segments[0].name
+        assert g.segments == 1 and after != before
+        g.compact()  # up to date: not rewritten again
+        assert g._state.segments[0].name == after
+        _assert_weighted_search(g, q, weights[1], attr[600:640], 5)
+    assert sorted(p.name for p in (lone / "segments").rglob("attr*.npy")) == ["attr.npy", "attr_by_attribute.npy"]
 
 
 def test_rows_in_the_wrong_order_for_their_file_name_are_refused(tmp_path, rng):
