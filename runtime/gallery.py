@@ -307,7 +307,7 @@ class Gallery:
                 stored = codec.encode(value.reshape(n, *codec.shape))
             except CodecError as e:
                 raise InputError(f"{name}: {e}") from e
-            if key == "attr":  # norms of the values the scans and explanations will read back
+            if key == "attr" and self._store.spec.storage.stores_norms:  # the norms of the values read back
                 decoded_attr = codec.decode(stored)
             layout = self._store.spec.layout(n)
             for stem, array in zip(self._store.spec.storage.stems(key), stored.values(), strict=True):
