@@ -118,19 +118,15 @@ class _Array:
 class _Planes:
     """A ``.npy`` file of rows ``[n, M, ...]`` stored attribute by attribute, ``[M, n, ...]`` (a scan copy)."""
 
-    def __init__(self, file: _File, shape: tuple[int, ...], dtype: np.dtype, offset: int):
-        self.file, self.shape, self.dtype, self.offset = file, shape, dtype, offset
-        self.stored = (shape[1], shape[0], *shape[2:])
+    def __init__(self, stored: _Array):
+        self._stored = stored  # the file's own array, [M, n, ...]
 
     def view(self) -> np.ndarray:
         """The rows ``[n, M, ...]``, read-only: a transposed view of the planes, each ``view()[:, a]`` contiguous.
 
         In memory, or mapped for as long as the caller holds the view.
         """
-        count = int(np.prod(self.shape))
-        buffer = self.file.raw if self.file.raw is not None else mmap.mmap(self.file.fd, 0, access=mmap.ACCESS_READ)
-        planes = np.frombuffer(buffer, self.dtype, count=count, offset=self.offset).reshape(self.stored)
-        return planes.transpose(1, 0, *range(2, planes.ndim))
+        return self._stored.view().swapaxes(0, 1)
 
 
 class Segment:
@@ -255,7 +251,8 @@ def open_segment(segments_fd: int, folder: Path, record: SegmentRecord, spec: Ga
             dtype, shape = layout[key]
             file = files.get(spec.scan_file(key))
             if file is not None:
-                planes[key] = _Planes(file, shape, dtype, _header(file, dtype, (shape[1], shape[0], *shape[2:])))
+                stored = (shape[1], shape[0], *shape[2:])
+                planes[key] = _Planes(_Array(file, stored, dtype, _header(file, dtype, stored)))
     except BaseException:
         _close([f.fd for f in files.values() if f.fd is not None])
         raise
