@@ -257,7 +257,7 @@ def report(m: dict[str, float]) -> str:
         "cache, one core per shard; from NVMe it reads every entry's attribute rows (page-granular) and is slower "
         "still. scale_cpu measured it before the compiled scans and float16's scan copy (gallery format 4), which "
         "made it several times faster (search_costs_cpu.md: 77 ms for 26 weights at 10^5 entries), so the column "
-        "is pessimistic. Compact rows scan about 10× slower than float16 ones (storage_store_cpu.md, 10^4 "
+        "is pessimistic. Compact rows scan about 9× slower than float16 ones (storage_store_cpu.md, 10^4 "
         "entries), not modelled here.",
         "8. Indexing: embedding rate proportional to cores (measured on 2 shared cores); writers are not the "
         "bottleneck (measured ≥ 10× faster than embedding per process).", "",
@@ -279,7 +279,7 @@ def report(m: dict[str, float]) -> str:
         "to k.",
         "- Queries/s ceiling: every shard works on every query, so the cluster answers at most 1000 / (shard "
         "search p50 in ms) queries per second, whatever its size; more throughput needs replicas of the shards.",
-        "- Weighted search with compact rows scans about 10× slower than float16 rows (storage_store_cpu.md at "
+        "- Weighted search with compact rows scans about 9× slower than float16 rows (storage_store_cpu.md at "
         "10^4 entries); it is not modelled here.", ""])
 
 

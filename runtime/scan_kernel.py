@@ -4,7 +4,8 @@ For each gallery row ``g`` and one query ``q`` it computes ``Σ_j w_j √max(‖
 active attributes ``j``, reading each stored value once, float16 widened in registers (no float32 copy), with the
 stored ``‖g_j‖²``. Rows stored attribute by attribute (a format 4 segment's scan copy: each attribute's rows of all
 entries together) are scanned two attribute planes per pass, contiguous streams of only the weighted attributes'
-bytes (two streams in flight run at the read floor; one measured ~1.3x it). Rows stored entry by entry (segments
+bytes (on the kernel alone, in a prototype not kept: two streams ~1.05x a numpy sum over the same planes, one
+~1.3x). Rows stored entry by entry (segments
 without the copy) are scanned in blocks of rows and, inside a block, attribute by attribute: each attribute's query
 row stays in registers while the same attribute of consecutive rows streams past. Packed ``pcaq`` codes are scanned
 in the codec's coordinates, each code unpacked in registers (:func:`coded_scores`); ``int8`` codes with a scale per
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["coded_scores", "expanded_scores", "scaled_scores"]
 
 # Rows per block of entry-major rows: a block's rows of one attribute are read in one pass before the next attribute
-# (64..512 rows measured within a few per cent of each other at C = 256, M = 26).
+# (64..512 rows measured within a few per cent of each other at C = 256, M = 26, in a prototype not kept).
 _BLOCK = 256
 
 
@@ -71,7 +72,7 @@ def expanded_scores(rows: np.ndarray, norms: np.ndarray | None, active: np.ndarr
     for p in range(len(q)):  # one pass per query: requests carry one query, rarely more
         qp = np.ascontiguousarray(q[p], np.float32)  # [A, C]
         q_sq_p = np.ascontiguousarray(q_sq[p], np.float32)
-        if by_attribute:  # two planes per pass: two streams in flight run at the read floor, one at ~1.3x it
+        if by_attribute:  # two planes per pass: more reads in flight (see the module docstring)
             for j in range(0, len(active), 2):
                 pair = j + 1 < len(active)
                 plane_kernel(planes[active[j]], planes[active[j + int(pair)]], pair, columns, have_norms, qp, q_sq_p,
