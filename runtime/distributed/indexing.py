@@ -390,7 +390,8 @@ def _prepare(root: Path, shards: int, identity: dict[str, Any], codecs: StorageC
              mode: str | None) -> tuple[list[str], list[int]]:
     """Create or check the sharded gallery folder and publish its manifest with the current counts.
 
-    New shards are created with ``codecs``; existing ones must store in ``mode`` when it is given.
+    New shards are created like an existing one (a run that stopped before publishing the manifest: a fit made again
+    could differ), else with ``codecs``; existing ones must store in ``mode`` when it is given.
 
     Returns:
         The shard names and their entry counts now.
@@ -415,6 +416,7 @@ def _prepare(root: Path, shards: int, identity: dict[str, Any], codecs: StorageC
                                "new folder")
     root.mkdir(parents=True, exist_ok=True)
     held: dict[str, int] = {}
+    existing: StorageCodecs | None = None
     for name in names:
         folder = root / name
         if (folder / MANIFEST_NAME).is_file():
@@ -428,7 +430,8 @@ def _prepare(root: Path, shards: int, identity: dict[str, Any], codecs: StorageC
                     raise GalleryError(f"{folder} stores {g.storage.mode!r} (fixed when it was created), not {mode!r}; "
                                        "index into a new folder to change it")
                 held[name] = len(g)
-                codecs = codecs or g.storage  # a shard made again stores like the others
+                existing = existing or g.storage
+    codecs = existing or codecs  # a shard made again stores like the others
     for name in names:
         if name not in held:
             Gallery.create(root / name, dim=identity["dim"], attributes=identity["attributes"],

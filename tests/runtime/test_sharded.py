@@ -13,7 +13,7 @@ from http_helpers import b64, call
 from sharded_helpers import assert_same_results, build, identity_of, queries, random_rows, rest_store
 
 from attrimeter.cli import main
-from attrimeter.runtime.distributed.indexing import ShardWriter, list_images
+from attrimeter.runtime.distributed.indexing import ShardWriter, _prepare, list_images
 from attrimeter.runtime.distributed.manifest import (
     SHARDS_NAME,
     manifest_for,
@@ -28,7 +28,7 @@ from attrimeter.runtime.errors import GalleryError, InputError, ShardUnavailable
 from attrimeter.runtime.gallery import Gallery
 from attrimeter.runtime.runtime import Runtime, RuntimeConfig
 from attrimeter.runtime.server import RuntimeServer
-from attrimeter.runtime.storage import fit_storage
+from attrimeter.runtime.storage import STATE_NAME, encode_state, fit_storage
 
 ONE_THREAD = RuntimeConfig(threads=1)
 
@@ -71,6 +71,21 @@ def test_search_equals_one_store_exactly(runtimes, stores, k, rng):
         assert [m.d for m in top] == [0.0, 0.0, 0.0]
         ids = [m.id for m in top]
         assert ids == sorted(ids)
+
+
+def test_a_shard_made_again_stores_like_the_shards_a_stopped_run_left(tiny_export, tmp_path, rng):
+    """A run stopped before publishing shards.json left shard-000; the next run fits its codecs again (on other rows
+    here), but the shard it creates stores with shard-000's state: one codec state per sharded gallery."""
+    identity = identity_of(tiny_export)
+    left, refit = (fit_storage("compact", r["attr"], r["aam"]) for r in (random_rows(rng, 100, identity),
+                                                                          random_rows(rng, 100, identity)))
+    root = tmp_path / "sharded"
+    Gallery.create(root / "shard-000", dim=identity["dim"], attributes=identity["attributes"],
+                   aam_shape=tuple(identity["aam_shape"]), model=identity["model"], storage=left).close()
+    names, counts = _prepare(root, 2, identity, refit, "compact")
+    assert names == ["shard-000", "shard-001"] and counts == [0, 0]
+    states = [(root / name / STATE_NAME).read_bytes() for name in names]
+    assert states[0] == states[1] != encode_state(refit)
 
 
 def test_compact_storage_sharded_equals_one_store_with_the_same_codecs(tiny_export, tmp_path, rng):
