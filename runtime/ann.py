@@ -534,5 +534,6 @@ def faiss_module() -> Any:
     try:
         import faiss
     except ImportError as e:
-        raise ImportError("gallery search needs FAISS: pip install faiss-cpu (or faiss-gpu on a CUDA box)") from e
+        raise ImportError("FAISS is needed (gallery search, approximate indexes, the pq codec): pip install faiss-cpu "
+                          "(or faiss-gpu on a CUDA box)") from e
     return faiss

@@ -12,7 +12,7 @@ the rows of any entries back to float32, which :func:`attrimeter.runtime.decompo
 Kinds (``CODEC_KINDS``; measured on the demo's model in ``benchmarks/results/storage_cpu.md``):
 
 - ``float32``: the rows as they are (the reference).
-- ``float16``: what the store writes today.
+- ``float16``: the rows at half precision (``attrimeter index --storage float16``; the default is ``compact``).
 - ``int8``: symmetric 8-bit codes with one float16 scale per row (per entry and attribute).
 - ``uint8``: 8-bit codes of non-negative rows (attention maps) with one float16 scale per row.
 - ``pq``: FAISS product quantisation of the rows minus their attribute's mean; ``m`` bytes per row, one codebook
@@ -25,19 +25,10 @@ Kinds (``CODEC_KINDS``; measured on the demo's model in ``benchmarks/results/sto
   store must then keep a way to the crop, and the runtime a path that re-embeds it); decoding raises CodecError.
 
 Every codec validates what it is given and raises :class:`~attrimeter.runtime.errors.CodecError` naming the problem.
-(One module of ~650 lines: the interface and its kinds are read together; each kind is a short class.)
-
-How it plugs into the store (wired by :mod:`attrimeter.runtime.storage`, format 3 of ``gallery.json``):
-
-- Manifest: the gallery identity gains ``"storage": {"mode": MODE, "attr": codec.to_json(), "aam": codec.to_json()}``
-  (format 3). A trained codec's :meth:`Codec.state` is saved once, as ``codecs.npz`` beside ``gallery.json``, listed
-  with its sha256 like a segment file; :func:`codec_from_json` rebuilds the codec from both.
-- Segments: ``attr.npy`` / ``aam.npy`` become one file per stored array, ``attr.<name>.npy`` with the dtype and
-  per-entry shape of :meth:`Codec.layout` (a gallery without ``"storage"`` is ``float16`` / ``float16``, today's
-  files). Reads gather the stored arrays by id and call :meth:`Codec.decode`; the weighted scan decodes chunk by chunk.
-- Trained codecs are fitted once, when the gallery is created (``attrimeter index --storage MODE``: on a sample of the
-  first rows indexed, or on a training split), and never refitted: published segments keep their codes.
-- ``--storage MODE`` names one of :data:`STORAGE_MODES` (an attribute codec and a map codec).
+(One module: the interface and its kinds are read together; each kind is a short class.) The weighted scan works in
+:meth:`Codec.coordinates`' space, compiled for ``int8`` and ``pcaq`` (:meth:`Codec.compiled_scan`), and decodes only
+its candidates. How codecs plug into the store (the manifest's storage field, ``codecs.npz``, one file per stored
+array): :mod:`attrimeter.runtime.storage`.
 """
 
 from __future__ import annotations
@@ -403,10 +394,6 @@ class UInt8Codec(Codec):
     def _decode(self, stored: dict[str, np.ndarray], attributes: np.ndarray | None) -> np.ndarray:
         return stored["codes"].astype(np.float32) * stored["scales"].astype(np.float32)[..., None]
 
-    def compiled_scan(self, stored: Mapping[str, np.ndarray], attributes: np.ndarray, queries: np.ndarray,
-                      query_sq: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return scaled_scores(stored["codes"], stored["scales"], attributes, queries, query_sq, weights)
-
 
 class NoneCodec(Codec):
     """Stores nothing: the rows must be recomputed from the image when needed."""
@@ -666,6 +653,11 @@ class PCAQCodec(_Trained):
         self._mask = ((1 << width_of_axis) - 1).astype(np.uint16)
         self._group_of_axis = np.repeat(np.arange(len(self._active)), sizes)
         self._offset_of_axis = np.repeat((1 << (widths - 1)) - 1, sizes).astype(np.float32)
+        # the window's second byte stays in the row: a code in the last byte ends there, and the mask drops the rest
+        self._second = np.minimum(self._byte + 1, max(math.ceil(self._code_bits / 8) - 1, 0))
+        self._tables = BitTables(self._byte.astype(np.int64), self._second.astype(np.int64),
+                                 self._shift.astype(np.int64), self._mask.astype(np.int64), self._offset_of_axis,
+                                 self._group_of_axis.astype(np.int64))
 
     def _layout(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         m = self.shape[0]
@@ -700,9 +692,7 @@ class PCAQCodec(_Trained):
         codes = stored["codes"]
         if not len(self._axes):
             return np.zeros((*codes.shape[:2], 0), np.float32)
-        # the window's second byte stays in the row: a code in the last byte ends there, and the mask drops the rest
-        second = np.minimum(self._byte + 1, codes.shape[-1] - 1)
-        window = codes[..., self._byte].astype(np.uint16) | (codes[..., second].astype(np.uint16) << 8)
+        window = codes[..., self._byte].astype(np.uint16) | (codes[..., self._second].astype(np.uint16) << 8)
         y = ((window >> self._shift) & self._mask).astype(np.float32)
         y -= self._offset_of_axis
         y *= stored["scales"].astype(np.float32)[..., self._group_of_axis]
@@ -716,10 +706,7 @@ class PCAQCodec(_Trained):
     def bit_tables(self) -> BitTables:
         """Where each stored coordinate's code lies in a row's packed codes (:func:`coded_scores` unpacks them)."""
         self._check_fitted()
-        bytes_per_row = math.ceil(self._code_bits / 8)
-        return BitTables(self._byte.astype(np.int64), np.minimum(self._byte + 1, max(bytes_per_row - 1, 0)),
-                         self._shift.astype(np.int64), self._mask.astype(np.int64), self._offset_of_axis.copy(),
-                         self._group_of_axis.astype(np.int64))
+        return self._tables  # built once with the widths (read-only use: the kernels do not write them)
 
     def scan_space(self, queries: np.ndarray, attributes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``q' = (q − mean) B`` on the stored axes ``B``, and ``rest = ‖q − mean‖² − ‖q'‖²`` (the axes not stored).

@@ -20,6 +20,7 @@ when the gallery is created, and never rewritten: published codes are never re-e
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -99,14 +100,14 @@ class Storage:
         """The codec document of ``key``, or None."""
         return next((json.loads(d) for k, d in self.docs if k == key), None)
 
-    @property
+    @functools.cached_property  # read by every layout and append; the frozen fields do not change
     def stores_norms(self) -> bool:
         """Whether segments hold ``norms.npy``: with float16 rows, which scans read as they are stored.
 
         Decoded rows' norms are computed with the decoding (at ~no cost next to it), which saves their 4·M bytes
         per entry.
         """
-        return json.loads(dict(self.docs)["attr"])["kind"] == "float16"
+        return self.doc("attr")["kind"] == "float16"
 
     def stems(self, key: str) -> list[str]:
         """The array stems of ``key`` (``attr`` or ``aam``)."""
