@@ -293,7 +293,7 @@ class _Api:
         stats = await self._run(runtime.stats)
         missing = stats.get("gallery_missing_shards")
         problem = (stats.get("gallery_problem") or stats.get("gallery_refresh_error")
-                   or (f"shards {', '.join(missing)} did not answer the last search" if missing else None))
+                   or (f"shards {', '.join(missing)} did not answer the last call to the shards" if missing else None))
         gallery = stats.get("gallery_size")
         return JsonResponse({"status": "degraded" if problem else "ok", "problem": problem,
                              "backend": runtime.backend.name, "device": runtime.backend.device, "gallery": gallery,

@@ -532,7 +532,7 @@ class Runtime:
 
         ``gallery_refresh_error``: why entries another process appended could not be read (the old ones stay in use);
         ``gallery_problem``: corrupt stored rows a search met; ``gallery_missing_shards``: the shards of a sharded
-        gallery that did not answer its last search. Any of them makes a server's ``/health`` say degraded.
+        gallery that did not answer the last call to them. Any of them makes a server's ``/health`` say degraded.
         Latency and error counts are the HTTP server's (:class:`attrimeter.runtime.metrics.ServerMetrics`).
         """
         self._check_open()

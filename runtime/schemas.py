@@ -117,8 +117,8 @@ class Health(BaseModel):
     device: str
     gallery: int | None = Field(description="entries in the gallery, null without one")
     index: str | None = Field(None, description="the gallery's search index: flat (exact), ivf or hnsw; a sharded "
-                                                "gallery's kinds joined by commas; null without a gallery or when not "
-                                                "known (shards on Ray)")
+                                                "gallery's kinds joined by commas; null without a gallery or when no "
+                                                "shard answered")
     model: str = Field(description="the first 12 hex digits of the source checkpoint's sha256")
 
 

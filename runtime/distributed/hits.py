@@ -29,7 +29,8 @@ class RowSet:
         attr: ``[n, M, C]``: float16 as stored, or decoded float32 (compact storage).
         probs_rows: float32 ``[n, M]``.
         meta_rows: Metadata, ``"id"`` the global id.
-        maps: float16 ``[n, M, h, w]``, or None when not fetched or not stored.
+        maps: ``[n, M, h, w]``: float16 as stored, or decoded float32 (e.g. uint8 maps); None when not fetched or not
+            stored.
         metric: The gallery's metric.
     """
 

@@ -23,7 +23,7 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -38,8 +38,11 @@ from attrimeter.runtime.distributed.manifest import (
 from attrimeter.runtime.distributed.sharded import actor_error
 from attrimeter.runtime.errors import GalleryError, InputError
 from attrimeter.runtime.gallery import MANIFEST_NAME, Gallery
-from attrimeter.runtime.indexing import new_storage, read_crop
+from attrimeter.runtime.indexing import image_entry, image_files, new_storage, read_crop
 from attrimeter.runtime.storage import StorageCodecs, default_mode, storage_codecs
+
+if TYPE_CHECKING:
+    from attrimeter.artefact.manifest import Manifest
 
 __all__ = ["ShardWriter", "ShardedIndexReport", "index_sharded", "list_images", "writer_actor_name"]
 
@@ -80,12 +83,9 @@ def list_images(images: str | Path) -> list[tuple[str, Path]]:
     Raises:
         InputError: No images, a missing folder or list, or a key listed twice.
     """
-    from attrimeter.runtime.indexing import IMAGE_SUFFIXES
-
     root = Path(images).absolute()  # workers on other machines (or in other folders) read these paths
     if root.is_dir():
-        found = [(p.relative_to(root).as_posix(), p) for p in root.rglob("*")
-                 if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        found = [(p.relative_to(root).as_posix(), p) for p in image_files(root)]
     elif root.is_file():
         try:
             lines = root.read_text().splitlines()
@@ -321,7 +321,8 @@ def index_sharded(export_dir: str | Path, images: str | Path, out: str | Path, *
     codecs = None
     if not (root / SHARDS_NAME).is_file():
         config = {"backend": backend, "device": device, "threads": threads, "max_batch": max_batch, "verify": verify}
-        codecs = _fit_storage(export_dir, [p for _, p in entries], storage or default_mode(len(entries)), config)
+        codecs = _fit_storage(export_dir, manifest, [p for _, p in entries], storage or default_mode(len(entries)),
+                              config)
     names, before = _prepare(root, shards, identity, codecs, storage)
     if not ray.is_initialized():
         ray.init()
@@ -342,7 +343,7 @@ def index_sharded(export_dir: str | Path, images: str | Path, out: str | Path, *
                   disable=not progress) as bar:
             while any(todo) and passes < max_passes:
                 passes += 1
-                rows = sorted(({"key": k, "path": str(p), "shard": s, "meta": json.dumps(_meta(p, k))}
+                rows = sorted(({"key": k, "path": str(p), "shard": s, "meta": json.dumps(image_entry(p, k))}
                                for s, t in enumerate(todo) for k, p in t), key=lambda r: r["key"])
                 for batch in _run(rows, str(Path(export_dir).absolute()), writers, options, size, pool, gpus, threads,
                                   batch_size):
@@ -366,21 +367,14 @@ def index_sharded(export_dir: str | Path, images: str | Path, out: str | Path, *
                               counts=counts, passes=passes)
 
 
-def _meta(path: Path, key: str) -> dict[str, Any]:
-    from attrimeter.runtime.indexing import image_entry
-
-    return image_entry(path, key)
-
-
-def _fit_storage(export_dir: str | Path, images: list[Path], mode: str, config: Mapping[str, Any]) -> StorageCodecs:
+def _fit_storage(export_dir: str | Path, manifest: Manifest, images: list[Path], mode: str,
+                 config: Mapping[str, Any]) -> StorageCodecs:
     """A new sharded gallery's codecs, fitted once on the driver (every shard gets the same state)."""
-    from attrimeter.artefact.manifest import load_manifest
     from attrimeter.runtime.runtime import Runtime, RuntimeConfig
 
-    manifest = load_manifest(export_dir, verify=False)  # checked by the caller
-    if not any(c is not None and c.trainable
-               for c in storage_codecs(mode, manifest.channels, len(manifest.attribute_names), manifest.aam_shape)[1:]):
-        return storage_codecs(mode, manifest.channels, len(manifest.attribute_names), manifest.aam_shape)
+    codecs = storage_codecs(mode, manifest.channels, len(manifest.attribute_names), manifest.aam_shape)
+    if not any(c is not None and c.trainable for c in (codecs.attr, codecs.aam)):
+        return codecs
     with Runtime(export_dir, None, RuntimeConfig(**config)) as rt:
         return new_storage(mode, images, rt.embed, rt.image_size, dim=manifest.channels,
                            attributes=len(rt.attributes), aam_shape=manifest.aam_shape, batch=rt.config.max_batch)

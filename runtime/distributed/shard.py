@@ -72,7 +72,7 @@ class ShardServer:
         return self.gallery.index_kind
 
     def top_k(self, queries: np.ndarray, k: int, aam: bool = False) -> dict[str, Any]:
-        """Exact top-k by the store's metric, with the rows of the hits.
+        """Top-k by the store's metric (its index proposes candidates, re-ranked exactly), with the hits' rows.
 
         Args:
             queries: Global query embeddings, float32 ``[Q, C]``.
@@ -117,9 +117,9 @@ class ShardServer:
             store's, docs/architecture.md §11).
         """
         g = self.gallery
-        maps = g.aam(ids) if aam and g.keeps_maps else None
+        maps = g.aam(ids) if aam else None  # None where no maps are kept
         attr_dtype = np.float16 if g.storage.attr.kind == "float16" else np.float32
-        aam_dtype = np.float16 if g.storage.aam is not None and g.storage.aam.kind == "float16" else np.float32
+        aam_dtype = np.float16 if maps is not None and g.storage.aam.kind == "float16" else np.float32
         return {"ids": ids, "embedding": g.embeddings(ids), "attr": g.attr_embeddings(ids).astype(attr_dtype),
                 "probs": g.probs(ids), "meta": g.meta(ids), "aam": None if maps is None else maps.astype(aam_dtype)}
 

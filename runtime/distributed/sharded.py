@@ -76,6 +76,7 @@ class ShardedGallery:
             if mode == "local" else None
         self._closed = False
         self._missing: tuple[str, ...] = ()
+        self._index_kinds: str | None = None  # once every shard reported its loaded index (fixed from then on)
 
     @classmethod
     def open(cls, path: str | Path, *, mode: str = "local", verify: bool = True, partial: bool = False,
@@ -128,12 +129,17 @@ class ShardedGallery:
 
     @property
     def index_kind(self) -> str | None:
-        """The shards' search index kinds, joined by commas (None when no shard answers)."""
+        """The shards' search index kinds, joined by commas (None when no shard answers).
+
+        Kept once every shard has reported a loaded index: ``/metrics`` and ``/health`` read it on every call.
+        """
+        if self._index_kinds is not None:
+            return self._index_kinds
         if self._pool is not None:
             found = [server.index_kind() for server in self._servers]
         else:
             import ray
-            from ray.exceptions import GetTimeoutError, RayError
+            from ray.exceptions import RayError
 
             refs = [server.index_kind.remote() for server in self._servers]
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=min(self.timeout_s, 5.0))
@@ -141,9 +147,12 @@ class ShardedGallery:
             for ref in ready:
                 try:
                     found.append(ray.get(ref))
-                except (RayError, GetTimeoutError):  # a shard that does not answer has no kind to report
+                except RayError:  # a shard that does not answer has no kind to report
                     continue
-        return ",".join(sorted({kind for kind in found if kind is not None})) or None
+        kinds = ",".join(sorted({kind for kind in found if kind is not None})) or None
+        if len(found) == len(self._servers) and None not in found:
+            self._index_kinds = kinds
+        return kinds
 
     @property
     def dim(self) -> int:
