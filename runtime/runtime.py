@@ -273,11 +273,13 @@ class Runtime:
         m = len(self.attributes)
         probs = gallery.probs(flat) if k else np.empty((0, m), np.float32)
         meta = gallery.meta(flat) if k else []
-        g_aam = self._hit_maps(gallery, flat, meta) if overlays and k else None
+        g_aam, hit_pixels = self._hit_maps(gallery, flat, meta) if overlays and k else (None, None)
         self._check_finite(ids, dec, probs.reshape(q, k, m), g_aam)
         hits = [{"id": int(i), "key": str(entry.get("key") or f"entry-{i}"), "path": entry.get("path"),
                  "camera": entry.get("camera")} for i, entry in zip(flat, meta, strict=True)]
-        crops = [self._gallery_crop(hit["path"]) for hit in hits] if overlays and pixels is not None else None
+        crops = None
+        if overlays and pixels is not None:  # the crops the maps were recomputed from, else read now
+            crops = hit_pixels if hit_pixels is not None else [self._gallery_crop(hit["path"]) for hit in hits]
         rows = explanations(dec, attributes=self.attributes, titles=self.titles, meanings=self.meanings,
                             query_probs=emb.probs, gallery_probs=probs, query_aam=emb.aam, query_images=pixels,
                             gallery_aam=g_aam, gallery_images=crops, hits=hits)
@@ -311,8 +313,10 @@ class Runtime:
             return None
 
     def _hit_maps(self, gallery: Gallery | ShardedGallery | RowSet, ids: np.ndarray,
-                  meta: list[dict[str, Any]]) -> np.ndarray | None:
-        """The hits' maps: as stored, or recomputed from their crops where the gallery dropped them.
+                  meta: list[dict[str, Any]]) -> tuple[np.ndarray | None, list[np.ndarray] | None]:
+        """The hits' maps, as stored or recomputed from their crops, and the crops decoded for that (or None).
+
+        The overlays draw on those crops: they are not read a second time.
 
         A gallery stored without maps (e.g. ``compact-nomaps``, docs/architecture.md §10) keeps each crop's path and
         sha256 in its metadata; the crop is embedded again only for the hits drawn as overlays.
@@ -322,7 +326,7 @@ class Runtime:
         """
         stored = gallery.aam(ids)
         if stored is not None or not all(entry.get("sha256") and entry.get("path") for entry in meta):
-            return stored
+            return stored, None
         pixels = []
         for entry in meta:
             try:
@@ -335,7 +339,7 @@ class Runtime:
                                    "indexed (sha256 differs); its maps are not stored and cannot be recomputed: index "
                                    "it again")
             pixels.append(load_image(raw, self.image_size, str(entry["path"])))
-        return self._infer(np.stack(pixels)).aam
+        return self._infer(np.stack(pixels)).aam, pixels
 
     def _check_k(self, k: int, overlays: int, queries: int = 1, hits: int | None = None) -> None:
         """Check k and overlays; ``hits`` is how many matches come back per query (default: up to k)."""
