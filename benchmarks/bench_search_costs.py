@@ -157,14 +157,13 @@ def _count_index_searches(gallery: Gallery):
     """Count the index searches the gallery's ranking makes from now on (a re-ranking that is not settled repeats one);
     returns a function giving the count."""
     index = gallery._index
-    name = "search_floor" if hasattr(index, "search_floor") else "search"
-    method, calls = getattr(index, name), [0]
+    method, calls = index.search_floor, [0]  # what Gallery.rank calls, once per round
 
     def counted(*args: object) -> object:
         calls[0] += 1
         return method(*args)
 
-    setattr(index, name, counted)
+    index.search_floor = counted
     return lambda: calls[0]
 
 

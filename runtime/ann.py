@@ -141,6 +141,10 @@ class AnnIndex(ABC):
             self.train(x[pick])
         self.add(x)
 
+    def search_floor(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, None]:
+        """:meth:`search`, with no bound on what it left out (approximate: nothing is settled by a bound)."""
+        return self.search(queries, k), None
+
     def search(self, queries: np.ndarray, k: int) -> np.ndarray:
         """Ids int64 ``[Q, k]`` of the nearest entries by exact key, best first, ties to the lower id.
 

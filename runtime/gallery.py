@@ -580,8 +580,7 @@ class Gallery:
         while True:
             with self._index_lock:
                 index = self._ensure_index()
-                bounded = getattr(index, "search_floor", None)  # a bound on what it left out (HalfExactIndex)
-                ids, floor = bounded(q, fetch) if bounded is not None else (index.search(q, fetch), None)
+                ids, floor = index.search_floor(q, fetch)  # floor: a bound on what it left out, or None
                 # under the lock: an add may move the index's memory; only when the copy stays small
                 held = index.vectors(ids.reshape(-1)) if ids.size * self.dim * 4 <= _GATHER_BYTES else None
             # ids only ever grow (compaction keeps them), so the gathers may run outside the index lock

@@ -25,7 +25,7 @@ __all__ = ["INDEX_FAISS", "INDEX_JSON", "ExactIndex", "GalleryIndex", "HalfExact
 # A saved approximate index in the gallery folder (derived data, written by a writer: Gallery.save_index).
 INDEX_JSON = "index.json"
 INDEX_FAISS = "index.faiss"
-INDEX_KINDS = ("flat", "ivf", "hnsw")
+INDEX_KINDS = tuple(ANN_KINDS)  # "flat" (exact), "ivf", "hnsw"
 
 _GPU_MAX_K = 2048  # faiss-gpu's largest k
 _FP16_MAX = float(np.finfo(np.float16).max)
@@ -68,6 +68,12 @@ class GalleryIndex(Protocol):
     def search(self, queries: np.ndarray, k: int) -> np.ndarray:
         """Ids (int64 [Q, k], best first) of the ``k`` nearest of ``queries`` (float32 [Q, C]); ``k <= ntotal``."""
 
+    def search_floor(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`search`'s ids and a lower bound float64 [Q] on the distance of every entry left out, or None.
+
+        None when the index gives no such bound: :meth:`Gallery.rank` then fetches more until the k-th is settled.
+        """
+
     def vectors(self, ids: np.ndarray) -> np.ndarray | None:
         """The embeddings at ``ids`` (int64 [n]) exactly as added (float32 [n, C]), or None.
 
@@ -104,6 +110,10 @@ class ExactIndex:
         """Add embeddings float32 [n, C] (normalised here for ``"ip"``)."""
         x = np.ascontiguousarray(vectors, dtype=np.float32)
         self._index.add(x if self._metric == "l2" else _unit(x))
+
+    def search_floor(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, None]:
+        """:meth:`search`, with no bound on what it left out."""
+        return self.search(queries, k), None
 
     def search(self, queries: np.ndarray, k: int) -> np.ndarray:
         """Ids int64 [Q, k] of the nearest entries, best first.
