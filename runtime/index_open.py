@@ -9,6 +9,7 @@ data: one that does not load or does not fit the gallery is logged and not used.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -107,8 +108,11 @@ def add_entries(index: GalleryIndex, state: StoreState, start: int) -> None:
 def _saved(choice: IndexChoice | None, dim: int, metric: str, count: int, rows: Callable[[np.ndarray], np.ndarray],
            read_derived: Callable[[str], bytes | None], where: Path) -> AnnIndex | None:
     """The saved approximate index when it fits the gallery (and ``choice``'s build parameters), else None."""
-    doc, data = read_derived(INDEX_JSON), read_derived(INDEX_FAISS)
-    if doc is None or data is None:
+    doc = read_derived(INDEX_JSON)
+    if doc is None or (choice is not None and _kind(doc) != choice.kind):
+        return None  # none saved, or another kind than asked for: its data (maybe gigabytes) is not read
+    data = read_derived(INDEX_FAISS)
+    if data is None:
         return None
     try:
         index = deserialize_index(doc, data, rows, where=str(where / INDEX_JSON))
@@ -123,3 +127,12 @@ def _saved(choice: IndexChoice | None, dim: int, metric: str, count: int, rows: 
             return None  # built with other parameters: the caller builds the one asked for
         choice.configure(index)
     return index
+
+
+def _kind(doc: bytes) -> str | None:
+    """The kind an ``index.json`` names, or None when it does not parse (then :func:`deserialize_index` says why)."""
+    try:
+        parsed = json.loads(doc)
+    except (ValueError, RecursionError):
+        return None
+    return parsed.get("kind") if isinstance(parsed, dict) else None
