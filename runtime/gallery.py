@@ -681,6 +681,7 @@ def _chunks(state: StoreState, store: SegmentStore, chunk: int, norms: bool = Fa
     bytes are streamed (``scan_kernel``).
     """
     float16 = store.codecs.attr.kind == "float16"
+    stems = store.spec.storage.stems("attr")
     for segment in state.segments:
         attr = None
         if float16:
@@ -688,8 +689,7 @@ def _chunks(state: StoreState, store: SegmentStore, chunk: int, norms: bool = Fa
         sq = segment.arrays["norms"].view() if norms and "norms" in segment.arrays else None
         for a in range(0, segment.count, chunk):
             b = min(a + chunk, segment.count)
-            rows = attr[a:b] if float16 else decode_rows(store.codecs.attr, store.spec.storage.stems("attr"),
-                                                         segment.arrays, None, (a, b))
+            rows = attr[a:b] if float16 else decode_rows(store.codecs.attr, stems, segment.arrays, None, (a, b))
             if norms:
                 yield segment.first_id + a, rows, (squared_norms(rows) if not float16 else
                                                    None if sq is None else sq[a:b])

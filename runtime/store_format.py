@@ -105,9 +105,9 @@ class GallerySpec:
         m = len(self.attributes)
         out = {"embedding": (DTYPES["embedding"], (n, self.dim))}
         stored = {stem: (dtype, (n, *shape)) for stem, dtype, shape in self.storage.arrays}
-        out.update({stem: v for stem, v in stored.items() if stem.startswith("attr")})
+        out.update({stem: stored[stem] for stem in self.storage.stems("attr")})
         out["probs"] = (DTYPES["probs"], (n, m))
-        out.update({stem: v for stem, v in stored.items() if stem.startswith("aam")})
+        out.update({stem: stored[stem] for stem in self.storage.stems("aam")})
         if self.storage.stores_norms:
             out["norms"] = (DTYPES["norms"], (n, m))
         return out
